@@ -1,0 +1,51 @@
+//! The knobs the core reads. The server maps its TOML / env / flag configuration onto these.
+
+use crate::quorum::ConsistencyLevel;
+use crate::{Millis, NodeId};
+
+/// When a write is made durable before it is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// fsync before acknowledging; concurrent writes share one fsync (group commit).
+    Always,
+    /// Acknowledge once written to the engine; the driver fsyncs every `interval_ms`. A crash
+    /// may lose up to that window of acknowledged writes on this replica.
+    Periodic { interval_ms: Millis },
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub node_id: NodeId,
+    pub peer_address: String,
+    pub http_address: String,
+    pub replication_factor: usize,
+    pub vnodes: u16,
+    pub request_timeout_ms: Millis,
+    pub default_read: ConsistencyLevel,
+    pub default_write: ConsistencyLevel,
+    pub fsync: FsyncPolicy,
+    pub max_value_bytes: usize,
+    /// How often the node tells its peers which members it knows (static membership).
+    pub membership_interval_ms: Millis,
+    /// Bound on client requests in flight at this coordinator; beyond it requests are refused.
+    pub max_pending_requests: usize,
+}
+
+impl NodeConfig {
+    pub fn new(node_id: impl AsRef<str>) -> Self {
+        NodeConfig {
+            node_id: NodeId::new(node_id),
+            peer_address: String::new(),
+            http_address: String::new(),
+            replication_factor: 3,
+            vnodes: 16,
+            request_timeout_ms: 2000,
+            default_read: ConsistencyLevel::Quorum,
+            default_write: ConsistencyLevel::Quorum,
+            fsync: FsyncPolicy::Always,
+            max_value_bytes: 1 << 20,
+            membership_interval_ms: 1000,
+            max_pending_requests: 65_536,
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! Per-request state machines for get / put / delete at the coordinating node.
+//!
+//! Each operation knows which replicas it asked, counts their answers against the
+//! consistency level with a [`Quorum`], and says what the node must do next. They never
+//! touch storage or the network themselves: the node (`node.rs`) carries out their
+//! decisions, which keeps them small and easy to test.
+//!
+//! Writes are coordinated by a replica of the key (the *actor*), because a dot is only unique
+//! when the actor holds its own earlier writes to that key. A node that is not a replica asks
+//! the first live replica to coordinate (`Message::Coordinate`), then replicates the result.
+
+use crate::quorum::{ConsistencyLevel, Quorum, QuorumStatus};
+use crate::version::{CausalContext, Object, Value};
+use crate::{Millis, NodeId};
+use std::collections::{BTreeSet, VecDeque};
+
+use crate::message::ClientRequestId;
+
+/// What happens once a read has met its level.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterRead {
+    /// Answer the client with the merged object.
+    Answer,
+    /// A DELETE without context: write a tombstone over everything the read saw.
+    Delete { level: ConsistencyLevel },
+}
+
+/// A read in flight.
+#[derive(Debug, Clone)]
+pub struct GetOperation {
+    pub client: ClientRequestId,
+    pub bucket: String,
+    pub key: Vec<u8>,
+    pub deadline: Millis,
+    pub after: AfterRead,
+    awaiting: BTreeSet<NodeId>,
+    quorum: Quorum,
+    merged: Object,
+}
+
+/// What a read needs next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadProgress {
+    Pending,
+    /// The level is met; the merged object of the replies so far.
+    Met(Object),
+    /// Too many replicas failed for the level.
+    Failed { needed: usize, answered: usize },
+}
+
+impl GetOperation {
+    pub fn new(
+        client: ClientRequestId,
+        bucket: String,
+        key: Vec<u8>,
+        level: ConsistencyLevel,
+        replicas: &[NodeId],
+        deadline: Millis,
+        after: AfterRead,
+    ) -> Self {
+        GetOperation {
+            client,
+            bucket,
+            key,
+            deadline,
+            after,
+            awaiting: replicas.iter().cloned().collect(),
+            quorum: Quorum::new(level, replicas.len()),
+            merged: Object::empty(),
+        }
+    }
+
+    /// A replica answered; replies from replicas not asked, or already counted, are ignored
+    /// (the network may duplicate messages).
+    pub fn on_reply(&mut self, from: &NodeId, object: Result<Option<Object>, ()>) -> ReadProgress {
+        if !self.awaiting.remove(from) {
+            return ReadProgress::Pending;
+        }
+        match object {
+            Ok(found) => {
+                if let Some(object) = found {
+                    self.merged.merge_in(&object);
+                }
+                self.quorum.record_success();
+            }
+            Err(()) => {
+                self.quorum.record_failure();
+            }
+        }
+        self.progress()
+    }
+
+    pub fn progress(&self) -> ReadProgress {
+        match self.quorum.status() {
+            QuorumStatus::Pending => ReadProgress::Pending,
+            QuorumStatus::Met => ReadProgress::Met(self.merged.clone()),
+            QuorumStatus::Failed => ReadProgress::Failed {
+                needed: self.quorum.required,
+                answered: self.quorum.succeeded,
+            },
+        }
+    }
+
+    pub fn is_awaiting(&self, node: &NodeId) -> bool {
+        self.awaiting.contains(node)
+    }
+
+    pub fn needed_and_answered(&self) -> (usize, usize) {
+        (self.quorum.required, self.quorum.succeeded)
+    }
+}
+
+/// Where a write stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PutPhase {
+    /// Waiting for `actor` to coordinate the write; untried replicas may take over.
+    Coordinating { actor: NodeId },
+    /// The object exists; waiting for replicas to store it.
+    Replicating,
+}
+
+/// A write (put or tombstone) in flight.
+#[derive(Debug, Clone)]
+pub struct PutOperation {
+    pub client: ClientRequestId,
+    pub bucket: String,
+    pub key: Vec<u8>,
+    pub context: CausalContext,
+    pub value: Value,
+    pub deadline: Millis,
+    replicas: Vec<NodeId>,
+    untried_actors: VecDeque<NodeId>,
+    phase: PutPhase,
+    awaiting: BTreeSet<NodeId>,
+    quorum: Quorum,
+    object: Option<Object>,
+}
+
+/// What the node must do for a write next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteStep {
+    Pending,
+    /// Ask this replica to coordinate the write.
+    AskActor(NodeId),
+    /// Send the coordinated object to these replicas.
+    Replicate(Vec<NodeId>, Object),
+    /// The level is met: the context of the new object.
+    Met(CausalContext),
+    Failed { needed: usize, answered: usize },
+}
+
+impl PutOperation {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: ClientRequestId,
+        bucket: String,
+        key: Vec<u8>,
+        context: CausalContext,
+        value: Value,
+        level: ConsistencyLevel,
+        replicas: Vec<NodeId>,
+        deadline: Millis,
+    ) -> Self {
+        let quorum = Quorum::new(level, replicas.len());
+        PutOperation {
+            client,
+            bucket,
+            key,
+            context,
+            value,
+            deadline,
+            untried_actors: VecDeque::new(),
+            replicas,
+            phase: PutPhase::Replicating,
+            awaiting: BTreeSet::new(),
+            quorum,
+            object: None,
+        }
+    }
+
+    /// The coordinator is itself the actor and has stored `object` locally.
+    pub fn coordinated_locally(&mut self, me: &NodeId, object: Object) -> WriteStep {
+        self.quorum.record_success();
+        self.replicate(me, object)
+    }
+
+    /// The coordinator is not a replica: choose the actor among `candidates` (replicas in
+    /// preference order, live ones first).
+    pub fn start_remote(&mut self, candidates: Vec<NodeId>) -> WriteStep {
+        self.untried_actors = candidates.into();
+        self.next_actor()
+    }
+
+    fn next_actor(&mut self) -> WriteStep {
+        match self.untried_actors.pop_front() {
+            Some(actor) => {
+                self.phase = PutPhase::Coordinating {
+                    actor: actor.clone(),
+                };
+                WriteStep::AskActor(actor)
+            }
+            None => {
+                self.phase = PutPhase::Replicating;
+                self.step()
+            }
+        }
+    }
+
+    fn replicate(&mut self, actor: &NodeId, object: Object) -> WriteStep {
+        self.phase = PutPhase::Replicating;
+        let others: Vec<NodeId> = self
+            .replicas
+            .iter()
+            .filter(|r| *r != actor)
+            .cloned()
+            .collect();
+        self.awaiting = others.iter().cloned().collect();
+        self.object = Some(object.clone());
+        if others.is_empty() {
+            self.step()
+        } else {
+            WriteStep::Replicate(others, object)
+        }
+    }
+
+    /// The actor answered a `Coordinate`.
+    pub fn on_coordinated(&mut self, from: &NodeId, result: Result<Object, ()>) -> WriteStep {
+        let PutPhase::Coordinating { actor } = &self.phase else {
+            return WriteStep::Pending;
+        };
+        if actor != from {
+            return WriteStep::Pending;
+        }
+        let actor = actor.clone();
+        match result {
+            Ok(object) => {
+                self.quorum.record_success();
+                self.replicate(&actor, object)
+            }
+            Err(()) => {
+                self.quorum.record_failure();
+                match self.quorum.status() {
+                    QuorumStatus::Failed => self.step(),
+                    _ => self.next_actor(),
+                }
+            }
+        }
+    }
+
+    /// A replica answered a `Replicate`.
+    pub fn on_replicated(&mut self, from: &NodeId, ok: bool) -> WriteStep {
+        if !self.awaiting.remove(from) {
+            return WriteStep::Pending;
+        }
+        if ok {
+            self.quorum.record_success();
+        } else {
+            self.quorum.record_failure();
+        }
+        self.step()
+    }
+
+    /// A replica could not be reached (send failed, peer went down).
+    pub fn on_replica_failed(&mut self, node: &NodeId) -> WriteStep {
+        if matches!(&self.phase, PutPhase::Coordinating { actor } if actor == node) {
+            self.on_coordinated(node, Err(()))
+        } else {
+            self.on_replicated(node, false)
+        }
+    }
+
+    /// Where the vote stands now.
+    pub fn step(&self) -> WriteStep {
+        match (self.quorum.status(), &self.object) {
+            (QuorumStatus::Met, Some(object)) => WriteStep::Met(object.causal_context()),
+            (QuorumStatus::Failed, _) => WriteStep::Failed {
+                needed: self.quorum.required,
+                answered: self.quorum.succeeded,
+            },
+            (QuorumStatus::Met, None) | (QuorumStatus::Pending, _) => {
+                if self.object.is_none()
+                    && self.untried_actors.is_empty()
+                    && !matches!(self.phase, PutPhase::Coordinating { .. })
+                {
+                    WriteStep::Failed {
+                        needed: self.quorum.required,
+                        answered: self.quorum.succeeded,
+                    }
+                } else {
+                    WriteStep::Pending
+                }
+            }
+        }
+    }
+
+    /// True when a reply from `node` is still expected (used when a peer goes down).
+    pub fn is_awaiting(&self, node: &NodeId) -> bool {
+        self.awaiting.contains(node)
+            || matches!(&self.phase, PutPhase::Coordinating { actor } if actor == node)
+    }
+
+    pub fn needed_and_answered(&self) -> (usize, usize) {
+        (self.quorum.required, self.quorum.succeeded)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,119 @@
+//! What nodes say to each other (peer messages), and what clients ask of a node.
+//!
+//! Peer messages carry the request id of the coordinator that sent them; replies echo it,
+//! so many requests share one connection. Their binary encoding lives in the `wire` crate.
+
+use crate::membership::MemberInfo;
+use crate::quorum::ConsistencyLevel;
+use crate::version::{CausalContext, Object, Value};
+use serde::{Deserialize, Serialize};
+
+/// Unique per coordinating node.
+pub type RequestId = u64;
+
+/// Why a replica could not serve a peer request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicaError {
+    Storage(String),
+    /// The request was refused as invalid (a bug in the sender, or a hostile peer).
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Read this replica's object for a key.
+    Read {
+        request: RequestId,
+        bucket: String,
+        key: Vec<u8>,
+    },
+    ReadReply {
+        request: RequestId,
+        result: Result<Option<Object>, ReplicaError>,
+    },
+    /// Coordinate a client write as the actor: apply it to the local object with a new dot
+    /// and answer with the result (sent by a node that is not a replica of the key).
+    Coordinate {
+        request: RequestId,
+        bucket: String,
+        key: Vec<u8>,
+        context: CausalContext,
+        value: Value,
+    },
+    CoordinateReply {
+        request: RequestId,
+        result: Result<Object, ReplicaError>,
+    },
+    /// Merge this object into the local one (and make it durable before answering).
+    Replicate {
+        request: RequestId,
+        bucket: String,
+        key: Vec<u8>,
+        object: Object,
+    },
+    ReplicateReply {
+        request: RequestId,
+        result: Result<(), ReplicaError>,
+    },
+    /// The members the sender knows (static membership; gossip replaces it).
+    Members { members: Vec<MemberInfo> },
+}
+
+impl Message {
+    /// The request id of a request message; replies and membership have none.
+    pub fn request_id(&self) -> Option<RequestId> {
+        match self {
+            Message::Read { request, .. }
+            | Message::Coordinate { request, .. }
+            | Message::Replicate { request, .. } => Some(*request),
+            _ => None,
+        }
+    }
+}
+
+/// Per-driver id of a client request, echoed in the reply.
+pub type ClientRequestId = u64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientRequest {
+    Get {
+        bucket: String,
+        key: Vec<u8>,
+        level: ConsistencyLevel,
+    },
+    Put {
+        bucket: String,
+        key: Vec<u8>,
+        context: CausalContext,
+        value: Value,
+        level: ConsistencyLevel,
+    },
+    /// Without a context, the coordinator first reads at the same level and deletes what it
+    /// saw (as Riak does), so a plain DELETE deletes.
+    Delete {
+        bucket: String,
+        key: Vec<u8>,
+        context: Option<CausalContext>,
+        level: ConsistencyLevel,
+    },
+    /// This node's own stored object, no coordination.
+    GetLocal { bucket: String, key: Vec<u8> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientResponse {
+    /// The merged object of a read (may be deleted or empty: the HTTP layer answers 404).
+    Object(Object),
+    /// A write was stored at the requested level; the context of the new object.
+    Written { context: CausalContext },
+    /// Fewer replicas could answer than the level needs.
+    Unavailable { needed: usize, answered: usize },
+    /// The level was not met before `request_timeout_ms`.
+    Timeout { needed: usize, answered: usize },
+    /// The node's own object (GetLocal).
+    Local(Option<Object>),
+    /// The local storage failed.
+    StorageFailed(String),
+    /// Too many requests are in flight at this coordinator; retry later.
+    Overloaded,
+}

@@ -1,0 +1,770 @@
+//! The node: every input arrives through a `handle_*` method, every output leaves through
+//! [`Node::poll_action`]. Drivers (the tokio server, the simulator) own the clock, the
+//! network and the timing of fsyncs; the node owns the protocol.
+//!
+//! # Group commit
+//! Under [`FsyncPolicy::Always`], an action that acknowledges a write (a client's 204, a
+//! replica's `ReplicateReply`) is *held* until a sync that covers the write has finished.
+//! The driver calls [`Node::begin_sync`] when it has drained a batch of inputs, fsyncs on
+//! its own time (another thread, or virtual time), then calls [`Node::finish_sync`]: every
+//! write of the batch shares that one fsync.
+
+use crate::config::{FsyncPolicy, NodeConfig};
+use crate::coordinator::{AfterRead, GetOperation, PutOperation, ReadProgress, WriteStep};
+use crate::membership::{MemberInfo, Membership, PeerStatus};
+use crate::message::{
+    ClientRequest, ClientRequestId, ClientResponse, Message, ReplicaError, RequestId,
+};
+use crate::quorum::ConsistencyLevel;
+use crate::request::{validate_bucket, validate_key};
+use crate::ring::Ring;
+use crate::storage::{Storage, StorageError};
+use crate::version::{Actor, CausalContext, Object, Value};
+use crate::{Millis, NodeId};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// Something the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Send { to: NodeId, message: Message },
+    Reply {
+        client: ClientRequestId,
+        response: ClientResponse,
+    },
+}
+
+/// A sync the driver has started; hand it back to [`Node::finish_sync`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncTicket(u64);
+
+/// Counters the drivers export as metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    pub local_writes: u64,
+    pub syncs: u64,
+    pub invalid_peer_requests: u64,
+    pub storage_errors: u64,
+    pub requests_timed_out: u64,
+    pub requests_overloaded: u64,
+}
+
+#[derive(Debug)]
+enum Operation {
+    Get(GetOperation),
+    Put(PutOperation),
+}
+
+impl Operation {
+    fn deadline(&self) -> Millis {
+        match self {
+            Operation::Get(op) => op.deadline,
+            Operation::Put(op) => op.deadline,
+        }
+    }
+
+    fn client(&self) -> ClientRequestId {
+        match self {
+            Operation::Get(op) => op.client,
+            Operation::Put(op) => op.client,
+        }
+    }
+
+    fn is_awaiting(&self, node: &NodeId) -> bool {
+        match self {
+            Operation::Get(op) => op.is_awaiting(node),
+            Operation::Put(op) => op.is_awaiting(node),
+        }
+    }
+
+    fn needed_and_answered(&self) -> (usize, usize) {
+        match self {
+            Operation::Get(op) => op.needed_and_answered(),
+            Operation::Put(op) => op.needed_and_answered(),
+        }
+    }
+}
+
+pub struct Node<S: Storage> {
+    config: NodeConfig,
+    storage: S,
+    actor: Actor,
+    epoch: u32,
+    membership: Membership,
+    ring: Ring,
+    next_request: u64,
+    operations: BTreeMap<RequestId, Operation>,
+    deadlines: BTreeSet<(Millis, RequestId)>,
+    ready: VecDeque<Action>,
+    held: Vec<Action>,
+    syncing: VecDeque<(SyncTicket, Vec<Action>)>,
+    next_ticket: u64,
+    unsynced_writes: bool,
+    next_membership_at: Millis,
+    stats: NodeStats,
+}
+
+/// The meta record holding the node's epoch.
+const EPOCH_META: &str = "epoch";
+
+impl<S: Storage> Node<S> {
+    /// Opens a node over its storage. The epoch grows (durably) on every start, so a node
+    /// that lost un-synced writes in a crash never reuses one of their dots.
+    pub fn new(config: NodeConfig, storage: S, now: Millis) -> Result<Self, StorageError> {
+        let previous = storage
+            .get_meta(EPOCH_META)?
+            .and_then(|bytes| <[u8; 4]>::try_from(bytes.as_slice()).ok())
+            .map(u32::from_le_bytes)
+            .unwrap_or(0);
+        let epoch = previous.wrapping_add(1);
+        storage.put_meta(EPOCH_META, &epoch.to_le_bytes())?;
+        storage.sync()?;
+        let me = MemberInfo {
+            id: config.node_id.clone(),
+            peer_address: config.peer_address.clone(),
+            http_address: config.http_address.clone(),
+        };
+        let membership = Membership::new(me);
+        let ring = Ring::new(membership.ids(), config.vnodes, config.replication_factor);
+        Ok(Node {
+            actor: Actor::new(config.node_id.as_str(), epoch),
+            epoch,
+            membership,
+            ring,
+            next_request: 0,
+            operations: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
+            ready: VecDeque::new(),
+            held: Vec::new(),
+            syncing: VecDeque::new(),
+            next_ticket: 0,
+            unsynced_writes: false,
+            next_membership_at: now,
+            stats: NodeStats::default(),
+            storage,
+            config,
+        })
+    }
+
+    pub fn id(&self) -> &NodeId {
+        &self.config.node_id
+    }
+
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    pub fn stats(&self) -> &NodeStats {
+        &self.stats
+    }
+
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+
+    /// Gives the storage back (the simulator keeps it across a crash).
+    pub fn into_storage(self) -> S {
+        self.storage
+    }
+
+    pub fn pending_operations(&self) -> usize {
+        self.operations.len()
+    }
+
+    /// The next action for the driver, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.ready.pop_front()
+    }
+
+    /// The earliest time `handle_tick` has work to do.
+    pub fn next_deadline(&self) -> Millis {
+        let op = self.deadlines.first().map(|(d, _)| *d).unwrap_or(Millis::MAX);
+        op.min(self.next_membership_at)
+    }
+
+    // ----- durability -----------------------------------------------------------------
+
+    /// True when writes or held acknowledgements wait for a sync.
+    pub fn needs_sync(&self) -> bool {
+        self.unsynced_writes || !self.held.is_empty()
+    }
+
+    /// Starts a sync: every acknowledgement held so far is released by its `finish_sync`.
+    pub fn begin_sync(&mut self) -> Option<SyncTicket> {
+        if !self.needs_sync() {
+            return None;
+        }
+        self.next_ticket += 1;
+        let ticket = SyncTicket(self.next_ticket);
+        self.unsynced_writes = false;
+        self.syncing
+            .push_back((ticket, std::mem::take(&mut self.held)));
+        Some(ticket)
+    }
+
+    /// The driver's fsync finished. On failure the held acknowledgements become errors:
+    /// nothing is acknowledged that is not durable.
+    pub fn finish_sync(&mut self, ticket: SyncTicket, result: Result<(), StorageError>) {
+        let Some(position) = self.syncing.iter().position(|(t, _)| *t == ticket) else {
+            return;
+        };
+        // Syncs finish in order: an fsync covers every write before it.
+        let finished: Vec<_> = self.syncing.drain(..=position).collect();
+        self.stats.syncs += 1;
+        for (_, actions) in finished {
+            for action in actions {
+                match &result {
+                    Ok(()) => self.ready.push_back(action),
+                    Err(error) => {
+                        self.stats.storage_errors += 1;
+                        self.ready.push_back(fail_acknowledgement(action, error));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes the storage durable right here (for drivers without a separate sync thread).
+    pub fn sync_now(&mut self) {
+        if let Some(ticket) = self.begin_sync() {
+            let result = self.storage.sync();
+            self.finish_sync(ticket, result);
+        }
+    }
+
+    fn emit(&mut self, action: Action) {
+        self.ready.push_back(action);
+    }
+
+    /// Emits an acknowledgement of a write: held until durable under `FsyncPolicy::Always`.
+    fn emit_durable(&mut self, action: Action) {
+        if self.config.fsync != FsyncPolicy::Always {
+            self.ready.push_back(action);
+        } else if self.unsynced_writes {
+            self.held.push(action);
+        } else if let Some((_, batch)) = self.syncing.back_mut() {
+            // The sync under way already covers every write made so far.
+            batch.push(action);
+        } else {
+            self.ready.push_back(action);
+        }
+    }
+
+    fn reply(&mut self, client: ClientRequestId, response: ClientResponse) {
+        self.emit(Action::Reply { client, response });
+    }
+
+    fn send(&mut self, to: &NodeId, message: Message) {
+        self.emit(Action::Send {
+            to: to.clone(),
+            message,
+        });
+    }
+
+    // ----- membership ----------------------------------------------------------------
+
+    /// The transport learned a peer (handshake) or gossip announced one.
+    pub fn handle_member_discovered(&mut self, info: MemberInfo) {
+        if self.membership.learn(info) {
+            self.rebuild_ring();
+        }
+    }
+
+    fn rebuild_ring(&mut self) {
+        self.ring = Ring::new(
+            self.membership.ids(),
+            self.config.vnodes,
+            self.config.replication_factor,
+        );
+    }
+
+    /// The transport saw a peer come up (handshake done) or go down (connection lost).
+    /// Requests waiting on a peer that went down fail over at once instead of timing out.
+    pub fn handle_peer_status(&mut self, _now: Millis, peer: &NodeId, status: PeerStatus) {
+        if peer == self.id() {
+            return;
+        }
+        self.membership.set_status(peer, status);
+        if status == PeerStatus::Down {
+            let waiting: Vec<RequestId> = self
+                .operations
+                .iter()
+                .filter(|(_, op)| op.is_awaiting(peer))
+                .map(|(id, _)| *id)
+                .collect();
+            for request in waiting {
+                self.on_replica_failed(request, peer);
+            }
+        }
+    }
+
+    // ----- client requests -----------------------------------------------------------
+
+    pub fn handle_client_request(
+        &mut self,
+        now: Millis,
+        client: ClientRequestId,
+        request: ClientRequest,
+    ) {
+        if self.operations.len() >= self.config.max_pending_requests
+            && !matches!(request, ClientRequest::GetLocal { .. })
+        {
+            self.stats.requests_overloaded += 1;
+            self.reply(client, ClientResponse::Overloaded);
+            return;
+        }
+        match request {
+            ClientRequest::Get { bucket, key, level } => {
+                self.start_read(now, client, bucket, key, level, AfterRead::Answer)
+            }
+            ClientRequest::Put {
+                bucket,
+                key,
+                context,
+                value,
+                level,
+            } => self.start_write(now, client, bucket, key, context, value, level),
+            ClientRequest::Delete {
+                bucket,
+                key,
+                context: Some(context),
+                level,
+            } => self.start_write(now, client, bucket, key, context, Value::Tombstone, level),
+            ClientRequest::Delete {
+                bucket,
+                key,
+                context: None,
+                level,
+            } => self.start_read(now, client, bucket, key, level, AfterRead::Delete { level }),
+            ClientRequest::GetLocal { bucket, key } => {
+                let response = match self.storage.get(&bucket, &key) {
+                    Ok(object) => ClientResponse::Local(object),
+                    Err(e) => ClientResponse::StorageFailed(e.to_string()),
+                };
+                self.reply(client, response);
+            }
+        }
+    }
+
+    fn new_request_id(&mut self) -> RequestId {
+        // The epoch in the high bits keeps ids unique across restarts, so a late reply to a
+        // request of a previous life can never be taken for a new one.
+        self.next_request += 1;
+        (u64::from(self.epoch) << 40) | (self.next_request & ((1 << 40) - 1))
+    }
+
+    fn insert_operation(&mut self, id: RequestId, op: Operation) {
+        self.deadlines.insert((op.deadline(), id));
+        self.operations.insert(id, op);
+    }
+
+    fn remove_operation(&mut self, id: RequestId) -> Option<Operation> {
+        let op = self.operations.remove(&id)?;
+        self.deadlines.remove(&(op.deadline(), id));
+        Some(op)
+    }
+
+    fn start_read(
+        &mut self,
+        now: Millis,
+        client: ClientRequestId,
+        bucket: String,
+        key: Vec<u8>,
+        level: ConsistencyLevel,
+        after: AfterRead,
+    ) {
+        let replicas = self.ring.preference_list_for_key(&bucket, &key);
+        let id = self.new_request_id();
+        let deadline = now + self.config.request_timeout_ms;
+        let op = GetOperation::new(client, bucket.clone(), key.clone(), level, &replicas, deadline, after);
+        self.insert_operation(id, Operation::Get(op));
+        for replica in &replicas {
+            if replica == self.id() {
+                let local = self.storage.get(&bucket, &key).map_err(|e| {
+                    self.stats.storage_errors += 1;
+                    e
+                });
+                self.on_read_reply(now, id, &replica.clone(), local.map_err(|_| ()));
+            } else {
+                self.send(
+                    replica,
+                    Message::Read {
+                        request: id,
+                        bucket: bucket.clone(),
+                        key: key.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    fn on_read_reply(
+        &mut self,
+        now: Millis,
+        id: RequestId,
+        from: &NodeId,
+        result: Result<Option<Object>, ()>,
+    ) {
+        let Some(Operation::Get(op)) = self.operations.get_mut(&id) else {
+            return;
+        };
+        match op.on_reply(from, result) {
+            ReadProgress::Pending => {}
+            ReadProgress::Met(object) => {
+                let Some(Operation::Get(op)) = self.remove_operation(id) else {
+                    return;
+                };
+                match op.after {
+                    AfterRead::Answer => self.reply(op.client, ClientResponse::Object(object)),
+                    AfterRead::Delete { level } => {
+                        if object.is_deleted() {
+                            // Nothing live to delete: already absent at this level.
+                            let context = object.causal_context();
+                            self.reply(op.client, ClientResponse::Written { context });
+                        } else {
+                            let context = object.causal_context();
+                            self.start_write(
+                                now,
+                                op.client,
+                                op.bucket,
+                                op.key,
+                                context,
+                                Value::Tombstone,
+                                level,
+                            );
+                        }
+                    }
+                }
+            }
+            ReadProgress::Failed { needed, answered } => {
+                if let Some(op) = self.remove_operation(id) {
+                    self.reply(op.client(), ClientResponse::Unavailable { needed, answered });
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_write(
+        &mut self,
+        now: Millis,
+        client: ClientRequestId,
+        bucket: String,
+        key: Vec<u8>,
+        context: CausalContext,
+        value: Value,
+        level: ConsistencyLevel,
+    ) {
+        let replicas = self.ring.preference_list_for_key(&bucket, &key);
+        let id = self.new_request_id();
+        let deadline = now + self.config.request_timeout_ms;
+        let me = self.id().clone();
+        let is_replica = replicas.contains(&me);
+        let mut candidates: Vec<NodeId> = replicas.clone();
+        // Live replicas first, in preference order, then the ones believed down.
+        candidates.sort_by_key(|n| self.membership.status(n) == PeerStatus::Down);
+        let mut op = PutOperation::new(
+            client,
+            bucket.clone(),
+            key.clone(),
+            context.clone(),
+            value.clone(),
+            level,
+            replicas,
+            deadline,
+        );
+        let step = if is_replica {
+            match self.coordinate_locally(&bucket, &key, &context, value) {
+                Ok(object) => op.coordinated_locally(&me, object),
+                Err(error) => {
+                    self.reply(client, ClientResponse::StorageFailed(error.to_string()));
+                    return;
+                }
+            }
+        } else {
+            op.start_remote(candidates)
+        };
+        self.insert_operation(id, Operation::Put(op));
+        self.drive_write(id, step);
+    }
+
+    /// Applies a client write as the actor: new dot on top of the local object.
+    fn coordinate_locally(
+        &mut self,
+        bucket: &str,
+        key: &[u8],
+        context: &CausalContext,
+        value: Value,
+    ) -> Result<Object, StorageError> {
+        let mut object = self.storage.get(bucket, key)?.unwrap_or_default();
+        object.apply_write(self.actor, context, value);
+        self.write_local(bucket, key, &object)?;
+        Ok(object)
+    }
+
+    fn write_local(&mut self, bucket: &str, key: &[u8], object: &Object) -> Result<(), StorageError> {
+        self.storage.put(bucket, key, object).inspect_err(|_| {
+            self.stats.storage_errors += 1;
+        })?;
+        self.stats.local_writes += 1;
+        self.unsynced_writes = true;
+        Ok(())
+    }
+
+    fn drive_write(&mut self, id: RequestId, step: WriteStep) {
+        let mut step = step;
+        loop {
+            match step {
+                WriteStep::Pending => return,
+                WriteStep::AskActor(actor) => {
+                    let Some(Operation::Put(op)) = self.operations.get(&id) else {
+                        return;
+                    };
+                    let message = Message::Coordinate {
+                        request: id,
+                        bucket: op.bucket.clone(),
+                        key: op.key.clone(),
+                        context: op.context.clone(),
+                        value: op.value.clone(),
+                    };
+                    self.send(&actor, message);
+                    return;
+                }
+                WriteStep::Replicate(targets, object) => {
+                    let Some(Operation::Put(op)) = self.operations.get(&id) else {
+                        return;
+                    };
+                    let (bucket, key) = (op.bucket.clone(), op.key.clone());
+                    for target in targets {
+                        let message = Message::Replicate {
+                            request: id,
+                            bucket: bucket.clone(),
+                            key: key.clone(),
+                            object: object.clone(),
+                        };
+                        self.send(&target, message);
+                    }
+                    let Some(Operation::Put(op)) = self.operations.get(&id) else {
+                        return;
+                    };
+                    step = op.step();
+                }
+                WriteStep::Met(context) => {
+                    if let Some(op) = self.remove_operation(id) {
+                        self.emit_durable(Action::Reply {
+                            client: op.client(),
+                            response: ClientResponse::Written { context },
+                        });
+                    }
+                    return;
+                }
+                WriteStep::Failed { needed, answered } => {
+                    if let Some(op) = self.remove_operation(id) {
+                        self.reply(op.client(), ClientResponse::Unavailable { needed, answered });
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A replica could not be reached or failed: count it against the request.
+    fn on_replica_failed(&mut self, id: RequestId, replica: &NodeId) {
+        match self.operations.get_mut(&id) {
+            Some(Operation::Get(_)) => self.on_read_reply(0, id, replica, Err(())),
+            Some(Operation::Put(op)) => {
+                let step = op.on_replica_failed(replica);
+                self.drive_write(id, step);
+            }
+            None => {}
+        }
+    }
+
+    // ----- peer messages -------------------------------------------------------------
+
+    /// The driver could not deliver a message (no connection, peer down).
+    pub fn handle_send_failed(&mut self, _now: Millis, to: &NodeId, message: &Message) {
+        if let Some(id) = message.request_id() {
+            self.on_replica_failed(id, to);
+        }
+    }
+
+    pub fn handle_message(&mut self, now: Millis, from: &NodeId, message: Message) {
+        match message {
+            Message::Read {
+                request,
+                bucket,
+                key,
+            } => {
+                let result = self.serve_read(&bucket, &key);
+                self.send(from, Message::ReadReply { request, result });
+            }
+            Message::ReadReply { request, result } => {
+                self.on_read_reply(now, request, from, result.map_err(|_| ()))
+            }
+            Message::Coordinate {
+                request,
+                bucket,
+                key,
+                context,
+                value,
+            } => {
+                let result = self.serve_coordinate(&bucket, &key, &context, value);
+                self.emit_durable(Action::Send {
+                    to: from.clone(),
+                    message: Message::CoordinateReply { request, result },
+                });
+            }
+            Message::CoordinateReply { request, result } => {
+                if let Some(Operation::Put(op)) = self.operations.get_mut(&request) {
+                    let step = op.on_coordinated(from, result.map_err(|_| ()));
+                    self.drive_write(request, step);
+                }
+            }
+            Message::Replicate {
+                request,
+                bucket,
+                key,
+                object,
+            } => {
+                let result = self.serve_replicate(&bucket, &key, &object);
+                self.emit_durable(Action::Send {
+                    to: from.clone(),
+                    message: Message::ReplicateReply { request, result },
+                });
+            }
+            Message::ReplicateReply { request, result } => {
+                if let Some(Operation::Put(op)) = self.operations.get_mut(&request) {
+                    let step = op.on_replicated(from, result.is_ok());
+                    self.drive_write(request, step);
+                }
+            }
+            Message::Members { members } => {
+                for info in members.into_iter().take(crate::membership::MAX_MEMBERS) {
+                    self.handle_member_discovered(info);
+                }
+            }
+        }
+    }
+
+    fn check_peer_input(&mut self, bucket: &str, key: &[u8]) -> Result<(), ReplicaError> {
+        validate_bucket(bucket)
+            .and_then(|_| validate_key(key))
+            .map_err(|e| {
+                self.stats.invalid_peer_requests += 1;
+                ReplicaError::Invalid(e.to_string())
+            })
+    }
+
+    fn serve_read(&mut self, bucket: &str, key: &[u8]) -> Result<Option<Object>, ReplicaError> {
+        self.check_peer_input(bucket, key)?;
+        self.storage.get(bucket, key).map_err(|e| {
+            self.stats.storage_errors += 1;
+            ReplicaError::Storage(e.to_string())
+        })
+    }
+
+    fn serve_coordinate(
+        &mut self,
+        bucket: &str,
+        key: &[u8],
+        context: &CausalContext,
+        value: Value,
+    ) -> Result<Object, ReplicaError> {
+        self.check_peer_input(bucket, key)?;
+        self.coordinate_locally(bucket, key, context, value)
+            .map_err(|e| ReplicaError::Storage(e.to_string()))
+    }
+
+    fn serve_replicate(
+        &mut self,
+        bucket: &str,
+        key: &[u8],
+        incoming: &Object,
+    ) -> Result<(), ReplicaError> {
+        self.check_peer_input(bucket, key)?;
+        let storage_error = |e: StorageError| ReplicaError::Storage(e.to_string());
+        let mut object = self
+            .storage
+            .get(bucket, key)
+            .map_err(storage_error)?
+            .unwrap_or_default();
+        if object.merge_in(incoming) {
+            self.write_local(bucket, key, &object).map_err(storage_error)?;
+        }
+        Ok(())
+    }
+
+    // ----- time ----------------------------------------------------------------------
+
+    pub fn handle_tick(&mut self, now: Millis) {
+        while let Some(&(deadline, id)) = self.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            if let Some(op) = self.remove_operation(id) {
+                let (needed, answered) = op.needed_and_answered();
+                self.stats.requests_timed_out += 1;
+                self.reply(op.client(), ClientResponse::Timeout { needed, answered });
+            }
+        }
+        if now >= self.next_membership_at {
+            self.next_membership_at = now + self.config.membership_interval_ms;
+            let members: Vec<MemberInfo> = self.membership.all().cloned().collect();
+            let peers: Vec<NodeId> = self
+                .membership
+                .ids()
+                .filter(|id| *id != self.id())
+                .cloned()
+                .collect();
+            for peer in peers {
+                self.send(
+                    &peer,
+                    Message::Members {
+                        members: members.clone(),
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// Turns a held acknowledgement into the error it must become when the sync failed.
+fn fail_acknowledgement(action: Action, error: &StorageError) -> Action {
+    match action {
+        Action::Reply { client, .. } => Action::Reply {
+            client,
+            response: ClientResponse::StorageFailed(error.to_string()),
+        },
+        Action::Send { to, message } => {
+            let failure = ReplicaError::Storage(error.to_string());
+            let message = match message {
+                Message::ReplicateReply { request, .. } => Message::ReplicateReply {
+                    request,
+                    result: Err(failure),
+                },
+                Message::CoordinateReply { request, .. } => Message::CoordinateReply {
+                    request,
+                    result: Err(failure),
+                },
+                other => other,
+            };
+            Action::Send { to, message }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "node_tests.rs"]
+mod tests;

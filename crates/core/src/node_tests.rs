@@ -1,0 +1,171 @@
+//! Small in-process cluster tests of the node; the simulator has the fault-injecting ones.
+
+use super::*;
+use crate::storage::MemoryStorage;
+use bytes::Bytes;
+
+struct TestCluster {
+    nodes: Vec<Node<MemoryStorage>>,
+    replies: Vec<(usize, ClientRequestId, ClientResponse)>,
+    /// Nodes whose messages are dropped (as if stopped).
+    stopped: Vec<bool>,
+}
+
+impl TestCluster {
+    fn new(n: usize) -> Self {
+        let infos: Vec<MemberInfo> = (0..n)
+            .map(|i| MemberInfo {
+                id: NodeId::new(format!("n{i}")),
+                peer_address: format!("p{i}"),
+                http_address: format!("h{i}"),
+            })
+            .collect();
+        let nodes = infos
+            .iter()
+            .map(|info| {
+                let mut node = Node::new(NodeConfig::new(info.id.as_str()), MemoryStorage::new(), 0).unwrap();
+                for other in &infos {
+                    node.handle_member_discovered(other.clone());
+                }
+                node
+            })
+            .collect();
+        TestCluster { nodes, replies: vec![], stopped: vec![false; n] }
+    }
+
+    fn index(&self, id: &NodeId) -> usize {
+        self.nodes.iter().position(|n| n.id() == id).unwrap()
+    }
+
+    /// Delivers every message and sync until nothing moves.
+    fn run(&mut self) {
+        loop {
+            let mut moved = false;
+            for i in 0..self.nodes.len() {
+                self.nodes[i].sync_now();
+                while let Some(action) = self.nodes[i].poll_action() {
+                    moved = true;
+                    match action {
+                        Action::Reply { client, response } => self.replies.push((i, client, response)),
+                        Action::Send { to, message } => {
+                            let j = self.index(&to);
+                            let from = self.nodes[i].id().clone();
+                            if self.stopped[j] {
+                                self.nodes[i].handle_send_failed(0, &to, &message);
+                            } else {
+                                self.nodes[j].handle_message(0, &from, message);
+                            }
+                        }
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn request(&mut self, at: usize, request: ClientRequest) -> ClientResponse {
+        let client = self.replies.len() as u64 + 1000;
+        self.nodes[at].handle_client_request(0, client, request);
+        self.run();
+        let position = self.replies.iter().position(|(_, c, _)| *c == client).expect("a reply");
+        self.replies.remove(position).2
+    }
+
+    fn put(&mut self, at: usize, value: &str, context: CausalContext, level: ConsistencyLevel) -> ClientResponse {
+        self.request(at, ClientRequest::Put {
+            bucket: "b".into(),
+            key: b"k".to_vec(),
+            context,
+            value: data(value),
+            level,
+        })
+    }
+
+    fn get(&mut self, at: usize, level: ConsistencyLevel) -> ClientResponse {
+        self.request(at, ClientRequest::Get { bucket: "b".into(), key: b"k".to_vec(), level })
+    }
+}
+
+fn data(value: &str) -> Value {
+    Value::Data { bytes: Bytes::copy_from_slice(value.as_bytes()), content_type: "text/plain".into() }
+}
+
+fn live(response: &ClientResponse) -> Vec<Value> {
+    match response {
+        ClientResponse::Object(o) => o.live_values().map(|s| s.value.clone()).collect(),
+        other => panic!("not an object: {other:?}"),
+    }
+}
+
+/// A quorum write through one node is read back at quorum through every node.
+#[test]
+fn read_your_write_through_every_node() {
+    let mut cluster = TestCluster::new(3);
+    assert!(matches!(cluster.put(0, "v1", CausalContext::empty(), ConsistencyLevel::Quorum), ClientResponse::Written { .. }));
+    for i in 0..3 {
+        assert_eq!(live(&cluster.get(i, ConsistencyLevel::Quorum)), vec![data("v1")]);
+    }
+}
+
+/// Two blind writes make siblings; a write with the read's context resolves them.
+#[test]
+fn siblings_and_resolution() {
+    let mut cluster = TestCluster::new(3);
+    cluster.put(0, "a", CausalContext::empty(), ConsistencyLevel::Quorum);
+    cluster.put(1, "b", CausalContext::empty(), ConsistencyLevel::Quorum);
+    let read = cluster.get(2, ConsistencyLevel::All);
+    assert_eq!(live(&read).len(), 2);
+    let ClientResponse::Object(object) = read else { unreachable!() };
+    cluster.put(2, "c", object.causal_context(), ConsistencyLevel::Quorum);
+    assert_eq!(live(&cluster.get(0, ConsistencyLevel::All)), vec![data("c")]);
+}
+
+/// With one replica stopped, quorum still works and `all` is unavailable with counts.
+#[test]
+fn one_replica_down() {
+    let mut cluster = TestCluster::new(3);
+    cluster.stopped[2] = true;
+    assert!(matches!(cluster.put(0, "v", CausalContext::empty(), ConsistencyLevel::Quorum), ClientResponse::Written { .. }));
+    // The write fails as soon as the level is out of reach (fail fast), saying so.
+    assert!(matches!(
+        cluster.put(0, "v", CausalContext::empty(), ConsistencyLevel::All),
+        ClientResponse::Unavailable { needed: 3, answered } if answered < 3
+    ));
+    assert_eq!(live(&cluster.get(1, ConsistencyLevel::Quorum)).len(), 2);
+}
+
+/// A plain delete (no context) reads first and deletes everything it saw.
+#[test]
+fn plain_delete_deletes() {
+    let mut cluster = TestCluster::new(3);
+    cluster.put(0, "a", CausalContext::empty(), ConsistencyLevel::Quorum);
+    cluster.put(1, "b", CausalContext::empty(), ConsistencyLevel::Quorum);
+    let response = cluster.request(2, ClientRequest::Delete { bucket: "b".into(), key: b"k".to_vec(), context: None, level: ConsistencyLevel::Quorum });
+    assert!(matches!(response, ClientResponse::Written { .. }));
+    let ClientResponse::Object(object) = cluster.get(0, ConsistencyLevel::All) else { panic!() };
+    assert!(object.is_deleted());
+}
+
+/// Acknowledgements wait for the sync under the default policy, and a failed sync turns
+/// them into errors.
+#[test]
+fn acknowledgement_waits_for_sync() {
+    let mut node = Node::new(NodeConfig::new("solo"), MemoryStorage::new(), 0).unwrap();
+    node.handle_client_request(0, 1, ClientRequest::Put { bucket: "b".into(), key: b"k".to_vec(), context: CausalContext::empty(), value: data("x"), level: ConsistencyLevel::One });
+    assert_eq!(node.poll_action(), None, "held until durable");
+    let ticket = node.begin_sync().unwrap();
+    assert_eq!(node.poll_action(), None);
+    node.finish_sync(ticket, Err(StorageError::Engine("disk full".into())));
+    assert!(matches!(node.poll_action(), Some(Action::Reply { response: ClientResponse::StorageFailed(_), .. })));
+}
+
+/// The epoch grows on every start, so actors never repeat.
+#[test]
+fn epoch_grows_across_restarts() {
+    let storage = MemoryStorage::new();
+    let first = Node::new(NodeConfig::new("n"), storage.clone(), 0).unwrap().epoch();
+    let second = Node::new(NodeConfig::new("n"), storage, 0).unwrap().epoch();
+    assert_eq!(second, first + 1);
+}

@@ -1,0 +1,155 @@
+use super::*;
+use proptest::prelude::*;
+
+fn data(text: &str) -> Value {
+    Value::Data {
+        bytes: Bytes::copy_from_slice(text.as_bytes()),
+        content_type: "text/plain".into(),
+    }
+}
+
+fn actor(n: u64) -> Actor {
+    Actor {
+        node_hash: n,
+        epoch: 0,
+    }
+}
+
+/// One step of a random history among three replicas.
+#[derive(Debug, Clone)]
+enum Step {
+    /// Replica `at` coordinates a write whose client read replica `seen_from` (or nothing).
+    Write { at: usize, seen_from: Option<usize>, tombstone: bool },
+    /// Replica `to` merges in what replica `from` holds.
+    Sync { from: usize, to: usize },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        (0..3usize, proptest::option::of(0..3usize), any::<bool>())
+            .prop_map(|(at, seen_from, tombstone)| Step::Write { at, seen_from, tombstone }),
+        (0..3usize, 0..3usize).prop_map(|(from, to)| Step::Sync { from, to }),
+    ]
+}
+
+/// Plays a history; every object it yields respects the invariants real replicas keep.
+fn play(steps: &[Step]) -> Vec<Object> {
+    let mut replicas = vec![Object::empty(); 3];
+    for (i, s) in steps.iter().enumerate() {
+        match s {
+            Step::Write { at, seen_from, tombstone } => {
+                let context = seen_from
+                    .map(|r| replicas[r].causal_context())
+                    .unwrap_or_default();
+                let value = if *tombstone { Value::Tombstone } else { data(&format!("v{i}")) };
+                replicas[*at].apply_write(actor(*at as u64), &context, value);
+            }
+            Step::Sync { from, to } => {
+                let source = replicas[*from].clone();
+                replicas[*to].merge_in(&source);
+            }
+        }
+    }
+    replicas
+}
+
+proptest! {
+    /// Merge is commutative for any objects real histories produce.
+    #[test]
+    fn merge_is_commutative(steps in proptest::collection::vec(step(), 0..40)) {
+        let r = play(&steps);
+        prop_assert_eq!(r[0].merge(&r[1]), r[1].merge(&r[0]));
+    }
+
+    /// Merge is associative.
+    #[test]
+    fn merge_is_associative(steps in proptest::collection::vec(step(), 0..40)) {
+        let r = play(&steps);
+        prop_assert_eq!(r[0].merge(&r[1]).merge(&r[2]), r[0].merge(&r[1].merge(&r[2])));
+    }
+
+    /// Merge is idempotent, and merging something already seen changes nothing.
+    #[test]
+    fn merge_is_idempotent(steps in proptest::collection::vec(step(), 0..40)) {
+        let r = play(&steps);
+        prop_assert_eq!(r[0].merge(&r[0]), r[0].clone());
+        let joined = r[0].merge(&r[1]);
+        prop_assert_eq!(joined.merge(&r[1]), joined.clone());
+    }
+
+    /// Once every replica has merged every other, all hold the same object, and every
+    /// write is either live in it or superseded by a write that saw it.
+    #[test]
+    fn full_sync_converges(steps in proptest::collection::vec(step(), 0..40)) {
+        let r = play(&steps);
+        let all = r[0].merge(&r[1]).merge(&r[2]);
+        for replica in &r {
+            prop_assert_eq!(replica.merge(&all), all.clone());
+        }
+        // Siblings are bounded by the number of writes, and mutually concurrent.
+        prop_assert!(all.siblings().len() <= steps.len().max(1));
+    }
+
+    /// A context survives its encoding, and any junk text is rejected without a panic.
+    #[test]
+    fn context_round_trips(steps in proptest::collection::vec(step(), 0..30), junk in ".{0,64}") {
+        let r = play(&steps);
+        let context = r[0].causal_context();
+        prop_assert_eq!(CausalContext::decode(&context.encode()).unwrap(), context);
+        let _ = CausalContext::decode(&junk);
+    }
+}
+
+/// Two blind writes are siblings; a write with the context of a read resolves them.
+#[test]
+fn blind_writes_become_siblings_and_a_context_resolves_them() {
+    let mut replica = Object::empty();
+    replica.apply_write(actor(1), &CausalContext::empty(), data("a"));
+    replica.apply_write(actor(1), &CausalContext::empty(), data("b"));
+    assert_eq!(replica.live_values().count(), 2);
+    let context = replica.causal_context();
+    replica.apply_write(actor(1), &context, data("c"));
+    assert_eq!(replica.siblings().len(), 1);
+    assert_eq!(replica.siblings()[0].value, data("c"));
+}
+
+/// A tombstone written with a read's context supersedes the value, and survives merge with
+/// the stale replica (a deleted key does not come back).
+#[test]
+fn tombstone_beats_the_older_value() {
+    let mut a = Object::empty();
+    a.apply_write(actor(1), &CausalContext::empty(), data("x"));
+    let stale = a.clone();
+    let context = a.causal_context();
+    a.apply_write(actor(1), &context, Value::Tombstone);
+    let merged = stale.merge(&a);
+    assert!(merged.is_deleted());
+    assert_eq!(merged, a);
+}
+
+/// A write through another actor that did not see a value keeps both.
+#[test]
+fn concurrent_writes_through_different_actors_are_kept() {
+    let mut a = Object::empty();
+    let mut b = Object::empty();
+    a.apply_write(actor(1), &CausalContext::empty(), data("from a"));
+    b.apply_write(actor(2), &CausalContext::empty(), data("from b"));
+    let merged = a.merge(&b);
+    assert_eq!(merged.siblings().len(), 2);
+    assert_eq!(
+        a.context().partial_cmp_causal(b.context()),
+        None,
+        "independent writes are concurrent"
+    );
+}
+
+/// Malformed, oversize and wrong-version contexts are rejected with a reason.
+#[test]
+fn bad_contexts_are_rejected() {
+    assert_eq!(CausalContext::decode("!!!"), Err(ContextError::NotBase64));
+    assert_eq!(CausalContext::decode(""), Err(ContextError::Empty));
+    assert_eq!(CausalContext::decode("Ag"), Err(ContextError::UnsupportedVersion(2)));
+    assert_eq!(CausalContext::decode("AQ"), Err(ContextError::Malformed));
+    let long = "A".repeat(MAX_CONTEXT_ENCODED_BYTES + 1);
+    assert_eq!(CausalContext::decode(&long), Err(ContextError::TooLong));
+}
