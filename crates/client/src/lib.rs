@@ -1,1 +1,239 @@
-// placeholder
+//! A small Rust client for mendkv's HTTP API (SPEC section 3), used by the CLI and `bench`.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use percent_encoding::{utf8_percent_encode, percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use serde::Deserialize;
+
+pub const CONTEXT_HEADER: &str = "x-mendkv-context";
+
+/// Everything but unreserved characters is escaped in path segments.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The node answered with an error (SPEC's JSON `{"error","message"}`).
+    #[error("{status} {code}: {message}")]
+    Api { status: u16, code: String, message: String },
+    #[error("cannot reach the node: {0}")]
+    Transport(String),
+    #[error("unexpected answer: {0}")]
+    Decode(String),
+}
+
+impl From<reqwest::Error> for ClientError {
+    fn from(e: reqwest::Error) -> Self {
+        ClientError::Transport(e.to_string())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sibling {
+    pub value: Vec<u8>,
+    pub content_type: String,
+}
+
+/// The result of a GET.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadResult {
+    Value { value: Vec<u8>, content_type: String, context: Option<String> },
+    Siblings { siblings: Vec<Sibling>, context: String },
+    NotFound { context: Option<String> },
+}
+
+impl ReadResult {
+    pub fn context(&self) -> Option<&str> {
+        match self {
+            ReadResult::Value { context, .. } | ReadResult::NotFound { context } => context.as_deref(),
+            ReadResult::Siblings { context, .. } => Some(context),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: String,
+    message: String,
+}
+
+#[derive(Deserialize)]
+struct SiblingsBody {
+    siblings: Vec<SiblingBody>,
+    context: String,
+}
+
+#[derive(Deserialize)]
+struct SiblingBody {
+    value_base64: String,
+    #[serde(default)]
+    content_type: String,
+}
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+fn context_of(response: &reqwest::Response) -> Option<String> {
+    response
+        .headers()
+        .get(CONTEXT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+async fn api_error(response: reqwest::Response) -> ClientError {
+    let status = response.status().as_u16();
+    match response.json::<ErrorBody>().await {
+        Ok(body) => ClientError::Api { status, code: body.error, message: body.message },
+        Err(e) => ClientError::Api { status, code: "unknown".into(), message: e.to_string() },
+    }
+}
+
+impl Client {
+    /// `base` like `http://127.0.0.1:8001`.
+    pub fn new(base: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(1024)
+            .tcp_nodelay(true)
+            .build()
+            .unwrap_or_default();
+        Client { http, base: base.trim_end_matches('/').to_string() }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn kv_url(&self, prefix: &str, bucket: &str, key: &[u8], level: Option<(&str, &str)>) -> String {
+        let mut url = format!(
+            "{}/{prefix}/{}/{}",
+            self.base,
+            utf8_percent_encode(bucket, SEGMENT),
+            percent_encode(key, SEGMENT)
+        );
+        if let Some((name, value)) = level {
+            url.push_str(&format!("?{name}={value}"));
+        }
+        url
+    }
+
+    pub async fn get(&self, bucket: &str, key: &[u8], r: Option<&str>) -> Result<ReadResult, ClientError> {
+        let url = self.kv_url("kv", bucket, key, r.map(|r| ("r", r)));
+        let response = self.http.get(url).send().await?;
+        let context = context_of(&response);
+        match response.status().as_u16() {
+            200 => {
+                let content_type = response
+                    .headers()
+                    .get(reqwest::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                let value = response.bytes().await?.to_vec();
+                Ok(ReadResult::Value { value, content_type, context })
+            }
+            300 => {
+                let body: SiblingsBody = response.json().await.map_err(|e| ClientError::Decode(e.to_string()))?;
+                let siblings = body
+                    .siblings
+                    .into_iter()
+                    .map(|s| {
+                        STANDARD
+                            .decode(s.value_base64)
+                            .map(|value| Sibling { value, content_type: s.content_type })
+                            .map_err(|e| ClientError::Decode(e.to_string()))
+                    })
+                    .collect::<Result<_, _>>()?;
+                Ok(ReadResult::Siblings { siblings, context: body.context })
+            }
+            404 => Ok(ReadResult::NotFound { context }),
+            _ => Err(api_error(response).await),
+        }
+    }
+
+    /// Stores a value; returns the new context.
+    pub async fn put(
+        &self,
+        bucket: &str,
+        key: &[u8],
+        value: Vec<u8>,
+        content_type: Option<&str>,
+        w: Option<&str>,
+        context: Option<&str>,
+    ) -> Result<Option<String>, ClientError> {
+        let url = self.kv_url("kv", bucket, key, w.map(|w| ("w", w)));
+        let mut request = self.http.put(url).body(value);
+        if let Some(ct) = content_type {
+            request = request.header(reqwest::header::CONTENT_TYPE, ct);
+        }
+        if let Some(ctx) = context {
+            request = request.header(CONTEXT_HEADER, ctx);
+        }
+        let response = request.send().await?;
+        if response.status().as_u16() == 204 {
+            Ok(context_of(&response))
+        } else {
+            Err(api_error(response).await)
+        }
+    }
+
+    pub async fn delete(&self, bucket: &str, key: &[u8], w: Option<&str>, context: Option<&str>) -> Result<(), ClientError> {
+        let url = self.kv_url("kv", bucket, key, w.map(|w| ("w", w)));
+        let mut request = self.http.delete(url);
+        if let Some(ctx) = context {
+            request = request.header(CONTEXT_HEADER, ctx);
+        }
+        let response = request.send().await?;
+        if response.status().as_u16() == 204 {
+            Ok(())
+        } else {
+            Err(api_error(response).await)
+        }
+    }
+
+    /// `GET /admin/local/...` as JSON, `None` when the node holds nothing.
+    pub async fn local(&self, bucket: &str, key: &[u8]) -> Result<Option<serde_json::Value>, ClientError> {
+        let response = self.http.get(self.kv_url("admin/local", bucket, key, None)).send().await?;
+        match response.status().as_u16() {
+            200 => Ok(Some(response.json().await.map_err(|e| ClientError::Decode(e.to_string()))?)),
+            404 => Ok(None),
+            _ => Err(api_error(response).await),
+        }
+    }
+
+    pub async fn status(&self) -> Result<serde_json::Value, ClientError> {
+        let response = self.http.get(format!("{}/cluster/status", self.base)).send().await?;
+        if response.status().is_success() {
+            response.json().await.map_err(|e| ClientError::Decode(e.to_string()))
+        } else {
+            Err(api_error(response).await)
+        }
+    }
+
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let response = self.http.get(format!("{}/metrics", self.base)).send().await?;
+        Ok(response.text().await?)
+    }
+
+    pub async fn health(&self) -> bool {
+        matches!(self.http.get(format!("{}/health", self.base)).send().await, Ok(r) if r.status().is_success())
+    }
+}
+
+/// Sums the samples of a Prometheus counter whose labels include all of `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            if metric != name {
+                return None;
+            }
+            let all = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}

@@ -1,1 +1,265 @@
-fn main() {}
+//! `mendkv`: the one binary (SPEC section 2).
+//!
+//! # Layout
+//! - `main.rs`: the command line and the client commands (get, put, delete, status).
+//! - [`cluster`]: `mendkv cluster`, a local N-node cluster of child processes.
+//! - [`bench`]: `mendkv bench`, a YCSB-style load generator with HDR latency histograms.
+
+mod bench;
+mod cluster;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use mendkv_client::{Client, ReadResult};
+use mendkv_server::config::{set_value, ServerConfig};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "mendkv", version, about = "A leaderless, eventually consistent, self-repairing key-value store")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one node.
+    Server(ServerArgs),
+    /// Run a local N-node cluster (child processes, data under --data-dir); Ctrl-C stops it.
+    Cluster(cluster::ClusterArgs),
+    /// Read a key (prints the value; siblings as JSON; exit 1 when absent).
+    Get {
+        bucket: String,
+        key: String,
+        #[command(flatten)]
+        node: NodeArg,
+        #[arg(long)]
+        r: Option<String>,
+    },
+    /// Store a value (VALUE '-' reads stdin); prints the new context.
+    Put {
+        bucket: String,
+        key: String,
+        value: String,
+        #[command(flatten)]
+        node: NodeArg,
+        #[arg(long)]
+        w: Option<String>,
+        #[arg(long)]
+        context: Option<String>,
+        #[arg(long)]
+        content_type: Option<String>,
+    },
+    /// Delete a key (tombstone).
+    Delete {
+        bucket: String,
+        key: String,
+        #[command(flatten)]
+        node: NodeArg,
+        #[arg(long)]
+        w: Option<String>,
+        #[arg(long)]
+        context: Option<String>,
+    },
+    /// Membership, state, ownership and pending hints of every node, as seen by one node.
+    Status {
+        #[command(flatten)]
+        node: NodeArg,
+        /// Print the raw JSON of /cluster/status.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load generator (YCSB workloads a, b, c; w = write-only).
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct NodeArg {
+    /// Node to talk to.
+    #[arg(long = "node", default_value = "http://127.0.0.1:8001")]
+    url: String,
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    node_id: Option<String>,
+    #[arg(long)]
+    listen: Option<String>,
+    #[arg(long)]
+    http: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long = "seed")]
+    seeds: Vec<String>,
+    #[arg(long)]
+    cluster_secret: Option<String>,
+}
+
+impl ServerArgs {
+    /// Flags as a TOML overlay (flag > env > file > default).
+    fn overrides(&self) -> toml::Table {
+        let mut table = toml::Table::new();
+        let mut set = |section: &str, key: &str, value: Option<String>| {
+            if let Some(value) = value {
+                set_value(&mut table, section, key, toml::Value::String(value));
+            }
+        };
+        set("node", "id", self.node_id.clone());
+        set("node", "listen", self.listen.clone());
+        set("node", "http", self.http.clone());
+        set("node", "data_dir", self.data_dir.as_ref().map(|d| d.display().to_string()));
+        set("cluster", "secret", self.cluster_secret.clone());
+        if !self.seeds.is_empty() {
+            let seeds = self.seeds.iter().cloned().map(toml::Value::String).collect();
+            set_value(&mut table, "cluster", "seeds", toml::Value::Array(seeds));
+        }
+        table
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("mendkv: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(error) = runtime.block_on(run(cli)) {
+        eprintln!("mendkv: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Server(args) => {
+            init_logging();
+            let config = ServerConfig::load(args.config.as_deref(), std::env::vars(), args.overrides())?;
+            let (stop, shutdown) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                tracing::info!("shutting down");
+                let _ = stop.send(true);
+            });
+            mendkv_server::run(config, shutdown).await?;
+            Ok(())
+        }
+        Command::Cluster(args) => cluster::run(args).await,
+        Command::Get { bucket, key, node, r } => {
+            let client = Client::new(&node.url);
+            match client.get(&bucket, key.as_bytes(), r.as_deref()).await? {
+                ReadResult::Value { value, context, .. } => {
+                    std::io::stdout().write_all(&value)?;
+                    if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                        println!();
+                    }
+                    if let Some(context) = context {
+                        eprintln!("context: {context}");
+                    }
+                    Ok(())
+                }
+                ReadResult::Siblings { siblings, context } => {
+                    let values: Vec<_> = siblings
+                        .iter()
+                        .map(|s| String::from_utf8_lossy(&s.value).into_owned())
+                        .collect();
+                    println!("{}", serde_json::json!({ "siblings": values, "context": context }));
+                    Ok(())
+                }
+                ReadResult::NotFound { .. } => bail!("not found"),
+            }
+        }
+        Command::Put { bucket, key, value, node, w, context, content_type } => {
+            let value = if value == "-" {
+                let mut buffer = Vec::new();
+                std::io::stdin().read_to_end(&mut buffer).context("reading stdin")?;
+                buffer
+            } else {
+                value.into_bytes()
+            };
+            let client = Client::new(&node.url);
+            let context = client
+                .put(&bucket, key.as_bytes(), value, content_type.as_deref(), w.as_deref(), context.as_deref())
+                .await?;
+            if let Some(context) = context {
+                println!("{context}");
+            }
+            Ok(())
+        }
+        Command::Delete { bucket, key, node, w, context } => {
+            Client::new(&node.url)
+                .delete(&bucket, key.as_bytes(), w.as_deref(), context.as_deref())
+                .await?;
+            Ok(())
+        }
+        Command::Status { node, json } => {
+            let status = Client::new(&node.url).status().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status)?;
+            }
+            Ok(())
+        }
+        Command::Bench(args) => bench::run(args).await,
+    }
+}
+
+/// `nodetool status`-like table.
+fn print_status(status: &serde_json::Value) -> Result<()> {
+    let nodes = status["nodes"].as_array().ok_or_else(|| anyhow!("bad status answer"))?;
+    println!(
+        "cluster {}  (seen by {})",
+        status["cluster"].as_str().unwrap_or("?"),
+        status["node_id"].as_str().unwrap_or("?")
+    );
+    println!("{:<14} {:<7} {:>6} {:>10} {:>7}  {:<22} {:<22}", "NODE", "STATUS", "PHI", "OWNERSHIP", "HINTS", "PEER", "HTTP");
+    for node in nodes {
+        println!(
+            "{:<14} {:<7} {:>6.2} {:>9.1}% {:>7}  {:<22} {:<22}",
+            node["id"].as_str().unwrap_or("?"),
+            node["status"].as_str().unwrap_or("?"),
+            node["phi"].as_f64().unwrap_or(0.0),
+            node["ownership"].as_f64().unwrap_or(0.0) * 100.0,
+            node["hints_pending"].as_u64().unwrap_or(0),
+            node["peer_address"].as_str().unwrap_or("?"),
+            node["http_address"].as_str().unwrap_or("?"),
+        );
+    }
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,1 +1,130 @@
-// placeholder
+//! The tokio driver of a mendkv node: TCP transport between nodes, timers, group commit,
+//! the HTTP API and metrics. The only crate that awaits; all protocol decisions are made by
+//! the sans-IO `mendkv_core::node::Node`.
+//!
+//! # Layout
+//! - [`config`]: TOML / env / flag configuration.
+//! - [`node_loop`]: the task that owns the node, runs group commit and carries out actions.
+//! - [`transport`]: handshake, peer links, reconnect with backoff, inbound connections.
+//! - [`http`]: the client API (SPEC section 3).
+//! - [`metrics`]: Prometheus metrics (SPEC section 5).
+//!
+//! # Shutdown
+//! [`run`] returns when its shutdown signal turns true: the HTTP server stops taking
+//! connections and drains, the node task finishes its sync under way and fsyncs once more,
+//! so nothing acknowledged is left unsynced.
+
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod node_loop;
+pub mod transport;
+
+use crate::config::ServerConfig;
+use crate::metrics::Metrics;
+use crate::node_loop::{run_node, Inbox};
+use crate::transport::{accept_loop, dial, Identity};
+use mendkv_core::membership::MemberInfo;
+use mendkv_core::node::Node;
+use mendkv_storage::FjallStorage;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("storage: {0}")]
+    Storage(#[from] mendkv_core::storage::StorageError),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(String, std::io::Error),
+    #[error("http server: {0}")]
+    Http(std::io::Error),
+}
+
+/// Bound on queued inputs of the node task; HTTP handlers wait when it is full.
+const INBOX_CAPACITY: usize = 16_384;
+
+/// Runs a node until `shutdown` turns true.
+pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
+    let node_config = config.node_config()?;
+    let storage = FjallStorage::open(&config.node.data_dir)?;
+    let node = Node::new(node_config.clone(), storage.clone(), 0)?;
+    let peer_listener = TcpListener::bind(&config.node.listen)
+        .await
+        .map_err(|e| ServerError::Bind(config.node.listen.clone(), e))?;
+    let http_listener = TcpListener::bind(&config.node.http)
+        .await
+        .map_err(|e| ServerError::Bind(config.node.http.clone(), e))?;
+    let metrics = Metrics::new();
+    let identity = Arc::new(Identity {
+        cluster: config.cluster.name.clone(),
+        secret: config.cluster.secret.clone().into_bytes(),
+        me: MemberInfo {
+            id: node_config.node_id.clone(),
+            peer_address: node_config.peer_address.clone(),
+            http_address: node_config.http_address.clone(),
+        },
+    });
+    let (inbox_sender, inbox) = mpsc::channel(INBOX_CAPACITY);
+    let start = tokio::time::Instant::now();
+    tracing::info!(
+        node = %node_config.node_id,
+        epoch = node.epoch(),
+        peer = %config.node.listen,
+        http = %config.node.http,
+        "node starting"
+    );
+    let accept = tokio::spawn(accept_loop(peer_listener, identity.clone(), inbox_sender.clone(), metrics.clone()));
+    let own = [config.node.listen.clone(), node_config.peer_address.clone()];
+    for seed in config.cluster.seeds.iter().filter(|s| !own.contains(s)) {
+        tokio::spawn(contact_seed(seed.clone(), identity.clone(), inbox_sender.clone()));
+    }
+    let node_task = tokio::spawn(run_node(
+        node,
+        storage,
+        identity,
+        inbox_sender.clone(),
+        inbox,
+        metrics.clone(),
+        shutdown.clone(),
+        start,
+    ));
+    let state = http::ApiState {
+        inbox: inbox_sender,
+        metrics,
+        max_value_bytes: node_config.max_value_bytes,
+        default_read: node_config.default_read,
+        default_write: node_config.default_write,
+        request_timeout: Duration::from_millis(node_config.request_timeout_ms),
+    };
+    let app = http::router(state);
+    let serve = axum::serve(http_listener, app).with_graceful_shutdown(async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    });
+    let result = serve.await.map_err(ServerError::Http);
+    let _ = node_task.await;
+    accept.abort();
+    tracing::info!("node stopped");
+    result
+}
+
+/// Introduces this node to a seed (and learns the seed's id), retrying with backoff until the
+/// seed answers; from then on membership messages keep everyone informed.
+async fn contact_seed(address: String, identity: Arc<Identity>, inbox: mpsc::Sender<Inbox>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), dial(&address, &identity)).await {
+            Ok(Ok((_, info))) => {
+                let _ = inbox.send(Inbox::Discovered { info }).await;
+                return;
+            }
+            Ok(Err(error)) => tracing::debug!(seed = %address, %error, "seed not reachable yet"),
+            Err(_) => tracing::debug!(seed = %address, "seed dial timed out"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

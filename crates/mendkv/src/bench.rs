@@ -1,0 +1,179 @@
+//! `mendkv bench`: YCSB-style load over HTTP keep-alive connections spread across nodes.
+//! Workloads: a = 50% reads / 50% updates, b = 95 / 5, c = reads only, w = updates only
+//! (an extension for write-throughput figures). Keys uniform or zipfian (YCSB's 0.99).
+//! Latency goes into an HDR histogram (µs); errors are counted, never hidden.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use hdrhistogram::Histogram;
+use mendkv_client::Client;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Zipf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Args, Clone)]
+pub struct BenchArgs {
+    /// Nodes to spread requests over (repeat the flag).
+    #[arg(long = "node", default_value = "http://127.0.0.1:8001")]
+    nodes: Vec<String>,
+    /// a (50/50 read/update), b (95/5), c (read only), w (update only).
+    #[arg(long, default_value = "a")]
+    workload: String,
+    #[arg(long, default_value_t = 100_000)]
+    ops: u64,
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    /// Number of distinct keys.
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    /// uniform or zipfian.
+    #[arg(long, default_value = "uniform")]
+    distribution: String,
+    #[arg(long, default_value = "quorum")]
+    r: String,
+    #[arg(long, default_value = "quorum")]
+    w: String,
+    #[arg(long, default_value = "bench")]
+    bucket: String,
+    /// Write every key once before measuring (needed for read workloads on a fresh cluster).
+    #[arg(long)]
+    preload: bool,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+struct Totals {
+    reads: Histogram<u64>,
+    updates: Histogram<u64>,
+    errors: u64,
+    not_found: u64,
+}
+
+fn read_share(workload: &str) -> Result<f64> {
+    Ok(match workload {
+        "a" => 0.5,
+        "b" => 0.95,
+        "c" => 1.0,
+        "w" => 0.0,
+        other => bail!("unknown workload {other:?}: use a, b, c or w"),
+    })
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+pub async fn run(args: BenchArgs) -> Result<()> {
+    let read_share = read_share(&args.workload)?;
+    if args.keys == 0 || args.concurrency == 0 {
+        bail!("--keys and --concurrency must be positive");
+    }
+    let zipf = match args.distribution.as_str() {
+        "uniform" => None,
+        "zipfian" => Some(Zipf::new(args.keys, 0.99)?),
+        other => bail!("unknown distribution {other:?}: use uniform or zipfian"),
+    };
+    for level in [&args.r, &args.w] {
+        if !["one", "quorum", "all"].contains(&level.as_str()) {
+            bail!("unknown consistency level {level:?}: use one, quorum or all");
+        }
+    }
+    let clients: Vec<Client> = args.nodes.iter().map(|n| Client::new(n)).collect();
+    let value = vec![b'x'; args.value_size];
+    if args.preload {
+        let started = Instant::now();
+        let next = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for worker in 0..args.concurrency {
+            let client = clients[worker % clients.len()].clone();
+            let (next, value, args) = (next.clone(), value.clone(), args.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= args.keys {
+                        return Ok::<(), anyhow::Error>(());
+                    }
+                    client.put(&args.bucket, format!("key{i}").as_bytes(), value.clone(), None, Some("all"), None).await?;
+                }
+            }));
+        }
+        for task in tasks {
+            task.await??;
+        }
+        println!("preloaded {} keys in {:.1} s", args.keys, started.elapsed().as_secs_f64());
+    }
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..args.concurrency {
+        let client = clients[worker % clients.len()].clone();
+        let (next, value, args) = (next.clone(), value.clone(), args.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed.wrapping_mul(1000).wrapping_add(worker as u64));
+            let mut totals = Totals { reads: histogram(), updates: histogram(), errors: 0, not_found: 0 };
+            while next.fetch_add(1, Ordering::Relaxed) < args.ops {
+                let key_index = match &zipf {
+                    Some(z) => (z.sample(&mut rng) as u64).saturating_sub(1),
+                    None => rng.gen_range(0..args.keys),
+                };
+                let key = format!("key{key_index}");
+                let is_read = rng.gen_bool(read_share);
+                let op_started = Instant::now();
+                let ok = if is_read {
+                    match client.get(&args.bucket, key.as_bytes(), Some(&args.r)).await {
+                        Ok(mendkv_client::ReadResult::NotFound { .. }) => {
+                            totals.not_found += 1;
+                            true
+                        }
+                        Ok(_) => true,
+                        Err(_) => false,
+                    }
+                } else {
+                    client.put(&args.bucket, key.as_bytes(), value.clone(), None, Some(&args.w), None).await.is_ok()
+                };
+                let micros = op_started.elapsed().as_micros() as u64;
+                if !ok {
+                    totals.errors += 1;
+                } else if is_read {
+                    let _ = totals.reads.record(micros.max(1));
+                } else {
+                    let _ = totals.updates.record(micros.max(1));
+                }
+            }
+            totals
+        }));
+    }
+    let mut totals = Totals { reads: histogram(), updates: histogram(), errors: 0, not_found: 0 };
+    for task in tasks {
+        let t = task.await?;
+        totals.reads.add(&t.reads)?;
+        totals.updates.add(&t.updates)?;
+        totals.errors += t.errors;
+        totals.not_found += t.not_found;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let done = totals.reads.len() + totals.updates.len();
+    println!(
+        "workload {} ({} keys {}, {} B values, r={} w={}), {} nodes, concurrency {}",
+        args.workload, args.keys, args.distribution, args.value_size, args.r, args.w, clients.len(), args.concurrency
+    );
+    println!("{:.0} ops/s ({} ok, {} errors, {} not found) in {:.2} s", done as f64 / elapsed, done, totals.errors, totals.not_found, elapsed);
+    for (name, h) in [("read", &totals.reads), ("update", &totals.updates)] {
+        if h.is_empty() {
+            continue;
+        }
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        println!(
+            "{name:>6}: {} ops  p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms",
+            h.len(), ms(0.5), ms(0.95), ms(0.99), ms(0.999), h.max() as f64 / 1000.0
+        );
+    }
+    if totals.errors > 0 {
+        bail!("{} operations failed", totals.errors);
+    }
+    Ok(())
+}

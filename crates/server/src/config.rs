@@ -1,0 +1,321 @@
+//! Server configuration: TOML file, then `MENDKV_<SECTION>__<KEY>` environment variables,
+//! then command-line flags (flag > env > file > default). All three are merged as TOML
+//! tables before one typed decode, so every knob gets the same precedence and the same
+//! error messages.
+
+use mendkv_core::config::{FsyncPolicy, NodeConfig};
+use mendkv_core::quorum::ConsistencyLevel;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub node: NodeSection,
+    pub cluster: ClusterSection,
+    pub consistency: ConsistencySection,
+    pub storage: StorageSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    /// Unique node id (default: `node-<listen port>`).
+    pub id: Option<String>,
+    pub data_dir: PathBuf,
+    /// Peer (internal protocol) listen address.
+    pub listen: String,
+    /// HTTP API listen address.
+    pub http: String,
+    /// Peer address other nodes should dial (default: `listen`).
+    pub advertise: Option<String>,
+    /// HTTP address announced to peers (default: `http`).
+    pub advertise_http: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    pub name: String,
+    pub seeds: Vec<String>,
+    pub secret: String,
+    pub replication_factor: usize,
+    pub vnodes: u16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsistencySection {
+    pub read: String,
+    pub write: String,
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSection {
+    /// `always` (fsync before acknowledging, group commit) or `periodic`.
+    pub fsync: String,
+    /// With `fsync = "periodic"`: how often to fsync.
+    pub fsync_interval_ms: u64,
+    pub max_value_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            node: NodeSection::default(),
+            cluster: ClusterSection::default(),
+            consistency: ConsistencySection::default(),
+            storage: StorageSection::default(),
+        }
+    }
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        NodeSection {
+            id: None,
+            data_dir: PathBuf::from("mendkv-data/node"),
+            listen: "127.0.0.1:7001".into(),
+            http: "127.0.0.1:8001".into(),
+            advertise: None,
+            advertise_http: None,
+        }
+    }
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            name: "mendkv".into(),
+            seeds: vec![],
+            secret: "mendkv-dev-secret".into(),
+            replication_factor: 3,
+            vnodes: 16,
+        }
+    }
+}
+
+impl Default for ConsistencySection {
+    fn default() -> Self {
+        ConsistencySection {
+            read: "quorum".into(),
+            write: "quorum".into(),
+            request_timeout_ms: 2000,
+        }
+    }
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        StorageSection {
+            fsync: "always".into(),
+            fsync_interval_ms: 100,
+            max_value_bytes: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("config file {0} is not valid TOML: {1}")]
+    Parse(PathBuf, String),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Keys whose environment value is a comma-separated list.
+const LIST_KEYS: &[&str] = &["seeds"];
+
+/// Parses an environment value into the TOML type the key expects.
+fn env_value(key: &str, raw: &str) -> toml::Value {
+    if LIST_KEYS.contains(&key) {
+        return toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_string()))
+                .collect(),
+        );
+    }
+    if let Ok(n) = raw.parse::<i64>() {
+        return toml::Value::Integer(n);
+    }
+    if let Ok(f) = raw.parse::<f64>() {
+        return toml::Value::Float(f);
+    }
+    if let Ok(b) = raw.parse::<bool>() {
+        return toml::Value::Boolean(b);
+    }
+    toml::Value::String(raw.to_string())
+}
+
+/// Sets `section.key = value` in a TOML table.
+pub fn set_value(table: &mut toml::Table, section: &str, key: &str, value: toml::Value) {
+    let entry = table
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(section_table) = entry {
+        section_table.insert(key.to_string(), value);
+    }
+}
+
+impl ServerConfig {
+    /// Merges file, environment (`vars`, usually `std::env::vars()`) and flag overrides.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+        flags: toml::Table,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string()))?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, raw) in vars {
+            let Some(rest) = name.strip_prefix("MENDKV_") else {
+                continue;
+            };
+            let Some((section, key)) = rest.split_once("__") else {
+                continue;
+            };
+            let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+            let value = env_value(&key, &raw);
+            set_value(&mut table, &section, &key, value);
+        }
+        for (section, values) in flags {
+            if let toml::Value::Table(values) = values {
+                for (key, value) in values {
+                    set_value(&mut table, &section, &key, value);
+                }
+            }
+        }
+        let config: ServerConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.read_level()?;
+        self.write_level()?;
+        self.fsync_policy()?;
+        if self.cluster.replication_factor == 0 {
+            return Err(ConfigError::Invalid("cluster.replication_factor must be at least 1".into()));
+        }
+        if self.cluster.vnodes == 0 {
+            return Err(ConfigError::Invalid("cluster.vnodes must be at least 1".into()));
+        }
+        if self.consistency.request_timeout_ms == 0 {
+            return Err(ConfigError::Invalid("consistency.request_timeout_ms must be positive".into()));
+        }
+        if self.storage.max_value_bytes > 8 << 20 {
+            return Err(ConfigError::Invalid("storage.max_value_bytes is at most 8 MiB (the frame limit)".into()));
+        }
+        Ok(())
+    }
+
+    pub fn read_level(&self) -> Result<ConsistencyLevel, ConfigError> {
+        self.consistency
+            .read
+            .parse()
+            .map_err(|e| ConfigError::Invalid(format!("consistency.read: {e}")))
+    }
+
+    pub fn write_level(&self) -> Result<ConsistencyLevel, ConfigError> {
+        self.consistency
+            .write
+            .parse()
+            .map_err(|e| ConfigError::Invalid(format!("consistency.write: {e}")))
+    }
+
+    pub fn fsync_policy(&self) -> Result<FsyncPolicy, ConfigError> {
+        match self.storage.fsync.as_str() {
+            "always" => Ok(FsyncPolicy::Always),
+            "periodic" => Ok(FsyncPolicy::Periodic {
+                interval_ms: self.storage.fsync_interval_ms.max(1),
+            }),
+            other => Err(ConfigError::Invalid(format!(
+                "storage.fsync must be \"always\" or \"periodic\", not {other:?}"
+            ))),
+        }
+    }
+
+    pub fn node_id(&self) -> String {
+        self.node.id.clone().unwrap_or_else(|| {
+            let port = self.node.listen.rsplit(':').next().unwrap_or("0");
+            format!("node-{port}")
+        })
+    }
+
+    pub fn advertised_peer_address(&self) -> String {
+        self.node.advertise.clone().unwrap_or_else(|| self.node.listen.clone())
+    }
+
+    pub fn advertised_http_address(&self) -> String {
+        self.node
+            .advertise_http
+            .clone()
+            .unwrap_or_else(|| self.node.http.clone())
+    }
+
+    /// The core's view of this configuration.
+    pub fn node_config(&self) -> Result<NodeConfig, ConfigError> {
+        let mut config = NodeConfig::new(self.node_id());
+        config.peer_address = self.advertised_peer_address();
+        config.http_address = self.advertised_http_address();
+        config.replication_factor = self.cluster.replication_factor;
+        config.vnodes = self.cluster.vnodes;
+        config.request_timeout_ms = self.consistency.request_timeout_ms;
+        config.default_read = self.read_level()?;
+        config.default_write = self.write_level()?;
+        config.fsync = self.fsync_policy()?;
+        config.max_value_bytes = self.storage.max_value_bytes;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Flags beat environment variables, which beat the file, which beats defaults.
+    #[test]
+    fn precedence_is_flag_env_file_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mendkv.toml");
+        std::fs::write(&file, "[cluster]\nvnodes = 8\nreplication_factor = 5\nname = \"file\"\n").unwrap();
+        let vars = vec![
+            ("MENDKV_CLUSTER__REPLICATION_FACTOR".to_string(), "2".to_string()),
+            ("MENDKV_CLUSTER__NAME".to_string(), "env".to_string()),
+            ("MENDKV_CLUSTER__SEEDS".to_string(), "a:1, b:2".to_string()),
+        ];
+        let mut flags = toml::Table::new();
+        set_value(&mut flags, "cluster", "name", toml::Value::String("flag".into()));
+        let config = ServerConfig::load(Some(&file), vars, flags).unwrap();
+        assert_eq!(config.cluster.vnodes, 8);
+        assert_eq!(config.cluster.replication_factor, 2);
+        assert_eq!(config.cluster.name, "flag");
+        assert_eq!(config.cluster.seeds, vec!["a:1", "b:2"]);
+        assert_eq!(config.consistency.request_timeout_ms, 2000);
+    }
+
+    /// Unknown keys and bad values are refused with the key's name.
+    #[test]
+    fn bad_values_are_refused() {
+        let mut flags = toml::Table::new();
+        set_value(&mut flags, "consistency", "read", toml::Value::String("two".into()));
+        let error = ServerConfig::load(None, vec![], flags).unwrap_err().to_string();
+        assert!(error.contains("consistency.read"), "{error}");
+        let vars = vec![("MENDKV_STORAGE__NOPE".to_string(), "1".to_string())];
+        assert!(ServerConfig::load(None, vars, toml::Table::new()).is_err());
+    }
+}

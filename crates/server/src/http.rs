@@ -1,0 +1,352 @@
+//! The HTTP API (SPEC section 3). Handlers validate input, hand a request to the node task
+//! and turn its answer into status codes; they never touch storage themselves.
+
+use crate::metrics::{Metrics, OpLabels, RequestLabels};
+use crate::node_loop::Inbox;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use mendkv_core::message::{ClientRequest, ClientResponse};
+use mendkv_core::quorum::ConsistencyLevel;
+use mendkv_core::request::{validate_bucket, validate_key, validate_value_size};
+use mendkv_core::version::{CausalContext, Object, Value};
+use percent_encoding::percent_decode_str;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+pub const CONTEXT_HEADER: &str = "x-mendkv-context";
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub inbox: mpsc::Sender<Inbox>,
+    pub metrics: Arc<Metrics>,
+    pub max_value_bytes: usize,
+    pub default_read: ConsistencyLevel,
+    pub default_write: ConsistencyLevel,
+    pub request_timeout: Duration,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/kv/{bucket}/{*key}", get(kv).put(kv).delete(kv))
+        .route("/admin/local/{bucket}/{*key}", get(admin_local))
+        .route("/cluster/status", get(cluster_status))
+        .route("/metrics", get(metrics))
+        .route("/health", get(|| async { "ok\n" }))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        // Bodies are read with our own limit below, so the client gets SPEC's 413 JSON.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// An error response in SPEC's JSON shape.
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let body = json!({ "error": code, "message": message.into() });
+    (status, axum::Json(body)).into_response()
+}
+
+/// Failure of a handler: the response plus the outcome label for metrics.
+struct Failure(Response, &'static str);
+
+fn bad_request(message: impl Into<String>) -> Failure {
+    Failure(error(StatusCode::BAD_REQUEST, "bad_request", message), "bad_request")
+}
+
+/// Bucket and key from the raw path `/<prefix>/<bucket>/<percent-encoded key>`; keys are
+/// arbitrary bytes, so they are decoded here rather than as UTF-8 strings.
+fn bucket_and_key(uri: &Uri, prefix: &str) -> Result<(String, Vec<u8>), Failure> {
+    let rest = uri
+        .path()
+        .strip_prefix(prefix)
+        .ok_or_else(|| bad_request("bad path"))?;
+    let (bucket, key) = rest.split_once('/').ok_or_else(|| bad_request("missing key"))?;
+    let bucket = percent_decode_str(bucket)
+        .decode_utf8()
+        .map_err(|_| bad_request("bucket is not UTF-8"))?
+        .into_owned();
+    validate_bucket(&bucket).map_err(|e| bad_request(e.to_string()))?;
+    let key: Vec<u8> = percent_decode_str(key).collect();
+    validate_key(&key).map_err(|e| bad_request(e.to_string()))?;
+    Ok((bucket, key))
+}
+
+fn level(uri: &Uri, name: &str, default: ConsistencyLevel) -> Result<ConsistencyLevel, Failure> {
+    let Some(query) = uri.query() else {
+        return Ok(default);
+    };
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == name {
+            let v = percent_decode_str(v).decode_utf8_lossy();
+            return v.parse().map_err(|e: mendkv_core::quorum::UnknownLevel| bad_request(e.to_string()));
+        }
+    }
+    Ok(default)
+}
+
+fn context(headers: &HeaderMap) -> Result<Option<CausalContext>, Failure> {
+    let Some(value) = headers.get(CONTEXT_HEADER) else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| bad_request("context header is not ASCII"))?;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    CausalContext::decode(text)
+        .map(Some)
+        .map_err(|e| bad_request(format!("bad context: {e}")))
+}
+
+async fn ask(state: &ApiState, request: ClientRequest) -> Result<ClientResponse, Failure> {
+    let (reply, answer) = oneshot::channel();
+    state
+        .inbox
+        .send(Inbox::Client { request, reply })
+        .await
+        .map_err(|_| Failure(error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "node is shutting down"), "unavailable"))?;
+    // The node always answers by its own deadline; this is only a safety net.
+    match tokio::time::timeout(state.request_timeout + Duration::from_secs(1), answer).await {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(_)) => Err(Failure(error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "node is shutting down"), "unavailable")),
+        Err(_) => Err(Failure(error(StatusCode::GATEWAY_TIMEOUT, "timeout", "no answer from the node in time"), "timeout")),
+    }
+}
+
+fn with_context(mut response: Response, context: &CausalContext) -> Response {
+    if !context.is_empty() {
+        if let Ok(value) = HeaderValue::from_str(&context.encode()) {
+            response.headers_mut().insert(CONTEXT_HEADER, value);
+        }
+    }
+    response
+}
+
+/// Maps the failures every coordinated request shares.
+fn coordination_failure(response: ClientResponse) -> Failure {
+    match response {
+        ClientResponse::Unavailable { needed, answered } => Failure(
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("needed {needed} replicas, {answered} answered"),
+            ),
+            "unavailable",
+        ),
+        ClientResponse::Timeout { needed, answered } => Failure(
+            error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!("needed {needed} replicas, {answered} answered before the timeout"),
+            ),
+            "timeout",
+        ),
+        ClientResponse::Overloaded => Failure(
+            error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "too many requests in flight at this node; retry later"),
+            "overloaded",
+        ),
+        ClientResponse::StorageFailed(message) => Failure(
+            error(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("storage failed: {message}")),
+            "error",
+        ),
+        other => Failure(
+            error(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("unexpected answer {other:?}")),
+            "error",
+        ),
+    }
+}
+
+fn object_response(object: Object) -> (Response, &'static str) {
+    let context = object.causal_context();
+    let live: Vec<_> = object.live_values().collect();
+    match live.as_slice() {
+        [] => (
+            with_context(error(StatusCode::NOT_FOUND, "not_found", "no value for this key"), &context),
+            "not_found",
+        ),
+        [single] => {
+            let Value::Data { bytes, content_type } = &single.value else {
+                unreachable!("live values are data")
+            };
+            let mut response = Response::new(Body::from(bytes.clone()));
+            if let Ok(value) = HeaderValue::from_str(if content_type.is_empty() { "application/octet-stream" } else { content_type }) {
+                response.headers_mut().insert(header::CONTENT_TYPE, value);
+            }
+            (with_context(response, &context), "ok")
+        }
+        many => {
+            let siblings: Vec<_> = many
+                .iter()
+                .filter_map(|s| match &s.value {
+                    Value::Data { bytes, content_type } => Some(json!({
+                        "value_base64": STANDARD.encode(bytes),
+                        "content_type": content_type,
+                    })),
+                    Value::Tombstone => None,
+                })
+                .collect();
+            let body = json!({ "siblings": siblings, "context": context.encode() });
+            let response = (StatusCode::MULTIPLE_CHOICES, axum::Json(body)).into_response();
+            (with_context(response, &context), "siblings")
+        }
+    }
+}
+
+async fn kv(State(state): State<ApiState>, request: Request) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let op: &'static str = match method {
+        Method::GET => "get",
+        Method::PUT => "put",
+        _ => "delete",
+    };
+    let (level_label, result) = handle_kv(&state, request).await;
+    let (response, outcome) = match result {
+        Ok(ok) => ok,
+        Err(Failure(response, outcome)) => (response, outcome),
+    };
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels { op, level: level_label, outcome })
+        .inc();
+    state
+        .metrics
+        .request_duration
+        .get_or_create(&OpLabels { op })
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn handle_kv(
+    state: &ApiState,
+    request: Request,
+) -> (&'static str, Result<(Response, &'static str), Failure>) {
+    let (parts, body) = request.into_parts();
+    let is_read = parts.method == Method::GET;
+    let (name, default) = if is_read { ("r", state.default_read) } else { ("w", state.default_write) };
+    let level = match level(&parts.uri, name, default) {
+        Ok(level) => level,
+        Err(failure) => return ("invalid", Err(failure)),
+    };
+    let label = level.as_str();
+    let result = async {
+        let (bucket, key) = bucket_and_key(&parts.uri, "/kv/")?;
+        match parts.method {
+            Method::GET => {
+                let response = ask(state, ClientRequest::Get { bucket, key, level }).await?;
+                match response {
+                    ClientResponse::Object(object) => {
+                        let bytes_out: usize = object.live_values().map(|s| s.value.size_bytes()).sum();
+                        state.metrics.count_bytes("out", "client", bytes_out);
+                        Ok(object_response(object))
+                    }
+                    other => Err(coordination_failure(other)),
+                }
+            }
+            Method::PUT => {
+                let context = context(&parts.headers)?.unwrap_or_default();
+                let declared = parts
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<usize>().ok());
+                let too_large = |size: usize| {
+                    let e = validate_value_size(size, state.max_value_bytes).err();
+                    Failure(error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.map(|e| e.to_string()).unwrap_or_default()), "too_large")
+                };
+                if let Some(size) = declared {
+                    if size > state.max_value_bytes {
+                        return Err(too_large(size));
+                    }
+                }
+                let bytes = axum::body::to_bytes(body, state.max_value_bytes)
+                    .await
+                    .map_err(|_| too_large(state.max_value_bytes + 1))?;
+                state.metrics.count_bytes("in", "client", bytes.len());
+                let content_type = parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("application/octet-stream")
+                    .chars()
+                    .take(256)
+                    .collect();
+                let value = Value::Data { bytes, content_type };
+                let response = ask(state, ClientRequest::Put { bucket, key, context, value, level }).await?;
+                written(response)
+            }
+            _ => {
+                let context = context(&parts.headers)?;
+                let response = ask(state, ClientRequest::Delete { bucket, key, context, level }).await?;
+                written(response)
+            }
+        }
+    }
+    .await;
+    (label, result)
+}
+
+fn written(response: ClientResponse) -> Result<(Response, &'static str), Failure> {
+    match response {
+        ClientResponse::Written { context } => {
+            Ok((with_context(StatusCode::NO_CONTENT.into_response(), &context), "ok"))
+        }
+        other => Err(coordination_failure(other)),
+    }
+}
+
+async fn admin_local(State(state): State<ApiState>, uri: Uri) -> Response {
+    let (bucket, key) = match bucket_and_key(&uri, "/admin/local/") {
+        Ok(pair) => pair,
+        Err(Failure(response, _)) => return response,
+    };
+    match ask(&state, ClientRequest::GetLocal { bucket, key }).await {
+        Ok(ClientResponse::Local(Some(object))) => {
+            let siblings: Vec<_> = object
+                .siblings()
+                .iter()
+                .map(|s| match &s.value {
+                    Value::Data { bytes, content_type } => json!({
+                        "value_base64": STANDARD.encode(bytes),
+                        "content_type": content_type,
+                        "tombstone": false,
+                    }),
+                    Value::Tombstone => json!({ "value_base64": "", "tombstone": true }),
+                })
+                .collect();
+            let body = json!({ "siblings": siblings, "context": object.causal_context().encode() });
+            axum::Json(body).into_response()
+        }
+        Ok(ClientResponse::Local(None)) => error(StatusCode::NOT_FOUND, "not_found", "this node holds nothing for this key"),
+        Ok(other) => coordination_failure(other).0,
+        Err(Failure(response, _)) => response,
+    }
+}
+
+async fn cluster_status(State(state): State<ApiState>) -> Response {
+    let (reply, answer) = oneshot::channel();
+    if state.inbox.send(Inbox::Status { reply }).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "node is shutting down");
+    }
+    match answer.await {
+        Ok(status) => axum::Json(status).into_response(),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "node is shutting down"),
+    }
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics.encode(),
+    )
+        .into_response()
+}

@@ -1,0 +1,128 @@
+//! Prometheus metrics of one node (SPEC section 5). One registry per node, so several nodes
+//! in one process (tests) never mix their figures.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub op: &'static str,
+    pub level: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub direction: &'static str,
+    pub class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    pub status: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~3.3 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+/// Every metric this node exports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<OpLabels, Histogram, fn() -> Histogram>,
+    pub network_bytes: Family<BytesLabels, Counter>,
+    pub peer_frames_rejected: Family<ReasonLabels, Counter>,
+    pub peer_handshakes_refused: Counter,
+    pub peers: Family<StatusLabels, Gauge>,
+    pub fsyncs: Counter,
+    pub requests_timed_out: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "mendkv_requests",
+            "Client requests by operation, consistency level and outcome",
+            requests.clone(),
+        );
+        let request_duration =
+            Family::<OpLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        registry.register(
+            "mendkv_request_duration_seconds",
+            "Client request latency at the coordinator",
+            request_duration.clone(),
+        );
+        let network_bytes = Family::<BytesLabels, Counter>::default();
+        registry.register(
+            "mendkv_network_bytes",
+            "Bytes on the network by direction and class (client, replication, ...)",
+            network_bytes.clone(),
+        );
+        let peer_frames_rejected = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "mendkv_peer_frames_rejected",
+            "Peer frames refused (malformed, oversize, unexpected); the connection is dropped",
+            peer_frames_rejected.clone(),
+        );
+        let peer_handshakes_refused = Counter::default();
+        registry.register(
+            "mendkv_peer_handshakes_refused",
+            "Peers refused in the handshake (wrong cluster, secret or version)",
+            peer_handshakes_refused.clone(),
+        );
+        let peers = Family::<StatusLabels, Gauge>::default();
+        registry.register("mendkv_peers", "Known peers by status", peers.clone());
+        let fsyncs = Counter::default();
+        registry.register("mendkv_storage_fsyncs", "Group-commit fsyncs", fsyncs.clone());
+        let requests_timed_out = Gauge::default();
+        registry.register(
+            "mendkv_coordinator_timeouts",
+            "Requests that timed out at this coordinator since start",
+            requests_timed_out.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            requests,
+            request_duration,
+            network_bytes,
+            peer_frames_rejected,
+            peer_handshakes_refused,
+            peers,
+            fsyncs,
+            requests_timed_out,
+        })
+    }
+
+    pub fn count_bytes(&self, direction: &'static str, class: &'static str, bytes: usize) {
+        self.network_bytes
+            .get_or_create(&BytesLabels { direction, class })
+            .inc_by(bytes as u64);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}

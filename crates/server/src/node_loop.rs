@@ -1,0 +1,296 @@
+//! The node task: the only owner of the sans-IO [`Node`]. It turns inbox items (client
+//! requests from HTTP handlers, peer messages, link events) into `handle_*` calls, carries
+//! out the node's actions, and runs group commit: after each batch of inputs, one fsync on a
+//! blocking thread covers every write of the batch, while the node keeps taking input.
+
+use crate::metrics::{Metrics, StatusLabels};
+use crate::transport::{spawn_link, Identity, PeerLink};
+use mendkv_core::config::FsyncPolicy;
+use mendkv_core::membership::{MemberInfo, PeerStatus};
+use mendkv_core::message::{ClientRequest, ClientRequestId, ClientResponse, Message};
+use mendkv_core::node::{Action, Node, SyncTicket};
+use mendkv_core::storage::{Storage, StorageError};
+use mendkv_core::{Millis, NodeId};
+use mendkv_storage::FjallStorage;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Inputs of the node task.
+pub enum Inbox {
+    Client {
+        request: ClientRequest,
+        reply: oneshot::Sender<ClientResponse>,
+    },
+    Peer {
+        from: NodeId,
+        message: Message,
+    },
+    /// An outbound link finished its handshake.
+    PeerUp { info: MemberInfo },
+    /// An outbound link failed or closed.
+    PeerDown { id: NodeId },
+    /// A peer introduced itself (inbound handshake or seed dial).
+    Discovered { info: MemberInfo },
+    /// A message could not be sent (link down or full).
+    SendFailed { to: NodeId, message: Message },
+    Status {
+        reply: oneshot::Sender<ClusterStatus>,
+    },
+}
+
+/// `/cluster/status` (SPEC section 3).
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStatus {
+    pub node_id: String,
+    pub cluster: String,
+    pub epoch: u32,
+    pub nodes: Vec<NodeStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    pub id: String,
+    pub peer_address: String,
+    pub http_address: String,
+    pub status: &'static str,
+    /// Phi-accrual suspicion; 0 until gossip's failure detector exists.
+    pub phi: f64,
+    pub ownership: f64,
+    pub hints_pending: u64,
+}
+
+/// Bound on inputs handled before actions are flushed and a sync started.
+const MAX_BATCH: usize = 512;
+
+struct NodeTask {
+    node: Node<FjallStorage>,
+    storage: FjallStorage,
+    start: Instant,
+    links: BTreeMap<NodeId, PeerLink>,
+    clients: BTreeMap<ClientRequestId, oneshot::Sender<ClientResponse>>,
+    next_client: ClientRequestId,
+    identity: Arc<Identity>,
+    inbox: mpsc::Sender<Inbox>,
+    metrics: Arc<Metrics>,
+    sync_in_flight: Option<(SyncTicket, JoinHandle<Result<(), StorageError>>)>,
+}
+
+impl NodeTask {
+    fn now(&self) -> Millis {
+        self.start.elapsed().as_millis() as Millis
+    }
+
+    fn handle(&mut self, item: Inbox) {
+        let now = self.now();
+        match item {
+            Inbox::Client { request, reply } => {
+                self.next_client += 1;
+                let id = self.next_client;
+                self.clients.insert(id, reply);
+                self.node.handle_client_request(now, id, request);
+            }
+            Inbox::Peer { from, message } => self.node.handle_message(now, &from, message),
+            Inbox::PeerUp { info } => {
+                let id = info.id.clone();
+                self.node.handle_member_discovered(info);
+                self.node.handle_peer_status(now, &id, PeerStatus::Up);
+            }
+            Inbox::PeerDown { id } => self.node.handle_peer_status(now, &id, PeerStatus::Down),
+            Inbox::Discovered { info } => {
+                // A peer that dials us is alive: let a backed-off link retry now.
+                if let Some(link) = self.links.get(&info.id) {
+                    if link.is_down() {
+                        link.retry_now.notify_one();
+                    }
+                }
+                self.node.handle_member_discovered(info);
+            }
+            Inbox::SendFailed { to, message } => self.node.handle_send_failed(now, &to, &message),
+            Inbox::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+        }
+    }
+
+    fn dispatch(&mut self) {
+        while let Some(action) = self.node.poll_action() {
+            match action {
+                Action::Reply { client, response } => {
+                    if let Some(reply) = self.clients.remove(&client) {
+                        let _ = reply.send(response);
+                    }
+                }
+                Action::Send { to, message } => self.send(to, message),
+            }
+        }
+    }
+
+    fn send(&mut self, to: NodeId, message: Message) {
+        if !self.links.contains_key(&to) {
+            let Some(info) = self.node.membership().get(&to) else {
+                self.node.handle_send_failed(self.now(), &to, &message);
+                return;
+            };
+            let link = spawn_link(
+                to.clone(),
+                info.peer_address.clone(),
+                self.identity.clone(),
+                self.inbox.clone(),
+                self.metrics.clone(),
+            );
+            self.links.insert(to.clone(), link);
+        }
+        let Some(link) = self.links.get(&to) else {
+            return;
+        };
+        if link.is_down() {
+            self.node.handle_send_failed(self.now(), &to, &message);
+            return;
+        }
+        if let Err(error) = link.queue.try_send(message) {
+            let message = match error {
+                mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
+            };
+            self.node.handle_send_failed(self.now(), &to, &message);
+        }
+    }
+
+    fn start_sync_if_needed(&mut self) {
+        if self.sync_in_flight.is_some() || self.node.config().fsync != FsyncPolicy::Always {
+            return;
+        }
+        self.start_sync();
+    }
+
+    fn start_sync(&mut self) {
+        if self.sync_in_flight.is_some() {
+            return;
+        }
+        if let Some(ticket) = self.node.begin_sync() {
+            let storage = self.storage.clone();
+            let handle = tokio::task::spawn_blocking(move || storage.sync());
+            self.sync_in_flight = Some((ticket, handle));
+        }
+    }
+
+    fn status(&self) -> ClusterStatus {
+        let ring = self.node.ring();
+        let nodes = self
+            .node
+            .membership()
+            .all()
+            .map(|info| NodeStatus {
+                id: info.id.to_string(),
+                peer_address: info.peer_address.clone(),
+                http_address: info.http_address.clone(),
+                status: self.node.membership().status(&info.id).as_str(),
+                phi: 0.0,
+                ownership: ring.ownership(&info.id),
+                hints_pending: 0,
+            })
+            .collect();
+        ClusterStatus {
+            node_id: self.node.id().to_string(),
+            cluster: self.identity.cluster.clone(),
+            epoch: self.node.epoch(),
+            nodes,
+        }
+    }
+
+    fn publish_gauges(&self) {
+        let membership = self.node.membership();
+        let down = membership
+            .ids()
+            .filter(|id| membership.status(id) == PeerStatus::Down)
+            .count();
+        let up = membership.len() - down;
+        let gauge = |status| self.metrics.peers.get_or_create(&StatusLabels { status });
+        gauge("up").set(up as i64);
+        gauge("down").set(down as i64);
+        self.metrics
+            .requests_timed_out
+            .set(self.node.stats().requests_timed_out as i64);
+    }
+}
+
+/// Runs the node until `shutdown` turns true; then makes everything durable and returns.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_node(
+    node: Node<FjallStorage>,
+    storage: FjallStorage,
+    identity: Arc<Identity>,
+    inbox_sender: mpsc::Sender<Inbox>,
+    mut inbox: mpsc::Receiver<Inbox>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+    start: Instant,
+) {
+    let periodic = match node.config().fsync {
+        FsyncPolicy::Periodic { interval_ms } => Some(Duration::from_millis(interval_ms)),
+        FsyncPolicy::Always => None,
+    };
+    let mut task = NodeTask {
+        node,
+        storage,
+        start,
+        links: BTreeMap::new(),
+        clients: BTreeMap::new(),
+        next_client: 0,
+        identity,
+        inbox: inbox_sender,
+        metrics,
+        sync_in_flight: None,
+    };
+    let mut periodic_sync = tokio::time::interval(periodic.unwrap_or(Duration::from_secs(3600)));
+    let mut gauges = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        let deadline = task.node.next_deadline().min(task.now() + 1000);
+        let wake = start + Duration::from_millis(deadline);
+        tokio::select! {
+            item = inbox.recv() => {
+                let Some(item) = item else { break };
+                task.handle(item);
+                for _ in 0..MAX_BATCH {
+                    match inbox.try_recv() {
+                        Ok(item) => task.handle(item),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(wake) => {
+                let now = task.now();
+                task.node.handle_tick(now);
+            }
+            result = async { (&mut task.sync_in_flight.as_mut().expect("guarded").1).await }, if task.sync_in_flight.is_some() => {
+                let (ticket, _) = task.sync_in_flight.take().expect("guarded");
+                let result = result.unwrap_or_else(|e| Err(StorageError::Engine(e.to_string())));
+                if let Err(error) = &result {
+                    tracing::error!(%error, "fsync failed; held acknowledgements become errors");
+                }
+                task.metrics.fsyncs.inc();
+                task.node.finish_sync(ticket, result);
+            }
+            _ = periodic_sync.tick(), if periodic.is_some() => task.start_sync(),
+            _ = gauges.tick() => task.publish_gauges(),
+            _ = shutdown.changed() => break,
+        }
+        task.dispatch();
+        task.start_sync_if_needed();
+        task.dispatch();
+    }
+    // Clean shutdown: wait for the sync under way, then make everything durable.
+    if let Some((ticket, handle)) = task.sync_in_flight.take() {
+        let result = handle.await.unwrap_or_else(|e| Err(StorageError::Engine(e.to_string())));
+        task.node.finish_sync(ticket, result);
+    }
+    task.node.sync_now();
+    task.dispatch();
+    if let Err(error) = task.storage.sync() {
+        tracing::error!(%error, "final fsync failed");
+    }
+}
