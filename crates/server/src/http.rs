@@ -36,6 +36,9 @@ pub struct ApiState {
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/kv/{bucket}/{*key}", get(kv).put(kv).delete(kv))
+        // Paths without a key still get SPEC's 400, not a bare 404.
+        .route("/kv/{bucket}", get(kv).put(kv).delete(kv))
+        .route("/kv/{bucket}/", get(kv).put(kv).delete(kv))
         .route("/admin/local/{bucket}/{*key}", get(admin_local))
         .route("/cluster/status", get(cluster_status))
         .route("/metrics", get(metrics))
@@ -66,7 +69,7 @@ fn bucket_and_key(uri: &Uri, prefix: &str) -> Result<(String, Vec<u8>), Failure>
         .path()
         .strip_prefix(prefix)
         .ok_or_else(|| bad_request("bad path"))?;
-    let (bucket, key) = rest.split_once('/').ok_or_else(|| bad_request("missing key"))?;
+    let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
     let bucket = percent_decode_str(bucket)
         .decode_utf8()
         .map_err(|_| bad_request("bucket is not UTF-8"))?
