@@ -2,19 +2,27 @@
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use percent_encoding::{utf8_percent_encode, percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use percent_encoding::{percent_encode, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::Deserialize;
 
 pub const CONTEXT_HEADER: &str = "x-mendkv-context";
 
 /// Everything but unreserved characters is escaped in path segments.
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The node answered with an error (SPEC's JSON `{"error","message"}`).
     #[error("{status} {code}: {message}")]
-    Api { status: u16, code: String, message: String },
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
     #[error("cannot reach the node: {0}")]
     Transport(String),
     #[error("unexpected answer: {0}")]
@@ -36,15 +44,26 @@ pub struct Sibling {
 /// The result of a GET.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadResult {
-    Value { value: Vec<u8>, content_type: String, context: Option<String> },
-    Siblings { siblings: Vec<Sibling>, context: String },
-    NotFound { context: Option<String> },
+    Value {
+        value: Vec<u8>,
+        content_type: String,
+        context: Option<String>,
+    },
+    Siblings {
+        siblings: Vec<Sibling>,
+        context: String,
+    },
+    NotFound {
+        context: Option<String>,
+    },
 }
 
 impl ReadResult {
     pub fn context(&self) -> Option<&str> {
         match self {
-            ReadResult::Value { context, .. } | ReadResult::NotFound { context } => context.as_deref(),
+            ReadResult::Value { context, .. } | ReadResult::NotFound { context } => {
+                context.as_deref()
+            }
             ReadResult::Siblings { context, .. } => Some(context),
         }
     }
@@ -86,8 +105,16 @@ fn context_of(response: &reqwest::Response) -> Option<String> {
 async fn api_error(response: reqwest::Response) -> ClientError {
     let status = response.status().as_u16();
     match response.json::<ErrorBody>().await {
-        Ok(body) => ClientError::Api { status, code: body.error, message: body.message },
-        Err(e) => ClientError::Api { status, code: "unknown".into(), message: e.to_string() },
+        Ok(body) => ClientError::Api {
+            status,
+            code: body.error,
+            message: body.message,
+        },
+        Err(e) => ClientError::Api {
+            status,
+            code: "unknown".into(),
+            message: e.to_string(),
+        },
     }
 }
 
@@ -99,14 +126,23 @@ impl Client {
             .tcp_nodelay(true)
             .build()
             .unwrap_or_default();
-        Client { http, base: base.trim_end_matches('/').to_string() }
+        Client {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+        }
     }
 
     pub fn base(&self) -> &str {
         &self.base
     }
 
-    fn kv_url(&self, prefix: &str, bucket: &str, key: &[u8], level: Option<(&str, &str)>) -> String {
+    fn kv_url(
+        &self,
+        prefix: &str,
+        bucket: &str,
+        key: &[u8],
+        level: Option<(&str, &str)>,
+    ) -> String {
         let mut url = format!(
             "{}/{prefix}/{}/{}",
             self.base,
@@ -119,7 +155,12 @@ impl Client {
         url
     }
 
-    pub async fn get(&self, bucket: &str, key: &[u8], r: Option<&str>) -> Result<ReadResult, ClientError> {
+    pub async fn get(
+        &self,
+        bucket: &str,
+        key: &[u8],
+        r: Option<&str>,
+    ) -> Result<ReadResult, ClientError> {
         let url = self.kv_url("kv", bucket, key, r.map(|r| ("r", r)));
         let response = self.http.get(url).send().await?;
         let context = context_of(&response);
@@ -132,21 +173,34 @@ impl Client {
                     .unwrap_or_default()
                     .to_string();
                 let value = response.bytes().await?.to_vec();
-                Ok(ReadResult::Value { value, content_type, context })
+                Ok(ReadResult::Value {
+                    value,
+                    content_type,
+                    context,
+                })
             }
             300 => {
-                let body: SiblingsBody = response.json().await.map_err(|e| ClientError::Decode(e.to_string()))?;
+                let body: SiblingsBody = response
+                    .json()
+                    .await
+                    .map_err(|e| ClientError::Decode(e.to_string()))?;
                 let siblings = body
                     .siblings
                     .into_iter()
                     .map(|s| {
                         STANDARD
                             .decode(s.value_base64)
-                            .map(|value| Sibling { value, content_type: s.content_type })
+                            .map(|value| Sibling {
+                                value,
+                                content_type: s.content_type,
+                            })
                             .map_err(|e| ClientError::Decode(e.to_string()))
                     })
                     .collect::<Result<_, _>>()?;
-                Ok(ReadResult::Siblings { siblings, context: body.context })
+                Ok(ReadResult::Siblings {
+                    siblings,
+                    context: body.context,
+                })
             }
             404 => Ok(ReadResult::NotFound { context }),
             _ => Err(api_error(response).await),
@@ -179,7 +233,13 @@ impl Client {
         }
     }
 
-    pub async fn delete(&self, bucket: &str, key: &[u8], w: Option<&str>, context: Option<&str>) -> Result<(), ClientError> {
+    pub async fn delete(
+        &self,
+        bucket: &str,
+        key: &[u8],
+        w: Option<&str>,
+        context: Option<&str>,
+    ) -> Result<(), ClientError> {
         let url = self.kv_url("kv", bucket, key, w.map(|w| ("w", w)));
         let mut request = self.http.delete(url);
         if let Some(ctx) = context {
@@ -194,26 +254,50 @@ impl Client {
     }
 
     /// `GET /admin/local/...` as JSON, `None` when the node holds nothing.
-    pub async fn local(&self, bucket: &str, key: &[u8]) -> Result<Option<serde_json::Value>, ClientError> {
-        let response = self.http.get(self.kv_url("admin/local", bucket, key, None)).send().await?;
+    pub async fn local(
+        &self,
+        bucket: &str,
+        key: &[u8],
+    ) -> Result<Option<serde_json::Value>, ClientError> {
+        let response = self
+            .http
+            .get(self.kv_url("admin/local", bucket, key, None))
+            .send()
+            .await?;
         match response.status().as_u16() {
-            200 => Ok(Some(response.json().await.map_err(|e| ClientError::Decode(e.to_string()))?)),
+            200 => Ok(Some(
+                response
+                    .json()
+                    .await
+                    .map_err(|e| ClientError::Decode(e.to_string()))?,
+            )),
             404 => Ok(None),
             _ => Err(api_error(response).await),
         }
     }
 
     pub async fn status(&self) -> Result<serde_json::Value, ClientError> {
-        let response = self.http.get(format!("{}/cluster/status", self.base)).send().await?;
+        let response = self
+            .http
+            .get(format!("{}/cluster/status", self.base))
+            .send()
+            .await?;
         if response.status().is_success() {
-            response.json().await.map_err(|e| ClientError::Decode(e.to_string()))
+            response
+                .json()
+                .await
+                .map_err(|e| ClientError::Decode(e.to_string()))
         } else {
             Err(api_error(response).await)
         }
     }
 
     pub async fn metrics(&self) -> Result<String, ClientError> {
-        let response = self.http.get(format!("{}/metrics", self.base)).send().await?;
+        let response = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await?;
         Ok(response.text().await?)
     }
 
@@ -232,7 +316,9 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             if metric != name {
                 return None;
             }
-            let all = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            let all = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
             all.then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()

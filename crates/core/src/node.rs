@@ -26,7 +26,10 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 /// Something the driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    Send { to: NodeId, message: Message },
+    Send {
+        to: NodeId,
+        message: Message,
+    },
     Reply {
         client: ClientRequestId,
         response: ClientResponse,
@@ -189,7 +192,11 @@ impl<S: Storage> Node<S> {
 
     /// The earliest time `handle_tick` has work to do.
     pub fn next_deadline(&self) -> Millis {
-        let op = self.deadlines.first().map(|(d, _)| *d).unwrap_or(Millis::MAX);
+        let op = self
+            .deadlines
+            .first()
+            .map(|(d, _)| *d)
+            .unwrap_or(Millis::MAX);
         op.min(self.next_membership_at)
     }
 
@@ -387,13 +394,20 @@ impl<S: Storage> Node<S> {
         let replicas = self.ring.preference_list_for_key(&bucket, &key);
         let id = self.new_request_id();
         let deadline = now + self.config.request_timeout_ms;
-        let op = GetOperation::new(client, bucket.clone(), key.clone(), level, &replicas, deadline, after);
+        let op = GetOperation::new(
+            client,
+            bucket.clone(),
+            key.clone(),
+            level,
+            &replicas,
+            deadline,
+            after,
+        );
         self.insert_operation(id, Operation::Get(op));
         for replica in &replicas {
             if replica == self.id() {
-                let local = self.storage.get(&bucket, &key).map_err(|e| {
+                let local = self.storage.get(&bucket, &key).inspect_err(|_| {
                     self.stats.storage_errors += 1;
-                    e
                 });
                 self.on_read_reply(now, id, &replica.clone(), local.map_err(|_| ()));
             } else {
@@ -449,7 +463,10 @@ impl<S: Storage> Node<S> {
             }
             ReadProgress::Failed { needed, answered } => {
                 if let Some(op) = self.remove_operation(id) {
-                    self.reply(op.client(), ClientResponse::Unavailable { needed, answered });
+                    self.reply(
+                        op.client(),
+                        ClientResponse::Unavailable { needed, answered },
+                    );
                 }
             }
         }
@@ -513,7 +530,12 @@ impl<S: Storage> Node<S> {
         Ok(object)
     }
 
-    fn write_local(&mut self, bucket: &str, key: &[u8], object: &Object) -> Result<(), StorageError> {
+    fn write_local(
+        &mut self,
+        bucket: &str,
+        key: &[u8],
+        object: &Object,
+    ) -> Result<(), StorageError> {
         self.storage.put(bucket, key, object).inspect_err(|_| {
             self.stats.storage_errors += 1;
         })?;
@@ -571,7 +593,10 @@ impl<S: Storage> Node<S> {
                 }
                 WriteStep::Failed { needed, answered } => {
                     if let Some(op) = self.remove_operation(id) {
-                        self.reply(op.client(), ClientResponse::Unavailable { needed, answered });
+                        self.reply(
+                            op.client(),
+                            ClientResponse::Unavailable { needed, answered },
+                        );
                     }
                     return;
                 }
@@ -701,7 +726,8 @@ impl<S: Storage> Node<S> {
             .map_err(storage_error)?
             .unwrap_or_default();
         if object.merge_in(incoming) {
-            self.write_local(bucket, key, &object).map_err(storage_error)?;
+            self.write_local(bucket, key, &object)
+                .map_err(storage_error)?;
         }
         Ok(())
     }

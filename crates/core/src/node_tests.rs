@@ -23,14 +23,19 @@ impl TestCluster {
         let nodes = infos
             .iter()
             .map(|info| {
-                let mut node = Node::new(NodeConfig::new(info.id.as_str()), MemoryStorage::new(), 0).unwrap();
+                let mut node =
+                    Node::new(NodeConfig::new(info.id.as_str()), MemoryStorage::new(), 0).unwrap();
                 for other in &infos {
                     node.handle_member_discovered(other.clone());
                 }
                 node
             })
             .collect();
-        TestCluster { nodes, replies: vec![], stopped: vec![false; n] }
+        TestCluster {
+            nodes,
+            replies: vec![],
+            stopped: vec![false; n],
+        }
     }
 
     fn index(&self, id: &NodeId) -> usize {
@@ -46,7 +51,9 @@ impl TestCluster {
                 while let Some(action) = self.nodes[i].poll_action() {
                     moved = true;
                     match action {
-                        Action::Reply { client, response } => self.replies.push((i, client, response)),
+                        Action::Reply { client, response } => {
+                            self.replies.push((i, client, response))
+                        }
                         Action::Send { to, message } => {
                             let j = self.index(&to);
                             let from = self.nodes[i].id().clone();
@@ -69,27 +76,50 @@ impl TestCluster {
         let client = self.replies.len() as u64 + 1000;
         self.nodes[at].handle_client_request(0, client, request);
         self.run();
-        let position = self.replies.iter().position(|(_, c, _)| *c == client).expect("a reply");
+        let position = self
+            .replies
+            .iter()
+            .position(|(_, c, _)| *c == client)
+            .expect("a reply");
         self.replies.remove(position).2
     }
 
-    fn put(&mut self, at: usize, value: &str, context: CausalContext, level: ConsistencyLevel) -> ClientResponse {
-        self.request(at, ClientRequest::Put {
-            bucket: "b".into(),
-            key: b"k".to_vec(),
-            context,
-            value: data(value),
-            level,
-        })
+    fn put(
+        &mut self,
+        at: usize,
+        value: &str,
+        context: CausalContext,
+        level: ConsistencyLevel,
+    ) -> ClientResponse {
+        self.request(
+            at,
+            ClientRequest::Put {
+                bucket: "b".into(),
+                key: b"k".to_vec(),
+                context,
+                value: data(value),
+                level,
+            },
+        )
     }
 
     fn get(&mut self, at: usize, level: ConsistencyLevel) -> ClientResponse {
-        self.request(at, ClientRequest::Get { bucket: "b".into(), key: b"k".to_vec(), level })
+        self.request(
+            at,
+            ClientRequest::Get {
+                bucket: "b".into(),
+                key: b"k".to_vec(),
+                level,
+            },
+        )
     }
 }
 
 fn data(value: &str) -> Value {
-    Value::Data { bytes: Bytes::copy_from_slice(value.as_bytes()), content_type: "text/plain".into() }
+    Value::Data {
+        bytes: Bytes::copy_from_slice(value.as_bytes()),
+        content_type: "text/plain".into(),
+    }
 }
 
 fn live(response: &ClientResponse) -> Vec<Value> {
@@ -103,9 +133,15 @@ fn live(response: &ClientResponse) -> Vec<Value> {
 #[test]
 fn read_your_write_through_every_node() {
     let mut cluster = TestCluster::new(3);
-    assert!(matches!(cluster.put(0, "v1", CausalContext::empty(), ConsistencyLevel::Quorum), ClientResponse::Written { .. }));
+    assert!(matches!(
+        cluster.put(0, "v1", CausalContext::empty(), ConsistencyLevel::Quorum),
+        ClientResponse::Written { .. }
+    ));
     for i in 0..3 {
-        assert_eq!(live(&cluster.get(i, ConsistencyLevel::Quorum)), vec![data("v1")]);
+        assert_eq!(
+            live(&cluster.get(i, ConsistencyLevel::Quorum)),
+            vec![data("v1")]
+        );
     }
 }
 
@@ -117,9 +153,14 @@ fn siblings_and_resolution() {
     cluster.put(1, "b", CausalContext::empty(), ConsistencyLevel::Quorum);
     let read = cluster.get(2, ConsistencyLevel::All);
     assert_eq!(live(&read).len(), 2);
-    let ClientResponse::Object(object) = read else { unreachable!() };
+    let ClientResponse::Object(object) = read else {
+        unreachable!()
+    };
     cluster.put(2, "c", object.causal_context(), ConsistencyLevel::Quorum);
-    assert_eq!(live(&cluster.get(0, ConsistencyLevel::All)), vec![data("c")]);
+    assert_eq!(
+        live(&cluster.get(0, ConsistencyLevel::All)),
+        vec![data("c")]
+    );
 }
 
 /// With one replica stopped, quorum still works and `all` is unavailable with counts.
@@ -127,7 +168,10 @@ fn siblings_and_resolution() {
 fn one_replica_down() {
     let mut cluster = TestCluster::new(3);
     cluster.stopped[2] = true;
-    assert!(matches!(cluster.put(0, "v", CausalContext::empty(), ConsistencyLevel::Quorum), ClientResponse::Written { .. }));
+    assert!(matches!(
+        cluster.put(0, "v", CausalContext::empty(), ConsistencyLevel::Quorum),
+        ClientResponse::Written { .. }
+    ));
     // The write fails as soon as the level is out of reach (fail fast), saying so.
     assert!(matches!(
         cluster.put(0, "v", CausalContext::empty(), ConsistencyLevel::All),
@@ -142,9 +186,19 @@ fn plain_delete_deletes() {
     let mut cluster = TestCluster::new(3);
     cluster.put(0, "a", CausalContext::empty(), ConsistencyLevel::Quorum);
     cluster.put(1, "b", CausalContext::empty(), ConsistencyLevel::Quorum);
-    let response = cluster.request(2, ClientRequest::Delete { bucket: "b".into(), key: b"k".to_vec(), context: None, level: ConsistencyLevel::Quorum });
+    let response = cluster.request(
+        2,
+        ClientRequest::Delete {
+            bucket: "b".into(),
+            key: b"k".to_vec(),
+            context: None,
+            level: ConsistencyLevel::Quorum,
+        },
+    );
     assert!(matches!(response, ClientResponse::Written { .. }));
-    let ClientResponse::Object(object) = cluster.get(0, ConsistencyLevel::All) else { panic!() };
+    let ClientResponse::Object(object) = cluster.get(0, ConsistencyLevel::All) else {
+        panic!()
+    };
     assert!(object.is_deleted());
 }
 
@@ -153,19 +207,37 @@ fn plain_delete_deletes() {
 #[test]
 fn acknowledgement_waits_for_sync() {
     let mut node = Node::new(NodeConfig::new("solo"), MemoryStorage::new(), 0).unwrap();
-    node.handle_client_request(0, 1, ClientRequest::Put { bucket: "b".into(), key: b"k".to_vec(), context: CausalContext::empty(), value: data("x"), level: ConsistencyLevel::One });
+    node.handle_client_request(
+        0,
+        1,
+        ClientRequest::Put {
+            bucket: "b".into(),
+            key: b"k".to_vec(),
+            context: CausalContext::empty(),
+            value: data("x"),
+            level: ConsistencyLevel::One,
+        },
+    );
     assert_eq!(node.poll_action(), None, "held until durable");
     let ticket = node.begin_sync().unwrap();
     assert_eq!(node.poll_action(), None);
     node.finish_sync(ticket, Err(StorageError::Engine("disk full".into())));
-    assert!(matches!(node.poll_action(), Some(Action::Reply { response: ClientResponse::StorageFailed(_), .. })));
+    assert!(matches!(
+        node.poll_action(),
+        Some(Action::Reply {
+            response: ClientResponse::StorageFailed(_),
+            ..
+        })
+    ));
 }
 
 /// The epoch grows on every start, so actors never repeat.
 #[test]
 fn epoch_grows_across_restarts() {
     let storage = MemoryStorage::new();
-    let first = Node::new(NodeConfig::new("n"), storage.clone(), 0).unwrap().epoch();
+    let first = Node::new(NodeConfig::new("n"), storage.clone(), 0)
+        .unwrap()
+        .epoch();
     let second = Node::new(NodeConfig::new("n"), storage, 0).unwrap().epoch();
     assert_eq!(second, first + 1);
 }

@@ -130,7 +130,9 @@ impl Storage for MemoryStorage {
             bucket: bucket.to_string(),
             key: key.to_vec(),
         };
-        self.lock().pending.push(Record::Object(key, object.clone()));
+        self.lock()
+            .pending
+            .push(Record::Object(key, object.clone()));
         Ok(())
     }
 
@@ -170,7 +172,11 @@ mod tests {
     fn crash_keeps_only_synced_writes() {
         let storage = MemoryStorage::new();
         let mut object = Object::empty();
-        object.apply_write(Actor::new("n", 1), &CausalContext::empty(), Value::Tombstone);
+        object.apply_write(
+            Actor::new("n", 1),
+            &CausalContext::empty(),
+            Value::Tombstone,
+        );
         storage.put("b", b"synced", &object).unwrap();
         storage.sync().unwrap();
         storage.put("b", b"lost", &object).unwrap();

@@ -97,14 +97,27 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                     if i >= args.keys {
                         return Ok::<(), anyhow::Error>(());
                     }
-                    client.put(&args.bucket, format!("key{i}").as_bytes(), value.clone(), None, Some("all"), None).await?;
+                    client
+                        .put(
+                            &args.bucket,
+                            format!("key{i}").as_bytes(),
+                            value.clone(),
+                            None,
+                            Some("all"),
+                            None,
+                        )
+                        .await?;
                 }
             }));
         }
         for task in tasks {
             task.await??;
         }
-        println!("preloaded {} keys in {:.1} s", args.keys, started.elapsed().as_secs_f64());
+        println!(
+            "preloaded {} keys in {:.1} s",
+            args.keys,
+            started.elapsed().as_secs_f64()
+        );
     }
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -113,8 +126,15 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         let client = clients[worker % clients.len()].clone();
         let (next, value, args) = (next.clone(), value.clone(), args.clone());
         tasks.push(tokio::spawn(async move {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed.wrapping_mul(1000).wrapping_add(worker as u64));
-            let mut totals = Totals { reads: histogram(), updates: histogram(), errors: 0, not_found: 0 };
+            let mut rng = rand::rngs::StdRng::seed_from_u64(
+                args.seed.wrapping_mul(1000).wrapping_add(worker as u64),
+            );
+            let mut totals = Totals {
+                reads: histogram(),
+                updates: histogram(),
+                errors: 0,
+                not_found: 0,
+            };
             while next.fetch_add(1, Ordering::Relaxed) < args.ops {
                 let key_index = match &zipf {
                     Some(z) => (z.sample(&mut rng) as u64).saturating_sub(1),
@@ -124,7 +144,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 let is_read = rng.gen_bool(read_share);
                 let op_started = Instant::now();
                 let ok = if is_read {
-                    match client.get(&args.bucket, key.as_bytes(), Some(&args.r)).await {
+                    match client
+                        .get(&args.bucket, key.as_bytes(), Some(&args.r))
+                        .await
+                    {
                         Ok(mendkv_client::ReadResult::NotFound { .. }) => {
                             totals.not_found += 1;
                             true
@@ -133,7 +156,17 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                         Err(_) => false,
                     }
                 } else {
-                    client.put(&args.bucket, key.as_bytes(), value.clone(), None, Some(&args.w), None).await.is_ok()
+                    client
+                        .put(
+                            &args.bucket,
+                            key.as_bytes(),
+                            value.clone(),
+                            None,
+                            Some(&args.w),
+                            None,
+                        )
+                        .await
+                        .is_ok()
                 };
                 let micros = op_started.elapsed().as_micros() as u64;
                 if !ok {
@@ -147,7 +180,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             totals
         }));
     }
-    let mut totals = Totals { reads: histogram(), updates: histogram(), errors: 0, not_found: 0 };
+    let mut totals = Totals {
+        reads: histogram(),
+        updates: histogram(),
+        errors: 0,
+        not_found: 0,
+    };
     for task in tasks {
         let t = task.await?;
         totals.reads.add(&t.reads)?;
@@ -159,9 +197,23 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let done = totals.reads.len() + totals.updates.len();
     println!(
         "workload {} ({} keys {}, {} B values, r={} w={}), {} nodes, concurrency {}",
-        args.workload, args.keys, args.distribution, args.value_size, args.r, args.w, clients.len(), args.concurrency
+        args.workload,
+        args.keys,
+        args.distribution,
+        args.value_size,
+        args.r,
+        args.w,
+        clients.len(),
+        args.concurrency
     );
-    println!("{:.0} ops/s ({} ok, {} errors, {} not found) in {:.2} s", done as f64 / elapsed, done, totals.errors, totals.not_found, elapsed);
+    println!(
+        "{:.0} ops/s ({} ok, {} errors, {} not found) in {:.2} s",
+        done as f64 / elapsed,
+        done,
+        totals.errors,
+        totals.not_found,
+        elapsed
+    );
     for (name, h) in [("read", &totals.reads), ("update", &totals.updates)] {
         if h.is_empty() {
             continue;

@@ -28,7 +28,10 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
         bail!("--nodes must be at least 1");
     }
     if args.base_port < 1025 || args.base_port.checked_add(args.nodes).is_none() {
-        bail!("--base-port must be between 1025 and {}", u16::MAX - args.nodes);
+        bail!(
+            "--base-port must be between 1025 and {}",
+            u16::MAX - args.nodes
+        );
     }
     let exe = std::env::current_exe().context("locating the mendkv binary")?;
     let seed = format!("127.0.0.1:{}", args.base_port - 1000);
@@ -42,7 +45,17 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let log = std::fs::File::create(dir.join("server.log")).context("creating the node log")?;
         let child = Command::new(&exe)
-            .args(["server", "--node-id", &id, "--listen", &peer, "--http", &http, "--seed", &seed])
+            .args([
+                "server",
+                "--node-id",
+                &id,
+                "--listen",
+                &peer,
+                "--http",
+                &http,
+                "--seed",
+                &seed,
+            ])
             .arg("--data-dir")
             .arg(&dir)
             .stdin(Stdio::null())
@@ -51,16 +64,26 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {id}"))?;
-        println!("{id}: peer {peer}  http http://{http}  data {}  log {}", dir.display(), dir.join("server.log").display());
+        println!(
+            "{id}: peer {peer}  http http://{http}  data {}  log {}",
+            dir.display(),
+            dir.join("server.log").display()
+        );
         children.push((id, child));
         http_addresses.push(format!("http://{http}"));
     }
     wait_until_formed(&http_addresses, args.nodes as usize, &mut children).await?;
     let first = &http_addresses[0];
-    println!("\ncluster ready: {} nodes, replication factor 3, quorum reads and writes.", args.nodes);
+    println!(
+        "\ncluster ready: {} nodes, replication factor 3, quorum reads and writes.",
+        args.nodes
+    );
     println!("try:");
     println!("  curl -X PUT --data-binary 'hello' {first}/kv/demo/greeting");
-    println!("  curl -i {}/kv/demo/greeting", http_addresses.last().unwrap_or(first));
+    println!(
+        "  curl -i {}/kv/demo/greeting",
+        http_addresses.last().unwrap_or(first)
+    );
     println!("Ctrl-C stops every node.");
     super::wait_for_signal().await;
     println!("stopping...");
@@ -70,7 +93,11 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
 }
 
 /// Polls until every node answers /health and sees every member, with a deadline.
-async fn wait_until_formed(urls: &[String], expected: usize, children: &mut [(String, Child)]) -> Result<()> {
+async fn wait_until_formed(
+    urls: &[String],
+    expected: usize,
+    children: &mut [(String, Child)],
+) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         for (id, child) in children.iter_mut() {

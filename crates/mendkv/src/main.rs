@@ -16,7 +16,11 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "mendkv", version, about = "A leaderless, eventually consistent, self-repairing key-value store")]
+#[command(
+    name = "mendkv",
+    version,
+    about = "A leaderless, eventually consistent, self-repairing key-value store"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -111,10 +115,19 @@ impl ServerArgs {
         set("node", "id", self.node_id.clone());
         set("node", "listen", self.listen.clone());
         set("node", "http", self.http.clone());
-        set("node", "data_dir", self.data_dir.as_ref().map(|d| d.display().to_string()));
+        set(
+            "node",
+            "data_dir",
+            self.data_dir.as_ref().map(|d| d.display().to_string()),
+        );
         set("cluster", "secret", self.cluster_secret.clone());
         if !self.seeds.is_empty() {
-            let seeds = self.seeds.iter().cloned().map(toml::Value::String).collect();
+            let seeds = self
+                .seeds
+                .iter()
+                .cloned()
+                .map(toml::Value::String)
+                .collect();
             set_value(&mut table, "cluster", "seeds", toml::Value::Array(seeds));
         }
         table
@@ -124,12 +137,18 @@ impl ServerArgs {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn main() {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("mendkv: cannot start the runtime: {e}");
@@ -146,7 +165,8 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Server(args) => {
             init_logging();
-            let config = ServerConfig::load(args.config.as_deref(), std::env::vars(), args.overrides())?;
+            let config =
+                ServerConfig::load(args.config.as_deref(), std::env::vars(), args.overrides())?;
             let (stop, shutdown) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
                 wait_for_signal().await;
@@ -157,7 +177,12 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Cluster(args) => cluster::run(args).await,
-        Command::Get { bucket, key, node, r } => {
+        Command::Get {
+            bucket,
+            key,
+            node,
+            r,
+        } => {
             let client = Client::new(&node.url);
             match client.get(&bucket, key.as_bytes(), r.as_deref()).await? {
                 ReadResult::Value { value, context, .. } => {
@@ -175,30 +200,56 @@ async fn run(cli: Cli) -> Result<()> {
                         .iter()
                         .map(|s| String::from_utf8_lossy(&s.value).into_owned())
                         .collect();
-                    println!("{}", serde_json::json!({ "siblings": values, "context": context }));
+                    println!(
+                        "{}",
+                        serde_json::json!({ "siblings": values, "context": context })
+                    );
                     Ok(())
                 }
                 ReadResult::NotFound { .. } => bail!("not found"),
             }
         }
-        Command::Put { bucket, key, value, node, w, context, content_type } => {
+        Command::Put {
+            bucket,
+            key,
+            value,
+            node,
+            w,
+            context,
+            content_type,
+        } => {
             let value = if value == "-" {
                 let mut buffer = Vec::new();
-                std::io::stdin().read_to_end(&mut buffer).context("reading stdin")?;
+                std::io::stdin()
+                    .read_to_end(&mut buffer)
+                    .context("reading stdin")?;
                 buffer
             } else {
                 value.into_bytes()
             };
             let client = Client::new(&node.url);
             let context = client
-                .put(&bucket, key.as_bytes(), value, content_type.as_deref(), w.as_deref(), context.as_deref())
+                .put(
+                    &bucket,
+                    key.as_bytes(),
+                    value,
+                    content_type.as_deref(),
+                    w.as_deref(),
+                    context.as_deref(),
+                )
                 .await?;
             if let Some(context) = context {
                 println!("{context}");
             }
             Ok(())
         }
-        Command::Delete { bucket, key, node, w, context } => {
+        Command::Delete {
+            bucket,
+            key,
+            node,
+            w,
+            context,
+        } => {
             Client::new(&node.url)
                 .delete(&bucket, key.as_bytes(), w.as_deref(), context.as_deref())
                 .await?;
@@ -219,13 +270,18 @@ async fn run(cli: Cli) -> Result<()> {
 
 /// `nodetool status`-like table.
 fn print_status(status: &serde_json::Value) -> Result<()> {
-    let nodes = status["nodes"].as_array().ok_or_else(|| anyhow!("bad status answer"))?;
+    let nodes = status["nodes"]
+        .as_array()
+        .ok_or_else(|| anyhow!("bad status answer"))?;
     println!(
         "cluster {}  (seen by {})",
         status["cluster"].as_str().unwrap_or("?"),
         status["node_id"].as_str().unwrap_or("?")
     );
-    println!("{:<14} {:<7} {:>6} {:>10} {:>7}  {:<22} {:<22}", "NODE", "STATUS", "PHI", "OWNERSHIP", "HINTS", "PEER", "HTTP");
+    println!(
+        "{:<14} {:<7} {:>6} {:>10} {:>7}  {:<22} {:<22}",
+        "NODE", "STATUS", "PHI", "OWNERSHIP", "HINTS", "PEER", "HTTP"
+    );
     for node in nodes {
         println!(
             "{:<14} {:<7} {:>6.2} {:>9.1}% {:>7}  {:<22} {:<22}",
@@ -246,13 +302,14 @@ pub async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -20,16 +20,46 @@ async fn read_your_write_through_every_node_and_delete() {
     let cluster = TestCluster::start(3, &[]).await;
     for writer in 0..3 {
         let key = format!("k{writer}");
-        cluster.client(writer).put("t", key.as_bytes(), format!("v{writer}").into_bytes(), None, Some("quorum"), None).await.unwrap();
+        cluster
+            .client(writer)
+            .put(
+                "t",
+                key.as_bytes(),
+                format!("v{writer}").into_bytes(),
+                None,
+                Some("quorum"),
+                None,
+            )
+            .await
+            .unwrap();
         for reader in 0..3 {
-            let read = cluster.client(reader).get("t", key.as_bytes(), Some("quorum")).await.unwrap();
-            assert_eq!(value_of(&read), Some(format!("v{writer}").as_bytes()), "reader {reader}");
+            let read = cluster
+                .client(reader)
+                .get("t", key.as_bytes(), Some("quorum"))
+                .await
+                .unwrap();
+            assert_eq!(
+                value_of(&read),
+                Some(format!("v{writer}").as_bytes()),
+                "reader {reader}"
+            );
         }
     }
-    cluster.client(1).delete("t", b"k0", Some("quorum"), None).await.unwrap();
+    cluster
+        .client(1)
+        .delete("t", b"k0", Some("quorum"), None)
+        .await
+        .unwrap();
     for reader in 0..3 {
-        let read = cluster.client(reader).get("t", b"k0", Some("quorum")).await.unwrap();
-        assert!(matches!(read, ReadResult::NotFound { .. }), "reader {reader}: {read:?}");
+        let read = cluster
+            .client(reader)
+            .get("t", b"k0", Some("quorum"))
+            .await
+            .unwrap();
+        assert!(
+            matches!(read, ReadResult::NotFound { .. }),
+            "reader {reader}: {read:?}"
+        );
     }
 }
 
@@ -38,16 +68,34 @@ async fn read_your_write_through_every_node_and_delete() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn siblings_and_their_resolution() {
     let cluster = TestCluster::start(3, &[]).await;
-    cluster.client(0).put("t", b"s", b"a".to_vec(), None, None, None).await.unwrap();
-    cluster.client(1).put("t", b"s", b"b".to_vec(), None, None, None).await.unwrap();
+    cluster
+        .client(0)
+        .put("t", b"s", b"a".to_vec(), None, None, None)
+        .await
+        .unwrap();
+    cluster
+        .client(1)
+        .put("t", b"s", b"b".to_vec(), None, None, None)
+        .await
+        .unwrap();
     let read = cluster.client(2).get("t", b"s", Some("all")).await.unwrap();
-    let ReadResult::Siblings { siblings, context } = read else { panic!("expected siblings, got {read:?}") };
+    let ReadResult::Siblings { siblings, context } = read else {
+        panic!("expected siblings, got {read:?}")
+    };
     let mut values: Vec<_> = siblings.iter().map(|s| s.value.clone()).collect();
     values.sort();
     assert_eq!(values, vec![b"a".to_vec(), b"b".to_vec()]);
-    cluster.client(2).put("t", b"s", b"c".to_vec(), None, None, Some(&context)).await.unwrap();
+    cluster
+        .client(2)
+        .put("t", b"s", b"c".to_vec(), None, None, Some(&context))
+        .await
+        .unwrap();
     for reader in 0..3 {
-        let read = cluster.client(reader).get("t", b"s", Some("all")).await.unwrap();
+        let read = cluster
+            .client(reader)
+            .get("t", b"s", Some("all"))
+            .await
+            .unwrap();
         assert_eq!(value_of(&read), Some(&b"c"[..]));
     }
 }
@@ -59,17 +107,44 @@ async fn survives_a_killed_node_and_keeps_acknowledged_data() {
     let mut cluster = TestCluster::start(3, &[]).await;
     for i in 0..50 {
         let key = format!("before{i}");
-        cluster.client(0).put("t", key.as_bytes(), b"v".to_vec(), None, Some("all"), None).await.unwrap();
+        cluster
+            .client(0)
+            .put("t", key.as_bytes(), b"v".to_vec(), None, Some("all"), None)
+            .await
+            .unwrap();
     }
     cluster.nodes[2].kill();
     for i in 0..20 {
         let key = format!("during{i}");
-        cluster.client(i % 2).put("t", key.as_bytes(), b"w".to_vec(), None, Some("quorum"), None).await.unwrap();
-        let read = cluster.client((i + 1) % 2).get("t", key.as_bytes(), Some("quorum")).await.unwrap();
+        cluster
+            .client(i % 2)
+            .put(
+                "t",
+                key.as_bytes(),
+                b"w".to_vec(),
+                None,
+                Some("quorum"),
+                None,
+            )
+            .await
+            .unwrap();
+        let read = cluster
+            .client((i + 1) % 2)
+            .get("t", key.as_bytes(), Some("quorum"))
+            .await
+            .unwrap();
         assert_eq!(value_of(&read), Some(&b"w"[..]));
     }
-    match cluster.client(0).put("t", b"x", b"v".to_vec(), None, Some("all"), None).await {
-        Err(ClientError::Api { status: 503, code, message }) => {
+    match cluster
+        .client(0)
+        .put("t", b"x", b"v".to_vec(), None, Some("all"), None)
+        .await
+    {
+        Err(ClientError::Api {
+            status: 503,
+            code,
+            message,
+        }) => {
             assert_eq!(code, "unavailable");
             assert!(message.contains("needed 3"), "{message}");
         }
@@ -85,7 +160,10 @@ async fn survives_a_killed_node_and_keeps_acknowledged_data() {
     for i in 0..50 {
         let key = format!("before{i}");
         let local = restarted.local("t", key.as_bytes()).await.unwrap();
-        assert!(local.is_some(), "{key} acknowledged at all but missing after restart");
+        assert!(
+            local.is_some(),
+            "{key} acknowledged at all but missing after restart"
+        );
     }
 }
 
@@ -97,16 +175,88 @@ async fn bad_input_is_refused_cleanly() {
     let http = reqwest_like::Http::new();
     let long_key = "k".repeat(1025);
     let long_context = "A".repeat(9000);
-    let cases: Vec<(&str, String, Vec<(&str, &str)>, Vec<u8>, u16, &str)> = vec![
-        ("PUT", format!("{url}/kv/t/"), vec![], b"v".to_vec(), 400, "bad_request"),
-        ("PUT", format!("{url}/kv/t/{long_key}"), vec![], b"v".to_vec(), 400, "bad_request"),
-        ("PUT", format!("{url}/kv/bad%20bucket/k"), vec![], b"v".to_vec(), 400, "bad_request"),
-        ("PUT", format!("{url}/kv/t/big"), vec![], vec![0; 1001], 413, "too_large"),
-        ("GET", format!("{url}/kv/t/k?r=two"), vec![], vec![], 400, "bad_request"),
-        ("PUT", format!("{url}/kv/t/k?w=most"), vec![], b"v".to_vec(), 400, "bad_request"),
-        ("PUT", format!("{url}/kv/t/k"), vec![("x-mendkv-context", "%%%")], b"v".to_vec(), 400, "bad_request"),
-        ("PUT", format!("{url}/kv/t/k"), vec![("x-mendkv-context", "AQ")], b"v".to_vec(), 400, "bad_request"),
-        ("DELETE", format!("{url}/kv/t/k"), vec![("x-mendkv-context", &long_context)], vec![], 400, "bad_request"),
+    // (method, url, headers, body, expected status, expected error code)
+    type Case<'a> = (
+        &'a str,
+        String,
+        Vec<(&'a str, &'a str)>,
+        Vec<u8>,
+        u16,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "PUT",
+            format!("{url}/kv/t/"),
+            vec![],
+            b"v".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "PUT",
+            format!("{url}/kv/t/{long_key}"),
+            vec![],
+            b"v".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "PUT",
+            format!("{url}/kv/bad%20bucket/k"),
+            vec![],
+            b"v".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "PUT",
+            format!("{url}/kv/t/big"),
+            vec![],
+            vec![0; 1001],
+            413,
+            "too_large",
+        ),
+        (
+            "GET",
+            format!("{url}/kv/t/k?r=two"),
+            vec![],
+            vec![],
+            400,
+            "bad_request",
+        ),
+        (
+            "PUT",
+            format!("{url}/kv/t/k?w=most"),
+            vec![],
+            b"v".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "PUT",
+            format!("{url}/kv/t/k"),
+            vec![("x-mendkv-context", "%%%")],
+            b"v".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "PUT",
+            format!("{url}/kv/t/k"),
+            vec![("x-mendkv-context", "AQ")],
+            b"v".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "DELETE",
+            format!("{url}/kv/t/k"),
+            vec![("x-mendkv-context", &long_context)],
+            vec![],
+            400,
+            "bad_request",
+        ),
     ];
     for (method, target, headers, body, status, code) in cases {
         let (got_status, got_body) = http.request(method, &target, &headers, body).await;
@@ -135,7 +285,9 @@ async fn hostile_peers_are_dropped_and_counted() {
     let mut oversize = std::net::TcpStream::connect(&peer).unwrap();
     oversize.write_all(&(1u32 << 30).to_be_bytes()).unwrap();
     for mut stream in [garbage, oversize] {
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         let mut buffer = [0u8; 64];
         // The node closes the connection (read returns 0 or an error, never hangs).
         let _ = stream.read(&mut buffer);
@@ -152,17 +304,29 @@ async fn hostile_peers_are_dropped_and_counted() {
     };
     impostor.start();
     let client = cluster.client(0);
-    eventually(Duration::from_secs(20), "handshakes are refused and counted", || {
-        let client = client.clone();
-        async move {
-            let metrics = client.metrics().await.unwrap_or_default();
-            mendkv_client::metric_sum(&metrics, "mendkv_peer_handshakes_refused_total", &[]) >= 3.0
-        }
-    })
+    eventually(
+        Duration::from_secs(20),
+        "handshakes are refused and counted",
+        || {
+            let client = client.clone();
+            async move {
+                let metrics = client.metrics().await.unwrap_or_default();
+                mendkv_client::metric_sum(&metrics, "mendkv_peer_handshakes_refused_total", &[])
+                    >= 3.0
+            }
+        },
+    )
     .await;
     let status = client.status().await.unwrap();
-    assert_eq!(status["nodes"].as_array().unwrap().len(), 1, "impostor must not join");
-    client.put("t", b"still", b"serving".to_vec(), None, None, None).await.unwrap();
+    assert_eq!(
+        status["nodes"].as_array().unwrap().len(),
+        1,
+        "impostor must not join"
+    );
+    client
+        .put("t", b"still", b"serving".to_vec(), None, None, None)
+        .await
+        .unwrap();
     impostor.kill();
 }
 
@@ -173,7 +337,13 @@ mod reqwest_like {
         pub fn new() -> Self {
             Http
         }
-        pub async fn request(&self, method: &str, url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> (u16, String) {
+        pub async fn request(
+            &self,
+            method: &str,
+            url: &str,
+            headers: &[(&str, &str)],
+            body: Vec<u8>,
+        ) -> (u16, String) {
             let url = url.strip_prefix("http://").unwrap();
             let (host, path) = url.split_once('/').unwrap();
             let mut request = format!("{method} /{path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\ncontent-length: {}\r\n", body.len());
@@ -189,8 +359,15 @@ mod reqwest_like {
             let mut response = Vec::new();
             let _ = stream.read_to_end(&mut response).await;
             let text = String::from_utf8_lossy(&response).into_owned();
-            let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-            let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+            let status = text
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let body = text
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
             (status, body)
         }
     }

@@ -8,7 +8,7 @@ use mendkv_core::quorum::ConsistencyLevel;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub node: NodeSection,
@@ -59,17 +59,6 @@ pub struct StorageSection {
     /// With `fsync = "periodic"`: how often to fsync.
     pub fsync_interval_ms: u64,
     pub max_value_bytes: usize,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            node: NodeSection::default(),
-            cluster: ClusterSection::default(),
-            consistency: ConsistencySection::default(),
-            storage: StorageSection::default(),
-        }
-    }
 }
 
 impl Default for NodeSection {
@@ -209,16 +198,24 @@ impl ServerConfig {
         self.write_level()?;
         self.fsync_policy()?;
         if self.cluster.replication_factor == 0 {
-            return Err(ConfigError::Invalid("cluster.replication_factor must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "cluster.replication_factor must be at least 1".into(),
+            ));
         }
         if self.cluster.vnodes == 0 {
-            return Err(ConfigError::Invalid("cluster.vnodes must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "cluster.vnodes must be at least 1".into(),
+            ));
         }
         if self.consistency.request_timeout_ms == 0 {
-            return Err(ConfigError::Invalid("consistency.request_timeout_ms must be positive".into()));
+            return Err(ConfigError::Invalid(
+                "consistency.request_timeout_ms must be positive".into(),
+            ));
         }
         if self.storage.max_value_bytes > 8 << 20 {
-            return Err(ConfigError::Invalid("storage.max_value_bytes is at most 8 MiB (the frame limit)".into()));
+            return Err(ConfigError::Invalid(
+                "storage.max_value_bytes is at most 8 MiB (the frame limit)".into(),
+            ));
         }
         Ok(())
     }
@@ -257,7 +254,10 @@ impl ServerConfig {
     }
 
     pub fn advertised_peer_address(&self) -> String {
-        self.node.advertise.clone().unwrap_or_else(|| self.node.listen.clone())
+        self.node
+            .advertise
+            .clone()
+            .unwrap_or_else(|| self.node.listen.clone())
     }
 
     pub fn advertised_http_address(&self) -> String {
@@ -292,14 +292,26 @@ mod tests {
     fn precedence_is_flag_env_file_default() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("mendkv.toml");
-        std::fs::write(&file, "[cluster]\nvnodes = 8\nreplication_factor = 5\nname = \"file\"\n").unwrap();
+        std::fs::write(
+            &file,
+            "[cluster]\nvnodes = 8\nreplication_factor = 5\nname = \"file\"\n",
+        )
+        .unwrap();
         let vars = vec![
-            ("MENDKV_CLUSTER__REPLICATION_FACTOR".to_string(), "2".to_string()),
+            (
+                "MENDKV_CLUSTER__REPLICATION_FACTOR".to_string(),
+                "2".to_string(),
+            ),
             ("MENDKV_CLUSTER__NAME".to_string(), "env".to_string()),
             ("MENDKV_CLUSTER__SEEDS".to_string(), "a:1, b:2".to_string()),
         ];
         let mut flags = toml::Table::new();
-        set_value(&mut flags, "cluster", "name", toml::Value::String("flag".into()));
+        set_value(
+            &mut flags,
+            "cluster",
+            "name",
+            toml::Value::String("flag".into()),
+        );
         let config = ServerConfig::load(Some(&file), vars, flags).unwrap();
         assert_eq!(config.cluster.vnodes, 8);
         assert_eq!(config.cluster.replication_factor, 2);
@@ -312,8 +324,15 @@ mod tests {
     #[test]
     fn bad_values_are_refused() {
         let mut flags = toml::Table::new();
-        set_value(&mut flags, "consistency", "read", toml::Value::String("two".into()));
-        let error = ServerConfig::load(None, vec![], flags).unwrap_err().to_string();
+        set_value(
+            &mut flags,
+            "consistency",
+            "read",
+            toml::Value::String("two".into()),
+        );
+        let error = ServerConfig::load(None, vec![], flags)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("consistency.read"), "{error}");
         let vars = vec![("MENDKV_STORAGE__NOPE".to_string(), "1".to_string())];
         assert!(ServerConfig::load(None, vars, toml::Table::new()).is_err());

@@ -56,10 +56,19 @@ pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp
 }
 
 /// Failure of a handler: the response plus the outcome label for metrics.
-struct Failure(Response, &'static str);
+struct Failure(Box<Response>, &'static str);
+
+impl Failure {
+    fn new(response: Response, outcome: &'static str) -> Self {
+        Failure(Box::new(response), outcome)
+    }
+}
 
 fn bad_request(message: impl Into<String>) -> Failure {
-    Failure(error(StatusCode::BAD_REQUEST, "bad_request", message), "bad_request")
+    Failure::new(
+        error(StatusCode::BAD_REQUEST, "bad_request", message),
+        "bad_request",
+    )
 }
 
 /// Bucket and key from the raw path `/<prefix>/<bucket>/<percent-encoded key>`; keys are
@@ -88,7 +97,9 @@ fn level(uri: &Uri, name: &str, default: ConsistencyLevel) -> Result<Consistency
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         if k == name {
             let v = percent_decode_str(v).decode_utf8_lossy();
-            return v.parse().map_err(|e: mendkv_core::quorum::UnknownLevel| bad_request(e.to_string()));
+            return v
+                .parse()
+                .map_err(|e: mendkv_core::quorum::UnknownLevel| bad_request(e.to_string()));
         }
     }
     Ok(default)
@@ -115,12 +126,35 @@ async fn ask(state: &ApiState, request: ClientRequest) -> Result<ClientResponse,
         .inbox
         .send(Inbox::Client { request, reply })
         .await
-        .map_err(|_| Failure(error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "node is shutting down"), "unavailable"))?;
+        .map_err(|_| {
+            Failure::new(
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "node is shutting down",
+                ),
+                "unavailable",
+            )
+        })?;
     // The node always answers by its own deadline; this is only a safety net.
     match tokio::time::timeout(state.request_timeout + Duration::from_secs(1), answer).await {
         Ok(Ok(response)) => Ok(response),
-        Ok(Err(_)) => Err(Failure(error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "node is shutting down"), "unavailable")),
-        Err(_) => Err(Failure(error(StatusCode::GATEWAY_TIMEOUT, "timeout", "no answer from the node in time"), "timeout")),
+        Ok(Err(_)) => Err(Failure::new(
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "node is shutting down",
+            ),
+            "unavailable",
+        )),
+        Err(_) => Err(Failure::new(
+            error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                "no answer from the node in time",
+            ),
+            "timeout",
+        )),
     }
 }
 
@@ -136,7 +170,7 @@ fn with_context(mut response: Response, context: &CausalContext) -> Response {
 /// Maps the failures every coordinated request shares.
 fn coordination_failure(response: ClientResponse) -> Failure {
     match response {
-        ClientResponse::Unavailable { needed, answered } => Failure(
+        ClientResponse::Unavailable { needed, answered } => Failure::new(
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -144,7 +178,7 @@ fn coordination_failure(response: ClientResponse) -> Failure {
             ),
             "unavailable",
         ),
-        ClientResponse::Timeout { needed, answered } => Failure(
+        ClientResponse::Timeout { needed, answered } => Failure::new(
             error(
                 StatusCode::GATEWAY_TIMEOUT,
                 "timeout",
@@ -152,16 +186,28 @@ fn coordination_failure(response: ClientResponse) -> Failure {
             ),
             "timeout",
         ),
-        ClientResponse::Overloaded => Failure(
-            error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "too many requests in flight at this node; retry later"),
+        ClientResponse::Overloaded => Failure::new(
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "too many requests in flight at this node; retry later",
+            ),
             "overloaded",
         ),
-        ClientResponse::StorageFailed(message) => Failure(
-            error(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("storage failed: {message}")),
+        ClientResponse::StorageFailed(message) => Failure::new(
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("storage failed: {message}"),
+            ),
             "error",
         ),
-        other => Failure(
-            error(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("unexpected answer {other:?}")),
+        other => Failure::new(
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("unexpected answer {other:?}"),
+            ),
             "error",
         ),
     }
@@ -172,15 +218,26 @@ fn object_response(object: Object) -> (Response, &'static str) {
     let live: Vec<_> = object.live_values().collect();
     match live.as_slice() {
         [] => (
-            with_context(error(StatusCode::NOT_FOUND, "not_found", "no value for this key"), &context),
+            with_context(
+                error(StatusCode::NOT_FOUND, "not_found", "no value for this key"),
+                &context,
+            ),
             "not_found",
         ),
         [single] => {
-            let Value::Data { bytes, content_type } = &single.value else {
+            let Value::Data {
+                bytes,
+                content_type,
+            } = &single.value
+            else {
                 unreachable!("live values are data")
             };
             let mut response = Response::new(Body::from(bytes.clone()));
-            if let Ok(value) = HeaderValue::from_str(if content_type.is_empty() { "application/octet-stream" } else { content_type }) {
+            if let Ok(value) = HeaderValue::from_str(if content_type.is_empty() {
+                "application/octet-stream"
+            } else {
+                content_type
+            }) {
                 response.headers_mut().insert(header::CONTENT_TYPE, value);
             }
             (with_context(response, &context), "ok")
@@ -189,7 +246,10 @@ fn object_response(object: Object) -> (Response, &'static str) {
             let siblings: Vec<_> = many
                 .iter()
                 .filter_map(|s| match &s.value {
-                    Value::Data { bytes, content_type } => Some(json!({
+                    Value::Data {
+                        bytes,
+                        content_type,
+                    } => Some(json!({
                         "value_base64": STANDARD.encode(bytes),
                         "content_type": content_type,
                     })),
@@ -214,12 +274,16 @@ async fn kv(State(state): State<ApiState>, request: Request) -> Response {
     let (level_label, result) = handle_kv(&state, request).await;
     let (response, outcome) = match result {
         Ok(ok) => ok,
-        Err(Failure(response, outcome)) => (response, outcome),
+        Err(Failure(response, outcome)) => (*response, outcome),
     };
     state
         .metrics
         .requests
-        .get_or_create(&RequestLabels { op, level: level_label, outcome })
+        .get_or_create(&RequestLabels {
+            op,
+            level: level_label,
+            outcome,
+        })
         .inc();
     state
         .metrics
@@ -235,7 +299,11 @@ async fn handle_kv(
 ) -> (&'static str, Result<(Response, &'static str), Failure>) {
     let (parts, body) = request.into_parts();
     let is_read = parts.method == Method::GET;
-    let (name, default) = if is_read { ("r", state.default_read) } else { ("w", state.default_write) };
+    let (name, default) = if is_read {
+        ("r", state.default_read)
+    } else {
+        ("w", state.default_write)
+    };
     let level = match level(&parts.uri, name, default) {
         Ok(level) => level,
         Err(failure) => return ("invalid", Err(failure)),
@@ -248,7 +316,8 @@ async fn handle_kv(
                 let response = ask(state, ClientRequest::Get { bucket, key, level }).await?;
                 match response {
                     ClientResponse::Object(object) => {
-                        let bytes_out: usize = object.live_values().map(|s| s.value.size_bytes()).sum();
+                        let bytes_out: usize =
+                            object.live_values().map(|s| s.value.size_bytes()).sum();
                         state.metrics.count_bytes("out", "client", bytes_out);
                         Ok(object_response(object))
                     }
@@ -264,7 +333,14 @@ async fn handle_kv(
                     .and_then(|v| v.parse::<usize>().ok());
                 let too_large = |size: usize| {
                     let e = validate_value_size(size, state.max_value_bytes).err();
-                    Failure(error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.map(|e| e.to_string()).unwrap_or_default()), "too_large")
+                    Failure::new(
+                        error(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "too_large",
+                            e.map(|e| e.to_string()).unwrap_or_default(),
+                        ),
+                        "too_large",
+                    )
                 };
                 if let Some(size) = declared {
                     if size > state.max_value_bytes {
@@ -283,13 +359,35 @@ async fn handle_kv(
                     .chars()
                     .take(256)
                     .collect();
-                let value = Value::Data { bytes, content_type };
-                let response = ask(state, ClientRequest::Put { bucket, key, context, value, level }).await?;
+                let value = Value::Data {
+                    bytes,
+                    content_type,
+                };
+                let response = ask(
+                    state,
+                    ClientRequest::Put {
+                        bucket,
+                        key,
+                        context,
+                        value,
+                        level,
+                    },
+                )
+                .await?;
                 written(response)
             }
             _ => {
                 let context = context(&parts.headers)?;
-                let response = ask(state, ClientRequest::Delete { bucket, key, context, level }).await?;
+                let response = ask(
+                    state,
+                    ClientRequest::Delete {
+                        bucket,
+                        key,
+                        context,
+                        level,
+                    },
+                )
+                .await?;
                 written(response)
             }
         }
@@ -300,9 +398,10 @@ async fn handle_kv(
 
 fn written(response: ClientResponse) -> Result<(Response, &'static str), Failure> {
     match response {
-        ClientResponse::Written { context } => {
-            Ok((with_context(StatusCode::NO_CONTENT.into_response(), &context), "ok"))
-        }
+        ClientResponse::Written { context } => Ok((
+            with_context(StatusCode::NO_CONTENT.into_response(), &context),
+            "ok",
+        )),
         other => Err(coordination_failure(other)),
     }
 }
@@ -310,7 +409,7 @@ fn written(response: ClientResponse) -> Result<(Response, &'static str), Failure
 async fn admin_local(State(state): State<ApiState>, uri: Uri) -> Response {
     let (bucket, key) = match bucket_and_key(&uri, "/admin/local/") {
         Ok(pair) => pair,
-        Err(Failure(response, _)) => return response,
+        Err(Failure(response, _)) => return *response,
     };
     match ask(&state, ClientRequest::GetLocal { bucket, key }).await {
         Ok(ClientResponse::Local(Some(object))) => {
@@ -318,7 +417,10 @@ async fn admin_local(State(state): State<ApiState>, uri: Uri) -> Response {
                 .siblings()
                 .iter()
                 .map(|s| match &s.value {
-                    Value::Data { bytes, content_type } => json!({
+                    Value::Data {
+                        bytes,
+                        content_type,
+                    } => json!({
                         "value_base64": STANDARD.encode(bytes),
                         "content_type": content_type,
                         "tombstone": false,
@@ -329,26 +431,41 @@ async fn admin_local(State(state): State<ApiState>, uri: Uri) -> Response {
             let body = json!({ "siblings": siblings, "context": object.causal_context().encode() });
             axum::Json(body).into_response()
         }
-        Ok(ClientResponse::Local(None)) => error(StatusCode::NOT_FOUND, "not_found", "this node holds nothing for this key"),
-        Ok(other) => coordination_failure(other).0,
-        Err(Failure(response, _)) => response,
+        Ok(ClientResponse::Local(None)) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this node holds nothing for this key",
+        ),
+        Ok(other) => *coordination_failure(other).0,
+        Err(Failure(response, _)) => *response,
     }
 }
 
 async fn cluster_status(State(state): State<ApiState>) -> Response {
     let (reply, answer) = oneshot::channel();
     if state.inbox.send(Inbox::Status { reply }).await.is_err() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "node is shutting down");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "node is shutting down",
+        );
     }
     match answer.await {
         Ok(status) => axum::Json(status).into_response(),
-        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "node is shutting down"),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "node is shutting down",
+        ),
     }
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.encode(),
     )
         .into_response()

@@ -48,7 +48,10 @@ pub enum ServerError {
 const INBOX_CAPACITY: usize = 16_384;
 
 /// Runs a node until `shutdown` turns true.
-pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
+pub async fn run(
+    config: ServerConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ServerError> {
     let node_config = config.node_config()?;
     let storage = FjallStorage::open(&config.node.data_dir)?;
     let node = Node::new(node_config.clone(), storage.clone(), 0)?;
@@ -77,10 +80,19 @@ pub async fn run(config: ServerConfig, mut shutdown: watch::Receiver<bool>) -> R
         http = %config.node.http,
         "node starting"
     );
-    let accept = tokio::spawn(accept_loop(peer_listener, identity.clone(), inbox_sender.clone(), metrics.clone()));
+    let accept = tokio::spawn(accept_loop(
+        peer_listener,
+        identity.clone(),
+        inbox_sender.clone(),
+        metrics.clone(),
+    ));
     let own = [config.node.listen.clone(), node_config.peer_address.clone()];
     for seed in config.cluster.seeds.iter().filter(|s| !own.contains(s)) {
-        tokio::spawn(contact_seed(seed.clone(), identity.clone(), inbox_sender.clone()));
+        tokio::spawn(contact_seed(
+            seed.clone(),
+            identity.clone(),
+            inbox_sender.clone(),
+        ));
     }
     let node_task = tokio::spawn(run_node(
         node,

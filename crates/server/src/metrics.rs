@@ -65,7 +65,9 @@ impl Metrics {
             requests.clone(),
         );
         let request_duration =
-            Family::<OpLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+            Family::<OpLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
         registry.register(
             "mendkv_request_duration_seconds",
             "Client request latency at the coordinator",
@@ -92,7 +94,11 @@ impl Metrics {
         let peers = Family::<StatusLabels, Gauge>::default();
         registry.register("mendkv_peers", "Known peers by status", peers.clone());
         let fsyncs = Counter::default();
-        registry.register("mendkv_storage_fsyncs", "Group-commit fsyncs", fsyncs.clone());
+        registry.register(
+            "mendkv_storage_fsyncs",
+            "Group-commit fsyncs",
+            fsyncs.clone(),
+        );
         let requests_timed_out = Gauge::default();
         registry.register(
             "mendkv_coordinator_timeouts",

@@ -31,13 +31,22 @@ pub enum Inbox {
         message: Message,
     },
     /// An outbound link finished its handshake.
-    PeerUp { info: MemberInfo },
+    PeerUp {
+        info: MemberInfo,
+    },
     /// An outbound link failed or closed.
-    PeerDown { id: NodeId },
+    PeerDown {
+        id: NodeId,
+    },
     /// A peer introduced itself (inbound handshake or seed dial).
-    Discovered { info: MemberInfo },
+    Discovered {
+        info: MemberInfo,
+    },
     /// A message could not be sent (link down or full).
-    SendFailed { to: NodeId, message: Message },
+    SendFailed {
+        to: NodeId,
+        message: Message,
+    },
     Status {
         reply: oneshot::Sender<ClusterStatus>,
     },
@@ -285,7 +294,9 @@ pub async fn run_node(
     }
     // Clean shutdown: wait for the sync under way, then make everything durable.
     if let Some((ticket, handle)) = task.sync_in_flight.take() {
-        let result = handle.await.unwrap_or_else(|e| Err(StorageError::Engine(e.to_string())));
+        let result = handle
+            .await
+            .unwrap_or_else(|e| Err(StorageError::Engine(e.to_string())));
         task.node.finish_sync(ticket, result);
     }
     task.node.sync_now();

@@ -12,7 +12,9 @@ use futures::{SinkExt, StreamExt};
 use mendkv_core::membership::MemberInfo;
 use mendkv_core::message::Message;
 use mendkv_core::NodeId;
-use mendkv_wire::{decode_frame, encode_frame, handshake_proof, verify_proof, Frame, Nonce, Side, MAX_FRAME_BYTES};
+use mendkv_wire::{
+    decode_frame, encode_frame, handshake_proof, verify_proof, Frame, Nonce, Side, MAX_FRAME_BYTES,
+};
 use rand::RngCore;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -103,7 +105,13 @@ pub async fn dial(
     .await?;
     let (peer, their_nonce) = match next_frame(&mut framed).await? {
         Frame::Challenge { node, nonce, proof } => {
-            if !verify_proof(&identity.secret, Side::Acceptor, &my_nonce, node.id.as_str(), &proof) {
+            if !verify_proof(
+                &identity.secret,
+                Side::Acceptor,
+                &my_nonce,
+                node.id.as_str(),
+                &proof,
+            ) {
                 return Err(TransportError::Refused(format!(
                     "{} could not prove the cluster secret",
                     node.id
@@ -112,14 +120,25 @@ pub async fn dial(
             (node, nonce)
         }
         Frame::Refused { reason } => return Err(TransportError::Refused(reason)),
-        _ => return Err(TransportError::Refused("unexpected frame in handshake".into())),
+        _ => {
+            return Err(TransportError::Refused(
+                "unexpected frame in handshake".into(),
+            ))
+        }
     };
-    let proof = handshake_proof(&identity.secret, Side::Dialer, &their_nonce, identity.me.id.as_str());
+    let proof = handshake_proof(
+        &identity.secret,
+        Side::Dialer,
+        &their_nonce,
+        identity.me.id.as_str(),
+    );
     send_frame(&mut framed, &Frame::Proof { proof }).await?;
     match next_frame(&mut framed).await? {
         Frame::Welcome => Ok((framed, peer)),
         Frame::Refused { reason } => Err(TransportError::Refused(reason)),
-        _ => Err(TransportError::Refused("unexpected frame in handshake".into())),
+        _ => Err(TransportError::Refused(
+            "unexpected frame in handshake".into(),
+        )),
     }
 }
 
@@ -131,21 +150,27 @@ async fn serve_inbound(
     metrics: Arc<Metrics>,
 ) {
     let _ = stream.set_nodelay(true);
-    let remote = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let remote = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let mut framed = Framed::new(stream, codec());
-    let peer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept_handshake(&mut framed, &identity)).await {
-        Ok(Ok(peer)) => peer,
-        Ok(Err(error)) => {
-            metrics.peer_handshakes_refused.inc();
-            tracing::warn!(%remote, %error, "refused peer in handshake");
-            return;
-        }
-        Err(_) => {
-            metrics.peer_handshakes_refused.inc();
-            tracing::warn!(%remote, "peer handshake timed out");
-            return;
-        }
-    };
+    let peer =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept_handshake(&mut framed, &identity))
+            .await
+        {
+            Ok(Ok(peer)) => peer,
+            Ok(Err(error)) => {
+                metrics.peer_handshakes_refused.inc();
+                tracing::warn!(%remote, %error, "refused peer in handshake");
+                return;
+            }
+            Err(_) => {
+                metrics.peer_handshakes_refused.inc();
+                tracing::warn!(%remote, "peer handshake timed out");
+                return;
+            }
+        };
     let from = peer.id.clone();
     if inbox.send(Inbox::Discovered { info: peer }).await.is_err() {
         return;
@@ -202,10 +227,20 @@ async fn accept_handshake(
     identity: &Identity,
 ) -> Result<MemberInfo, TransportError> {
     let (peer, their_nonce) = match next_frame(framed).await? {
-        Frame::Hello { cluster, node, nonce } => {
+        Frame::Hello {
+            cluster,
+            node,
+            nonce,
+        } => {
             if cluster != identity.cluster {
                 let reason = format!("cluster {cluster:?} is not {:?}", identity.cluster);
-                let _ = send_frame(framed, &Frame::Refused { reason: reason.clone() }).await;
+                let _ = send_frame(
+                    framed,
+                    &Frame::Refused {
+                        reason: reason.clone(),
+                    },
+                )
+                .await;
                 return Err(TransportError::Refused(reason));
             }
             (node, nonce)
@@ -213,7 +248,12 @@ async fn accept_handshake(
         _ => return Err(TransportError::Refused("expected Hello".into())),
     };
     let my_nonce = new_nonce();
-    let proof = handshake_proof(&identity.secret, Side::Acceptor, &their_nonce, identity.me.id.as_str());
+    let proof = handshake_proof(
+        &identity.secret,
+        Side::Acceptor,
+        &their_nonce,
+        identity.me.id.as_str(),
+    );
     send_frame(
         framed,
         &Frame::Challenge {
@@ -224,13 +264,27 @@ async fn accept_handshake(
     )
     .await?;
     match next_frame(framed).await? {
-        Frame::Proof { proof } if verify_proof(&identity.secret, Side::Dialer, &my_nonce, peer.id.as_str(), &proof) => {
+        Frame::Proof { proof }
+            if verify_proof(
+                &identity.secret,
+                Side::Dialer,
+                &my_nonce,
+                peer.id.as_str(),
+                &proof,
+            ) =>
+        {
             send_frame(framed, &Frame::Welcome).await?;
             Ok(peer)
         }
         Frame::Proof { .. } => {
             let reason = "wrong cluster secret".to_string();
-            let _ = send_frame(framed, &Frame::Refused { reason: reason.clone() }).await;
+            let _ = send_frame(
+                framed,
+                &Frame::Refused {
+                    reason: reason.clone(),
+                },
+            )
+            .await;
             Err(TransportError::Refused(format!("{}: {reason}", peer.id)))
         }
         _ => Err(TransportError::Refused("expected Proof".into())),
@@ -247,7 +301,12 @@ pub async fn accept_loop(
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_inbound(stream, identity.clone(), inbox.clone(), metrics.clone()));
+                tokio::spawn(serve_inbound(
+                    stream,
+                    identity.clone(),
+                    inbox.clone(),
+                    metrics.clone(),
+                ));
             }
             Err(error) => {
                 tracing::warn!(%error, "accept failed");
@@ -337,7 +396,11 @@ async fn run_link(
             Err(_) => tracing::debug!(%peer, "dial timed out"),
         }
         state.store(LINK_DOWN, Ordering::Release);
-        if inbox.send(Inbox::PeerDown { id: peer.clone() }).await.is_err() {
+        if inbox
+            .send(Inbox::PeerDown { id: peer.clone() })
+            .await
+            .is_err()
+        {
             return;
         }
         // While down, everything queued fails at once so requests fail over.

@@ -163,7 +163,10 @@ mod tests {
     #[test]
     fn keys_are_bucket_scoped_and_corruption_is_an_error() {
         assert_ne!(object_key("ab", b"c"), object_key("a", b"bc"));
-        assert!(matches!(decode_object(&[1, 0xff, 0xff]), Err(StorageError::Corrupt(_))));
+        assert!(matches!(
+            decode_object(&[1, 0xff, 0xff]),
+            Err(StorageError::Corrupt(_))
+        ));
         assert!(matches!(decode_object(&[]), Err(StorageError::Corrupt(_))));
         assert!(matches!(decode_object(&[9]), Err(StorageError::Corrupt(_))));
     }

@@ -68,7 +68,8 @@ pub enum WireError {
 pub fn encode_frame(frame: &Frame) -> Result<Vec<u8>, WireError> {
     let mut bytes = Vec::with_capacity(64);
     bytes.push(WIRE_VERSION);
-    let bytes = postcard::to_extend(frame, bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
+    let bytes =
+        postcard::to_extend(frame, bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
     if bytes.len() > MAX_FRAME_BYTES {
         return Err(WireError::TooLarge(bytes.len()));
     }
@@ -87,7 +88,10 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Frame, WireError> {
     let (frame, rest) =
         postcard::take_from_bytes(body).map_err(|e| WireError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(WireError::Malformed(format!("{} trailing bytes", rest.len())));
+        return Err(WireError::Malformed(format!(
+            "{} trailing bytes",
+            rest.len()
+        )));
     }
     Ok(frame)
 }
@@ -153,7 +157,11 @@ mod tests {
     #[test]
     fn frames_round_trip() {
         let mut object = Object::empty();
-        object.apply_write(Actor::new("a", 1), &CausalContext::empty(), Value::Tombstone);
+        object.apply_write(
+            Actor::new("a", 1),
+            &CausalContext::empty(),
+            Value::Tombstone,
+        );
         let frames = vec![
             Frame::Hello {
                 cluster: "c".into(),
@@ -181,11 +189,41 @@ mod tests {
     #[test]
     fn proofs_bind_secret_nonce_node_and_side() {
         let proof = handshake_proof(b"s3cret", Side::Dialer, &[1; 32], "n1");
-        assert!(verify_proof(b"s3cret", Side::Dialer, &[1; 32], "n1", &proof));
-        assert!(!verify_proof(b"other", Side::Dialer, &[1; 32], "n1", &proof));
-        assert!(!verify_proof(b"s3cret", Side::Dialer, &[2; 32], "n1", &proof));
-        assert!(!verify_proof(b"s3cret", Side::Dialer, &[1; 32], "n2", &proof));
-        assert!(!verify_proof(b"s3cret", Side::Acceptor, &[1; 32], "n1", &proof));
+        assert!(verify_proof(
+            b"s3cret",
+            Side::Dialer,
+            &[1; 32],
+            "n1",
+            &proof
+        ));
+        assert!(!verify_proof(
+            b"other",
+            Side::Dialer,
+            &[1; 32],
+            "n1",
+            &proof
+        ));
+        assert!(!verify_proof(
+            b"s3cret",
+            Side::Dialer,
+            &[2; 32],
+            "n1",
+            &proof
+        ));
+        assert!(!verify_proof(
+            b"s3cret",
+            Side::Dialer,
+            &[1; 32],
+            "n2",
+            &proof
+        ));
+        assert!(!verify_proof(
+            b"s3cret",
+            Side::Acceptor,
+            &[1; 32],
+            "n1",
+            &proof
+        ));
     }
 
     /// Unsupported versions and oversize frames are refused.

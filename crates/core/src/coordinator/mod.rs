@@ -45,7 +45,10 @@ pub enum ReadProgress {
     /// The level is met; the merged object of the replies so far.
     Met(Object),
     /// Too many replicas failed for the level.
-    Failed { needed: usize, answered: usize },
+    Failed {
+        needed: usize,
+        answered: usize,
+    },
 }
 
 impl GetOperation {
@@ -146,7 +149,10 @@ pub enum WriteStep {
     Replicate(Vec<NodeId>, Object),
     /// The level is met: the context of the new object.
     Met(CausalContext),
-    Failed { needed: usize, answered: usize },
+    Failed {
+        needed: usize,
+        answered: usize,
+    },
 }
 
 impl PutOperation {

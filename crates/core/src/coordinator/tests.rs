@@ -22,9 +22,24 @@ fn object_with(value: &str) -> Object {
 #[test]
 fn read_meets_quorum_with_two_replies() {
     let replicas = ids(&["a", "b", "c"]);
-    let mut op = GetOperation::new(1, "b".into(), b"k".to_vec(), ConsistencyLevel::Quorum, &replicas, 100, AfterRead::Answer);
-    assert_eq!(op.on_reply(&replicas[0], Ok(Some(object_with("x")))), ReadProgress::Pending);
-    assert_eq!(op.on_reply(&replicas[0], Ok(None)), ReadProgress::Pending, "duplicate ignored");
+    let mut op = GetOperation::new(
+        1,
+        "b".into(),
+        b"k".to_vec(),
+        ConsistencyLevel::Quorum,
+        &replicas,
+        100,
+        AfterRead::Answer,
+    );
+    assert_eq!(
+        op.on_reply(&replicas[0], Ok(Some(object_with("x")))),
+        ReadProgress::Pending
+    );
+    assert_eq!(
+        op.on_reply(&replicas[0], Ok(None)),
+        ReadProgress::Pending,
+        "duplicate ignored"
+    );
     match op.on_reply(&replicas[1], Ok(None)) {
         ReadProgress::Met(o) => assert_eq!(o, object_with("x")),
         other => panic!("{other:?}"),
@@ -35,12 +50,23 @@ fn read_meets_quorum_with_two_replies() {
 #[test]
 fn read_at_all_fails_on_one_failure() {
     let replicas = ids(&["a", "b", "c"]);
-    let mut op = GetOperation::new(1, "b".into(), b"k".to_vec(), ConsistencyLevel::All, &replicas, 100, AfterRead::Answer);
+    let mut op = GetOperation::new(
+        1,
+        "b".into(),
+        b"k".to_vec(),
+        ConsistencyLevel::All,
+        &replicas,
+        100,
+        AfterRead::Answer,
+    );
     op.on_reply(&replicas[0], Ok(None));
     op.on_reply(&replicas[1], Ok(None));
     assert_eq!(
         op.on_reply(&replicas[2], Err(())),
-        ReadProgress::Failed { needed: 3, answered: 2 }
+        ReadProgress::Failed {
+            needed: 3,
+            answered: 2
+        }
     );
 }
 
@@ -48,23 +74,47 @@ fn read_at_all_fails_on_one_failure() {
 #[test]
 fn local_write_replicates_and_meets_quorum() {
     let replicas = ids(&["a", "b", "c"]);
-    let mut op = PutOperation::new(1, "b".into(), b"k".to_vec(), CausalContext::empty(), Value::Tombstone, ConsistencyLevel::Quorum, replicas.clone(), 100);
+    let mut op = PutOperation::new(
+        1,
+        "b".into(),
+        b"k".to_vec(),
+        CausalContext::empty(),
+        Value::Tombstone,
+        ConsistencyLevel::Quorum,
+        replicas.clone(),
+        100,
+    );
     let object = object_with("x");
     assert_eq!(
         op.coordinated_locally(&replicas[0], object.clone()),
         WriteStep::Replicate(replicas[1..].to_vec(), object.clone())
     );
     assert_eq!(op.step(), WriteStep::Pending);
-    assert_eq!(op.on_replicated(&replicas[1], true), WriteStep::Met(object.causal_context()));
+    assert_eq!(
+        op.on_replicated(&replicas[1], true),
+        WriteStep::Met(object.causal_context())
+    );
 }
 
 /// A write at `one` through the local replica is met at once, and still replicates.
 #[test]
 fn write_at_one_is_met_after_local() {
     let replicas = ids(&["a", "b", "c"]);
-    let mut op = PutOperation::new(1, "b".into(), b"k".to_vec(), CausalContext::empty(), Value::Tombstone, ConsistencyLevel::One, replicas.clone(), 100);
+    let mut op = PutOperation::new(
+        1,
+        "b".into(),
+        b"k".to_vec(),
+        CausalContext::empty(),
+        Value::Tombstone,
+        ConsistencyLevel::One,
+        replicas.clone(),
+        100,
+    );
     let object = object_with("x");
-    assert!(matches!(op.coordinated_locally(&replicas[0], object.clone()), WriteStep::Replicate(..)));
+    assert!(matches!(
+        op.coordinated_locally(&replicas[0], object.clone()),
+        WriteStep::Replicate(..)
+    ));
     assert_eq!(op.step(), WriteStep::Met(object.causal_context()));
 }
 
@@ -72,13 +122,34 @@ fn write_at_one_is_met_after_local() {
 #[test]
 fn remote_actor_failure_tries_the_next() {
     let replicas = ids(&["a", "b", "c"]);
-    let mut op = PutOperation::new(1, "b".into(), b"k".to_vec(), CausalContext::empty(), Value::Tombstone, ConsistencyLevel::Quorum, replicas.clone(), 100);
-    assert_eq!(op.start_remote(replicas.clone()), WriteStep::AskActor(replicas[0].clone()));
-    assert_eq!(op.on_replica_failed(&replicas[0]), WriteStep::AskActor(replicas[1].clone()));
+    let mut op = PutOperation::new(
+        1,
+        "b".into(),
+        b"k".to_vec(),
+        CausalContext::empty(),
+        Value::Tombstone,
+        ConsistencyLevel::Quorum,
+        replicas.clone(),
+        100,
+    );
+    assert_eq!(
+        op.start_remote(replicas.clone()),
+        WriteStep::AskActor(replicas[0].clone())
+    );
+    assert_eq!(
+        op.on_replica_failed(&replicas[0]),
+        WriteStep::AskActor(replicas[1].clone())
+    );
     let object = object_with("x");
     assert_eq!(
         op.on_coordinated(&replicas[1], Ok(object.clone())),
-        WriteStep::Replicate(vec![replicas[0].clone(), replicas[2].clone()], object.clone())
+        WriteStep::Replicate(
+            vec![replicas[0].clone(), replicas[2].clone()],
+            object.clone()
+        )
     );
-    assert_eq!(op.on_replicated(&replicas[2], true), WriteStep::Met(object.causal_context()));
+    assert_eq!(
+        op.on_replicated(&replicas[2], true),
+        WriteStep::Met(object.causal_context())
+    );
 }

@@ -142,7 +142,11 @@ mod tests {
                 succeeded: ok,
                 failed,
             };
-            assert_eq!(q.status(), expected, "{level} of {total}: {ok} ok, {failed} failed");
+            assert_eq!(
+                q.status(),
+                expected,
+                "{level} of {total}: {ok} ok, {failed} failed"
+            );
         }
     }
 

@@ -67,7 +67,11 @@ impl Ring {
         let nodes: BTreeSet<NodeId> = members.into_iter().cloned().collect();
         let mut positions: Vec<(Token, NodeId)> = nodes
             .iter()
-            .flat_map(|n| node_tokens(n, vnodes).into_iter().map(move |t| (t, n.clone())))
+            .flat_map(|n| {
+                node_tokens(n, vnodes)
+                    .into_iter()
+                    .map(move |t| (t, n.clone()))
+            })
             .collect();
         positions.sort();
         Ring {

@@ -195,9 +195,18 @@ impl Object {
     /// The write supersedes exactly the siblings the client's context has seen; others stay
     /// as concurrent siblings. The new dot follows the actor's last counter for this key,
     /// which keeps the context downward closed. Returns the dot of the new sibling.
-    pub fn apply_write(&mut self, actor: Actor, client_context: &CausalContext, value: Value) -> Dot {
+    pub fn apply_write(
+        &mut self,
+        actor: Actor,
+        client_context: &CausalContext,
+        value: Value,
+    ) -> Dot {
         let seen = client_context.vector();
-        let counter = self.context.get(&actor).max(seen.get(&actor)).saturating_add(1);
+        let counter = self
+            .context
+            .get(&actor)
+            .max(seen.get(&actor))
+            .saturating_add(1);
         let dot = Dot { actor, counter };
         self.siblings.retain(|s| !seen.covers(&s.dot));
         self.context.join(seen);
@@ -214,7 +223,10 @@ impl Object {
     /// ones stay as siblings.
     pub fn merge(&self, other: &Object) -> Object {
         let mut siblings = Vec::with_capacity(self.siblings.len() + other.siblings.len());
-        let (mut left, mut right) = (self.siblings.iter().peekable(), other.siblings.iter().peekable());
+        let (mut left, mut right) = (
+            self.siblings.iter().peekable(),
+            other.siblings.iter().peekable(),
+        );
         loop {
             match (left.peek(), right.peek()) {
                 (Some(l), Some(r)) if l.dot == r.dot => {
@@ -269,7 +281,7 @@ impl Object {
 
     /// Builds an object from parts, checking the invariants; for decoding and tests.
     pub fn from_parts(context: VersionVector, mut siblings: Vec<Sibling>) -> Option<Object> {
-        siblings.sort_by(|a, b| a.dot.cmp(&b.dot));
+        siblings.sort_by_key(|s| s.dot);
         siblings.dedup_by(|a, b| a.dot == b.dot);
         if siblings.iter().all(|s| context.covers(&s.dot)) {
             Some(Object { context, siblings })

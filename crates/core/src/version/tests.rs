@@ -19,15 +19,24 @@ fn actor(n: u64) -> Actor {
 #[derive(Debug, Clone)]
 enum Step {
     /// Replica `at` coordinates a write whose client read replica `seen_from` (or nothing).
-    Write { at: usize, seen_from: Option<usize>, tombstone: bool },
+    Write {
+        at: usize,
+        seen_from: Option<usize>,
+        tombstone: bool,
+    },
     /// Replica `to` merges in what replica `from` holds.
     Sync { from: usize, to: usize },
 }
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        (0..3usize, proptest::option::of(0..3usize), any::<bool>())
-            .prop_map(|(at, seen_from, tombstone)| Step::Write { at, seen_from, tombstone }),
+        (0..3usize, proptest::option::of(0..3usize), any::<bool>()).prop_map(
+            |(at, seen_from, tombstone)| Step::Write {
+                at,
+                seen_from,
+                tombstone
+            }
+        ),
         (0..3usize, 0..3usize).prop_map(|(from, to)| Step::Sync { from, to }),
     ]
 }
@@ -37,11 +46,19 @@ fn play(steps: &[Step]) -> Vec<Object> {
     let mut replicas = vec![Object::empty(); 3];
     for (i, s) in steps.iter().enumerate() {
         match s {
-            Step::Write { at, seen_from, tombstone } => {
+            Step::Write {
+                at,
+                seen_from,
+                tombstone,
+            } => {
                 let context = seen_from
                     .map(|r| replicas[r].causal_context())
                     .unwrap_or_default();
-                let value = if *tombstone { Value::Tombstone } else { data(&format!("v{i}")) };
+                let value = if *tombstone {
+                    Value::Tombstone
+                } else {
+                    data(&format!("v{i}"))
+                };
                 replicas[*at].apply_write(actor(*at as u64), &context, value);
             }
             Step::Sync { from, to } => {
@@ -148,7 +165,10 @@ fn concurrent_writes_through_different_actors_are_kept() {
 fn bad_contexts_are_rejected() {
     assert_eq!(CausalContext::decode("!!!"), Err(ContextError::NotBase64));
     assert_eq!(CausalContext::decode(""), Err(ContextError::Empty));
-    assert_eq!(CausalContext::decode("Ag"), Err(ContextError::UnsupportedVersion(2)));
+    assert_eq!(
+        CausalContext::decode("Ag"),
+        Err(ContextError::UnsupportedVersion(2))
+    );
     assert_eq!(CausalContext::decode("AQ"), Err(ContextError::Malformed));
     let long = "A".repeat(MAX_CONTEXT_ENCODED_BYTES + 1);
     assert_eq!(CausalContext::decode(&long), Err(ContextError::TooLong));

@@ -43,7 +43,15 @@ impl TestNode {
             .expect("log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_mendkv"));
         command
-            .args(["server", "--node-id", &self.id, "--listen", &self.peer, "--http", &self.http])
+            .args([
+                "server",
+                "--node-id",
+                &self.id,
+                "--listen",
+                &self.peer,
+                "--http",
+                &self.http,
+            ])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .env("RUST_LOG", "warn")
@@ -102,7 +110,10 @@ impl TestCluster {
                 peer,
                 data_dir,
                 seeds: if i == 0 { vec![] } else { vec![seed.clone()] },
-                env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
                 child: None,
             });
         }
@@ -117,20 +128,31 @@ impl TestCluster {
     /// Waits until every running node sees every node up.
     pub async fn wait_all_up(&self) {
         let expected = self.nodes.len();
-        let running: Vec<Client> = self.nodes.iter().filter(|n| n.is_running()).map(|n| n.client()).collect();
-        eventually(Duration::from_secs(30), "every node sees every node up", || {
-            let running = running.clone();
-            async move {
-                for client in &running {
-                    let Ok(status) = client.status().await else { return false };
-                    let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
-                    if nodes.len() != expected || nodes.iter().any(|n| n["status"] != "up") {
-                        return false;
+        let running: Vec<Client> = self
+            .nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .map(|n| n.client())
+            .collect();
+        eventually(
+            Duration::from_secs(30),
+            "every node sees every node up",
+            || {
+                let running = running.clone();
+                async move {
+                    for client in &running {
+                        let Ok(status) = client.status().await else {
+                            return false;
+                        };
+                        let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
+                        if nodes.len() != expected || nodes.iter().any(|n| n["status"] != "up") {
+                            return false;
+                        }
                     }
+                    true
                 }
-                true
-            }
-        })
+            },
+        )
         .await;
     }
 
