@@ -13,6 +13,42 @@ pub enum FsyncPolicy {
     Periodic { interval_ms: Millis },
 }
 
+/// When read repair writes happen relative to the client's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadRepairMode {
+    /// Repair the stale replicas that were part of the read's level before answering, so
+    /// quorum reads are monotonic.
+    Blocking,
+    /// Answer first, repair after.
+    Async,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadRepairConfig {
+    pub enabled: bool,
+    pub mode: ReadRepairMode,
+    /// Ask one replica for the object and the others for a digest.
+    pub digest_reads: bool,
+    /// Share of reads that also check (and repair) the replicas outside the level.
+    pub background_chance: f64,
+    /// Repair writes in flight per node; an inconsistent read beyond it is answered without
+    /// repair and counted as skipped. Bounds repair load under mass divergence, at the price
+    /// of slower convergence (and, for skipped blocking repairs, no monotonic-read promise).
+    pub max_concurrent_repairs: usize,
+}
+
+impl Default for ReadRepairConfig {
+    fn default() -> Self {
+        ReadRepairConfig {
+            enabled: true,
+            mode: ReadRepairMode::Blocking,
+            digest_reads: true,
+            background_chance: 0.1,
+            max_concurrent_repairs: 1024,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub node_id: NodeId,
@@ -29,6 +65,10 @@ pub struct NodeConfig {
     pub membership_interval_ms: Millis,
     /// Bound on client requests in flight at this coordinator; beyond it requests are refused.
     pub max_pending_requests: usize,
+    pub read_repair: ReadRepairConfig,
+    /// Seed of the node's random choices (background repair, ...); the simulator sets it
+    /// from its run seed, the server from the OS.
+    pub rng_seed: u64,
 }
 
 impl NodeConfig {
@@ -46,6 +86,8 @@ impl NodeConfig {
             max_value_bytes: 1 << 20,
             membership_interval_ms: 1000,
             max_pending_requests: 65_536,
+            read_repair: ReadRepairConfig::default(),
+            rng_seed: 0,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! - [`ring`]: tokens, virtual nodes, preference lists, token ranges.
 //! - [`quorum`]: consistency levels and "have enough replicas answered?".
 //! - [`coordinator`]: per-request state machines for get / put / delete.
+//! - [`read_repair`]: replies in -> the merged answer and which replicas to repair.
 //! - [`membership`]: who is in the cluster and who is reachable (static until gossip).
 //! - [`message`]: what nodes say to each other, and what clients ask of a node.
 //! - [`request`]: validation of client input (bucket names, keys, sizes).
@@ -20,6 +21,7 @@ pub mod membership;
 pub mod message;
 pub mod node;
 pub mod quorum;
+pub mod read_repair;
 pub mod request;
 pub mod ring;
 pub mod storage;

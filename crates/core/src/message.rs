@@ -31,6 +31,27 @@ pub enum Message {
         request: RequestId,
         result: Result<Option<Object>, ReplicaError>,
     },
+    /// Only the digest of this replica's object (`read_repair::absent_digest` when absent).
+    ReadDigest {
+        request: RequestId,
+        bucket: String,
+        key: Vec<u8>,
+    },
+    ReadDigestReply {
+        request: RequestId,
+        result: Result<u64, ReplicaError>,
+    },
+    /// A read repair: merge this object into the local one.
+    RepairWrite {
+        request: RequestId,
+        bucket: String,
+        key: Vec<u8>,
+        object: Object,
+    },
+    RepairWriteReply {
+        request: RequestId,
+        result: Result<(), ReplicaError>,
+    },
     /// Coordinate a client write as the actor: apply it to the local object with a new dot
     /// and answer with the result (sent by a node that is not a replica of the key).
     Coordinate {
@@ -64,9 +85,20 @@ impl Message {
     pub fn request_id(&self) -> Option<RequestId> {
         match self {
             Message::Read { request, .. }
+            | Message::ReadDigest { request, .. }
+            | Message::RepairWrite { request, .. }
             | Message::Coordinate { request, .. }
             | Message::Replicate { request, .. } => Some(*request),
             _ => None,
+        }
+    }
+
+    /// The traffic class of `mendkv_network_bytes_total{class}`.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Message::RepairWrite { .. } | Message::RepairWriteReply { .. } => "read_repair",
+            Message::Members { .. } => "gossip",
+            _ => "replication",
         }
     }
 }

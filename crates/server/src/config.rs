@@ -3,7 +3,7 @@
 //! tables before one typed decode, so every knob gets the same precedence and the same
 //! error messages.
 
-use mendkv_core::config::{FsyncPolicy, NodeConfig};
+use mendkv_core::config::{FsyncPolicy, NodeConfig, ReadRepairConfig, ReadRepairMode};
 use mendkv_core::quorum::ConsistencyLevel;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -14,7 +14,33 @@ pub struct ServerConfig {
     pub node: NodeSection,
     pub cluster: ClusterSection,
     pub consistency: ConsistencySection,
+    pub read_repair: ReadRepairSection,
     pub storage: StorageSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReadRepairSection {
+    pub enabled: bool,
+    /// `blocking` (repair the level's stale replicas before answering) or `async`.
+    pub mode: String,
+    pub digest_reads: bool,
+    pub background_chance: f64,
+    /// Repair writes in flight per node; beyond it, repairs are skipped and counted.
+    pub max_concurrent_repairs: usize,
+}
+
+impl Default for ReadRepairSection {
+    fn default() -> Self {
+        let core = ReadRepairConfig::default();
+        ReadRepairSection {
+            enabled: core.enabled,
+            mode: "blocking".into(),
+            digest_reads: core.digest_reads,
+            background_chance: core.background_chance,
+            max_concurrent_repairs: core.max_concurrent_repairs,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -197,6 +223,7 @@ impl ServerConfig {
         self.read_level()?;
         self.write_level()?;
         self.fsync_policy()?;
+        self.read_repair_config()?;
         if self.cluster.replication_factor == 0 {
             return Err(ConfigError::Invalid(
                 "cluster.replication_factor must be at least 1".into(),
@@ -246,6 +273,31 @@ impl ServerConfig {
         }
     }
 
+    pub fn read_repair_config(&self) -> Result<ReadRepairConfig, ConfigError> {
+        let section = &self.read_repair;
+        let mode = match section.mode.as_str() {
+            "blocking" => ReadRepairMode::Blocking,
+            "async" => ReadRepairMode::Async,
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "read_repair.mode must be \"blocking\" or \"async\", not {other:?}"
+                )))
+            }
+        };
+        if !(0.0..=1.0).contains(&section.background_chance) {
+            return Err(ConfigError::Invalid(
+                "read_repair.background_chance must be within 0..1".into(),
+            ));
+        }
+        Ok(ReadRepairConfig {
+            enabled: section.enabled,
+            mode,
+            digest_reads: section.digest_reads,
+            background_chance: section.background_chance,
+            max_concurrent_repairs: section.max_concurrent_repairs,
+        })
+    }
+
     pub fn node_id(&self) -> String {
         self.node.id.clone().unwrap_or_else(|| {
             let port = self.node.listen.rsplit(':').next().unwrap_or("0");
@@ -279,6 +331,8 @@ impl ServerConfig {
         config.default_write = self.write_level()?;
         config.fsync = self.fsync_policy()?;
         config.max_value_bytes = self.storage.max_value_bytes;
+        config.read_repair = self.read_repair_config()?;
+        config.rng_seed = rand::random();
         Ok(config)
     }
 }

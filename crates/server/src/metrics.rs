@@ -33,6 +33,17 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RepairLabels {
+    pub mechanism: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     pub status: &'static str,
 }
@@ -53,6 +64,8 @@ pub struct Metrics {
     pub peers: Family<StatusLabels, Gauge>,
     pub fsyncs: Counter,
     pub requests_timed_out: Gauge,
+    pub read_repair: Family<OutcomeLabels, Counter>,
+    pub repairs: Family<RepairLabels, Counter>,
 }
 
 impl Metrics {
@@ -105,7 +118,21 @@ impl Metrics {
             "Requests that timed out at this coordinator since start",
             requests_timed_out.clone(),
         );
+        let read_repair = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "mendkv_read_repair",
+            "Inconsistent reads found, by what became of their repair",
+            read_repair.clone(),
+        );
+        let repairs = Family::<RepairLabels, Counter>::default();
+        registry.register(
+            "mendkv_repairs",
+            "Repair writes by mechanism and outcome (success rate = ok / all)",
+            repairs.clone(),
+        );
         Arc::new(Metrics {
+            read_repair,
+            repairs,
             registry,
             requests,
             request_duration,

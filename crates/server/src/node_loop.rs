@@ -3,11 +3,12 @@
 //! out the node's actions, and runs group commit: after each batch of inputs, one fsync on a
 //! blocking thread covers every write of the batch, while the node keeps taking input.
 
-use crate::metrics::{Metrics, StatusLabels};
+use crate::metrics::{Metrics, OutcomeLabels, RepairLabels, StatusLabels};
 use crate::transport::{spawn_link, Identity, PeerLink};
 use mendkv_core::config::FsyncPolicy;
 use mendkv_core::membership::{MemberInfo, PeerStatus};
 use mendkv_core::message::{ClientRequest, ClientRequestId, ClientResponse, Message};
+use mendkv_core::node::NodeStats;
 use mendkv_core::node::{Action, Node, SyncTicket};
 use mendkv_core::storage::{Storage, StorageError};
 use mendkv_core::{Millis, NodeId};
@@ -87,6 +88,8 @@ struct NodeTask {
     inbox: mpsc::Sender<Inbox>,
     metrics: Arc<Metrics>,
     sync_in_flight: Option<(SyncTicket, JoinHandle<Result<(), StorageError>>)>,
+    /// The node's counters as last exported, so metrics grow by the difference.
+    exported: NodeStats,
 }
 
 impl NodeTask {
@@ -211,6 +214,30 @@ impl NodeTask {
         }
     }
 
+    /// Carries the node's counters into Prometheus counters.
+    fn export_stats(&mut self) {
+        let now = self.node.stats().clone();
+        let old = &self.exported;
+        let metrics = &self.metrics;
+        let outcome = |outcome| {
+            metrics
+                .read_repair
+                .get_or_create(&OutcomeLabels { outcome })
+        };
+        outcome("repaired").inc_by(now.read_repair_repaired - old.read_repair_repaired);
+        outcome("failed").inc_by(now.read_repair_failed - old.read_repair_failed);
+        outcome("skipped").inc_by(now.read_repair_skipped - old.read_repair_skipped);
+        let repairs = |mechanism, outcome| {
+            metrics
+                .repairs
+                .get_or_create(&RepairLabels { mechanism, outcome })
+        };
+        repairs("read_repair", "ok").inc_by(now.read_repair_writes_ok - old.read_repair_writes_ok);
+        repairs("read_repair", "failed")
+            .inc_by(now.read_repair_writes_failed - old.read_repair_writes_failed);
+        self.exported = now;
+    }
+
     fn publish_gauges(&self) {
         let membership = self.node.membership();
         let down = membership
@@ -254,6 +281,7 @@ pub async fn run_node(
         inbox: inbox_sender,
         metrics,
         sync_in_flight: None,
+        exported: NodeStats::default(),
     };
     let mut periodic_sync = tokio::time::interval(periodic.unwrap_or(Duration::from_secs(3600)));
     let mut gauges = tokio::time::interval(Duration::from_millis(500));
@@ -291,6 +319,7 @@ pub async fn run_node(
         task.dispatch();
         task.start_sync_if_needed();
         task.dispatch();
+        task.export_stats();
     }
     // Clean shutdown: wait for the sync under way, then make everything durable.
     if let Some((ticket, handle)) = task.sync_in_flight.take() {

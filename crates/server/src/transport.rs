@@ -177,32 +177,30 @@ async fn serve_inbound(
     }
     loop {
         match framed.next().await {
-            Some(Ok(bytes)) => {
-                metrics.count_bytes("in", "replication", bytes.len() + 4);
-                match decode_frame(&bytes) {
-                    Ok(Frame::Message(message)) => {
-                        if inbox
-                            .send(Inbox::Peer {
-                                from: from.clone(),
-                                message,
-                            })
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    Ok(_) => {
-                        reject(&metrics, "unexpected", &from, &remote);
-                        return;
-                    }
-                    Err(error) => {
-                        tracing::warn!(peer = %from, %error, "malformed frame");
-                        reject(&metrics, "malformed", &from, &remote);
+            Some(Ok(bytes)) => match decode_frame(&bytes) {
+                Ok(Frame::Message(message)) => {
+                    metrics.count_bytes("in", message.class(), bytes.len() + 4);
+                    if inbox
+                        .send(Inbox::Peer {
+                            from: from.clone(),
+                            message,
+                        })
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
-            }
+                Ok(_) => {
+                    reject(&metrics, "unexpected", &from, &remote);
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(peer = %from, %error, "malformed frame");
+                    reject(&metrics, "malformed", &from, &remote);
+                    return;
+                }
+            },
             Some(Err(error)) => {
                 // The codec refuses frames over MAX_FRAME_BYTES before reading them.
                 tracing::warn!(peer = %from, %error, "bad frame, dropping connection");
@@ -445,6 +443,7 @@ async fn pump(
                     }
                 }
                 for message in batch {
+                    let class = message.class();
                     let bytes = match encode_frame(&Frame::Message(message)) {
                         Ok(bytes) => bytes,
                         Err(error) => {
@@ -452,7 +451,7 @@ async fn pump(
                             continue;
                         }
                     };
-                    metrics.count_bytes("out", "replication", bytes.len() + 4);
+                    metrics.count_bytes("out", class, bytes.len() + 4);
                     if sink.feed(bytes::Bytes::from(bytes)).await.is_err() {
                         return Some(());
                     }

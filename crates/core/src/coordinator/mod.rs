@@ -16,6 +16,10 @@ use std::collections::{BTreeSet, VecDeque};
 
 use crate::message::ClientRequestId;
 
+mod read;
+
+pub use read::{GetOperation, ReadKind, ReadProgress};
+
 /// What happens once a read has met its level.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AfterRead {
@@ -23,94 +27,6 @@ pub enum AfterRead {
     Answer,
     /// A DELETE without context: write a tombstone over everything the read saw.
     Delete { level: ConsistencyLevel },
-}
-
-/// A read in flight.
-#[derive(Debug, Clone)]
-pub struct GetOperation {
-    pub client: ClientRequestId,
-    pub bucket: String,
-    pub key: Vec<u8>,
-    pub deadline: Millis,
-    pub after: AfterRead,
-    awaiting: BTreeSet<NodeId>,
-    quorum: Quorum,
-    merged: Object,
-}
-
-/// What a read needs next.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReadProgress {
-    Pending,
-    /// The level is met; the merged object of the replies so far.
-    Met(Object),
-    /// Too many replicas failed for the level.
-    Failed {
-        needed: usize,
-        answered: usize,
-    },
-}
-
-impl GetOperation {
-    pub fn new(
-        client: ClientRequestId,
-        bucket: String,
-        key: Vec<u8>,
-        level: ConsistencyLevel,
-        replicas: &[NodeId],
-        deadline: Millis,
-        after: AfterRead,
-    ) -> Self {
-        GetOperation {
-            client,
-            bucket,
-            key,
-            deadline,
-            after,
-            awaiting: replicas.iter().cloned().collect(),
-            quorum: Quorum::new(level, replicas.len()),
-            merged: Object::empty(),
-        }
-    }
-
-    /// A replica answered; replies from replicas not asked, or already counted, are ignored
-    /// (the network may duplicate messages).
-    pub fn on_reply(&mut self, from: &NodeId, object: Result<Option<Object>, ()>) -> ReadProgress {
-        if !self.awaiting.remove(from) {
-            return ReadProgress::Pending;
-        }
-        match object {
-            Ok(found) => {
-                if let Some(object) = found {
-                    self.merged.merge_in(&object);
-                }
-                self.quorum.record_success();
-            }
-            Err(()) => {
-                self.quorum.record_failure();
-            }
-        }
-        self.progress()
-    }
-
-    pub fn progress(&self) -> ReadProgress {
-        match self.quorum.status() {
-            QuorumStatus::Pending => ReadProgress::Pending,
-            QuorumStatus::Met => ReadProgress::Met(self.merged.clone()),
-            QuorumStatus::Failed => ReadProgress::Failed {
-                needed: self.quorum.required,
-                answered: self.quorum.succeeded,
-            },
-        }
-    }
-
-    pub fn is_awaiting(&self, node: &NodeId) -> bool {
-        self.awaiting.contains(node)
-    }
-
-    pub fn needed_and_answered(&self) -> (usize, usize) {
-        (self.quorum.required, self.quorum.succeeded)
-    }
 }
 
 /// Where a write stands.

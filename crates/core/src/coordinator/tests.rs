@@ -18,51 +18,111 @@ fn object_with(value: &str) -> Object {
     o
 }
 
-/// A quorum read answers after two of three replies and merges them; duplicates are ignored.
+/// A quorum read asks one replica for data and one for a digest; equal digests answer at once.
 #[test]
-fn read_meets_quorum_with_two_replies() {
+fn read_with_matching_digest_is_met() {
     let replicas = ids(&["a", "b", "c"]);
     let mut op = GetOperation::new(
         1,
         "b".into(),
         b"k".to_vec(),
         ConsistencyLevel::Quorum,
-        &replicas,
+        replicas.clone(),
         100,
         AfterRead::Answer,
+        true,
     );
+    let sent = op.start(&replicas[1], 0);
     assert_eq!(
-        op.on_reply(&replicas[0], Ok(Some(object_with("x")))),
-        ReadProgress::Pending
+        sent,
+        vec![
+            (replicas[1].clone(), ReadKind::Full),
+            (replicas[0].clone(), ReadKind::Digest)
+        ]
     );
-    assert_eq!(
-        op.on_reply(&replicas[0], Ok(None)),
-        ReadProgress::Pending,
+    let x = object_with("x");
+    assert!(op.on_digest(&replicas[0], x.digest(), 1).is_empty());
+    assert!(
+        op.on_digest(&replicas[0], x.digest(), 1).is_empty(),
         "duplicate ignored"
     );
-    match op.on_reply(&replicas[1], Ok(None)) {
-        ReadProgress::Met(o) => assert_eq!(o, object_with("x")),
+    assert!(op.on_full(&replicas[1], Some(x.clone()), 2).is_empty());
+    match op.progress() {
+        ReadProgress::Met(resolution) => {
+            assert_eq!(resolution.merged, x);
+            assert!(!resolution.found_inconsistency());
+        }
         other => panic!("{other:?}"),
     }
 }
 
-/// A read at `all` fails as soon as one replica fails, saying how many answered.
+/// A digest that differs is fetched in full before the answer; the replica behind is stale.
 #[test]
-fn read_at_all_fails_on_one_failure() {
+fn mismatching_digest_is_fetched_and_repaired() {
     let replicas = ids(&["a", "b", "c"]);
     let mut op = GetOperation::new(
         1,
         "b".into(),
         b"k".to_vec(),
-        ConsistencyLevel::All,
-        &replicas,
+        ConsistencyLevel::Quorum,
+        replicas.clone(),
         100,
         AfterRead::Answer,
+        true,
     );
-    op.on_reply(&replicas[0], Ok(None));
-    op.on_reply(&replicas[1], Ok(None));
+    op.start(&replicas[0], 0);
+    let x = object_with("x");
+    op.on_full(&replicas[0], Some(x.clone()), 1);
     assert_eq!(
-        op.on_reply(&replicas[2], Err(())),
+        op.on_digest(&replicas[1], crate::read_repair::absent_digest(), 1),
+        vec![(replicas[1].clone(), ReadKind::Full)]
+    );
+    assert_eq!(op.progress(), ReadProgress::Pending);
+    op.on_full(&replicas[1], None, 2);
+    match op.progress() {
+        ReadProgress::Met(resolution) => {
+            assert_eq!(resolution.merged, x);
+            assert_eq!(resolution.stale, vec![replicas[1].clone()]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A failed replica is replaced by the next one; `all` fails once too few remain.
+#[test]
+fn failed_replicas_are_replaced_then_fail_the_level() {
+    let replicas = ids(&["a", "b", "c"]);
+    let mut op = GetOperation::new(
+        1,
+        "b".into(),
+        b"k".to_vec(),
+        ConsistencyLevel::Quorum,
+        replicas.clone(),
+        100,
+        AfterRead::Answer,
+        true,
+    );
+    op.start(&replicas[0], 0);
+    assert_eq!(
+        op.on_failed(&replicas[0], 1),
+        vec![(replicas[2].clone(), ReadKind::Full)]
+    );
+    let mut all = GetOperation::new(
+        1,
+        "b".into(),
+        b"k".to_vec(),
+        ConsistencyLevel::All,
+        replicas.clone(),
+        100,
+        AfterRead::Answer,
+        true,
+    );
+    all.start(&replicas[0], 0);
+    all.on_full(&replicas[0], None, 1);
+    all.on_digest(&replicas[1], crate::read_repair::absent_digest(), 1);
+    all.on_failed(&replicas[2], 1);
+    assert_eq!(
+        all.progress(),
         ReadProgress::Failed {
             needed: 3,
             answered: 2

@@ -241,3 +241,56 @@ fn epoch_grows_across_restarts() {
     let second = Node::new(NodeConfig::new("n"), storage, 0).unwrap().epoch();
     assert_eq!(second, first + 1);
 }
+
+fn local(cluster: &mut TestCluster, at: usize) -> Option<Object> {
+    match cluster.request(
+        at,
+        ClientRequest::GetLocal {
+            bucket: "b".into(),
+            key: b"k".to_vec(),
+        },
+    ) {
+        ClientResponse::Local(object) => object,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A replica that missed a write is found stale by a read and repaired before the answer
+/// (blocking mode), and the repair is counted.
+#[test]
+fn read_repair_fixes_a_stale_replica() {
+    let mut cluster = TestCluster::new(3);
+    cluster.stopped[2] = true;
+    cluster.put(0, "v1", CausalContext::empty(), ConsistencyLevel::Quorum);
+    cluster.stopped[2] = false;
+    assert_eq!(local(&mut cluster, 2), None, "stale before the read");
+    assert_eq!(
+        live(&cluster.get(1, ConsistencyLevel::All)),
+        vec![data("v1")]
+    );
+    let repaired = local(&mut cluster, 2).expect("repaired");
+    assert_eq!(repaired.live_values().count(), 1);
+    assert_eq!(cluster.nodes[1].stats().read_repair_repaired, 1);
+    assert_eq!(cluster.nodes[1].stats().read_repair_writes_ok, 1);
+}
+
+/// Siblings held by two different stale replicas are merged by a read, never lost.
+#[test]
+fn read_repair_merges_siblings_from_two_replicas() {
+    let mut cluster = TestCluster::new(3);
+    cluster.stopped[1] = true;
+    cluster.put(0, "a", CausalContext::empty(), ConsistencyLevel::One);
+    cluster.stopped[1] = false;
+    cluster.stopped[0] = true;
+    cluster.put(1, "b", CausalContext::empty(), ConsistencyLevel::One);
+    cluster.stopped[0] = false;
+    let answer = cluster.get(2, ConsistencyLevel::All);
+    assert_eq!(live(&answer).len(), 2);
+    for i in 0..3 {
+        assert_eq!(
+            local(&mut cluster, i).unwrap().live_values().count(),
+            2,
+            "replica {i}"
+        );
+    }
+}

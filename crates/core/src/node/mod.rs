@@ -10,7 +10,7 @@
 //! write of the batch shares that one fsync.
 
 use crate::config::{FsyncPolicy, NodeConfig};
-use crate::coordinator::{AfterRead, GetOperation, PutOperation, ReadProgress, WriteStep};
+use crate::coordinator::{AfterRead, GetOperation, PutOperation, WriteStep};
 use crate::membership::{MemberInfo, Membership, PeerStatus};
 use crate::message::{
     ClientRequest, ClientRequestId, ClientResponse, Message, ReplicaError, RequestId,
@@ -21,6 +21,8 @@ use crate::ring::Ring;
 use crate::storage::{Storage, StorageError};
 use crate::version::{Actor, CausalContext, Object, Value};
 use crate::{Millis, NodeId};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Something the driver must do.
@@ -49,12 +51,20 @@ pub struct NodeStats {
     pub storage_errors: u64,
     pub requests_timed_out: u64,
     pub requests_overloaded: u64,
+    /// Inconsistent reads found, by outcome (SPEC `mendkv_read_repair_total{outcome}`).
+    pub read_repair_repaired: u64,
+    pub read_repair_failed: u64,
+    pub read_repair_skipped: u64,
+    /// Repair writes (SPEC `mendkv_repairs_total{mechanism="read_repair",outcome}`).
+    pub read_repair_writes_ok: u64,
+    pub read_repair_writes_failed: u64,
 }
 
 #[derive(Debug)]
 enum Operation {
     Get(GetOperation),
     Put(PutOperation),
+    Repair(read::RepairOperation),
 }
 
 impl Operation {
@@ -62,13 +72,7 @@ impl Operation {
         match self {
             Operation::Get(op) => op.deadline,
             Operation::Put(op) => op.deadline,
-        }
-    }
-
-    fn client(&self) -> ClientRequestId {
-        match self {
-            Operation::Get(op) => op.client,
-            Operation::Put(op) => op.client,
+            Operation::Repair(op) => op.deadline,
         }
     }
 
@@ -76,13 +80,7 @@ impl Operation {
         match self {
             Operation::Get(op) => op.is_awaiting(node),
             Operation::Put(op) => op.is_awaiting(node),
-        }
-    }
-
-    fn needed_and_answered(&self) -> (usize, usize) {
-        match self {
-            Operation::Get(op) => op.needed_and_answered(),
-            Operation::Put(op) => op.needed_and_answered(),
+            Operation::Repair(op) => op.pending.contains(node),
         }
     }
 }
@@ -104,6 +102,10 @@ pub struct Node<S: Storage> {
     unsynced_writes: bool,
     next_membership_at: Millis,
     stats: NodeStats,
+    rng: StdRng,
+    /// Recent reply latency per peer (moving average), to pick data replicas.
+    peer_latency_ms: BTreeMap<NodeId, Millis>,
+    repairs_in_flight: usize,
 }
 
 /// The meta record holding the node's epoch.
@@ -143,6 +145,9 @@ impl<S: Storage> Node<S> {
             unsynced_writes: false,
             next_membership_at: now,
             stats: NodeStats::default(),
+            rng: StdRng::seed_from_u64(config.rng_seed),
+            peer_latency_ms: BTreeMap::new(),
+            repairs_in_flight: 0,
             storage,
             config,
         })
@@ -298,7 +303,7 @@ impl<S: Storage> Node<S> {
 
     /// The transport saw a peer come up (handshake done) or go down (connection lost).
     /// Requests waiting on a peer that went down fail over at once instead of timing out.
-    pub fn handle_peer_status(&mut self, _now: Millis, peer: &NodeId, status: PeerStatus) {
+    pub fn handle_peer_status(&mut self, now: Millis, peer: &NodeId, status: PeerStatus) {
         if peer == self.id() {
             return;
         }
@@ -311,7 +316,7 @@ impl<S: Storage> Node<S> {
                 .map(|(id, _)| *id)
                 .collect();
             for request in waiting {
-                self.on_replica_failed(request, peer);
+                self.on_replica_failed(now, request, peer);
             }
         }
     }
@@ -380,96 +385,6 @@ impl<S: Storage> Node<S> {
         let op = self.operations.remove(&id)?;
         self.deadlines.remove(&(op.deadline(), id));
         Some(op)
-    }
-
-    fn start_read(
-        &mut self,
-        now: Millis,
-        client: ClientRequestId,
-        bucket: String,
-        key: Vec<u8>,
-        level: ConsistencyLevel,
-        after: AfterRead,
-    ) {
-        let replicas = self.ring.preference_list_for_key(&bucket, &key);
-        let id = self.new_request_id();
-        let deadline = now + self.config.request_timeout_ms;
-        let op = GetOperation::new(
-            client,
-            bucket.clone(),
-            key.clone(),
-            level,
-            &replicas,
-            deadline,
-            after,
-        );
-        self.insert_operation(id, Operation::Get(op));
-        for replica in &replicas {
-            if replica == self.id() {
-                let local = self.storage.get(&bucket, &key).inspect_err(|_| {
-                    self.stats.storage_errors += 1;
-                });
-                self.on_read_reply(now, id, &replica.clone(), local.map_err(|_| ()));
-            } else {
-                self.send(
-                    replica,
-                    Message::Read {
-                        request: id,
-                        bucket: bucket.clone(),
-                        key: key.clone(),
-                    },
-                );
-            }
-        }
-    }
-
-    fn on_read_reply(
-        &mut self,
-        now: Millis,
-        id: RequestId,
-        from: &NodeId,
-        result: Result<Option<Object>, ()>,
-    ) {
-        let Some(Operation::Get(op)) = self.operations.get_mut(&id) else {
-            return;
-        };
-        match op.on_reply(from, result) {
-            ReadProgress::Pending => {}
-            ReadProgress::Met(object) => {
-                let Some(Operation::Get(op)) = self.remove_operation(id) else {
-                    return;
-                };
-                match op.after {
-                    AfterRead::Answer => self.reply(op.client, ClientResponse::Object(object)),
-                    AfterRead::Delete { level } => {
-                        if object.is_deleted() {
-                            // Nothing live to delete: already absent at this level.
-                            let context = object.causal_context();
-                            self.reply(op.client, ClientResponse::Written { context });
-                        } else {
-                            let context = object.causal_context();
-                            self.start_write(
-                                now,
-                                op.client,
-                                op.bucket,
-                                op.key,
-                                context,
-                                Value::Tombstone,
-                                level,
-                            );
-                        }
-                    }
-                }
-            }
-            ReadProgress::Failed { needed, answered } => {
-                if let Some(op) = self.remove_operation(id) {
-                    self.reply(
-                        op.client(),
-                        ClientResponse::Unavailable { needed, answered },
-                    );
-                }
-            }
-        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -583,20 +498,17 @@ impl<S: Storage> Node<S> {
                     step = op.step();
                 }
                 WriteStep::Met(context) => {
-                    if let Some(op) = self.remove_operation(id) {
+                    if let Some(Operation::Put(op)) = self.remove_operation(id) {
                         self.emit_durable(Action::Reply {
-                            client: op.client(),
+                            client: op.client,
                             response: ClientResponse::Written { context },
                         });
                     }
                     return;
                 }
                 WriteStep::Failed { needed, answered } => {
-                    if let Some(op) = self.remove_operation(id) {
-                        self.reply(
-                            op.client(),
-                            ClientResponse::Unavailable { needed, answered },
-                        );
+                    if let Some(Operation::Put(op)) = self.remove_operation(id) {
+                        self.reply(op.client, ClientResponse::Unavailable { needed, answered });
                     }
                     return;
                 }
@@ -605,13 +517,14 @@ impl<S: Storage> Node<S> {
     }
 
     /// A replica could not be reached or failed: count it against the request.
-    fn on_replica_failed(&mut self, id: RequestId, replica: &NodeId) {
+    fn on_replica_failed(&mut self, now: Millis, id: RequestId, replica: &NodeId) {
         match self.operations.get_mut(&id) {
-            Some(Operation::Get(_)) => self.on_read_reply(0, id, replica, Err(())),
+            Some(Operation::Get(_)) => self.on_read_failed(now, id, replica),
             Some(Operation::Put(op)) => {
                 let step = op.on_replica_failed(replica);
                 self.drive_write(id, step);
             }
+            Some(Operation::Repair(_)) => self.on_repair_reply(id, replica, false),
             None => {}
         }
     }
@@ -619,9 +532,9 @@ impl<S: Storage> Node<S> {
     // ----- peer messages -------------------------------------------------------------
 
     /// The driver could not deliver a message (no connection, peer down).
-    pub fn handle_send_failed(&mut self, _now: Millis, to: &NodeId, message: &Message) {
+    pub fn handle_send_failed(&mut self, now: Millis, to: &NodeId, message: &Message) {
         if let Some(id) = message.request_id() {
-            self.on_replica_failed(id, to);
+            self.on_replica_failed(now, id, to);
         }
     }
 
@@ -636,7 +549,36 @@ impl<S: Storage> Node<S> {
                 self.send(from, Message::ReadReply { request, result });
             }
             Message::ReadReply { request, result } => {
-                self.on_read_reply(now, request, from, result.map_err(|_| ()))
+                self.on_full_read(now, request, from, result.map_err(|_| ()))
+            }
+            Message::ReadDigest {
+                request,
+                bucket,
+                key,
+            } => {
+                let result = self.serve_read(&bucket, &key).map(|o| {
+                    o.map(|o| o.digest())
+                        .unwrap_or_else(crate::read_repair::absent_digest)
+                });
+                self.send(from, Message::ReadDigestReply { request, result });
+            }
+            Message::ReadDigestReply { request, result } => {
+                self.on_digest_read(now, request, from, result.map_err(|_| ()))
+            }
+            Message::RepairWrite {
+                request,
+                bucket,
+                key,
+                object,
+            } => {
+                let result = self.serve_replicate(&bucket, &key, &object);
+                self.emit_durable(Action::Send {
+                    to: from.clone(),
+                    message: Message::RepairWriteReply { request, result },
+                });
+            }
+            Message::RepairWriteReply { request, result } => {
+                self.on_repair_reply(request, from, result.is_ok())
             }
             Message::Coordinate {
                 request,
@@ -739,10 +681,26 @@ impl<S: Storage> Node<S> {
             if deadline > now {
                 break;
             }
-            if let Some(op) = self.remove_operation(id) {
-                let (needed, answered) = op.needed_and_answered();
-                self.stats.requests_timed_out += 1;
-                self.reply(op.client(), ClientResponse::Timeout { needed, answered });
+            match self.remove_operation(id) {
+                Some(Operation::Get(op)) if !op.answered => {
+                    let (needed, answered) = op.needed_and_answered();
+                    self.stats.requests_timed_out += 1;
+                    self.reply(op.client, ClientResponse::Timeout { needed, answered });
+                }
+                Some(Operation::Get(op)) => {
+                    // A background check that ran out of time: repair what answered.
+                    let mut resolution = op.final_resolution();
+                    resolution.stale.retain(|n| !op.repaired.contains(n));
+                    let (bucket, key) = (op.bucket.clone(), op.key.clone());
+                    self.repair(now, &bucket, &key, &resolution, None);
+                }
+                Some(Operation::Put(op)) => {
+                    let (needed, answered) = op.needed_and_answered();
+                    self.stats.requests_timed_out += 1;
+                    self.reply(op.client, ClientResponse::Timeout { needed, answered });
+                }
+                Some(Operation::Repair(repair)) => self.finish_repair(repair),
+                None => {}
             }
         }
         if now >= self.next_membership_at {
@@ -791,6 +749,7 @@ fn fail_acknowledgement(action: Action, error: &StorageError) -> Action {
     }
 }
 
+mod read;
+
 #[cfg(test)]
-#[path = "node_tests.rs"]
 mod tests;
