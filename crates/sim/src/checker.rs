@@ -1,0 +1,267 @@
+//! The checkers that judge a run once faults have stopped and the cluster has healed.
+//!
+//! They read only the [`History`] (what clients saw) and, for convergence, what each replica
+//! stores. The final reads are made at level `all` through the protocol, so the final value
+//! of a key is the causal join of every replica's object.
+//!
+//! # Rules
+//! Let `n` be the number of replicas of a key and `required(level)` the replicas a level
+//! needs. A write acknowledged at level `w` is durable on `required(w)` replicas when it is
+//! acknowledged (group commit: nothing is acknowledged before an fsync covers it).
+//!
+//! - **lost**: an acknowledged put whose value the final read does not return, although no
+//!   other write to the key could have superseded it. A write *could* supersede another
+//!   only through its causal context: a blind put supersedes nothing; a write whose context
+//!   came from an earlier response could have seen the value only if that response arrived
+//!   after the value's write was invoked; a delete without context reads first, so it could
+//!   have seen the value if it ended (or may still end) after the value's write was invoked.
+//!   Concurrent writes make siblings, and siblings are returned, so they are not losses.
+//! - **unexpected**: a successful read (during the run or final) returned a value no client
+//!   ever wrote.
+//! - **resurrected** / **stale**: the final read returns a value that an acknowledged write
+//!   *certainly* superseded: the value's put was acknowledged at level `w` before a read at
+//!   level `r` with `required(w) + required(r) > n` was invoked (so that read saw it), and
+//!   an acknowledged delete (resurrected) or put (stale) carried that read's context (or was
+//!   a delete without context that did that read itself).
+//! - **converged**: every replica in a key's preference list stores the same object
+//!   (context and siblings). Without read repair, hinted handoff or anti-entropy, faults that
+//!   lose messages leave replicas apart; so convergence is reported on its own and only
+//!   required when the fault set cannot break replication (`FaultConfig::breaks_replication`).
+
+use crate::workload::{ContextSource, History, OkResult, Op, OpKind, Outcome};
+use mendkv_core::quorum::ConsistencyLevel;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+/// One finding of a checker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub key: String,
+    pub detail: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.detail)
+    }
+}
+
+/// Everything the checkers found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    pub lost: Vec<Violation>,
+    pub unexpected: Vec<Violation>,
+    pub resurrected: Vec<Violation>,
+    pub stale: Vec<Violation>,
+    /// Keys whose final read failed even after the cluster healed.
+    pub final_read_failures: Vec<Violation>,
+    /// Keys whose replicas hold different objects.
+    pub divergent: Vec<Violation>,
+    pub keys_checked: usize,
+}
+
+impl CheckReport {
+    /// No safety violation (convergence aside).
+    pub fn safe(&self) -> bool {
+        self.lost.is_empty()
+            && self.unexpected.is_empty()
+            && self.resurrected.is_empty()
+            && self.stale.is_empty()
+            && self.final_read_failures.is_empty()
+    }
+
+    pub fn converged(&self) -> bool {
+        self.divergent.is_empty()
+    }
+
+    /// Every violation, labelled, for failure reports.
+    pub fn violations(&self) -> impl Iterator<Item = (&'static str, &Violation)> {
+        self.lost
+            .iter()
+            .map(|v| ("lost", v))
+            .chain(self.unexpected.iter().map(|v| ("unexpected", v)))
+            .chain(self.resurrected.iter().map(|v| ("resurrected", v)))
+            .chain(self.stale.iter().map(|v| ("stale", v)))
+            .chain(self.final_read_failures.iter().map(|v| ("final-read", v)))
+            .chain(self.divergent.iter().map(|v| ("divergent", v)))
+    }
+
+    /// The keys involved in any violation.
+    pub fn keys(&self) -> BTreeSet<String> {
+        self.violations().map(|(_, v)| v.key.clone()).collect()
+    }
+}
+
+impl fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "lost={} unexpected={} resurrected={} stale={} final-read-failures={} converged={}",
+            self.lost.len(),
+            self.unexpected.len(),
+            self.resurrected.len(),
+            self.stale.len(),
+            self.final_read_failures.len(),
+            if self.converged() {
+                "yes".to_string()
+            } else {
+                format!(
+                    "no ({} divergent keys of {})",
+                    self.divergent.len(),
+                    self.keys_checked
+                )
+            }
+        )
+    }
+}
+
+/// Replicas a level needs out of `n`.
+fn required(level: ConsistencyLevel, n: usize) -> usize {
+    level.required(n)
+}
+
+/// Runs the history checkers (lost, unexpected, resurrected, stale, final reads). `replicas`
+/// is the number of replicas of a key (min(RF, nodes)).
+pub fn check_history(history: &History, replicas: usize) -> CheckReport {
+    let mut report = CheckReport::default();
+    let writer_of: BTreeMap<&str, &Op> = history
+        .ops
+        .iter()
+        .filter_map(|op| op.value.as_deref().map(|v| (v, op)))
+        .collect();
+
+    // unexpected: any successful read returning a value nobody wrote.
+    for op in &history.ops {
+        if let Outcome::Ok(OkResult::Read { values }) = &op.outcome {
+            for value in values {
+                if !writer_of.contains_key(value.as_str()) {
+                    report.unexpected.push(Violation {
+                        key: op.key.clone(),
+                        detail: format!("op{} read {value:?}, which no client wrote", op.id),
+                    });
+                }
+            }
+        }
+    }
+
+    // The final value of every key: its last successful final read.
+    let keys: BTreeSet<&str> = history
+        .ops
+        .iter()
+        .filter(|op| !op.is_final)
+        .map(|op| op.key.as_str())
+        .collect();
+    report.keys_checked = keys.len();
+    let mut finals: BTreeMap<&str, &[String]> = BTreeMap::new();
+    for op in history.ops.iter().filter(|op| op.is_final) {
+        if let Outcome::Ok(OkResult::Read { values }) = &op.outcome {
+            finals.insert(op.key.as_str(), values);
+        }
+    }
+    for key in &keys {
+        if !finals.contains_key(key) {
+            report.final_read_failures.push(Violation {
+                key: key.to_string(),
+                detail: "no final read succeeded after the cluster healed".into(),
+            });
+        }
+    }
+
+    let completed_at = |id: crate::workload::OpId| {
+        history
+            .get(id)
+            .and_then(|o| o.completed)
+            .unwrap_or(u64::MAX)
+    };
+
+    // lost: acknowledged puts missing from the final read with no possible superseder.
+    for w in history
+        .ops
+        .iter()
+        .filter(|o| o.kind == OpKind::Put && o.outcome.is_ok())
+    {
+        let Some(value) = &w.value else { continue };
+        let Some(final_values) = finals.get(w.key.as_str()) else {
+            continue;
+        };
+        if final_values.contains(value) {
+            continue;
+        }
+        let superseder = history.for_key(&w.key).find(|x| {
+            x.id != w.id
+                && x.kind.is_write()
+                && !x.is_final
+                && x.outcome.may_have_effect()
+                && match x.context {
+                    ContextSource::Blind => false,
+                    ContextSource::ReadsFirst => x.end_or_never() >= w.invoked,
+                    ContextSource::FromOp(r) => completed_at(r) >= w.invoked,
+                }
+        });
+        if superseder.is_none() {
+            report.lost.push(Violation {
+                key: w.key.clone(),
+                detail: format!(
+                    "op{} put {value} at {} was acknowledged at {}ms; the final read returned [{}] and no later write could have superseded it",
+                    w.id,
+                    w.level,
+                    w.completed.unwrap_or(0),
+                    final_values.join(",")
+                ),
+            });
+        }
+    }
+
+    // resurrected / stale: final values that an acknowledged write certainly superseded.
+    for (key, final_values) in &finals {
+        for value in final_values.iter() {
+            let Some(w) = writer_of.get(value.as_str()) else {
+                report.unexpected.push(Violation {
+                    key: key.to_string(),
+                    detail: format!("the final read returned {value:?}, which no client wrote"),
+                });
+                continue;
+            };
+            if !w.outcome.is_ok() {
+                continue;
+            }
+            let acked_at = w.completed.unwrap_or(u64::MAX);
+            let need_w = required(w.level, replicas);
+            let overlaps = |level: ConsistencyLevel| need_w + required(level, replicas) > replicas;
+            let certain = history.for_key(key).find(|x| {
+                x.kind.is_write()
+                    && !x.is_final
+                    && x.outcome.is_ok()
+                    && match x.context {
+                        ContextSource::Blind => false,
+                        ContextSource::ReadsFirst => overlaps(x.level) && x.invoked > acked_at,
+                        ContextSource::FromOp(r) => history.get(r).is_some_and(|read| {
+                            read.kind == OpKind::Get
+                                && read.outcome.is_ok()
+                                && overlaps(read.level)
+                                && read.invoked > acked_at
+                        }),
+                    }
+            });
+            if let Some(x) = certain {
+                let violation = Violation {
+                    key: key.to_string(),
+                    detail: format!(
+                        "final read returned {value} (op{}, acknowledged at {}ms), which op{} ({} at {}, acknowledged) superseded",
+                        w.id,
+                        acked_at,
+                        x.id,
+                        x.kind.as_str(),
+                        x.level
+                    ),
+                };
+                if x.kind == OpKind::Delete {
+                    report.resurrected.push(violation);
+                } else {
+                    report.stale.push(violation);
+                }
+            }
+        }
+    }
+    report
+}
