@@ -86,9 +86,20 @@ impl CheckReport {
             .chain(self.divergent.iter().map(|v| ("divergent", v)))
     }
 
-    /// The keys involved in any violation.
-    pub fn keys(&self) -> BTreeSet<String> {
-        self.violations().map(|(_, v)| v.key.clone()).collect()
+    /// The keys involved in any violation, those of safety violations first.
+    pub fn keys(&self) -> Vec<String> {
+        let safety: BTreeSet<String> = self
+            .violations()
+            .filter(|(label, _)| *label != "divergent")
+            .map(|(_, v)| v.key.clone())
+            .collect();
+        let rest: BTreeSet<String> = self
+            .divergent
+            .iter()
+            .map(|v| v.key.clone())
+            .filter(|k| !safety.contains(k))
+            .collect();
+        safety.into_iter().chain(rest).collect()
     }
 }
 

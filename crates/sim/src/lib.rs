@@ -568,7 +568,7 @@ impl Simulation {
                 http_address: format!("sim-http:n{i}"),
             })
             .collect();
-        let proto = node_config(&members[0].id);
+        let proto = node_config(&members[0].id, config.seed, 0);
         let ring = Ring::new(
             members.iter().map(|m| &m.id),
             proto.vnodes,
@@ -621,8 +621,12 @@ impl Simulation {
                 clock.offset_ms, clock.drift_ppm
             ));
             let storage = MemoryStorage::new();
-            let mut node = Node::new(node_config(&info.id), storage.clone(), clock.local(0))
-                .expect("memory storage does not fail");
+            let mut node = Node::new(
+                node_config(&info.id, sim.config.seed, 0),
+                storage.clone(),
+                clock.local(0),
+            )
+            .expect("memory storage does not fail");
             for member in &members {
                 node.handle_member_discovered(member.clone());
             }
@@ -1497,8 +1501,12 @@ impl Simulation {
         slot.incarnation += 1;
         let incarnation = slot.incarnation;
         let local = slot.clock.local(self.now);
-        let mut node = Node::new(node_config(&slot.id), slot.storage.clone(), local)
-            .expect("memory storage does not fail");
+        let mut node = Node::new(
+            node_config(&slot.id, self.config.seed, incarnation),
+            slot.storage.clone(),
+            local,
+        )
+        .expect("memory storage does not fail");
         for member in &self.members {
             node.handle_member_discovered(member.clone());
         }
@@ -1710,9 +1718,18 @@ impl Simulation {
     }
 }
 
-/// The configuration of simulated node `id`.
-pub fn node_config(id: &NodeId) -> NodeConfig {
+/// The configuration of simulated node `id` in its `incarnation`; the node's own random
+/// choices (background read repair) are seeded from the run's seed.
+pub fn node_config(id: &NodeId, seed: u64, incarnation: u64) -> NodeConfig {
     let mut config = NodeConfig::new(id.as_str());
+    let mut mix = ChaCha8Rng::seed_from_u64(seed ^ 0x6d65_6e64_6b76);
+    let salt: u64 = mix.gen();
+    config.rng_seed = salt
+        ^ id.as_str()
+            .bytes()
+            .fold(incarnation.wrapping_mul(0x9e37_79b9_7f4a_7c15), |h, b| {
+                h.rotate_left(7) ^ u64::from(b)
+            });
     config.peer_address = format!("sim:{id}");
     config.http_address = format!("sim-http:{id}");
     config.request_timeout_ms = REQUEST_TIMEOUT_MS;
@@ -1803,6 +1820,30 @@ pub fn describe(message: &Message) -> String {
         Message::ReplicateReply { request, result } => match result {
             Ok(()) => format!("ReplicateReply#{} ok", request_name(*request)),
             Err(e) => format!("ReplicateReply#{} error {e:?}", request_name(*request)),
+        },
+        Message::ReadDigest {
+            request, key: k, ..
+        } => {
+            format!("ReadDigest#{} {}", request_name(*request), key(k))
+        }
+        Message::ReadDigestReply { request, result } => match result {
+            Ok(digest) => format!("ReadDigestReply#{} {digest:016x}", request_name(*request)),
+            Err(e) => format!("ReadDigestReply#{} error {e:?}", request_name(*request)),
+        },
+        Message::RepairWrite {
+            request,
+            key: k,
+            object,
+            ..
+        } => format!(
+            "RepairWrite#{} {} {}",
+            request_name(*request),
+            key(k),
+            describe_object(object)
+        ),
+        Message::RepairWriteReply { request, result } => match result {
+            Ok(()) => format!("RepairWriteReply#{} ok", request_name(*request)),
+            Err(e) => format!("RepairWriteReply#{} error {e:?}", request_name(*request)),
         },
         Message::Members { members } => format!("Members({})", members.len()),
         // Any message kind newer than this simulator prints as Debug.

@@ -84,12 +84,25 @@ fn config_for(args: &Args, faults: FaultConfig, seed: u64) -> SimConfig {
 fn print_failure(report: &RunReport) {
     println!("{}", report.summary());
     println!("  params: {}", report.params);
-    for (label, violation) in report.check.violations().take(10) {
+    let check = &report.check;
+    let safety: Vec<_> = check
+        .violations()
+        .filter(|(l, _)| *l != "divergent")
+        .collect();
+    for (label, violation) in safety.iter().take(10) {
         println!("  {label}: {violation}");
     }
-    let more = report.check.violations().count().saturating_sub(10);
-    if more > 0 {
-        println!("  ... and {more} more");
+    if safety.len() > 10 {
+        println!("  ... and {} more", safety.len() - 10);
+    }
+    for violation in check.divergent.iter().take(3) {
+        println!("  divergent: {violation}");
+    }
+    if check.divergent.len() > 3 {
+        println!(
+            "  ... and {} more divergent keys",
+            check.divergent.len() - 3
+        );
     }
     for line in report.key_histories(3).lines().take(60) {
         println!("  {line}");
