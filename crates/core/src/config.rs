@@ -1,5 +1,6 @@
 //! The knobs the core reads. The server maps its TOML / env / flag configuration onto these.
 
+use crate::hinted_handoff::HintedHandoffConfig;
 use crate::quorum::ConsistencyLevel;
 use crate::{Millis, NodeId};
 
@@ -66,6 +67,7 @@ pub struct NodeConfig {
     /// Bound on client requests in flight at this coordinator; beyond it requests are refused.
     pub max_pending_requests: usize,
     pub read_repair: ReadRepairConfig,
+    pub hinted_handoff: HintedHandoffConfig,
     /// Seed of the node's random choices (background repair, ...); the simulator sets it
     /// from its run seed, the server from the OS.
     pub rng_seed: u64,
@@ -87,6 +89,7 @@ impl NodeConfig {
             membership_interval_ms: 1000,
             max_pending_requests: 65_536,
             read_repair: ReadRepairConfig::default(),
+            hinted_handoff: HintedHandoffConfig::default(),
             rng_seed: 0,
         }
     }

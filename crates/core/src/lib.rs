@@ -8,6 +8,7 @@
 //! - [`quorum`]: consistency levels and "have enough replicas answered?".
 //! - [`coordinator`]: per-request state machines for get / put / delete.
 //! - [`read_repair`]: replies in -> the merged answer and which replicas to repair.
+//! - [`hinted_handoff`]: hint records, the hint queue, budgets, delivery order.
 //! - [`membership`]: who is in the cluster and who is reachable (static until gossip).
 //! - [`message`]: what nodes say to each other, and what clients ask of a node.
 //! - [`request`]: validation of client input (bucket names, keys, sizes).
@@ -17,6 +18,7 @@
 
 pub mod config;
 pub mod coordinator;
+pub mod hinted_handoff;
 pub mod membership;
 pub mod message;
 pub mod node;

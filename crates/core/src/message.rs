@@ -76,6 +76,16 @@ pub enum Message {
         request: RequestId,
         result: Result<(), ReplicaError>,
     },
+    /// Hinted writes replayed to the replica they were meant for.
+    HintBatch {
+        request: RequestId,
+        hints: Vec<(String, Vec<u8>, Object)>,
+    },
+    /// Sent once every hint of the batch is durable on the replica.
+    HintBatchReply {
+        request: RequestId,
+        result: Result<(), ReplicaError>,
+    },
     /// The members the sender knows (static membership; gossip replaces it).
     Members { members: Vec<MemberInfo> },
 }
@@ -88,7 +98,8 @@ impl Message {
             | Message::ReadDigest { request, .. }
             | Message::RepairWrite { request, .. }
             | Message::Coordinate { request, .. }
-            | Message::Replicate { request, .. } => Some(*request),
+            | Message::Replicate { request, .. }
+            | Message::HintBatch { request, .. } => Some(*request),
             _ => None,
         }
     }
@@ -98,6 +109,7 @@ impl Message {
         match self {
             Message::RepairWrite { .. } | Message::RepairWriteReply { .. } => "read_repair",
             Message::Members { .. } => "gossip",
+            Message::HintBatch { .. } | Message::HintBatchReply { .. } => "hints",
             _ => "replication",
         }
     }

@@ -37,18 +37,27 @@ pub trait Storage: Send + 'static {
     /// Small named records of the node itself (its epoch).
     fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError>;
     fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StorageError>;
+    /// Hints live in their own partition, as opaque records (see `hinted_handoff`).
+    fn put_hint(&self, key: &[u8], record: &[u8]) -> Result<(), StorageError>;
+    fn get_hint(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
+    fn delete_hint(&self, key: &[u8]) -> Result<(), StorageError>;
+    /// Every hint record, to rebuild the hint queue at start (bounded by the hint budgets).
+    fn scan_hints(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError>;
 }
 
 #[derive(Debug, Clone)]
 enum Record {
     Object(ObjectKey, Object),
     Meta(String, Vec<u8>),
+    /// A hint record, or its deletion (`None`).
+    Hint(Vec<u8>, Option<Vec<u8>>),
 }
 
 #[derive(Debug, Default)]
 struct MemoryState {
     durable_objects: BTreeMap<ObjectKey, Object>,
     durable_meta: BTreeMap<String, Vec<u8>>,
+    durable_hints: BTreeMap<Vec<u8>, Vec<u8>>,
     /// Written but not yet synced, oldest first.
     pending: Vec<Record>,
 }
@@ -108,6 +117,12 @@ fn apply(state: &mut MemoryState, record: Record) {
         Record::Meta(k, v) => {
             state.durable_meta.insert(k, v);
         }
+        Record::Hint(k, Some(v)) => {
+            state.durable_hints.insert(k, v);
+        }
+        Record::Hint(k, None) => {
+            state.durable_hints.remove(&k);
+        }
     }
 }
 
@@ -159,6 +174,41 @@ impl Storage for MemoryStorage {
             .pending
             .push(Record::Meta(name.to_string(), value.to_vec()));
         Ok(())
+    }
+
+    fn put_hint(&self, key: &[u8], record: &[u8]) -> Result<(), StorageError> {
+        self.lock()
+            .pending
+            .push(Record::Hint(key.to_vec(), Some(record.to_vec())));
+        Ok(())
+    }
+
+    fn get_hint(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        let state = self.lock();
+        let pending = state.pending.iter().rev().find_map(|r| match r {
+            Record::Hint(k, v) if k == key => Some(v.clone()),
+            _ => None,
+        });
+        Ok(pending.unwrap_or_else(|| state.durable_hints.get(key).cloned()))
+    }
+
+    fn delete_hint(&self, key: &[u8]) -> Result<(), StorageError> {
+        self.lock().pending.push(Record::Hint(key.to_vec(), None));
+        Ok(())
+    }
+
+    fn scan_hints(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+        let state = self.lock();
+        let mut all = state.durable_hints.clone();
+        for record in &state.pending {
+            if let Record::Hint(k, v) = record {
+                match v {
+                    Some(v) => all.insert(k.clone(), v.clone()),
+                    None => all.remove(k),
+                };
+            }
+        }
+        Ok(all.into_iter().collect())
     }
 }
 

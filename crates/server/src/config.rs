@@ -4,6 +4,7 @@
 //! error messages.
 
 use mendkv_core::config::{FsyncPolicy, NodeConfig, ReadRepairConfig, ReadRepairMode};
+use mendkv_core::hinted_handoff::HintedHandoffConfig;
 use mendkv_core::quorum::ConsistencyLevel;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -15,7 +16,32 @@ pub struct ServerConfig {
     pub cluster: ClusterSection,
     pub consistency: ConsistencySection,
     pub read_repair: ReadRepairSection,
+    pub hinted_handoff: HintedHandoffSection,
     pub storage: StorageSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HintedHandoffSection {
+    pub enabled: bool,
+    pub ttl_s: u64,
+    pub max_hints_per_node: usize,
+    pub max_bytes_total: u64,
+    /// Hints replayed per second (0 = unlimited).
+    pub delivery_rate_per_s: u64,
+}
+
+impl Default for HintedHandoffSection {
+    fn default() -> Self {
+        let core = HintedHandoffConfig::default();
+        HintedHandoffSection {
+            enabled: core.enabled,
+            ttl_s: core.ttl_ms / 1000,
+            max_hints_per_node: core.max_hints_per_node,
+            max_bytes_total: core.max_bytes_total,
+            delivery_rate_per_s: core.delivery_rate_per_s,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -332,6 +358,14 @@ impl ServerConfig {
         config.fsync = self.fsync_policy()?;
         config.max_value_bytes = self.storage.max_value_bytes;
         config.read_repair = self.read_repair_config()?;
+        config.hinted_handoff = HintedHandoffConfig {
+            enabled: self.hinted_handoff.enabled,
+            ttl_ms: self.hinted_handoff.ttl_s.saturating_mul(1000),
+            max_hints_per_node: self.hinted_handoff.max_hints_per_node,
+            max_bytes_total: self.hinted_handoff.max_bytes_total,
+            delivery_rate_per_s: self.hinted_handoff.delivery_rate_per_s,
+            ..HintedHandoffConfig::default()
+        };
         config.rng_seed = rand::random();
         Ok(config)
     }

@@ -54,7 +54,7 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let node_config = config.node_config()?;
     let storage = FjallStorage::open(&config.node.data_dir)?;
-    let node = Node::new(node_config.clone(), storage.clone(), 0)?;
+    let node = Node::new(node_config.clone(), storage.clone(), wall_clock_ms())?;
     let peer_listener = TcpListener::bind(&config.node.listen)
         .await
         .map_err(|e| ServerError::Bind(config.node.listen.clone(), e))?;
@@ -73,6 +73,7 @@ pub async fn run(
     });
     let (inbox_sender, inbox) = mpsc::channel(INBOX_CAPACITY);
     let start = tokio::time::Instant::now();
+    let start_ms = wall_clock_ms();
     tracing::info!(
         node = %node_config.node_id,
         epoch = node.epoch(),
@@ -103,6 +104,7 @@ pub async fn run(
         metrics.clone(),
         shutdown.clone(),
         start,
+        start_ms,
     ));
     let state = http::ApiState {
         inbox: inbox_sender,
@@ -121,6 +123,13 @@ pub async fn run(
     accept.abort();
     tracing::info!("node stopped");
     result
+}
+
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Introduces this node to a seed (and learns the seed's id), retrying with backoff until the

@@ -66,6 +66,11 @@ pub struct Metrics {
     pub requests_timed_out: Gauge,
     pub read_repair: Family<OutcomeLabels, Counter>,
     pub repairs: Family<RepairLabels, Counter>,
+    pub hints_stored: Counter,
+    pub hints_delivered: Counter,
+    pub hints_expired: Counter,
+    pub hints_dropped: Family<ReasonLabels, Counter>,
+    pub hints_pending: Gauge,
 }
 
 impl Metrics {
@@ -130,7 +135,42 @@ impl Metrics {
             "Repair writes by mechanism and outcome (success rate = ok / all)",
             repairs.clone(),
         );
+        let hints_stored = Counter::default();
+        registry.register(
+            "mendkv_hints_stored",
+            "Hints stored (coalesced ones included)",
+            hints_stored.clone(),
+        );
+        let hints_delivered = Counter::default();
+        registry.register(
+            "mendkv_hints_delivered",
+            "Hints delivered and acknowledged durably",
+            hints_delivered.clone(),
+        );
+        let hints_expired = Counter::default();
+        registry.register(
+            "mendkv_hints_expired",
+            "Hints dropped at their TTL",
+            hints_expired.clone(),
+        );
+        let hints_dropped = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "mendkv_hints_dropped",
+            "Hints not kept, by reason",
+            hints_dropped.clone(),
+        );
+        let hints_pending = Gauge::default();
+        registry.register(
+            "mendkv_hints_pending",
+            "Hints waiting for delivery",
+            hints_pending.clone(),
+        );
         Arc::new(Metrics {
+            hints_stored,
+            hints_delivered,
+            hints_expired,
+            hints_dropped,
+            hints_pending,
             read_repair,
             repairs,
             registry,

@@ -3,9 +3,10 @@
 //! out the node's actions, and runs group commit: after each batch of inputs, one fsync on a
 //! blocking thread covers every write of the batch, while the node keeps taking input.
 
-use crate::metrics::{Metrics, OutcomeLabels, RepairLabels, StatusLabels};
+use crate::metrics::{Metrics, OutcomeLabels, ReasonLabels, RepairLabels, StatusLabels};
 use crate::transport::{spawn_link, Identity, PeerLink};
 use mendkv_core::config::FsyncPolicy;
+use mendkv_core::hinted_handoff::DropReason;
 use mendkv_core::membership::{MemberInfo, PeerStatus};
 use mendkv_core::message::{ClientRequest, ClientRequestId, ClientResponse, Message};
 use mendkv_core::node::NodeStats;
@@ -81,6 +82,9 @@ struct NodeTask {
     node: Node<FjallStorage>,
     storage: FjallStorage,
     start: Instant,
+    /// Wall-clock milliseconds at `start`: the node's `now` is wall-clock based (so hint
+    /// TTLs hold across restarts) and monotonic within the process.
+    start_ms: Millis,
     links: BTreeMap<NodeId, PeerLink>,
     clients: BTreeMap<ClientRequestId, oneshot::Sender<ClientResponse>>,
     next_client: ClientRequestId,
@@ -94,7 +98,7 @@ struct NodeTask {
 
 impl NodeTask {
     fn now(&self) -> Millis {
-        self.start.elapsed().as_millis() as Millis
+        self.start_ms + self.start.elapsed().as_millis() as Millis
     }
 
     fn handle(&mut self, item: Inbox) {
@@ -203,7 +207,7 @@ impl NodeTask {
                 status: self.node.membership().status(&info.id).as_str(),
                 phi: 0.0,
                 ownership: ring.ownership(&info.id),
-                hints_pending: 0,
+                hints_pending: self.node.hints_pending_for(&info.id) as u64,
             })
             .collect();
         ClusterStatus {
@@ -235,6 +239,27 @@ impl NodeTask {
         repairs("read_repair", "ok").inc_by(now.read_repair_writes_ok - old.read_repair_writes_ok);
         repairs("read_repair", "failed")
             .inc_by(now.read_repair_writes_failed - old.read_repair_writes_failed);
+        repairs("hinted_handoff", "ok").inc_by(now.hint_writes_ok - old.hint_writes_ok);
+        repairs("hinted_handoff", "failed").inc_by(now.hint_writes_failed - old.hint_writes_failed);
+        metrics
+            .hints_stored
+            .inc_by(now.hints_stored - old.hints_stored);
+        metrics
+            .hints_delivered
+            .inc_by(now.hints_delivered - old.hints_delivered);
+        metrics
+            .hints_expired
+            .inc_by(now.hints_expired - old.hints_expired);
+        for reason in DropReason::ALL {
+            let index = reason as usize;
+            metrics
+                .hints_dropped
+                .get_or_create(&ReasonLabels {
+                    reason: reason.as_str(),
+                })
+                .inc_by(now.hints_dropped[index] - old.hints_dropped[index]);
+        }
+        metrics.hints_pending.set(self.node.hints_pending() as i64);
         self.exported = now;
     }
 
@@ -265,6 +290,7 @@ pub async fn run_node(
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
     start: Instant,
+    start_ms: Millis,
 ) {
     let periodic = match node.config().fsync {
         FsyncPolicy::Periodic { interval_ms } => Some(Duration::from_millis(interval_ms)),
@@ -274,6 +300,7 @@ pub async fn run_node(
         node,
         storage,
         start,
+        start_ms,
         links: BTreeMap::new(),
         clients: BTreeMap::new(),
         next_client: 0,
@@ -287,7 +314,7 @@ pub async fn run_node(
     let mut gauges = tokio::time::interval(Duration::from_millis(500));
     loop {
         let deadline = task.node.next_deadline().min(task.now() + 1000);
-        let wake = start + Duration::from_millis(deadline);
+        let wake = start + Duration::from_millis(deadline.saturating_sub(start_ms));
         tokio::select! {
             item = inbox.recv() => {
                 let Some(item) = item else { break };

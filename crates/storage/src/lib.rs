@@ -4,6 +4,7 @@
 //! One fjall database per node (`<data_dir>/db`) with keyspaces:
 //! - `objects`: key = `[bucket length: u8][bucket][key]`, value = `[format: u8][postcard(Object)]`.
 //! - `meta`: the node's own small records (its epoch).
+//! - `hints`: hinted-handoff records, key and value encoded by `core::hinted_handoff`.
 //!
 //! # Durability
 //! Every write is handed to the OS at once (fjall's default journal mode), so a killed
@@ -24,6 +25,7 @@ pub struct FjallStorage {
     database: Database,
     objects: Keyspace,
     meta: Keyspace,
+    hints: Keyspace,
 }
 
 fn engine_error(error: impl std::fmt::Display) -> StorageError {
@@ -43,10 +45,14 @@ impl FjallStorage {
         let meta = database
             .keyspace("meta", KeyspaceCreateOptions::default)
             .map_err(engine_error)?;
+        let hints = database
+            .keyspace("hints", KeyspaceCreateOptions::default)
+            .map_err(engine_error)?;
         Ok(FjallStorage {
             database,
             objects,
             meta,
+            hints,
         })
     }
 
@@ -122,6 +128,31 @@ impl Storage for FjallStorage {
         self.meta
             .insert(name.as_bytes(), value)
             .map_err(engine_error)
+    }
+
+    fn put_hint(&self, key: &[u8], record: &[u8]) -> Result<(), StorageError> {
+        self.hints.insert(key, record).map_err(engine_error)
+    }
+
+    fn get_hint(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self
+            .hints
+            .get(key)
+            .map_err(engine_error)?
+            .map(|v| v.to_vec()))
+    }
+
+    fn delete_hint(&self, key: &[u8]) -> Result<(), StorageError> {
+        self.hints.remove(key).map_err(engine_error)
+    }
+
+    fn scan_hints(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+        let mut all = Vec::new();
+        for guard in self.hints.iter() {
+            let (key, value) = guard.into_inner().map_err(engine_error)?;
+            all.push((key.to_vec(), value.to_vec()));
+        }
+        Ok(all)
     }
 }
 

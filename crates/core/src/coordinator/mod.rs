@@ -53,6 +53,11 @@ pub struct PutOperation {
     awaiting: BTreeSet<NodeId>,
     quorum: Quorum,
     object: Option<Object>,
+    /// Replicas that could not store the object: they get hints.
+    pub failed_replicas: Vec<NodeId>,
+    /// The client has its answer; the operation waits for the remaining replicas only to
+    /// hint the ones that do not answer.
+    pub answered: bool,
 }
 
 /// What the node must do for a write next.
@@ -97,6 +102,8 @@ impl PutOperation {
             awaiting: BTreeSet::new(),
             quorum,
             object: None,
+            failed_replicas: Vec::new(),
+            answered: false,
         }
     }
 
@@ -178,6 +185,7 @@ impl PutOperation {
             self.quorum.record_success();
         } else {
             self.quorum.record_failure();
+            self.failed_replicas.push(from.clone());
         }
         self.step()
     }
@@ -213,6 +221,23 @@ impl PutOperation {
                 }
             }
         }
+    }
+
+    /// The coordinated object, once it exists.
+    pub fn object(&self) -> Option<&Object> {
+        self.object.as_ref()
+    }
+
+    /// Replicas that have not stored the object: failed ones, and those still silent.
+    pub fn unacknowledged(&self) -> Vec<NodeId> {
+        let mut nodes = self.failed_replicas.clone();
+        nodes.extend(self.awaiting.iter().cloned());
+        nodes
+    }
+
+    /// No replica reply is expected any more.
+    pub fn settled(&self) -> bool {
+        self.awaiting.is_empty() && !matches!(self.phase, PutPhase::Coordinating { .. })
     }
 
     /// True when a reply from `node` is still expected (used when a peer goes down).

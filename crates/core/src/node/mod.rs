@@ -11,13 +11,14 @@
 
 use crate::config::{FsyncPolicy, NodeConfig};
 use crate::coordinator::{AfterRead, GetOperation, PutOperation, WriteStep};
+use crate::hinted_handoff::{DeliveryBudget, DropReason, HintQueue};
 use crate::membership::{MemberInfo, Membership, PeerStatus};
 use crate::message::{
     ClientRequest, ClientRequestId, ClientResponse, Message, ReplicaError, RequestId,
 };
 use crate::quorum::ConsistencyLevel;
 use crate::request::{validate_bucket, validate_key};
-use crate::ring::Ring;
+use crate::ring::{Ring, TokenRange};
 use crate::storage::{Storage, StorageError};
 use crate::version::{Actor, CausalContext, Object, Value};
 use crate::{Millis, NodeId};
@@ -58,6 +59,13 @@ pub struct NodeStats {
     /// Repair writes (SPEC `mendkv_repairs_total{mechanism="read_repair",outcome}`).
     pub read_repair_writes_ok: u64,
     pub read_repair_writes_failed: u64,
+    /// Hinted handoff (SPEC `mendkv_hints_*`); `hints_dropped` is indexed by `DropReason`.
+    pub hints_stored: u64,
+    pub hints_delivered: u64,
+    pub hints_expired: u64,
+    pub hints_dropped: [u64; 5],
+    pub hint_writes_ok: u64,
+    pub hint_writes_failed: u64,
 }
 
 #[derive(Debug)]
@@ -106,6 +114,12 @@ pub struct Node<S: Storage> {
     /// Recent reply latency per peer (moving average), to pick data replicas.
     peer_latency_ms: BTreeMap<NodeId, Millis>,
     repairs_in_flight: usize,
+    hint_queue: HintQueue,
+    hint_batches: BTreeMap<RequestId, hints::HintBatchInFlight>,
+    delivery_budget: DeliveryBudget,
+    next_delivery_at: Millis,
+    repair_marks: BTreeSet<TokenRange>,
+    repair_marks_overflowed: bool,
 }
 
 /// The meta record holding the node's epoch.
@@ -130,7 +144,16 @@ impl<S: Storage> Node<S> {
         };
         let membership = Membership::new(me);
         let ring = Ring::new(membership.ids(), config.vnodes, config.replication_factor);
+        let (hint_queue, corrupt_hints) = hints::load_hint_queue(&storage);
+        let mut stats = NodeStats::default();
+        stats.hints_dropped[DropReason::Corrupt as usize] = corrupt_hints;
         Ok(Node {
+            hint_queue,
+            hint_batches: BTreeMap::new(),
+            delivery_budget: DeliveryBudget::new(config.hinted_handoff.delivery_rate_per_s, now),
+            next_delivery_at: now,
+            repair_marks: BTreeSet::new(),
+            repair_marks_overflowed: false,
             actor: Actor::new(config.node_id.as_str(), epoch),
             epoch,
             membership,
@@ -144,7 +167,7 @@ impl<S: Storage> Node<S> {
             next_ticket: 0,
             unsynced_writes: false,
             next_membership_at: now,
-            stats: NodeStats::default(),
+            stats,
             rng: StdRng::seed_from_u64(config.rng_seed),
             peer_latency_ms: BTreeMap::new(),
             repairs_in_flight: 0,
@@ -318,6 +341,15 @@ impl<S: Storage> Node<S> {
             for request in waiting {
                 self.on_replica_failed(now, request, peer);
             }
+            let batches: Vec<RequestId> = self
+                .hint_batches
+                .iter()
+                .filter(|(_, b)| b.target == *peer)
+                .map(|(id, _)| *id)
+                .collect();
+            for request in batches {
+                self.on_hint_batch_reply(request, false);
+            }
         }
     }
 
@@ -428,7 +460,7 @@ impl<S: Storage> Node<S> {
             op.start_remote(candidates)
         };
         self.insert_operation(id, Operation::Put(op));
-        self.drive_write(id, step);
+        self.drive_write(now, id, step);
     }
 
     /// Applies a client write as the actor: new dot on top of the local object.
@@ -459,11 +491,35 @@ impl<S: Storage> Node<S> {
         Ok(())
     }
 
-    fn drive_write(&mut self, id: RequestId, step: WriteStep) {
+    /// Ends an answered write once no replica reply is expected.
+    fn finish_write_if_settled(&mut self, now: Millis, id: RequestId) {
+        if let Some(Operation::Put(op)) = self.operations.get(&id) {
+            if op.answered && op.settled() {
+                self.finish_write(now, id);
+            }
+        }
+    }
+
+    /// Removes a write and hints every replica that did not store its object.
+    fn finish_write(&mut self, now: Millis, id: RequestId) {
+        let Some(Operation::Put(op)) = self.remove_operation(id) else {
+            return;
+        };
+        if let Some(object) = op.object() {
+            for target in op.unacknowledged() {
+                self.store_hint(now, &target, &op.bucket, &op.key, object);
+            }
+        }
+    }
+
+    fn drive_write(&mut self, now: Millis, id: RequestId, step: WriteStep) {
         let mut step = step;
         loop {
             match step {
-                WriteStep::Pending => return,
+                WriteStep::Pending => {
+                    self.finish_write_if_settled(now, id);
+                    return;
+                }
                 WriteStep::AskActor(actor) => {
                     let Some(Operation::Put(op)) = self.operations.get(&id) else {
                         return;
@@ -498,18 +554,28 @@ impl<S: Storage> Node<S> {
                     step = op.step();
                 }
                 WriteStep::Met(context) => {
-                    if let Some(Operation::Put(op)) = self.remove_operation(id) {
-                        self.emit_durable(Action::Reply {
-                            client: op.client,
-                            response: ClientResponse::Written { context },
-                        });
+                    if let Some(Operation::Put(op)) = self.operations.get_mut(&id) {
+                        if !op.answered {
+                            op.answered = true;
+                            let client = op.client;
+                            self.emit_durable(Action::Reply {
+                                client,
+                                response: ClientResponse::Written { context },
+                            });
+                        }
                     }
+                    self.finish_write_if_settled(now, id);
                     return;
                 }
                 WriteStep::Failed { needed, answered } => {
-                    if let Some(Operation::Put(op)) = self.remove_operation(id) {
-                        self.reply(op.client, ClientResponse::Unavailable { needed, answered });
+                    if let Some(Operation::Put(op)) = self.operations.get_mut(&id) {
+                        if !op.answered {
+                            op.answered = true;
+                            let client = op.client;
+                            self.reply(client, ClientResponse::Unavailable { needed, answered });
+                        }
                     }
+                    self.finish_write(now, id);
                     return;
                 }
             }
@@ -522,10 +588,10 @@ impl<S: Storage> Node<S> {
             Some(Operation::Get(_)) => self.on_read_failed(now, id, replica),
             Some(Operation::Put(op)) => {
                 let step = op.on_replica_failed(replica);
-                self.drive_write(id, step);
+                self.drive_write(now, id, step);
             }
-            Some(Operation::Repair(_)) => self.on_repair_reply(id, replica, false),
-            None => {}
+            Some(Operation::Repair(_)) => self.on_repair_reply(now, id, replica, false),
+            None => self.on_hint_batch_reply(id, false),
         }
     }
 
@@ -578,7 +644,17 @@ impl<S: Storage> Node<S> {
                 });
             }
             Message::RepairWriteReply { request, result } => {
-                self.on_repair_reply(request, from, result.is_ok())
+                self.on_repair_reply(now, request, from, result.is_ok())
+            }
+            Message::HintBatch { request, hints } => {
+                let result = self.serve_hint_batch(hints);
+                self.emit_durable(Action::Send {
+                    to: from.clone(),
+                    message: Message::HintBatchReply { request, result },
+                });
+            }
+            Message::HintBatchReply { request, result } => {
+                self.on_hint_batch_reply(request, result.is_ok())
             }
             Message::Coordinate {
                 request,
@@ -596,7 +672,7 @@ impl<S: Storage> Node<S> {
             Message::CoordinateReply { request, result } => {
                 if let Some(Operation::Put(op)) = self.operations.get_mut(&request) {
                     let step = op.on_coordinated(from, result.map_err(|_| ()));
-                    self.drive_write(request, step);
+                    self.drive_write(now, request, step);
                 }
             }
             Message::Replicate {
@@ -614,7 +690,7 @@ impl<S: Storage> Node<S> {
             Message::ReplicateReply { request, result } => {
                 if let Some(Operation::Put(op)) = self.operations.get_mut(&request) {
                     let step = op.on_replicated(from, result.is_ok());
-                    self.drive_write(request, step);
+                    self.drive_write(now, request, step);
                 }
             }
             Message::Members { members } => {
@@ -695,13 +771,22 @@ impl<S: Storage> Node<S> {
                     self.repair(now, &bucket, &key, &resolution, None);
                 }
                 Some(Operation::Put(op)) => {
-                    let (needed, answered) = op.needed_and_answered();
-                    self.stats.requests_timed_out += 1;
-                    self.reply(op.client, ClientResponse::Timeout { needed, answered });
+                    if !op.answered {
+                        let (needed, answered) = op.needed_and_answered();
+                        self.stats.requests_timed_out += 1;
+                        self.reply(op.client, ClientResponse::Timeout { needed, answered });
+                    }
+                    // Put it back for `finish_write`, which hints the silent replicas.
+                    self.operations.insert(id, Operation::Put(op));
+                    self.finish_write(now, id);
                 }
-                Some(Operation::Repair(repair)) => self.finish_repair(repair),
+                Some(Operation::Repair(repair)) => self.finish_repair(now, repair),
                 None => {}
             }
+        }
+        if now >= self.next_delivery_at {
+            self.next_delivery_at = now + hints::DELIVERY_INTERVAL_MS;
+            self.deliver_hints(now);
         }
         if now >= self.next_membership_at {
             self.next_membership_at = now + self.config.membership_interval_ms;
@@ -749,6 +834,7 @@ fn fail_acknowledgement(action: Action, error: &StorageError) -> Action {
     }
 }
 
+mod hints;
 mod read;
 
 #[cfg(test)]

@@ -16,6 +16,9 @@ use std::collections::BTreeSet;
 /// Repair writes of one inconsistent read.
 #[derive(Debug)]
 pub(super) struct RepairOperation {
+    pub bucket: String,
+    pub key: Vec<u8>,
+    pub object: Object,
     /// In blocking mode, the client waits for the repairs: its answer is sent when they end.
     pub waiting_client: Option<(ClientRequestId, Object)>,
     pub pending: BTreeSet<NodeId>,
@@ -308,13 +311,16 @@ impl<S: Storage> Node<S> {
             }
         }
         let repair = RepairOperation {
+            bucket: bucket.to_string(),
+            key: key.to_vec(),
+            object: resolution.merged.clone(),
             waiting_client,
             pending,
             deadline: now + self.config.request_timeout_ms,
             any_failed,
         };
         if repair.pending.is_empty() {
-            self.finish_repair(repair);
+            self.finish_repair(now, repair);
         } else {
             self.insert_operation(id, Operation::Repair(repair));
         }
@@ -329,7 +335,7 @@ impl<S: Storage> Node<S> {
     }
 
     /// A stale replica answered a repair write (or could not be reached).
-    pub(super) fn on_repair_reply(&mut self, id: RequestId, from: &NodeId, ok: bool) {
+    pub(super) fn on_repair_reply(&mut self, now: Millis, id: RequestId, from: &NodeId, ok: bool) {
         let Some(Operation::Repair(repair)) = self.operations.get_mut(&id) else {
             return;
         };
@@ -338,21 +344,33 @@ impl<S: Storage> Node<S> {
         }
         repair.any_failed |= !ok;
         let done = repair.pending.is_empty();
+        let hint = (!ok).then(|| {
+            (
+                repair.bucket.clone(),
+                repair.key.clone(),
+                repair.object.clone(),
+            )
+        });
         self.repairs_in_flight = self.repairs_in_flight.saturating_sub(1);
         self.count_repair_write(ok);
+        if let Some((bucket, key, object)) = hint {
+            // A failed repair write becomes a hint, as any other write would.
+            self.store_hint(now, from, &bucket, &key, &object);
+        }
         if done {
             if let Some(Operation::Repair(repair)) = self.remove_operation(id) {
-                self.finish_repair(repair);
+                self.finish_repair(now, repair);
             }
         }
     }
 
     /// Ends a repair (all answered, or its deadline passed): counts it, answers the client.
-    pub(super) fn finish_repair(&mut self, repair: RepairOperation) {
+    pub(super) fn finish_repair(&mut self, now: Millis, repair: RepairOperation) {
         let unanswered = repair.pending.len();
         self.repairs_in_flight = self.repairs_in_flight.saturating_sub(unanswered);
-        for _ in 0..unanswered {
+        for target in &repair.pending {
             self.count_repair_write(false);
+            self.store_hint(now, target, &repair.bucket, &repair.key, &repair.object);
         }
         if repair.any_failed || unanswered > 0 {
             self.stats.read_repair_failed += 1;

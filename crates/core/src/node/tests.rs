@@ -294,3 +294,111 @@ fn read_repair_merges_siblings_from_two_replicas() {
         );
     }
 }
+
+impl TestCluster {
+    fn tick(&mut self, now: Millis) {
+        for node in &mut self.nodes {
+            node.handle_tick(now);
+        }
+        self.run();
+    }
+}
+
+/// A write that cannot reach a replica leaves a durable hint; when the replica is back the
+/// hint is replayed and removed.
+#[test]
+fn hints_are_stored_and_delivered() {
+    let mut cluster = TestCluster::new(3);
+    cluster.stopped[2] = true;
+    cluster.put(0, "v1", CausalContext::empty(), ConsistencyLevel::Quorum);
+    assert_eq!(cluster.nodes[0].hints_pending_for(&NodeId::new("n2")), 1);
+    cluster.tick(10);
+    assert_eq!(
+        cluster.nodes[0].hints_pending(),
+        1,
+        "not delivered while down"
+    );
+    cluster.stopped[2] = false;
+    cluster.tick(1000);
+    assert_eq!(cluster.nodes[0].hints_pending(), 0);
+    assert_eq!(cluster.nodes[0].stats().hints_delivered, 1);
+    let local = local(&mut cluster, 2).expect("delivered");
+    assert_eq!(local.live_values().next().unwrap().value, data("v1"));
+}
+
+/// 100 updates of one key while the target is down give one hint and one delivery of the
+/// final value.
+#[test]
+fn hints_coalesce_per_key() {
+    let mut cluster = TestCluster::new(3);
+    cluster.stopped[2] = true;
+    let mut context = CausalContext::empty();
+    for i in 0..100 {
+        match cluster.put(
+            0,
+            &format!("v{i}"),
+            context.clone(),
+            ConsistencyLevel::Quorum,
+        ) {
+            ClientResponse::Written { context: next } => context = next,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(cluster.nodes[0].hints_pending(), 1);
+    cluster.stopped[2] = false;
+    cluster.tick(1000);
+    assert_eq!(cluster.nodes[0].stats().hints_delivered, 1);
+    let local = local(&mut cluster, 2).unwrap();
+    let values: Vec<_> = local.live_values().map(|s| s.value.clone()).collect();
+    assert_eq!(values, vec![data("v99")]);
+}
+
+/// Expired hints are dropped, counted and leave a mark for anti-entropy.
+#[test]
+fn hints_expire() {
+    let mut cluster = TestCluster::new(3);
+    cluster.stopped[2] = true;
+    cluster.put(0, "v1", CausalContext::empty(), ConsistencyLevel::Quorum);
+    cluster.stopped[2] = false;
+    let ttl = cluster.nodes[0].config().hinted_handoff.ttl_ms;
+    cluster.tick(ttl + 1);
+    assert_eq!(cluster.nodes[0].hints_pending(), 0);
+    assert_eq!(cluster.nodes[0].stats().hints_expired, 1);
+    assert_eq!(cluster.nodes[0].stats().hints_delivered, 0);
+    assert_eq!(cluster.nodes[0].repair_marks().count(), 1);
+}
+
+/// Hints survive a restart of the node that holds them (they are in storage).
+#[test]
+fn hints_survive_a_restart_of_the_holder() {
+    let storage = MemoryStorage::new();
+    let mut node = Node::new(NodeConfig::new("a"), storage.clone(), 0).unwrap();
+    for other in ["b", "c"] {
+        node.handle_member_discovered(MemberInfo {
+            id: NodeId::new(other),
+            peer_address: String::new(),
+            http_address: String::new(),
+        });
+    }
+    node.handle_client_request(
+        0,
+        1,
+        ClientRequest::Put {
+            bucket: "b".into(),
+            key: b"k".to_vec(),
+            context: CausalContext::empty(),
+            value: data("x"),
+            level: ConsistencyLevel::One,
+        },
+    );
+    while let Some(action) = node.poll_action() {
+        if let Action::Send { to, message } = action {
+            node.handle_send_failed(0, &to, &message);
+        }
+    }
+    node.sync_now();
+    assert_eq!(node.hints_pending(), 2);
+    storage.crash(0);
+    let restarted = Node::new(NodeConfig::new("a"), storage, 0).unwrap();
+    assert_eq!(restarted.hints_pending(), 2);
+}

@@ -119,6 +119,18 @@ impl Ring {
         self.preference_list(key_token(bucket, key))
     }
 
+    /// The primary range that contains `token`.
+    pub fn range_for_token(&self, token: Token) -> Option<TokenRange> {
+        let len = self.positions.len();
+        if len == 0 {
+            return None;
+        }
+        let index = self.positions.partition_point(|(t, _)| *t < token) % len;
+        let end = self.positions[index].0;
+        let start = self.positions[(index + len - 1) % len].0;
+        Some(TokenRange { start, end })
+    }
+
     /// Every primary range of the ring, with the preference list that replicates it.
     pub fn ranges(&self) -> Vec<(TokenRange, Vec<NodeId>)> {
         let len = self.positions.len();

@@ -33,12 +33,13 @@ proptest! {
         }
     }
 
-    /// Every token falls in exactly one primary range.
+    /// Every token falls in exactly one primary range, the one `range_for_token` names.
     #[test]
     fn ranges_partition_the_ring(n in 1usize..6, token in any::<u64>()) {
         let ring = Ring::new(&nodes(n), 8, 3);
-        let count = ring.ranges().iter().filter(|(r, _)| r.contains(token)).count();
-        prop_assert_eq!(count, 1);
+        let containing: Vec<_> = ring.ranges().into_iter().filter(|(r, _)| r.contains(token)).collect();
+        prop_assert_eq!(containing.len(), 1);
+        prop_assert_eq!(Some(containing[0].0), ring.range_for_token(token));
     }
 }
 

@@ -1,0 +1,270 @@
+//! The node's hinted handoff: storing hints for unreachable replicas, replaying them when
+//! the replica is up again, expiry, budgets, and the marks left for anti-entropy.
+
+use super::Node;
+use crate::hinted_handoff::{
+    hint_key, parse_hint_key, DropReason, HintQueue, HintRecord, QueuedHint,
+};
+use crate::membership::PeerStatus;
+use crate::message::{Message, RequestId};
+use crate::ring::key_token;
+use crate::storage::Storage;
+use crate::version::Object;
+use crate::{Millis, NodeId};
+
+/// Token ranges remembered for priority anti-entropy; beyond this many the oldest marks are
+/// kept and `repair_marks_overflowed` says a full pass is due.
+const MAX_REPAIR_MARKS: usize = 4096;
+/// How often delivery is attempted while hints are pending.
+pub(super) const DELIVERY_INTERVAL_MS: Millis = 100;
+
+/// A hint batch on its way to a target.
+#[derive(Debug, Clone)]
+pub(super) struct HintBatchInFlight {
+    pub target: NodeId,
+    pub hints: Vec<QueuedHint>,
+    pub deadline: Millis,
+}
+
+/// Rebuilds the hint queue from storage at start; corrupt records are skipped and counted.
+pub(super) fn load_hint_queue<S: Storage>(storage: &S) -> (HintQueue, u64) {
+    let mut queue = HintQueue::new();
+    let mut corrupt = 0;
+    for (key, value) in storage.scan_hints().unwrap_or_default() {
+        match (parse_hint_key(&key), HintRecord::decode(&value)) {
+            (Some((target, bucket, object_key)), Some(record)) => {
+                let is_delete = record.object.is_deleted();
+                queue.upsert(
+                    &target,
+                    &bucket,
+                    &object_key,
+                    record.created_ms,
+                    record.size_bytes(),
+                    is_delete,
+                );
+            }
+            _ => {
+                corrupt += 1;
+                let _ = storage.delete_hint(&key);
+            }
+        }
+    }
+    (queue, corrupt)
+}
+
+impl<S: Storage> Node<S> {
+    /// Keeps `object` for `target`, merged into any hint already kept for that key.
+    pub(super) fn store_hint(
+        &mut self,
+        now: Millis,
+        target: &NodeId,
+        bucket: &str,
+        key: &[u8],
+        object: &Object,
+    ) {
+        if target == self.id() {
+            return;
+        }
+        if !self.config.hinted_handoff.enabled {
+            self.drop_hint(bucket, key, DropReason::Disabled);
+            return;
+        }
+        if self.membership.get(target).is_none() {
+            self.drop_hint(bucket, key, DropReason::UnknownTarget);
+            return;
+        }
+        let storage_key = hint_key(target, bucket, key);
+        let mut record = match self.storage.get_hint(&storage_key) {
+            Ok(Some(bytes)) => HintRecord::decode(&bytes).unwrap_or_else(|| {
+                self.stats.hints_dropped[DropReason::Corrupt as usize] += 1;
+                HintRecord {
+                    object: Object::empty(),
+                    created_ms: now,
+                }
+            }),
+            Ok(None) => HintRecord {
+                object: Object::empty(),
+                created_ms: now,
+            },
+            Err(_) => {
+                self.stats.storage_errors += 1;
+                return;
+            }
+        };
+        record.object.merge_in(object);
+        let bytes = record.size_bytes();
+        if let Err(reason) =
+            self.hint_queue
+                .check_budget(&self.config.hinted_handoff, target, bucket, key, bytes)
+        {
+            self.drop_hint(bucket, key, reason);
+            return;
+        }
+        if self
+            .storage
+            .put_hint(&storage_key, &record.encode())
+            .is_err()
+        {
+            self.stats.storage_errors += 1;
+            return;
+        }
+        self.unsynced_writes = true;
+        let is_delete = record.object.is_deleted();
+        self.hint_queue
+            .upsert(target, bucket, key, record.created_ms, bytes, is_delete);
+        self.stats.hints_stored += 1;
+    }
+
+    fn drop_hint(&mut self, bucket: &str, key: &[u8], reason: DropReason) {
+        self.stats.hints_dropped[reason as usize] += 1;
+        self.mark_for_anti_entropy(bucket, key);
+    }
+
+    /// Remembers the range of a key whose hint was lost, for priority anti-entropy.
+    fn mark_for_anti_entropy(&mut self, bucket: &str, key: &[u8]) {
+        let Some(range) = self.ring.range_for_token(key_token(bucket, key)) else {
+            return;
+        };
+        if self.repair_marks.len() < MAX_REPAIR_MARKS {
+            self.repair_marks.insert(range);
+        } else if !self.repair_marks.contains(&range) {
+            self.repair_marks_overflowed = true;
+        }
+    }
+
+    /// Sends one batch to every live target with hints and no batch in flight.
+    pub(super) fn deliver_hints(&mut self, now: Millis) {
+        self.expire_hint_batches(now);
+        let targets: Vec<NodeId> = self.hint_queue.targets().cloned().collect();
+        for target in targets {
+            if self.membership.status(&target) != PeerStatus::Up
+                || self.membership.get(&target).is_none()
+                || self.hint_batches.values().any(|b| b.target == target)
+            {
+                continue;
+            }
+            let batch_size = self.config.hinted_handoff.batch_size.max(1);
+            let granted = self.delivery_budget.take(batch_size as u64, now) as usize;
+            if granted == 0 {
+                return;
+            }
+            let mut sent = Vec::new();
+            let mut payload = Vec::new();
+            for hint in self.hint_queue.next_batch(&target, granted) {
+                let storage_key = hint_key(&target, &hint.bucket, &hint.key);
+                if now.saturating_sub(hint.created_ms) > self.config.hinted_handoff.ttl_ms {
+                    self.stats.hints_expired += 1;
+                    self.forget_hint(&target, &hint, None);
+                    self.mark_for_anti_entropy(&hint.bucket, &hint.key);
+                    continue;
+                }
+                match self.storage.get_hint(&storage_key) {
+                    Ok(Some(bytes)) => match HintRecord::decode(&bytes) {
+                        Some(record) => {
+                            payload.push((hint.bucket.clone(), hint.key.clone(), record.object));
+                            sent.push(hint);
+                        }
+                        None => {
+                            self.forget_hint(&target, &hint, None);
+                            self.drop_hint(&hint.bucket, &hint.key, DropReason::Corrupt);
+                        }
+                    },
+                    Ok(None) => {
+                        self.hint_queue
+                            .remove(&target, &hint.bucket, &hint.key, None);
+                    }
+                    Err(_) => self.stats.storage_errors += 1,
+                }
+            }
+            if payload.is_empty() {
+                continue;
+            }
+            let request = self.new_request_id();
+            let deadline = now + self.config.request_timeout_ms;
+            self.hint_batches.insert(
+                request,
+                super::hints::HintBatchInFlight {
+                    target: target.clone(),
+                    hints: sent,
+                    deadline,
+                },
+            );
+            self.send(
+                &target,
+                Message::HintBatch {
+                    request,
+                    hints: payload,
+                },
+            );
+        }
+    }
+
+    /// Removes a hint from storage and queue (only the version that was sent, if given).
+    fn forget_hint(&mut self, target: &NodeId, hint: &QueuedHint, version: Option<u64>) {
+        if self
+            .hint_queue
+            .remove(target, &hint.bucket, &hint.key, version)
+        {
+            let _ = self
+                .storage
+                .delete_hint(&hint_key(target, &hint.bucket, &hint.key));
+        }
+    }
+
+    fn expire_hint_batches(&mut self, now: Millis) {
+        let expired: Vec<RequestId> = self
+            .hint_batches
+            .iter()
+            .filter(|(_, b)| b.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.on_hint_batch_reply(id, false);
+        }
+    }
+
+    /// The target answered a batch (or could not be reached): delivered hints are removed.
+    pub(super) fn on_hint_batch_reply(&mut self, request: RequestId, ok: bool) {
+        let Some(batch) = self.hint_batches.remove(&request) else {
+            return;
+        };
+        for hint in &batch.hints {
+            if ok {
+                self.forget_hint(&batch.target, hint, Some(hint.version));
+                self.stats.hints_delivered += 1;
+                self.stats.hint_writes_ok += 1;
+            } else {
+                self.stats.hint_writes_failed += 1;
+            }
+        }
+    }
+
+    /// A replica receives replayed hints: merge each, answer once durable.
+    pub(super) fn serve_hint_batch(
+        &mut self,
+        hints: Vec<(String, Vec<u8>, Object)>,
+    ) -> Result<(), crate::message::ReplicaError> {
+        let mut result = Ok(());
+        for (bucket, key, object) in hints {
+            if let Err(error) = self.serve_replicate(&bucket, &key, &object) {
+                result = Err(error);
+            }
+        }
+        result
+    }
+
+    /// Hints waiting for `target`.
+    pub fn hints_pending_for(&self, target: &NodeId) -> usize {
+        self.hint_queue.pending_for(target)
+    }
+
+    /// Hints waiting in total.
+    pub fn hints_pending(&self) -> usize {
+        self.hint_queue.total_hints()
+    }
+
+    /// Ranges marked for priority anti-entropy by dropped or expired hints.
+    pub fn repair_marks(&self) -> impl Iterator<Item = &crate::ring::TokenRange> {
+        self.repair_marks.iter()
+    }
+}
