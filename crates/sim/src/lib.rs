@@ -293,7 +293,7 @@ impl SimConfig {
             "cargo run --release -p mendkv-sim -- --seed {} --nodes {} --ops {} --faults {}",
             self.seed, self.nodes, self.ops, self.faults
         );
-        if self.require_convergence != !self.faults.breaks_replication() {
+        if self.require_convergence == self.faults.breaks_replication() {
             cmd.push_str(if self.require_convergence {
                 " --require-convergence"
             } else {

@@ -183,7 +183,7 @@ fn main() -> ExitCode {
                     failed += 1;
                     print_failure(&report);
                 }
-                if count >= 1000 && printed % 1000 == 0 {
+                if count >= 1000 && printed.is_multiple_of(1000) {
                     let minutes = wall.elapsed().as_secs_f64() / 60.0;
                     eprintln!(
                         "... {printed}/{count} seeds, {failed} failed, {:.0} seeds/min",
