@@ -12,9 +12,12 @@
 //! - **lost**: an acknowledged put whose value the final read does not return, although no
 //!   other write to the key could have superseded it. A write *could* supersede another
 //!   only through its causal context: a blind put supersedes nothing; a write whose context
-//!   came from an earlier response could have seen the value only if that response arrived
-//!   after the value's write was invoked; a delete without context reads first, so it could
-//!   have seen the value if it ended (or may still end) after the value's write was invoked.
+//!   came from a read could have covered the value only if that read returned it (the
+//!   first context to cover a dot is taken from an object holding it); a write whose
+//!   context came from an earlier write's answer (its actor's object, content unknown)
+//!   could have seen the value if that answer arrived after the value's write was invoked;
+//!   a delete without context reads first, so it could have seen the value if it ended (or
+//!   may still end) after the value's write was invoked.
 //!   Concurrent writes make siblings, and siblings are returned, so they are not losses.
 //! - **unexpected**: a successful read (during the run or final) returned a value no client
 //!   ever wrote.
@@ -58,6 +61,12 @@ pub struct CheckReport {
     /// Keys whose replicas hold different objects.
     pub divergent: Vec<Violation>,
     pub keys_checked: usize,
+    /// Acknowledged puts that no write could have superseded, so the final read had to
+    /// return them (the lost checker's reach in this run).
+    pub writes_that_must_survive: usize,
+    /// Acknowledged puts that an acknowledged write certainly superseded, so the final read
+    /// must not return them (the resurrected / stale checkers' reach).
+    pub writes_that_must_be_gone: usize,
 }
 
 impl CheckReport {
@@ -122,8 +131,18 @@ impl fmt::Display for CheckReport {
                     self.keys_checked
                 )
             }
+        )?;
+        write!(
+            f,
+            " (reach: {} writes had to survive, {} had to be gone)",
+            self.writes_that_must_survive, self.writes_that_must_be_gone
         )
     }
+}
+
+/// True when a successful read returned `value`.
+fn returned(read: &Op, value: &str) -> bool {
+    matches!(&read.outcome, Outcome::Ok(OkResult::Read { values }) if values.iter().any(|v| v == value))
 }
 
 /// Replicas a level needs out of `n`.
@@ -195,9 +214,6 @@ pub fn check_history(history: &History, replicas: usize) -> CheckReport {
         let Some(final_values) = finals.get(w.key.as_str()) else {
             continue;
         };
-        if final_values.contains(value) {
-            continue;
-        }
         let superseder = history.for_key(&w.key).find(|x| {
             x.id != w.id
                 && x.kind.is_write()
@@ -206,10 +222,23 @@ pub fn check_history(history: &History, replicas: usize) -> CheckReport {
                 && match x.context {
                     ContextSource::Blind => false,
                     ContextSource::ReadsFirst => x.end_or_never() >= w.invoked,
-                    ContextSource::FromOp(r) => completed_at(r) >= w.invoked,
+                    ContextSource::FromOp(r) => match history.get(r) {
+                        // A read's context covers the value only if the read returned it:
+                        // the first context to cover a dot comes from an object that held
+                        // it, and merging never drops a dot that no context covers yet.
+                        Some(read) if read.kind == OpKind::Get => {
+                            returned(read, value) && completed_at(r) >= w.invoked
+                        }
+                        // A write's context is its actor's whole object: unknown content.
+                        _ => completed_at(r) >= w.invoked,
+                    },
                 }
         });
-        if superseder.is_none() {
+        if superseder.is_some() {
+            continue;
+        }
+        report.writes_that_must_survive += 1;
+        if !final_values.contains(value) {
             report.lost.push(Violation {
                 key: w.key.clone(),
                 detail: format!(
@@ -223,54 +252,53 @@ pub fn check_history(history: &History, replicas: usize) -> CheckReport {
         }
     }
 
-    // resurrected / stale: final values that an acknowledged write certainly superseded.
-    for (key, final_values) in &finals {
-        for value in final_values.iter() {
-            let Some(w) = writer_of.get(value.as_str()) else {
-                report.unexpected.push(Violation {
-                    key: key.to_string(),
-                    detail: format!("the final read returned {value:?}, which no client wrote"),
-                });
-                continue;
-            };
-            if !w.outcome.is_ok() {
-                continue;
-            }
-            let acked_at = w.completed.unwrap_or(u64::MAX);
-            let need_w = required(w.level, replicas);
-            let overlaps = |level: ConsistencyLevel| need_w + required(level, replicas) > replicas;
-            let certain = history.for_key(key).find(|x| {
-                x.kind.is_write()
-                    && !x.is_final
-                    && x.outcome.is_ok()
-                    && match x.context {
-                        ContextSource::Blind => false,
-                        ContextSource::ReadsFirst => overlaps(x.level) && x.invoked > acked_at,
-                        ContextSource::FromOp(r) => history.get(r).is_some_and(|read| {
-                            read.kind == OpKind::Get
-                                && read.outcome.is_ok()
-                                && overlaps(read.level)
-                                && read.invoked > acked_at
-                        }),
-                    }
-            });
-            if let Some(x) = certain {
-                let violation = Violation {
-                    key: key.to_string(),
-                    detail: format!(
-                        "final read returned {value} (op{}, acknowledged at {}ms), which op{} ({} at {}, acknowledged) superseded",
-                        w.id,
-                        acked_at,
-                        x.id,
-                        x.kind.as_str(),
-                        x.level
-                    ),
-                };
-                if x.kind == OpKind::Delete {
-                    report.resurrected.push(violation);
-                } else {
-                    report.stale.push(violation);
+    // resurrected / stale: acknowledged puts that an acknowledged write certainly
+    // superseded must be gone from the final read.
+    for w in history
+        .ops
+        .iter()
+        .filter(|o| o.kind == OpKind::Put && o.outcome.is_ok())
+    {
+        let Some(value) = &w.value else { continue };
+        let Some(final_values) = finals.get(w.key.as_str()) else {
+            continue;
+        };
+        let acked_at = w.completed.unwrap_or(u64::MAX);
+        let need_w = required(w.level, replicas);
+        let overlaps = |level: ConsistencyLevel| need_w + required(level, replicas) > replicas;
+        let certain = history.for_key(&w.key).find(|x| {
+            x.kind.is_write()
+                && !x.is_final
+                && x.outcome.is_ok()
+                && match x.context {
+                    ContextSource::Blind => false,
+                    ContextSource::ReadsFirst => overlaps(x.level) && x.invoked > acked_at,
+                    ContextSource::FromOp(r) => history.get(r).is_some_and(|read| {
+                        read.kind == OpKind::Get
+                            && read.outcome.is_ok()
+                            && overlaps(read.level)
+                            && read.invoked > acked_at
+                    }),
                 }
+        });
+        let Some(x) = certain else { continue };
+        report.writes_that_must_be_gone += 1;
+        if final_values.contains(value) {
+            let violation = Violation {
+                key: w.key.clone(),
+                detail: format!(
+                    "final read returned {value} (op{}, acknowledged at {}ms), which op{} ({} at {}, acknowledged) superseded",
+                    w.id,
+                    acked_at,
+                    x.id,
+                    x.kind.as_str(),
+                    x.level
+                ),
+            };
+            if x.kind == OpKind::Delete {
+                report.resurrected.push(violation);
+            } else {
+                report.stale.push(violation);
             }
         }
     }

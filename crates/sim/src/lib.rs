@@ -1492,6 +1492,15 @@ impl Simulation {
         }
     }
 
+    /// Crashes node `i` and gives it a new, empty disk: a node that lost its disk. The
+    /// storage model never does this by itself; the checkers' own tests use it to prove
+    /// they catch lost data.
+    pub fn wipe_disk(&mut self, i: usize) {
+        self.crash(i, Some(0));
+        self.slots[i].storage = MemoryStorage::new();
+        self.trace_line(&format!("n{i}"), || "DISK WIPED".into());
+    }
+
     /// Restarts a crashed node from its durable state (a new epoch).
     pub fn restart(&mut self, i: usize) {
         if self.slots[i].alive() {
