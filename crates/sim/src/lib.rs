@@ -69,7 +69,7 @@ use mendkv_core::node::{Action, Node, SyncTicket};
 use mendkv_core::quorum::ConsistencyLevel;
 use mendkv_core::ring::Ring;
 use mendkv_core::storage::{MemoryStorage, Storage};
-use mendkv_core::version::{CausalContext, Object, Value};
+use mendkv_core::version::{Actor, CausalContext, Object, Value};
 use mendkv_core::{Millis, NodeId};
 use network::{Network, NetworkParams};
 use rand::{Rng, SeedableRng};
@@ -513,6 +513,9 @@ pub struct Simulation {
     /// writes (the interesting case for durability), or at virtual time `.1` at the latest.
     armed_crash: Option<(usize, Millis)>,
     trace: Option<String>,
+    /// Actor hashes to node names, so traces print dots as `n3.1:2` (node n3, epoch 1,
+    /// counter 2).
+    names: Names,
     steps: u64,
     bound: Option<String>,
     params: String,
@@ -601,6 +604,7 @@ impl Simulation {
             faults_active: false,
             armed_crash: None,
             trace: config.trace.then(String::new),
+            names: Names::new(&members),
             steps: 0,
             bound: None,
             params: String::new(),
@@ -656,7 +660,7 @@ impl Simulation {
             clocks.join(" ")
         );
         let line = format!("seed {} {}", sim.config.seed, sim.params);
-        sim.trace_line("sim", || line);
+        sim.trace_line("sim", |_| line);
         for i in 0..sim.slots.len() {
             sim.flush(i);
         }
@@ -749,9 +753,9 @@ impl Simulation {
         key
     }
 
-    fn trace_line(&mut self, who: &str, text: impl FnOnce() -> String) {
+    fn trace_line(&mut self, who: &str, text: impl FnOnce(&Names) -> String) {
         if let Some(trace) = &mut self.trace {
-            let _ = writeln!(trace, "{:>8} {who:<4} {}", self.now, text());
+            let _ = writeln!(trace, "{:>8} {who:<4} {}", self.now, text(&self.names));
         }
     }
 
@@ -762,7 +766,7 @@ impl Simulation {
         }
         if self.steps >= self.config.max_steps {
             let why = format!("hit step bound ({} events)", self.config.max_steps);
-            self.trace_line("sim", || why.clone());
+            self.trace_line("sim", |_| why.clone());
             self.bound = Some(why);
             return false;
         }
@@ -771,7 +775,7 @@ impl Simulation {
         };
         if at > self.config.max_sim_ms {
             let why = format!("hit time bound ({} ms simulated)", self.config.max_sim_ms);
-            self.trace_line("sim", || why.clone());
+            self.trace_line("sim", |_| why.clone());
             self.bound = Some(why);
             return false;
         }
@@ -864,7 +868,7 @@ impl Simulation {
                 if let Some(n) = slot.node.as_mut() {
                     n.finish_sync(ticket, result);
                 }
-                self.trace_line(&format!("n{node}"), || "fsync done".into());
+                self.trace_line(&format!("n{node}"), |_| "fsync done".into());
                 self.flush(node);
             }
             Event::PeerStatus {
@@ -886,7 +890,7 @@ impl Simulation {
                 }
                 let peer_id = p.id.clone();
                 let local = o.clock.local(self.now);
-                self.trace_line(&format!("n{observer}"), || {
+                self.trace_line(&format!("n{observer}"), |_| {
                     format!("sees n{peer} {}", status.as_str())
                 });
                 if let Some(n) = self.slots[observer].node.as_mut() {
@@ -917,21 +921,26 @@ impl Simulation {
     fn deliver(&mut self, from: usize, to: usize, incarnation: u64, message: Message) {
         let who = format!("n{to}");
         if !self.slots[to].alive() || self.slots[to].incarnation != incarnation {
-            self.trace_line(&who, || {
+            self.trace_line(&who, |names| {
                 format!(
                     "lost {} from n{from} (receiver crashed)",
-                    describe(&message)
+                    describe(&message, names)
                 )
             });
             return;
         }
         if self.network.is_blocked(from, to) {
-            self.trace_line(&who, || {
-                format!("lost {} from n{from} (partitioned)", describe(&message))
+            self.trace_line(&who, |names| {
+                format!(
+                    "lost {} from n{from} (partitioned)",
+                    describe(&message, names)
+                )
             });
             return;
         }
-        self.trace_line(&who, || format!("recv {} from n{from}", describe(&message)));
+        self.trace_line(&who, |names| {
+            format!("recv {} from n{from}", describe(&message, names))
+        });
         let from_id = self.slots[from].id.clone();
         let local = self.slots[to].clock.local(self.now);
         if let Some(node) = self.slots[to].node.as_mut() {
@@ -965,7 +974,7 @@ impl Simulation {
                     self.rng_disk.gen_range(0..=5)
                 };
                 let pending = slot.storage.pending_writes();
-                self.trace_line(&format!("n{i}"), || {
+                self.trace_line(&format!("n{i}"), |_| {
                     format!("fsync start ({pending} writes, {latency}ms)")
                 });
                 self.schedule(
@@ -1021,19 +1030,19 @@ impl Simulation {
         }
         match self.network.plan(&mut self.rng_net, from, j, self.now) {
             Err(_) => {
-                self.trace_line(&format!("n{from}"), || {
+                self.trace_line(&format!("n{from}"), |names| {
                     format!(
                         "send {} to n{j} (dropped by the network)",
-                        describe(&message)
+                        describe(&message, names)
                     )
                 });
             }
             Ok(times) => {
-                self.trace_line(&format!("n{from}"), || {
+                self.trace_line(&format!("n{from}"), |names| {
                     let at: Vec<String> = times.iter().map(|t| format!("{t}")).collect();
                     format!(
                         "send {} to n{j} (arrives {})",
-                        describe(&message),
+                        describe(&message, names),
                         at.join("+")
                     )
                 });
@@ -1055,8 +1064,8 @@ impl Simulation {
     }
 
     fn send_failed(&mut self, from: usize, to: &NodeId, message: &Message, why: &str) {
-        self.trace_line(&format!("n{from}"), || {
-            format!("send {} to {to} failed ({why})", describe(message))
+        self.trace_line(&format!("n{from}"), |names| {
+            format!("send {} to {to} failed ({why})", describe(message, names))
         });
         let slot = &mut self.slots[from];
         let local = slot.clock.local(self.now);
@@ -1072,7 +1081,7 @@ impl Simulation {
             return;
         };
         if record.outcome != Outcome::Pending {
-            self.trace_line(&format!("n{node}"), || {
+            self.trace_line(&format!("n{node}"), |_| {
                 format!(
                     "reply op{op}: {} (client already gone)",
                     workload::short_response(&response)
@@ -1096,7 +1105,7 @@ impl Simulation {
         let line = format!("{record}");
         self.trace_line(
             &client.map(|c| format!("c{c}")).unwrap_or("cli".into()),
-            || format!("done {line}"),
+            |_| format!("done {line}"),
         );
         if let Some(response) = response {
             if let Some(c) = client {
@@ -1199,7 +1208,7 @@ impl Simulation {
         let line = format!("{op}");
         self.trace_line(
             &client.map(|c| format!("c{c}")).unwrap_or("cli".into()),
-            || format!("invoke {line}"),
+            |_| format!("invoke {line}"),
         );
         self.history.push(op);
         self.requests.insert(id, request);
@@ -1245,7 +1254,7 @@ impl Simulation {
     pub fn start_workload(&mut self) {
         let params = WorkloadParams::random(&mut self.rng_work, self.config.ops, self.config.nodes);
         let line = format!("workload {params:?}");
-        self.trace_line("sim", || line.clone());
+        self.trace_line("sim", |_| line.clone());
         write!(
             self.params,
             "; workload: {} clients, {} keys, think<={}ms, {}% get {}% put, {}% with context",
@@ -1459,7 +1468,7 @@ impl Simulation {
             self.queue.remove(&key);
         }
         let incarnation = slot.incarnation;
-        self.trace_line(&format!("n{i}"), || {
+        self.trace_line(&format!("n{i}"), |_| {
             format!("CRASH (kept {keep} of {pending} unsynced writes)")
         });
         // Clients waiting on this coordinator see their connection reset.
@@ -1498,7 +1507,7 @@ impl Simulation {
     pub fn wipe_disk(&mut self, i: usize) {
         self.crash(i, Some(0));
         self.slots[i].storage = MemoryStorage::new();
-        self.trace_line(&format!("n{i}"), || "DISK WIPED".into());
+        self.trace_line(&format!("n{i}"), |_| "DISK WIPED".into());
     }
 
     /// Restarts a crashed node from its durable state (a new epoch).
@@ -1526,7 +1535,7 @@ impl Simulation {
         }
         let epoch = node.epoch();
         self.slots[i].node = Some(node);
-        self.trace_line(&format!("n{i}"), || format!("RESTART (epoch {epoch})"));
+        self.trace_line(&format!("n{i}"), |_| format!("RESTART (epoch {epoch})"));
         for j in 0..self.slots.len() {
             if j != i && self.slots[j].alive() {
                 let at = self.now + self.rng_fault.gen_range(0..=20);
@@ -1555,7 +1564,7 @@ impl Simulation {
         if let Some(key) = self.slots[i].tick.take() {
             self.queue.remove(&key);
         }
-        self.trace_line(&format!("n{i}"), || "PAUSE".into());
+        self.trace_line(&format!("n{i}"), |_| "PAUSE".into());
     }
 
     /// Resumes a paused node; what arrived meanwhile is handled now, in order.
@@ -1566,7 +1575,7 @@ impl Simulation {
         self.slots[i].paused = false;
         let stalled = std::mem::take(&mut self.slots[i].stalled);
         let count = stalled.len();
-        self.trace_line(&format!("n{i}"), || {
+        self.trace_line(&format!("n{i}"), |_| {
             format!("RESUME ({count} inputs waited)")
         });
         for event in stalled {
@@ -1586,14 +1595,14 @@ impl Simulation {
             }
         }
         let arrow = if symmetric { "<->" } else { "->" };
-        self.trace_line("net", || format!("PARTITION {a:?} {arrow} {b:?}"));
+        self.trace_line("net", |_| format!("PARTITION {a:?} {arrow} {b:?}"));
     }
 
     /// Restores every link.
     pub fn heal_partition(&mut self) {
         if self.network.is_partitioned() {
             self.network.heal();
-            self.trace_line("net", || "HEAL".into());
+            self.trace_line("net", |_| "HEAL".into());
         }
     }
 
@@ -1605,7 +1614,7 @@ impl Simulation {
         self.heal_partition();
         self.network.params.loss = 0.0;
         self.network.params.duplicate = 0.0;
-        self.trace_line("sim", || "faults stop; healing".into());
+        self.trace_line("sim", |_| "faults stop; healing".into());
         for i in 0..self.slots.len() {
             self.resume(i);
             self.restart(i);
@@ -1631,7 +1640,7 @@ impl Simulation {
             if missing.is_empty() || self.bound.is_some() {
                 break;
             }
-            self.trace_line("sim", || format!("final reads, attempt {}", attempt + 1));
+            self.trace_line("sim", |_| format!("final reads, attempt {}", attempt + 1));
             let mut ops = Vec::new();
             for key in &missing {
                 let node = self.rng_work.gen_range(0..self.slots.len());
@@ -1695,7 +1704,7 @@ impl Simulation {
                 let mut detail = String::new();
                 for &r in &replicas {
                     match &objects[r].1 {
-                        Some(o) => write!(detail, "n{r}={} ", describe_object(o)).ok(),
+                        Some(o) => write!(detail, "n{r}={} ", describe_object(o, &self.names)).ok(),
                         None => write!(detail, "n{r}=none ").ok(),
                     };
                 }
@@ -1750,36 +1759,52 @@ fn request_name(id: RequestId) -> String {
     format!("{}.{}", id >> 40, id & ((1 << 40) - 1))
 }
 
-/// An object in a few characters: `{value,value,-}` (`-` a tombstone) and its dot count.
-pub fn describe_object(object: &Object) -> String {
+/// Names actors in traces: the node whose id hashes to the actor's `node_hash`.
+#[derive(Debug, Clone, Default)]
+pub struct Names {
+    nodes: BTreeMap<u64, String>,
+}
+
+impl Names {
+    pub fn new(members: &[MemberInfo]) -> Self {
+        Names {
+            nodes: members
+                .iter()
+                .map(|m| (Actor::new(m.id.as_str(), 0).node_hash, m.id.to_string()))
+                .collect(),
+        }
+    }
+
+    /// `n3.1` for node n3 in epoch 1 (or the hash, for an actor no member has).
+    pub fn actor(&self, actor: &Actor) -> String {
+        match self.nodes.get(&actor.node_hash) {
+            Some(name) => format!("{name}.{}", actor.epoch),
+            None => format!("{:x}.{}", actor.node_hash, actor.epoch),
+        }
+    }
+}
+
+/// An object in a few words: its siblings `value@dot` (`-` a tombstone; a dot is
+/// `node.epoch.counter`) and its causal context `[node.epoch:counter ...]`.
+pub fn describe_object(object: &Object, names: &Names) -> String {
     let siblings: Vec<String> = object
         .siblings()
         .iter()
-        .map(|s| match workload::value_text(&s.value) {
-            Some(v) => format!(
-                "{v}@{:x}.{}.{}",
-                s.dot.actor.node_hash & 0xfff,
-                s.dot.actor.epoch,
-                s.dot.counter
-            ),
-            None => format!(
-                "-@{:x}.{}.{}",
-                s.dot.actor.node_hash & 0xfff,
-                s.dot.actor.epoch,
-                s.dot.counter
-            ),
+        .map(|s| {
+            let value = workload::value_text(&s.value).unwrap_or_else(|| "-".into());
+            format!("{value}@{}.{}", names.actor(&s.dot.actor), s.dot.counter)
         })
         .collect();
     let context: Vec<String> = object
         .context()
         .iter()
-        .map(|(a, c)| format!("{:x}.{}:{c}", a.node_hash & 0xfff, a.epoch))
+        .map(|(a, c)| format!("{}:{c}", names.actor(a)))
         .collect();
     format!("{{{}}}[{}]", siblings.join(","), context.join(" "))
 }
 
 /// A message in a few words, for the trace.
-pub fn describe(message: &Message) -> String {
+pub fn describe(message: &Message, names: &Names) -> String {
     let key = |k: &[u8]| String::from_utf8_lossy(k).into_owned();
     match message {
         Message::Read {
@@ -1789,7 +1814,7 @@ pub fn describe(message: &Message) -> String {
             Ok(Some(o)) => format!(
                 "ReadReply#{} {}",
                 request_name(*request),
-                describe_object(o)
+                describe_object(o, names)
             ),
             Ok(None) => format!("ReadReply#{} none", request_name(*request)),
             Err(e) => format!("ReadReply#{} error {e:?}", request_name(*request)),
@@ -1811,7 +1836,7 @@ pub fn describe(message: &Message) -> String {
             Ok(o) => format!(
                 "CoordinateReply#{} {}",
                 request_name(*request),
-                describe_object(o)
+                describe_object(o, names)
             ),
             Err(e) => format!("CoordinateReply#{} error {e:?}", request_name(*request)),
         },
@@ -1824,7 +1849,7 @@ pub fn describe(message: &Message) -> String {
             "Replicate#{} {} {}",
             request_name(*request),
             key(k),
-            describe_object(object)
+            describe_object(object, names)
         ),
         Message::ReplicateReply { request, result } => match result {
             Ok(()) => format!("ReplicateReply#{} ok", request_name(*request)),
@@ -1848,7 +1873,7 @@ pub fn describe(message: &Message) -> String {
             "RepairWrite#{} {} {}",
             request_name(*request),
             key(k),
-            describe_object(object)
+            describe_object(object, names)
         ),
         Message::RepairWriteReply { request, result } => match result {
             Ok(()) => format!("RepairWriteReply#{} ok", request_name(*request)),
