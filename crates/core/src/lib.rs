@@ -9,6 +9,8 @@
 //! - [`coordinator`]: per-request state machines for get / put / delete.
 //! - [`read_repair`]: replies in -> the merged answer and which replicas to repair.
 //! - [`hinted_handoff`]: hint records, the hint queue, budgets, delivery order.
+//! - [`anti_entropy`]: Merkle trees per token range, the exchange (driver side / receiver side).
+//! - [`control`]: the optimisation layer: repair priority queue, rate limiter, circuit breaker.
 //! - [`membership`]: who is in the cluster and who is reachable (static until gossip).
 //! - [`message`]: what nodes say to each other, and what clients ask of a node.
 //! - [`request`]: validation of client input (bucket names, keys, sizes).
@@ -16,7 +18,9 @@
 //! - [`storage`]: the small Storage trait and an in-memory implementation.
 //! - [`config`]: every knob the core reads, with its default.
 
+pub mod anti_entropy;
 pub mod config;
+pub mod control;
 pub mod coordinator;
 pub mod hinted_handoff;
 pub mod membership;

@@ -1,0 +1,1083 @@
+//! The anti-entropy exchange between two replicas of one token range: the *driver* (the node
+//! that starts it) and the *receiver* (its peer). Both are sans-IO: messages in, messages and
+//! repair writes out.
+//!
+//! # Protocol
+//! 1. `Compare`: the driver sends its root. Equal roots end the exchange (`InSync`): one
+//!    round trip and a few dozen bytes for a range in sync, and no data is read.
+//! 2. Otherwise the receiver answers with the hashes of the root's children, and the driver
+//!    descends one whole level per round trip (`Descend`): it names every mismatched node of
+//!    the level in one message and gets the hashes of all their children back.
+//! 3. For the mismatched leaves (segments), in batches, the receiver sends one short hash per
+//!    item (`Items`); the driver compares them with its own items of the same segments. Items
+//!    only the driver has are pushed, items only the receiver has are pulled (`Transfer`),
+//!    so exactly the keys that differ move, each object in the direction(s) it is missing.
+//!    Both sides merge what they get (the caller applies [`RepairObject`]s with
+//!    [`crate::version::Object::merge`]), so both end with the causal join; tombstones travel
+//!    like values.
+//! 4. `Verify`: the driver asks for the receiver's root and compares it with its own. If they
+//!    still differ (a write landed meanwhile, or a short hash collided), another pass runs
+//!    with a fresh salt, up to `max_passes`.
+//!
+//! # Short hashes
+//! Below the root, hashes travel truncated to a few bytes, after mixing with a salt that
+//! changes every pass. Truncation can only hide a difference, never invent one: a node (or an
+//! item) whose short hash differs really differs, so no key moves that is not different. A
+//! hidden difference leaves the roots different at `Verify`, and the next pass, with another
+//! salt, finds it.
+//!
+//! The receiver keeps no state between requests: every request names the range, the shape and
+//! the salt, so a driver that vanishes costs the receiver nothing.
+
+use super::merkle::{ItemHasher, MerkleTree, Segment, TreeShape};
+use super::range_trees::RangeTrees;
+use crate::request::{validate_bucket, validate_key};
+use crate::ring::{key_token, TokenRange};
+use crate::storage::StorageError;
+use crate::version::Object;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, VecDeque};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+/// What the node provides over its storage: the objects of one segment (a token-range scan)
+/// and single objects.
+pub trait SegmentSource {
+    /// Every object stored whose key token is in `tokens` (one segment of a tree), with its
+    /// [`Object::digest`]. Order does not matter.
+    fn segment_items(&self, tokens: TokenRange) -> Result<Vec<SegmentItem>, StorageError>;
+    /// The stored object of a key.
+    fn object(&self, bucket: &str, key: &[u8]) -> Result<Option<Object>, StorageError>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SegmentItem {
+    pub bucket: String,
+    pub key: Vec<u8>,
+    pub digest: u64,
+}
+
+/// An object travelling in an exchange; for the caller, one object to merge into storage
+/// (`local.merge(&object)`, then record the change in its trees).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairObject {
+    pub bucket: String,
+    pub key: Vec<u8>,
+    pub object: Object,
+}
+
+/// Chosen by the driver, unique among its exchanges in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ExchangeId(pub u64);
+
+/// How hashes below the root are shortened in this pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    pub salt: u32,
+    /// Bytes per tree-node hash (1..=8).
+    pub node_hash_bytes: u8,
+    /// Bytes per item hash (1..=8).
+    pub item_hash_bytes: u8,
+}
+
+/// Driver -> receiver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExchangeRequest {
+    pub exchange: ExchangeId,
+    pub range: TokenRange,
+    pub shape: TreeShape,
+    pub probe: Probe,
+    pub body: RequestBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestBody {
+    /// The driver's root (full 64 bits). Answered by `InSync` or the root's children.
+    Compare { root: [u8; 8] },
+    /// The hashes of every child of `parents` (nodes at `depth`).
+    Descend { depth: u8, parents: SortedIndices },
+    /// One short hash per item of each segment.
+    Items { segments: SortedIndices },
+    /// Objects to merge, and the items (by short hash) the driver wants back.
+    Transfer {
+        objects: Vec<RepairObject>,
+        want: Vec<SegmentWant>,
+    },
+    /// The receiver's root and the root's children (for the next pass).
+    Verify,
+}
+
+/// Items of one segment the driver wants, by short hash (packed, `item_hash_bytes` each).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentWant {
+    pub segment: Segment,
+    pub hashes: Vec<u8>,
+}
+
+/// Receiver -> driver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExchangeResponse {
+    pub exchange: ExchangeId,
+    pub body: ResponseBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResponseBody {
+    InSync,
+    /// Short hashes of the children (at `depth`) of the requested parents, in order, packed.
+    Hashes {
+        depth: u8,
+        hashes: Vec<u8>,
+    },
+    /// Answer to `Verify`: the full root and the root's children (short hashes).
+    Root {
+        root: [u8; 8],
+        children: Vec<u8>,
+    },
+    /// Items of the first `counts.len()` requested segments (the rest did not fit: ask
+    /// again), `counts[i]` short hashes each, packed.
+    Items {
+        counts: Vec<u32>,
+        hashes: Vec<u8>,
+    },
+    /// The wanted objects.
+    Objects {
+        objects: Vec<RepairObject>,
+    },
+    Refused(Refusal),
+}
+
+/// Why a receiver refused a request; the driver gives up on the exchange.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    #[error("the peer does not replicate this range (ring views differ); retry later")]
+    UnknownRange,
+    #[error("the peer's trees have another shape ({ours:?}); configure the same shape")]
+    ShapeMismatch { ours: TreeShape },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("the peer's storage failed: {0}")]
+    Storage(String),
+}
+
+/// Strictly increasing indices, sent as gaps (small varints).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SortedIndices(Vec<u32>);
+
+impl SortedIndices {
+    /// # Panics
+    /// When `indices` is not strictly increasing (a bug in the caller).
+    pub fn from_sorted(indices: &[u32]) -> Self {
+        let mut gaps = Vec::with_capacity(indices.len());
+        let mut previous = None;
+        for &i in indices {
+            gaps.push(match previous {
+                None => i,
+                Some(p) => {
+                    assert!(i > p, "indices must be strictly increasing");
+                    i - p
+                }
+            });
+            previous = Some(i);
+        }
+        SortedIndices(gaps)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The indices, checked: strictly increasing and below `bound`.
+    pub fn decode(&self, bound: u32) -> Result<Vec<u32>, String> {
+        if self.0.len() > bound as usize {
+            return Err(format!("{} indices, at most {bound}", self.0.len()));
+        }
+        let mut out = Vec::with_capacity(self.0.len());
+        let mut previous: Option<u32> = None;
+        for &gap in &self.0 {
+            let index = match previous {
+                None => gap,
+                Some(_) if gap == 0 => return Err("indices not strictly increasing".into()),
+                Some(p) => p.checked_add(gap).ok_or("index overflows")?,
+            };
+            if index >= bound {
+                return Err(format!("index {index} out of bounds ({bound})"));
+            }
+            out.push(index);
+            previous = Some(index);
+        }
+        Ok(out)
+    }
+}
+
+impl ExchangeRequest {
+    /// Bytes on the wire (postcard), for stats and the rate limiter.
+    pub fn encoded_len(&self) -> usize {
+        postcard::experimental::serialized_size(self).unwrap_or(0)
+    }
+}
+
+impl ExchangeResponse {
+    pub fn encoded_len(&self) -> usize {
+        postcard::experimental::serialized_size(self).unwrap_or(0)
+    }
+}
+
+/// A hash mixed with the pass's salt and cut to its top `bytes` bytes.
+fn short_hash(hash: u64, salt: u32, bytes: u8) -> u64 {
+    let mixed = xxh3_64_with_seed(&hash.to_le_bytes(), u64::from(salt));
+    mixed >> (64 - 8 * u32::from(bytes))
+}
+
+fn pack(out: &mut Vec<u8>, short: u64, bytes: u8) {
+    out.extend_from_slice(&short.to_le_bytes()[..usize::from(bytes)]);
+}
+
+fn unpack(packed: &[u8], bytes: u8) -> impl Iterator<Item = u64> + '_ {
+    packed.chunks_exact(usize::from(bytes)).map(|chunk| {
+        let mut full = [0u8; 8];
+        full[..chunk.len()].copy_from_slice(chunk);
+        u64::from_le_bytes(full)
+    })
+}
+
+fn valid_width(bytes: u8) -> bool {
+    (1..=8).contains(&bytes)
+}
+
+/// Checks an object that came from the network before anyone merges it.
+fn check_object(range: TokenRange, item: &RepairObject) -> Result<(), String> {
+    validate_bucket(&item.bucket).map_err(|e| e.to_string())?;
+    validate_key(&item.key).map_err(|e| e.to_string())?;
+    if !range.contains(key_token(&item.bucket, &item.key)) {
+        return Err("object outside the range".into());
+    }
+    let rebuilt = Object::from_parts(
+        item.object.context().clone(),
+        item.object.siblings().to_vec(),
+    );
+    if rebuilt.as_ref() != Some(&item.object) {
+        return Err("object breaks the version invariants".into());
+    }
+    Ok(())
+}
+
+// ----- statistics ---------------------------------------------------------------------
+
+/// What one exchange did (add them up per repair run).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExchangeStats {
+    pub ranges_compared: u64,
+    pub passes: u64,
+    pub round_trips: u64,
+    /// Tree-node hashes compared below the root.
+    pub nodes_compared: u64,
+    pub leaves_mismatched: u64,
+    /// Items (key, version digest) compared in mismatched segments, both sides.
+    pub keys_compared: u64,
+    /// Distinct keys found to differ.
+    pub keys_different: u64,
+    /// Distinct keys for which an object moved (either way).
+    pub keys_moved: u64,
+    pub objects_pushed: u64,
+    pub objects_pulled: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// The share of the bytes that is value payload (the rest is metadata).
+    pub value_bytes_sent: u64,
+    pub value_bytes_received: u64,
+}
+
+impl ExchangeStats {
+    pub fn add(&mut self, other: &ExchangeStats) {
+        self.ranges_compared += other.ranges_compared;
+        self.passes += other.passes;
+        self.round_trips += other.round_trips;
+        self.nodes_compared += other.nodes_compared;
+        self.leaves_mismatched += other.leaves_mismatched;
+        self.keys_compared += other.keys_compared;
+        self.keys_different += other.keys_different;
+        self.keys_moved += other.keys_moved;
+        self.objects_pushed += other.objects_pushed;
+        self.objects_pulled += other.objects_pulled;
+        self.bytes_sent += other.bytes_sent;
+        self.bytes_received += other.bytes_received;
+        self.value_bytes_sent += other.value_bytes_sent;
+        self.value_bytes_received += other.value_bytes_received;
+    }
+
+    /// Bytes that were not value payload, both ways.
+    pub fn metadata_bytes(&self) -> u64 {
+        (self.bytes_sent + self.bytes_received)
+            .saturating_sub(self.value_bytes_sent + self.value_bytes_received)
+    }
+}
+
+// ----- driver side --------------------------------------------------------------------
+
+/// Knobs of the driver side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExchangeConfig {
+    /// Bytes per tree-node hash below the root (1..=8). Fewer bytes, fewer bytes on the wire;
+    /// a collision (odds 2^-8n per differing node) only costs another pass.
+    pub node_hash_bytes: u8,
+    /// Bytes per item hash (1..=8), same trade-off.
+    pub item_hash_bytes: u8,
+    /// Segments whose items are asked for in one request.
+    pub max_segments_per_request: usize,
+    /// Value bytes pushed in one `Transfer` (at least one object goes).
+    pub max_push_bytes: usize,
+    /// Items asked back in one `Transfer`.
+    pub max_wanted_per_request: usize,
+    /// Passes (compare, descend, transfer, verify) before giving up on convergence.
+    pub max_passes: u32,
+}
+
+impl Default for ExchangeConfig {
+    fn default() -> Self {
+        ExchangeConfig {
+            node_hash_bytes: 4,
+            item_hash_bytes: 4,
+            max_segments_per_request: 512,
+            max_push_bytes: 1 << 20,
+            max_wanted_per_request: 256,
+            max_passes: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("this node has no tree for the range (ring changed); drop the exchange")]
+    NoLocalTree,
+    #[error("the peer refused: {0}")]
+    Refused(Refusal),
+    #[error("the peer answered out of turn")]
+    UnexpectedResponse,
+    #[error("the peer's answer is malformed: {0}")]
+    InvalidResponse(String),
+    #[error("local storage failed: {0}")]
+    Storage(#[from] StorageError),
+    #[error("the exchange timed out or the peer went away")]
+    Aborted,
+}
+
+/// How an exchange ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExchangeOutcome {
+    /// Both roots are equal at the end.
+    Converged,
+    /// Roots still differ after `max_passes` (writes kept landing); the next run retries.
+    Diverged,
+    Failed(ExchangeError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExchangeReport {
+    pub exchange: ExchangeId,
+    pub range: TokenRange,
+    pub outcome: ExchangeOutcome,
+    pub stats: ExchangeStats,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriverStep {
+    Send(ExchangeRequest),
+    Finished(ExchangeReport),
+}
+
+/// What a response produced: objects to merge into local storage (apply them before handling
+/// the next response), then the next request or the end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriverOutput {
+    pub writes: Vec<RepairObject>,
+    pub step: DriverStep,
+}
+
+#[derive(Debug)]
+enum DriverState {
+    Ready,
+    AwaitRoot,
+    /// Hashes of the children (at `depth`) of `parents` were asked for.
+    AwaitHashes {
+        depth: u8,
+        parents: Vec<u32>,
+    },
+    AwaitItems {
+        requested: Vec<Segment>,
+        remaining: VecDeque<Segment>,
+    },
+    AwaitObjects {
+        transfer: Transfer,
+        remaining: VecDeque<Segment>,
+    },
+    AwaitVerify,
+    Done,
+}
+
+/// One batch of segments being repaired.
+#[derive(Debug, Default)]
+struct Transfer {
+    pushes: VecDeque<(String, Vec<u8>)>,
+    wants: VecDeque<(Segment, u64)>,
+    /// Segments named in the `Transfer` in flight (what may come back).
+    asked_segments: BTreeSet<Segment>,
+    /// Keys moved in this batch (a key may go both ways: count it once).
+    moved: BTreeSet<(String, Vec<u8>)>,
+}
+
+/// The driver side of one exchange.
+#[derive(Debug)]
+pub struct ExchangeDriver {
+    exchange: ExchangeId,
+    range: TokenRange,
+    config: ExchangeConfig,
+    salt_seed: u64,
+    shape: TreeShape,
+    pass: u32,
+    state: DriverState,
+    stats: ExchangeStats,
+}
+
+impl ExchangeDriver {
+    /// `salt_seed` comes from the node's seeded RNG, so each exchange shortens hashes
+    /// differently (a collision never repeats).
+    pub fn new(
+        exchange: ExchangeId,
+        range: TokenRange,
+        config: ExchangeConfig,
+        salt_seed: u64,
+    ) -> Self {
+        let mut config = config;
+        config.node_hash_bytes = config.node_hash_bytes.clamp(1, 8);
+        config.item_hash_bytes = config.item_hash_bytes.clamp(1, 8);
+        config.max_segments_per_request = config.max_segments_per_request.max(1);
+        config.max_wanted_per_request = config.max_wanted_per_request.max(1);
+        config.max_passes = config.max_passes.max(1);
+        ExchangeDriver {
+            exchange,
+            range,
+            config,
+            salt_seed,
+            shape: TreeShape::DEFAULT,
+            pass: 0,
+            state: DriverState::Ready,
+            stats: ExchangeStats::default(),
+        }
+    }
+
+    pub fn exchange(&self) -> ExchangeId {
+        self.exchange
+    }
+
+    pub fn range(&self) -> TokenRange {
+        self.range
+    }
+
+    pub fn stats(&self) -> &ExchangeStats {
+        &self.stats
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self.state, DriverState::Done)
+    }
+
+    /// The first request (the root comparison), or the end when this node has no tree for
+    /// the range.
+    pub fn start(&mut self, trees: &mut RangeTrees) -> DriverStep {
+        let Some(tree) = trees.tree_mut(self.range) else {
+            return DriverStep::Finished(
+                self.finish(ExchangeOutcome::Failed(ExchangeError::NoLocalTree)),
+            );
+        };
+        self.shape = tree.shape();
+        let root = tree.root();
+        self.pass = 1;
+        self.stats.passes = 1;
+        self.stats.ranges_compared = 1;
+        self.state = DriverState::AwaitRoot;
+        DriverStep::Send(self.request(RequestBody::Compare {
+            root: root.to_le_bytes(),
+        }))
+    }
+
+    /// Ends the exchange from outside (timeout, peer down).
+    pub fn abort(&mut self) -> ExchangeReport {
+        self.finish(ExchangeOutcome::Failed(ExchangeError::Aborted))
+    }
+
+    /// Handles the peer's answer. Apply `writes` (merge) before handling the next response.
+    pub fn handle_response(
+        &mut self,
+        response: ExchangeResponse,
+        trees: &mut RangeTrees,
+        source: &impl SegmentSource,
+    ) -> DriverOutput {
+        self.stats.bytes_received += response.encoded_len() as u64;
+        let mut writes = Vec::new();
+        let step = if response.exchange != self.exchange {
+            Err(ExchangeError::UnexpectedResponse)
+        } else {
+            self.step(response.body, trees, source, &mut writes)
+        };
+        match step {
+            Ok(step) => DriverOutput { writes, step },
+            Err(error) => DriverOutput {
+                writes,
+                step: DriverStep::Finished(self.finish(ExchangeOutcome::Failed(error))),
+            },
+        }
+    }
+
+    fn step(
+        &mut self,
+        body: ResponseBody,
+        trees: &mut RangeTrees,
+        source: &impl SegmentSource,
+        writes: &mut Vec<RepairObject>,
+    ) -> Result<DriverStep, ExchangeError> {
+        let state = std::mem::replace(&mut self.state, DriverState::Done);
+        let hasher = *trees.hasher();
+        let tree = trees
+            .tree_mut(self.range)
+            .ok_or(ExchangeError::NoLocalTree)?;
+        match (state, body) {
+            (_, ResponseBody::Refused(refusal)) => Err(ExchangeError::Refused(refusal)),
+            (DriverState::AwaitRoot, ResponseBody::InSync) => Ok(DriverStep::Finished(
+                self.finish(ExchangeOutcome::Converged),
+            )),
+            (DriverState::AwaitRoot, ResponseBody::Hashes { depth: 1, hashes }) => {
+                let mismatched = self.compare_level(tree, 1, &[0], &hashes)?;
+                self.after_level(tree, source, 1, mismatched)
+            }
+            (
+                DriverState::AwaitHashes { depth, parents },
+                ResponseBody::Hashes { depth: d, hashes },
+            ) if d == depth => {
+                let mismatched = self.compare_level(tree, depth, &parents, &hashes)?;
+                self.after_level(tree, source, depth, mismatched)
+            }
+            (
+                DriverState::AwaitItems {
+                    requested,
+                    remaining,
+                },
+                ResponseBody::Items { counts, hashes },
+            ) => self.compare_items(hasher, tree, source, requested, remaining, &counts, &hashes),
+            (
+                DriverState::AwaitObjects {
+                    transfer,
+                    remaining,
+                },
+                ResponseBody::Objects { objects },
+            ) => self.receive_objects(tree, source, transfer, remaining, objects, writes),
+            (DriverState::AwaitVerify, ResponseBody::Root { root, children }) => {
+                if tree.root().to_le_bytes() == root {
+                    return Ok(DriverStep::Finished(
+                        self.finish(ExchangeOutcome::Converged),
+                    ));
+                }
+                if self.pass >= self.config.max_passes {
+                    return Ok(DriverStep::Finished(self.finish(ExchangeOutcome::Diverged)));
+                }
+                self.pass += 1;
+                self.stats.passes += 1;
+                let mismatched = self.compare_level(tree, 1, &[0], &children)?;
+                self.after_level(tree, source, 1, mismatched)
+            }
+            _ => Err(ExchangeError::UnexpectedResponse),
+        }
+    }
+
+    fn probe(&self, pass: u32) -> Probe {
+        Probe {
+            salt: xxh3_64_with_seed(&pass.to_le_bytes(), self.salt_seed) as u32,
+            node_hash_bytes: self.config.node_hash_bytes,
+            item_hash_bytes: self.config.item_hash_bytes,
+        }
+    }
+
+    fn request(&mut self, body: RequestBody) -> ExchangeRequest {
+        // `Verify` already carries the next pass's salt, for the children it returns.
+        let pass = if matches!(body, RequestBody::Verify) {
+            self.pass + 1
+        } else {
+            self.pass
+        };
+        let request = ExchangeRequest {
+            exchange: self.exchange,
+            range: self.range,
+            shape: self.shape,
+            probe: self.probe(pass),
+            body,
+        };
+        self.stats.round_trips += 1;
+        self.stats.bytes_sent += request.encoded_len() as u64;
+        request
+    }
+
+    fn finish(&mut self, outcome: ExchangeOutcome) -> ExchangeReport {
+        self.state = DriverState::Done;
+        ExchangeReport {
+            exchange: self.exchange,
+            range: self.range,
+            outcome,
+            stats: self.stats.clone(),
+        }
+    }
+
+    /// The children (at `depth`) of `parents` whose short hashes differ from the peer's.
+    fn compare_level(
+        &mut self,
+        tree: &mut MerkleTree,
+        depth: u8,
+        parents: &[u32],
+        packed: &[u8],
+    ) -> Result<Vec<u32>, ExchangeError> {
+        let probe = self.probe(self.pass);
+        let bytes = usize::from(probe.node_hash_bytes);
+        let fanout = self.shape.fanout();
+        if depth == 0
+            || depth > self.shape.depth()
+            || packed.len() != parents.len() * fanout as usize * bytes
+        {
+            return Err(ExchangeError::InvalidResponse(
+                "hash list has the wrong size".into(),
+            ));
+        }
+        let mut theirs = unpack(packed, probe.node_hash_bytes);
+        let mut mismatched = Vec::new();
+        for &parent in parents {
+            let children = tree
+                .children(depth - 1, parent)
+                .ok_or(ExchangeError::UnexpectedResponse)?;
+            for (i, &child) in children.iter().enumerate() {
+                let own = short_hash(child, probe.salt, probe.node_hash_bytes);
+                if Some(own) != theirs.next() {
+                    mismatched.push(parent * fanout + i as u32);
+                }
+            }
+        }
+        self.stats.nodes_compared += (parents.len() * fanout as usize) as u64;
+        Ok(mismatched)
+    }
+
+    fn after_level(
+        &mut self,
+        tree: &mut MerkleTree,
+        source: &impl SegmentSource,
+        depth: u8,
+        mismatched: Vec<u32>,
+    ) -> Result<DriverStep, ExchangeError> {
+        if mismatched.is_empty() {
+            return Ok(self.verify());
+        }
+        if depth == self.shape.depth() {
+            self.stats.leaves_mismatched += mismatched.len() as u64;
+            return self.next_batch(tree, source, mismatched.into());
+        }
+        let request = self.request(RequestBody::Descend {
+            depth,
+            parents: SortedIndices::from_sorted(&mismatched),
+        });
+        self.state = DriverState::AwaitHashes {
+            depth: depth + 1,
+            parents: mismatched,
+        };
+        Ok(DriverStep::Send(request))
+    }
+
+    fn verify(&mut self) -> DriverStep {
+        self.state = DriverState::AwaitVerify;
+        DriverStep::Send(self.request(RequestBody::Verify))
+    }
+
+    fn next_batch(
+        &mut self,
+        _tree: &mut MerkleTree,
+        _source: &impl SegmentSource,
+        mut remaining: VecDeque<Segment>,
+    ) -> Result<DriverStep, ExchangeError> {
+        if remaining.is_empty() {
+            return Ok(self.verify());
+        }
+        let take = remaining.len().min(self.config.max_segments_per_request);
+        let requested: Vec<Segment> = remaining.drain(..take).collect();
+        let request = self.request(RequestBody::Items {
+            segments: SortedIndices::from_sorted(&requested),
+        });
+        self.state = DriverState::AwaitItems {
+            requested,
+            remaining,
+        };
+        Ok(DriverStep::Send(request))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn compare_items(
+        &mut self,
+        hasher: ItemHasher,
+        tree: &mut MerkleTree,
+        source: &impl SegmentSource,
+        requested: Vec<Segment>,
+        mut remaining: VecDeque<Segment>,
+        counts: &[u32],
+        packed: &[u8],
+    ) -> Result<DriverStep, ExchangeError> {
+        let probe = self.probe(self.pass);
+        let bytes = usize::from(probe.item_hash_bytes);
+        let total: u64 = counts.iter().map(|&c| u64::from(c)).sum();
+        if counts.is_empty()
+            || counts.len() > requested.len()
+            || packed.len() as u64 != total * bytes as u64
+        {
+            return Err(ExchangeError::InvalidResponse(
+                "item list has the wrong size".into(),
+            ));
+        }
+        // Segments that did not fit in the answer go first in the next batch.
+        for &segment in requested[counts.len()..].iter().rev() {
+            remaining.push_front(segment);
+        }
+        let mut transfer = Transfer::default();
+        let mut offset = 0usize;
+        for (&segment, &count) in requested.iter().zip(counts) {
+            let end = offset + count as usize * bytes;
+            let theirs: BTreeSet<u64> =
+                unpack(&packed[offset..end], probe.item_hash_bytes).collect();
+            offset = end;
+            let items = match tree.segment_tokens(segment) {
+                Some(tokens) => source.segment_items(tokens)?,
+                None => Vec::new(),
+            };
+            let mut ours = BTreeSet::new();
+            for item in items.iter() {
+                let short = short_hash(
+                    hasher.item_hash(&item.bucket, &item.key, item.digest),
+                    probe.salt,
+                    probe.item_hash_bytes,
+                );
+                ours.insert(short);
+                if !theirs.contains(&short) {
+                    transfer
+                        .pushes
+                        .push_back((item.bucket.clone(), item.key.clone()));
+                }
+            }
+            for short in theirs.difference(&ours) {
+                transfer.wants.push_back((segment, *short));
+            }
+            self.stats.keys_compared += items.len() as u64 + u64::from(count);
+        }
+        self.stats.keys_different += (transfer.pushes.len() + transfer.wants.len()) as u64;
+        self.send_transfer(tree, source, transfer, remaining)
+    }
+
+    fn send_transfer(
+        &mut self,
+        tree: &mut MerkleTree,
+        source: &impl SegmentSource,
+        mut transfer: Transfer,
+        remaining: VecDeque<Segment>,
+    ) -> Result<DriverStep, ExchangeError> {
+        let item_bytes = self.config.item_hash_bytes;
+        let mut want: Vec<SegmentWant> = Vec::new();
+        transfer.asked_segments.clear();
+        for _ in 0..self.config.max_wanted_per_request {
+            let Some((segment, short)) = transfer.wants.pop_front() else {
+                break;
+            };
+            transfer.asked_segments.insert(segment);
+            match want.last_mut() {
+                Some(last) if last.segment == segment => pack(&mut last.hashes, short, item_bytes),
+                _ => {
+                    let mut hashes = Vec::new();
+                    pack(&mut hashes, short, item_bytes);
+                    want.push(SegmentWant { segment, hashes });
+                }
+            }
+        }
+        let mut objects = Vec::new();
+        let mut push_bytes = 0usize;
+        // Pushes go only once every wanted item has been asked for: the receiver reads wanted
+        // items before merging what comes in the same request, but a push merged in an
+        // earlier request would change the item a later want names.
+        while transfer.wants.is_empty() && push_bytes < self.config.max_push_bytes {
+            let Some((bucket, key)) = transfer.pushes.pop_front() else {
+                break;
+            };
+            if let Some(object) = source.object(&bucket, &key)? {
+                push_bytes += object.size_bytes() + key.len() + 64;
+                self.stats.objects_pushed += 1;
+                self.stats.value_bytes_sent += object.size_bytes() as u64;
+                if transfer.moved.insert((bucket.clone(), key.clone())) {
+                    self.stats.keys_moved += 1;
+                } else {
+                    // Pulled earlier in this batch: one key, different on both sides.
+                    self.stats.keys_different = self.stats.keys_different.saturating_sub(1);
+                }
+                objects.push(RepairObject {
+                    bucket,
+                    key,
+                    object,
+                });
+            }
+        }
+        if objects.is_empty() && want.is_empty() {
+            return if transfer.pushes.is_empty() {
+                self.next_batch(tree, source, remaining)
+            } else {
+                self.send_transfer(tree, source, transfer, remaining)
+            };
+        }
+        let request = self.request(RequestBody::Transfer { objects, want });
+        self.state = DriverState::AwaitObjects {
+            transfer,
+            remaining,
+        };
+        Ok(DriverStep::Send(request))
+    }
+
+    fn receive_objects(
+        &mut self,
+        tree: &mut MerkleTree,
+        source: &impl SegmentSource,
+        mut transfer: Transfer,
+        remaining: VecDeque<Segment>,
+        objects: Vec<RepairObject>,
+        writes: &mut Vec<RepairObject>,
+    ) -> Result<DriverStep, ExchangeError> {
+        for item in &objects {
+            check_object(self.range, item).map_err(ExchangeError::InvalidResponse)?;
+            let segment = tree.segment_of(key_token(&item.bucket, &item.key));
+            if !segment.is_some_and(|s| transfer.asked_segments.contains(&s)) {
+                return Err(ExchangeError::InvalidResponse(
+                    "object not asked for".into(),
+                ));
+            }
+        }
+        for item in objects {
+            self.stats.objects_pulled += 1;
+            self.stats.value_bytes_received += item.object.size_bytes() as u64;
+            if transfer
+                .moved
+                .insert((item.bucket.clone(), item.key.clone()))
+            {
+                self.stats.keys_moved += 1;
+            } else {
+                // Pushed and pulled: one key, found different on both sides.
+                self.stats.keys_different = self.stats.keys_different.saturating_sub(1);
+            }
+            writes.push(item);
+        }
+        if transfer.pushes.is_empty() && transfer.wants.is_empty() {
+            self.next_batch(tree, source, remaining)
+        } else {
+            self.send_transfer(tree, source, transfer, remaining)
+        }
+    }
+}
+
+// ----- receiver side ------------------------------------------------------------------
+
+/// Bounds on what one request may make the receiver do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiverLimits {
+    /// Segments named in one `Items` request.
+    pub max_segments_per_request: usize,
+    /// Item hashes in one `Items` answer (whole segments; at least one segment).
+    pub max_items_per_response: usize,
+    /// Objects pushed in one `Transfer`.
+    pub max_objects_per_request: usize,
+    /// Items asked back in one `Transfer`.
+    pub max_wanted_per_request: usize,
+}
+
+impl Default for ReceiverLimits {
+    fn default() -> Self {
+        ReceiverLimits {
+            max_segments_per_request: 4096,
+            max_items_per_response: 1 << 16,
+            max_objects_per_request: 1 << 14,
+            max_wanted_per_request: 4096,
+        }
+    }
+}
+
+/// The answer, and the objects the driver pushed (merge them into local storage).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiverOutput {
+    pub response: ExchangeResponse,
+    pub writes: Vec<RepairObject>,
+}
+
+/// The receiver side: answers one request. Stateless: everything it needs is in the request.
+pub fn handle_request(
+    request: ExchangeRequest,
+    trees: &mut RangeTrees,
+    source: &impl SegmentSource,
+    limits: &ReceiverLimits,
+) -> ReceiverOutput {
+    let exchange = request.exchange;
+    let mut writes = Vec::new();
+    let body = match answer(request, trees, source, limits, &mut writes) {
+        Ok(body) => body,
+        Err(refusal) => {
+            writes.clear();
+            ResponseBody::Refused(refusal)
+        }
+    };
+    ReceiverOutput {
+        response: ExchangeResponse { exchange, body },
+        writes,
+    }
+}
+
+fn answer(
+    request: ExchangeRequest,
+    trees: &mut RangeTrees,
+    source: &impl SegmentSource,
+    limits: &ReceiverLimits,
+    writes: &mut Vec<RepairObject>,
+) -> Result<ResponseBody, Refusal> {
+    let hasher = *trees.hasher();
+    let tree = trees.tree_mut(request.range).ok_or(Refusal::UnknownRange)?;
+    if tree.shape() != request.shape {
+        return Err(Refusal::ShapeMismatch { ours: tree.shape() });
+    }
+    let probe = request.probe;
+    if !valid_width(probe.node_hash_bytes) || !valid_width(probe.item_hash_bytes) {
+        return Err(Refusal::Invalid("hash width must be 1..=8 bytes".into()));
+    }
+    let shape = tree.shape();
+    match request.body {
+        RequestBody::Compare { root } => {
+            if tree.root().to_le_bytes() == root {
+                Ok(ResponseBody::InSync)
+            } else {
+                Ok(ResponseBody::Hashes {
+                    depth: 1,
+                    hashes: children_hashes(tree, probe, 0, &[0]),
+                })
+            }
+        }
+        RequestBody::Verify => Ok(ResponseBody::Root {
+            root: tree.root().to_le_bytes(),
+            children: children_hashes(tree, probe, 0, &[0]),
+        }),
+        RequestBody::Descend { depth, parents } => {
+            if depth >= shape.depth() {
+                return Err(Refusal::Invalid(format!("no children below depth {depth}")));
+            }
+            let parents = parents
+                .decode(shape.width(depth))
+                .map_err(Refusal::Invalid)?;
+            Ok(ResponseBody::Hashes {
+                depth: depth + 1,
+                hashes: children_hashes(tree, probe, depth, &parents),
+            })
+        }
+        RequestBody::Items { segments } => {
+            if segments.len() > limits.max_segments_per_request {
+                return Err(Refusal::Invalid("too many segments".into()));
+            }
+            let segments = segments.decode(shape.leaves()).map_err(Refusal::Invalid)?;
+            let (mut counts, mut hashes) = (Vec::new(), Vec::new());
+            let mut total = 0usize;
+            for segment in segments {
+                if !counts.is_empty() && total >= limits.max_items_per_response {
+                    break;
+                }
+                let items = segment_items(tree, source, segment)?;
+                for item in &items {
+                    let hash = hasher.item_hash(&item.bucket, &item.key, item.digest);
+                    pack(
+                        &mut hashes,
+                        short_hash(hash, probe.salt, probe.item_hash_bytes),
+                        probe.item_hash_bytes,
+                    );
+                }
+                total += items.len();
+                counts.push(items.len() as u32);
+            }
+            Ok(ResponseBody::Items { counts, hashes })
+        }
+        RequestBody::Transfer { objects, want } => {
+            if objects.len() > limits.max_objects_per_request {
+                return Err(Refusal::Invalid("too many objects".into()));
+            }
+            for item in &objects {
+                check_object(request.range, item).map_err(Refusal::Invalid)?;
+            }
+            let wanted: usize = want
+                .iter()
+                .map(|w| w.hashes.len() / usize::from(probe.item_hash_bytes))
+                .sum();
+            if wanted > limits.max_wanted_per_request {
+                return Err(Refusal::Invalid("too many items wanted".into()));
+            }
+            let mut found = Vec::new();
+            for segment_want in &want {
+                if segment_want.segment >= shape.leaves()
+                    || segment_want.hashes.len() % usize::from(probe.item_hash_bytes) != 0
+                {
+                    return Err(Refusal::Invalid("bad segment want".into()));
+                }
+                let shorts: BTreeSet<u64> =
+                    unpack(&segment_want.hashes, probe.item_hash_bytes).collect();
+                for item in segment_items(tree, source, segment_want.segment)? {
+                    let hash = hasher.item_hash(&item.bucket, &item.key, item.digest);
+                    if shorts.contains(&short_hash(hash, probe.salt, probe.item_hash_bytes)) {
+                        let stored = source
+                            .object(&item.bucket, &item.key)
+                            .map_err(|e| Refusal::Storage(e.to_string()))?;
+                        if let Some(object) = stored {
+                            found.push(RepairObject {
+                                bucket: item.bucket,
+                                key: item.key,
+                                object,
+                            });
+                        }
+                    }
+                }
+            }
+            writes.extend(objects);
+            Ok(ResponseBody::Objects { objects: found })
+        }
+    }
+}
+
+fn segment_items(
+    tree: &MerkleTree,
+    source: &impl SegmentSource,
+    segment: Segment,
+) -> Result<Vec<SegmentItem>, Refusal> {
+    match tree.segment_tokens(segment) {
+        Some(tokens) => source
+            .segment_items(tokens)
+            .map_err(|e| Refusal::Storage(e.to_string())),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Short hashes of the children of `parents` (at `depth`), in order.
+fn children_hashes(tree: &mut MerkleTree, probe: Probe, depth: u8, parents: &[u32]) -> Vec<u8> {
+    let fanout = tree.shape().fanout() as usize;
+    let mut out = Vec::with_capacity(parents.len() * fanout * usize::from(probe.node_hash_bytes));
+    for &parent in parents {
+        if let Some(children) = tree.children(depth, parent) {
+            for &child in children {
+                pack(
+                    &mut out,
+                    short_hash(child, probe.salt, probe.node_hash_bytes),
+                    probe.node_hash_bytes,
+                );
+            }
+        }
+    }
+    out
+}

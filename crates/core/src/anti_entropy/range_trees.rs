@@ -1,0 +1,178 @@
+//! The trees of one node: one [`MerkleTree`] per token range it replicates.
+//!
+//! # Memory
+//! One tree per replicated range, every tree the same shape. With the default shape (4096
+//! leaves, fanout 16: 34 KiB) and the default ring (16 vnodes, RF 3) a node replicates about
+//! 48 ranges, so about 1.6 MiB, whatever the number of keys. The trade-off: a leaf covers
+//! `keys_in_range / 4096` keys, and a mismatched leaf costs one item hash per key in its
+//! segment during an exchange; bigger trees (more `leaf_bits`) cost memory and make an in-sync
+//! comparison no dearer (roots first), but make the per-key cost of a small divergence
+//! smaller. Trees keyed per range (not per peer pair) mean a node keeps one tree per range
+//! and compares it with every other replica of that range.
+
+use super::merkle::{ItemHasher, MerkleTree, Segment, TreeShape};
+use crate::ring::{key_token, Token, TokenRange};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone)]
+pub struct RangeTrees {
+    hasher: ItemHasher,
+    shape: TreeShape,
+    /// Keyed by the end token of the range (ranges never overlap).
+    trees: BTreeMap<Token, MerkleTree>,
+}
+
+impl RangeTrees {
+    pub fn new(hasher: ItemHasher, shape: TreeShape) -> Self {
+        RangeTrees {
+            hasher,
+            shape,
+            trees: BTreeMap::new(),
+        }
+    }
+
+    pub fn hasher(&self) -> &ItemHasher {
+        &self.hasher
+    }
+
+    pub fn shape(&self) -> TreeShape {
+        self.shape
+    }
+
+    /// Sets the ranges this node replicates (after a ring change). Trees of ranges that stay
+    /// are kept; trees of ranges that went are dropped. Returns the new ranges: their trees
+    /// start empty and must be rebuilt from the data (see [`RangeTrees::rebuild`]) before
+    /// they are compared.
+    pub fn set_ranges(&mut self, ranges: impl IntoIterator<Item = TokenRange>) -> Vec<TokenRange> {
+        let mut old = std::mem::take(&mut self.trees);
+        let mut created = Vec::new();
+        for range in ranges {
+            let tree = match old.remove(&range.end) {
+                Some(tree) if tree.range() == range => tree,
+                _ => {
+                    created.push(range);
+                    MerkleTree::new(range, self.shape)
+                }
+            };
+            self.trees.insert(range.end, tree);
+        }
+        created
+    }
+
+    /// Replaces (or adds) a tree, e.g. one loaded from disk or rebuilt from a scan.
+    /// Refused (returned) when its shape differs from this node's.
+    pub fn insert_tree(&mut self, tree: MerkleTree) -> Result<(), MerkleTree> {
+        if tree.shape() != self.shape {
+            return Err(tree);
+        }
+        self.trees.insert(tree.range().end, tree);
+        Ok(())
+    }
+
+    /// Rebuilds a range's tree from a full scan of its objects `(bucket, key, digest)`.
+    pub fn rebuild<'a>(
+        &mut self,
+        range: TokenRange,
+        items: impl IntoIterator<Item = (&'a str, &'a [u8], u64)>,
+    ) {
+        let mut tree = MerkleTree::new(range, self.shape);
+        for (bucket, key, digest) in items {
+            if let Some(segment) = tree.segment_of(key_token(bucket, key)) {
+                tree.update(
+                    segment,
+                    None,
+                    Some(self.hasher.item_hash(bucket, key, digest)),
+                );
+            }
+        }
+        self.trees.insert(range.end, tree);
+    }
+
+    pub fn ranges(&self) -> impl Iterator<Item = TokenRange> + '_ {
+        self.trees.values().map(|t| t.range())
+    }
+
+    pub fn len(&self) -> usize {
+        self.trees.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.trees.is_empty()
+    }
+
+    pub fn tree(&self, range: TokenRange) -> Option<&MerkleTree> {
+        self.trees.get(&range.end).filter(|t| t.range() == range)
+    }
+
+    pub fn tree_mut(&mut self, range: TokenRange) -> Option<&mut MerkleTree> {
+        self.trees
+            .get_mut(&range.end)
+            .filter(|t| t.range() == range)
+    }
+
+    /// The range (of this node's) and segment a token falls in.
+    pub fn locate(&self, token: Token) -> Option<(TokenRange, Segment)> {
+        let tree = self.tree_for(token)?;
+        Some((tree.range(), tree.segment_of(token)?))
+    }
+
+    fn tree_for(&self, token: Token) -> Option<&MerkleTree> {
+        // The range holding `token` is the one with the smallest end >= token, or (for the
+        // range that wraps past 0) the one with the smallest end of all.
+        let candidate = self
+            .trees
+            .range(token..)
+            .next()
+            .or_else(|| self.trees.iter().next())
+            .map(|(_, t)| t)?;
+        candidate.range().contains(token).then_some(candidate)
+    }
+
+    /// Keeps the trees exact on a write: the key's item hash before (from the old object's
+    /// digest, `None` if it did not exist) out, after (`None` if removed) in. Call it for
+    /// every change of a stored object: client writes, replication, read repair, hints and
+    /// anti-entropy. Returns false when no tree covers the key (not a range of this node).
+    pub fn record_write(
+        &mut self,
+        bucket: &str,
+        key: &[u8],
+        old_digest: Option<u64>,
+        new_digest: Option<u64>,
+    ) -> bool {
+        self.record_write_at(key_token(bucket, key), bucket, key, old_digest, new_digest)
+    }
+
+    /// [`RangeTrees::record_write`] for a caller that already has the key's token.
+    pub fn record_write_at(
+        &mut self,
+        token: Token,
+        bucket: &str,
+        key: &[u8],
+        old_digest: Option<u64>,
+        new_digest: Option<u64>,
+    ) -> bool {
+        if old_digest == new_digest {
+            return self.tree_for(token).is_some();
+        }
+        let hasher = self.hasher;
+        let candidate_end = match self.tree_for(token) {
+            Some(tree) => tree.range().end,
+            None => return false,
+        };
+        let Some(tree) = self.trees.get_mut(&candidate_end) else {
+            return false;
+        };
+        let Some(segment) = tree.segment_of(token) else {
+            return false;
+        };
+        let old = old_digest.map(|d| hasher.item_hash(bucket, key, d));
+        let new = new_digest.map(|d| hasher.item_hash(bucket, key, d));
+        tree.update(segment, old, new);
+        true
+    }
+
+    /// Memory of every tree, in bytes.
+    pub fn memory_bytes(&self) -> usize {
+        self.trees.values().map(|t| t.memory_bytes()).sum()
+    }
+}
