@@ -189,9 +189,9 @@ impl FaultConfig {
 
     /// True when these faults can keep a write from reaching every replica: a lost message,
     /// a crash, a partition, a pause long enough for the coordinator to time out before it
-    /// replicates, or a duplicated (non-idempotent) `Coordinate`. Until read repair, hinted
-    /// handoff and anti-entropy exist, replicas only converge without such faults (reorder
-    /// and skew alone keep every message, and delays stay below the request timeout).
+    /// replicates, or a duplicated (non-idempotent) `Coordinate`. Without them (reorder and
+    /// skew keep every message, and delays stay below the request timeout) replicas agree
+    /// even before any repair.
     pub fn breaks_replication(&self) -> bool {
         self.loss || self.duplicate || self.partition || self.crash || self.pause
     }
@@ -245,8 +245,7 @@ pub struct SimConfig {
 pub const MAX_NODES: usize = 32;
 
 impl SimConfig {
-    /// Five nodes, 1,000 operations, every fault; convergence required only when the
-    /// faults cannot lose messages.
+    /// Five nodes, 1,000 operations, every fault, convergence required.
     pub fn new(seed: u64) -> Self {
         SimConfig {
             seed,
@@ -256,14 +255,12 @@ impl SimConfig {
             max_steps: 2_000_000,
             max_sim_ms: 3_600_000,
             trace: false,
-            require_convergence: false,
+            require_convergence: true,
         }
     }
 
-    /// Sets the faults and the convergence requirement that goes with them.
     pub fn with_faults(mut self, faults: FaultConfig) -> Self {
         self.faults = faults;
-        self.require_convergence = !faults.breaks_replication();
         self
     }
 
@@ -293,12 +290,8 @@ impl SimConfig {
             "cargo run --release -p mendkv-sim -- --seed {} --nodes {} --ops {} --faults {}",
             self.seed, self.nodes, self.ops, self.faults
         );
-        if self.require_convergence == self.faults.breaks_replication() {
-            cmd.push_str(if self.require_convergence {
-                " --require-convergence"
-            } else {
-                " --no-require-convergence"
-            });
+        if !self.require_convergence {
+            cmd.push_str(" --no-require-convergence");
         }
         if self.max_steps != SimConfig::new(0).max_steps {
             write!(cmd, " --max-steps {}", self.max_steps).ok();
@@ -1628,6 +1621,7 @@ impl Simulation {
     pub fn finish(&mut self) -> CheckReport {
         self.heal_all();
         self.run_for(QUIET_MS);
+        let apart_before = self.divergence().len();
         let keys: BTreeSet<String> = self
             .history
             .ops
@@ -1675,6 +1669,7 @@ impl Simulation {
         self.run_for(QUIET_MS);
         let mut report = checker::check_history(&self.history, self.replicas());
         report.divergent = self.divergence();
+        report.divergent_before_final_reads = apart_before;
         report
     }
 

@@ -44,11 +44,10 @@ struct Args {
     /// loss,duplicate,reorder,partition,crash,pause,skew.
     #[arg(long, default_value = "all")]
     faults: String,
-    /// Fail a seed whose replicas have not converged (default: on when the faults cannot
-    /// lose messages, e.g. `--faults none`).
+    /// Fail a seed whose replicas have not converged at the end (the default).
     #[arg(long, conflicts_with = "no_require_convergence")]
     require_convergence: bool,
-    /// Do not fail a seed on divergent replicas.
+    /// Do not fail a seed on divergent replicas (still reported).
     #[arg(long)]
     no_require_convergence: bool,
     /// Bound on events per run; a run that reaches it fails.
