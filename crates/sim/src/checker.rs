@@ -42,6 +42,8 @@ use std::fmt;
 pub struct Violation {
     pub key: String,
     pub detail: String,
+    /// The client value involved, when there is one.
+    pub value: Option<String>,
 }
 
 impl fmt::Display for Violation {
@@ -175,6 +177,7 @@ pub fn check_history(history: &History, replicas: usize) -> CheckReport {
                 if !writer_of.contains_key(value.as_str()) {
                     report.unexpected.push(Violation {
                         key: op.key.clone(),
+                        value: Some(value.clone()),
                         detail: format!("op{} read {value:?}, which no client wrote", op.id),
                     });
                 }
@@ -200,6 +203,7 @@ pub fn check_history(history: &History, replicas: usize) -> CheckReport {
         if !finals.contains_key(key) {
             report.final_read_failures.push(Violation {
                 key: key.to_string(),
+                value: None,
                 detail: "no final read succeeded after the cluster healed".into(),
             });
         }
@@ -249,6 +253,7 @@ pub fn check_history(history: &History, replicas: usize) -> CheckReport {
         if !final_values.contains(value) {
             report.lost.push(Violation {
                 key: w.key.clone(),
+                value: Some(value.clone()),
                 detail: format!(
                     "op{} put {value} at {} was acknowledged at {}ms; the final read returned [{}] and no later write could have superseded it",
                     w.id,
@@ -294,6 +299,7 @@ pub fn check_history(history: &History, replicas: usize) -> CheckReport {
         if final_values.contains(value) {
             let violation = Violation {
                 key: w.key.clone(),
+                value: Some(value.clone()),
                 detail: format!(
                     "final read returned {value} (op{}, acknowledged at {}ms), which op{} ({} at {}, acknowledged) superseded",
                     w.id,

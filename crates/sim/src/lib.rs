@@ -1670,6 +1670,47 @@ impl Simulation {
         let mut report = checker::check_history(&self.history, self.replicas());
         report.divergent = self.divergence();
         report.divergent_before_final_reads = apart_before;
+        // A value under more than one dot was applied more than once (a duplicated or
+        // retried `Coordinate`): say so, it explains most resurrections.
+        let dots_seen = |sim: &Simulation, key: &str, value: &str| -> BTreeSet<String> {
+            let mut objects: Vec<Object> = sim
+                .responses
+                .values()
+                .filter_map(|r| match r {
+                    ClientResponse::Object(o) => Some(o.clone()),
+                    _ => None,
+                })
+                .collect();
+            objects.extend((0..sim.slots.len()).filter_map(|i| sim.stored(i, key)));
+            objects
+                .iter()
+                .flat_map(|o| o.siblings().iter())
+                .filter(|s| workload::value_text(&s.value).as_deref() == Some(value))
+                .map(|s| format!("{}.{}", self.names.actor(&s.dot.actor), s.dot.counter))
+                .collect()
+        };
+        let mut notes = Vec::new();
+        for v in report.resurrected.iter().chain(&report.stale) {
+            if let Some(value) = &v.value {
+                let dots = dots_seen(self, &v.key, value);
+                if dots.len() > 1 {
+                    notes.push(format!(
+                        " [{value} was applied more than once: dots {}]",
+                        dots.into_iter().collect::<Vec<_>>().join(", ")
+                    ));
+                } else {
+                    notes.push(String::new());
+                }
+            }
+        }
+        for (v, note) in report
+            .resurrected
+            .iter_mut()
+            .chain(report.stale.iter_mut())
+            .zip(notes)
+        {
+            v.detail.push_str(&note);
+        }
         report
     }
 
@@ -1708,6 +1749,7 @@ impl Simulation {
                 }
                 divergent.push(checker::Violation {
                     key: name,
+                    value: None,
                     detail: detail.trim_end().to_string(),
                 });
             }
