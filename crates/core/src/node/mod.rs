@@ -225,7 +225,12 @@ impl<S: Storage> Node<S> {
             .first()
             .map(|(d, _)| *d)
             .unwrap_or(Millis::MAX);
-        op.min(self.next_membership_at)
+        let hints = if self.hint_queue.total_hints() > 0 || !self.hint_batches.is_empty() {
+            self.next_delivery_at
+        } else {
+            Millis::MAX
+        };
+        op.min(self.next_membership_at).min(hints)
     }
 
     // ----- durability -----------------------------------------------------------------
@@ -654,7 +659,12 @@ impl<S: Storage> Node<S> {
                 });
             }
             Message::HintBatchReply { request, result } => {
-                self.on_hint_batch_reply(request, result.is_ok())
+                let delivered = result.is_ok();
+                self.on_hint_batch_reply(request, delivered);
+                if delivered {
+                    // Keep the pipe full: the next batch goes out at once, within the rate.
+                    self.deliver_hints(now);
+                }
             }
             Message::Coordinate {
                 request,
