@@ -68,7 +68,7 @@ use mendkv_core::message::{ClientRequest, ClientResponse, Message, RequestId};
 use mendkv_core::node::{Action, Node, SyncTicket};
 use mendkv_core::quorum::ConsistencyLevel;
 use mendkv_core::ring::Ring;
-use mendkv_core::storage::{MemoryStorage, Storage};
+use mendkv_core::storage::{MemoryStorage, Storage, StorageError};
 use mendkv_core::version::{Actor, CausalContext, Object, Value};
 use mendkv_core::{Millis, NodeId};
 use network::{Network, NetworkParams};
@@ -98,10 +98,13 @@ pub struct FaultConfig {
     pub crash: bool,
     pub pause: bool,
     pub skew: bool,
+    /// An fsync fails now and then (the disk reports an I/O error; the writes stay
+    /// unsynced and a later crash may lose them).
+    pub fsync: bool,
 }
 
 /// The names `--faults` accepts, in canonical order.
-pub const FAULT_NAMES: [&str; 7] = [
+pub const FAULT_NAMES: [&str; 8] = [
     "loss",
     "duplicate",
     "reorder",
@@ -109,6 +112,7 @@ pub const FAULT_NAMES: [&str; 7] = [
     "crash",
     "pause",
     "skew",
+    "fsync",
 ];
 
 impl FaultConfig {
@@ -125,10 +129,11 @@ impl FaultConfig {
             crash: true,
             pause: true,
             skew: true,
+            fsync: true,
         }
     }
 
-    fn flags(&self) -> [bool; 7] {
+    fn flags(&self) -> [bool; 8] {
         [
             self.loss,
             self.duplicate,
@@ -137,6 +142,7 @@ impl FaultConfig {
             self.crash,
             self.pause,
             self.skew,
+            self.fsync,
         ]
     }
 
@@ -149,6 +155,7 @@ impl FaultConfig {
             "crash" => &mut self.crash,
             "pause" => &mut self.pause,
             "skew" => &mut self.skew,
+            "fsync" => &mut self.fsync,
             _ => return None,
         })
     }
@@ -193,7 +200,7 @@ impl FaultConfig {
     /// skew keep every message, and delays stay below the request timeout) replicas agree
     /// even before any repair.
     pub fn breaks_replication(&self) -> bool {
-        self.loss || self.duplicate || self.partition || self.crash || self.pause
+        self.loss || self.duplicate || self.partition || self.crash || self.pause || self.fsync
     }
 }
 
@@ -470,11 +477,55 @@ impl RunReport {
 
 /// Runs one seed from start to verdict.
 pub fn run_seed(config: &SimConfig) -> RunReport {
+    let (mut report, _) = run_once(config, BTreeSet::new());
+    // A resurrected or stale value is often one the cluster applied more than once (a
+    // duplicated or retried `Coordinate`). Replay the seed watching those values and say
+    // under which dots they travelled.
+    let suspects: BTreeSet<String> = report
+        .check
+        .resurrected
+        .iter()
+        .chain(&report.check.stale)
+        .filter_map(|v| v.value.clone())
+        .collect();
+    if !suspects.is_empty() {
+        let mut quiet = config.clone();
+        quiet.trace = false;
+        let (_, dots) = run_once(&quiet, suspects);
+        for v in report
+            .check
+            .resurrected
+            .iter_mut()
+            .chain(report.check.stale.iter_mut())
+        {
+            let seen = v.value.as_ref().and_then(|value| dots.get(value));
+            if let Some(seen) = seen.filter(|d| d.len() > 1) {
+                let list: Vec<&str> = seen.iter().map(String::as_str).collect();
+                write!(
+                    v.detail,
+                    " [the cluster applied this write {} times: dots {}]",
+                    seen.len(),
+                    list.join(", ")
+                )
+                .ok();
+            }
+        }
+    }
+    report
+}
+
+/// One run; also returns the dots under which the `watch`ed values travelled.
+fn run_once(
+    config: &SimConfig,
+    watch: BTreeSet<String>,
+) -> (RunReport, BTreeMap<String, BTreeSet<String>>) {
     let mut sim = Simulation::new(config.clone());
+    sim.watch = watch;
     sim.start_workload();
     sim.run_until(|s| s.workload_done(), Millis::MAX);
     let check = sim.finish();
-    sim.report(check)
+    let dots = std::mem::take(&mut sim.watched_dots);
+    (sim.report(check), dots)
 }
 
 /// A simulated cluster.
@@ -505,6 +556,13 @@ pub struct Simulation {
     /// A crash waiting for its moment: node `.0` crashes as soon as it holds unsynced
     /// writes (the interesting case for durability), or at virtual time `.1` at the latest.
     armed_crash: Option<(usize, Millis)>,
+    /// Probability that an fsync fails (the `fsync` fault), while faults are on.
+    fsync_failure: f64,
+    /// Nodes whose next fsync fails (scripted).
+    fail_next_fsync: BTreeSet<usize>,
+    /// Values whose dots to record as they travel (diagnosis of a failed seed).
+    watch: BTreeSet<String>,
+    watched_dots: BTreeMap<String, BTreeSet<String>>,
     trace: Option<String>,
     /// Actor hashes to node names, so traces print dots as `n3.1:2` (node n3, epoch 1,
     /// counter 2).
@@ -596,6 +654,10 @@ impl Simulation {
             ops_issued: 0,
             faults_active: false,
             armed_crash: None,
+            fsync_failure: 0.0,
+            fail_next_fsync: BTreeSet::new(),
+            watch: BTreeSet::new(),
+            watched_dots: BTreeMap::new(),
             trace: config.trace.then(String::new),
             names: Names::new(&members),
             steps: 0,
@@ -857,11 +919,24 @@ impl Simulation {
                     return;
                 }
                 slot.syncing = false;
-                let result = slot.storage.sync();
+                let fail = self.fail_next_fsync.remove(&node)
+                    || (self.fsync_failure > 0.0 && self.rng_disk.gen_bool(self.fsync_failure));
+                let result = if fail {
+                    Err(StorageError::Engine("injected fsync failure".into()))
+                } else {
+                    slot.storage.sync()
+                };
                 if let Some(n) = slot.node.as_mut() {
                     n.finish_sync(ticket, result);
                 }
-                self.trace_line(&format!("n{node}"), |_| "fsync done".into());
+                self.trace_line(&format!("n{node}"), |_| {
+                    if fail {
+                        "fsync FAILED (injected)"
+                    } else {
+                        "fsync done"
+                    }
+                    .into()
+                });
                 self.flush(node);
             }
             Event::PeerStatus {
@@ -1011,7 +1086,37 @@ impl Simulation {
         }
     }
 
+    /// Records the dots of watched values found in a message's objects.
+    fn watch_message(&mut self, message: &Message) {
+        let objects: Vec<&Object> = match message {
+            Message::Replicate { object, .. } | Message::RepairWrite { object, .. } => {
+                vec![object]
+            }
+            Message::CoordinateReply { result: Ok(o), .. } => vec![o],
+            Message::ReadReply {
+                result: Ok(Some(o)),
+                ..
+            } => vec![o],
+            _ => vec![],
+        };
+        for sibling in objects.iter().flat_map(|o| o.siblings()) {
+            if let Some(value) = workload::value_text(&sibling.value) {
+                if self.watch.contains(&value) {
+                    let dot = format!(
+                        "{}.{}",
+                        self.names.actor(&sibling.dot.actor),
+                        sibling.dot.counter
+                    );
+                    self.watched_dots.entry(value).or_default().insert(dot);
+                }
+            }
+        }
+    }
+
     fn send(&mut self, from: usize, to: NodeId, message: Message) {
+        if !self.watch.is_empty() {
+            self.watch_message(&message);
+        }
         let Some(&j) = self.index.get(&to) else {
             // Not a simulated node: the transport has no address for it.
             self.send_failed(from, &to, &message, "unknown node");
@@ -1266,6 +1371,10 @@ impl Simulation {
         }
         self.workload = Some(params);
         let f = self.config.faults;
+        if f.fsync {
+            self.fsync_failure = self.rng_fault.gen_range(0.005..0.05);
+            write!(self.params, "; fsync failures {:.3}", self.fsync_failure).ok();
+        }
         if f.crash || f.pause || f.partition {
             self.faults_active = true;
             let at = self.now + self.rng_fault.gen_range(100..=1000);
@@ -1494,6 +1603,11 @@ impl Simulation {
         }
     }
 
+    /// Makes the next fsync of node `i` fail (an I/O error).
+    pub fn fail_next_fsync(&mut self, i: usize) {
+        self.fail_next_fsync.insert(i);
+    }
+
     /// Crashes node `i` and gives it a new, empty disk: a node that lost its disk. The
     /// storage model never does this by itself; the checkers' own tests use it to prove
     /// they catch lost data.
@@ -1604,6 +1718,7 @@ impl Simulation {
     pub fn heal_all(&mut self) {
         self.faults_active = false;
         self.armed_crash = None;
+        self.fsync_failure = 0.0;
         self.heal_partition();
         self.network.params.loss = 0.0;
         self.network.params.duplicate = 0.0;
@@ -1670,47 +1785,6 @@ impl Simulation {
         let mut report = checker::check_history(&self.history, self.replicas());
         report.divergent = self.divergence();
         report.divergent_before_final_reads = apart_before;
-        // A value under more than one dot was applied more than once (a duplicated or
-        // retried `Coordinate`): say so, it explains most resurrections.
-        let dots_seen = |sim: &Simulation, key: &str, value: &str| -> BTreeSet<String> {
-            let mut objects: Vec<Object> = sim
-                .responses
-                .values()
-                .filter_map(|r| match r {
-                    ClientResponse::Object(o) => Some(o.clone()),
-                    _ => None,
-                })
-                .collect();
-            objects.extend((0..sim.slots.len()).filter_map(|i| sim.stored(i, key)));
-            objects
-                .iter()
-                .flat_map(|o| o.siblings().iter())
-                .filter(|s| workload::value_text(&s.value).as_deref() == Some(value))
-                .map(|s| format!("{}.{}", self.names.actor(&s.dot.actor), s.dot.counter))
-                .collect()
-        };
-        let mut notes = Vec::new();
-        for v in report.resurrected.iter().chain(&report.stale) {
-            if let Some(value) = &v.value {
-                let dots = dots_seen(self, &v.key, value);
-                if dots.len() > 1 {
-                    notes.push(format!(
-                        " [{value} was applied more than once: dots {}]",
-                        dots.into_iter().collect::<Vec<_>>().join(", ")
-                    ));
-                } else {
-                    notes.push(String::new());
-                }
-            }
-        }
-        for (v, note) in report
-            .resurrected
-            .iter_mut()
-            .chain(report.stale.iter_mut())
-            .zip(notes)
-        {
-            v.detail.push_str(&note);
-        }
         report
     }
 

@@ -73,9 +73,10 @@ fn faults_keep_safety() {
     assert!(failures.is_empty(), "{}", explain(&failures));
 }
 
-// With duplicated messages too. Ignored: a duplicated `Coordinate` makes the actor apply a
+// With duplicated messages and failing fsyncs too. Ignored: a duplicated `Coordinate`, or a
+// `Coordinate` retried on the next replica after the first actor's fsync failed, applies a
 // write twice under two dots, and a delete that saw one dot leaves the other alive (see
-// `scenarios::duplicate_coordinate_resurrects`).
+// `scenarios::duplicate_coordinate_resurrects`, `fsync_error_at_actor_applies_write_twice`).
 #[test]
 #[ignore = "core bug: Coordinate is not idempotent (duplicate dots resurrect deleted values)"]
 fn all_faults_keep_safety() {
