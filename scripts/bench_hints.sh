@@ -36,8 +36,8 @@ for line in sys.stdin:
         if n["id"] == "node3": total += n["hints_pending"]
 print(total)'; }
 stored=$(pending)
-hint_bytes=$(( $(du -sb "$dir/node1/db" | cut -f1) + $(du -sb "$dir/node2/db" | cut -f1) ))
-echo "hints pending: $stored; node1+node2 database bytes now: $hint_bytes"
+hint_bytes=$(for u in "$n1" "$n2"; do curl -s "$u/metrics"; done | awk '/^mendkv_hints_bytes / { s += $2 } END { print s }')
+echo "hints pending: $stored; stored hint bytes (keys + records): $hint_bytes = $((hint_bytes / stored)) B per hint"
 start=$(date +%s.%N)
 "$bin" server --node-id node3 --listen "127.0.0.1:$((port - 1000 + 2))" --http "127.0.0.1:$((port + 2))" \
   --seed "127.0.0.1:$((port - 1000))" --data-dir "$dir/node3" 2>>"$dir/node3.log" &

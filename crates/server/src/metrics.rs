@@ -71,6 +71,7 @@ pub struct Metrics {
     pub hints_expired: Counter,
     pub hints_dropped: Family<ReasonLabels, Counter>,
     pub hints_pending: Gauge,
+    pub hints_bytes: Gauge,
 }
 
 impl Metrics {
@@ -165,7 +166,14 @@ impl Metrics {
             "Hints waiting for delivery",
             hints_pending.clone(),
         );
+        let hints_bytes = Gauge::default();
+        registry.register(
+            "mendkv_hints_bytes",
+            "Bytes of stored hints (keys plus encoded records), the measure of max_bytes_total",
+            hints_bytes.clone(),
+        );
         Arc::new(Metrics {
+            hints_bytes,
             hints_stored,
             hints_delivered,
             hints_expired,

@@ -260,6 +260,7 @@ impl NodeTask {
                 .inc_by(now.hints_dropped[index] - old.hints_dropped[index]);
         }
         metrics.hints_pending.set(self.node.hints_pending() as i64);
+        metrics.hints_bytes.set(self.node.hints_bytes() as i64);
         self.exported = now;
     }
 

@@ -29,7 +29,7 @@ pub struct HintedHandoffConfig {
     pub ttl_ms: Millis,
     /// Distinct hinted keys kept per target node; beyond it new hints are dropped.
     pub max_hints_per_node: usize,
-    /// Bytes of hinted values kept in total; beyond it new hints are dropped.
+    /// Bytes of hints (key plus encoded record) kept in total; beyond it new hints are dropped.
     pub max_bytes_total: u64,
     /// Hints replayed per second per node (0 = unlimited).
     pub delivery_rate_per_s: u64,
@@ -106,11 +106,6 @@ impl HintRecord {
             Some((&HINT_FORMAT, body)) => postcard::from_bytes(body).ok(),
             _ => None,
         }
-    }
-
-    /// Bytes the hint's values occupy, for the total budget.
-    pub fn size_bytes(&self) -> u64 {
-        self.object.size_bytes() as u64 + 64
     }
 }
 

@@ -39,7 +39,7 @@ pub(super) fn load_hint_queue<S: Storage>(storage: &S) -> (HintQueue, u64) {
                     &bucket,
                     &object_key,
                     record.created_ms,
-                    record.size_bytes(),
+                    (key.len() + value.len()) as u64,
                     is_delete,
                 );
             }
@@ -92,7 +92,9 @@ impl<S: Storage> Node<S> {
             }
         };
         record.object.merge_in(object);
-        let bytes = record.size_bytes();
+        let encoded = record.encode();
+        // Budgets count the bytes stored: hint key plus encoded record.
+        let bytes = (storage_key.len() + encoded.len()) as u64;
         if let Err(reason) =
             self.hint_queue
                 .check_budget(&self.config.hinted_handoff, target, bucket, key, bytes)
@@ -100,11 +102,7 @@ impl<S: Storage> Node<S> {
             self.drop_hint(bucket, key, reason);
             return;
         }
-        if self
-            .storage
-            .put_hint(&storage_key, &record.encode())
-            .is_err()
-        {
+        if self.storage.put_hint(&storage_key, &encoded).is_err() {
             self.stats.storage_errors += 1;
             return;
         }
@@ -256,6 +254,11 @@ impl<S: Storage> Node<S> {
     /// Hints waiting for `target`.
     pub fn hints_pending_for(&self, target: &NodeId) -> usize {
         self.hint_queue.pending_for(target)
+    }
+
+    /// Bytes of stored hints (keys plus encoded records).
+    pub fn hints_bytes(&self) -> u64 {
+        self.hint_queue.total_bytes()
     }
 
     /// Hints waiting in total.
