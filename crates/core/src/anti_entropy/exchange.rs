@@ -139,8 +139,11 @@ pub enum ResponseBody {
         hashes: Vec<u8>,
     },
     /// The wanted objects.
+    /// The wanted objects; `complete` is false when the answer hit its size limit before
+    /// every wanted item was in (the driver asks again for the rest).
     Objects {
         objects: Vec<RepairObject>,
+        complete: bool,
     },
     Refused(Refusal),
 }
@@ -427,8 +430,8 @@ enum DriverState {
 struct Transfer {
     pushes: VecDeque<(String, Vec<u8>)>,
     wants: VecDeque<(Segment, u64)>,
-    /// Segments named in the `Transfer` in flight (what may come back).
-    asked_segments: BTreeSet<Segment>,
+    /// Wants named in the `Transfer` in flight (what may come back).
+    asked: Vec<(Segment, u64)>,
     /// Keys moved in this batch (a key may go both ways: count it once).
     moved: BTreeSet<(String, Vec<u8>)>,
 }
@@ -576,8 +579,10 @@ impl ExchangeDriver {
                     transfer,
                     remaining,
                 },
-                ResponseBody::Objects { objects },
-            ) => self.receive_objects(tree, source, transfer, remaining, objects, writes),
+                ResponseBody::Objects { objects, complete },
+            ) => self.receive_objects(
+                hasher, tree, source, transfer, remaining, objects, complete, writes,
+            ),
             (DriverState::AwaitVerify, ResponseBody::Root { root }) => {
                 if tree.root().to_le_bytes() == root {
                     return Ok(DriverStep::Finished(
@@ -774,6 +779,9 @@ impl ExchangeDriver {
         self.send_transfer(tree, source, transfer, remaining)
     }
 
+    /// Sends the batch's next `Transfer`. Wants go first, alone, until every wanted item has
+    /// come back; pushes follow. Had a push been merged before a want was served, the want
+    /// would name an item the receiver no longer holds (the merge changed it).
     fn send_transfer(
         &mut self,
         tree: &mut MerkleTree,
@@ -782,13 +790,10 @@ impl ExchangeDriver {
         remaining: VecDeque<Segment>,
     ) -> Result<DriverStep, ExchangeError> {
         let item_bytes = self.config.item_hash_bytes;
+        let take = transfer.wants.len().min(self.config.max_wanted_per_request);
+        transfer.asked = transfer.wants.drain(..take).collect();
         let mut want: Vec<SegmentWant> = Vec::new();
-        transfer.asked_segments.clear();
-        for _ in 0..self.config.max_wanted_per_request {
-            let Some((segment, short)) = transfer.wants.pop_front() else {
-                break;
-            };
-            transfer.asked_segments.insert(segment);
+        for &(segment, short) in &transfer.asked {
             match want.last_mut() {
                 Some(last) if last.segment == segment => pack(&mut last.hashes, short, item_bytes),
                 _ => {
@@ -800,10 +805,7 @@ impl ExchangeDriver {
         }
         let mut objects = Vec::new();
         let mut push_bytes = 0usize;
-        // Pushes go only once every wanted item has been asked for: the receiver reads wanted
-        // items before merging what comes in the same request, but a push merged in an
-        // earlier request would change the item a later want names.
-        while transfer.wants.is_empty() && push_bytes < self.config.max_push_bytes {
+        while want.is_empty() && push_bytes < self.config.max_push_bytes {
             let Some((bucket, key)) = transfer.pushes.pop_front() else {
                 break;
             };
@@ -825,11 +827,8 @@ impl ExchangeDriver {
             }
         }
         if objects.is_empty() && want.is_empty() {
-            return if transfer.pushes.is_empty() {
-                self.next_batch(tree, source, remaining)
-            } else {
-                self.send_transfer(tree, source, transfer, remaining)
-            };
+            // Nothing left (pushed objects may have vanished meanwhile).
+            return self.next_batch(tree, source, remaining);
         }
         let request = self.request(RequestBody::Transfer { objects, want });
         self.state = DriverState::AwaitObjects {
@@ -839,22 +838,44 @@ impl ExchangeDriver {
         Ok(DriverStep::Send(request))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn receive_objects(
         &mut self,
+        hasher: ItemHasher,
         tree: &mut MerkleTree,
         source: &impl SegmentSource,
         mut transfer: Transfer,
         remaining: VecDeque<Segment>,
         objects: Vec<RepairObject>,
+        complete: bool,
         writes: &mut Vec<RepairObject>,
     ) -> Result<DriverStep, ExchangeError> {
+        let probe = self.probe(self.pass);
+        let mut received = BTreeSet::new();
         for item in &objects {
             check_object(self.range, item).map_err(ExchangeError::InvalidResponse)?;
             let segment = tree.segment_of(key_token(&item.bucket, &item.key));
-            if !segment.is_some_and(|s| transfer.asked_segments.contains(&s)) {
-                return Err(ExchangeError::InvalidResponse(
-                    "object not asked for".into(),
-                ));
+            let hash = hasher.item_hash(&item.bucket, &item.key, item.object.digest());
+            let short = short_hash(hash, probe.salt, probe.item_hash_bytes);
+            // An object that changed since its item was listed still merges harmlessly; one
+            // from a segment not asked for is a broken or hostile peer.
+            match segment {
+                Some(segment) if transfer.asked.iter().any(|&(s, _)| s == segment) => {
+                    received.insert((segment, short));
+                }
+                _ => {
+                    return Err(ExchangeError::InvalidResponse(
+                        "object not asked for".into(),
+                    ))
+                }
+            }
+        }
+        if !complete {
+            // The answer was cut at its size limit: ask again for what did not come.
+            for &want in transfer.asked.iter().rev() {
+                if !received.contains(&want) {
+                    transfer.wants.push_front(want);
+                }
             }
         }
         for item in objects {
@@ -878,7 +899,6 @@ impl ExchangeDriver {
         }
     }
 }
-
 // ----- receiver side ------------------------------------------------------------------
 
 /// Bounds on what one request may make the receiver do.
@@ -892,6 +912,9 @@ pub struct ReceiverLimits {
     pub max_objects_per_request: usize,
     /// Items asked back in one `Transfer`.
     pub max_wanted_per_request: usize,
+    /// Value bytes in one `Objects` answer (at least one object goes); the driver asks
+    /// again for the rest. Keeps answers well under the wire's frame limit.
+    pub max_response_bytes: usize,
 }
 
 impl Default for ReceiverLimits {
@@ -901,6 +924,7 @@ impl Default for ReceiverLimits {
             max_items_per_response: 1 << 16,
             max_objects_per_request: 1 << 14,
             max_wanted_per_request: 4096,
+            max_response_bytes: 4 << 20,
         }
     }
 }
@@ -1016,33 +1040,43 @@ fn answer(
             if wanted > limits.max_wanted_per_request {
                 return Err(Refusal::Invalid("too many items wanted".into()));
             }
-            let mut found = Vec::new();
-            for segment_want in &want {
-                if segment_want.segment >= shape.leaves()
-                    || segment_want.hashes.len() % usize::from(probe.item_hash_bytes) != 0
-                {
-                    return Err(Refusal::Invalid("bad segment want".into()));
-                }
+            if want.iter().any(|w| {
+                w.segment >= shape.leaves()
+                    || w.hashes.len() % usize::from(probe.item_hash_bytes) != 0
+            }) {
+                return Err(Refusal::Invalid("bad segment want".into()));
+            }
+            let (mut found, mut bytes, mut complete) = (Vec::new(), 0usize, true);
+            'wants: for segment_want in &want {
                 let shorts: BTreeSet<u64> =
                     unpack(&segment_want.hashes, probe.item_hash_bytes).collect();
                 for item in segment_items(tree, source, segment_want.segment)? {
                     let hash = hasher.item_hash(&item.bucket, &item.key, item.digest);
-                    if shorts.contains(&short_hash(hash, probe.salt, probe.item_hash_bytes)) {
-                        let stored = source
-                            .object(&item.bucket, &item.key)
-                            .map_err(|e| Refusal::Storage(e.to_string()))?;
-                        if let Some(object) = stored {
-                            found.push(RepairObject {
-                                bucket: item.bucket,
-                                key: item.key,
-                                object,
-                            });
-                        }
+                    if !shorts.contains(&short_hash(hash, probe.salt, probe.item_hash_bytes)) {
+                        continue;
+                    }
+                    if !found.is_empty() && bytes >= limits.max_response_bytes {
+                        complete = false;
+                        break 'wants;
+                    }
+                    let stored = source
+                        .object(&item.bucket, &item.key)
+                        .map_err(|e| Refusal::Storage(e.to_string()))?;
+                    if let Some(object) = stored {
+                        bytes += object.size_bytes() + item.key.len() + 64;
+                        found.push(RepairObject {
+                            bucket: item.bucket,
+                            key: item.key,
+                            object,
+                        });
                     }
                 }
             }
             writes.extend(objects);
-            Ok(ResponseBody::Objects { objects: found })
+            Ok(ResponseBody::Objects {
+                objects: found,
+                complete,
+            })
         }
     }
 }

@@ -21,9 +21,10 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed, Xxh3};
 /// The index of a segment (a leaf) within its tree.
 pub type Segment = u32;
 
-/// Smallest and largest trees accepted: 16 leaves to 1 Mi leaves (8 MiB).
+/// Smallest and largest trees accepted: 16 leaves to 256 Ki leaves (2 MiB; a level's
+/// hashes then still fit in one message).
 pub const MIN_LEAF_BITS: u8 = 4;
-pub const MAX_LEAF_BITS: u8 = 20;
+pub const MAX_LEAF_BITS: u8 = 18;
 /// Fanout from 2 to 64.
 pub const MAX_FANOUT_BITS: u8 = 6;
 
