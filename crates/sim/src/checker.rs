@@ -19,6 +19,10 @@
 //!   a delete without context reads first, so it could have seen the value if it ended (or
 //!   may still end) after the value's write was invoked.
 //!   Concurrent writes make siblings, and siblings are returned, so they are not losses.
+//! - **missed**: a successful read at level `r`, invoked after a put was acknowledged at
+//!   level `w` with `required(w) + required(r) > n`, that did not return the put's value
+//!   although no write that could have superseded it (same rule as for lost) had been
+//!   invoked before the read ended. Quorum intersection promises that read the value.
 //! - **unexpected**: a successful read (during the run or final) returned a value no client
 //!   ever wrote.
 //! - **resurrected** / **stale**: the final read returns a value that an acknowledged write
@@ -34,6 +38,7 @@
 
 use crate::workload::{ContextSource, History, OkResult, Op, OpKind, Outcome};
 use mendkv_core::quorum::ConsistencyLevel;
+use mendkv_core::Millis;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
@@ -56,6 +61,8 @@ impl fmt::Display for Violation {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckReport {
     pub lost: Vec<Violation>,
+    /// Reads that overlapped an acknowledged write's quorum and did not return it.
+    pub missed: Vec<Violation>,
     pub unexpected: Vec<Violation>,
     pub resurrected: Vec<Violation>,
     pub stale: Vec<Violation>,
@@ -80,6 +87,7 @@ impl CheckReport {
     /// No safety violation (convergence aside).
     pub fn safe(&self) -> bool {
         self.lost.is_empty()
+            && self.missed.is_empty()
             && self.unexpected.is_empty()
             && self.resurrected.is_empty()
             && self.stale.is_empty()
@@ -95,6 +103,7 @@ impl CheckReport {
         self.lost
             .iter()
             .map(|v| ("lost", v))
+            .chain(self.missed.iter().map(|v| ("missed", v)))
             .chain(self.unexpected.iter().map(|v| ("unexpected", v)))
             .chain(self.resurrected.iter().map(|v| ("resurrected", v)))
             .chain(self.stale.iter().map(|v| ("stale", v)))
@@ -123,8 +132,9 @@ impl fmt::Display for CheckReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "lost={} unexpected={} resurrected={} stale={} final-read-failures={} converged={}",
+            "lost={} missed={} unexpected={} resurrected={} stale={} final-read-failures={} converged={}",
             self.lost.len(),
+            self.missed.len(),
             self.unexpected.len(),
             self.resurrected.len(),
             self.stale.len(),
@@ -215,21 +225,24 @@ pub fn check_history(history: &History, replicas: usize) -> CheckReport {
             .and_then(|o| o.completed)
             .unwrap_or(u64::MAX)
     };
-
-    // lost: acknowledged puts missing from the final read with no possible superseder.
-    for w in history
-        .ops
-        .iter()
-        .filter(|o| o.kind == OpKind::Put && o.outcome.is_ok())
-    {
-        let Some(value) = &w.value else { continue };
-        let Some(final_values) = finals.get(w.key.as_str()) else {
-            continue;
-        };
-        let superseder = history.for_key(&w.key).find(|x| {
+    let mut by_key: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
+    for op in history.ops.iter().filter(|o| !o.is_final) {
+        by_key.entry(op.key.as_str()).or_default().push(op);
+    }
+    let acked_puts = || {
+        history
+            .ops
+            .iter()
+            .filter(|o| o.kind == OpKind::Put && o.outcome.is_ok() && o.value.is_some())
+    };
+    // For every acknowledged put, the earliest invocation of a write that could have
+    // superseded it (none: nothing could).
+    let mut earliest_superseder: BTreeMap<crate::workload::OpId, Millis> = BTreeMap::new();
+    for w in acked_puts() {
+        let value = w.value.as_deref().unwrap_or_default();
+        let could_supersede = |x: &&&Op| {
             x.id != w.id
                 && x.kind.is_write()
-                && !x.is_final
                 && x.outcome.may_have_effect()
                 && match x.context {
                     ContextSource::Blind => false,
@@ -245,8 +258,61 @@ pub fn check_history(history: &History, replicas: usize) -> CheckReport {
                         _ => completed_at(r) >= w.invoked,
                     },
                 }
-        });
-        if superseder.is_some() {
+        };
+        let first = by_key
+            .get(w.key.as_str())
+            .into_iter()
+            .flatten()
+            .filter(could_supersede)
+            .map(|x| x.invoked)
+            .min();
+        if let Some(at) = first {
+            earliest_superseder.insert(w.id, at);
+        }
+    }
+
+    // missed: a read whose level overlapped an acknowledged write's quorum, invoked after
+    // the acknowledgement, that did not return the value although nothing could have
+    // superseded it before the read ended.
+    for w in acked_puts() {
+        let value = w.value.as_deref().unwrap_or_default();
+        let acked_at = w.completed.unwrap_or(u64::MAX);
+        let need_w = required(w.level, replicas);
+        let superseded_from = earliest_superseder.get(&w.id).copied().unwrap_or(u64::MAX);
+        for r in by_key.get(w.key.as_str()).into_iter().flatten() {
+            if r.kind != OpKind::Get
+                || !r.outcome.is_ok()
+                || r.invoked <= acked_at
+                || need_w + required(r.level, replicas) <= replicas
+                || returned(r, value)
+                || superseded_from <= r.completed.unwrap_or(u64::MAX)
+            {
+                continue;
+            }
+            report.missed.push(Violation {
+                key: w.key.clone(),
+                value: Some(value.to_string()),
+                detail: format!(
+                    "op{} get at {} (invoked {}ms) returned {} without {value}, which op{} put at {} and had acknowledged at {acked_at}ms; nothing could have superseded it by then",
+                    r.id,
+                    r.level,
+                    r.invoked,
+                    r.outcome,
+                    w.id,
+                    w.level
+                ),
+            });
+            break; // one missed read per write is enough to report
+        }
+    }
+
+    // lost: acknowledged puts missing from the final read with no possible superseder.
+    for w in acked_puts() {
+        let Some(value) = &w.value else { continue };
+        let Some(final_values) = finals.get(w.key.as_str()) else {
+            continue;
+        };
+        if earliest_superseder.contains_key(&w.id) {
             continue;
         }
         report.writes_that_must_survive += 1;

@@ -1,7 +1,7 @@
 //! The checkers have teeth: runs with injected damage (a lost disk, a forged value, a
 //! deletion undone) fail with the right violation.
 
-use mendkv_core::quorum::ConsistencyLevel::{All, Quorum};
+use mendkv_core::quorum::ConsistencyLevel::{All, One, Quorum};
 use mendkv_core::storage::Storage;
 use mendkv_core::version::{Actor, CausalContext, Object, Value};
 use mendkv_sim::{FaultConfig, SimConfig, Simulation, BUCKET};
@@ -93,4 +93,30 @@ fn divergence_is_reported() {
     let divergent = sim.divergence();
     assert_eq!(divergent.len(), 1);
     assert_eq!(divergent[0].key, "untracked");
+}
+
+// A read that quorum intersection promises a value, and that does not return it, is
+// reported as "missed" (here: a write at `all`, two replicas lose their disks, a read at
+// `one` through one of them).
+#[test]
+fn missed_read_is_reported() {
+    let mut sim = cluster();
+    let w = sim.put(0, "k", "everywhere", All, None);
+    assert!(sim.wait_for(w, 5_000).is_ok());
+    sim.run_for(100);
+    for i in [1, 2] {
+        sim.wipe_disk(i);
+        sim.restart(i);
+    }
+    sim.run_for(100);
+    let r = sim.get(1, "k", One);
+    assert!(sim.wait_for(r, 5_000).is_ok());
+    let report = sim.finish();
+    assert!(
+        report
+            .missed
+            .iter()
+            .any(|v| v.detail.contains("everywhere")),
+        "{report}"
+    );
 }
