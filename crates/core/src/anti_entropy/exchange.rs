@@ -36,7 +36,7 @@ use crate::ring::{key_token, TokenRange};
 use crate::storage::StorageError;
 use crate::version::Object;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// What the node provides over its storage: the objects of one segment (a token-range scan)
@@ -434,6 +434,8 @@ struct Transfer {
     asked: Vec<(Segment, u64)>,
     /// Keys moved in this batch (a key may go both ways: count it once).
     moved: BTreeSet<(String, Vec<u8>)>,
+    /// Objects pulled in this batch, so a push the receiver does not need is skipped.
+    pulled: BTreeMap<(String, Vec<u8>), Object>,
 }
 
 /// The driver side of one exchange.
@@ -810,6 +812,15 @@ impl ExchangeDriver {
                 break;
             };
             if let Some(object) = source.object(&bucket, &key)? {
+                let id = (bucket, key);
+                if let Some(theirs) = transfer.pulled.get(&id) {
+                    // The receiver's version already covers ours (it was behind on nothing).
+                    if object.merge(theirs) == *theirs {
+                        self.stats.keys_different = self.stats.keys_different.saturating_sub(1);
+                        continue;
+                    }
+                }
+                let (bucket, key) = id;
                 push_bytes += object.size_bytes() + key.len() + 64;
                 self.stats.objects_pushed += 1;
                 self.stats.value_bytes_sent += object.size_bytes() as u64;
@@ -881,10 +892,9 @@ impl ExchangeDriver {
         for item in objects {
             self.stats.objects_pulled += 1;
             self.stats.value_bytes_received += item.object.size_bytes() as u64;
-            if transfer
-                .moved
-                .insert((item.bucket.clone(), item.key.clone()))
-            {
+            let id = (item.bucket.clone(), item.key.clone());
+            transfer.pulled.insert(id.clone(), item.object.clone());
+            if transfer.moved.insert(id) {
                 self.stats.keys_moved += 1;
             } else {
                 // Pushed and pulled: one key, found different on both sides.
