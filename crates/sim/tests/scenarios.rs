@@ -342,3 +342,32 @@ fn quorum_read_survives_a_paused_replica() {
         sim.resume(paused);
     }
 }
+
+// Core bug found by the simulator (seed 221 of `--faults all`, a "missed" quorum read): a
+// failed fsync leaves the node believing its writes are synced. `begin_sync` clears the
+// "unsynced writes" flag; when that sync fails, only the acknowledgements already held turn
+// into errors. An acknowledgement emitted later (the coordinator's own reply, once a
+// replica's answer makes the quorum) is released at once, although the coordinator's copy
+// was never made durable: the write is acknowledged at quorum but durable on one replica.
+#[test]
+#[ignore = "core bug: a failed fsync leaves writes marked synced"]
+fn failed_fsync_does_not_count_as_durable() {
+    let mut sim = cluster(3);
+    sim.partition(&[0], &[2], false); // n0's copy for n2 is lost: quorum needs n0 and n1
+    sim.fail_next_fsync(0);
+    let w = sim.put(0, "k", "v", Quorum, None);
+    let acknowledged = sim.wait_for(w, 5_000).is_ok();
+    sim.heal_partition();
+    if acknowledged {
+        sim.crash(0, Some(0)); // power loss: n0 keeps only what it synced
+        sim.restart(0);
+        let durable = (0..3)
+            .filter(|&i| sim.stored(i, "k").is_some_and(|o| !o.is_empty()))
+            .count();
+        assert!(
+            durable >= 2,
+            "acknowledged at quorum, durable on {durable} replica(s)\n{}",
+            sim.trace()
+        );
+    }
+}
