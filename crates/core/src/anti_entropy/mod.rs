@@ -9,15 +9,48 @@
 //!   ([`handle_request`]), sans-IO; the [`SegmentSource`] the node implements over storage.
 //! - [`memory_replica`]: an in-memory replica, the reference `SegmentSource`.
 //!
+//! # Choices
+//! - **One tree per replicated range**, all of one shape (default 4096 leaves, fanout 16, so
+//!   three levels above the leaves and 34 KiB a tree). With 16 vnodes and RF 3 a node keeps
+//!   about 48 trees: 1.6 MiB, whatever the number of keys. A tree per range (not per peer
+//!   pair) is compared with each other replica of the range, and a ring change only touches
+//!   the ranges that moved. More leaves make a small divergence cheaper to locate (fewer
+//!   keys per mismatched segment) at 8 bytes a leaf; the in-sync comparison stays one root
+//!   per range either way.
+//! - **Leaves are XOR of item hashes** (Riak's Tictac trees): a write is one delta on one
+//!   leaf plus a few dirty bits; inner nodes are recomputed lazily, from their children
+//!   only, when an exchange reads them. The data is never scanned to compare, only to list
+//!   the items of mismatched segments (a token-range scan) or to rebuild a tree.
+//! - **Stateless receiver**: every request names range, shape and salt, so a peer that
+//!   vanishes mid-exchange costs the receiver nothing and needs no session timeout.
+//! - **Short salted hashes below the root** (2 bytes per node, 4 per item by default): a
+//!   truncated hash can hide a difference but never invent one, so no key moves that is not
+//!   different; the full 64-bit root is compared at the start and at the end (`Verify`), and
+//!   a hidden difference costs another pass with a new salt.
+//! - **Wants before pushes**: the driver first pulls what only the receiver has, then pushes
+//!   what only it has, skipping pushes the pulled version already covers.
+//!
+//! # Measured (`cargo run --release -p mendkv-core --example anti_entropy_bench`)
+//! Two replicas of 1,000,000 keys, 100-byte values, 48 ranges: in sync, a full comparison is
+//! 48 round trips, ~1.9 KB and well under a millisecond, with no segment scanned. At 0.1% of
+//! keys divergent, exactly the divergent keys move, and locating them costs ~94 bytes per
+//! divergent key (the moved objects' own keys and causal contexts add ~100 more).
+//!
 //! # How the node wires it in
-//! - Keep one [`RangeTrees`] built with [`ItemHasher::from_cluster_secret`] and
-//!   [`RangeTrees::set_ranges`] (the ranges whose preference list holds this node); rebuild
-//!   new or untrusted trees from a scan ([`RangeTrees::rebuild`]).
-//! - On every change of a stored object call [`RangeTrees::record_write`] with the old and
-//!   new [`crate::version::Object::digest`].
-//! - To repair a range with a peer: [`ExchangeDriver::new`], `start`, send the request, feed
-//!   each response to `handle_response`, merge its `writes`, send the next request, until
-//!   `DriverStep::Finished`.
+//! - Keep one [`RangeTrees`] built with [`ItemHasher::from_cluster_secret`];
+//!   [`RangeTrees::set_ranges`] with [`replicated_ranges`] after every ring change, and
+//!   rebuild new or untrusted trees from a scan ([`RangeTrees::rebuild`]). Persist with
+//!   [`RangeTrees::encode_tree`] only when the tree matches durable data (clean shutdown);
+//!   after a crash rebuild, since un-synced writes may be lost from the data but not from a
+//!   persisted tree, or the reverse.
+//! - On every change of a stored object (client write, replication, read repair, hint,
+//!   anti-entropy) call [`RangeTrees::record_write`] with the old and new
+//!   [`crate::version::Object::digest`].
+//! - To repair a range with a peer ([`repair_targets`], ordered by
+//!   [`crate::control::RepairQueue`], paced by [`crate::control::TokenBucket`], paused by
+//!   [`crate::control::CircuitBreaker`]): [`ExchangeDriver::new`], `start`, send the request,
+//!   feed each response to `handle_response`, merge its `writes` before the next response,
+//!   send the next request, until `DriverStep::Finished`. On a timeout call `abort`.
 //! - On a request from a peer: [`handle_request`], merge its `writes`, send the response.
 
 pub mod exchange;
@@ -32,7 +65,7 @@ pub use exchange::{
 };
 pub use memory_replica::{MemoryReplica, MemoryStore};
 pub use merkle::{ItemHasher, MerkleTree, Segment, ShapeError, TreeDecodeError, TreeShape};
-pub use range_trees::RangeTrees;
+pub use range_trees::{repair_targets, replicated_ranges, RangeTrees};
 
 #[cfg(test)]
 mod tests;

@@ -10,9 +10,33 @@
 //! smaller. Trees keyed per range (not per peer pair) mean a node keeps one tree per range
 //! and compares it with every other replica of that range.
 
-use super::merkle::{ItemHasher, MerkleTree, Segment, TreeShape};
-use crate::ring::{key_token, Token, TokenRange};
+use super::merkle::{ItemHasher, MerkleTree, Segment, TreeDecodeError, TreeShape};
+use crate::ring::{key_token, Ring, Token, TokenRange};
+use crate::NodeId;
 use std::collections::BTreeMap;
+
+/// The ranges whose preference list holds `node`: the ranges it keeps trees for.
+pub fn replicated_ranges(ring: &Ring, node: &NodeId) -> Vec<TokenRange> {
+    ring.ranges()
+        .into_iter()
+        .filter(|(_, replicas)| replicas.contains(node))
+        .map(|(range, _)| range)
+        .collect()
+}
+
+/// Every (range, other replica) pair `node` should sync: the targets of its repair queue.
+pub fn repair_targets(ring: &Ring, node: &NodeId) -> Vec<(TokenRange, NodeId)> {
+    ring.ranges()
+        .into_iter()
+        .filter(|(_, replicas)| replicas.contains(node))
+        .flat_map(|(range, replicas)| {
+            replicas
+                .into_iter()
+                .filter(|peer| peer != node)
+                .map(move |peer| (range, peer))
+        })
+        .collect()
+}
 
 #[derive(Debug, Clone)]
 pub struct RangeTrees {
@@ -169,6 +193,27 @@ impl RangeTrees {
         let new = new_digest.map(|d| hasher.item_hash(bucket, key, d));
         tree.update(segment, old, new);
         true
+    }
+
+    /// The persisted form of a range's tree (see [`MerkleTree::encode`]), stamped with this
+    /// node's item-hash key. Persist it only together with the data it describes (at a
+    /// clean shutdown, or with the data's own checkpoint); a tree that may be stale must be
+    /// rebuilt instead of loaded.
+    pub fn encode_tree(&self, range: TokenRange) -> Option<Vec<u8>> {
+        self.tree(range)
+            .map(|t| t.encode(self.hasher.fingerprint()))
+    }
+
+    /// Loads a persisted tree in place of the range's current one; refused when corrupt,
+    /// built under another key, of another shape, or for a range this node does not keep.
+    pub fn load_tree(&mut self, bytes: &[u8]) -> Result<TokenRange, TreeDecodeError> {
+        let tree = MerkleTree::decode(bytes, self.hasher.fingerprint())?;
+        let range = tree.range();
+        if tree.shape() != self.shape || self.tree(range).is_none() {
+            return Err(TreeDecodeError::Corrupt);
+        }
+        self.trees.insert(range.end, tree);
+        Ok(range)
     }
 
     /// Memory of every tree, in bytes.

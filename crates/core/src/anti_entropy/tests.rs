@@ -829,6 +829,56 @@ fn trees_persist_and_load() {
     }
 }
 
+/// A node keeps trees for the ranges it replicates, and persists and reloads them.
+#[test]
+fn node_ranges_and_tree_persistence() {
+    let nodes: Vec<crate::NodeId> = ["a", "b", "c", "d"]
+        .iter()
+        .map(crate::NodeId::new)
+        .collect();
+    let ring = crate::ring::Ring::new(&nodes, 16, 3);
+    let ranges = replicated_ranges(&ring, &nodes[0]);
+    let targets = repair_targets(&ring, &nodes[0]);
+    assert!(!ranges.is_empty() && ranges.len() < 64);
+    assert_eq!(targets.len(), ranges.len() * 2);
+    assert!(targets
+        .iter()
+        .all(|(r, peer)| ranges.contains(r) && *peer != nodes[0]));
+    let mut trees = RangeTrees::new(ItemHasher::new(3), TreeShape::DEFAULT);
+    trees.set_ranges(ranges.iter().copied());
+    let mut written = 0;
+    for i in 0..2000u32 {
+        written += usize::from(trees.record_write("b", &i.to_le_bytes(), None, Some(u64::from(i))));
+    }
+    assert!(written > 0 && written < 2000);
+    let saved: Vec<Vec<u8>> = ranges
+        .iter()
+        .map(|r| trees.encode_tree(*r).unwrap())
+        .collect();
+    let mut reloaded = RangeTrees::new(ItemHasher::new(3), TreeShape::DEFAULT);
+    reloaded.set_ranges(ranges.iter().copied());
+    for bytes in &saved {
+        reloaded.load_tree(bytes).unwrap();
+    }
+    for r in &ranges {
+        assert_eq!(
+            reloaded.tree_mut(*r).unwrap().root(),
+            trees.tree_mut(*r).unwrap().root()
+        );
+    }
+    let mut other_key = RangeTrees::new(ItemHasher::new(4), TreeShape::DEFAULT);
+    other_key.set_ranges(ranges.iter().copied());
+    assert_eq!(
+        other_key.load_tree(&saved[0]),
+        Err(TreeDecodeError::OtherKey)
+    );
+    let mut elsewhere = RangeTrees::new(ItemHasher::new(3), TreeShape::DEFAULT);
+    assert_eq!(
+        elsewhere.load_tree(&saved[0]),
+        Err(TreeDecodeError::Corrupt)
+    );
+}
+
 /// Shapes: table of accepted and refused (leaf_bits, fanout_bits), and their sizes.
 #[test]
 fn tree_shapes() {
