@@ -20,7 +20,7 @@
 //!   heal-and-check phase, and the scripted API used by `tests/scenarios.rs`.
 //! - [`network`]: per-message delay, loss, duplication, reordering, partitions.
 //! - [`workload`]: clients, the operations they issue, and the history of outcomes.
-//! - [`checker`]: lost / unexpected / resurrected / stale / converged.
+//! - [`checker`]: lost / missed / unexpected / resurrected / stale / converged.
 //! - `main.rs`: the seed runner (`cargo run --release -p mendkv-sim -- --seeds 100`).
 //!
 //! # The models
@@ -30,12 +30,15 @@
 //! - **Disk**: [`MemoryStorage`] keeps synced and pending writes apart. After a node has
 //!   handled an input, if it needs a sync and none is in flight, the simulator calls
 //!   `begin_sync` and completes it (`storage.sync()` then `finish_sync`) 0-5 ms later in
-//!   virtual time (sometimes up to 40 ms), one sync at a time, as the server does.
+//!   virtual time (sometimes up to 40 ms), one sync at a time, as the server does. With the
+//!   `fsync` fault some syncs fail: `finish_sync` gets an error and the writes stay
+//!   unsynced in the storage (a later crash may lose them).
 //! - **Crash**: the node is dropped; its storage keeps what was synced plus a random prefix
 //!   of the unsynced writes (a disk may persist some of them anyway). Its peers learn it
 //!   is down after 0-20 ms (`handle_peer_status(Down)`: the TCP connection closed), and
 //!   messages sent to it meanwhile fail at once (`handle_send_failed`: connection
-//!   refused). Messages in flight to it are lost. Clients waiting on it get "unknown".
+//!   refused). Messages in flight to it are lost; messages it sent before dying still
+//!   arrive. Clients waiting on it get "unknown".
 //!   A restart opens a new `Node` on the same storage (a new epoch), tells it every member,
 //!   and tells the peers it is up.
 //! - **Pause**: the node stops handling anything (a GC pause, SIGSTOP); whatever arrives
