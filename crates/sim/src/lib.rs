@@ -2008,3 +2008,27 @@ pub fn describe(message: &Message, names: &Names) -> String {
 
 /// Keeps `OkResult` reachable from the crate root for users matching on outcomes.
 pub type ReadResult = OkResult;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A skewed clock is monotonic, and a timer set on it fires at the first virtual
+    // millisecond at which the node's clock has reached the deadline.
+    #[test]
+    fn skewed_timers_fire_on_time() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for _ in 0..2_000 {
+            let clock = Clock {
+                offset_ms: rng.gen_range(0..=10_000),
+                drift_ppm: rng.gen_range(-50_000..=50_000),
+            };
+            let now = rng.gen_range(0..1_000_000);
+            assert!(clock.local(now + 1) >= clock.local(now));
+            let deadline = clock.local(now) + rng.gen_range(0..5_000);
+            let at = clock.virtual_at(now, deadline);
+            assert!(at >= now && clock.local(at) >= deadline);
+            assert!(at == now || clock.local(at - 1) < deadline);
+        }
+    }
+}
