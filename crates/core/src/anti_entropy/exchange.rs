@@ -560,14 +560,14 @@ impl ExchangeDriver {
             )),
             (DriverState::AwaitRoot, ResponseBody::Hashes { depth: 1, hashes }) => {
                 let mismatched = self.compare_level(tree, 1, &[0], &hashes)?;
-                self.after_level(tree, source, 1, mismatched)
+                self.after_level(1, mismatched)
             }
             (
                 DriverState::AwaitHashes { depth, parents },
                 ResponseBody::Hashes { depth: d, hashes },
             ) if d == depth => {
                 let mismatched = self.compare_level(tree, depth, &parents, &hashes)?;
-                self.after_level(tree, source, depth, mismatched)
+                self.after_level(depth, mismatched)
             }
             (
                 DriverState::AwaitItems {
@@ -597,7 +597,7 @@ impl ExchangeDriver {
                 // Another pass, with a fresh salt, from the root's children.
                 self.pass += 1;
                 self.stats.passes += 1;
-                self.after_level(tree, source, 0, vec![0])
+                self.after_level(0, vec![0])
             }
             _ => Err(ExchangeError::UnexpectedResponse),
         }
@@ -672,8 +672,6 @@ impl ExchangeDriver {
 
     fn after_level(
         &mut self,
-        tree: &mut MerkleTree,
-        source: &impl SegmentSource,
         depth: u8,
         mismatched: Vec<u32>,
     ) -> Result<DriverStep, ExchangeError> {
@@ -682,7 +680,7 @@ impl ExchangeDriver {
         }
         if depth == self.shape.depth() {
             self.stats.leaves_mismatched += mismatched.len() as u64;
-            return self.next_batch(tree, source, mismatched.into());
+            return self.next_batch(mismatched.into());
         }
         let request = self.request(RequestBody::Descend {
             depth,
@@ -702,8 +700,6 @@ impl ExchangeDriver {
 
     fn next_batch(
         &mut self,
-        _tree: &mut MerkleTree,
-        _source: &impl SegmentSource,
         mut remaining: VecDeque<Segment>,
     ) -> Result<DriverStep, ExchangeError> {
         if remaining.is_empty() {
@@ -778,7 +774,7 @@ impl ExchangeDriver {
             self.stats.keys_compared += items.len() as u64 + u64::from(count);
         }
         self.stats.keys_different += (transfer.pushes.len() + transfer.wants.len()) as u64;
-        self.send_transfer(tree, source, transfer, remaining)
+        self.send_transfer(source, transfer, remaining)
     }
 
     /// Sends the batch's next `Transfer`. Wants go first, alone, until every wanted item has
@@ -786,7 +782,6 @@ impl ExchangeDriver {
     /// would name an item the receiver no longer holds (the merge changed it).
     fn send_transfer(
         &mut self,
-        tree: &mut MerkleTree,
         source: &impl SegmentSource,
         mut transfer: Transfer,
         remaining: VecDeque<Segment>,
@@ -839,7 +834,7 @@ impl ExchangeDriver {
         }
         if objects.is_empty() && want.is_empty() {
             // Nothing left (pushed objects may have vanished meanwhile).
-            return self.next_batch(tree, source, remaining);
+            return self.next_batch(remaining);
         }
         let request = self.request(RequestBody::Transfer { objects, want });
         self.state = DriverState::AwaitObjects {
@@ -903,9 +898,9 @@ impl ExchangeDriver {
             writes.push(item);
         }
         if transfer.pushes.is_empty() && transfer.wants.is_empty() {
-            self.next_batch(tree, source, remaining)
+            self.next_batch(remaining)
         } else {
-            self.send_transfer(tree, source, transfer, remaining)
+            self.send_transfer(source, transfer, remaining)
         }
     }
 }
