@@ -58,6 +58,9 @@ pub struct NodeConfig {
     pub replication_factor: usize,
     pub vnodes: u16,
     pub request_timeout_ms: Millis,
+    /// A read not answered by its first replicas within this asks one more (speculative
+    /// retry), so one slow replica does not make quorum reads time out.
+    pub speculative_retry_ms: Millis,
     pub default_read: ConsistencyLevel,
     pub default_write: ConsistencyLevel,
     pub fsync: FsyncPolicy,
@@ -82,6 +85,7 @@ impl NodeConfig {
             replication_factor: 3,
             vnodes: 16,
             request_timeout_ms: 2000,
+            speculative_retry_ms: 200,
             default_read: ConsistencyLevel::Quorum,
             default_write: ConsistencyLevel::Quorum,
             fsync: FsyncPolicy::Always,

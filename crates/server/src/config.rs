@@ -101,6 +101,8 @@ pub struct ConsistencySection {
     pub read: String,
     pub write: String,
     pub request_timeout_ms: u64,
+    /// A read still unanswered after this asks one more replica.
+    pub speculative_retry_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -144,6 +146,7 @@ impl Default for ConsistencySection {
             read: "quorum".into(),
             write: "quorum".into(),
             request_timeout_ms: 2000,
+            speculative_retry_ms: 200,
         }
     }
 }
@@ -353,6 +356,7 @@ impl ServerConfig {
         config.replication_factor = self.cluster.replication_factor;
         config.vnodes = self.cluster.vnodes;
         config.request_timeout_ms = self.consistency.request_timeout_ms;
+        config.speculative_retry_ms = self.consistency.speculative_retry_ms;
         config.default_read = self.read_level()?;
         config.default_write = self.write_level()?;
         config.fsync = self.fsync_policy()?;

@@ -55,6 +55,8 @@ pub struct PutOperation {
     object: Option<Object>,
     /// Replicas that could not store the object: they get hints.
     pub failed_replicas: Vec<NodeId>,
+    /// Replicas whose `Coordinate` could not be sent (counted once against the level).
+    failed_actors: Vec<NodeId>,
     /// The client has its answer; the operation waits for the remaining replicas only to
     /// hint the ones that do not answer.
     pub answered: bool,
@@ -103,6 +105,7 @@ impl PutOperation {
             quorum,
             object: None,
             failed_replicas: Vec::new(),
+            failed_actors: Vec::new(),
             answered: false,
         }
     }
@@ -137,12 +140,16 @@ impl PutOperation {
 
     fn replicate(&mut self, actor: &NodeId, object: Object) -> WriteStep {
         self.phase = PutPhase::Replicating;
+        // Replicas that already failed as actors were counted once; they get hints, not a
+        // second message (and a second vote against the level).
         let others: Vec<NodeId> = self
             .replicas
             .iter()
-            .filter(|r| *r != actor)
+            .filter(|r| *r != actor && !self.failed_actors.contains(r))
             .cloned()
             .collect();
+        self.failed_replicas
+            .extend(self.failed_actors.iter().cloned());
         self.awaiting = others.iter().cloned().collect();
         self.object = Some(object.clone());
         if others.is_empty() {
@@ -152,7 +159,9 @@ impl PutOperation {
         }
     }
 
-    /// The actor answered a `Coordinate`.
+    /// The actor answered a `Coordinate`. An error (or a loss after the message may have
+    /// arrived) ends the write as failed: the actor may have applied it, and asking another
+    /// actor would give the same client write a second dot, which a later delete could miss.
     pub fn on_coordinated(&mut self, from: &NodeId, result: Result<Object, ()>) -> WriteStep {
         let PutPhase::Coordinating { actor } = &self.phase else {
             return WriteStep::Pending;
@@ -168,11 +177,24 @@ impl PutOperation {
             }
             Err(()) => {
                 self.quorum.record_failure();
-                match self.quorum.status() {
-                    QuorumStatus::Failed => self.step(),
-                    _ => self.next_actor(),
-                }
+                self.untried_actors.clear();
+                self.phase = PutPhase::Replicating;
+                self.step()
             }
+        }
+    }
+
+    /// The `Coordinate` never left this node (no connection): another replica may safely
+    /// take over. The unreachable actor counts once against the level and gets a hint later.
+    fn on_actor_unreachable(&mut self, actor: &NodeId) -> WriteStep {
+        self.quorum.record_failure();
+        self.failed_actors.push(actor.clone());
+        match self.quorum.status() {
+            QuorumStatus::Failed => {
+                self.phase = PutPhase::Replicating;
+                self.step()
+            }
+            _ => self.next_actor(),
         }
     }
 
@@ -190,12 +212,14 @@ impl PutOperation {
         self.step()
     }
 
-    /// A replica could not be reached (send failed, peer went down).
-    pub fn on_replica_failed(&mut self, node: &NodeId) -> WriteStep {
-        if matches!(&self.phase, PutPhase::Coordinating { actor } if actor == node) {
-            self.on_coordinated(node, Err(()))
-        } else {
-            self.on_replicated(node, false)
+    /// A replica could not be reached: the message never left (`maybe_delivered` false), or
+    /// the peer went down after it may have arrived.
+    pub fn on_replica_failed(&mut self, node: &NodeId, maybe_delivered: bool) -> WriteStep {
+        let is_actor = matches!(&self.phase, PutPhase::Coordinating { actor } if actor == node);
+        match (is_actor, maybe_delivered) {
+            (true, false) => self.on_actor_unreachable(node),
+            (true, true) => self.on_coordinated(node, Err(())),
+            (false, _) => self.on_replicated(node, false),
         }
     }
 

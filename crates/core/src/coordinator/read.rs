@@ -132,6 +132,27 @@ impl GetOperation {
         out
     }
 
+    /// Speculative retry: the level is not met yet, so one more replica is asked (in full
+    /// when no full copy has arrived, else for a digest), in case a contacted one is slow.
+    pub fn speculate(&mut self, now: Millis) -> Vec<(NodeId, ReadKind)> {
+        if self.answered || !matches!(self.progress(), ReadProgress::Pending) {
+            return vec![];
+        }
+        let Some(next) = self.next_uncontacted() else {
+            return vec![];
+        };
+        let has_full = self
+            .contacted
+            .values()
+            .any(|r| matches!(r, ReplicaRead::Full(_)));
+        let kind = if self.digest_reads && has_full {
+            ReadKind::Digest
+        } else {
+            ReadKind::Full
+        };
+        vec![self.contact(next, kind, now)]
+    }
+
     fn next_uncontacted(&self) -> Option<NodeId> {
         self.candidates
             .iter()

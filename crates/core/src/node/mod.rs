@@ -120,7 +120,17 @@ pub struct Node<S: Storage> {
     next_delivery_at: Millis,
     repair_marks: BTreeSet<TokenRange>,
     repair_marks_overflowed: bool,
+    /// Recent `Coordinate` requests served as actor, so duplicates are answered, not re-applied.
+    served_coordinates: BTreeMap<(NodeId, RequestId), Result<Object, ReplicaError>>,
+    served_order: VecDeque<(NodeId, RequestId)>,
+    /// When reads ask one more replica if still unanswered (see `speculative_retry_ms`).
+    speculations: BTreeSet<(Millis, RequestId)>,
 }
+
+/// How many served `Coordinate` requests are remembered. A duplicate arriving later than
+/// this many forwarded writes after its original would be applied again; the network
+/// delivers duplicates within a request timeout, far fewer writes than this.
+const MAX_SERVED_COORDINATES: usize = 4096;
 
 /// The meta record holding the node's epoch.
 const EPOCH_META: &str = "epoch";
@@ -154,6 +164,9 @@ impl<S: Storage> Node<S> {
             next_delivery_at: now,
             repair_marks: BTreeSet::new(),
             repair_marks_overflowed: false,
+            served_coordinates: BTreeMap::new(),
+            served_order: VecDeque::new(),
+            speculations: BTreeSet::new(),
             actor: Actor::new(config.node_id.as_str(), epoch),
             epoch,
             membership,
@@ -230,7 +243,12 @@ impl<S: Storage> Node<S> {
         } else {
             Millis::MAX
         };
-        op.min(self.next_membership_at).min(hints)
+        let speculation = self
+            .speculations
+            .first()
+            .map(|(d, _)| *d)
+            .unwrap_or(Millis::MAX);
+        op.min(self.next_membership_at).min(hints).min(speculation)
     }
 
     // ----- durability -----------------------------------------------------------------
@@ -262,6 +280,11 @@ impl<S: Storage> Node<S> {
         // Syncs finish in order: an fsync covers every write before it.
         let finished: Vec<_> = self.syncing.drain(..=position).collect();
         self.stats.syncs += 1;
+        if result.is_err() {
+            // The writes this sync was to cover are not durable: the next sync must cover
+            // them again, and nothing acknowledges them before it succeeds.
+            self.unsynced_writes = true;
+        }
         for (_, actions) in finished {
             for action in actions {
                 match &result {
@@ -344,7 +367,7 @@ impl<S: Storage> Node<S> {
                 .map(|(id, _)| *id)
                 .collect();
             for request in waiting {
-                self.on_replica_failed(now, request, peer);
+                self.on_replica_failed(now, request, peer, true);
             }
             let batches: Vec<RequestId> = self
                 .hint_batches
@@ -588,11 +611,18 @@ impl<S: Storage> Node<S> {
     }
 
     /// A replica could not be reached or failed: count it against the request.
-    fn on_replica_failed(&mut self, now: Millis, id: RequestId, replica: &NodeId) {
+    /// `maybe_delivered`: the request may have reached the replica before it failed.
+    fn on_replica_failed(
+        &mut self,
+        now: Millis,
+        id: RequestId,
+        replica: &NodeId,
+        maybe_delivered: bool,
+    ) {
         match self.operations.get_mut(&id) {
             Some(Operation::Get(_)) => self.on_read_failed(now, id, replica),
             Some(Operation::Put(op)) => {
-                let step = op.on_replica_failed(replica);
+                let step = op.on_replica_failed(replica, maybe_delivered);
                 self.drive_write(now, id, step);
             }
             Some(Operation::Repair(_)) => self.on_repair_reply(now, id, replica, false),
@@ -605,7 +635,7 @@ impl<S: Storage> Node<S> {
     /// The driver could not deliver a message (no connection, peer down).
     pub fn handle_send_failed(&mut self, now: Millis, to: &NodeId, message: &Message) {
         if let Some(id) = message.request_id() {
-            self.on_replica_failed(now, id, to);
+            self.on_replica_failed(now, id, to, false);
         }
     }
 
@@ -673,7 +703,17 @@ impl<S: Storage> Node<S> {
                 context,
                 value,
             } => {
-                let result = self.serve_coordinate(&bucket, &key, &context, value);
+                // A duplicated Coordinate must not apply the client's write a second time
+                // under a new dot: answer it from the record of the first.
+                let served = (from.clone(), request);
+                let result = match self.served_coordinates.get(&served) {
+                    Some(result) => result.clone(),
+                    None => {
+                        let result = self.serve_coordinate(&bucket, &key, &context, value);
+                        self.remember_coordinate(served, result.clone());
+                        result
+                    }
+                };
                 self.emit_durable(Action::Send {
                     to: from.clone(),
                     message: Message::CoordinateReply { request, result },
@@ -726,6 +766,20 @@ impl<S: Storage> Node<S> {
             self.stats.storage_errors += 1;
             ReplicaError::Storage(e.to_string())
         })
+    }
+
+    fn remember_coordinate(
+        &mut self,
+        served: (NodeId, RequestId),
+        result: Result<Object, ReplicaError>,
+    ) {
+        if self.served_order.len() >= MAX_SERVED_COORDINATES {
+            if let Some(oldest) = self.served_order.pop_front() {
+                self.served_coordinates.remove(&oldest);
+            }
+        }
+        self.served_order.push_back(served.clone());
+        self.served_coordinates.insert(served, result);
     }
 
     fn serve_coordinate(
@@ -794,6 +848,7 @@ impl<S: Storage> Node<S> {
                 None => {}
             }
         }
+        self.speculate_reads(now);
         if now >= self.next_delivery_at {
             self.next_delivery_at = now + hints::DELIVERY_INTERVAL_MS;
             self.deliver_hints(now);

@@ -55,6 +55,8 @@ impl<S: Storage> Node<S> {
         );
         let requests = op.start(&data_replica, now);
         self.insert_operation(id, Operation::Get(op));
+        self.speculations
+            .insert((now + self.config.speculative_retry_ms, id));
         self.send_reads(now, id, requests);
         self.advance_read(now, id);
     }
@@ -161,6 +163,22 @@ impl<S: Storage> Node<S> {
         };
         self.send_reads(now, id, follow);
         self.advance_read(now, id);
+    }
+
+    /// Speculative retries that are due.
+    pub(super) fn speculate_reads(&mut self, now: Millis) {
+        while let Some(&(due, id)) = self.speculations.first() {
+            if due > now {
+                break;
+            }
+            self.speculations.remove(&(due, id));
+            let more = match self.operations.get_mut(&id) {
+                Some(Operation::Get(op)) => op.speculate(now),
+                _ => continue,
+            };
+            self.send_reads(now, id, more);
+            self.advance_read(now, id);
+        }
     }
 
     pub(super) fn on_read_failed(&mut self, now: Millis, id: RequestId, from: &NodeId) {
