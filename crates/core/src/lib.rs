@@ -12,6 +12,7 @@
 //! - [`anti_entropy`]: Merkle trees per token range, the exchange (driver side / receiver side).
 //! - [`control`]: the optimisation layer: repair priority queue, rate limiter, circuit breaker.
 //! - [`membership`]: who is in the cluster and who is reachable (static until gossip).
+//! - [`gossip`]: endpoint state, Scuttlebutt digests and deltas, the phi-accrual failure detector.
 //! - [`message`]: what nodes say to each other, and what clients ask of a node.
 //! - [`request`]: validation of client input (bucket names, keys, sizes).
 //! - [`node`]: the node: `handle_*` (messages, client requests, ticks) -> `poll_action`.
@@ -22,6 +23,7 @@ pub mod anti_entropy;
 pub mod config;
 pub mod control;
 pub mod coordinator;
+pub mod gossip;
 pub mod hinted_handoff;
 pub mod membership;
 pub mod message;
