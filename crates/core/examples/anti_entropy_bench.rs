@@ -89,6 +89,7 @@ fn repair_all(
         loop {
             let request = match step {
                 DriverStep::Send(request) => request,
+                DriverStep::Ignored => unreachable!("no duplicates here"),
                 DriverStep::Finished(report) => {
                     run.not_converged += usize::from(report.outcome != ExchangeOutcome::Converged);
                     run.stats.add(&report.stats);

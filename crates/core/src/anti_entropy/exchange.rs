@@ -83,6 +83,9 @@ pub struct Probe {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExchangeRequest {
     pub exchange: ExchangeId,
+    /// Numbers the driver's requests; the answer echoes it, so a duplicated or late answer
+    /// is recognised and ignored.
+    pub seq: u32,
     pub range: TokenRange,
     pub shape: TreeShape,
     pub probe: Probe,
@@ -117,6 +120,8 @@ pub struct SegmentWant {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExchangeResponse {
     pub exchange: ExchangeId,
+    /// The `seq` of the request answered.
+    pub seq: u32,
     pub body: ResponseBody,
 }
 
@@ -394,6 +399,9 @@ pub struct ExchangeReport {
 pub enum DriverStep {
     Send(ExchangeRequest),
     Finished(ExchangeReport),
+    /// The answer was not the one awaited (duplicated, late, or for another exchange) and
+    /// was ignored; keep waiting for the right one (or abort on timeout).
+    Ignored,
 }
 
 /// What a response produced: objects to merge into local storage (apply them before handling
@@ -447,6 +455,8 @@ pub struct ExchangeDriver {
     salt_seed: u64,
     shape: TreeShape,
     pass: u32,
+    /// `seq` of the request in flight.
+    seq: u32,
     state: DriverState,
     stats: ExchangeStats,
 }
@@ -473,6 +483,7 @@ impl ExchangeDriver {
             salt_seed,
             shape: TreeShape::DEFAULT,
             pass: 0,
+            seq: 0,
             state: DriverState::Ready,
             stats: ExchangeStats::default(),
         }
@@ -527,11 +538,16 @@ impl ExchangeDriver {
     ) -> DriverOutput {
         self.stats.bytes_received += response.encoded_len() as u64;
         let mut writes = Vec::new();
-        let step = if response.exchange != self.exchange {
-            Err(ExchangeError::UnexpectedResponse)
-        } else {
-            self.step(response.body, trees, source, &mut writes)
-        };
+        let awaited = response.exchange == self.exchange
+            && response.seq == self.seq
+            && !matches!(self.state, DriverState::Ready | DriverState::Done);
+        if !awaited {
+            return DriverOutput {
+                writes,
+                step: DriverStep::Ignored,
+            };
+        }
+        let step = self.step(response.body, trees, source, &mut writes);
         match step {
             Ok(step) => DriverOutput { writes, step },
             Err(error) => DriverOutput {
@@ -612,8 +628,10 @@ impl ExchangeDriver {
     }
 
     fn request(&mut self, body: RequestBody) -> ExchangeRequest {
+        self.seq = self.seq.wrapping_add(1);
         let request = ExchangeRequest {
             exchange: self.exchange,
+            seq: self.seq,
             range: self.range,
             shape: self.shape,
             probe: self.probe(self.pass),
@@ -948,7 +966,7 @@ pub fn handle_request(
     source: &impl SegmentSource,
     limits: &ReceiverLimits,
 ) -> ReceiverOutput {
-    let exchange = request.exchange;
+    let (exchange, request_seq) = (request.exchange, request.seq);
     let mut writes = Vec::new();
     let body = match answer(request, trees, source, limits, &mut writes) {
         Ok(body) => body,
@@ -958,7 +976,11 @@ pub fn handle_request(
         }
     };
     ReceiverOutput {
-        response: ExchangeResponse { exchange, body },
+        response: ExchangeResponse {
+            exchange,
+            seq: request_seq,
+            body,
+        },
         writes,
     }
 }

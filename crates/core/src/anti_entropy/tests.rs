@@ -124,6 +124,7 @@ fn run_exchange(
     config: ExchangeConfig,
     limits: &ReceiverLimits,
     seed: u64,
+    duplicate: bool,
 ) -> (ExchangeReport, BTreeSet<(String, Vec<u8>)>) {
     let mut moved = BTreeSet::new();
     let mut driver = ExchangeDriver::new(ExchangeId(seed), range, config, seed);
@@ -140,6 +141,17 @@ fn run_exchange(
         );
         moved.extend(out.writes.iter().map(|w| (w.bucket.clone(), w.key.clone())));
         receiver_side.apply(out.writes);
+        // A duplicated request: merged again (idempotent), answered again (ignored below).
+        let duplicated = duplicate.then(|| {
+            let again = handle_request(
+                roundtrip(&request),
+                &mut receiver_side.trees,
+                &receiver_side.store,
+                limits,
+            );
+            receiver_side.apply(again.writes);
+            again.response
+        });
         let out = driver.handle_response(
             roundtrip(&out.response),
             &mut driver_side.trees,
@@ -147,9 +159,14 @@ fn run_exchange(
         );
         moved.extend(out.writes.iter().map(|w| (w.bucket.clone(), w.key.clone())));
         driver_side.apply(out.writes);
+        if let Some(response) = duplicated {
+            let late = driver.handle_response(response, &mut driver_side.trees, &driver_side.store);
+            assert_eq!(late.step, DriverStep::Ignored);
+        }
         match out.step {
             DriverStep::Send(next) => request = next,
             DriverStep::Finished(report) => return (report, moved),
+            DriverStep::Ignored => panic!("the awaited answer was ignored"),
         }
     }
     panic!("exchange did not finish");
@@ -159,6 +176,7 @@ fn sent(step: DriverStep) -> ExchangeRequest {
     match step {
         DriverStep::Send(request) => request,
         DriverStep::Finished(report) => panic!("finished: {report:?}"),
+        DriverStep::Ignored => panic!("ignored"),
     }
 }
 
@@ -240,6 +258,7 @@ proptest! {
         ranges in ranges(),
         (config, limits) in configs(),
         seed in any::<u64>(),
+        duplicate in any::<bool>(),
     ) {
         let [a, b] = play(&steps);
         let different = differing_keys(&a, &b);
@@ -247,7 +266,7 @@ proptest! {
         let mut moved = BTreeSet::new();
         let mut stats = ExchangeStats::default();
         for (i, &range) in ranges.iter().enumerate() {
-            let (report, keys) = run_exchange(&mut left, &mut right, range, config.clone(), &limits, seed ^ i as u64);
+            let (report, keys) = run_exchange(&mut left, &mut right, range, config.clone(), &limits, seed ^ i as u64, duplicate);
             prop_assert_eq!(&report.outcome, &ExchangeOutcome::Converged);
             moved.extend(keys);
             stats.add(&report.stats);
@@ -282,7 +301,7 @@ proptest! {
         let different = differing_keys(&a, &b);
         let (mut left, mut right) = (replica(&a, shape, &[FULL_RING]), replica(&b, shape, &[FULL_RING]));
         let config = ExchangeConfig { node_hash_bytes: 1, item_hash_bytes, max_passes: 1000, ..ExchangeConfig::default() };
-        let (report, moved) = run_exchange(&mut left, &mut right, FULL_RING, config, &ReceiverLimits::default(), seed);
+        let (report, moved) = run_exchange(&mut left, &mut right, FULL_RING, config, &ReceiverLimits::default(), seed, false);
         prop_assert_eq!(report.outcome, ExchangeOutcome::Converged);
         prop_assert_eq!(contents(&left), contents(&right));
         prop_assert!(moved.is_superset(&different));
@@ -459,6 +478,7 @@ fn one_difference_scans_one_segment() {
         match out.step {
             DriverStep::Send(next) => request = next,
             DriverStep::Finished(report) => break report,
+            DriverStep::Ignored => unreachable!("nothing is duplicated here"),
         }
     };
     assert_eq!(report.outcome, ExchangeOutcome::Converged);
@@ -499,6 +519,7 @@ fn concurrent_writes_end_diverged_after_max_passes() {
         match out.step {
             DriverStep::Send(next) => request = next,
             DriverStep::Finished(report) => break report,
+            DriverStep::Ignored => unreachable!("nothing is duplicated here"),
         }
     };
     assert_eq!(report.outcome, ExchangeOutcome::Diverged);
@@ -516,6 +537,7 @@ fn receiver_refuses_bad_requests() {
     };
     let base = ExchangeRequest {
         exchange: ExchangeId(1),
+        seq: 1,
         range: FULL_RING,
         shape: TreeShape::DEFAULT,
         probe,
@@ -711,47 +733,49 @@ fn roundtrip_gaps(gaps: &[u32]) -> SortedIndices {
     postcard::from_bytes(&postcard::to_allocvec(&gaps.to_vec()).unwrap()).unwrap()
 }
 
-/// The driver ends the exchange on answers that do not fit the protocol.
+/// The driver ignores answers it is not waiting for (another exchange, a duplicate, a late
+/// one) and ends the exchange on answers that break the protocol.
 #[test]
 fn driver_rejects_unexpected_answers() {
-    let cases: Vec<(&str, ExchangeResponse, ExchangeError)> = vec![
-        (
-            "wrong exchange",
-            ExchangeResponse {
-                exchange: ExchangeId(2),
-                body: ResponseBody::InSync,
-            },
-            ExchangeError::UnexpectedResponse,
-        ),
+    let answer = |exchange: u64, seq: u32, body: ResponseBody| ExchangeResponse {
+        exchange: ExchangeId(exchange),
+        seq,
+        body,
+    };
+    let cases: Vec<(&str, ExchangeResponse, Option<ExchangeError>)> = vec![
+        ("another exchange", answer(2, 1, ResponseBody::InSync), None),
+        ("stale seq", answer(1, 0, ResponseBody::InSync), None),
+        ("future seq", answer(1, 2, ResponseBody::InSync), None),
         (
             "out of turn",
-            ExchangeResponse {
-                exchange: ExchangeId(1),
-                body: ResponseBody::Objects {
+            answer(
+                1,
+                1,
+                ResponseBody::Objects {
                     objects: vec![],
                     complete: true,
                 },
-            },
-            ExchangeError::UnexpectedResponse,
+            ),
+            Some(ExchangeError::UnexpectedResponse),
         ),
         (
             "short hash list",
-            ExchangeResponse {
-                exchange: ExchangeId(1),
-                body: ResponseBody::Hashes {
+            answer(
+                1,
+                1,
+                ResponseBody::Hashes {
                     depth: 1,
                     hashes: vec![1, 2, 3],
                 },
-            },
-            ExchangeError::InvalidResponse("hash list has the wrong size".into()),
+            ),
+            Some(ExchangeError::InvalidResponse(
+                "hash list has the wrong size".into(),
+            )),
         ),
         (
             "refused",
-            ExchangeResponse {
-                exchange: ExchangeId(1),
-                body: ResponseBody::Refused(Refusal::UnknownRange),
-            },
-            ExchangeError::Refused(Refusal::UnknownRange),
+            answer(1, 1, ResponseBody::Refused(Refusal::UnknownRange)),
+            Some(ExchangeError::Refused(Refusal::UnknownRange)),
         ),
     ];
     for (name, response, want) in cases {
@@ -760,14 +784,22 @@ fn driver_rejects_unexpected_answers() {
             ExchangeDriver::new(ExchangeId(1), FULL_RING, ExchangeConfig::default(), 1);
         sent(driver.start(&mut a.trees));
         let out = driver.handle_response(response, &mut a.trees, &a.store);
-        match out.step {
-            DriverStep::Finished(report) => {
-                assert_eq!(report.outcome, ExchangeOutcome::Failed(want), "{name}")
+        match (out.step, want) {
+            (DriverStep::Finished(report), Some(want)) => {
+                assert_eq!(report.outcome, ExchangeOutcome::Failed(want), "{name}");
+                assert!(driver.is_finished());
             }
-            other => panic!("{name}: {other:?}"),
+            (DriverStep::Ignored, None) => assert!(!driver.is_finished(), "{name}"),
+            (other, want) => panic!("{name}: {other:?}, wanted {want:?}"),
         }
-        assert!(driver.is_finished());
     }
+    // Once finished, every answer is ignored.
+    let mut a = filled(10, TreeShape::DEFAULT);
+    let mut driver = ExchangeDriver::new(ExchangeId(1), FULL_RING, ExchangeConfig::default(), 1);
+    sent(driver.start(&mut a.trees));
+    driver.abort();
+    let out = driver.handle_response(answer(1, 1, ResponseBody::InSync), &mut a.trees, &a.store);
+    assert_eq!(out.step, DriverStep::Ignored);
     let mut a = filled(10, TreeShape::DEFAULT);
     let mut driver = ExchangeDriver::new(
         ExchangeId(1),
