@@ -9,8 +9,14 @@ use mendkv_client::{metric_sum, ReadResult};
 /// reads through each node repair it, and the metric counts the repairs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_repair_a_stale_replica() {
-    let mut cluster =
-        TestCluster::start(3, &[("MENDKV_READ_REPAIR__BACKGROUND_CHANCE", "0")]).await;
+    let mut cluster = TestCluster::start(
+        3,
+        &[
+            ("MENDKV_READ_REPAIR__BACKGROUND_CHANCE", "0"),
+            ("MENDKV_HINTED_HANDOFF__ENABLED", "false"),
+        ],
+    )
+    .await;
     cluster.nodes[2].kill();
     let keys: Vec<String> = (0..20).map(|i| format!("rr{i}")).collect();
     for key in &keys {

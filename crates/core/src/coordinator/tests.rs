@@ -197,19 +197,40 @@ fn remote_actor_failure_tries_the_next() {
         WriteStep::AskActor(replicas[0].clone())
     );
     assert_eq!(
-        op.on_replica_failed(&replicas[0]),
+        op.on_replica_failed(&replicas[0], false),
         WriteStep::AskActor(replicas[1].clone())
     );
     let object = object_with("x");
+    // The failed actor is not asked again (nor counted twice); it will get a hint.
     assert_eq!(
         op.on_coordinated(&replicas[1], Ok(object.clone())),
-        WriteStep::Replicate(
-            vec![replicas[0].clone(), replicas[2].clone()],
-            object.clone()
-        )
+        WriteStep::Replicate(vec![replicas[2].clone()], object.clone())
     );
     assert_eq!(
         op.on_replicated(&replicas[2], true),
         WriteStep::Met(object.causal_context())
     );
+    assert_eq!(op.unacknowledged(), vec![replicas[0].clone()]);
+}
+
+/// An actor that may have applied the write (error answer, or lost after sending) ends the
+/// write as failed: no second actor, so no second dot for one client write.
+#[test]
+fn actor_that_may_have_applied_is_not_replaced() {
+    let replicas = ids(&["a", "b", "c"]);
+    let mut op = PutOperation::new(
+        1,
+        "b".into(),
+        b"k".to_vec(),
+        CausalContext::empty(),
+        Value::Tombstone,
+        ConsistencyLevel::Quorum,
+        replicas.clone(),
+        100,
+    );
+    op.start_remote(replicas.clone());
+    assert!(matches!(
+        op.on_replica_failed(&replicas[0], true),
+        WriteStep::Failed { .. }
+    ));
 }
