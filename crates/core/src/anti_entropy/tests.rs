@@ -131,6 +131,7 @@ fn run_exchange(
     let mut request = match driver.start(&mut driver_side.trees) {
         DriverStep::Send(request) => request,
         DriverStep::Finished(report) => return (report, moved),
+        DriverStep::Ignored => unreachable!("start never ignores"),
     };
     for _ in 0..100_000 {
         let out = handle_request(
