@@ -160,6 +160,10 @@ pub enum Refusal {
     UnknownRange,
     #[error("the peer's trees have another shape ({ours:?}); configure the same shape")]
     ShapeMismatch { ours: TreeShape },
+    #[error("the peer's tree for this range is being rebuilt; retry later")]
+    TreeNotReady,
+    #[error("the peer is too busy for repair now (circuit breaker open); retry later")]
+    Busy,
     #[error("invalid request: {0}")]
     Invalid(String),
     #[error("the peer's storage failed: {0}")]

@@ -141,6 +141,31 @@ impl<T: Ord + Clone> RepairQueue<T> {
             .is_some()
     }
 
+    /// Marks every target `matches` selects (say, every range of a peer that came back);
+    /// returns how many.
+    pub fn mark_matching(
+        &mut self,
+        reason: RepairReason,
+        now: Millis,
+        matches: impl Fn(&T) -> bool,
+    ) -> usize {
+        let mut marked = 0;
+        for (_, entry) in self.entries.iter_mut().filter(|(t, _)| matches(t)) {
+            match reason {
+                RepairReason::HintsLost => {
+                    entry.hints_lost_at.get_or_insert(now);
+                }
+                RepairReason::ReplicaRecovered => {
+                    entry.recovered_at.get_or_insert(now);
+                }
+                // A scheduled sync is due by itself; marking makes it due now.
+                RepairReason::Scheduled => entry.last_success = None,
+            }
+            marked += 1;
+        }
+        marked
+    }
+
     /// The next target to repair, without taking it.
     pub fn peek(&self, now: Millis) -> Option<(&T, RepairReason)> {
         self.entries
@@ -327,6 +352,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Marking by predicate: a peer back up marks all its (range, peer) targets.
+    #[test]
+    fn mark_matching_marks_a_peers_targets() {
+        let mut q: RepairQueue<(u32, char)> = RepairQueue::new(RepairQueueConfig::default());
+        q.set_targets([(1, 'a'), (1, 'b'), (2, 'a'), (2, 'b')]);
+        for t in [(1, 'a'), (1, 'b'), (2, 'a'), (2, 'b')] {
+            assert_eq!(q.next(0).map(|(t, _)| t), Some(t));
+            q.complete(&t, 0, true);
+        }
+        assert_eq!(q.next(10), None);
+        assert_eq!(
+            q.mark_matching(RepairReason::ReplicaRecovered, 10, |t| t.1 == 'b'),
+            2
+        );
+        assert_eq!(
+            q.mark_matching(RepairReason::HintsLost, 11, |t| *t == (2, 'a')),
+            1
+        );
+        assert_eq!(q.next(12), Some(((2, 'a'), RepairReason::HintsLost)));
+        assert_eq!(q.next(12), Some(((1, 'b'), RepairReason::ReplicaRecovered)));
+        assert_eq!(q.next(12), Some(((2, 'b'), RepairReason::ReplicaRecovered)));
+        assert_eq!(q.next(12), None);
+        assert_eq!(
+            q.mark_matching(RepairReason::Scheduled, 13, |t| t.0 == 1),
+            2
+        );
+        assert_eq!(q.next(13), Some(((1, 'a'), RepairReason::Scheduled)));
     }
 
     /// Ring changes keep the state of targets that stay and forget the others.
