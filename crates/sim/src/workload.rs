@@ -258,6 +258,8 @@ pub fn short_response(response: &ClientResponse) -> String {
         ClientResponse::Local(_) => "local".into(),
         ClientResponse::StorageFailed(e) => format!("storage failed: {e}"),
         ClientResponse::Overloaded => "overloaded".into(),
+        ClientResponse::RepairStarted { id } => format!("repair {id} started"),
+        ClientResponse::Repair(_) => "repair status".into(),
     }
 }
 

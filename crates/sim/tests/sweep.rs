@@ -73,12 +73,9 @@ fn faults_keep_safety() {
     assert!(failures.is_empty(), "{}", explain(&failures));
 }
 
-// With duplicated messages and failing fsyncs too. Ignored: a duplicated `Coordinate`, or a
-// `Coordinate` retried on the next replica after the first actor's fsync failed, applies a
-// write twice under two dots, and a delete that saw one dot leaves the other alive (see
-// `scenarios::duplicate_coordinate_resurrects`, `fsync_error_at_actor_applies_write_twice`).
+// Every fault, duplicated messages and failing fsyncs included (these found the double
+// application of a write and the failed-fsync durability bug; see `scenarios.rs`).
 #[test]
-#[ignore = "core bug: Coordinate is not idempotent (duplicate dots resurrect deleted values)"]
 fn all_faults_keep_safety() {
     let failures = sweep(3000, 200, 500, FaultConfig::all(), false);
     assert!(failures.is_empty(), "{}", explain(&failures));
