@@ -258,8 +258,16 @@ pub fn short_response(response: &ClientResponse) -> String {
         ClientResponse::Local(_) => "local".into(),
         ClientResponse::StorageFailed(e) => format!("storage failed: {e}"),
         ClientResponse::Overloaded => "overloaded".into(),
-        ClientResponse::RepairStarted { id } => format!("repair {id} started"),
-        ClientResponse::Repair(_) => "repair status".into(),
+        // Responses the simulated clients never ask for (and any kind newer than this
+        // simulator, e.g. repair control): their Debug form, cut short.
+        #[allow(unreachable_patterns)]
+        other => {
+            let text = format!("{other:?}");
+            match text.char_indices().nth(60) {
+                Some((cut, _)) => format!("{}...", &text[..cut]),
+                None => text,
+            }
+        }
     }
 }
 
