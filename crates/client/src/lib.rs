@@ -292,6 +292,42 @@ impl Client {
         }
     }
 
+    /// Starts an anti-entropy run on this node; returns its id.
+    pub async fn start_repair(&self) -> Result<u64, ClientError> {
+        let response = self
+            .http
+            .post(format!("{}/admin/repair", self.base))
+            .send()
+            .await?;
+        if response.status().as_u16() != 202 {
+            return Err(api_error(response).await);
+        }
+        let body: serde_json::Value = response
+            .json()
+            .await
+            .map_err(|e| ClientError::Decode(e.to_string()))?;
+        body["id"]
+            .as_u64()
+            .ok_or_else(|| ClientError::Decode("no id in the answer".into()))
+    }
+
+    /// Where a repair run stands (SPEC's JSON).
+    pub async fn repair_status(&self, id: u64) -> Result<serde_json::Value, ClientError> {
+        let response = self
+            .http
+            .get(format!("{}/admin/repair/{id}", self.base))
+            .send()
+            .await?;
+        if response.status().is_success() {
+            response
+                .json()
+                .await
+                .map_err(|e| ClientError::Decode(e.to_string()))
+        } else {
+            Err(api_error(response).await)
+        }
+    }
+
     pub async fn metrics(&self) -> Result<String, ClientError> {
         let response = self
             .http

@@ -71,6 +71,10 @@ pub struct NodeConfig {
     pub max_pending_requests: usize,
     pub read_repair: ReadRepairConfig,
     pub hinted_handoff: HintedHandoffConfig,
+    pub anti_entropy: crate::node::AntiEntropyConfig,
+    /// Key of the Merkle trees' item hash: the cluster secret, so outsiders cannot choose
+    /// keys that collide in the trees.
+    pub tree_hash_secret: Vec<u8>,
     /// Seed of the node's random choices (background repair, ...); the simulator sets it
     /// from its run seed, the server from the OS.
     pub rng_seed: u64,
@@ -94,6 +98,8 @@ impl NodeConfig {
             max_pending_requests: 65_536,
             read_repair: ReadRepairConfig::default(),
             hinted_handoff: HintedHandoffConfig::default(),
+            anti_entropy: crate::node::AntiEntropyConfig::default(),
+            tree_hash_secret: b"mendkv".to_vec(),
             rng_seed: 0,
         }
     }

@@ -3,6 +3,7 @@
 //! Peer messages carry the request id of the coordinator that sent them; replies echo it,
 //! so many requests share one connection. Their binary encoding lives in the `wire` crate.
 
+use crate::anti_entropy::{ExchangeRequest, ExchangeResponse};
 use crate::membership::MemberInfo;
 use crate::quorum::ConsistencyLevel;
 use crate::version::{CausalContext, Object, Value};
@@ -86,8 +87,17 @@ pub enum Message {
         request: RequestId,
         result: Result<(), ReplicaError>,
     },
+    /// One step of an anti-entropy exchange (driver -> receiver).
+    AntiEntropy {
+        request: ExchangeRequest,
+    },
+    AntiEntropyReply {
+        response: ExchangeResponse,
+    },
     /// The members the sender knows (static membership; gossip replaces it).
-    Members { members: Vec<MemberInfo> },
+    Members {
+        members: Vec<MemberInfo>,
+    },
 }
 
 impl Message {
@@ -110,6 +120,7 @@ impl Message {
             Message::RepairWrite { .. } | Message::RepairWriteReply { .. } => "read_repair",
             Message::Members { .. } => "gossip",
             Message::HintBatch { .. } | Message::HintBatchReply { .. } => "hints",
+            Message::AntiEntropy { .. } | Message::AntiEntropyReply { .. } => "anti_entropy",
             _ => "replication",
         }
     }
@@ -142,6 +153,10 @@ pub enum ClientRequest {
     },
     /// This node's own stored object, no coordination.
     GetLocal { bucket: String, key: Vec<u8> },
+    /// Start an anti-entropy run over every range this node replicates.
+    StartRepair,
+    /// Where a repair run stands.
+    RepairStatus { id: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,15 +164,27 @@ pub enum ClientResponse {
     /// The merged object of a read (may be deleted or empty: the HTTP layer answers 404).
     Object(Object),
     /// A write was stored at the requested level; the context of the new object.
-    Written { context: CausalContext },
+    Written {
+        context: CausalContext,
+    },
     /// Fewer replicas could answer than the level needs.
-    Unavailable { needed: usize, answered: usize },
+    Unavailable {
+        needed: usize,
+        answered: usize,
+    },
     /// The level was not met before `request_timeout_ms`.
-    Timeout { needed: usize, answered: usize },
+    Timeout {
+        needed: usize,
+        answered: usize,
+    },
     /// The node's own object (GetLocal).
     Local(Option<Object>),
     /// The local storage failed.
     StorageFailed(String),
     /// Too many requests are in flight at this coordinator; retry later.
     Overloaded,
+    RepairStarted {
+        id: u64,
+    },
+    Repair(Option<crate::node::RepairRunStatus>),
 }

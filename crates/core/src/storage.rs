@@ -5,6 +5,7 @@
 //! never acknowledges a write (under the default fsync policy) before a sync that covers it
 //! has finished: see `node.rs`, "group commit".
 
+use crate::ring::{key_token, TokenRange};
 use crate::version::Object;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -37,6 +38,10 @@ pub trait Storage: Send + 'static {
     /// Small named records of the node itself (its epoch).
     fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError>;
     fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StorageError>;
+    /// Every object whose key token lies in `range` (`(start, end]`, wrapping; the whole
+    /// ring when `start == end`): what anti-entropy lists for a tree segment or a rebuild.
+    fn scan_range(&self, range: TokenRange)
+        -> Result<Vec<(String, Vec<u8>, Object)>, StorageError>;
     /// Hints live in their own partition, as opaque records (see `hinted_handoff`).
     fn put_hint(&self, key: &[u8], record: &[u8]) -> Result<(), StorageError>;
     fn get_hint(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
@@ -174,6 +179,19 @@ impl Storage for MemoryStorage {
             .pending
             .push(Record::Meta(name.to_string(), value.to_vec()));
         Ok(())
+    }
+
+    fn scan_range(
+        &self,
+        range: TokenRange,
+    ) -> Result<Vec<(String, Vec<u8>, Object)>, StorageError> {
+        // The in-memory model is for tests and the simulator: a filter over every object.
+        Ok(self
+            .objects()
+            .into_iter()
+            .filter(|(k, _)| range.contains(key_token(&k.bucket, &k.key)))
+            .map(|(k, o)| (k.bucket, k.key, o))
+            .collect())
     }
 
     fn put_hint(&self, key: &[u8], record: &[u8]) -> Result<(), StorageError> {

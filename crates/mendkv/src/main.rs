@@ -3,10 +3,12 @@
 //! # Layout
 //! - `main.rs`: the command line and the client commands (get, put, delete, status).
 //! - [`cluster`]: `mendkv cluster`, a local N-node cluster of child processes.
+//! - [`repair`]: `mendkv repair`, a progress bar over a node's anti-entropy run.
 //! - [`bench`]: `mendkv bench`, a YCSB-style load generator with HDR latency histograms.
 
 mod bench;
 mod cluster;
+mod repair;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -73,6 +75,18 @@ enum Command {
         /// Print the raw JSON of /cluster/status.
         #[arg(long)]
         json: bool,
+    },
+    /// Anti-entropy now, on one node: every range it replicates with every replica peer;
+    /// progress bar, then a summary.
+    Repair {
+        #[command(flatten)]
+        node: NodeArg,
+        /// Accepted for compatibility; runs always compare every bucket (trees are per range).
+        #[arg(long)]
+        bucket: Option<String>,
+        /// Print the run id and return at once.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Load generator (YCSB workloads a, b, c; w = write-only).
     Bench(bench::BenchArgs),
@@ -264,6 +278,11 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Repair {
+            node,
+            bucket: _,
+            no_wait,
+        } => repair::run(&node.url, no_wait).await,
         Command::Bench(args) => bench::run(args).await,
     }
 }

@@ -36,12 +36,13 @@ async fn holds_all(client: &Client, keys: &[String]) -> bool {
 }
 
 const NO_READ_REPAIR: (&str, &str) = ("MENDKV_READ_REPAIR__ENABLED", "false");
+const NO_ANTI_ENTROPY: (&str, &str) = ("MENDKV_ANTI_ENTROPY__ENABLED", "false");
 
 /// Stop one node of three, write 1,000 keys at quorum: hints pile up, coalesced per key;
 /// start it again: every key reaches it and pending drops to 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hints_bring_a_returning_node_up_to_date() {
-    let mut cluster = TestCluster::start(3, &[NO_READ_REPAIR]).await;
+    let mut cluster = TestCluster::start(3, &[NO_READ_REPAIR, NO_ANTI_ENTROPY]).await;
     cluster.nodes[2].kill();
     let keys: Vec<String> = (0..1000).map(|i| format!("h{i}")).collect();
     let writers = [cluster.client(0), cluster.client(1)];
@@ -101,6 +102,7 @@ async fn delivery_survives_a_crash_of_the_holder() {
         3,
         &[
             NO_READ_REPAIR,
+            NO_ANTI_ENTROPY,
             ("MENDKV_HINTED_HANDOFF__DELIVERY_RATE_PER_S", "200"),
         ],
     )

@@ -14,6 +14,7 @@ async fn reads_repair_a_stale_replica() {
         &[
             ("MENDKV_READ_REPAIR__BACKGROUND_CHANCE", "0"),
             ("MENDKV_HINTED_HANDOFF__ENABLED", "false"),
+            ("MENDKV_ANTI_ENTROPY__ENABLED", "false"),
         ],
     )
     .await;

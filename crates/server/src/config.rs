@@ -17,7 +17,32 @@ pub struct ServerConfig {
     pub consistency: ConsistencySection,
     pub read_repair: ReadRepairSection,
     pub hinted_handoff: HintedHandoffSection,
+    pub anti_entropy: AntiEntropySection,
     pub storage: StorageSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AntiEntropySection {
+    pub enabled: bool,
+    /// Each (range, replica peer) is compared at least this often.
+    pub interval_s: u64,
+    /// Exchanges a node drives at once.
+    pub concurrency: usize,
+    /// Repair bytes per second, shared with hint replay (0 = unlimited).
+    pub rate_limit_bytes_per_s: u64,
+}
+
+impl Default for AntiEntropySection {
+    fn default() -> Self {
+        let core = mendkv_core::node::AntiEntropyConfig::default();
+        AntiEntropySection {
+            enabled: core.enabled,
+            interval_s: core.interval_ms / 1000,
+            concurrency: core.concurrency,
+            rate_limit_bytes_per_s: core.rate_limit_bytes_per_s,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -370,6 +395,13 @@ impl ServerConfig {
             delivery_rate_per_s: self.hinted_handoff.delivery_rate_per_s,
             ..HintedHandoffConfig::default()
         };
+        config.anti_entropy = mendkv_core::node::AntiEntropyConfig {
+            enabled: self.anti_entropy.enabled,
+            interval_ms: self.anti_entropy.interval_s.max(1).saturating_mul(1000),
+            concurrency: self.anti_entropy.concurrency.max(1),
+            rate_limit_bytes_per_s: self.anti_entropy.rate_limit_bytes_per_s,
+        };
+        config.tree_hash_secret = self.cluster.secret.clone().into_bytes();
         config.rng_seed = rand::random();
         Ok(config)
     }

@@ -41,6 +41,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/kv/{bucket}/", get(kv).put(kv).delete(kv))
         .route("/admin/local/{bucket}/{*key}", get(admin_local))
         .route("/cluster/status", get(cluster_status))
+        .route("/admin/repair", axum::routing::post(start_repair))
+        .route("/admin/repair/{id}", get(repair_status))
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok\n" }))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
@@ -435,6 +437,65 @@ async fn admin_local(State(state): State<ApiState>, uri: Uri) -> Response {
             StatusCode::NOT_FOUND,
             "not_found",
             "this node holds nothing for this key",
+        ),
+        Ok(other) => *coordination_failure(other).0,
+        Err(Failure(response, _)) => *response,
+    }
+}
+
+/// `POST /admin/repair?bucket=`: starts an anti-entropy run over every range this node
+/// replicates. Trees are per token range, not per bucket, so a run always compares every
+/// bucket; a `bucket` parameter is validated and otherwise has no effect.
+async fn start_repair(State(state): State<ApiState>, uri: Uri) -> Response {
+    if let Some(query) = uri.query() {
+        for pair in query.split('&') {
+            if let Some(("bucket", value)) = pair.split_once('=') {
+                let bucket = percent_decode_str(value).decode_utf8_lossy();
+                if let Err(e) = validate_bucket(&bucket) {
+                    return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string());
+                }
+            }
+        }
+    }
+    match ask(&state, ClientRequest::StartRepair).await {
+        Ok(ClientResponse::RepairStarted { id }) => {
+            (StatusCode::ACCEPTED, axum::Json(json!({ "id": id }))).into_response()
+        }
+        Ok(other) => *coordination_failure(other).0,
+        Err(Failure(response, _)) => *response,
+    }
+}
+
+/// `GET /admin/repair/{id}`.
+async fn repair_status(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let Ok(id) = id.parse::<u64>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "repair id must be a number",
+        );
+    };
+    match ask(&state, ClientRequest::RepairStatus { id }).await {
+        Ok(ClientResponse::Repair(Some(run))) => axum::Json(json!({
+            "id": run.id,
+            "state": run.state,
+            "ranges_total": run.ranges_total,
+            "ranges_done": run.ranges_done,
+            "keys_compared": run.keys_compared,
+            "keys_different": run.keys_different,
+            "keys_repaired": run.keys_repaired,
+            "bytes_sent": run.bytes_sent,
+            "bytes_received": run.bytes_received,
+            "elapsed_ms": run.elapsed_ms,
+        }))
+        .into_response(),
+        Ok(ClientResponse::Repair(None)) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no repair run {id} on this node"),
         ),
         Ok(other) => *coordination_failure(other).0,
         Err(Failure(response, _)) => *response,

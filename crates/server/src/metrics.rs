@@ -44,6 +44,11 @@ pub struct RepairLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     pub status: &'static str,
 }
@@ -72,6 +77,10 @@ pub struct Metrics {
     pub hints_dropped: Family<ReasonLabels, Counter>,
     pub hints_pending: Gauge,
     pub hints_bytes: Gauge,
+    pub anti_entropy_cycle: Histogram,
+    pub anti_entropy_keys_repaired: Counter,
+    pub anti_entropy_repair_debt: Family<PeerLabels, Gauge>,
+    pub anti_entropy_tree_bytes: Gauge,
 }
 
 impl Metrics {
@@ -172,7 +181,35 @@ impl Metrics {
             "Bytes of stored hints (keys plus encoded records), the measure of max_bytes_total",
             hints_bytes.clone(),
         );
+        let anti_entropy_cycle = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "mendkv_anti_entropy_cycle_duration_seconds",
+            "Duration of one anti-entropy exchange (one range with one peer)",
+            anti_entropy_cycle.clone(),
+        );
+        let anti_entropy_keys_repaired = Counter::default();
+        registry.register(
+            "mendkv_anti_entropy_keys_repaired",
+            "Keys whose local version changed through anti-entropy",
+            anti_entropy_keys_repaired.clone(),
+        );
+        let anti_entropy_repair_debt = Family::<PeerLabels, Gauge>::default();
+        registry.register(
+            "mendkv_anti_entropy_repair_debt",
+            "Mismatched Merkle leaves at the last comparison with each peer",
+            anti_entropy_repair_debt.clone(),
+        );
+        let anti_entropy_tree_bytes = Gauge::default();
+        registry.register(
+            "mendkv_anti_entropy_tree_bytes",
+            "Memory held by this node's Merkle trees",
+            anti_entropy_tree_bytes.clone(),
+        );
         Arc::new(Metrics {
+            anti_entropy_cycle,
+            anti_entropy_keys_repaired,
+            anti_entropy_repair_debt,
+            anti_entropy_tree_bytes,
             hints_bytes,
             hints_stored,
             hints_delivered,

@@ -3,7 +3,9 @@
 //! out the node's actions, and runs group commit: after each batch of inputs, one fsync on a
 //! blocking thread covers every write of the batch, while the node keeps taking input.
 
-use crate::metrics::{Metrics, OutcomeLabels, ReasonLabels, RepairLabels, StatusLabels};
+use crate::metrics::{
+    Metrics, OutcomeLabels, PeerLabels, ReasonLabels, RepairLabels, StatusLabels,
+};
 use crate::transport::{spawn_link, Identity, PeerLink};
 use mendkv_core::config::FsyncPolicy;
 use mendkv_core::hinted_handoff::DropReason;
@@ -261,6 +263,29 @@ impl NodeTask {
         }
         metrics.hints_pending.set(self.node.hints_pending() as i64);
         metrics.hints_bytes.set(self.node.hints_bytes() as i64);
+        repairs("anti_entropy", "ok")
+            .inc_by(now.anti_entropy_exchanges_ok - old.anti_entropy_exchanges_ok);
+        repairs("anti_entropy", "failed")
+            .inc_by(now.anti_entropy_exchanges_failed - old.anti_entropy_exchanges_failed);
+        metrics
+            .anti_entropy_keys_repaired
+            .inc_by(now.anti_entropy_keys_repaired - old.anti_entropy_keys_repaired);
+        for duration_ms in self.node.take_exchange_durations_ms() {
+            metrics
+                .anti_entropy_cycle
+                .observe(duration_ms as f64 / 1000.0);
+        }
+        for (peer, debt) in self.node.repair_debt() {
+            metrics
+                .anti_entropy_repair_debt
+                .get_or_create(&PeerLabels {
+                    peer: peer.to_string(),
+                })
+                .set(*debt as i64);
+        }
+        metrics
+            .anti_entropy_tree_bytes
+            .set(self.node.tree_memory_bytes() as i64);
         self.exported = now;
     }
 

@@ -66,11 +66,11 @@ impl<S: Storage> Node<S> {
             return;
         }
         if !self.config.hinted_handoff.enabled {
-            self.drop_hint(bucket, key, DropReason::Disabled);
+            self.drop_hint(now, bucket, key, DropReason::Disabled);
             return;
         }
         if self.membership.get(target).is_none() {
-            self.drop_hint(bucket, key, DropReason::UnknownTarget);
+            self.drop_hint(now, bucket, key, DropReason::UnknownTarget);
             return;
         }
         let storage_key = hint_key(target, bucket, key);
@@ -99,7 +99,7 @@ impl<S: Storage> Node<S> {
             self.hint_queue
                 .check_budget(&self.config.hinted_handoff, target, bucket, key, bytes)
         {
-            self.drop_hint(bucket, key, reason);
+            self.drop_hint(now, bucket, key, reason);
             return;
         }
         if self.storage.put_hint(&storage_key, &encoded).is_err() {
@@ -113,16 +113,17 @@ impl<S: Storage> Node<S> {
         self.stats.hints_stored += 1;
     }
 
-    fn drop_hint(&mut self, bucket: &str, key: &[u8], reason: DropReason) {
+    fn drop_hint(&mut self, now: Millis, bucket: &str, key: &[u8], reason: DropReason) {
         self.stats.hints_dropped[reason as usize] += 1;
-        self.mark_for_anti_entropy(bucket, key);
+        self.mark_for_anti_entropy(now, bucket, key);
     }
 
     /// Remembers the range of a key whose hint was lost, for priority anti-entropy.
-    fn mark_for_anti_entropy(&mut self, bucket: &str, key: &[u8]) {
+    fn mark_for_anti_entropy(&mut self, now: Millis, bucket: &str, key: &[u8]) {
         let Some(range) = self.ring.range_for_token(key_token(bucket, key)) else {
             return;
         };
+        self.mark_range_hints_lost(now, range);
         if self.repair_marks.len() < MAX_REPAIR_MARKS {
             self.repair_marks.insert(range);
         } else if !self.repair_marks.contains(&range) {
@@ -141,6 +142,10 @@ impl<S: Storage> Node<S> {
             {
                 continue;
             }
+            // Hint replay shares the repair byte budget with anti-entropy.
+            if self.repair_bytes.available(now) == 0 {
+                return;
+            }
             let batch_size = self.config.hinted_handoff.batch_size.max(1);
             let granted = self.delivery_budget.take(batch_size as u64, now) as usize;
             if granted == 0 {
@@ -153,7 +158,7 @@ impl<S: Storage> Node<S> {
                 if now.saturating_sub(hint.created_ms) > self.config.hinted_handoff.ttl_ms {
                     self.stats.hints_expired += 1;
                     self.forget_hint(&target, &hint, None);
-                    self.mark_for_anti_entropy(&hint.bucket, &hint.key);
+                    self.mark_for_anti_entropy(now, &hint.bucket, &hint.key);
                     continue;
                 }
                 match self.storage.get_hint(&storage_key) {
@@ -164,7 +169,7 @@ impl<S: Storage> Node<S> {
                         }
                         None => {
                             self.forget_hint(&target, &hint, None);
-                            self.drop_hint(&hint.bucket, &hint.key, DropReason::Corrupt);
+                            self.drop_hint(now, &hint.bucket, &hint.key, DropReason::Corrupt);
                         }
                     },
                     Ok(None) => {
@@ -177,6 +182,11 @@ impl<S: Storage> Node<S> {
             if payload.is_empty() {
                 continue;
             }
+            let bytes: usize = payload
+                .iter()
+                .map(|(b, k, o)| b.len() + k.len() + o.size_bytes())
+                .sum();
+            self.repair_bytes.consume(now, bytes as u64);
             let request = self.new_request_id();
             let deadline = now + self.config.request_timeout_ms;
             self.hint_batches.insert(

@@ -9,7 +9,9 @@
 //! its own time (another thread, or virtual time), then calls [`Node::finish_sync`]: every
 //! write of the batch shares that one fsync.
 
+use crate::anti_entropy::{ExchangeId, ItemHasher, RangeTrees, TreeShape};
 use crate::config::{FsyncPolicy, NodeConfig};
+use crate::control::{RepairQueue, RepairQueueConfig, TokenBucket};
 use crate::coordinator::{AfterRead, GetOperation, PutOperation, WriteStep};
 use crate::hinted_handoff::{DeliveryBudget, DropReason, HintQueue};
 use crate::membership::{MemberInfo, Membership, PeerStatus};
@@ -66,6 +68,12 @@ pub struct NodeStats {
     pub hints_dropped: [u64; 5],
     pub hint_writes_ok: u64,
     pub hint_writes_failed: u64,
+    /// Anti-entropy (SPEC `mendkv_anti_entropy_*`, `mendkv_repairs_total{mechanism="anti_entropy"}`).
+    pub tree_rebuilds: u64,
+    pub anti_entropy_exchanges_ok: u64,
+    pub anti_entropy_exchanges_failed: u64,
+    pub anti_entropy_keys_repaired: u64,
+    pub anti_entropy_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -125,6 +133,19 @@ pub struct Node<S: Storage> {
     served_order: VecDeque<(NodeId, RequestId)>,
     /// When reads ask one more replica if still unanswered (see `speculative_retry_ms`).
     speculations: BTreeSet<(Millis, RequestId)>,
+    trees: RangeTrees,
+    exchanges: BTreeMap<ExchangeId, anti_entropy::ActiveExchange>,
+    next_exchange: u64,
+    repair_queue: RepairQueue<(TokenRange, NodeId)>,
+    /// Repair bytes, shared by anti-entropy and hint replay.
+    repair_bytes: TokenBucket,
+    repair_runs: BTreeMap<u64, anti_entropy::RepairRun>,
+    next_run: u64,
+    repair_debt: BTreeMap<NodeId, u64>,
+    /// While the repair byte budget is spent, anti-entropy waits until this time.
+    repair_throttled_until: Millis,
+    /// Durations of finished exchanges, drained by the driver into a histogram.
+    exchange_durations_ms: VecDeque<Millis>,
 }
 
 /// How many served `Coordinate` requests are remembered. A duplicate arriving later than
@@ -157,7 +178,7 @@ impl<S: Storage> Node<S> {
         let (hint_queue, corrupt_hints) = hints::load_hint_queue(&storage);
         let mut stats = NodeStats::default();
         stats.hints_dropped[DropReason::Corrupt as usize] = corrupt_hints;
-        Ok(Node {
+        let mut node = Node {
             hint_queue,
             hint_batches: BTreeMap::new(),
             delivery_budget: DeliveryBudget::new(config.hinted_handoff.delivery_rate_per_s, now),
@@ -167,6 +188,26 @@ impl<S: Storage> Node<S> {
             served_coordinates: BTreeMap::new(),
             served_order: VecDeque::new(),
             speculations: BTreeSet::new(),
+            trees: RangeTrees::new(
+                ItemHasher::from_cluster_secret(&config.tree_hash_secret),
+                TreeShape::DEFAULT,
+            ),
+            exchanges: BTreeMap::new(),
+            next_exchange: 0,
+            repair_queue: RepairQueue::new(RepairQueueConfig {
+                interval_ms: config.anti_entropy.interval_ms,
+                ..RepairQueueConfig::default()
+            }),
+            repair_bytes: TokenBucket::new(
+                config.anti_entropy.rate_limit_bytes_per_s,
+                config.anti_entropy.rate_limit_bytes_per_s.max(1 << 20),
+                now,
+            ),
+            repair_runs: BTreeMap::new(),
+            next_run: 0,
+            repair_debt: BTreeMap::new(),
+            exchange_durations_ms: VecDeque::new(),
+            repair_throttled_until: 0,
             actor: Actor::new(config.node_id.as_str(), epoch),
             epoch,
             membership,
@@ -186,7 +227,11 @@ impl<S: Storage> Node<S> {
             repairs_in_flight: 0,
             storage,
             config,
-        })
+        };
+        // Trees are rebuilt by one scan at every start: a tree persisted before a crash could
+        // disagree with what the crash left of the data.
+        node.align_trees();
+        Ok(node)
     }
 
     pub fn id(&self) -> &NodeId {
@@ -248,7 +293,10 @@ impl<S: Storage> Node<S> {
             .first()
             .map(|(d, _)| *d)
             .unwrap_or(Millis::MAX);
-        op.min(self.next_membership_at).min(hints).min(speculation)
+        op.min(self.next_membership_at)
+            .min(hints)
+            .min(speculation)
+            .min(self.anti_entropy_deadline())
     }
 
     // ----- durability -----------------------------------------------------------------
@@ -350,6 +398,7 @@ impl<S: Storage> Node<S> {
             self.config.vnodes,
             self.config.replication_factor,
         );
+        self.align_trees();
     }
 
     /// The transport saw a peer come up (handshake done) or go down (connection lost).
@@ -358,8 +407,13 @@ impl<S: Storage> Node<S> {
         if peer == self.id() {
             return;
         }
+        let was_down = self.membership.status(peer) == PeerStatus::Down;
         self.membership.set_status(peer, status);
+        if status == PeerStatus::Up && was_down {
+            self.mark_peer_recovered(now, peer);
+        }
         if status == PeerStatus::Down {
+            self.abort_exchanges_with(now, peer);
             let waiting: Vec<RequestId> = self
                 .operations
                 .iter()
@@ -390,7 +444,12 @@ impl<S: Storage> Node<S> {
         request: ClientRequest,
     ) {
         if self.operations.len() >= self.config.max_pending_requests
-            && !matches!(request, ClientRequest::GetLocal { .. })
+            && matches!(
+                request,
+                ClientRequest::Get { .. }
+                    | ClientRequest::Put { .. }
+                    | ClientRequest::Delete { .. }
+            )
         {
             self.stats.requests_overloaded += 1;
             self.reply(client, ClientResponse::Overloaded);
@@ -419,6 +478,14 @@ impl<S: Storage> Node<S> {
                 context: None,
                 level,
             } => self.start_read(now, client, bucket, key, level, AfterRead::Delete { level }),
+            ClientRequest::StartRepair => {
+                let id = self.start_repair_run(now);
+                self.reply(client, ClientResponse::RepairStarted { id });
+            }
+            ClientRequest::RepairStatus { id } => {
+                let status = self.repair_run(id, now);
+                self.reply(client, ClientResponse::Repair(status));
+            }
             ClientRequest::GetLocal { bucket, key } => {
                 let response = match self.storage.get(&bucket, &key) {
                     Ok(object) => ClientResponse::Local(object),
@@ -499,16 +566,37 @@ impl<S: Storage> Node<S> {
         context: &CausalContext,
         value: Value,
     ) -> Result<Object, StorageError> {
-        let mut object = self.storage.get(bucket, key)?.unwrap_or_default();
+        let old = self.storage.get(bucket, key)?;
+        let old_digest = old.as_ref().map(Object::digest);
+        let mut object = old.unwrap_or_default();
         object.apply_write(self.actor, context, value);
-        self.write_local(bucket, key, &object)?;
+        self.write_local(bucket, key, old_digest, &object)?;
         Ok(object)
     }
 
+    /// Merges `incoming` into the local object; true when the local object changed.
+    fn merge_local(
+        &mut self,
+        bucket: &str,
+        key: &[u8],
+        incoming: &Object,
+    ) -> Result<bool, StorageError> {
+        let old = self.storage.get(bucket, key)?;
+        let old_digest = old.as_ref().map(Object::digest);
+        let mut object = old.unwrap_or_default();
+        if !object.merge_in(incoming) {
+            return Ok(false);
+        }
+        self.write_local(bucket, key, old_digest, &object)?;
+        Ok(true)
+    }
+
+    /// Stores an object and keeps the Merkle trees exact (one delta on one leaf).
     fn write_local(
         &mut self,
         bucket: &str,
         key: &[u8],
+        old_digest: Option<u64>,
         object: &Object,
     ) -> Result<(), StorageError> {
         self.storage.put(bucket, key, object).inspect_err(|_| {
@@ -516,6 +604,8 @@ impl<S: Storage> Node<S> {
         })?;
         self.stats.local_writes += 1;
         self.unsynced_writes = true;
+        self.trees
+            .record_write(bucket, key, old_digest, Some(object.digest()));
         Ok(())
     }
 
@@ -634,6 +724,10 @@ impl<S: Storage> Node<S> {
 
     /// The driver could not deliver a message (no connection, peer down).
     pub fn handle_send_failed(&mut self, now: Millis, to: &NodeId, message: &Message) {
+        if let Message::AntiEntropy { request } = message {
+            self.abort_exchange(now, request.exchange);
+            return;
+        }
         if let Some(id) = message.request_id() {
             self.on_replica_failed(now, id, to, false);
         }
@@ -687,6 +781,10 @@ impl<S: Storage> Node<S> {
                     to: from.clone(),
                     message: Message::HintBatchReply { request, result },
                 });
+            }
+            Message::AntiEntropy { request } => self.on_exchange_request(now, from, request),
+            Message::AntiEntropyReply { response } => {
+                self.on_exchange_response(now, from, response)
             }
             Message::HintBatchReply { request, result } => {
                 let delivered = result.is_ok();
@@ -801,17 +899,9 @@ impl<S: Storage> Node<S> {
         incoming: &Object,
     ) -> Result<(), ReplicaError> {
         self.check_peer_input(bucket, key)?;
-        let storage_error = |e: StorageError| ReplicaError::Storage(e.to_string());
-        let mut object = self
-            .storage
-            .get(bucket, key)
-            .map_err(storage_error)?
-            .unwrap_or_default();
-        if object.merge_in(incoming) {
-            self.write_local(bucket, key, &object)
-                .map_err(storage_error)?;
-        }
-        Ok(())
+        self.merge_local(bucket, key, incoming)
+            .map(|_| ())
+            .map_err(|e| ReplicaError::Storage(e.to_string()))
     }
 
     // ----- time ----------------------------------------------------------------------
@@ -849,6 +939,7 @@ impl<S: Storage> Node<S> {
             }
         }
         self.speculate_reads(now);
+        self.tick_anti_entropy(now);
         if now >= self.next_delivery_at {
             self.next_delivery_at = now + hints::DELIVERY_INTERVAL_MS;
             self.deliver_hints(now);
@@ -899,8 +990,11 @@ fn fail_acknowledgement(action: Action, error: &StorageError) -> Action {
     }
 }
 
+mod anti_entropy;
 mod hints;
 mod read;
+
+pub use anti_entropy::{AntiEntropyConfig, RepairRunStatus};
 
 #[cfg(test)]
 mod tests;

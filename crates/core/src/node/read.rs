@@ -305,15 +305,7 @@ impl<S: Storage> Node<S> {
         let mut any_failed = false;
         for node in stale {
             if node == self.id() {
-                let merged = self.storage.get(bucket, key).map(|local| {
-                    let mut object = local.unwrap_or_default();
-                    object.merge_in(&resolution.merged).then_some(object)
-                });
-                let ok = match merged {
-                    Ok(Some(object)) => self.write_local(bucket, key, &object).is_ok(),
-                    Ok(None) => true,
-                    Err(_) => false,
-                };
+                let ok = self.merge_local(bucket, key, &resolution.merged).is_ok();
                 self.count_repair_write(ok);
                 any_failed |= !ok;
             } else {

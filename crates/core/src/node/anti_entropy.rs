@@ -1,0 +1,495 @@
+//! The node's anti-entropy: Merkle trees kept current on every write, exchanges with each
+//! replica peer per range (scheduled by a priority queue, paced by a byte token bucket),
+//! the receiver side, and operator-started repair runs (`POST /admin/repair`).
+
+use super::Node;
+use crate::anti_entropy::{
+    handle_request, repair_targets, replicated_ranges, DriverStep, ExchangeConfig, ExchangeDriver,
+    ExchangeId, ExchangeOutcome, ExchangeReport, ExchangeRequest, ExchangeResponse, ExchangeStats,
+    ReceiverLimits, RepairObject, SegmentItem, SegmentSource,
+};
+use crate::membership::PeerStatus;
+use crate::message::Message;
+use crate::ring::TokenRange;
+use crate::storage::{Storage, StorageError};
+use crate::version::Object;
+use crate::{Millis, NodeId};
+use rand::Rng;
+use std::collections::VecDeque;
+
+/// Knobs of `[anti_entropy]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AntiEntropyConfig {
+    pub enabled: bool,
+    /// Each (range, peer) is compared at least this often.
+    pub interval_ms: Millis,
+    /// Exchanges this node drives at once.
+    pub concurrency: usize,
+    /// Repair bytes per second, shared by anti-entropy and hint replay (0 = unlimited).
+    pub rate_limit_bytes_per_s: u64,
+}
+
+impl Default for AntiEntropyConfig {
+    fn default() -> Self {
+        AntiEntropyConfig {
+            enabled: true,
+            interval_ms: 300_000,
+            concurrency: 2,
+            rate_limit_bytes_per_s: 32 << 20,
+        }
+    }
+}
+
+/// One exchange this node drives.
+#[derive(Debug)]
+pub(super) struct ActiveExchange {
+    pub driver: ExchangeDriver,
+    pub peer: NodeId,
+    pub deadline: Millis,
+    pub run: Option<u64>,
+    pub started_at: Millis,
+}
+
+/// Where an operator's repair run stands (`GET /admin/repair/{id}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepairRunStatus {
+    pub id: u64,
+    pub state: &'static str,
+    pub ranges_total: u64,
+    pub ranges_done: u64,
+    pub keys_compared: u64,
+    pub keys_different: u64,
+    pub keys_repaired: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub elapsed_ms: Millis,
+}
+
+#[derive(Debug)]
+pub(super) struct RepairRun {
+    pending: VecDeque<(TokenRange, NodeId)>,
+    in_flight: usize,
+    ranges_total: u64,
+    ranges_done: u64,
+    failed: bool,
+    stats: ExchangeStats,
+    started_at: Millis,
+    finished_at: Option<Millis>,
+}
+
+/// Exchange durations kept until the driver drains them.
+const MAX_DURATION_SAMPLES: usize = 4096;
+
+/// Repair runs remembered for status queries.
+const MAX_REPAIR_RUNS: usize = 64;
+
+/// The node's storage seen as anti-entropy's segment source.
+struct StorageSource<'a, S: Storage>(&'a S);
+
+impl<S: Storage> SegmentSource for StorageSource<'_, S> {
+    fn segment_items(&self, tokens: TokenRange) -> Result<Vec<SegmentItem>, StorageError> {
+        Ok(self
+            .0
+            .scan_range(tokens)?
+            .into_iter()
+            .map(|(bucket, key, object)| SegmentItem {
+                digest: object.digest(),
+                bucket,
+                key,
+            })
+            .collect())
+    }
+
+    fn object(&self, bucket: &str, key: &[u8]) -> Result<Option<Object>, StorageError> {
+        self.0.get(bucket, key)
+    }
+}
+
+impl<S: Storage> Node<S> {
+    /// Makes the trees match the ring: ranges this node no longer replicates are dropped,
+    /// new ones are built by one scan of their objects (counted in `tree_rebuilds`).
+    pub(super) fn align_trees(&mut self) {
+        let ranges = replicated_ranges(&self.ring, self.id());
+        let new_ranges = self.trees.set_ranges(ranges);
+        for range in new_ranges {
+            match self.storage.scan_range(range) {
+                Ok(objects) => {
+                    let items: Vec<(String, Vec<u8>, u64)> = objects
+                        .into_iter()
+                        .map(|(b, k, o)| (b, k, o.digest()))
+                        .collect();
+                    self.trees.rebuild(
+                        range,
+                        items.iter().map(|(b, k, d)| (b.as_str(), k.as_slice(), *d)),
+                    );
+                    self.stats.tree_rebuilds += 1;
+                }
+                Err(_) => self.stats.storage_errors += 1,
+            }
+        }
+        let targets = repair_targets(&self.ring, self.id());
+        self.repair_queue.set_targets(targets);
+    }
+
+    /// A peer came back: its ranges go to the front of the queue.
+    pub(super) fn mark_peer_recovered(&mut self, now: Millis, peer: &NodeId) {
+        for (range, target) in repair_targets(&self.ring, self.id()) {
+            if target == *peer {
+                self.repair_queue
+                    .mark_replica_recovered(&(range, target), now);
+            }
+        }
+    }
+
+    /// A hint for a key in `range` was lost: that range goes first, with every replica peer.
+    pub(super) fn mark_range_hints_lost(&mut self, now: Millis, range: TokenRange) {
+        for (target_range, peer) in repair_targets(&self.ring, self.id()) {
+            if target_range == range {
+                self.repair_queue
+                    .mark_hints_lost(&(target_range, peer), now);
+            }
+        }
+    }
+
+    /// Starts due exchanges (operator runs first) and aborts the ones that timed out.
+    pub(super) fn tick_anti_entropy(&mut self, now: Millis) {
+        let expired: Vec<ExchangeId> = self
+            .exchanges
+            .iter()
+            .filter(|(_, e)| e.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(mut exchange) = self.exchanges.remove(&id) {
+                let report = exchange.driver.abort();
+                self.finish_exchange(now, exchange, report);
+            }
+        }
+        if self.repair_bytes.available(now) == 0 {
+            // Over the repair byte budget: look again shortly.
+            self.repair_throttled_until = now + 100;
+            return;
+        }
+        let run_ids: Vec<u64> = self.repair_runs.keys().copied().collect();
+        for run_id in run_ids {
+            while self.exchanges.len() < self.config.anti_entropy.concurrency.max(1) {
+                let Some(run) = self.repair_runs.get_mut(&run_id) else {
+                    break;
+                };
+                let Some((range, peer)) = run.pending.pop_front() else {
+                    break;
+                };
+                run.in_flight += 1;
+                self.start_exchange(now, range, peer, Some(run_id));
+            }
+        }
+        if !self.config.anti_entropy.enabled {
+            return;
+        }
+        while self.exchanges.len() < self.config.anti_entropy.concurrency.max(1) {
+            let Some(((range, peer), _reason)) = self.repair_queue.next(now) else {
+                break;
+            };
+            if self.membership.status(&peer) != PeerStatus::Up {
+                self.repair_queue.complete(&(range, peer), now, false);
+                continue;
+            }
+            self.start_exchange(now, range, peer, None);
+        }
+    }
+
+    fn start_exchange(&mut self, now: Millis, range: TokenRange, peer: NodeId, run: Option<u64>) {
+        self.next_exchange += 1;
+        if self.membership.status(&peer) == PeerStatus::Down {
+            // Known down: fail at once (a run reports it) instead of waiting for a timeout.
+            let id = ExchangeId((u64::from(self.epoch) << 40) | self.next_exchange);
+            let mut driver = ExchangeDriver::new(id, range, ExchangeConfig::default(), 0);
+            let report = driver.abort();
+            let exchange = ActiveExchange {
+                driver,
+                peer,
+                deadline: now,
+                run,
+                started_at: now,
+            };
+            self.finish_exchange(now, exchange, report);
+            return;
+        }
+        let id = ExchangeId((u64::from(self.epoch) << 40) | self.next_exchange);
+        let salt = self.rng.gen();
+        let mut driver = ExchangeDriver::new(id, range, ExchangeConfig::default(), salt);
+        match driver.start(&mut self.trees) {
+            DriverStep::Send(request) => {
+                self.send_exchange_request(now, &peer, request);
+                let deadline = now + self.config.request_timeout_ms;
+                self.exchanges.insert(
+                    id,
+                    super::anti_entropy::ActiveExchange {
+                        driver,
+                        peer,
+                        deadline,
+                        run,
+                        started_at: now,
+                    },
+                );
+            }
+            DriverStep::Finished(report) => {
+                let exchange = ActiveExchange {
+                    driver,
+                    peer,
+                    deadline: now,
+                    run,
+                    started_at: now,
+                };
+                self.finish_exchange(now, exchange, report);
+            }
+            DriverStep::Ignored => {}
+        }
+    }
+
+    fn send_exchange_request(&mut self, now: Millis, peer: &NodeId, request: ExchangeRequest) {
+        let bytes = request.encoded_len() as u64;
+        self.repair_bytes.consume(now, bytes);
+        self.send(peer, Message::AntiEntropy { request });
+    }
+
+    /// The receiver side: answer, and merge what the driver pushed.
+    pub(super) fn on_exchange_request(
+        &mut self,
+        now: Millis,
+        from: &NodeId,
+        request: ExchangeRequest,
+    ) {
+        let output = handle_request(
+            request,
+            &mut self.trees,
+            &StorageSource(&self.storage),
+            &ReceiverLimits::default(),
+        );
+        self.apply_repair_writes(output.writes);
+        self.repair_bytes
+            .consume(now, output.response.encoded_len() as u64);
+        // The answer acknowledges pushed objects: only once they are durable.
+        self.emit_durable(super::Action::Send {
+            to: from.clone(),
+            message: Message::AntiEntropyReply {
+                response: output.response,
+            },
+        });
+    }
+
+    /// The driver side: merge what came back, send the next request or finish.
+    pub(super) fn on_exchange_response(
+        &mut self,
+        now: Millis,
+        from: &NodeId,
+        response: ExchangeResponse,
+    ) {
+        let id = response.exchange;
+        let Some(mut exchange) = self.exchanges.remove(&id) else {
+            return;
+        };
+        if exchange.peer != *from {
+            self.exchanges.insert(id, exchange);
+            return;
+        }
+        self.repair_bytes
+            .consume(now, response.encoded_len() as u64);
+        let output = exchange.driver.handle_response(
+            response,
+            &mut self.trees,
+            &StorageSource(&self.storage),
+        );
+        self.apply_repair_writes(output.writes);
+        match output.step {
+            DriverStep::Send(request) => {
+                let peer = exchange.peer.clone();
+                self.send_exchange_request(now, &peer, request);
+                exchange.deadline = now + self.config.request_timeout_ms;
+                self.exchanges.insert(id, exchange);
+            }
+            DriverStep::Finished(report) => self.finish_exchange(now, exchange, report),
+            DriverStep::Ignored => {
+                self.exchanges.insert(id, exchange);
+            }
+        }
+    }
+
+    /// An exchange whose request could not be sent ends now.
+    pub(super) fn abort_exchange(&mut self, now: Millis, id: ExchangeId) {
+        if let Some(mut exchange) = self.exchanges.remove(&id) {
+            let report = exchange.driver.abort();
+            self.finish_exchange(now, exchange, report);
+        }
+    }
+
+    /// The peer went down: its exchanges fail now rather than at their timeout.
+    pub(super) fn abort_exchanges_with(&mut self, now: Millis, peer: &NodeId) {
+        let ids: Vec<ExchangeId> = self
+            .exchanges
+            .iter()
+            .filter(|(_, e)| e.peer == *peer)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some(mut exchange) = self.exchanges.remove(&id) {
+                let report = exchange.driver.abort();
+                self.finish_exchange(now, exchange, report);
+            }
+        }
+    }
+
+    fn apply_repair_writes(&mut self, writes: Vec<RepairObject>) {
+        for write in writes {
+            match self.merge_local(&write.bucket, &write.key, &write.object) {
+                Ok(true) => self.stats.anti_entropy_keys_repaired += 1,
+                Ok(false) => {}
+                Err(_) => self.stats.storage_errors += 1,
+            }
+        }
+    }
+
+    fn finish_exchange(&mut self, now: Millis, exchange: ActiveExchange, report: ExchangeReport) {
+        let ok = !matches!(report.outcome, ExchangeOutcome::Failed(_));
+        if ok {
+            self.stats.anti_entropy_exchanges_ok += 1;
+        } else {
+            self.stats.anti_entropy_exchanges_failed += 1;
+        }
+        if self.exchange_durations_ms.len() >= MAX_DURATION_SAMPLES {
+            self.exchange_durations_ms.pop_front();
+        }
+        self.exchange_durations_ms
+            .push_back(now.saturating_sub(exchange.started_at));
+        self.stats.anti_entropy_bytes += report.stats.bytes_sent + report.stats.bytes_received;
+        self.repair_debt
+            .insert(exchange.peer.clone(), report.stats.leaves_mismatched);
+        match exchange.run {
+            Some(run_id) => {
+                if let Some(run) = self.repair_runs.get_mut(&run_id) {
+                    run.in_flight = run.in_flight.saturating_sub(1);
+                    run.ranges_done += 1;
+                    run.failed |= !ok;
+                    run.stats.add(&report.stats);
+                    if run.pending.is_empty() && run.in_flight == 0 {
+                        run.finished_at = Some(now);
+                    }
+                }
+                // A completed operator run also counts as the range's sync.
+                self.repair_queue
+                    .complete(&(report.range, exchange.peer), now, ok);
+            }
+            None => self
+                .repair_queue
+                .complete(&(report.range, exchange.peer), now, ok),
+        }
+    }
+
+    /// Starts an operator repair run over every (range, replica peer) of this node.
+    pub fn start_repair_run(&mut self, now: Millis) -> u64 {
+        self.next_run += 1;
+        let id = self.next_run;
+        // Peer by peer: two exchanges of one range (with two peers) never run at once, so a
+        // key a first peer repaired is not found different again with the second.
+        let mut targets = repair_targets(&self.ring, self.id());
+        targets.sort_by(|a, b| (&a.1, a.0).cmp(&(&b.1, b.0)));
+        let targets: VecDeque<(TokenRange, NodeId)> = targets.into_iter().collect();
+        if self.repair_runs.len() >= MAX_REPAIR_RUNS {
+            let oldest_finished = self
+                .repair_runs
+                .iter()
+                .find(|(_, r)| r.finished_at.is_some())
+                .map(|(id, _)| *id);
+            if let Some(oldest) = oldest_finished {
+                self.repair_runs.remove(&oldest);
+            }
+        }
+        let run = RepairRun {
+            ranges_total: targets.len() as u64,
+            pending: targets,
+            in_flight: 0,
+            ranges_done: 0,
+            failed: false,
+            stats: ExchangeStats::default(),
+            started_at: now,
+            finished_at: if self.ring.nodes().len() > 1 {
+                None
+            } else {
+                Some(now)
+            },
+        };
+        self.repair_runs.insert(id, run);
+        self.tick_anti_entropy(now);
+        id
+    }
+
+    pub fn repair_run(&self, id: u64, now: Millis) -> Option<RepairRunStatus> {
+        let run = self.repair_runs.get(&id)?;
+        let state = match (run.finished_at, run.failed) {
+            (None, _) => "running",
+            (Some(_), false) => "done",
+            (Some(_), true) => "failed",
+        };
+        Some(RepairRunStatus {
+            id,
+            state,
+            ranges_total: run.ranges_total,
+            ranges_done: run.ranges_done,
+            keys_compared: run.stats.keys_compared,
+            keys_different: run.stats.keys_different,
+            keys_repaired: run.stats.keys_moved,
+            bytes_sent: run.stats.bytes_sent,
+            bytes_received: run.stats.bytes_received,
+            elapsed_ms: run
+                .finished_at
+                .unwrap_or(now)
+                .saturating_sub(run.started_at),
+        })
+    }
+
+    /// Durations of exchanges finished since the last call (for a histogram).
+    pub fn take_exchange_durations_ms(&mut self) -> Vec<Millis> {
+        self.exchange_durations_ms.drain(..).collect()
+    }
+
+    /// Mismatched leaves at the last comparison with each peer (the repair debt).
+    pub fn repair_debt(&self) -> impl Iterator<Item = (&NodeId, &u64)> {
+        self.repair_debt.iter()
+    }
+
+    /// Memory held by this node's Merkle trees.
+    pub fn tree_memory_bytes(&self) -> usize {
+        self.trees.memory_bytes()
+    }
+
+    /// When anti-entropy next has work: exchange timeouts, runs, the queue.
+    pub(super) fn anti_entropy_deadline(&self) -> Millis {
+        let timeouts = self
+            .exchanges
+            .values()
+            .map(|e| e.deadline)
+            .min()
+            .unwrap_or(Millis::MAX);
+        if self.exchanges.len() >= self.config.anti_entropy.concurrency.max(1) {
+            // No room for another exchange: only a timeout (or a reply) changes that.
+            return timeouts;
+        }
+        let runs = if self.repair_runs.values().any(|r| !r.pending.is_empty()) {
+            0
+        } else {
+            Millis::MAX
+        };
+        let queue = if self.config.anti_entropy.enabled {
+            self.repair_queue.next_due_at().unwrap_or(Millis::MAX)
+        } else {
+            Millis::MAX
+        };
+        let work = runs.min(queue);
+        let work = if work == Millis::MAX {
+            work
+        } else {
+            work.max(self.repair_throttled_until)
+        };
+        timeouts.min(work)
+    }
+}

@@ -1,0 +1,57 @@
+//! `mendkv repair`: starts an anti-entropy run on one node and follows it with a progress bar
+//! (ranges, keys, bytes, ETA), then prints a summary. Exit status 1 when the run failed.
+
+use anyhow::{bail, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use mendkv_client::Client;
+use std::time::Duration;
+
+pub async fn run(url: &str, no_wait: bool) -> Result<()> {
+    let client = Client::new(url);
+    let id = client.start_repair().await?;
+    if no_wait {
+        println!("{id}");
+        return Ok(());
+    }
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} ranges  {msg}  ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let status = loop {
+        let status = client.repair_status(id).await?;
+        let number = |name: &str| status[name].as_u64().unwrap_or(0);
+        bar.set_length(number("ranges_total"));
+        bar.set_position(number("ranges_done"));
+        bar.set_message(format!(
+            "{} keys compared, {} different, {} repaired, {} B sent, {} B received",
+            number("keys_compared"),
+            number("keys_different"),
+            number("keys_repaired"),
+            number("bytes_sent"),
+            number("bytes_received")
+        ));
+        if status["state"] != "running" {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    bar.finish_and_clear();
+    let number = |name: &str| status[name].as_u64().unwrap_or(0);
+    println!(
+        "repair {id} {}: {} ranges compared, {} keys compared, {} different, {} repaired, {} B sent, {} B received, {} ms",
+        status["state"].as_str().unwrap_or("?"),
+        number("ranges_done"),
+        number("keys_compared"),
+        number("keys_different"),
+        number("keys_repaired"),
+        number("bytes_sent"),
+        number("bytes_received"),
+        number("elapsed_ms")
+    );
+    if status["state"] == "failed" {
+        bail!("repair {id} failed: some exchanges did not complete (a peer down?); run it again");
+    }
+    Ok(())
+}
