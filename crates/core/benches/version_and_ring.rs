@@ -48,15 +48,20 @@ fn merge(c: &mut Criterion) {
 
 fn preference_list(c: &mut Criterion) {
     for nodes in [3, 30, 300] {
-        let members: Vec<NodeId> = (0..nodes).map(|i| NodeId::new(format!("node{i}"))).collect();
+        let members: Vec<NodeId> = (0..nodes)
+            .map(|i| NodeId::new(format!("node{i}")))
+            .collect();
         let ring = Ring::new(&members, 16, 3);
         let mut i = 0u64;
-        c.bench_function(&format!("preference list, {nodes} nodes x 16 vnodes"), |bench| {
-            bench.iter(|| {
-                i += 1;
-                ring.preference_list(key_token("bucket", &i.to_le_bytes()))
-            })
-        });
+        c.bench_function(
+            &format!("preference list, {nodes} nodes x 16 vnodes"),
+            |bench| {
+                bench.iter(|| {
+                    i += 1;
+                    ring.preference_list(key_token("bucket", &i.to_le_bytes()))
+                })
+            },
+        );
     }
 }
 

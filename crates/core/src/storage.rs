@@ -27,6 +27,11 @@ pub struct ObjectKey {
     pub key: Vec<u8>,
 }
 
+/// Raw hint records: (key, record).
+pub type HintRecords = Vec<(Vec<u8>, Vec<u8>)>;
+/// Objects with their bucket and key.
+pub type ObjectRows = Vec<(String, Vec<u8>, Object)>;
+
 /// What the node needs from a storage engine. Implementations are cheap handles that can be
 /// cloned, so a driver can run `sync` on another thread while the node keeps working.
 pub trait Storage: Send + 'static {
@@ -40,14 +45,13 @@ pub trait Storage: Send + 'static {
     fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StorageError>;
     /// Every object whose key token lies in `range` (`(start, end]`, wrapping; the whole
     /// ring when `start == end`): what anti-entropy lists for a tree segment or a rebuild.
-    fn scan_range(&self, range: TokenRange)
-        -> Result<Vec<(String, Vec<u8>, Object)>, StorageError>;
+    fn scan_range(&self, range: TokenRange) -> Result<ObjectRows, StorageError>;
     /// Hints live in their own partition, as opaque records (see `hinted_handoff`).
     fn put_hint(&self, key: &[u8], record: &[u8]) -> Result<(), StorageError>;
     fn get_hint(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
     fn delete_hint(&self, key: &[u8]) -> Result<(), StorageError>;
     /// Every hint record, to rebuild the hint queue at start (bounded by the hint budgets).
-    fn scan_hints(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError>;
+    fn scan_hints(&self) -> Result<HintRecords, StorageError>;
 }
 
 #[derive(Debug, Clone)]
@@ -181,10 +185,7 @@ impl Storage for MemoryStorage {
         Ok(())
     }
 
-    fn scan_range(
-        &self,
-        range: TokenRange,
-    ) -> Result<Vec<(String, Vec<u8>, Object)>, StorageError> {
+    fn scan_range(&self, range: TokenRange) -> Result<ObjectRows, StorageError> {
         // The in-memory model is for tests and the simulator: a filter over every object.
         Ok(self
             .objects()
@@ -215,7 +216,7 @@ impl Storage for MemoryStorage {
         Ok(())
     }
 
-    fn scan_hints(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn scan_hints(&self) -> Result<HintRecords, StorageError> {
         let state = self.lock();
         let mut all = state.durable_hints.clone();
         for record in &state.pending {

@@ -16,7 +16,7 @@
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use mendkv_core::ring::{key_token, TokenRange};
-use mendkv_core::storage::{Storage, StorageError};
+use mendkv_core::storage::{HintRecords, ObjectRows, Storage, StorageError};
 use mendkv_core::version::Object;
 use std::path::Path;
 
@@ -142,10 +142,7 @@ impl Storage for FjallStorage {
             .map_err(engine_error)
     }
 
-    fn scan_range(
-        &self,
-        range: TokenRange,
-    ) -> Result<Vec<(String, Vec<u8>, Object)>, StorageError> {
+    fn scan_range(&self, range: TokenRange) -> Result<ObjectRows, StorageError> {
         // (start, end] as inclusive token bounds; a wrapping range is two scans.
         let first = range.start.wrapping_add(1);
         let spans: Vec<(u64, u64)> = if range.start == range.end {
@@ -195,7 +192,7 @@ impl Storage for FjallStorage {
         self.hints.remove(key).map_err(engine_error)
     }
 
-    fn scan_hints(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn scan_hints(&self) -> Result<HintRecords, StorageError> {
         let mut all = Vec::new();
         for guard in self.hints.iter() {
             let (key, value) = guard.into_inner().map_err(engine_error)?;
