@@ -72,6 +72,8 @@ pub struct NodeConfig {
     pub read_repair: ReadRepairConfig,
     pub hinted_handoff: HintedHandoffConfig,
     pub anti_entropy: crate::node::AntiEntropyConfig,
+    /// When foreground stress pauses repair work.
+    pub circuit_breaker: crate::control::BreakerConfig,
     /// Key of the Merkle trees' item hash: the cluster secret, so outsiders cannot choose
     /// keys that collide in the trees.
     pub tree_hash_secret: Vec<u8>,
@@ -99,6 +101,7 @@ impl NodeConfig {
             read_repair: ReadRepairConfig::default(),
             hinted_handoff: HintedHandoffConfig::default(),
             anti_entropy: crate::node::AntiEntropyConfig::default(),
+            circuit_breaker: crate::control::BreakerConfig::default(),
             tree_hash_secret: b"mendkv".to_vec(),
             rng_seed: 0,
         }

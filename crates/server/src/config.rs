@@ -18,7 +18,40 @@ pub struct ServerConfig {
     pub read_repair: ReadRepairSection,
     pub hinted_handoff: HintedHandoffSection,
     pub anti_entropy: AntiEntropySection,
+    pub circuit_breaker: CircuitBreakerSection,
     pub storage: StorageSection,
+}
+
+/// When foreground stress pauses repair work (scheduled anti-entropy and hint replay).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitBreakerSection {
+    /// Span over which client latency and errors are judged.
+    pub window_s: u64,
+    /// Opens when the client p99 latency over the window exceeds this.
+    pub max_p99_latency_ms: u64,
+    /// Opens when more client requests than this are in flight at the node.
+    pub max_in_flight: usize,
+    /// Opens when the share of failed client requests exceeds this.
+    pub max_error_rate: f64,
+    /// Latency and error rate are judged over at least this many requests.
+    pub min_samples: u64,
+    /// Open this long before one exchange is let through (half-open).
+    pub cooldown_s: u64,
+}
+
+impl Default for CircuitBreakerSection {
+    fn default() -> Self {
+        let core = mendkv_core::control::BreakerConfig::default();
+        CircuitBreakerSection {
+            window_s: core.window_ms / 1000,
+            max_p99_latency_ms: core.max_p99_latency_ms,
+            max_in_flight: core.max_in_flight,
+            max_error_rate: core.max_error_rate,
+            min_samples: core.min_samples,
+            cooldown_s: core.cooldown_ms / 1000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -402,6 +435,15 @@ impl ServerConfig {
             rate_limit_bytes_per_s: self.anti_entropy.rate_limit_bytes_per_s,
         };
         config.tree_hash_secret = self.cluster.secret.clone().into_bytes();
+        let breaker = &self.circuit_breaker;
+        config.circuit_breaker = mendkv_core::control::BreakerConfig {
+            window_ms: breaker.window_s.max(1).saturating_mul(1000),
+            max_p99_latency_ms: breaker.max_p99_latency_ms,
+            max_in_flight: breaker.max_in_flight,
+            max_error_rate: breaker.max_error_rate,
+            min_samples: breaker.min_samples,
+            cooldown_ms: breaker.cooldown_s.saturating_mul(1000),
+        };
         config.rng_seed = rand::random();
         Ok(config)
     }

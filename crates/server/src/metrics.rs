@@ -44,6 +44,11 @@ pub struct RepairLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NameLabels {
+    pub name: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
     pub peer: String,
 }
@@ -81,6 +86,7 @@ pub struct Metrics {
     pub anti_entropy_keys_repaired: Counter,
     pub anti_entropy_repair_debt: Family<PeerLabels, Gauge>,
     pub anti_entropy_tree_bytes: Gauge,
+    pub circuit_breaker_open: Family<NameLabels, Gauge>,
 }
 
 impl Metrics {
@@ -205,7 +211,14 @@ impl Metrics {
             "Memory held by this node's Merkle trees",
             anti_entropy_tree_bytes.clone(),
         );
+        let circuit_breaker_open = Family::<NameLabels, Gauge>::default();
+        registry.register(
+            "mendkv_circuit_breaker_open",
+            "1 while the breaker pauses repair work (open or half-open)",
+            circuit_breaker_open.clone(),
+        );
         Arc::new(Metrics {
+            circuit_breaker_open,
             anti_entropy_cycle,
             anti_entropy_keys_repaired,
             anti_entropy_repair_debt,

@@ -8,6 +8,7 @@ use crate::anti_entropy::{
     ExchangeId, ExchangeOutcome, ExchangeReport, ExchangeRequest, ExchangeResponse, ExchangeStats,
     ReceiverLimits, RepairObject, SegmentItem, SegmentSource,
 };
+use crate::control::BreakerState;
 use crate::membership::PeerStatus;
 use crate::message::Message;
 use crate::ring::TokenRange;
@@ -187,12 +188,26 @@ impl<S: Storage> Node<S> {
             return;
         }
         while self.exchanges.len() < self.config.anti_entropy.concurrency.max(1) {
+            let Some(((_, next_peer), _)) = self.repair_queue.peek(now) else {
+                break;
+            };
+            if self.membership.status(next_peer) != PeerStatus::Up {
+                if let Some((target, _)) = self.repair_queue.next(now) {
+                    self.repair_queue.complete(&target, now, false);
+                }
+                continue;
+            }
+            // Scheduled exchanges pause while the breaker is open; half-open lets one probe.
+            let probe = matches!(self.breaker.state(now), BreakerState::HalfOpen { .. });
+            if !self.breaker.allow(now) {
+                self.repair_throttled_until = now + 100;
+                break;
+            }
             let Some(((range, peer), _reason)) = self.repair_queue.next(now) else {
                 break;
             };
-            if self.membership.status(&peer) != PeerStatus::Up {
-                self.repair_queue.complete(&(range, peer), now, false);
-                continue;
+            if probe {
+                self.breaker_probe = Some((range, peer.clone()));
             }
             self.start_exchange(now, range, peer, None);
         }

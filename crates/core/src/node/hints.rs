@@ -2,6 +2,7 @@
 //! the replica is up again, expiry, budgets, and the marks left for anti-entropy.
 
 use super::Node;
+use crate::control::BreakerState;
 use crate::hinted_handoff::{
     hint_key, parse_hint_key, DropReason, HintQueue, HintRecord, QueuedHint,
 };
@@ -142,8 +143,10 @@ impl<S: Storage> Node<S> {
             {
                 continue;
             }
-            // Hint replay shares the repair byte budget with anti-entropy.
-            if self.repair_bytes.available(now) == 0 {
+            // Hint replay shares the repair byte budget with anti-entropy, and pauses while
+            // the circuit breaker is open (half-open, it flows again with the probe).
+            let breaker_open = matches!(self.breaker.state(now), BreakerState::Open { .. });
+            if self.repair_bytes.available(now) == 0 || breaker_open {
                 return;
             }
             let batch_size = self.config.hinted_handoff.batch_size.max(1);

@@ -11,7 +11,7 @@
 
 use crate::anti_entropy::{ExchangeId, ItemHasher, RangeTrees, TreeShape};
 use crate::config::{FsyncPolicy, NodeConfig};
-use crate::control::{RepairQueue, RepairQueueConfig, TokenBucket};
+use crate::control::{CircuitBreaker, RepairQueue, RepairQueueConfig, TokenBucket};
 use crate::coordinator::{AfterRead, GetOperation, PutOperation, WriteStep};
 use crate::hinted_handoff::{DeliveryBudget, DropReason, HintQueue};
 use crate::membership::{MemberInfo, Membership, PeerStatus};
@@ -142,6 +142,14 @@ pub struct Node<S: Storage> {
     repair_runs: BTreeMap<u64, anti_entropy::RepairRun>,
     next_run: u64,
     repair_debt: BTreeMap<NodeId, u64>,
+    /// The latest `now` seen (for samples taken in `poll_action`).
+    clock: Millis,
+    /// Start times of client requests in flight, for the breaker's latency samples.
+    client_started: BTreeMap<ClientRequestId, Millis>,
+    /// Pauses scheduled anti-entropy and hint replay while foreground traffic suffers.
+    breaker: CircuitBreaker,
+    /// The scheduled exchange let through by a half-open breaker.
+    breaker_probe: Option<(TokenRange, NodeId)>,
     /// While the repair byte budget is spent, anti-entropy waits until this time.
     repair_throttled_until: Millis,
     /// Durations of finished exchanges, drained by the driver into a histogram.
@@ -208,6 +216,10 @@ impl<S: Storage> Node<S> {
             repair_debt: BTreeMap::new(),
             exchange_durations_ms: VecDeque::new(),
             repair_throttled_until: 0,
+            clock: now,
+            client_started: BTreeMap::new(),
+            breaker: CircuitBreaker::new(config.circuit_breaker.clone()),
+            breaker_probe: None,
             actor: Actor::new(config.node_id.as_str(), epoch),
             epoch,
             membership,
@@ -273,7 +285,30 @@ impl<S: Storage> Node<S> {
 
     /// The next action for the driver, if any.
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.ready.pop_front()
+        let action = self.ready.pop_front()?;
+        if let Action::Reply { client, response } = &action {
+            // Every client answer is a stress sample for the repair circuit breaker.
+            if let Some(started) = self.client_started.remove(client) {
+                let ok = matches!(
+                    response,
+                    ClientResponse::Object(_) | ClientResponse::Written { .. }
+                );
+                let now = self.clock;
+                self.breaker.record(now, now.saturating_sub(started), ok);
+            }
+        }
+        Some(action)
+    }
+
+    /// Whether repair work (scheduled anti-entropy, hint replay) is paused by the breaker.
+    pub fn repair_breaker_open(&mut self) -> bool {
+        let now = self.clock;
+        self.breaker.is_open(now)
+    }
+
+    /// How often the breaker opened since start.
+    pub fn repair_breaker_trips(&self) -> u64 {
+        self.breaker.trips()
     }
 
     /// The earliest time `handle_tick` has work to do.
@@ -443,6 +478,14 @@ impl<S: Storage> Node<S> {
         client: ClientRequestId,
         request: ClientRequest,
     ) {
+        self.clock = self.clock.max(now);
+        if matches!(
+            request,
+            ClientRequest::Get { .. } | ClientRequest::Put { .. } | ClientRequest::Delete { .. }
+        ) && self.client_started.len() < self.config.max_pending_requests
+        {
+            self.client_started.insert(client, now);
+        }
         if self.operations.len() >= self.config.max_pending_requests
             && matches!(
                 request,
@@ -693,7 +736,9 @@ impl<S: Storage> Node<S> {
                             self.reply(client, ClientResponse::Unavailable { needed, answered });
                         }
                     }
-                    self.finish_write(now, id);
+                    // Replicas still answering may yet store the object: wait for them (or the
+                    // deadline) before hinting, so only the ones that miss it get hints.
+                    self.finish_write_if_settled(now, id);
                     return;
                 }
             }
@@ -734,6 +779,7 @@ impl<S: Storage> Node<S> {
     }
 
     pub fn handle_message(&mut self, now: Millis, from: &NodeId, message: Message) {
+        self.clock = self.clock.max(now);
         match message {
             Message::Read {
                 request,
@@ -907,6 +953,8 @@ impl<S: Storage> Node<S> {
     // ----- time ----------------------------------------------------------------------
 
     pub fn handle_tick(&mut self, now: Millis) {
+        self.clock = self.clock.max(now);
+        self.breaker.set_in_flight(now, self.operations.len());
         while let Some(&(deadline, id)) = self.deadlines.first() {
             if deadline > now {
                 break;

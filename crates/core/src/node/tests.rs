@@ -455,3 +455,47 @@ fn repair_run_brings_a_stale_replica_up_to_date() {
         ("done", 0, 0)
     );
 }
+
+/// Client failures open the circuit breaker, which pauses hint replay until the cooldown
+/// has passed and the stress has aged out of the window.
+#[test]
+fn circuit_breaker_pauses_hint_replay() {
+    let mut cluster = TestCluster::new(3);
+    for node in &mut cluster.nodes {
+        node.config.anti_entropy.enabled = false;
+    }
+    cluster.stopped[2] = true;
+    for i in 0..60 {
+        let request = ClientRequest::Put {
+            bucket: "b".into(),
+            key: format!("k{i}").into_bytes(),
+            context: CausalContext::empty(),
+            value: data("v"),
+            level: ConsistencyLevel::All,
+        };
+        assert!(matches!(
+            cluster.request(0, request),
+            ClientResponse::Unavailable { .. }
+        ));
+    }
+    assert!(
+        cluster.nodes[0].repair_breaker_open(),
+        "60 failed requests open it"
+    );
+    let pending = cluster.nodes[0].hints_pending();
+    assert_eq!(pending, 60);
+    cluster.stopped[2] = false;
+    cluster.tick(1_000);
+    assert_eq!(
+        cluster.nodes[0].hints_pending(),
+        60,
+        "replay paused while open"
+    );
+    let config = cluster.nodes[0].config().circuit_breaker.clone();
+    cluster.tick(config.cooldown_ms + config.window_ms + 1_000);
+    assert_eq!(
+        cluster.nodes[0].hints_pending(),
+        0,
+        "replay resumes after the cooldown"
+    );
+}
