@@ -4,7 +4,7 @@
 //! blocking thread covers every write of the batch, while the node keeps taking input.
 
 use crate::metrics::{
-    Metrics, OutcomeLabels, PeerLabels, ReasonLabels, RepairLabels, StatusLabels,
+    Metrics, NameLabels, OutcomeLabels, PeerLabels, ReasonLabels, RepairLabels, StatusLabels,
 };
 use crate::transport::{spawn_link, Identity, PeerLink};
 use mendkv_core::config::FsyncPolicy;
@@ -286,6 +286,21 @@ impl NodeTask {
         metrics
             .anti_entropy_tree_bytes
             .set(self.node.tree_memory_bytes() as i64);
+        let open = self.node.repair_breaker_open();
+        let gauge = metrics
+            .circuit_breaker_open
+            .get_or_create(&NameLabels { name: "repair" });
+        if (gauge.get() == 1) != open {
+            if open {
+                tracing::warn!(
+                    trips = self.node.repair_breaker_trips(),
+                    "circuit breaker open: anti-entropy and hint replay paused"
+                );
+            } else {
+                tracing::info!("circuit breaker closed: repair work resumes");
+            }
+        }
+        gauge.set(i64::from(open));
         self.exported = now;
     }
 
