@@ -48,19 +48,20 @@ fn dissemination(trials: u64) {
         "## Dissemination (fanout {}, interval {} ms, 1% loss, {trials} seeds)\n",
         config.fanout, config.interval_ms
     );
-    println!("| nodes | rounds median | rounds p99 | rounds max | bytes/node/round at rest | bytes/node/round spreading | rounds to form | wall s |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| nodes | rounds median | rounds p99 | rounds max | bytes/node/round at rest | bytes/node/round spreading | rounds to form | false convictions | wall s |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for nodes in [10, 100, 1000] {
         let started = Instant::now();
         let report = measure_dissemination::<ChaCha8Rng>(nodes, trials, 0.01, config.clone());
         println!(
-            "| {nodes} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {:.0} |",
+            "| {nodes} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {} | {:.0} |",
             report.median(),
             report.p99(),
             report.max(),
             report.steady_bytes_per_node_per_round,
             report.spreading_bytes_per_node_per_round,
             report.formation_rounds,
+            report.false_convictions,
             started.elapsed().as_secs_f64(),
         );
         assert_eq!(report.incomplete, 0, "some trial never reached every node");
@@ -71,13 +72,14 @@ fn dissemination(trials: u64) {
     };
     let report = measure_dissemination::<ChaCha8Rng>(100, trials, 0.01, untuned);
     println!(
-        "| 100, no frequency tuning | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {} | |",
+        "| 100, no frequency tuning | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {} | {} | |",
         report.median(),
         report.p99(),
         report.max(),
         report.steady_bytes_per_node_per_round,
         report.spreading_bytes_per_node_per_round,
         report.formation_rounds,
+        report.false_convictions,
     );
     println!();
 }
@@ -114,6 +116,28 @@ fn detection(trials: u64, hour_ms: u64) {
                 stable.bytes_per_node_per_s,
             );
         }
+    }
+    println!();
+    println!("## Acceptable pause, interval 500 ms, phi 8 (10% loss)\n");
+    println!("| acceptable pause ms | false convictions, 20 nodes, no-crash run | peak phi | detection max ms, 20 nodes | detection max ms, 100 nodes | false convictions, crash runs (20 + 100 nodes) |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for pause in [500, 750, 1000] {
+        let config = GossipConfig {
+            acceptable_pause_ms: pause,
+            ..GossipConfig::default()
+        };
+        let stable =
+            measure_stability::<ChaCha8Rng>(20, hour_ms, 0.10, config.clone(), 7, Some(100));
+        let small = measure_detection::<ChaCha8Rng>(20, trials.min(10), 0.10, config.clone());
+        let large = measure_detection::<ChaCha8Rng>(100, trials.min(5), 0.10, config);
+        println!(
+            "| {pause} | {} | {:.2} | {:.0} | {:.0} | {} |",
+            stable.false_convictions,
+            stable.peak_phi,
+            percentile(&small.detection_ms, 1.0),
+            percentile(&large.detection_ms, 1.0),
+            small.false_convictions + large.false_convictions,
+        );
     }
     println!();
     println!("## Failure detection at scale, defaults (10% loss)\n");

@@ -387,6 +387,8 @@ pub struct DisseminationReport {
     pub spreading_bytes_per_node_per_round: f64,
     /// Rounds the cluster took to form from its seeds.
     pub formation_rounds: u64,
+    /// `NodeDown` events during the trials (all false: nobody crashes).
+    pub false_convictions: u64,
 }
 
 impl DisseminationReport {
@@ -449,7 +451,7 @@ pub fn measure_dissemination<R: Rng + SeedableRng + Clone>(
     for trial in 0..trials {
         let mut simulation = formed.clone();
         simulation.reseed(R::seed_from_u64(trial));
-        match disseminate_once(&mut simulation, trial) {
+        match disseminate_once(&mut simulation, trial, &mut report.false_convictions) {
             Some((rounds, bytes)) => {
                 report.rounds.push(rounds);
                 spreading_bytes += bytes;
@@ -462,7 +464,11 @@ pub fn measure_dissemination<R: Rng + SeedableRng + Clone>(
 }
 
 /// One trial: the rounds until every node has the change, and bytes per node per round.
-fn disseminate_once<R: Rng>(simulation: &mut Simulation<R>, trial: u64) -> Option<(f64, f64)> {
+fn disseminate_once<R: Rng>(
+    simulation: &mut Simulation<R>,
+    trial: u64,
+    false_convictions: &mut u64,
+) -> Option<(f64, f64)> {
     let interval = simulation.config().gossip.interval_ms;
     let nodes = simulation.len();
     let offset = simulation.rng().gen_range(0..interval);
@@ -476,14 +482,16 @@ fn disseminate_once<R: Rng>(simulation: &mut Simulation<R>, trial: u64) -> Optio
     let (mut count, mut last) = (1, start);
     for _ in 0..100 {
         let until = simulation.now() + interval;
-        simulation.run_until(until, |now, node, event| {
-            if let GossipEvent::StateChanged { node: about, key } = event {
-                if *key == PROBE_KEY && *about == origin_id && !reached[node] {
-                    reached[node] = true;
-                    count += 1;
-                    last = now;
-                }
+        simulation.run_until(until, |now, node, event| match event {
+            GossipEvent::StateChanged { node: about, key }
+                if *key == PROBE_KEY && *about == origin_id && !reached[node] =>
+            {
+                reached[node] = true;
+                count += 1;
+                last = now;
             }
+            GossipEvent::NodeDown { .. } => *false_convictions += 1,
+            _ => {}
         });
         if count == nodes {
             let elapsed = (last - start).max(1) as f64;

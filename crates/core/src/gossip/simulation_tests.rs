@@ -19,6 +19,7 @@ fn check_dissemination(nodes: usize, trials: u64) {
         report.formation_rounds,
     );
     assert_eq!(report.incomplete, 0);
+    assert_eq!(report.false_convictions, 0);
     assert!(report.p99() <= 10.0, "p99 {} rounds", report.p99());
 }
 

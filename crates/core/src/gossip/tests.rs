@@ -659,3 +659,32 @@ fn a_delta_that_starts_after_what_is_held_is_ignored() {
     assert!(b.member(&id("a")).is_none());
     assert_eq!(b.stats().deltas_out_of_order, 1);
 }
+
+// A node that stalled itself does not convict everyone the moment it wakes up.
+#[test]
+fn a_local_pause_defers_the_verdicts() {
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let mut nodes = vec![gossiper("a", &[]), gossiper("b", &["a"])];
+    let interval = nodes[0].config().interval_ms;
+    let mut now = 0;
+    while now < 20_000 {
+        nodes[1].handle_tick(now, &mut rng);
+        exchange(&mut nodes, 1, 0, now);
+        nodes[0].handle_tick(now, &mut rng);
+        now += interval;
+    }
+    // a stalls for 10 s; b keeps beating, and its news is waiting when a wakes up.
+    now += 10_000;
+    nodes[0].handle_tick(now, &mut rng);
+    assert_eq!(nodes[0].liveness(&id("b")), Liveness::Up);
+    assert_eq!(nodes[0].stats().local_pauses, 1);
+    nodes[1].handle_tick(now, &mut rng);
+    exchange(&mut nodes, 1, 0, now + 5);
+    nodes[0].handle_tick(now + interval, &mut rng);
+    nodes[0].handle_tick(now + 2 * interval, &mut rng);
+    assert_eq!(nodes[0].liveness(&id("b")), Liveness::Up);
+    assert!(!nodes[0]
+        .take_events()
+        .iter()
+        .any(|e| matches!(e, GossipEvent::NodeDown { .. })));
+}
