@@ -161,6 +161,9 @@ pub struct ConsistencySection {
     pub request_timeout_ms: u64,
     /// A read still unanswered after this asks one more replica.
     pub speculative_retry_ms: u64,
+    /// Dynamo's sloppy quorum (fallback nodes count toward `w`). Not implemented: only
+    /// `false` is accepted, so a config that asks for it fails loudly instead of silently.
+    pub sloppy_quorum: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -205,6 +208,7 @@ impl Default for ConsistencySection {
             write: "quorum".into(),
             request_timeout_ms: 2000,
             speculative_retry_ms: 200,
+            sloppy_quorum: false,
         }
     }
 }
@@ -311,6 +315,11 @@ impl ServerConfig {
         self.write_level()?;
         self.fsync_policy()?;
         self.read_repair_config()?;
+        if self.consistency.sloppy_quorum {
+            return Err(ConfigError::Invalid(
+                "consistency.sloppy_quorum = true is not supported yet: hints are kept by the coordinator and do not count toward w".into(),
+            ));
+        }
         if self.cluster.replication_factor == 0 {
             return Err(ConfigError::Invalid(
                 "cluster.replication_factor must be at least 1".into(),
