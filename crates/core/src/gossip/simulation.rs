@@ -99,6 +99,8 @@ pub struct Simulation<R> {
     queue: BinaryHeap<Scheduled>,
     next_sequence: u64,
     messages_lost: u64,
+    /// Each node's side of a network partition; messages between sides are lost.
+    sides: Option<Vec<u8>>,
 }
 
 impl<R: Rng> Simulation<R> {
@@ -118,6 +120,7 @@ impl<R: Rng> Simulation<R> {
             queue: BinaryHeap::new(),
             next_sequence: 0,
             messages_lost: 0,
+            sides: None,
             now: 0,
             ids,
             rng,
@@ -196,6 +199,22 @@ impl<R: Rng> Simulation<R> {
 
     pub fn set_loss(&mut self, loss: f64) {
         self.config.loss = loss;
+    }
+
+    /// Splits the network: `side(i)` names node i's side; messages between sides are
+    /// lost (also those already in flight). `heal` joins it again.
+    pub fn partition(&mut self, side: impl Fn(usize) -> u8) {
+        self.sides = Some((0..self.nodes.len()).map(side).collect());
+    }
+
+    pub fn heal(&mut self) {
+        self.sides = None;
+    }
+
+    fn separated(&self, a: usize, b: usize) -> bool {
+        self.sides
+            .as_ref()
+            .is_some_and(|sides| sides[a] != sides[b])
     }
 
     pub fn messages_lost(&self) -> u64 {
@@ -297,7 +316,7 @@ impl<R: Rng> Simulation<R> {
         message: GossipMessage,
         observe: &mut impl FnMut(Millis, usize, &GossipEvent),
     ) {
-        if !self.nodes[to].alive {
+        if !self.nodes[to].alive || self.separated(from, to) {
             return;
         }
         let from_id = self.ids[from].clone();

@@ -3,8 +3,11 @@
 //! `cargo test --release -p mendkv-core gossip -- --ignored`, or print every table with
 //! `cargo run --release -p mendkv-core --example gossip_tables`.
 
-use super::simulation::{measure_detection, measure_dissemination, measure_stability};
-use super::GossipConfig;
+use super::simulation::{
+    measure_detection, measure_dissemination, measure_stability, Simulation, SimulationConfig,
+};
+use super::{GossipConfig, GossipEvent, Liveness};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 fn check_dissemination(nodes: usize, trials: u64) {
@@ -58,4 +61,39 @@ fn no_false_conviction_in_an_hour_at_10_percent_loss() {
         measure_stability::<ChaCha8Rng>(20, 3_600_000, 0.10, GossipConfig::default(), 7, None);
     println!("{report:?}");
     assert_eq!(report.false_convictions, 0);
+}
+
+// A partition convicts the other side; once it heals, gossip to unreachable peers finds
+// them again and every node sees every node up (and a restart during the split is seen).
+#[test]
+fn a_partition_heals() {
+    let config = SimulationConfig::new(16, 0.01, GossipConfig::default());
+    let mut simulation = Simulation::new(config, ChaCha8Rng::seed_from_u64(11));
+    simulation.run_for(30_000);
+    simulation.partition(|i| u8::from(i % 2 == 0));
+    simulation.run_for(20_000);
+    let split =
+        |sim: &Simulation<ChaCha8Rng>, i: usize, j: usize| sim.gossiper(i).liveness(sim.id(j));
+    assert_eq!(split(&simulation, 0, 1), Liveness::Down);
+    assert_eq!(split(&simulation, 0, 2), Liveness::Up);
+    simulation.crash(3);
+    simulation.restart(3);
+    simulation.heal();
+    let mut restarts = 0;
+    simulation.run_until(simulation.now() + 10_000, |_, _, event| {
+        if matches!(event, GossipEvent::NodeRestarted { .. }) {
+            restarts += 1;
+        }
+    });
+    for i in 0..simulation.len() {
+        for j in 0..simulation.len() {
+            assert_eq!(split(&simulation, i, j), Liveness::Up, "{i} sees {j}");
+        }
+        let generation = simulation
+            .gossiper(i)
+            .member(simulation.id(3))
+            .map(|s| s.generation());
+        assert_eq!(generation, Some(2));
+    }
+    assert!(restarts >= 7, "{restarts} nodes saw the restart");
 }
