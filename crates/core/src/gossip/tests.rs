@@ -688,3 +688,63 @@ fn a_local_pause_defers_the_verdicts() {
         .iter()
         .any(|e| matches!(e, GossipEvent::NodeDown { .. })));
 }
+
+fn arbitrary_value() -> impl Strategy<Value = AppValue> {
+    prop_oneof![
+        any::<u64>().prop_map(AppValue::Count),
+        ".{0,40}".prop_map(AppValue::Text),
+        proptest::collection::vec(any::<u8>(), 0..300).prop_map(AppValue::Bytes),
+        proptest::collection::vec((any::<u64>(), any::<u64>()), 0..20).prop_map(AppValue::Roots),
+        Just(AppValue::Status(NodeStatus::Leaving)),
+    ]
+}
+
+fn arbitrary_digest() -> impl Strategy<Value = Digest> {
+    ("[a-z0-9-]{1,200}", any::<u64>(), any::<u64>()).prop_map(|(node, generation, max_version)| {
+        Digest {
+            node: id(&node),
+            generation,
+            max_version,
+        }
+    })
+}
+
+fn arbitrary_delta() -> impl Strategy<Value = Delta> {
+    let entry = (any::<u16>(), arbitrary_value(), any::<u64>())
+        .prop_map(|(k, value, version)| (AppKey::Extension(k), VersionedValue { value, version }));
+    (
+        arbitrary_digest(),
+        any::<u64>(),
+        proptest::option::of(any::<u64>()),
+        proptest::collection::vec(entry, 0..70),
+    )
+        .prop_map(|(d, after, heartbeat, entries)| Delta {
+            node: d.node,
+            generation: d.generation,
+            after,
+            heartbeat,
+            entries,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    // The size arithmetic the budgets rely on is exactly postcard's, and messages round-trip.
+    #[test]
+    fn encoded_len_is_exact(
+        digests in proptest::collection::vec(arbitrary_digest(), 0..40),
+        deltas in proptest::collection::vec(arbitrary_delta(), 0..8),
+        complete in any::<bool>(),
+    ) {
+        for message in [
+            GossipMessage::Syn { digests: digests.clone(), complete },
+            GossipMessage::Ack { deltas: deltas.clone(), requests: digests },
+            GossipMessage::Ack2 { deltas },
+        ] {
+            let bytes = message.encode();
+            prop_assert_eq!(message.encoded_len(), bytes.len());
+            prop_assert_eq!(GossipMessage::decode(&bytes).ok(), Some(message));
+        }
+    }
+}
