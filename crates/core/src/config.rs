@@ -65,8 +65,8 @@ pub struct NodeConfig {
     pub default_write: ConsistencyLevel,
     pub fsync: FsyncPolicy,
     pub max_value_bytes: usize,
-    /// How often the node tells its peers which members it knows (static membership).
-    pub membership_interval_ms: Millis,
+    /// Gossip rounds and the phi-accrual failure detector.
+    pub gossip: crate::gossip::GossipConfig,
     /// Bound on client requests in flight at this coordinator; beyond it requests are refused.
     pub max_pending_requests: usize,
     pub read_repair: ReadRepairConfig,
@@ -96,7 +96,7 @@ impl NodeConfig {
             default_write: ConsistencyLevel::Quorum,
             fsync: FsyncPolicy::Always,
             max_value_bytes: 1 << 20,
-            membership_interval_ms: 1000,
+            gossip: crate::gossip::GossipConfig::default(),
             max_pending_requests: 65_536,
             read_repair: ReadRepairConfig::default(),
             hinted_handoff: HintedHandoffConfig::default(),

@@ -4,7 +4,6 @@
 //! so many requests share one connection. Their binary encoding lives in the `wire` crate.
 
 use crate::anti_entropy::{ExchangeRequest, ExchangeResponse};
-use crate::membership::MemberInfo;
 use crate::quorum::ConsistencyLevel;
 use crate::version::{CausalContext, Object, Value};
 use serde::{Deserialize, Serialize};
@@ -94,14 +93,12 @@ pub enum Message {
     AntiEntropyReply {
         response: ExchangeResponse,
     },
-    /// The members the sender knows (static membership; gossip replaces it).
-    Members {
-        members: Vec<MemberInfo>,
-    },
+    /// Gossip: membership, application state and heartbeats (Scuttlebutt).
+    Gossip(crate::gossip::GossipMessage),
 }
 
 impl Message {
-    /// The request id of a request message; replies and membership have none.
+    /// The request id of a request message; replies and gossip have none.
     pub fn request_id(&self) -> Option<RequestId> {
         match self {
             Message::Read { request, .. }
@@ -118,7 +115,7 @@ impl Message {
     pub fn class(&self) -> &'static str {
         match self {
             Message::RepairWrite { .. } | Message::RepairWriteReply { .. } => "read_repair",
-            Message::Members { .. } => "gossip",
+            Message::Gossip(_) => "gossip",
             Message::HintBatch { .. } | Message::HintBatchReply { .. } => "hints",
             Message::AntiEntropy { .. } | Message::AntiEntropyReply { .. } => "anti_entropy",
             _ => "replication",

@@ -19,7 +19,30 @@ pub struct ServerConfig {
     pub hinted_handoff: HintedHandoffSection,
     pub anti_entropy: AntiEntropySection,
     pub circuit_breaker: CircuitBreakerSection,
+    pub gossip: GossipSection,
     pub storage: StorageSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GossipSection {
+    /// Round interval and heartbeat period.
+    pub interval_ms: u64,
+    /// Peers a round gossips with.
+    pub fanout: usize,
+    /// phi at which a peer is convicted down.
+    pub phi_convict_threshold: f64,
+}
+
+impl Default for GossipSection {
+    fn default() -> Self {
+        let core = mendkv_core::gossip::GossipConfig::default();
+        GossipSection {
+            interval_ms: core.interval_ms,
+            fanout: core.fanout,
+            phi_convict_threshold: core.phi_convict_threshold,
+        }
+    }
 }
 
 /// When foreground stress pauses repair work (scheduled anti-entropy and hint replay).
@@ -444,6 +467,16 @@ impl ServerConfig {
             rate_limit_bytes_per_s: self.anti_entropy.rate_limit_bytes_per_s,
         };
         config.tree_hash_secret = self.cluster.secret.clone().into_bytes();
+        let mut gossip = mendkv_core::gossip::GossipConfig::with_interval(self.gossip.interval_ms);
+        gossip.fanout = self.gossip.fanout;
+        gossip.phi_convict_threshold = self.gossip.phi_convict_threshold;
+        gossip.phi_suspect_threshold = gossip
+            .phi_suspect_threshold
+            .min(self.gossip.phi_convict_threshold);
+        gossip
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("[gossip]: {e}")))?;
+        config.gossip = gossip;
         let breaker = &self.circuit_breaker;
         config.circuit_breaker = mendkv_core::control::BreakerConfig {
             window_ms: breaker.window_s.max(1).saturating_mul(1000),

@@ -139,7 +139,7 @@ async fn contact_seed(address: String, identity: Arc<Identity>, inbox: mpsc::Sen
     loop {
         match tokio::time::timeout(Duration::from_secs(2), dial(&address, &identity)).await {
             Ok(Ok((_, info))) => {
-                let _ = inbox.send(Inbox::Discovered { info }).await;
+                let _ = inbox.send(Inbox::SeedDiscovered { info }).await;
                 return;
             }
             Ok(Err(error)) => tracing::debug!(seed = %address, %error, "seed not reachable yet"),

@@ -87,6 +87,8 @@ pub struct Metrics {
     pub anti_entropy_repair_debt: Family<PeerLabels, Gauge>,
     pub anti_entropy_tree_bytes: Gauge,
     pub circuit_breaker_open: Family<NameLabels, Gauge>,
+    pub peer_phi: Family<PeerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub gossip_dropped: Family<ReasonLabels, Gauge>,
 }
 
 impl Metrics {
@@ -217,7 +219,21 @@ impl Metrics {
             "1 while the breaker pauses repair work (open or half-open)",
             circuit_breaker_open.clone(),
         );
+        let peer_phi = Family::<PeerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "mendkv_peer_phi",
+            "Phi-accrual suspicion of each peer (convicted at gossip.phi_convict_threshold)",
+            peer_phi.clone(),
+        );
+        let gossip_dropped = Family::<ReasonLabels, Gauge>::default();
+        registry.register(
+            "mendkv_gossip_dropped",
+            "Gossip messages dropped since start: malformed, oversize, stale generation",
+            gossip_dropped.clone(),
+        );
         Arc::new(Metrics {
+            peer_phi,
+            gossip_dropped,
             circuit_breaker_open,
             anti_entropy_cycle,
             anti_entropy_keys_repaired,

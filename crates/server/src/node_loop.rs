@@ -46,6 +46,10 @@ pub enum Inbox {
     Discovered {
         info: MemberInfo,
     },
+    /// A seed answered our dial: gossip starts with it.
+    SeedDiscovered {
+        info: MemberInfo,
+    },
     /// A message could not be sent (link down or full).
     SendFailed {
         to: NodeId,
@@ -75,6 +79,8 @@ pub struct NodeStatus {
     pub phi: f64,
     pub ownership: f64,
     pub hints_pending: u64,
+    /// The node's generation as gossip knows it (its epoch: grows on every restart).
+    pub generation: u64,
 }
 
 /// Bound on inputs handled before actions are flushed and a sync started.
@@ -128,6 +134,7 @@ impl NodeTask {
                 }
                 self.node.handle_member_discovered(info);
             }
+            Inbox::SeedDiscovered { info } => self.node.handle_seed_discovered(now, info),
             Inbox::SendFailed { to, message } => self.node.handle_send_failed(now, &to, &message),
             Inbox::Status { reply } => {
                 let _ = reply.send(self.status());
@@ -206,10 +213,11 @@ impl NodeTask {
                 id: info.id.to_string(),
                 peer_address: info.peer_address.clone(),
                 http_address: info.http_address.clone(),
-                status: self.node.membership().status(&info.id).as_str(),
-                phi: 0.0,
+                status: self.node.peer_liveness(&info.id).as_str(),
+                phi: self.node.peer_phi(&info.id, self.now()),
                 ownership: ring.ownership(&info.id),
                 hints_pending: self.node.hints_pending_for(&info.id) as u64,
+                generation: self.node.peer_generation(&info.id),
             })
             .collect();
         ClusterStatus {
@@ -305,18 +313,46 @@ impl NodeTask {
     }
 
     fn publish_gauges(&self) {
-        let membership = self.node.membership();
-        let down = membership
-            .ids()
-            .filter(|id| membership.status(id) == PeerStatus::Down)
-            .count();
-        let up = membership.len() - down;
-        let gauge = |status| self.metrics.peers.get_or_create(&StatusLabels { status });
-        gauge("up").set(up as i64);
-        gauge("down").set(down as i64);
+        let now = self.now();
+        let mut counts = [0i64; 3];
+        for id in self.node.membership().ids() {
+            let liveness = self.node.peer_liveness(id);
+            counts[liveness as usize] += 1;
+            if id != self.node.id() {
+                self.metrics
+                    .peer_phi
+                    .get_or_create(&crate::metrics::PeerLabels {
+                        peer: id.to_string(),
+                    })
+                    .set(self.node.peer_phi(id, now));
+            }
+        }
+        for (status, count) in ["up", "suspect", "down"].into_iter().zip(counts) {
+            self.metrics
+                .peers
+                .get_or_create(&StatusLabels { status })
+                .set(count);
+        }
         self.metrics
             .requests_timed_out
             .set(self.node.stats().requests_timed_out as i64);
+        let gossip = self.node.gossip_stats();
+        self.metrics
+            .gossip_dropped
+            .get_or_create(&crate::metrics::ReasonLabels {
+                reason: "malformed",
+            })
+            .set(gossip.dropped_malformed as i64);
+        self.metrics
+            .gossip_dropped
+            .get_or_create(&crate::metrics::ReasonLabels { reason: "oversize" })
+            .set(gossip.dropped_oversize as i64);
+        self.metrics
+            .gossip_dropped
+            .get_or_create(&crate::metrics::ReasonLabels {
+                reason: "stale_generation",
+            })
+            .set(gossip.stale_generation_rejected as i64);
     }
 }
 

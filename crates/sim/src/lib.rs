@@ -1865,7 +1865,7 @@ pub fn node_config(id: &NodeId, seed: u64, incarnation: u64) -> NodeConfig {
     config.peer_address = format!("sim:{id}");
     config.http_address = format!("sim-http:{id}");
     config.request_timeout_ms = REQUEST_TIMEOUT_MS;
-    config.membership_interval_ms = 1000;
+    config.gossip = mendkv_core::gossip::GossipConfig::with_interval(1000);
     config
 }
 
@@ -1993,7 +1993,7 @@ pub fn describe(message: &Message, names: &Names) -> String {
             Ok(()) => format!("RepairWriteReply#{} ok", request_name(*request)),
             Err(e) => format!("RepairWriteReply#{} error {e:?}", request_name(*request)),
         },
-        Message::Members { members } => format!("Members({})", members.len()),
+        Message::Gossip(message) => format!("Gossip({})", message.kind()),
         // Any message kind newer than this simulator prints as Debug.
         #[allow(unreachable_patterns)]
         other => {

@@ -13,6 +13,7 @@ use crate::anti_entropy::{ExchangeId, ItemHasher, RangeTrees, TreeShape};
 use crate::config::{FsyncPolicy, NodeConfig};
 use crate::control::{CircuitBreaker, RepairQueue, RepairQueueConfig, TokenBucket};
 use crate::coordinator::{AfterRead, GetOperation, PutOperation, WriteStep};
+use crate::gossip::{initial_state, Gossiper, NodeStatus};
 use crate::hinted_handoff::{DeliveryBudget, DropReason, HintQueue};
 use crate::membership::{MemberInfo, Membership, PeerStatus};
 use crate::message::{
@@ -116,7 +117,7 @@ pub struct Node<S: Storage> {
     syncing: VecDeque<(SyncTicket, Vec<Action>)>,
     next_ticket: u64,
     unsynced_writes: bool,
-    next_membership_at: Millis,
+    gossiper: Gossiper,
     stats: NodeStats,
     rng: StdRng,
     /// Recent reply latency per peer (moving average), to pick data replicas.
@@ -184,6 +185,20 @@ impl<S: Storage> Node<S> {
         let membership = Membership::new(me);
         let ring = Ring::new(membership.ids(), config.vnodes, config.replication_factor);
         let (hint_queue, corrupt_hints) = hints::load_hint_queue(&storage);
+        let gossiper = Gossiper::new(
+            config.node_id.clone(),
+            u64::from(epoch),
+            initial_state(
+                NodeStatus::Normal,
+                &config.peer_address,
+                &config.http_address,
+                config.vnodes,
+            ),
+            Vec::new(),
+            config.gossip.clone(),
+            now,
+        )
+        .map_err(|e| StorageError::Engine(format!("gossip: {e}")))?;
         let mut stats = NodeStats::default();
         stats.hints_dropped[DropReason::Corrupt as usize] = corrupt_hints;
         let mut node = Node {
@@ -232,7 +247,7 @@ impl<S: Storage> Node<S> {
             syncing: VecDeque::new(),
             next_ticket: 0,
             unsynced_writes: false,
-            next_membership_at: now,
+            gossiper,
             stats,
             rng: StdRng::seed_from_u64(config.rng_seed),
             peer_latency_ms: BTreeMap::new(),
@@ -328,7 +343,7 @@ impl<S: Storage> Node<S> {
             .first()
             .map(|(d, _)| *d)
             .unwrap_or(Millis::MAX);
-        op.min(self.next_membership_at)
+        op.min(self.gossiper.next_deadline())
             .min(hints)
             .min(speculation)
             .min(self.anti_entropy_deadline())
@@ -887,11 +902,7 @@ impl<S: Storage> Node<S> {
                     self.drive_write(now, request, step);
                 }
             }
-            Message::Members { members } => {
-                for info in members.into_iter().take(crate::membership::MAX_MEMBERS) {
-                    self.handle_member_discovered(info);
-                }
-            }
+            Message::Gossip(message) => self.on_gossip(now, from, message),
         }
     }
 
@@ -992,24 +1003,7 @@ impl<S: Storage> Node<S> {
             self.next_delivery_at = now + hints::DELIVERY_INTERVAL_MS;
             self.deliver_hints(now);
         }
-        if now >= self.next_membership_at {
-            self.next_membership_at = now + self.config.membership_interval_ms;
-            let members: Vec<MemberInfo> = self.membership.all().cloned().collect();
-            let peers: Vec<NodeId> = self
-                .membership
-                .ids()
-                .filter(|id| *id != self.id())
-                .cloned()
-                .collect();
-            for peer in peers {
-                self.send(
-                    &peer,
-                    Message::Members {
-                        members: members.clone(),
-                    },
-                );
-            }
-        }
+        self.tick_gossip(now);
     }
 }
 
@@ -1039,6 +1033,7 @@ fn fail_acknowledgement(action: Action, error: &StorageError) -> Action {
 }
 
 mod anti_entropy;
+mod gossip;
 mod hints;
 mod read;
 

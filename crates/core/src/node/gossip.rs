@@ -1,0 +1,102 @@
+//! The node's gossip: rounds on its timer, the exchange with peers, and what gossip's events
+//! mean for the node (members for the ring, liveness for failover, restarts for repair).
+
+use super::Node;
+use crate::gossip::{GossipEvent, GossipMessage, Liveness};
+use crate::membership::{MemberInfo, PeerStatus};
+use crate::message::Message;
+use crate::storage::Storage;
+use crate::{Millis, NodeId};
+
+impl<S: Storage> Node<S> {
+    fn send_gossip(&mut self, messages: Vec<(NodeId, GossipMessage)>) {
+        for (peer, message) in messages {
+            if peer != *self.id() {
+                self.send(&peer, Message::Gossip(message));
+            }
+        }
+    }
+
+    /// A gossip round when one is due.
+    pub(super) fn tick_gossip(&mut self, now: Millis) {
+        if now >= self.gossiper.next_deadline() {
+            let messages = self.gossiper.handle_tick(now, &mut self.rng);
+            self.send_gossip(messages);
+        }
+        self.apply_gossip_events(now);
+    }
+
+    pub(super) fn on_gossip(&mut self, now: Millis, from: &NodeId, message: GossipMessage) {
+        let replies = self.gossiper.handle_message(now, from, message);
+        self.send_gossip(replies);
+        self.apply_gossip_events(now);
+    }
+
+    /// A seed answered the transport handshake: gossip with it at once, and now and then.
+    pub fn handle_seed_discovered(&mut self, now: Millis, info: MemberInfo) {
+        let id = info.id.clone();
+        self.handle_member_discovered(info);
+        if id != *self.id() {
+            self.gossiper.add_seed_contact(id.clone());
+            let opening = self.gossiper.start_exchange(&id);
+            self.send_gossip(vec![(id, opening)]);
+        }
+        self.apply_gossip_events(now);
+    }
+
+    /// Members learned by gossip join the ring; its verdicts drive liveness.
+    fn apply_gossip_events(&mut self, now: Millis) {
+        for event in self.gossiper.take_events() {
+            match event {
+                GossipEvent::NodeJoined { node } | GossipEvent::StateChanged { node, .. } => {
+                    if let Some(info) = self.gossiper.member_info(&node) {
+                        self.handle_member_discovered(info);
+                    }
+                }
+                GossipEvent::NodeUp { node } | GossipEvent::NodeRestarted { node, .. } => {
+                    if let Some(info) = self.gossiper.member_info(&node) {
+                        self.handle_member_discovered(info);
+                    }
+                    self.handle_peer_status(now, &node, PeerStatus::Up);
+                }
+                GossipEvent::NodeDown { node } => {
+                    self.handle_peer_status(now, &node, PeerStatus::Down)
+                }
+                GossipEvent::NodeSuspect { .. } | GossipEvent::NodeForgotten { .. } => {}
+            }
+        }
+    }
+
+    /// Liveness as `/cluster/status` reports it: down when the transport or the failure
+    /// detector says so, suspect when phi is past the suspect threshold.
+    pub fn peer_liveness(&self, node: &NodeId) -> Liveness {
+        if node == self.id() {
+            return Liveness::Up;
+        }
+        match (self.membership.status(node), self.gossiper.liveness(node)) {
+            (PeerStatus::Down, _) | (_, Liveness::Down) => Liveness::Down,
+            (_, liveness) => liveness,
+        }
+    }
+
+    /// The failure detector's phi for a peer (0 for this node).
+    pub fn peer_phi(&self, node: &NodeId, now: Millis) -> f64 {
+        if node == self.id() {
+            return 0.0;
+        }
+        self.gossiper.phi(node, now)
+    }
+
+    /// A node's generation as gossip knows it (0 when not heard of yet).
+    pub fn peer_generation(&self, node: &NodeId) -> u64 {
+        self.gossiper
+            .member(node)
+            .map(|s| s.generation())
+            .unwrap_or(0)
+    }
+
+    /// Gossip's counters (bytes, dropped messages, rejected generations).
+    pub fn gossip_stats(&self) -> &crate::gossip::GossipStats {
+        self.gossiper.stats()
+    }
+}
