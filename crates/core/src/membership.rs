@@ -1,11 +1,11 @@
-//! Who is in the cluster and who is reachable.
+//! Who is in the cluster and how to reach them, as the node uses it for the ring and the
+//! transport.
 //!
-//! Until the gossip issue lands, membership is static-by-discovery: a node starts with seed
-//! addresses, learns each peer's id in the transport handshake, and tells every peer the
-//! members it knows once per `membership_interval_ms`, so all nodes end up with the same
-//! member list and therefore the same ring. Liveness comes from the transport (a connection
-//! that fails or closes marks the peer down; a new handshake marks it up). Members are never
-//! removed in this stage.
+//! Members come from two sources: the transport handshake (a peer that dials us, or a seed
+//! we dialed) and gossip (`node/gossip.rs` adds every node gossip hears of). Liveness here is
+//! the union of both verdicts: the transport marks a peer down when its connection fails or
+//! closes, gossip's phi-accrual detector when its heartbeats stop; either side marks it up
+//! again. Members are never removed yet (no decommission).
 
 use crate::NodeId;
 use serde::{Deserialize, Serialize};
