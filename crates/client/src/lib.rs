@@ -276,12 +276,9 @@ impl Client {
         }
     }
 
-    pub async fn status(&self) -> Result<serde_json::Value, ClientError> {
-        let response = self
-            .http
-            .get(format!("{}/cluster/status", self.base))
-            .send()
-            .await?;
+    /// GET `path` and decode its JSON, or the API error.
+    async fn get_json(&self, path: &str) -> Result<serde_json::Value, ClientError> {
+        let response = self.http.get(format!("{}{path}", self.base)).send().await?;
         if response.status().is_success() {
             response
                 .json()
@@ -290,6 +287,10 @@ impl Client {
         } else {
             Err(api_error(response).await)
         }
+    }
+
+    pub async fn status(&self) -> Result<serde_json::Value, ClientError> {
+        self.get_json("/cluster/status").await
     }
 
     /// Starts an anti-entropy run on this node; returns its id.
@@ -313,19 +314,7 @@ impl Client {
 
     /// Where a repair run stands (SPEC's JSON).
     pub async fn repair_status(&self, id: u64) -> Result<serde_json::Value, ClientError> {
-        let response = self
-            .http
-            .get(format!("{}/admin/repair/{id}", self.base))
-            .send()
-            .await?;
-        if response.status().is_success() {
-            response
-                .json()
-                .await
-                .map_err(|e| ClientError::Decode(e.to_string()))
-        } else {
-            Err(api_error(response).await)
-        }
+        self.get_json(&format!("/admin/repair/{id}")).await
     }
 
     pub async fn metrics(&self) -> Result<String, ClientError> {
