@@ -65,13 +65,21 @@ async fn membership_detection_and_restart() {
         )
         .await;
     }
-    let metrics = a.metrics().await.unwrap();
-    assert!(
-        mendkv_client::metric_sum(
-            &metrics,
-            "mendkv_network_bytes_total",
-            &[("class", "gossip")]
-        ) > 0.0
-    );
-    assert!(metrics.contains("mendkv_peer_phi{peer=\"node3\"}"));
+    eventually(
+        Duration::from_secs(10),
+        "gossip bytes and phi are in the metrics",
+        || {
+            let a = a.clone();
+            async move {
+                let metrics = a.metrics().await.unwrap_or_default();
+                let gossip_bytes = mendkv_client::metric_sum(
+                    &metrics,
+                    "mendkv_network_bytes_total",
+                    &[("class", "gossip")],
+                );
+                gossip_bytes > 0.0 && metrics.contains("mendkv_peer_phi{peer=\"node3\"}")
+            }
+        },
+    )
+    .await;
 }

@@ -2,8 +2,9 @@
 
 mod common;
 
-use common::TestCluster;
+use common::{eventually, TestCluster};
 use mendkv_client::{metric_sum, ReadResult};
+use std::time::Duration;
 
 /// A replica that was down during writes is proven stale with /admin/local; quorum and `all`
 /// reads through each node repair it, and the metric counts the repairs.
@@ -80,21 +81,27 @@ async fn reads_repair_a_stale_replica() {
             .expect("repaired");
         assert_eq!(local["siblings"][0]["value_base64"], "ZnJlc2g=", "{key}");
     }
-    let mut repaired = 0.0;
-    let mut writes_ok = 0.0;
-    for i in 0..3 {
-        let text = cluster.client(i).metrics().await.unwrap();
-        repaired += metric_sum(
-            &text,
-            "mendkv_read_repair_total",
-            &[("outcome", "repaired")],
-        );
-        writes_ok += metric_sum(
-            &text,
-            "mendkv_repairs_total",
-            &[("mechanism", "read_repair"), ("outcome", "ok")],
-        );
-    }
-    assert_eq!(repaired, 20.0);
-    assert_eq!(writes_ok, 20.0);
+    // Metrics follow the node within a fraction of a second: poll until they show the repairs.
+    let clients: Vec<_> = (0..3).map(|i| cluster.client(i)).collect();
+    eventually(Duration::from_secs(10), "metrics count 20 repairs", || {
+        let clients = clients.clone();
+        async move {
+            let (mut repaired, mut writes_ok) = (0.0, 0.0);
+            for client in &clients {
+                let text = client.metrics().await.unwrap_or_default();
+                repaired += metric_sum(
+                    &text,
+                    "mendkv_read_repair_total",
+                    &[("outcome", "repaired")],
+                );
+                writes_ok += metric_sum(
+                    &text,
+                    "mendkv_repairs_total",
+                    &[("mechanism", "read_repair"), ("outcome", "ok")],
+                );
+            }
+            repaired == 20.0 && writes_ok == 20.0
+        }
+    })
+    .await;
 }

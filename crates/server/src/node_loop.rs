@@ -388,7 +388,7 @@ pub async fn run_node(
         exported: NodeStats::default(),
     };
     let mut periodic_sync = tokio::time::interval(periodic.unwrap_or(Duration::from_secs(3600)));
-    let mut gauges = tokio::time::interval(Duration::from_millis(500));
+    let mut gauges = tokio::time::interval(Duration::from_millis(200));
     loop {
         let deadline = task.node.next_deadline().min(task.now() + 1000);
         let wake = start + Duration::from_millis(deadline.saturating_sub(start_ms));
@@ -417,13 +417,16 @@ pub async fn run_node(
                 task.node.finish_sync(ticket, result);
             }
             _ = periodic_sync.tick(), if periodic.is_some() => task.start_sync(),
-            _ = gauges.tick() => task.publish_gauges(),
+            _ = gauges.tick() => {
+                // Metrics follow the node every 200 ms, off the request path.
+                task.publish_gauges();
+                task.export_stats();
+            }
             _ = shutdown.changed() => break,
         }
         task.dispatch();
         task.start_sync_if_needed();
         task.dispatch();
-        task.export_stats();
     }
     // Clean shutdown: wait for the sync under way, then make everything durable.
     if let Some((ticket, handle)) = task.sync_in_flight.take() {
