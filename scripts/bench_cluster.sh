@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p mendkv >/dev/null 2>&1
-bin=${CARGO_TARGET_DIR:-target}/release/mendkv
+bin=${MENDKV_BIN:-${CARGO_TARGET_DIR:-target}/release/mendkv}
 dir=$(mktemp -d)
 port=${BENCH_BASE_PORT:-28001}
 "$bin" cluster --data-dir "$dir" --base-port "$port" >"$dir/cluster.out" 2>&1 &

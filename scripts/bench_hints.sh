@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 keys=${1:-20000}
 cargo build --release -p mendkv >/dev/null 2>&1
-bin=${CARGO_TARGET_DIR:-target}/release/mendkv
+bin=${MENDKV_BIN:-${CARGO_TARGET_DIR:-target}/release/mendkv}
 dir=$(mktemp -d)
 port=${BENCH_BASE_PORT:-29001}
 export MENDKV_HINTED_HANDOFF__DELIVERY_RATE_PER_S=${MENDKV_HINTED_HANDOFF__DELIVERY_RATE_PER_S:-0}
