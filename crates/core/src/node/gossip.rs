@@ -84,7 +84,13 @@ impl<S: Storage> Node<S> {
         if node == self.id() {
             return 0.0;
         }
-        self.gossiper.phi(node, now)
+        // Never negative (a heartbeat just arrived) nor NaN, for display and metrics.
+        let phi = self.gossiper.phi(node, now);
+        if phi.is_finite() {
+            phi.max(0.0)
+        } else {
+            0.0
+        }
     }
 
     /// A node's generation as gossip knows it (0 when not heard of yet).
