@@ -61,6 +61,9 @@ pub struct NodeConfig {
     /// A read not answered by its first replicas within this asks one more (speculative
     /// retry), so one slow replica does not make quorum reads time out.
     pub speculative_retry_ms: Millis,
+    /// Dynamo's sloppy quorum: a write that cannot reach a replica goes to the next live node
+    /// on the ring, which keeps it as a hint and counts toward `w`.
+    pub sloppy_quorum: bool,
     pub default_read: ConsistencyLevel,
     pub default_write: ConsistencyLevel,
     pub fsync: FsyncPolicy,
@@ -92,6 +95,7 @@ impl NodeConfig {
             vnodes: 16,
             request_timeout_ms: 2000,
             speculative_retry_ms: 200,
+            sloppy_quorum: false,
             default_read: ConsistencyLevel::Quorum,
             default_write: ConsistencyLevel::Quorum,
             fsync: FsyncPolicy::Always,

@@ -6,6 +6,7 @@
 use crate::anti_entropy::{ExchangeRequest, ExchangeResponse};
 use crate::quorum::ConsistencyLevel;
 use crate::version::{CausalContext, Object, Value};
+use crate::NodeId;
 use serde::{Deserialize, Serialize};
 
 /// Unique per coordinating node.
@@ -76,6 +77,15 @@ pub enum Message {
         request: RequestId,
         result: Result<(), ReplicaError>,
     },
+    /// Sloppy quorum: keep this object as a hint for `intended` (answered by a
+    /// `ReplicateReply` once the hint is durable).
+    HintedWrite {
+        request: RequestId,
+        intended: NodeId,
+        bucket: String,
+        key: Vec<u8>,
+        object: Object,
+    },
     /// Hinted writes replayed to the replica they were meant for.
     HintBatch {
         request: RequestId,
@@ -106,7 +116,8 @@ impl Message {
             | Message::RepairWrite { request, .. }
             | Message::Coordinate { request, .. }
             | Message::Replicate { request, .. }
-            | Message::HintBatch { request, .. } => Some(*request),
+            | Message::HintBatch { request, .. }
+            | Message::HintedWrite { request, .. } => Some(*request),
             _ => None,
         }
     }
@@ -116,7 +127,9 @@ impl Message {
         match self {
             Message::RepairWrite { .. } | Message::RepairWriteReply { .. } => "read_repair",
             Message::Gossip(_) => "gossip",
-            Message::HintBatch { .. } | Message::HintBatchReply { .. } => "hints",
+            Message::HintBatch { .. }
+            | Message::HintBatchReply { .. }
+            | Message::HintedWrite { .. } => "hints",
             Message::AntiEntropy { .. } | Message::AntiEntropyReply { .. } => "anti_entropy",
             _ => "replication",
         }

@@ -184,8 +184,8 @@ pub struct ConsistencySection {
     pub request_timeout_ms: u64,
     /// A read still unanswered after this asks one more replica.
     pub speculative_retry_ms: u64,
-    /// Dynamo's sloppy quorum (fallback nodes count toward `w`). Not implemented: only
-    /// `false` is accepted, so a config that asks for it fails loudly instead of silently.
+    /// Dynamo's sloppy quorum: fallback nodes keep hints for unreachable replicas and count
+    /// toward `w`.
     pub sloppy_quorum: bool,
 }
 
@@ -338,11 +338,6 @@ impl ServerConfig {
         self.write_level()?;
         self.fsync_policy()?;
         self.read_repair_config()?;
-        if self.consistency.sloppy_quorum {
-            return Err(ConfigError::Invalid(
-                "consistency.sloppy_quorum = true is not supported yet: hints are kept by the coordinator and do not count toward w".into(),
-            ));
-        }
         if self.cluster.replication_factor == 0 {
             return Err(ConfigError::Invalid(
                 "cluster.replication_factor must be at least 1".into(),
@@ -447,6 +442,7 @@ impl ServerConfig {
         config.vnodes = self.cluster.vnodes;
         config.request_timeout_ms = self.consistency.request_timeout_ms;
         config.speculative_retry_ms = self.consistency.speculative_retry_ms;
+        config.sloppy_quorum = self.consistency.sloppy_quorum;
         config.default_read = self.read_level()?;
         config.default_write = self.write_level()?;
         config.fsync = self.fsync_policy()?;

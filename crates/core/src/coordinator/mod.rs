@@ -12,7 +12,7 @@
 use crate::quorum::{ConsistencyLevel, Quorum, QuorumStatus};
 use crate::version::{CausalContext, Object, Value};
 use crate::{Millis, NodeId};
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::message::ClientRequestId;
 
@@ -57,6 +57,12 @@ pub struct PutOperation {
     pub failed_replicas: Vec<NodeId>,
     /// Replicas whose `Coordinate` could not be sent (counted once against the level).
     failed_actors: Vec<NodeId>,
+    /// Sloppy quorum: fallback nodes may stand in for unreachable replicas.
+    pub sloppy: bool,
+    /// Fallback node -> the replica it stands in for.
+    fallbacks: BTreeMap<NodeId, NodeId>,
+    /// Replicas whose write a fallback holds as a hint.
+    covered: BTreeSet<NodeId>,
     /// The client has its answer; the operation waits for the remaining replicas only to
     /// hint the ones that do not answer.
     pub answered: bool,
@@ -70,6 +76,11 @@ pub enum WriteStep {
     AskActor(NodeId),
     /// Send the coordinated object to these replicas.
     Replicate(Vec<NodeId>, Object),
+    /// Sloppy quorum: `intended` could not store the object; a fallback node should keep it
+    /// as a hint and count toward the level (`add_fallback`, or `no_fallback` if none is up).
+    Fallback {
+        intended: NodeId,
+    },
     /// The level is met: the context of the new object.
     Met(CausalContext),
     Failed {
@@ -106,6 +117,9 @@ impl PutOperation {
             object: None,
             failed_replicas: Vec::new(),
             failed_actors: Vec::new(),
+            sloppy: false,
+            fallbacks: BTreeMap::new(),
+            covered: BTreeSet::new(),
             answered: false,
         }
     }
@@ -203,13 +217,54 @@ impl PutOperation {
         if !self.awaiting.remove(from) {
             return WriteStep::Pending;
         }
+        let intended = self.fallbacks.get(from).cloned();
         if ok {
             self.quorum.record_success();
-        } else {
-            self.quorum.record_failure();
-            self.failed_replicas.push(from.clone());
+            if let Some(intended) = intended {
+                self.covered.insert(intended);
+            }
+            return self.step();
         }
+        match intended {
+            // A replica failed: under sloppy quorum a fallback may take its place.
+            None if self.sloppy => WriteStep::Fallback {
+                intended: from.clone(),
+            },
+            None => {
+                self.quorum.record_failure();
+                self.failed_replicas.push(from.clone());
+                self.step()
+            }
+            // A fallback failed: the coordinator hints the replica it stood for.
+            Some(intended) => {
+                self.quorum.record_failure();
+                self.failed_replicas.push(intended);
+                self.step()
+            }
+        }
+    }
+
+    /// Sloppy quorum: `fallback` keeps the object as a hint for `intended` and its answer
+    /// counts toward the level in `intended`'s place.
+    pub fn add_fallback(&mut self, fallback: NodeId, intended: NodeId) {
+        self.awaiting.insert(fallback.clone());
+        self.fallbacks.insert(fallback, intended);
+    }
+
+    /// Sloppy quorum found no live fallback for `intended`: it counts as failed.
+    pub fn no_fallback(&mut self, intended: NodeId) -> WriteStep {
+        self.quorum.record_failure();
+        self.failed_replicas.push(intended);
         self.step()
+    }
+
+    /// Nodes serving as fallbacks for this write (they must not be picked twice).
+    pub fn fallbacks(&self) -> impl Iterator<Item = &NodeId> {
+        self.fallbacks.keys()
+    }
+
+    pub fn replicas(&self) -> &[NodeId] {
+        &self.replicas
     }
 
     /// A replica could not be reached: the message never left (`maybe_delivered` false), or
@@ -255,7 +310,13 @@ impl PutOperation {
     /// Replicas that have not stored the object: failed ones, and those still silent.
     pub fn unacknowledged(&self) -> Vec<NodeId> {
         let mut nodes = self.failed_replicas.clone();
-        nodes.extend(self.awaiting.iter().cloned());
+        for node in &self.awaiting {
+            nodes.push(self.fallbacks.get(node).unwrap_or(node).clone());
+        }
+        // A replica whose fallback holds the hint needs no second one from the coordinator.
+        nodes.retain(|n| !self.covered.contains(n));
+        nodes.sort();
+        nodes.dedup();
         nodes
     }
 

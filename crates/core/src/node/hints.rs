@@ -54,7 +54,8 @@ pub(super) fn load_hint_queue<S: Storage>(storage: &S) -> (HintQueue, u64) {
 }
 
 impl<S: Storage> Node<S> {
-    /// Keeps `object` for `target`, merged into any hint already kept for that key.
+    /// Keeps `object` for `target`, merged into any hint already kept for that key; false when
+    /// it was not kept (dropped and counted, or a storage error).
     pub(super) fn store_hint(
         &mut self,
         now: Millis,
@@ -62,17 +63,17 @@ impl<S: Storage> Node<S> {
         bucket: &str,
         key: &[u8],
         object: &Object,
-    ) {
+    ) -> bool {
         if target == self.id() {
-            return;
+            return false;
         }
         if !self.config.hinted_handoff.enabled {
             self.drop_hint(now, bucket, key, DropReason::Disabled);
-            return;
+            return false;
         }
         if self.membership.get(target).is_none() {
             self.drop_hint(now, bucket, key, DropReason::UnknownTarget);
-            return;
+            return false;
         }
         let storage_key = hint_key(target, bucket, key);
         let mut record = match self.storage.get_hint(&storage_key) {
@@ -89,7 +90,7 @@ impl<S: Storage> Node<S> {
             },
             Err(_) => {
                 self.stats.storage_errors += 1;
-                return;
+                return false;
             }
         };
         record.object.merge_in(object);
@@ -101,17 +102,18 @@ impl<S: Storage> Node<S> {
                 .check_budget(&self.config.hinted_handoff, target, bucket, key, bytes)
         {
             self.drop_hint(now, bucket, key, reason);
-            return;
+            return false;
         }
         if self.storage.put_hint(&storage_key, &encoded).is_err() {
             self.stats.storage_errors += 1;
-            return;
+            return false;
         }
         self.unsynced_writes = true;
         let is_delete = record.object.is_deleted();
         self.hint_queue
             .upsert(target, bucket, key, record.created_ms, bytes, is_delete);
         self.stats.hints_stored += 1;
+        true
     }
 
     fn drop_hint(&mut self, now: Millis, bucket: &str, key: &[u8], reason: DropReason) {

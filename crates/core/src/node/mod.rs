@@ -80,7 +80,8 @@ pub struct NodeStats {
 #[derive(Debug)]
 enum Operation {
     Get(GetOperation),
-    Put(PutOperation),
+    /// Boxed: a write carries its object, context and replica bookkeeping.
+    Put(Box<PutOperation>),
     Repair(read::RepairOperation),
 }
 
@@ -601,6 +602,7 @@ impl<S: Storage> Node<S> {
             replicas,
             deadline,
         );
+        op.sloppy = self.config.sloppy_quorum;
         let step = if is_replica {
             match self.coordinate_locally(&bucket, &key, &context, value) {
                 Ok(object) => op.coordinated_locally(&me, object),
@@ -612,7 +614,7 @@ impl<S: Storage> Node<S> {
         } else {
             op.start_remote(candidates)
         };
-        self.insert_operation(id, Operation::Put(op));
+        self.insert_operation(id, Operation::Put(Box::new(op)));
         self.drive_write(now, id, step);
     }
 
@@ -667,6 +669,52 @@ impl<S: Storage> Node<S> {
         Ok(())
     }
 
+    /// Sloppy quorum: sends the object to the next live node on the ring beyond the
+    /// preference list, to keep as a hint for `intended`; this node may be that fallback.
+    fn fall_back(&mut self, now: Millis, id: RequestId, intended: NodeId) -> WriteStep {
+        let Some(Operation::Put(op)) = self.operations.get(&id) else {
+            return WriteStep::Pending;
+        };
+        let Some(object) = op.object().cloned() else {
+            return WriteStep::Pending;
+        };
+        let (bucket, key) = (op.bucket.clone(), op.key.clone());
+        let used: Vec<NodeId> = op
+            .replicas()
+            .iter()
+            .chain(op.fallbacks())
+            .cloned()
+            .collect();
+        let fallback = self
+            .ring
+            .nodes_from(crate::ring::key_token(&bucket, &key))
+            .into_iter()
+            .find(|n| !used.contains(n) && self.membership.status(n) == PeerStatus::Up);
+        let Some(Operation::Put(op)) = self.operations.get_mut(&id) else {
+            return WriteStep::Pending;
+        };
+        let Some(fallback) = fallback else {
+            return op.no_fallback(intended);
+        };
+        op.add_fallback(fallback.clone(), intended.clone());
+        if fallback == *self.id() {
+            let stored = self.store_hint(now, &intended, &bucket, &key, &object);
+            let Some(Operation::Put(op)) = self.operations.get_mut(&id) else {
+                return WriteStep::Pending;
+            };
+            return op.on_replicated(&fallback, stored);
+        }
+        let message = Message::HintedWrite {
+            request: id,
+            intended,
+            bucket,
+            key,
+            object,
+        };
+        self.send(&fallback, message);
+        WriteStep::Pending
+    }
+
     /// Ends an answered write once no replica reply is expected.
     fn finish_write_if_settled(&mut self, now: Millis, id: RequestId) {
         if let Some(Operation::Put(op)) = self.operations.get(&id) {
@@ -695,6 +743,9 @@ impl<S: Storage> Node<S> {
                 WriteStep::Pending => {
                     self.finish_write_if_settled(now, id);
                     return;
+                }
+                WriteStep::Fallback { intended } => {
+                    step = self.fall_back(now, id, intended);
                 }
                 WriteStep::AskActor(actor) => {
                     let Some(Operation::Put(op)) = self.operations.get(&id) else {
@@ -846,6 +897,30 @@ impl<S: Storage> Node<S> {
             Message::AntiEntropy { request } => self.on_exchange_request(now, from, request),
             Message::AntiEntropyReply { response } => {
                 self.on_exchange_response(now, from, response)
+            }
+            Message::HintedWrite {
+                request,
+                intended,
+                bucket,
+                key,
+                object,
+            } => {
+                let result = match self.check_peer_input(&bucket, &key) {
+                    Ok(()) => {
+                        if self.store_hint(now, &intended, &bucket, &key, &object) {
+                            Ok(())
+                        } else {
+                            Err(ReplicaError::Storage(
+                                "hint not kept (budget or unknown target)".into(),
+                            ))
+                        }
+                    }
+                    Err(error) => Err(error),
+                };
+                self.emit_durable(Action::Send {
+                    to: from.clone(),
+                    message: Message::ReplicateReply { request, result },
+                });
             }
             Message::HintBatchReply { request, result } => {
                 let delivered = result.is_ok();

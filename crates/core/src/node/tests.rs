@@ -499,3 +499,50 @@ fn circuit_breaker_pauses_hint_replay() {
         "replay resumes after the cooldown"
     );
 }
+
+/// Sloppy quorum: with two of a key's three replicas down, a quorum write succeeds through
+/// fallback nodes that keep hints, which reach the replicas when they return. Without it the
+/// write is unavailable.
+#[test]
+fn sloppy_quorum_uses_fallback_nodes() {
+    for sloppy in [false, true] {
+        let mut cluster = TestCluster::new(5);
+        for node in &mut cluster.nodes {
+            node.config.sloppy_quorum = sloppy;
+            node.config.anti_entropy.enabled = false;
+        }
+        let replicas = cluster.nodes[0].ring().preference_list_for_key("b", b"k");
+        let [a, b, c] = [0, 1, 2].map(|i| cluster.index(&replicas[i]));
+        cluster.stopped[b] = true;
+        cluster.stopped[c] = true;
+        let response = cluster.put(a, "v", CausalContext::empty(), ConsistencyLevel::Quorum);
+        if !sloppy {
+            assert!(
+                matches!(response, ClientResponse::Unavailable { .. }),
+                "{response:?}"
+            );
+            continue;
+        }
+        assert!(
+            matches!(response, ClientResponse::Written { .. }),
+            "{response:?}"
+        );
+        let fallback_hints: usize = (0..5)
+            .filter(|i| ![a, b, c].contains(i))
+            .map(|i| cluster.nodes[i].hints_pending())
+            .sum();
+        assert_eq!(
+            fallback_hints, 2,
+            "one hint per missing replica on the fallbacks"
+        );
+        cluster.stopped[b] = false;
+        cluster.stopped[c] = false;
+        cluster.tick(1_000);
+        for i in [b, c] {
+            assert!(
+                local(&mut cluster, i).is_some(),
+                "replica {i} got the write"
+            );
+        }
+    }
+}

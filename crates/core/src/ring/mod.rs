@@ -115,6 +115,21 @@ impl Ring {
         list
     }
 
+    /// Every distinct node in ring order from `token`: the preference list, then the nodes
+    /// a sloppy quorum may fall back to (Dynamo's "next healthy node").
+    pub fn nodes_from(&self, token: Token) -> Vec<NodeId> {
+        let mut list: Vec<NodeId> = Vec::with_capacity(self.nodes.len());
+        let start = self.positions.partition_point(|(t, _)| *t < token);
+        let len = self.positions.len();
+        for offset in 0..len {
+            let (_, node) = &self.positions[(start + offset) % len];
+            if !list.contains(node) {
+                list.push(node.clone());
+            }
+        }
+        list
+    }
+
     pub fn preference_list_for_key(&self, bucket: &str, key: &[u8]) -> Vec<NodeId> {
         self.preference_list(key_token(bucket, key))
     }
