@@ -87,6 +87,8 @@ pub struct AntiEntropySection {
     pub concurrency: usize,
     /// Repair bytes per second, shared with hint replay (0 = unlimited).
     pub rate_limit_bytes_per_s: u64,
+    /// One range's Merkle tree is checked against a scan of its data this often.
+    pub verify_interval_s: u64,
 }
 
 impl Default for AntiEntropySection {
@@ -97,6 +99,7 @@ impl Default for AntiEntropySection {
             interval_s: core.interval_ms / 1000,
             concurrency: core.concurrency,
             rate_limit_bytes_per_s: core.rate_limit_bytes_per_s,
+            verify_interval_s: core.verify_interval_ms / 1000,
         }
     }
 }
@@ -461,6 +464,11 @@ impl ServerConfig {
             interval_ms: self.anti_entropy.interval_s.max(1).saturating_mul(1000),
             concurrency: self.anti_entropy.concurrency.max(1),
             rate_limit_bytes_per_s: self.anti_entropy.rate_limit_bytes_per_s,
+            verify_interval_ms: self
+                .anti_entropy
+                .verify_interval_s
+                .max(1)
+                .saturating_mul(1000),
         };
         config.tree_hash_secret = self.cluster.secret.clone().into_bytes();
         let mut gossip = mendkv_core::gossip::GossipConfig::with_interval(self.gossip.interval_ms);

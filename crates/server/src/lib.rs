@@ -75,6 +75,10 @@ pub async fn run(
     let start = tokio::time::Instant::now();
     let start_ms = wall_clock_ms();
     tracing::info!(
+        trees = node.stats().tree_rebuilds,
+        "Merkle trees rebuilt by one scan at start (they are not persisted)"
+    );
+    tracing::info!(
         node = %node_config.node_id,
         epoch = node.epoch(),
         peer = %config.node.listen,

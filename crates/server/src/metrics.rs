@@ -86,6 +86,8 @@ pub struct Metrics {
     pub anti_entropy_keys_repaired: Counter,
     pub anti_entropy_repair_debt: Family<PeerLabels, Gauge>,
     pub anti_entropy_tree_bytes: Gauge,
+    pub anti_entropy_tree_checks: Family<OutcomeLabels, Counter>,
+    pub anti_entropy_tree_rebuilds: Counter,
     pub circuit_breaker_open: Family<NameLabels, Gauge>,
     pub peer_phi: Family<PeerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub gossip_dropped: Family<ReasonLabels, Gauge>,
@@ -231,7 +233,21 @@ impl Metrics {
             "Gossip messages dropped since start: malformed, oversize, stale generation",
             gossip_dropped.clone(),
         );
+        let anti_entropy_tree_checks = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "mendkv_anti_entropy_tree_verifications",
+            "Merkle trees checked against a scan of their data, by outcome (ok, mismatch)",
+            anti_entropy_tree_checks.clone(),
+        );
+        let anti_entropy_tree_rebuilds = Counter::default();
+        registry.register(
+            "mendkv_anti_entropy_tree_rebuilds",
+            "Merkle trees built by a scan (every start, and new ranges after ring changes)",
+            anti_entropy_tree_rebuilds.clone(),
+        );
         Arc::new(Metrics {
+            anti_entropy_tree_checks,
+            anti_entropy_tree_rebuilds,
             peer_phi,
             gossip_dropped,
             circuit_breaker_open,

@@ -309,6 +309,23 @@ impl NodeTask {
             }
         }
         gauge.set(i64::from(open));
+        let checks = |outcome| {
+            metrics
+                .anti_entropy_tree_checks
+                .get_or_create(&OutcomeLabels { outcome })
+        };
+        let mismatches = now.tree_verification_mismatches - old.tree_verification_mismatches;
+        checks("ok").inc_by(now.tree_verifications - old.tree_verifications - mismatches);
+        checks("mismatch").inc_by(mismatches);
+        if mismatches > 0 {
+            tracing::error!(
+                mismatches,
+                "a Merkle tree disagreed with its data; rebuilt from a scan"
+            );
+        }
+        metrics
+            .anti_entropy_tree_rebuilds
+            .inc_by(now.tree_rebuilds - old.tree_rebuilds);
         self.exported = now;
     }
 

@@ -3,6 +3,7 @@
 //! the receiver side, and operator-started repair runs (`POST /admin/repair`).
 
 use super::Node;
+use crate::anti_entropy::MerkleTree;
 use crate::anti_entropy::{
     handle_request, repair_targets, replicated_ranges, DriverStep, ExchangeConfig, ExchangeDriver,
     ExchangeId, ExchangeOutcome, ExchangeReport, ExchangeRequest, ExchangeResponse, ExchangeStats,
@@ -11,7 +12,7 @@ use crate::anti_entropy::{
 use crate::control::BreakerState;
 use crate::membership::PeerStatus;
 use crate::message::Message;
-use crate::ring::TokenRange;
+use crate::ring::{key_token, TokenRange};
 use crate::storage::{Storage, StorageError};
 use crate::version::Object;
 use crate::{Millis, NodeId};
@@ -28,6 +29,9 @@ pub struct AntiEntropyConfig {
     pub concurrency: usize,
     /// Repair bytes per second, shared by anti-entropy and hint replay (0 = unlimited).
     pub rate_limit_bytes_per_s: u64,
+    /// One range's tree is rebuilt from a scan and compared with the maintained one this
+    /// often (seed: "Verify Consistency"); a scan of one range at a time bounds its cost.
+    pub verify_interval_ms: Millis,
 }
 
 impl Default for AntiEntropyConfig {
@@ -37,6 +41,7 @@ impl Default for AntiEntropyConfig {
             interval_ms: 300_000,
             concurrency: 2,
             rate_limit_bytes_per_s: 32 << 20,
+            verify_interval_ms: 60_000,
         }
     }
 }
@@ -130,6 +135,47 @@ impl<S: Storage> Node<S> {
         }
         let targets = repair_targets(&self.ring, self.id());
         self.repair_queue.set_targets(targets);
+    }
+
+    /// Verifies the next range's tree against its data when due: a fresh tree built from a
+    /// scan must have the maintained tree's root. A mismatch (a bug, or a write that bypassed
+    /// the upkeep) replaces the tree and is counted.
+    pub(super) fn verify_next_tree(&mut self, now: Millis) {
+        if now < self.next_verify_at {
+            return;
+        }
+        self.next_verify_at = now + self.config.anti_entropy.verify_interval_ms.max(1);
+        let ranges: Vec<TokenRange> = self.trees.ranges().collect();
+        let Some(&range) = ranges.get(self.verify_cursor % ranges.len().max(1)) else {
+            return;
+        };
+        self.verify_cursor += 1;
+        let objects = match self.storage.scan_range(range) {
+            Ok(objects) => objects,
+            Err(_) => {
+                self.stats.storage_errors += 1;
+                return;
+            }
+        };
+        let hasher = *self.trees.hasher();
+        let mut fresh = MerkleTree::new(range, self.trees.shape());
+        for (bucket, key, object) in &objects {
+            if let Some(segment) = fresh.segment_of(key_token(bucket, key)) {
+                fresh.update(
+                    segment,
+                    None,
+                    Some(hasher.item_hash(bucket, key, object.digest())),
+                );
+            }
+        }
+        let Some(tree) = self.trees.tree_mut(range) else {
+            return;
+        };
+        self.stats.tree_verifications += 1;
+        if tree.root() != fresh.root() {
+            self.stats.tree_verification_mismatches += 1;
+            let _ = self.trees.insert_tree(fresh);
+        }
     }
 
     /// A peer came back: its ranges go to the front of the queue.
@@ -505,6 +551,6 @@ impl<S: Storage> Node<S> {
         } else {
             work.max(self.repair_throttled_until)
         };
-        timeouts.min(work)
+        timeouts.min(work).min(self.next_verify_at)
     }
 }

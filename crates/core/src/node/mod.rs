@@ -75,6 +75,8 @@ pub struct NodeStats {
     pub anti_entropy_exchanges_failed: u64,
     pub anti_entropy_keys_repaired: u64,
     pub anti_entropy_bytes: u64,
+    pub tree_verifications: u64,
+    pub tree_verification_mismatches: u64,
 }
 
 #[derive(Debug)]
@@ -152,6 +154,9 @@ pub struct Node<S: Storage> {
     breaker: CircuitBreaker,
     /// The scheduled exchange let through by a half-open breaker.
     breaker_probe: Option<(TokenRange, NodeId)>,
+    /// When the next tree verification is due, and which range it takes.
+    next_verify_at: Millis,
+    verify_cursor: usize,
     /// While the repair byte budget is spent, anti-entropy waits until this time.
     repair_throttled_until: Millis,
     /// Durations of finished exchanges, drained by the driver into a histogram.
@@ -232,6 +237,8 @@ impl<S: Storage> Node<S> {
             repair_debt: BTreeMap::new(),
             exchange_durations_ms: VecDeque::new(),
             repair_throttled_until: 0,
+            next_verify_at: now + config.anti_entropy.verify_interval_ms,
+            verify_cursor: 0,
             clock: now,
             client_started: BTreeMap::new(),
             breaker: CircuitBreaker::new(config.circuit_breaker.clone()),
@@ -1074,6 +1081,7 @@ impl<S: Storage> Node<S> {
         }
         self.speculate_reads(now);
         self.tick_anti_entropy(now);
+        self.verify_next_tree(now);
         if now >= self.next_delivery_at {
             self.next_delivery_at = now + hints::DELIVERY_INTERVAL_MS;
             self.deliver_hints(now);
