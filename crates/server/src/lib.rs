@@ -74,6 +74,18 @@ pub async fn run(
     let (inbox_sender, inbox) = mpsc::channel(INBOX_CAPACITY);
     let start = tokio::time::Instant::now();
     let start_ms = wall_clock_ms();
+    let corrupt_hints =
+        node.stats().hints_dropped[mendkv_core::hinted_handoff::DropReason::Corrupt as usize];
+    if corrupt_hints > 0 {
+        tracing::error!(
+            corrupt_hints,
+            "corrupt hint records skipped and removed at start"
+        );
+    }
+    tracing::info!(
+        hints_pending = node.hints_pending(),
+        "hint queue rebuilt from storage"
+    );
     tracing::info!(
         trees = node.stats().tree_rebuilds,
         "Merkle trees rebuilt by one scan at start (they are not persisted)"
