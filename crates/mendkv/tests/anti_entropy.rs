@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{eventually, TestCluster};
+use common::{eventually, write_keys, TestCluster};
 use std::process::Command;
 use std::time::Duration;
 
@@ -47,19 +47,7 @@ async fn repair_restores_a_node_that_missed_writes() {
     for (i, chunk) in keys.chunks(500).enumerate() {
         let (client, chunk) = (writers[i % 2].clone(), chunk.to_vec());
         tasks.push(tokio::spawn(async move {
-            for key in chunk {
-                client
-                    .put(
-                        "t",
-                        key.as_bytes(),
-                        b"v".to_vec(),
-                        None,
-                        Some("quorum"),
-                        None,
-                    )
-                    .await
-                    .unwrap();
-            }
+            write_keys(&client, &chunk, b"v").await
         }));
     }
     for task in tasks {
@@ -100,20 +88,7 @@ async fn a_run_interrupted_by_a_crash_fails_and_the_next_completes() {
     let mut cluster = TestCluster::start(3, &env).await;
     cluster.nodes[2].kill();
     let keys: Vec<String> = (0..1500).map(|i| format!("ak{i}")).collect();
-    for key in &keys {
-        cluster
-            .client(0)
-            .put(
-                "t",
-                key.as_bytes(),
-                vec![b'x'; 200],
-                None,
-                Some("quorum"),
-                None,
-            )
-            .await
-            .unwrap();
-    }
+    write_keys(&cluster.client(0), &keys, &[b'x'; 200]).await;
     cluster.nodes[2].start();
     cluster.wait_all_up().await;
     let returning = cluster.client(2);

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{eventually, TestCluster};
+use common::{eventually, write_keys, TestCluster};
 use mendkv_client::Client;
 use std::time::Duration;
 
@@ -46,18 +46,8 @@ async fn hints_bring_a_returning_node_up_to_date() {
     cluster.nodes[2].kill();
     let keys: Vec<String> = (0..1000).map(|i| format!("h{i}")).collect();
     let writers = [cluster.client(0), cluster.client(1)];
-    for (i, key) in keys.iter().enumerate() {
-        writers[i % 2]
-            .put(
-                "t",
-                key.as_bytes(),
-                b"v".to_vec(),
-                None,
-                Some("quorum"),
-                None,
-            )
-            .await
-            .unwrap();
+    for (i, half) in keys.chunks(500).enumerate() {
+        write_keys(&writers[i % 2], half, b"v").await;
     }
     // One key updated 100 times coalesces into one hint.
     let mut context = None;
@@ -110,19 +100,7 @@ async fn delivery_survives_a_crash_of_the_holder() {
     cluster.nodes[2].kill();
     let keys: Vec<String> = (0..600).map(|i| format!("c{i}")).collect();
     let holder = cluster.client(0);
-    for key in &keys {
-        holder
-            .put(
-                "t",
-                key.as_bytes(),
-                b"v".to_vec(),
-                None,
-                Some("quorum"),
-                None,
-            )
-            .await
-            .unwrap();
-    }
+    write_keys(&holder, &keys, b"v").await;
     cluster.nodes[2].start();
     let holders = [holder.clone()];
     eventually(Duration::from_secs(30), "delivery has started", || {

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{eventually, TestCluster};
+use common::{eventually, write_keys, TestCluster};
 use mendkv_client::{metric_sum, ReadResult};
 use std::time::Duration;
 
@@ -21,20 +21,7 @@ async fn reads_repair_a_stale_replica() {
     .await;
     cluster.nodes[2].kill();
     let keys: Vec<String> = (0..20).map(|i| format!("rr{i}")).collect();
-    for key in &keys {
-        cluster
-            .client(0)
-            .put(
-                "t",
-                key.as_bytes(),
-                b"fresh".to_vec(),
-                None,
-                Some("quorum"),
-                None,
-            )
-            .await
-            .unwrap();
-    }
+    write_keys(&cluster.client(0), &keys, b"fresh").await;
     cluster.nodes[2].start();
     cluster.wait_all_up().await;
     for key in &keys {

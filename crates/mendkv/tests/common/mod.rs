@@ -161,6 +161,23 @@ impl TestCluster {
     }
 }
 
+/// Writes `value` to every key of bucket `t` at quorum through `client`.
+pub async fn write_keys(client: &Client, keys: &[String], value: &[u8]) {
+    for key in keys {
+        client
+            .put(
+                "t",
+                key.as_bytes(),
+                value.to_vec(),
+                None,
+                Some("quorum"),
+                None,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("write {key}: {e}"));
+    }
+}
+
 /// Polls `check` until it holds or the deadline passes (then panics with `what`).
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
 where
