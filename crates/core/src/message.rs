@@ -103,6 +103,11 @@ pub enum Message {
     AntiEntropyReply {
         response: ExchangeResponse,
     },
+    /// Purge these tombstones (exact versions): the sender confirmed every replica holds them.
+    Reap {
+        range: crate::ring::TokenRange,
+        items: Vec<(String, Vec<u8>, u64)>,
+    },
     /// Gossip: membership, application state and heartbeats (Scuttlebutt).
     Gossip(crate::gossip::GossipMessage),
 }
@@ -130,7 +135,9 @@ impl Message {
             Message::HintBatch { .. }
             | Message::HintBatchReply { .. }
             | Message::HintedWrite { .. } => "hints",
-            Message::AntiEntropy { .. } | Message::AntiEntropyReply { .. } => "anti_entropy",
+            Message::AntiEntropy { .. }
+            | Message::AntiEntropyReply { .. }
+            | Message::Reap { .. } => "anti_entropy",
             _ => "replication",
         }
     }

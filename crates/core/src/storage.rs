@@ -38,6 +38,8 @@ pub trait Storage: Send + 'static {
     fn get(&self, bucket: &str, key: &[u8]) -> Result<Option<Object>, StorageError>;
     /// Buffers a write; durable after the next `sync`.
     fn put(&self, bucket: &str, key: &[u8], object: &Object) -> Result<(), StorageError>;
+    /// Removes an object (tombstone reaping); durable after the next `sync`.
+    fn remove(&self, bucket: &str, key: &[u8]) -> Result<(), StorageError>;
     /// Makes every write buffered so far durable (fsync).
     fn sync(&self) -> Result<(), StorageError>;
     /// Small named records of the node itself (its epoch).
@@ -57,6 +59,8 @@ pub trait Storage: Send + 'static {
 #[derive(Debug, Clone)]
 enum Record {
     Object(ObjectKey, Object),
+    /// An object removed (a reaped tombstone).
+    Removed(ObjectKey),
     Meta(String, Vec<u8>),
     /// A hint record, or its deletion (`None`).
     Hint(Vec<u8>, Option<Vec<u8>>),
@@ -110,8 +114,14 @@ impl MemoryStorage {
         let state = self.lock();
         let mut all = state.durable_objects.clone();
         for record in &state.pending {
-            if let Record::Object(k, o) = record {
-                all.insert(k.clone(), o.clone());
+            match record {
+                Record::Object(k, o) => {
+                    all.insert(k.clone(), o.clone());
+                }
+                Record::Removed(k) => {
+                    all.remove(k);
+                }
+                _ => {}
             }
         }
         all.into_iter().collect()
@@ -122,6 +132,9 @@ fn apply(state: &mut MemoryState, record: Record) {
     match record {
         Record::Object(k, o) => {
             state.durable_objects.insert(k, o);
+        }
+        Record::Removed(k) => {
+            state.durable_objects.remove(&k);
         }
         Record::Meta(k, v) => {
             state.durable_meta.insert(k, v);
@@ -143,10 +156,11 @@ impl Storage for MemoryStorage {
             key: key.to_vec(),
         };
         let pending = state.pending.iter().rev().find_map(|r| match r {
-            Record::Object(k, o) if *k == wanted => Some(o.clone()),
+            Record::Object(k, o) if *k == wanted => Some(Some(o.clone())),
+            Record::Removed(k) if *k == wanted => Some(None),
             _ => None,
         });
-        Ok(pending.or_else(|| state.durable_objects.get(&wanted).cloned()))
+        Ok(pending.unwrap_or_else(|| state.durable_objects.get(&wanted).cloned()))
     }
 
     fn put(&self, bucket: &str, key: &[u8], object: &Object) -> Result<(), StorageError> {
@@ -157,6 +171,15 @@ impl Storage for MemoryStorage {
         self.lock()
             .pending
             .push(Record::Object(key, object.clone()));
+        Ok(())
+    }
+
+    fn remove(&self, bucket: &str, key: &[u8]) -> Result<(), StorageError> {
+        let key = ObjectKey {
+            bucket: bucket.to_string(),
+            key: key.to_vec(),
+        };
+        self.lock().pending.push(Record::Removed(key));
         Ok(())
     }
 

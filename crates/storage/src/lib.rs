@@ -122,6 +122,12 @@ impl Storage for FjallStorage {
             .map_err(engine_error)
     }
 
+    fn remove(&self, bucket: &str, key: &[u8]) -> Result<(), StorageError> {
+        self.objects
+            .remove(object_key(bucket, key))
+            .map_err(engine_error)
+    }
+
     fn sync(&self) -> Result<(), StorageError> {
         self.database
             .persist(PersistMode::SyncData)

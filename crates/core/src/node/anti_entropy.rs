@@ -17,7 +17,7 @@ use crate::storage::{Storage, StorageError};
 use crate::version::Object;
 use crate::{Millis, NodeId};
 use rand::Rng;
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 
 /// Knobs of `[anti_entropy]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +82,12 @@ pub(super) struct RepairRun {
     started_at: Millis,
     finished_at: Option<Millis>,
 }
+
+/// A tombstone named for reaping: bucket, key and the digest of the exact version.
+pub type ReapItem = (String, Vec<u8>, u64);
+
+/// Tombstones remembered per range between reaping passes (the rest wait for a later pass).
+const MAX_REAP_CANDIDATES: usize = 10_000;
 
 /// Exchange durations kept until the driver drains them.
 const MAX_DURATION_SAMPLES: usize = 4096;
@@ -175,6 +181,96 @@ impl<S: Storage> Node<S> {
         if tree.root() != fresh.root() {
             self.stats.tree_verification_mismatches += 1;
             let _ = self.trees.insert_tree(fresh);
+        }
+        self.consider_reaping(now, range, &objects);
+    }
+
+    /// Tombstone reaping, on the scan the verification just made. A tombstone is purged when
+    /// (1) it was here, unchanged, at a snapshot of the range taken at least the hint TTL ago
+    /// (so every hint of an older write has expired and cannot bring the value back), and
+    /// (2) an exchange with every replica peer of the range has converged since that snapshot
+    /// (so every replica held it). The reaper tells the peers to purge the same tombstones,
+    /// so anti-entropy does not copy them back.
+    fn consider_reaping(
+        &mut self,
+        now: Millis,
+        range: TokenRange,
+        objects: &[(String, Vec<u8>, Object)],
+    ) {
+        let tombstones: BTreeSet<ReapItem> = objects
+            .iter()
+            .filter(|(_, _, o)| !o.is_empty() && o.is_deleted())
+            .take(MAX_REAP_CANDIDATES)
+            .map(|(b, k, o)| (b.clone(), k.clone(), o.digest()))
+            .collect();
+        let age_needed = self.config.hinted_handoff.ttl_ms + 2 * self.config.request_timeout_ms;
+        let Some((taken_at, candidates)) = self.reap_snapshots.get(&range) else {
+            self.reap_snapshots.insert(range, (now, tombstones));
+            return;
+        };
+        if now.saturating_sub(*taken_at) < age_needed {
+            return;
+        }
+        let peers: Vec<NodeId> = repair_targets(&self.ring, self.id())
+            .into_iter()
+            .filter(|(r, _)| *r == range)
+            .map(|(_, peer)| peer)
+            .collect();
+        let confirmed = peers.iter().all(|peer| {
+            self.converged_at
+                .get(&(range, peer.clone()))
+                .is_some_and(|t| t > taken_at)
+        });
+        if !confirmed {
+            // Keep the old snapshot: its tombstones keep aging until every peer confirms.
+            return;
+        }
+        let mut remaining = tombstones;
+        let reap: Vec<ReapItem> = candidates.intersection(&remaining).cloned().collect();
+        for (bucket, key, digest) in &reap {
+            self.reap_tombstone(bucket, key, *digest);
+            remaining.remove(&(bucket.clone(), key.clone(), *digest));
+        }
+        if !reap.is_empty() {
+            for peer in peers {
+                let items = reap.clone();
+                self.send(&peer, Message::Reap { range, items });
+            }
+        }
+        self.reap_snapshots.insert(range, (now, remaining));
+    }
+
+    /// Purges one tombstone if this node still holds exactly that version of it.
+    pub(super) fn reap_tombstone(&mut self, bucket: &str, key: &[u8], digest: u64) {
+        match self.storage.get(bucket, key) {
+            Ok(Some(object)) if object.digest() == digest && object.is_deleted() => {
+                if self.storage.remove(bucket, key).is_ok() {
+                    self.trees.record_write(bucket, key, Some(digest), None);
+                    self.unsynced_writes = true;
+                    self.stats.tombstones_reaped += 1;
+                } else {
+                    self.stats.storage_errors += 1;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => self.stats.storage_errors += 1,
+        }
+    }
+
+    /// A peer that confirmed these tombstones on every replica asks this node to purge them.
+    pub(super) fn on_reap(&mut self, range: TokenRange, items: Vec<ReapItem>) {
+        if self.trees.tree(range).is_none() {
+            return;
+        }
+        for (bucket, key, digest) in items.into_iter().take(MAX_REAP_CANDIDATES) {
+            let valid = crate::request::validate_bucket(&bucket).is_ok()
+                && crate::request::validate_key(&key).is_ok()
+                && range.contains(key_token(&bucket, &key));
+            if valid {
+                self.reap_tombstone(&bucket, &key, digest);
+            } else {
+                self.stats.invalid_peer_requests += 1;
+            }
         }
     }
 
@@ -412,6 +508,10 @@ impl<S: Storage> Node<S> {
 
     fn finish_exchange(&mut self, now: Millis, exchange: ActiveExchange, report: ExchangeReport) {
         let ok = !matches!(report.outcome, ExchangeOutcome::Failed(_));
+        if report.outcome == ExchangeOutcome::Converged {
+            self.converged_at
+                .insert((report.range, exchange.peer.clone()), now);
+        }
         if ok {
             self.stats.anti_entropy_exchanges_ok += 1;
         } else {

@@ -77,6 +77,7 @@ pub struct NodeStats {
     pub anti_entropy_bytes: u64,
     pub tree_verifications: u64,
     pub tree_verification_mismatches: u64,
+    pub tombstones_reaped: u64,
 }
 
 #[derive(Debug)]
@@ -154,6 +155,10 @@ pub struct Node<S: Storage> {
     breaker: CircuitBreaker,
     /// The scheduled exchange let through by a half-open breaker.
     breaker_probe: Option<(TokenRange, NodeId)>,
+    /// Last converged exchange per (range, peer), and tombstone snapshots per range, for
+    /// tombstone reaping.
+    converged_at: BTreeMap<(TokenRange, NodeId), Millis>,
+    reap_snapshots: BTreeMap<TokenRange, (Millis, BTreeSet<anti_entropy::ReapItem>)>,
     /// When the next tree verification is due, and which range it takes.
     next_verify_at: Millis,
     verify_cursor: usize,
@@ -237,6 +242,8 @@ impl<S: Storage> Node<S> {
             repair_debt: BTreeMap::new(),
             exchange_durations_ms: VecDeque::new(),
             repair_throttled_until: 0,
+            converged_at: BTreeMap::new(),
+            reap_snapshots: BTreeMap::new(),
             next_verify_at: now + config.anti_entropy.verify_interval_ms,
             verify_cursor: 0,
             clock: now,
@@ -902,6 +909,7 @@ impl<S: Storage> Node<S> {
                 });
             }
             Message::AntiEntropy { request } => self.on_exchange_request(now, from, request),
+            Message::Reap { range, items } => self.on_reap(range, items),
             Message::AntiEntropyReply { response } => {
                 self.on_exchange_response(now, from, response)
             }

@@ -9,6 +9,8 @@ struct TestCluster {
     replies: Vec<(usize, ClientRequestId, ClientResponse)>,
     /// Nodes whose messages are dropped (as if stopped).
     stopped: Vec<bool>,
+    /// The time messages are handled at (set by `tick`).
+    now: Millis,
 }
 
 impl TestCluster {
@@ -35,6 +37,7 @@ impl TestCluster {
             nodes,
             replies: vec![],
             stopped: vec![false; n],
+            now: 0,
         }
     }
 
@@ -57,10 +60,11 @@ impl TestCluster {
                         Action::Send { to, message } => {
                             let j = self.index(&to);
                             let from = self.nodes[i].id().clone();
+                            let now = self.now;
                             if self.stopped[j] {
-                                self.nodes[i].handle_send_failed(0, &to, &message);
+                                self.nodes[i].handle_send_failed(now, &to, &message);
                             } else {
-                                self.nodes[j].handle_message(0, &from, message);
+                                self.nodes[j].handle_message(now, &from, message);
                             }
                         }
                     }
@@ -74,7 +78,8 @@ impl TestCluster {
 
     fn request(&mut self, at: usize, request: ClientRequest) -> ClientResponse {
         let client = self.replies.len() as u64 + 1000;
-        self.nodes[at].handle_client_request(0, client, request);
+        let now = self.now;
+        self.nodes[at].handle_client_request(now, client, request);
         self.run();
         let position = self
             .replies
@@ -297,6 +302,7 @@ fn read_repair_merges_siblings_from_two_replicas() {
 
 impl TestCluster {
     fn tick(&mut self, now: Millis) {
+        self.now = now;
         for node in &mut self.nodes {
             node.handle_tick(now);
         }
@@ -593,5 +599,86 @@ fn tree_verification_finds_and_fixes_a_stale_tree() {
         node.stats().tree_verification_mismatches,
         1,
         "fixed: the next pass agrees"
+    );
+}
+
+fn reaping_cluster() -> TestCluster {
+    let mut cluster = TestCluster::new(3);
+    for node in &mut cluster.nodes {
+        node.config.hinted_handoff.ttl_ms = 60_000;
+        node.config.anti_entropy.verify_interval_ms = 1_000;
+        node.config.anti_entropy.interval_ms = 5_000;
+        node.repair_queue = RepairQueue::new(RepairQueueConfig {
+            interval_ms: 5_000,
+            ..RepairQueueConfig::default()
+        });
+        node.align_trees();
+    }
+    cluster
+}
+
+fn stored_anywhere(cluster: &TestCluster) -> usize {
+    cluster
+        .nodes
+        .iter()
+        .filter(|n| n.storage().get("b", b"k").unwrap().is_some())
+        .count()
+}
+
+/// A tombstone every replica holds is purged everywhere once it is older than the hint TTL
+/// and exchanges with every peer have converged since; the key stays deleted.
+#[test]
+fn tombstones_are_reaped_once_every_replica_holds_them() {
+    let mut cluster = reaping_cluster();
+    cluster.put(0, "v", CausalContext::empty(), ConsistencyLevel::All);
+    let deleted = cluster.request(
+        1,
+        ClientRequest::Delete {
+            bucket: "b".into(),
+            key: b"k".to_vec(),
+            context: None,
+            level: ConsistencyLevel::All,
+        },
+    );
+    assert!(matches!(deleted, ClientResponse::Written { .. }));
+    assert_eq!(stored_anywhere(&cluster), 3, "tombstones on every replica");
+    for step in 1..=600 {
+        cluster.tick(step * 500);
+    }
+    assert_eq!(stored_anywhere(&cluster), 0, "reaped on every replica");
+    let reaped: u64 = cluster
+        .nodes
+        .iter()
+        .map(|n| n.stats().tombstones_reaped)
+        .sum();
+    assert!(reaped >= 3, "{reaped}");
+    let ClientResponse::Object(object) = cluster.get(2, ConsistencyLevel::All) else {
+        panic!()
+    };
+    assert!(object.is_empty(), "the key stays deleted");
+}
+
+/// While one replica cannot confirm (it is down), nobody purges the tombstone.
+#[test]
+fn tombstones_stay_while_a_replica_is_unconfirmed() {
+    let mut cluster = reaping_cluster();
+    cluster.put(0, "v", CausalContext::empty(), ConsistencyLevel::All);
+    cluster.request(
+        1,
+        ClientRequest::Delete {
+            bucket: "b".into(),
+            key: b"k".to_vec(),
+            context: None,
+            level: ConsistencyLevel::All,
+        },
+    );
+    cluster.stopped[2] = true;
+    for step in 1..=600 {
+        cluster.tick(step * 500);
+    }
+    assert_eq!(
+        stored_anywhere(&cluster),
+        3,
+        "no reaping without every replica's confirmation"
     );
 }
