@@ -12,12 +12,23 @@ use crate::ring::key_token;
 use crate::storage::Storage;
 use crate::version::Object;
 use crate::{Millis, NodeId};
+use std::collections::BTreeSet;
 
 /// Token ranges remembered for priority anti-entropy; beyond this many the oldest marks are
 /// kept and `repair_marks_overflowed` says a full pass is due.
 const MAX_REPAIR_MARKS: usize = 4096;
 /// How often delivery is attempted while hints are pending.
 pub(super) const DELIVERY_INTERVAL_MS: Millis = 100;
+
+/// Hint batches in flight per target.
+const MAX_HINT_BATCHES_IN_FLIGHT: usize = 4;
+
+/// What `send_hint_batch` did.
+enum HintBatch {
+    Sent,
+    NothingToSend,
+    OutOfBudget,
+}
 
 /// A hint batch on its way to a target.
 #[derive(Debug, Clone)]
@@ -137,79 +148,111 @@ impl<S: Storage> Node<S> {
     /// Sends one batch to every live target with hints and no batch in flight.
     pub(super) fn deliver_hints(&mut self, now: Millis) {
         self.expire_hint_batches(now);
+        // Hint replay shares the repair byte budget with anti-entropy, and pauses while the
+        // circuit breaker is open (half-open, it flows again with the probe).
+        let breaker_open = matches!(self.breaker.state(now), BreakerState::Open { .. });
+        if self.repair_bytes.available(now) == 0 || breaker_open {
+            return;
+        }
         let targets: Vec<NodeId> = self.hint_queue.targets().cloned().collect();
         for target in targets {
             if self.membership.status(&target) != PeerStatus::Up
                 || self.membership.get(&target).is_none()
-                || self.hint_batches.values().any(|b| b.target == target)
             {
                 continue;
             }
-            // Hint replay shares the repair byte budget with anti-entropy, and pauses while
-            // the circuit breaker is open (half-open, it flows again with the probe).
-            let breaker_open = matches!(self.breaker.state(now), BreakerState::Open { .. });
-            if self.repair_bytes.available(now) == 0 || breaker_open {
-                return;
-            }
-            let batch_size = self.config.hinted_handoff.batch_size.max(1);
-            let granted = self.delivery_budget.take(batch_size as u64, now) as usize;
-            if granted == 0 {
-                return;
-            }
-            let mut sent = Vec::new();
-            let mut payload = Vec::new();
-            for hint in self.hint_queue.next_batch(&target, granted) {
-                let storage_key = hint_key(&target, &hint.bucket, &hint.key);
-                if now.saturating_sub(hint.created_ms) > self.config.hinted_handoff.ttl_ms {
-                    self.stats.hints_expired += 1;
-                    self.forget_hint(&target, &hint, None);
-                    self.mark_for_anti_entropy(now, &hint.bucket, &hint.key);
-                    continue;
-                }
-                match self.storage.get_hint(&storage_key) {
-                    Ok(Some(bytes)) => match HintRecord::decode(&bytes) {
-                        Some(record) => {
-                            payload.push((hint.bucket.clone(), hint.key.clone(), record.object));
-                            sent.push(hint);
-                        }
-                        None => {
-                            self.forget_hint(&target, &hint, None);
-                            self.drop_hint(now, &hint.bucket, &hint.key, DropReason::Corrupt);
-                        }
-                    },
-                    Ok(None) => {
-                        self.hint_queue
-                            .remove(&target, &hint.bucket, &hint.key, None);
-                    }
-                    Err(_) => self.stats.storage_errors += 1,
+            // A few batches in flight per target keep replay going while the target fsyncs.
+            while self
+                .hint_batches
+                .values()
+                .filter(|b| b.target == target)
+                .count()
+                < MAX_HINT_BATCHES_IN_FLIGHT
+            {
+                match self.send_hint_batch(now, &target) {
+                    HintBatch::Sent => {}
+                    HintBatch::NothingToSend => break,
+                    HintBatch::OutOfBudget => return,
                 }
             }
-            if payload.is_empty() {
+        }
+    }
+
+    /// Sends the next batch of hints to `target`.
+    fn send_hint_batch(&mut self, now: Millis, target: &NodeId) -> HintBatch {
+        let batch_size = self.config.hinted_handoff.batch_size.max(1);
+        let granted = self.delivery_budget.take(batch_size as u64, now) as usize;
+        if granted == 0 {
+            return HintBatch::OutOfBudget;
+        }
+        let mut sent = Vec::new();
+        let mut payload = Vec::new();
+        // Hints already on their way in another batch are not sent twice.
+        let in_flight: BTreeSet<(String, Vec<u8>)> = self
+            .hint_batches
+            .values()
+            .filter(|b| b.target == *target)
+            .flat_map(|b| b.hints.iter().map(|h| (h.bucket.clone(), h.key.clone())))
+            .collect();
+        let candidates: Vec<QueuedHint> = self
+            .hint_queue
+            .next_batch(target, granted + in_flight.len())
+            .into_iter()
+            .filter(|h| !in_flight.contains(&(h.bucket.clone(), h.key.clone())))
+            .take(granted)
+            .collect();
+        for hint in candidates {
+            let storage_key = hint_key(target, &hint.bucket, &hint.key);
+            if now.saturating_sub(hint.created_ms) > self.config.hinted_handoff.ttl_ms {
+                self.stats.hints_expired += 1;
+                self.forget_hint(target, &hint, None);
+                self.mark_for_anti_entropy(now, &hint.bucket, &hint.key);
                 continue;
             }
-            let bytes: usize = payload
-                .iter()
-                .map(|(b, k, o)| b.len() + k.len() + o.size_bytes())
-                .sum();
-            self.repair_bytes.consume(now, bytes as u64);
-            let request = self.new_request_id();
-            let deadline = now + self.config.request_timeout_ms;
-            self.hint_batches.insert(
-                request,
-                super::hints::HintBatchInFlight {
-                    target: target.clone(),
-                    hints: sent,
-                    deadline,
+            match self.storage.get_hint(&storage_key) {
+                Ok(Some(bytes)) => match HintRecord::decode(&bytes) {
+                    Some(record) => {
+                        payload.push((hint.bucket.clone(), hint.key.clone(), record.object));
+                        sent.push(hint);
+                    }
+                    None => {
+                        self.forget_hint(target, &hint, None);
+                        self.drop_hint(now, &hint.bucket, &hint.key, DropReason::Corrupt);
+                    }
                 },
-            );
-            self.send(
-                &target,
-                Message::HintBatch {
-                    request,
-                    hints: payload,
-                },
-            );
+                Ok(None) => {
+                    self.hint_queue
+                        .remove(target, &hint.bucket, &hint.key, None);
+                }
+                Err(_) => self.stats.storage_errors += 1,
+            }
         }
+        if payload.is_empty() {
+            return HintBatch::NothingToSend;
+        }
+        let bytes: usize = payload
+            .iter()
+            .map(|(b, k, o)| b.len() + k.len() + o.size_bytes())
+            .sum();
+        self.repair_bytes.consume(now, bytes as u64);
+        let request = self.new_request_id();
+        let deadline = now + self.config.request_timeout_ms;
+        self.hint_batches.insert(
+            request,
+            super::hints::HintBatchInFlight {
+                target: target.clone(),
+                hints: sent,
+                deadline,
+            },
+        );
+        self.send(
+            target,
+            Message::HintBatch {
+                request,
+                hints: payload,
+            },
+        );
+        HintBatch::Sent
     }
 
     /// Removes a hint from storage and queue (only the version that was sent, if given).
