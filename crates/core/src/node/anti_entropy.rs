@@ -540,9 +540,22 @@ impl<S: Storage> Node<S> {
                 self.repair_queue
                     .complete(&(report.range, exchange.peer), now, ok);
             }
-            None => self
-                .repair_queue
-                .complete(&(report.range, exchange.peer), now, ok),
+            None => {
+                // The exchange a half-open breaker let through decides whether it closes.
+                let target = (report.range, exchange.peer.clone());
+                if self.breaker_probe.as_ref() == Some(&target) {
+                    self.breaker_probe = None;
+                    self.breaker.probe_finished(now, ok);
+                }
+                // Jitter: the sync is recorded up to a tenth of the interval early, so the
+                // (range, peer) pairs of a node, and of the nodes, drift apart instead of
+                // coming due in lockstep.
+                let spread = self.config.anti_entropy.interval_ms / 10;
+                let jitter = self.rng.gen_range(0..=spread);
+                let at = now.saturating_sub(jitter);
+                self.repair_queue
+                    .complete(&(report.range, exchange.peer), at, ok)
+            }
         }
     }
 

@@ -682,3 +682,37 @@ fn tombstones_stay_while_a_replica_is_unconfirmed() {
         "no reaping without every replica's confirmation"
     );
 }
+
+/// After the cooldown the breaker lets one scheduled exchange through; when it ends well and
+/// the stress is gone, the breaker closes and scheduled exchanges resume.
+#[test]
+fn circuit_breaker_closes_after_a_good_probe() {
+    let mut cluster = TestCluster::new(3);
+    cluster.stopped[2] = true;
+    for i in 0..60 {
+        let request = ClientRequest::Put {
+            bucket: "b".into(),
+            key: format!("k{i}").into_bytes(),
+            context: CausalContext::empty(),
+            value: data("v"),
+            level: ConsistencyLevel::All,
+        };
+        cluster.request(0, request);
+    }
+    assert!(cluster.nodes[0].repair_breaker_open());
+    cluster.stopped[2] = false;
+    let config = cluster.nodes[0].config().circuit_breaker.clone();
+    let after = config.cooldown_ms + config.window_ms + 1_000;
+    cluster.tick(after);
+    cluster.tick(after + 1_000);
+    assert!(
+        !cluster.nodes[0].repair_breaker_open(),
+        "closed after the probe"
+    );
+    let before = cluster.nodes[0].stats().anti_entropy_exchanges_ok;
+    cluster.tick(after + 2_000);
+    assert!(
+        cluster.nodes[0].stats().anti_entropy_exchanges_ok > before,
+        "exchanges resume"
+    );
+}
