@@ -134,40 +134,5 @@ pub fn parse_hint_key(bytes: &[u8]) -> Option<(NodeId, String, Vec<u8>)> {
     Some((NodeId::new(target), bucket.to_string(), key.to_vec()))
 }
 
-/// A token bucket on the node's clock: `rate_per_s` tokens a second, at most one second's
-/// worth banked. Rate 0 means unlimited.
-#[derive(Debug, Clone)]
-pub struct DeliveryBudget {
-    rate_per_s: u64,
-    tokens: u64,
-    refilled_at: Millis,
-}
-
-impl DeliveryBudget {
-    pub fn new(rate_per_s: u64, now: Millis) -> Self {
-        DeliveryBudget {
-            rate_per_s,
-            tokens: rate_per_s,
-            refilled_at: now,
-        }
-    }
-
-    /// Takes up to `wanted` tokens; returns how many were granted.
-    pub fn take(&mut self, wanted: u64, now: Millis) -> u64 {
-        if self.rate_per_s == 0 {
-            return wanted;
-        }
-        let elapsed = now.saturating_sub(self.refilled_at);
-        let refill = elapsed.saturating_mul(self.rate_per_s) / 1000;
-        if refill > 0 {
-            self.tokens = (self.tokens + refill).min(self.rate_per_s.max(1));
-            self.refilled_at = now;
-        }
-        let granted = wanted.min(self.tokens);
-        self.tokens -= granted;
-        granted
-    }
-}
-
 #[cfg(test)]
 mod tests;

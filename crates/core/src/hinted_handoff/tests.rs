@@ -79,13 +79,3 @@ fn budgets_are_enforced() {
     );
     assert_eq!(queue.check_budget(&config, &b, "b", b"1", 800), Ok(()));
 }
-
-/// The delivery budget grants `rate` tokens a second and banks at most one second.
-#[test]
-fn delivery_budget_rate() {
-    let mut budget = DeliveryBudget::new(100, 0);
-    assert_eq!(budget.take(150, 0), 100);
-    assert_eq!(budget.take(10, 50), 5);
-    assert_eq!(budget.take(1000, 10_000), 100);
-    assert_eq!(DeliveryBudget::new(0, 0).take(1_000_000, 0), 1_000_000);
-}

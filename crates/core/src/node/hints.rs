@@ -181,7 +181,9 @@ impl<S: Storage> Node<S> {
     /// Sends the next batch of hints to `target`.
     fn send_hint_batch(&mut self, now: Millis, target: &NodeId) -> HintBatch {
         let batch_size = self.config.hinted_handoff.batch_size.max(1);
-        let granted = self.delivery_budget.take(batch_size as u64, now) as usize;
+        let granted = (batch_size as u64).min(self.delivery_budget.available(now));
+        self.delivery_budget.consume(now, granted);
+        let granted = granted as usize;
         if granted == 0 {
             return HintBatch::OutOfBudget;
         }

@@ -14,7 +14,7 @@ use crate::config::{FsyncPolicy, NodeConfig};
 use crate::control::{CircuitBreaker, RepairQueue, RepairQueueConfig, TokenBucket};
 use crate::coordinator::{AfterRead, GetOperation, PutOperation, WriteStep};
 use crate::gossip::{initial_state, Gossiper, NodeStatus};
-use crate::hinted_handoff::{DeliveryBudget, DropReason, HintQueue};
+use crate::hinted_handoff::{DropReason, HintQueue};
 use crate::membership::{MemberInfo, Membership, PeerStatus};
 use crate::message::{
     ClientRequest, ClientRequestId, ClientResponse, Message, ReplicaError, RequestId,
@@ -129,7 +129,8 @@ pub struct Node<S: Storage> {
     repairs_in_flight: usize,
     hint_queue: HintQueue,
     hint_batches: BTreeMap<RequestId, hints::HintBatchInFlight>,
-    delivery_budget: DeliveryBudget,
+    /// Hints replayed per second (`delivery_rate_per_s`), a token bucket counting hints.
+    delivery_budget: TokenBucket,
     next_delivery_at: Millis,
     repair_marks: BTreeSet<TokenRange>,
     repair_marks_overflowed: bool,
@@ -215,7 +216,11 @@ impl<S: Storage> Node<S> {
         let mut node = Node {
             hint_queue,
             hint_batches: BTreeMap::new(),
-            delivery_budget: DeliveryBudget::new(config.hinted_handoff.delivery_rate_per_s, now),
+            delivery_budget: TokenBucket::new(
+                config.hinted_handoff.delivery_rate_per_s,
+                config.hinted_handoff.delivery_rate_per_s,
+                now,
+            ),
             next_delivery_at: now,
             repair_marks: BTreeSet::new(),
             repair_marks_overflowed: false,
