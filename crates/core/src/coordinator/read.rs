@@ -298,16 +298,11 @@ impl GetOperation {
     }
 
     fn resolution(&self) -> Resolution {
-        let copies: Vec<(&NodeId, ReplicaCopy)> = self
-            .contacted
-            .iter()
-            .filter_map(|(node, read)| match read {
-                ReplicaRead::Full(object) => Some((node, ReplicaCopy::Full(object.clone()))),
-                ReplicaRead::Digest { digest, .. } => Some((node, ReplicaCopy::Digest(*digest))),
-                _ => None,
-            })
-            .collect();
-        resolve(copies.iter().map(|(n, c)| (*n, c)))
+        resolve(self.contacted.iter().filter_map(|(node, read)| match read {
+            ReplicaRead::Full(object) => Some((node, ReplicaCopy::Full(object))),
+            ReplicaRead::Digest { digest, .. } => Some((node, ReplicaCopy::Digest(*digest))),
+            _ => None,
+        }))
     }
 
     /// Where the read stands.

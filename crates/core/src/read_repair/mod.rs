@@ -14,11 +14,11 @@
 use crate::version::Object;
 use crate::NodeId;
 
-/// What the coordinator knows of one replica's copy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReplicaCopy {
+/// What the coordinator knows of one replica's copy (borrowed: deciding copies nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaCopy<'a> {
     /// The full object (an absent key is the empty object).
-    Full(Object),
+    Full(&'a Object),
     /// Only the digest of the replica's object.
     Digest(u64),
 }
@@ -49,17 +49,20 @@ pub fn absent_digest() -> u64 {
 }
 
 /// Merges the full copies and says, for every replica, whether it is resolved and stale.
-pub fn resolve<'a>(
-    copies: impl IntoIterator<Item = (&'a NodeId, &'a ReplicaCopy)> + Clone,
-) -> Resolution {
+pub fn resolve<'a>(copies: impl IntoIterator<Item = (&'a NodeId, ReplicaCopy<'a>)>) -> Resolution {
     let mut merged = Object::empty();
-    let mut full_digests = Vec::new();
-    for (_, copy) in copies.clone() {
-        if let ReplicaCopy::Full(object) = copy {
-            merged.merge_in(object);
-            full_digests.push(object.digest());
+    // (replica, digest of its copy, whether the copy is full): one digest per copy.
+    let mut known: Vec<(&NodeId, u64, bool)> = Vec::new();
+    for (node, copy) in copies {
+        match copy {
+            ReplicaCopy::Full(object) => {
+                merged = merged.merge(object);
+                known.push((node, object.digest(), true));
+            }
+            ReplicaCopy::Digest(digest) => known.push((node, digest, false)),
         }
     }
+    let full_digests: Vec<u64> = known.iter().filter(|k| k.2).map(|k| k.1).collect();
     let merged_digest = merged.digest();
     let mut resolution = Resolution {
         merged,
@@ -67,15 +70,11 @@ pub fn resolve<'a>(
         unresolved: Vec::new(),
         stale: Vec::new(),
     };
-    for (node, copy) in copies {
-        let digest = match copy {
-            ReplicaCopy::Full(object) => object.digest(),
-            ReplicaCopy::Digest(digest) if full_digests.contains(digest) => *digest,
-            ReplicaCopy::Digest(_) => {
-                resolution.unresolved.push(node.clone());
-                continue;
-            }
-        };
+    for (node, digest, full) in known {
+        if !full && !full_digests.contains(&digest) {
+            resolution.unresolved.push(node.clone());
+            continue;
+        }
         resolution.resolved.push(node.clone());
         if digest != merged_digest {
             resolution.stale.push(node.clone());

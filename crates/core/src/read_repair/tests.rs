@@ -37,11 +37,11 @@ fn history() -> History {
     }
 }
 
-fn full(o: &Object) -> ReplicaCopy {
-    ReplicaCopy::Full(o.clone())
+fn full(o: &Object) -> ReplicaCopy<'_> {
+    ReplicaCopy::Full(o)
 }
 
-fn digest(o: &Object) -> ReplicaCopy {
+fn digest(o: &Object) -> ReplicaCopy<'static> {
     ReplicaCopy::Digest(o.digest())
 }
 
@@ -51,10 +51,11 @@ fn resolution_table() {
     let h = history();
     let (a, b, c) = (node("a"), node("b"), node("c"));
     let merged_siblings = h.v2.merge(&h.concurrent);
+    let absent = Object::empty();
     #[allow(clippy::type_complexity)]
     let cases: Vec<(
         &str,
-        Vec<(&NodeId, ReplicaCopy)>,
+        Vec<(&NodeId, ReplicaCopy<'_>)>,
         Object,
         Vec<&NodeId>,
         Vec<&NodeId>,
@@ -89,7 +90,7 @@ fn resolution_table() {
         ),
         (
             "missing copy is stale",
-            vec![(&a, full(&h.v1)), (&b, full(&Object::empty()))],
+            vec![(&a, full(&h.v1)), (&b, full(&absent))],
             h.v1.clone(),
             vec![],
             vec![&b],
@@ -97,7 +98,7 @@ fn resolution_table() {
         (
             "absent digest matches absent full",
             vec![
-                (&a, full(&Object::empty())),
+                (&a, full(&absent)),
                 (&b, ReplicaCopy::Digest(absent_digest())),
             ],
             Object::empty(),
@@ -127,7 +128,7 @@ fn resolution_table() {
         ),
     ];
     for (name, copies, merged, unresolved, stale) in cases {
-        let resolution = resolve(copies.iter().map(|(n, c)| (*n, c)));
+        let resolution = resolve(copies.iter().map(|(n, c)| (*n, *c)));
         assert_eq!(resolution.merged, merged, "{name}: merged");
         assert_eq!(
             resolution.unresolved.iter().collect::<Vec<_>>(),
