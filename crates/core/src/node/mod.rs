@@ -661,12 +661,15 @@ impl<S: Storage> Node<S> {
         incoming: &Object,
     ) -> Result<bool, StorageError> {
         let old = self.storage.get(bucket, key)?;
-        let old_digest = old.as_ref().map(Object::digest);
-        let mut object = old.unwrap_or_default();
-        if !object.merge_in(incoming) {
+        let empty = Object::empty();
+        let current = old.as_ref().unwrap_or(&empty);
+        let merged = current.merge(incoming);
+        if merged == *current {
+            // Already known (duplicates, repairs of what is in sync): no write, no hashing.
             return Ok(false);
         }
-        self.write_local(bucket, key, old_digest, &object)?;
+        let old_digest = old.as_ref().map(Object::digest);
+        self.write_local(bucket, key, old_digest, &merged)?;
         Ok(true)
     }
 
