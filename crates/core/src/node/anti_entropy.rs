@@ -303,10 +303,7 @@ impl<S: Storage> Node<S> {
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
-            if let Some(mut exchange) = self.exchanges.remove(&id) {
-                let report = exchange.driver.abort();
-                self.finish_exchange(now, exchange, report);
-            }
+            self.abort_exchange(now, id);
         }
         if self.repair_bytes.available(now) == 0 {
             // Over the repair byte budget: look again shortly.
@@ -356,50 +353,29 @@ impl<S: Storage> Node<S> {
     }
 
     fn start_exchange(&mut self, now: Millis, range: TokenRange, peer: NodeId, run: Option<u64>) {
-        self.next_exchange += 1;
-        if self.membership.status(&peer) == PeerStatus::Down {
-            // Known down: fail at once (a run reports it) instead of waiting for a timeout.
-            let id = ExchangeId((u64::from(self.epoch) << 40) | self.next_exchange);
-            let mut driver = ExchangeDriver::new(id, range, ExchangeConfig::default(), 0);
-            let report = driver.abort();
-            let exchange = ActiveExchange {
-                driver,
-                peer,
-                deadline: now,
-                run,
-                started_at: now,
-            };
-            self.finish_exchange(now, exchange, report);
-            return;
-        }
-        let id = ExchangeId((u64::from(self.epoch) << 40) | self.next_exchange);
+        // Request ids carry the epoch, so they serve as exchange ids unique across restarts.
+        let id = ExchangeId(self.new_request_id());
         let salt = self.rng.gen();
-        let mut driver = ExchangeDriver::new(id, range, ExchangeConfig::default(), salt);
-        match driver.start(&mut self.trees) {
+        let mut exchange = ActiveExchange {
+            driver: ExchangeDriver::new(id, range, ExchangeConfig::default(), salt),
+            peer,
+            deadline: now + self.config.request_timeout_ms,
+            run,
+            started_at: now,
+        };
+        let step = if self.membership.status(&exchange.peer) == PeerStatus::Down {
+            // Known down: fail at once (a run reports it) instead of waiting for a timeout.
+            DriverStep::Finished(exchange.driver.abort())
+        } else {
+            exchange.driver.start(&mut self.trees)
+        };
+        match step {
             DriverStep::Send(request) => {
+                let peer = exchange.peer.clone();
                 self.send_exchange_request(now, &peer, request);
-                let deadline = now + self.config.request_timeout_ms;
-                self.exchanges.insert(
-                    id,
-                    super::anti_entropy::ActiveExchange {
-                        driver,
-                        peer,
-                        deadline,
-                        run,
-                        started_at: now,
-                    },
-                );
+                self.exchanges.insert(id, exchange);
             }
-            DriverStep::Finished(report) => {
-                let exchange = ActiveExchange {
-                    driver,
-                    peer,
-                    deadline: now,
-                    run,
-                    started_at: now,
-                };
-                self.finish_exchange(now, exchange, report);
-            }
+            DriverStep::Finished(report) => self.finish_exchange(now, exchange, report),
             DriverStep::Ignored => {}
         }
     }
@@ -489,10 +465,7 @@ impl<S: Storage> Node<S> {
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
-            if let Some(mut exchange) = self.exchanges.remove(&id) {
-                let report = exchange.driver.abort();
-                self.finish_exchange(now, exchange, report);
-            }
+            self.abort_exchange(now, id);
         }
     }
 

@@ -141,7 +141,6 @@ pub struct Node<S: Storage> {
     speculations: BTreeSet<(Millis, RequestId)>,
     trees: RangeTrees,
     exchanges: BTreeMap<ExchangeId, anti_entropy::ActiveExchange>,
-    next_exchange: u64,
     repair_queue: RepairQueue<(TokenRange, NodeId)>,
     /// Repair bytes, shared by anti-entropy and hint replay.
     repair_bytes: TokenBucket,
@@ -232,7 +231,6 @@ impl<S: Storage> Node<S> {
                 TreeShape::DEFAULT,
             ),
             exchanges: BTreeMap::new(),
-            next_exchange: 0,
             repair_queue: RepairQueue::new(RepairQueueConfig {
                 interval_ms: config.anti_entropy.interval_ms,
                 ..RepairQueueConfig::default()
