@@ -91,20 +91,21 @@ fn bucket_and_key(uri: &Uri, prefix: &str) -> Result<(String, Vec<u8>), Failure>
     Ok((bucket, key))
 }
 
-fn level(uri: &Uri, name: &str, default: ConsistencyLevel) -> Result<ConsistencyLevel, Failure> {
-    let Some(query) = uri.query() else {
-        return Ok(default);
-    };
-    for pair in query.split('&') {
+/// The first query parameter `name`, percent-decoded.
+fn query_param(uri: &Uri, name: &str) -> Option<String> {
+    uri.query()?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if k == name {
-            let v = percent_decode_str(v).decode_utf8_lossy();
-            return v
-                .parse()
-                .map_err(|e: mendkv_core::quorum::UnknownLevel| bad_request(e.to_string()));
-        }
+        (k == name).then(|| percent_decode_str(v).decode_utf8_lossy().into_owned())
+    })
+}
+
+fn level(uri: &Uri, name: &str, default: ConsistencyLevel) -> Result<ConsistencyLevel, Failure> {
+    match query_param(uri, name) {
+        None => Ok(default),
+        Some(v) => v
+            .parse()
+            .map_err(|e: mendkv_core::quorum::UnknownLevel| bad_request(e.to_string())),
     }
-    Ok(default)
 }
 
 fn context(headers: &HeaderMap) -> Result<Option<CausalContext>, Failure> {
@@ -447,14 +448,9 @@ async fn admin_local(State(state): State<ApiState>, uri: Uri) -> Response {
 /// replicates. Trees are per token range, not per bucket, so a run always compares every
 /// bucket; a `bucket` parameter is validated and otherwise has no effect.
 async fn start_repair(State(state): State<ApiState>, uri: Uri) -> Response {
-    if let Some(query) = uri.query() {
-        for pair in query.split('&') {
-            if let Some(("bucket", value)) = pair.split_once('=') {
-                let bucket = percent_decode_str(value).decode_utf8_lossy();
-                if let Err(e) = validate_bucket(&bucket) {
-                    return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string());
-                }
-            }
+    if let Some(bucket) = query_param(&uri, "bucket") {
+        if let Err(e) = validate_bucket(&bucket) {
+            return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string());
         }
     }
     match ask(&state, ClientRequest::StartRepair).await {
