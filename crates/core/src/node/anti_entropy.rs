@@ -403,12 +403,12 @@ impl<S: Storage> Node<S> {
         self.repair_bytes
             .consume(now, output.response.encoded_len() as u64);
         // The answer acknowledges pushed objects: only once they are durable.
-        self.emit_durable(super::Action::Send {
-            to: from.clone(),
-            message: Message::AntiEntropyReply {
+        self.send_durable(
+            from,
+            Message::AntiEntropyReply {
                 response: output.response,
             },
-        });
+        );
     }
 
     /// The driver side: merge what came back, send the next request or finish.

@@ -440,6 +440,14 @@ impl<S: Storage> Node<S> {
         }
     }
 
+    /// Sends an answer that acknowledges a write: released once the write is durable.
+    fn send_durable(&mut self, to: &NodeId, message: Message) {
+        self.emit_durable(Action::Send {
+            to: to.clone(),
+            message,
+        });
+    }
+
     fn reply(&mut self, client: ClientRequestId, response: ClientResponse) {
         self.emit(Action::Reply { client, response });
     }
@@ -899,20 +907,14 @@ impl<S: Storage> Node<S> {
                 object,
             } => {
                 let result = self.serve_replicate(&bucket, &key, &object);
-                self.emit_durable(Action::Send {
-                    to: from.clone(),
-                    message: Message::RepairWriteReply { request, result },
-                });
+                self.send_durable(from, Message::RepairWriteReply { request, result });
             }
             Message::RepairWriteReply { request, result } => {
                 self.on_repair_reply(now, request, from, result.is_ok())
             }
             Message::HintBatch { request, hints } => {
                 let result = self.serve_hint_batch(hints);
-                self.emit_durable(Action::Send {
-                    to: from.clone(),
-                    message: Message::HintBatchReply { request, result },
-                });
+                self.send_durable(from, Message::HintBatchReply { request, result });
             }
             Message::AntiEntropy { request } => self.on_exchange_request(now, from, request),
             Message::Reap { range, items } => self.on_reap(range, items),
@@ -938,10 +940,7 @@ impl<S: Storage> Node<S> {
                     }
                     Err(error) => Err(error),
                 };
-                self.emit_durable(Action::Send {
-                    to: from.clone(),
-                    message: Message::ReplicateReply { request, result },
-                });
+                self.send_durable(from, Message::ReplicateReply { request, result });
             }
             Message::HintBatchReply { request, result } => {
                 let delivered = result.is_ok();
@@ -969,10 +968,7 @@ impl<S: Storage> Node<S> {
                         result
                     }
                 };
-                self.emit_durable(Action::Send {
-                    to: from.clone(),
-                    message: Message::CoordinateReply { request, result },
-                });
+                self.send_durable(from, Message::CoordinateReply { request, result });
             }
             Message::CoordinateReply { request, result } => {
                 if let Some(Operation::Put(op)) = self.operations.get_mut(&request) {
@@ -987,10 +983,7 @@ impl<S: Storage> Node<S> {
                 object,
             } => {
                 let result = self.serve_replicate(&bucket, &key, &object);
-                self.emit_durable(Action::Send {
-                    to: from.clone(),
-                    message: Message::ReplicateReply { request, result },
-                });
+                self.send_durable(from, Message::ReplicateReply { request, result });
             }
             Message::ReplicateReply { request, result } => {
                 if let Some(Operation::Put(op)) = self.operations.get_mut(&request) {
