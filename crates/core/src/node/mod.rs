@@ -595,6 +595,12 @@ impl<S: Storage> Node<S> {
     fn remove_operation(&mut self, id: RequestId) -> Option<Operation> {
         let op = self.operations.remove(&id)?;
         self.deadlines.remove(&(op.deadline(), id));
+        if let Operation::Get(get) = &op {
+            // Its speculative retry (due `speculative_retry_ms` after its start) is moot now.
+            let started = get.deadline - self.config.request_timeout_ms;
+            self.speculations
+                .remove(&(started + self.config.speculative_retry_ms, id));
+        }
         Some(op)
     }
 
