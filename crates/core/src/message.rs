@@ -3,7 +3,7 @@
 //! Peer messages carry the request id of the coordinator that sent them; replies echo it,
 //! so many requests share one connection. Their binary encoding lives in the `wire` crate.
 
-use crate::anti_entropy::{ExchangeRequest, ExchangeResponse};
+use crate::anti_entropy::{ExchangeRequest, ExchangeResponse, RepairObject};
 use crate::quorum::ConsistencyLevel;
 use crate::version::{CausalContext, Object, Value};
 use crate::NodeId;
@@ -89,7 +89,7 @@ pub enum Message {
     /// Hinted writes replayed to the replica they were meant for.
     HintBatch {
         request: RequestId,
-        hints: Vec<(String, Vec<u8>, Object)>,
+        hints: Vec<RepairObject>,
     },
     /// Sent once every hint of the batch is durable on the replica.
     HintBatchReply {
@@ -127,6 +127,45 @@ impl Message {
         }
     }
 
+    /// For a request whose successful answer acknowledges durability: the key its answer
+    /// carries (see [`Message::durable_answer`]).
+    pub fn durable_request(&self) -> Option<DurableAnswerKey> {
+        match self {
+            Message::RepairWrite { request, .. }
+            | Message::Coordinate { request, .. }
+            | Message::Replicate { request, .. }
+            | Message::HintBatch { request, .. }
+            | Message::HintedWrite { request, .. } => Some(DurableAnswerKey::Request(*request)),
+            Message::AntiEntropy { request } => {
+                Some(DurableAnswerKey::Exchange(request.exchange.0, request.seq))
+            }
+            _ => None,
+        }
+    }
+
+    /// For an answer to a [`Message::durable_request`]: its key, and whether it claims the
+    /// request's writes are durable (a success) rather than reporting an error.
+    pub fn durable_answer(&self) -> Option<(DurableAnswerKey, bool)> {
+        match self {
+            Message::RepairWriteReply { request, result }
+            | Message::ReplicateReply { request, result }
+            | Message::HintBatchReply { request, result } => {
+                Some((DurableAnswerKey::Request(*request), result.is_ok()))
+            }
+            Message::CoordinateReply { request, result } => {
+                Some((DurableAnswerKey::Request(*request), result.is_ok()))
+            }
+            Message::AntiEntropyReply { response } => Some((
+                DurableAnswerKey::Exchange(response.exchange.0, response.seq),
+                !matches!(
+                    response.body,
+                    crate::anti_entropy::exchange::ResponseBody::Refused(_)
+                ),
+            )),
+            _ => None,
+        }
+    }
+
     /// The traffic class of `mendkv_network_bytes_total{class}`.
     pub fn class(&self) -> &'static str {
         match self {
@@ -141,6 +180,15 @@ impl Message {
             _ => "replication",
         }
     }
+}
+
+/// Matches a write request with the answer that acknowledges it (for checkers: the
+/// simulator audits that no such answer leaves before its writes are synced).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DurableAnswerKey {
+    Request(RequestId),
+    /// An anti-entropy exchange id and request sequence number.
+    Exchange(u64, u32),
 }
 
 /// Per-driver id of a client request, echoed in the reply.

@@ -73,6 +73,9 @@ struct MemoryState {
     durable_hints: BTreeMap<Vec<u8>, Vec<u8>>,
     /// Written but not yet synced, oldest first.
     pending: Vec<Record>,
+    /// Writes ever made, and how many of them are durable (a count, for checkers).
+    writes_made: u64,
+    writes_synced: u64,
 }
 
 /// An in-memory storage that keeps synced and pending writes apart, so a crash can be
@@ -107,6 +110,28 @@ impl MemoryStorage {
         for record in pending.into_iter().take(keep_pending) {
             apply(&mut state, record);
         }
+        state.writes_synced = state.writes_made;
+    }
+
+    /// Writes made so far (synced or not; hint deletions aside). With [`MemoryStorage::writes_synced`] a checker
+    /// can tell whether every write made before some moment is durable now.
+    pub fn writes_made(&self) -> u64 {
+        self.lock().writes_made
+    }
+
+    /// How many of the writes made so far are durable (always a prefix: syncs are ordered).
+    pub fn writes_synced(&self) -> u64 {
+        self.lock().writes_synced
+    }
+
+    fn push(&self, record: Record) {
+        let mut state = self.lock();
+        // Deleting a delivered hint need not be durable (a crash that undoes it only
+        // replays the hint, which is idempotent), so it is not a write anything waits for.
+        if !matches!(record, Record::Hint(_, None)) {
+            state.writes_made += 1;
+        }
+        state.pending.push(record);
     }
 
     /// Every object this storage holds (durable view plus pending), for checkers.
@@ -168,9 +193,7 @@ impl Storage for MemoryStorage {
             bucket: bucket.to_string(),
             key: key.to_vec(),
         };
-        self.lock()
-            .pending
-            .push(Record::Object(key, object.clone()));
+        self.push(Record::Object(key, object.clone()));
         Ok(())
     }
 
@@ -179,7 +202,7 @@ impl Storage for MemoryStorage {
             bucket: bucket.to_string(),
             key: key.to_vec(),
         };
-        self.lock().pending.push(Record::Removed(key));
+        self.push(Record::Removed(key));
         Ok(())
     }
 
@@ -189,6 +212,7 @@ impl Storage for MemoryStorage {
         for record in pending {
             apply(&mut state, record);
         }
+        state.writes_synced = state.writes_made;
         Ok(())
     }
 
@@ -202,9 +226,7 @@ impl Storage for MemoryStorage {
     }
 
     fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StorageError> {
-        self.lock()
-            .pending
-            .push(Record::Meta(name.to_string(), value.to_vec()));
+        self.push(Record::Meta(name.to_string(), value.to_vec()));
         Ok(())
     }
 
@@ -219,9 +241,7 @@ impl Storage for MemoryStorage {
     }
 
     fn put_hint(&self, key: &[u8], record: &[u8]) -> Result<(), StorageError> {
-        self.lock()
-            .pending
-            .push(Record::Hint(key.to_vec(), Some(record.to_vec())));
+        self.push(Record::Hint(key.to_vec(), Some(record.to_vec())));
         Ok(())
     }
 
@@ -235,7 +255,7 @@ impl Storage for MemoryStorage {
     }
 
     fn delete_hint(&self, key: &[u8]) -> Result<(), StorageError> {
-        self.lock().pending.push(Record::Hint(key.to_vec(), None));
+        self.push(Record::Hint(key.to_vec(), None));
         Ok(())
     }
 

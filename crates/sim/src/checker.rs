@@ -68,6 +68,9 @@ pub struct CheckReport {
     pub stale: Vec<Violation>,
     /// Keys whose final read failed even after the cluster healed.
     pub final_read_failures: Vec<Violation>,
+    /// Answers that claimed a write durable before a sync covered it (the simulator's
+    /// durability audit, checked on every such answer as it leaves a node).
+    pub unsynced_acknowledgements: Vec<Violation>,
     /// Keys whose replicas hold different objects at the end (after the final reads, which
     /// read-repair what they read).
     pub divergent: Vec<Violation>,
@@ -92,6 +95,7 @@ impl CheckReport {
             && self.resurrected.is_empty()
             && self.stale.is_empty()
             && self.final_read_failures.is_empty()
+            && self.unsynced_acknowledgements.is_empty()
     }
 
     pub fn converged(&self) -> bool {
@@ -108,6 +112,11 @@ impl CheckReport {
             .chain(self.resurrected.iter().map(|v| ("resurrected", v)))
             .chain(self.stale.iter().map(|v| ("stale", v)))
             .chain(self.final_read_failures.iter().map(|v| ("final-read", v)))
+            .chain(
+                self.unsynced_acknowledgements
+                    .iter()
+                    .map(|v| ("unsynced-ack", v)),
+            )
             .chain(self.divergent.iter().map(|v| ("divergent", v)))
     }
 

@@ -65,9 +65,9 @@ pub mod workload;
 pub use checker::CheckReport;
 pub use workload::{ContextSource, History, Op, OpId, OpKind, Outcome};
 
-use mendkv_core::config::NodeConfig;
+use mendkv_core::config::{FsyncPolicy, NodeConfig};
 use mendkv_core::membership::{MemberInfo, PeerStatus};
-use mendkv_core::message::{ClientRequest, ClientResponse, Message, RequestId};
+use mendkv_core::message::{ClientRequest, ClientResponse, DurableAnswerKey, Message, RequestId};
 use mendkv_core::node::{Action, Node, SyncTicket};
 use mendkv_core::quorum::ConsistencyLevel;
 use mendkv_core::ring::Ring;
@@ -573,7 +573,17 @@ pub struct Simulation {
     steps: u64,
     bound: Option<String>,
     params: String,
+    /// The durability audit: for each write request a node handled (node, incarnation,
+    /// sender, answer key), how many writes its storage had made by then. Its successful
+    /// answer may leave only once that many writes are synced.
+    awaiting_durable_answer: BTreeMap<(usize, u64, usize, DurableAnswerKey), u64>,
+    /// Answers that claimed durability before their writes were synced.
+    unsynced_acknowledgements: Vec<checker::Violation>,
 }
+
+/// Bound on the durability audit's ledger (requests whose answer was never sent, say
+/// because the node crashed, are forgotten oldest first).
+const MAX_AWAITING_DURABLE_ANSWERS: usize = 100_000;
 
 impl Simulation {
     /// Builds the cluster (every node knows every member) with the seed's parameters. The
@@ -666,6 +676,8 @@ impl Simulation {
             steps: 0,
             bound: None,
             params: String::new(),
+            awaiting_durable_answer: BTreeMap::new(),
+            unsynced_acknowledgements: Vec::new(),
             config,
         };
         let mut clocks = Vec::new();
@@ -1014,8 +1026,12 @@ impl Simulation {
         });
         let from_id = self.slots[from].id.clone();
         let local = self.slots[to].clock.local(self.now);
+        let durable_request = message.durable_request();
         if let Some(node) = self.slots[to].node.as_mut() {
             node.handle_message(local, &from_id, message);
+        }
+        if let Some(key) = durable_request {
+            self.expect_durable_answer(to, from, key);
         }
         self.flush(to);
     }
@@ -1116,10 +1132,59 @@ impl Simulation {
         }
     }
 
+    /// Node `at` handled a write request from `from`: its successful answer must wait for
+    /// every write made so far.
+    fn expect_durable_answer(&mut self, at: usize, from: usize, key: DurableAnswerKey) {
+        let slot = &self.slots[at];
+        if node_config(&slot.id, self.config.seed, slot.incarnation).fsync != FsyncPolicy::Always {
+            return;
+        }
+        if self.awaiting_durable_answer.len() >= MAX_AWAITING_DURABLE_ANSWERS {
+            self.awaiting_durable_answer.pop_first();
+        }
+        // A duplicated request keeps its first record: its first answer is checked.
+        self.awaiting_durable_answer
+            .entry((at, slot.incarnation, from, key))
+            .or_insert_with(|| slot.storage.writes_made());
+    }
+
+    /// The durability audit (issue: a failed fsync once released hint, repair and
+    /// anti-entropy acknowledgements as successes): an answer that claims durability must
+    /// find every write made before its request handled synced.
+    fn audit_durable_answer(&mut self, from: usize, to: &NodeId, message: &Message) {
+        let Some((key, claims_durable)) = message.durable_answer() else {
+            return;
+        };
+        let Some(&j) = self.index.get(to) else {
+            return;
+        };
+        let slot = &self.slots[from];
+        let Some(writes) = self
+            .awaiting_durable_answer
+            .remove(&(from, slot.incarnation, j, key))
+        else {
+            return;
+        };
+        let synced = slot.storage.writes_synced();
+        if claims_durable && synced < writes {
+            let detail = format!(
+                "n{from} acknowledged {key:?} to n{j} at {} ms with {} of its writes unsynced",
+                self.now,
+                writes - synced
+            );
+            self.unsynced_acknowledgements.push(checker::Violation {
+                key: format!("n{from}"),
+                detail,
+                value: None,
+            });
+        }
+    }
+
     fn send(&mut self, from: usize, to: NodeId, message: Message) {
         if !self.watch.is_empty() {
             self.watch_message(&message);
         }
+        self.audit_durable_answer(from, &to, &message);
         let Some(&j) = self.index.get(&to) else {
             // Not a simulated node: the transport has no address for it.
             self.send_failed(from, &to, &message, "unknown node");
@@ -1786,6 +1851,7 @@ impl Simulation {
         }
         self.run_for(QUIET_MS);
         let mut report = checker::check_history(&self.history, self.replicas());
+        report.unsynced_acknowledgements = self.unsynced_acknowledgements.clone();
         report.divergent = self.divergence();
         report.divergent_before_final_reads = apart_before;
         report

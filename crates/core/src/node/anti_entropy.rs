@@ -2,7 +2,8 @@
 //! replica peer per range (scheduled by a priority queue, paced by a byte token bucket),
 //! the receiver side, and operator-started repair runs (`POST /admin/repair`).
 
-use super::Node;
+use super::{DurableReply, Node};
+use crate::anti_entropy::exchange::{Refusal, ResponseBody};
 use crate::anti_entropy::MerkleTree;
 use crate::anti_entropy::{
     handle_request, repair_targets, replicated_ranges, DriverStep, ExchangeConfig, ExchangeDriver,
@@ -246,7 +247,7 @@ impl<S: Storage> Node<S> {
             Ok(Some(object)) if object.digest() == digest && object.is_deleted() => {
                 if self.storage.remove(bucket, key).is_ok() {
                     self.trees.record_write(bucket, key, Some(digest), None);
-                    self.unsynced_writes = true;
+                    self.wrote();
                     self.stats.tombstones_reaped += 1;
                 } else {
                     self.stats.storage_errors += 1;
@@ -399,16 +400,23 @@ impl<S: Storage> Node<S> {
             &StorageSource(&self.storage),
             &ReceiverLimits::default(),
         );
-        self.apply_repair_writes(output.writes);
+        let stored = self.apply_repair_writes(output.writes);
         self.repair_bytes
             .consume(now, output.response.encoded_len() as u64);
-        // The answer acknowledges pushed objects: only once they are durable.
-        self.send_durable(
-            from,
-            Message::AntiEntropyReply {
+        match stored {
+            // The answer acknowledges pushed objects: only once they are durable.
+            Ok(()) => self.emit_durable(DurableReply::Exchange {
+                to: from.clone(),
                 response: output.response,
-            },
-        );
+            }),
+            Err(error) => {
+                let response = ExchangeResponse {
+                    body: ResponseBody::Refused(Refusal::Storage(error.to_string())),
+                    ..output.response
+                };
+                self.send(from, Message::AntiEntropyReply { response });
+            }
+        }
     }
 
     /// The driver side: merge what came back, send the next request or finish.
@@ -433,7 +441,13 @@ impl<S: Storage> Node<S> {
             &mut self.trees,
             &StorageSource(&self.storage),
         );
-        self.apply_repair_writes(output.writes);
+        if self.apply_repair_writes(output.writes).is_err() {
+            // Objects pulled from the peer were not stored: the exchange must not count as
+            // converged (tombstone reaping relies on that), so it ends as failed.
+            let report = exchange.driver.abort();
+            self.finish_exchange(now, exchange, report);
+            return;
+        }
         match output.step {
             DriverStep::Send(request) => {
                 let peer = exchange.peer.clone();
@@ -469,14 +483,21 @@ impl<S: Storage> Node<S> {
         }
     }
 
-    fn apply_repair_writes(&mut self, writes: Vec<RepairObject>) {
+    /// Merges objects pushed by a peer; the first storage error, if any, after trying all
+    /// (an exchange answer must not acknowledge objects that were not stored).
+    fn apply_repair_writes(&mut self, writes: Vec<RepairObject>) -> Result<(), StorageError> {
+        let mut first_error = None;
         for write in writes {
             match self.merge_local(&write.bucket, &write.key, &write.object) {
                 Ok(true) => self.stats.anti_entropy_keys_repaired += 1,
                 Ok(false) => {}
-                Err(_) => self.stats.storage_errors += 1,
+                Err(error) => {
+                    self.stats.storage_errors += 1;
+                    first_error.get_or_insert(error);
+                }
             }
         }
+        first_error.map_or(Ok(()), Err)
     }
 
     fn finish_exchange(&mut self, now: Millis, exchange: ActiveExchange, report: ExchangeReport) {

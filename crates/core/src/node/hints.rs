@@ -2,6 +2,7 @@
 //! the replica is up again, expiry, budgets, and the marks left for anti-entropy.
 
 use super::Node;
+use crate::anti_entropy::RepairObject;
 use crate::control::BreakerState;
 use crate::hinted_handoff::{
     hint_key, parse_hint_key, DropReason, HintQueue, HintRecord, QueuedHint,
@@ -119,7 +120,7 @@ impl<S: Storage> Node<S> {
             self.stats.storage_errors += 1;
             return false;
         }
-        self.unsynced_writes = true;
+        self.wrote();
         let is_delete = record.object.is_deleted();
         self.hint_queue
             .upsert(target, bucket, key, record.created_ms, bytes, is_delete);
@@ -214,7 +215,11 @@ impl<S: Storage> Node<S> {
             match self.storage.get_hint(&storage_key) {
                 Ok(Some(bytes)) => match HintRecord::decode(&bytes) {
                     Some(record) => {
-                        payload.push((hint.bucket.clone(), hint.key.clone(), record.object));
+                        payload.push(RepairObject {
+                            bucket: hint.bucket.clone(),
+                            key: hint.key.clone(),
+                            object: record.object,
+                        });
                         sent.push(hint);
                     }
                     None => {
@@ -234,7 +239,7 @@ impl<S: Storage> Node<S> {
         }
         let bytes: usize = payload
             .iter()
-            .map(|(b, k, o)| b.len() + k.len() + o.size_bytes())
+            .map(|hint| hint.bucket.len() + hint.key.len() + hint.object.size_bytes())
             .sum();
         self.repair_bytes.consume(now, bytes as u64);
         let request = self.new_request_id();
@@ -300,11 +305,11 @@ impl<S: Storage> Node<S> {
     /// A replica receives replayed hints: merge each, answer once durable.
     pub(super) fn serve_hint_batch(
         &mut self,
-        hints: Vec<(String, Vec<u8>, Object)>,
+        hints: Vec<RepairObject>,
     ) -> Result<(), crate::message::ReplicaError> {
         let mut result = Ok(());
-        for (bucket, key, object) in hints {
-            if let Err(error) = self.serve_replicate(&bucket, &key, &object) {
+        for hint in hints {
+            if let Err(error) = self.serve_replicate(&hint.bucket, &hint.key, &hint.object) {
                 result = Err(error);
             }
         }

@@ -10,7 +10,7 @@
 //! write of the batch shares that one fsync.
 
 use crate::anti_entropy::{ExchangeId, ItemHasher, RangeTrees, TreeShape};
-use crate::config::{FsyncPolicy, NodeConfig};
+use crate::config::NodeConfig;
 use crate::control::{CircuitBreaker, RepairQueue, RepairQueueConfig, TokenBucket};
 use crate::coordinator::{AfterRead, GetOperation, PutOperation, WriteStep};
 use crate::gossip::{initial_state, Gossiper, NodeStatus};
@@ -41,10 +41,6 @@ pub enum Action {
         response: ClientResponse,
     },
 }
-
-/// A sync the driver has started; hand it back to [`Node::finish_sync`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SyncTicket(u64);
 
 /// Counters the drivers export as metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -117,10 +113,8 @@ pub struct Node<S: Storage> {
     operations: BTreeMap<RequestId, Operation>,
     deadlines: BTreeSet<(Millis, RequestId)>,
     ready: VecDeque<Action>,
-    held: Vec<Action>,
-    syncing: VecDeque<(SyncTicket, Vec<Action>)>,
-    next_ticket: u64,
-    unsynced_writes: bool,
+    /// Group commit: durable replies wait here for the sync that covers them.
+    durability: Durability,
     gossiper: Gossiper,
     stats: NodeStats,
     rng: StdRng,
@@ -261,10 +255,7 @@ impl<S: Storage> Node<S> {
             operations: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             ready: VecDeque::new(),
-            held: Vec::new(),
-            syncing: VecDeque::new(),
-            next_ticket: 0,
-            unsynced_writes: false,
+            durability: Durability::new(config.fsync),
             gossiper,
             stats,
             rng: StdRng::seed_from_u64(config.rng_seed),
@@ -316,7 +307,11 @@ impl<S: Storage> Node<S> {
         self.operations.len()
     }
 
-    /// The next action for the driver, if any.
+    /// The next action for the driver, if any. Call it until it returns `None` after every
+    /// `handle_*` call and after `finish_sync`; then, if [`Node::needs_sync`], start a sync
+    /// with [`Node::begin_sync`], and call `handle_tick` at [`Node::next_deadline`] at the
+    /// latest. Nothing else makes new actions appear.
+    #[must_use = "actions not polled are messages never sent and replies never given"]
     pub fn poll_action(&mut self) -> Option<Action> {
         let action = self.ready.pop_front()?;
         if let Action::Reply { client, response } = &action {
@@ -371,47 +366,24 @@ impl<S: Storage> Node<S> {
 
     /// True when writes or held acknowledgements wait for a sync.
     pub fn needs_sync(&self) -> bool {
-        self.unsynced_writes || !self.held.is_empty()
+        self.durability.needs_sync()
     }
 
     /// Starts a sync: every acknowledgement held so far is released by its `finish_sync`.
+    /// The driver makes storage durable (on its own thread or in virtual time) and then
+    /// calls [`Node::finish_sync`] with the ticket, and polls again.
+    #[must_use = "hand the ticket back to finish_sync once the storage sync is done"]
     pub fn begin_sync(&mut self) -> Option<SyncTicket> {
-        if !self.needs_sync() {
-            return None;
-        }
-        self.next_ticket += 1;
-        let ticket = SyncTicket(self.next_ticket);
-        self.unsynced_writes = false;
-        self.syncing
-            .push_back((ticket, std::mem::take(&mut self.held)));
-        Some(ticket)
+        self.durability.begin()
     }
 
-    /// The driver's fsync finished. On failure the held acknowledgements become errors:
-    /// nothing is acknowledged that is not durable.
+    /// The driver's fsync finished. On failure every held acknowledgement becomes an error
+    /// (see [`DurableReply::failed`]): nothing is acknowledged that is not durable.
     pub fn finish_sync(&mut self, ticket: SyncTicket, result: Result<(), StorageError>) {
-        let Some(position) = self.syncing.iter().position(|(t, _)| *t == ticket) else {
-            return;
-        };
-        // Syncs finish in order: an fsync covers every write before it.
-        let finished: Vec<_> = self.syncing.drain(..=position).collect();
-        self.stats.syncs += 1;
-        if result.is_err() {
-            // The writes this sync was to cover are not durable: the next sync must cover
-            // them again, and nothing acknowledges them before it succeeds.
-            self.unsynced_writes = true;
-        }
-        for (_, actions) in finished {
-            for action in actions {
-                match &result {
-                    Ok(()) => self.ready.push_back(action),
-                    Err(error) => {
-                        self.stats.storage_errors += 1;
-                        self.ready.push_back(fail_acknowledgement(action, error));
-                    }
-                }
-            }
-        }
+        let failed_before = self.durability.failed_replies;
+        self.durability.finish(ticket, &result, &mut self.ready);
+        self.stats.syncs = self.durability.syncs;
+        self.stats.storage_errors += self.durability.failed_replies - failed_before;
     }
 
     /// Makes the storage durable right here (for drivers without a separate sync thread).
@@ -426,26 +398,37 @@ impl<S: Storage> Node<S> {
         self.ready.push_back(action);
     }
 
-    /// Emits an acknowledgement of a write: held until durable under `FsyncPolicy::Always`.
-    fn emit_durable(&mut self, action: Action) {
-        if self.config.fsync != FsyncPolicy::Always {
-            self.ready.push_back(action);
-        } else if self.unsynced_writes {
-            self.held.push(action);
-        } else if let Some((_, batch)) = self.syncing.back_mut() {
-            // The sync under way already covers every write made so far.
-            batch.push(action);
-        } else {
-            self.ready.push_back(action);
-        }
+    /// Emits an answer that acknowledges durability: held until durable under
+    /// `FsyncPolicy::Always`.
+    fn emit_durable(&mut self, reply: DurableReply) {
+        self.durability.hold(reply, &mut self.ready);
     }
 
-    /// Sends an answer that acknowledges a write: released once the write is durable.
-    fn send_durable(&mut self, to: &NodeId, message: Message) {
-        self.emit_durable(Action::Send {
-            to: to.clone(),
-            message,
-        });
+    /// A local write reached storage: durable replies from now on wait for its sync.
+    fn wrote(&mut self) {
+        self.durability.wrote();
+    }
+
+    /// Answers a `Replicate` or `HintedWrite`: an error at once, a success once durable.
+    fn answer_replicate(
+        &mut self,
+        to: &NodeId,
+        request: RequestId,
+        result: Result<(), ReplicaError>,
+    ) {
+        match result {
+            Ok(()) => self.emit_durable(DurableReply::Replicated {
+                to: to.clone(),
+                request,
+            }),
+            Err(error) => self.send(
+                to,
+                Message::ReplicateReply {
+                    request,
+                    result: Err(error),
+                },
+            ),
+        }
     }
 
     fn reply(&mut self, client: ClientRequestId, response: ClientResponse) {
@@ -697,7 +680,7 @@ impl<S: Storage> Node<S> {
             self.stats.storage_errors += 1;
         })?;
         self.stats.local_writes += 1;
-        self.unsynced_writes = true;
+        self.wrote();
         self.trees
             .record_write(bucket, key, old_digest, Some(object.digest()));
         Ok(())
@@ -819,7 +802,7 @@ impl<S: Storage> Node<S> {
                         if !op.answered {
                             op.answered = true;
                             let client = op.client;
-                            self.emit_durable(Action::Reply {
+                            self.emit_durable(DurableReply::Client {
                                 client,
                                 response: ClientResponse::Written { context },
                             });
@@ -913,14 +896,38 @@ impl<S: Storage> Node<S> {
                 object,
             } => {
                 let result = self.serve_replicate(&bucket, &key, &object);
-                self.send_durable(from, Message::RepairWriteReply { request, result });
+                match result {
+                    Ok(()) => self.emit_durable(DurableReply::RepairWritten {
+                        to: from.clone(),
+                        request,
+                    }),
+                    Err(error) => self.send(
+                        from,
+                        Message::RepairWriteReply {
+                            request,
+                            result: Err(error),
+                        },
+                    ),
+                }
             }
             Message::RepairWriteReply { request, result } => {
                 self.on_repair_reply(now, request, from, result.is_ok())
             }
             Message::HintBatch { request, hints } => {
                 let result = self.serve_hint_batch(hints);
-                self.send_durable(from, Message::HintBatchReply { request, result });
+                match result {
+                    Ok(()) => self.emit_durable(DurableReply::HintBatchStored {
+                        to: from.clone(),
+                        request,
+                    }),
+                    Err(error) => self.send(
+                        from,
+                        Message::HintBatchReply {
+                            request,
+                            result: Err(error),
+                        },
+                    ),
+                }
             }
             Message::AntiEntropy { request } => self.on_exchange_request(now, from, request),
             Message::Reap { range, items } => self.on_reap(range, items),
@@ -946,7 +953,7 @@ impl<S: Storage> Node<S> {
                     }
                     Err(error) => Err(error),
                 };
-                self.send_durable(from, Message::ReplicateReply { request, result });
+                self.answer_replicate(from, request, result);
             }
             Message::HintBatchReply { request, result } => {
                 let delivered = result.is_ok();
@@ -974,7 +981,20 @@ impl<S: Storage> Node<S> {
                         result
                     }
                 };
-                self.send_durable(from, Message::CoordinateReply { request, result });
+                match result {
+                    Ok(object) => self.emit_durable(DurableReply::Coordinated {
+                        to: from.clone(),
+                        request,
+                        object,
+                    }),
+                    Err(error) => self.send(
+                        from,
+                        Message::CoordinateReply {
+                            request,
+                            result: Err(error),
+                        },
+                    ),
+                }
             }
             Message::CoordinateReply { request, result } => {
                 if let Some(Operation::Put(op)) = self.operations.get_mut(&request) {
@@ -989,7 +1009,7 @@ impl<S: Storage> Node<S> {
                 object,
             } => {
                 let result = self.serve_replicate(&bucket, &key, &object);
-                self.send_durable(from, Message::ReplicateReply { request, result });
+                self.answer_replicate(from, request, result);
             }
             Message::ReplicateReply { request, result } => {
                 if let Some(Operation::Put(op)) = self.operations.get_mut(&request) {
@@ -1103,37 +1123,15 @@ impl<S: Storage> Node<S> {
     }
 }
 
-/// Turns a held acknowledgement into the error it must become when the sync failed.
-fn fail_acknowledgement(action: Action, error: &StorageError) -> Action {
-    match action {
-        Action::Reply { client, .. } => Action::Reply {
-            client,
-            response: ClientResponse::StorageFailed(error.to_string()),
-        },
-        Action::Send { to, message } => {
-            let failure = ReplicaError::Storage(error.to_string());
-            let message = match message {
-                Message::ReplicateReply { request, .. } => Message::ReplicateReply {
-                    request,
-                    result: Err(failure),
-                },
-                Message::CoordinateReply { request, .. } => Message::CoordinateReply {
-                    request,
-                    result: Err(failure),
-                },
-                other => other,
-            };
-            Action::Send { to, message }
-        }
-    }
-}
-
 mod anti_entropy;
+mod durability;
 mod gossip;
 mod hints;
 mod read;
 
 pub use anti_entropy::{AntiEntropyConfig, RepairRunStatus};
+use durability::Durability;
+pub use durability::{DurableReply, SyncTicket};
 
 #[cfg(test)]
 mod tests;

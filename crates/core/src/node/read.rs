@@ -1,6 +1,6 @@
 //! The node's read path: digest reads, read repair (blocking or async), background repair.
 
-use super::{Action, Node, Operation};
+use super::{DurableReply, Node, Operation};
 use crate::config::ReadRepairMode;
 use crate::coordinator::{AfterRead, GetOperation, ReadKind, ReadProgress};
 use crate::membership::PeerStatus;
@@ -284,7 +284,7 @@ impl<S: Storage> Node<S> {
     ) {
         let answer_now = |node: &mut Self, waiting: Option<(ClientRequestId, Object)>| {
             if let Some((client, object)) = waiting {
-                node.emit_durable(Action::Reply {
+                node.emit_durable(DurableReply::Client {
                     client,
                     response: ClientResponse::Object(object),
                 });
@@ -388,7 +388,7 @@ impl<S: Storage> Node<S> {
             self.stats.read_repair_repaired += 1;
         }
         if let Some((client, object)) = repair.waiting_client {
-            self.emit_durable(Action::Reply {
+            self.emit_durable(DurableReply::Client {
                 client,
                 response: ClientResponse::Object(object),
             });

@@ -716,3 +716,138 @@ fn circuit_breaker_closes_after_a_good_probe() {
         "exchanges resume"
     );
 }
+
+/// A three-node cluster's first node, with a write request from the second already handled
+/// and its reply held: `finish_sync(Err)` must turn the reply into an error.
+fn failed_sync_reply(request: Message) -> Message {
+    let mut cluster = TestCluster::new(3);
+    let peer = cluster.nodes[1].id().clone();
+    let node = &mut cluster.nodes[0];
+    node.handle_message(0, &peer, request);
+    assert_eq!(node.poll_action(), None, "the reply waits for the sync");
+    let ticket = node.begin_sync().expect("the write needs a sync");
+    node.finish_sync(ticket, Err(StorageError::Engine("injected".into())));
+    match node.poll_action() {
+        Some(Action::Send { to, message }) if to == peer => message,
+        other => panic!("expected a reply to the peer, got {other:?}"),
+    }
+}
+
+fn written_object(value: &str) -> Object {
+    let mut object = Object::empty();
+    object.apply_write(Actor::new("n1", 1), &CausalContext::empty(), data(value));
+    object
+}
+
+/// Every reply that acknowledges durability becomes an error when its sync fails: a
+/// replicate, a sloppy quorum's hinted write, a read repair, a hint batch, a coordinated
+/// write and an anti-entropy transfer.
+#[test]
+fn a_failed_sync_fails_every_durable_reply() {
+    let object = written_object("v");
+    let replicate = Message::Replicate {
+        request: 1,
+        bucket: "b".into(),
+        key: b"k".to_vec(),
+        object: object.clone(),
+    };
+    assert!(matches!(
+        failed_sync_reply(replicate),
+        Message::ReplicateReply {
+            result: Err(ReplicaError::Storage(_)),
+            ..
+        }
+    ));
+    let hinted = Message::HintedWrite {
+        request: 2,
+        intended: NodeId::new("n2"),
+        bucket: "b".into(),
+        key: b"k".to_vec(),
+        object: object.clone(),
+    };
+    assert!(matches!(
+        failed_sync_reply(hinted),
+        Message::ReplicateReply {
+            result: Err(ReplicaError::Storage(_)),
+            ..
+        }
+    ));
+    let repair = Message::RepairWrite {
+        request: 3,
+        bucket: "b".into(),
+        key: b"k".to_vec(),
+        object: object.clone(),
+    };
+    assert!(matches!(
+        failed_sync_reply(repair),
+        Message::RepairWriteReply {
+            result: Err(ReplicaError::Storage(_)),
+            ..
+        }
+    ));
+    let batch = Message::HintBatch {
+        request: 4,
+        hints: vec![crate::anti_entropy::RepairObject {
+            bucket: "b".into(),
+            key: b"k".to_vec(),
+            object: object.clone(),
+        }],
+    };
+    assert!(matches!(
+        failed_sync_reply(batch),
+        Message::HintBatchReply {
+            result: Err(ReplicaError::Storage(_)),
+            ..
+        }
+    ));
+    let coordinate = Message::Coordinate {
+        request: 5,
+        bucket: "b".into(),
+        key: b"k".to_vec(),
+        context: CausalContext::empty(),
+        value: data("w"),
+    };
+    assert!(matches!(
+        failed_sync_reply(coordinate),
+        Message::CoordinateReply {
+            result: Err(ReplicaError::Storage(_)),
+            ..
+        }
+    ));
+    let cluster = TestCluster::new(3);
+    let key_range = cluster.nodes[0]
+        .ring()
+        .range_for_token(crate::ring::key_token("b", b"k"))
+        .unwrap();
+    use crate::anti_entropy::exchange::{Probe, Refusal, RequestBody, ResponseBody};
+    let transfer = Message::AntiEntropy {
+        request: crate::anti_entropy::ExchangeRequest {
+            exchange: ExchangeId(9),
+            seq: 1,
+            range: key_range,
+            shape: crate::anti_entropy::TreeShape::DEFAULT,
+            probe: Probe {
+                salt: 0,
+                node_hash_bytes: 8,
+                item_hash_bytes: 8,
+            },
+            body: RequestBody::Transfer {
+                objects: vec![crate::anti_entropy::RepairObject {
+                    bucket: "b".into(),
+                    key: b"k".to_vec(),
+                    object,
+                }],
+                want: vec![],
+            },
+        },
+    };
+    let reply = failed_sync_reply(transfer);
+    assert!(
+        matches!(
+            &reply,
+            Message::AntiEntropyReply { response }
+                if matches!(response.body, ResponseBody::Refused(Refusal::Storage(_)))
+        ),
+        "{reply:?}"
+    );
+}
