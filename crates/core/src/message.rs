@@ -246,6 +246,8 @@ pub enum ClientResponse {
     Local(Option<Object>),
     /// The local storage failed.
     StorageFailed(String),
+    /// The request breaks a rule (a 400): nothing was changed.
+    Invalid(String),
     /// Too many requests are in flight at this coordinator; retry later.
     Overloaded,
     RepairStarted {

@@ -14,7 +14,7 @@ use base64::Engine;
 use mendkv_core::message::{ClientRequest, ClientResponse};
 use mendkv_core::quorum::ConsistencyLevel;
 use mendkv_core::request::{validate_bucket, validate_key, validate_value_size};
-use mendkv_core::version::{CausalContext, Object, Value};
+use mendkv_core::version::{CausalContext, ContextKey, Object, Value};
 use percent_encoding::percent_decode_str;
 use serde_json::json;
 use std::sync::Arc;
@@ -31,6 +31,8 @@ pub struct ApiState {
     pub default_read: ConsistencyLevel,
     pub default_write: ConsistencyLevel,
     pub request_timeout: Duration,
+    /// Seals the contexts this node hands out and opens those clients send back.
+    pub contexts: ContextKey,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -108,7 +110,13 @@ fn level(uri: &Uri, name: &str, default: ConsistencyLevel) -> Result<Consistency
     }
 }
 
-fn context(headers: &HeaderMap) -> Result<Option<CausalContext>, Failure> {
+/// The client's context for `bucket`/`key`: it must be one this cluster issued for them.
+fn context(
+    state: &ApiState,
+    headers: &HeaderMap,
+    bucket: &str,
+    key: &[u8],
+) -> Result<Option<CausalContext>, Failure> {
     let Some(value) = headers.get(CONTEXT_HEADER) else {
         return Ok(None);
     };
@@ -118,7 +126,9 @@ fn context(headers: &HeaderMap) -> Result<Option<CausalContext>, Failure> {
     if text.is_empty() {
         return Ok(None);
     }
-    CausalContext::decode(text)
+    state
+        .contexts
+        .open(text, bucket, key)
         .map(Some)
         .map_err(|e| bad_request(format!("bad context: {e}")))
 }
@@ -161,9 +171,22 @@ async fn ask(state: &ApiState, request: ClientRequest) -> Result<ClientResponse,
     }
 }
 
-fn with_context(mut response: Response, context: &CausalContext) -> Response {
+/// Where a context was read: contexts are sealed for their bucket and key.
+struct ContextScope<'a> {
+    contexts: &'a ContextKey,
+    bucket: &'a str,
+    key: &'a [u8],
+}
+
+impl ContextScope<'_> {
+    fn seal(&self, context: &CausalContext) -> String {
+        self.contexts.seal(context, self.bucket, self.key)
+    }
+}
+
+fn with_context(mut response: Response, scope: &ContextScope, context: &CausalContext) -> Response {
     if !context.is_empty() {
-        if let Ok(value) = HeaderValue::from_str(&context.encode()) {
+        if let Ok(value) = HeaderValue::from_str(&scope.seal(context)) {
             response.headers_mut().insert(CONTEXT_HEADER, value);
         }
     }
@@ -197,6 +220,7 @@ fn coordination_failure(response: ClientResponse) -> Failure {
             ),
             "overloaded",
         ),
+        ClientResponse::Invalid(message) => bad_request(message),
         ClientResponse::StorageFailed(message) => Failure::new(
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -216,13 +240,14 @@ fn coordination_failure(response: ClientResponse) -> Failure {
     }
 }
 
-fn object_response(object: Object) -> (Response, &'static str) {
+fn object_response(scope: &ContextScope, object: Object) -> (Response, &'static str) {
     let context = object.causal_context();
     let live: Vec<_> = object.live_values().collect();
     match live.as_slice() {
         [] => (
             with_context(
                 error(StatusCode::NOT_FOUND, "not_found", "no value for this key"),
+                scope,
                 &context,
             ),
             "not_found",
@@ -243,7 +268,7 @@ fn object_response(object: Object) -> (Response, &'static str) {
             }) {
                 response.headers_mut().insert(header::CONTENT_TYPE, value);
             }
-            (with_context(response, &context), "ok")
+            (with_context(response, scope, &context), "ok")
         }
         many => {
             let siblings: Vec<_> = many
@@ -259,9 +284,9 @@ fn object_response(object: Object) -> (Response, &'static str) {
                     Value::Tombstone => None,
                 })
                 .collect();
-            let body = json!({ "siblings": siblings, "context": context.encode() });
+            let body = json!({ "siblings": siblings, "context": scope.seal(&context) });
             let response = (StatusCode::MULTIPLE_CHOICES, axum::Json(body)).into_response();
-            (with_context(response, &context), "siblings")
+            (with_context(response, scope, &context), "siblings")
         }
     }
 }
@@ -314,6 +339,13 @@ async fn handle_kv(
     let label = level.as_str();
     let result = async {
         let (bucket, key) = bucket_and_key(&parts.uri, "/kv/")?;
+        let scope_key = key.clone();
+        let scope_bucket = bucket.clone();
+        let scope = ContextScope {
+            contexts: &state.contexts,
+            bucket: &scope_bucket,
+            key: &scope_key,
+        };
         match parts.method {
             Method::GET => {
                 let response = ask(state, ClientRequest::Get { bucket, key, level }).await?;
@@ -322,13 +354,13 @@ async fn handle_kv(
                         let bytes_out: usize =
                             object.live_values().map(|s| s.value.size_bytes()).sum();
                         state.metrics.count_bytes("out", "client", bytes_out);
-                        Ok(object_response(object))
+                        Ok(object_response(&scope, object))
                     }
                     other => Err(coordination_failure(other)),
                 }
             }
             Method::PUT => {
-                let context = context(&parts.headers)?.unwrap_or_default();
+                let context = context(state, &parts.headers, &bucket, &key)?.unwrap_or_default();
                 let declared = parts
                     .headers
                     .get(header::CONTENT_LENGTH)
@@ -377,10 +409,10 @@ async fn handle_kv(
                     },
                 )
                 .await?;
-                written(response)
+                written(&scope, response)
             }
             _ => {
-                let context = context(&parts.headers)?;
+                let context = context(state, &parts.headers, &bucket, &key)?;
                 let response = ask(
                     state,
                     ClientRequest::Delete {
@@ -391,7 +423,7 @@ async fn handle_kv(
                     },
                 )
                 .await?;
-                written(response)
+                written(&scope, response)
             }
         }
     }
@@ -399,10 +431,13 @@ async fn handle_kv(
     (label, result)
 }
 
-fn written(response: ClientResponse) -> Result<(Response, &'static str), Failure> {
+fn written(
+    scope: &ContextScope,
+    response: ClientResponse,
+) -> Result<(Response, &'static str), Failure> {
     match response {
         ClientResponse::Written { context } => Ok((
-            with_context(StatusCode::NO_CONTENT.into_response(), &context),
+            with_context(StatusCode::NO_CONTENT.into_response(), scope, &context),
             "ok",
         )),
         other => Err(coordination_failure(other)),
@@ -414,7 +449,16 @@ async fn admin_local(State(state): State<ApiState>, uri: Uri) -> Response {
         Ok(pair) => pair,
         Err(Failure(response, _)) => return *response,
     };
-    match ask(&state, ClientRequest::GetLocal { bucket, key }).await {
+    let sealed = |object: &Object| state.contexts.seal(&object.causal_context(), &bucket, &key);
+    match ask(
+        &state,
+        ClientRequest::GetLocal {
+            bucket: bucket.clone(),
+            key: key.clone(),
+        },
+    )
+    .await
+    {
         Ok(ClientResponse::Local(Some(object))) => {
             let siblings: Vec<_> = object
                 .siblings()
@@ -431,7 +475,7 @@ async fn admin_local(State(state): State<ApiState>, uri: Uri) -> Response {
                     Value::Tombstone => json!({ "value_base64": "", "tombstone": true }),
                 })
                 .collect();
-            let body = json!({ "siblings": siblings, "context": object.causal_context().encode() });
+            let body = json!({ "siblings": siblings, "context": sealed(&object) });
             axum::Json(body).into_response()
         }
         Ok(ClientResponse::Local(None)) => error(

@@ -26,6 +26,7 @@ use crate::node_loop::{run_node, Inbox};
 use crate::transport::{accept_loop, dial, Identity};
 use mendkv_core::membership::MemberInfo;
 use mendkv_core::node::Node;
+use mendkv_core::version::ContextKey;
 use mendkv_storage::FjallStorage;
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,6 +130,7 @@ pub async fn run(
         default_read: node_config.default_read,
         default_write: node_config.default_write,
         request_timeout: Duration::from_millis(node_config.request_timeout_ms),
+        contexts: ContextKey::from_secret(config.cluster.secret.as_bytes()),
     };
     let app = http::router(state);
     let serve = axum::serve(http_listener, app).with_graceful_shutdown(async move {

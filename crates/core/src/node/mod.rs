@@ -20,10 +20,10 @@ use crate::message::{
     ClientRequest, ClientRequestId, ClientResponse, Message, ReplicaError, RequestId,
 };
 use crate::quorum::ConsistencyLevel;
-use crate::request::{validate_bucket, validate_key};
+use crate::request::{validate_bucket, validate_key, validate_value_size};
 use crate::ring::{Ring, TokenRange};
 use crate::storage::{Storage, StorageError};
-use crate::version::{Actor, CausalContext, Object, Value};
+use crate::version::{Actor, CausalContext, Object, Value, MAX_CONTEXT_ACTORS, MAX_COUNTER};
 use crate::{Millis, NodeId};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -161,6 +161,17 @@ pub struct Node<S: Storage> {
     /// Durations of finished exchanges, drained by the driver into a histogram.
     exchange_durations_ms: VecDeque<Millis>,
 }
+
+/// Why a client write could not be applied as actor.
+#[derive(Debug)]
+enum WriteRefusal {
+    Storage(StorageError),
+    /// The write breaks a rule (the answer is a 400, and nothing changed).
+    Invalid(String),
+}
+
+/// Longest content type stored (longer ones are cut by the HTTP layer, refused from peers).
+pub const MAX_CONTENT_TYPE_BYTES: usize = 256;
 
 /// How many served `Coordinate` requests are remembered. A duplicate arriving later than
 /// this many forwarded writes after its original would be applied again; the network
@@ -620,8 +631,12 @@ impl<S: Storage> Node<S> {
         let step = if is_replica {
             match self.coordinate_locally(&bucket, &key, &context, value) {
                 Ok(object) => op.coordinated_locally(&me, object),
-                Err(error) => {
+                Err(WriteRefusal::Storage(error)) => {
                     self.reply(client, ClientResponse::StorageFailed(error.to_string()));
+                    return;
+                }
+                Err(WriteRefusal::Invalid(reason)) => {
+                    self.reply(client, ClientResponse::Invalid(reason));
                     return;
                 }
             }
@@ -632,19 +647,32 @@ impl<S: Storage> Node<S> {
         self.drive_write(now, id, step);
     }
 
-    /// Applies a client write as the actor: new dot on top of the local object.
+    /// Applies a client write as the actor: new dot on top of the local object. A write
+    /// whose result would break the context limits (too many actors, a counter near
+    /// overflow) is refused and changes nothing, so every stored object's context can be
+    /// handed out and read back.
     fn coordinate_locally(
         &mut self,
         bucket: &str,
         key: &[u8],
         context: &CausalContext,
         value: Value,
-    ) -> Result<Object, StorageError> {
-        let old = self.storage.get(bucket, key)?;
+    ) -> Result<Object, WriteRefusal> {
+        let old = self
+            .storage
+            .get(bucket, key)
+            .map_err(WriteRefusal::Storage)?;
         let old_digest = old.as_ref().map(Object::digest);
         let mut object = old.unwrap_or_default();
         object.apply_write(self.actor, context, value);
-        self.write_local(bucket, key, old_digest, &object)?;
+        if !CausalContext::within_limits(object.context()) {
+            return Err(WriteRefusal::Invalid(format!(
+                "the write would give this key more than {MAX_CONTEXT_ACTORS} actors or a \
+                 counter of {MAX_COUNTER} or more"
+            )));
+        }
+        self.write_local(bucket, key, old_digest, &object)
+            .map_err(WriteRefusal::Storage)?;
         Ok(object)
     }
 
@@ -941,7 +969,10 @@ impl<S: Storage> Node<S> {
                 key,
                 object,
             } => {
-                let result = match self.check_peer_input(&bucket, &key) {
+                let checked = self
+                    .check_peer_input(&bucket, &key)
+                    .and_then(|()| self.check_peer_object(&object));
+                let result = match checked {
                     Ok(()) => {
                         if self.store_hint(now, &intended, &bucket, &key, &object) {
                             Ok(())
@@ -1030,6 +1061,47 @@ impl<S: Storage> Node<S> {
             })
     }
 
+    /// A value from a peer obeys the limits a client's does (`max_value_bytes`, the
+    /// content type's length): the frame limit alone would let a peer store 8 MiB values.
+    fn check_peer_value(&mut self, value: &Value) -> Result<(), ReplicaError> {
+        let result = match value {
+            Value::Data {
+                bytes,
+                content_type,
+            } => validate_value_size(bytes.len(), self.config.max_value_bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    if content_type.len() > MAX_CONTENT_TYPE_BYTES {
+                        Err(format!(
+                            "content type is over {MAX_CONTENT_TYPE_BYTES} bytes"
+                        ))
+                    } else {
+                        Ok(())
+                    }
+                }),
+            Value::Tombstone => Ok(()),
+        };
+        result.map_err(|reason| {
+            self.stats.invalid_peer_requests += 1;
+            ReplicaError::Invalid(reason)
+        })
+    }
+
+    /// An object from a peer: every sibling's value within the limits, and a context
+    /// within the context limits.
+    fn check_peer_object(&mut self, object: &Object) -> Result<(), ReplicaError> {
+        for sibling in object.siblings() {
+            self.check_peer_value(&sibling.value)?;
+        }
+        if !CausalContext::within_limits(object.context()) {
+            self.stats.invalid_peer_requests += 1;
+            return Err(ReplicaError::Invalid(
+                "object's version vector is over the context limits".into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn serve_read(&mut self, bucket: &str, key: &[u8]) -> Result<Option<Object>, ReplicaError> {
         self.check_peer_input(bucket, key)?;
         self.storage.get(bucket, key).map_err(|e| {
@@ -1060,8 +1132,12 @@ impl<S: Storage> Node<S> {
         value: Value,
     ) -> Result<Object, ReplicaError> {
         self.check_peer_input(bucket, key)?;
+        self.check_peer_value(&value)?;
         self.coordinate_locally(bucket, key, context, value)
-            .map_err(|e| ReplicaError::Storage(e.to_string()))
+            .map_err(|refusal| match refusal {
+                WriteRefusal::Storage(e) => ReplicaError::Storage(e.to_string()),
+                WriteRefusal::Invalid(reason) => ReplicaError::Invalid(reason),
+            })
     }
 
     fn serve_replicate(
@@ -1071,6 +1147,7 @@ impl<S: Storage> Node<S> {
         incoming: &Object,
     ) -> Result<(), ReplicaError> {
         self.check_peer_input(bucket, key)?;
+        self.check_peer_object(incoming)?;
         self.merge_local(bucket, key, incoming)
             .map(|_| ())
             .map_err(|e| ReplicaError::Storage(e.to_string()))

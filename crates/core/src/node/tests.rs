@@ -851,3 +851,40 @@ fn a_failed_sync_fails_every_durable_reply() {
         "{reply:?}"
     );
 }
+
+/// Bounds hold on what a write would store, not only on what a context decodes to: a
+/// context one step from the counter limit, or one naming more actors than a context may,
+/// is refused with `Invalid` and changes nothing, so honest reads keep working.
+#[test]
+fn writes_that_would_break_context_limits_change_nothing() {
+    use crate::version::{VersionVector, MAX_CONTEXT_ACTORS, MAX_COUNTER};
+    let mut cluster = TestCluster::new(3);
+    assert!(matches!(
+        cluster.put(0, "v", CausalContext::empty(), ConsistencyLevel::All),
+        ClientResponse::Written { .. }
+    ));
+    let before = local(&mut cluster, 0);
+    let own_actor = Actor::new("n0", cluster.nodes[0].epoch());
+    let near_overflow: VersionVector = [(own_actor, MAX_COUNTER - 1)].into_iter().collect();
+    let reply = cluster.put(
+        0,
+        "w",
+        CausalContext::from_vector(near_overflow),
+        ConsistencyLevel::All,
+    );
+    assert!(matches!(reply, ClientResponse::Invalid(_)), "{reply:?}");
+    let invented: VersionVector = (0..MAX_CONTEXT_ACTORS as u32)
+        .map(|i| (Actor::new("invented", i), 1))
+        .collect();
+    let reply = cluster.put(
+        0,
+        "w",
+        CausalContext::from_vector(invented),
+        ConsistencyLevel::All,
+    );
+    assert!(matches!(reply, ClientResponse::Invalid(_)), "{reply:?}");
+    assert_eq!(local(&mut cluster, 0), before, "nothing changed");
+    assert!(CausalContext::within_limits(
+        before.expect("stored").context()
+    ));
+}

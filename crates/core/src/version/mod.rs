@@ -18,7 +18,10 @@
 
 mod context;
 
-pub use context::{CausalContext, ContextError, MAX_CONTEXT_ACTORS, MAX_CONTEXT_ENCODED_BYTES};
+pub use context::{
+    CausalContext, ContextError, ContextKey, MAX_CONTEXT_ACTORS, MAX_CONTEXT_ENCODED_BYTES,
+    MAX_COUNTER,
+};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};

@@ -107,13 +107,17 @@ proptest! {
         prop_assert!(all.siblings().len() <= steps.len().max(1));
     }
 
-    /// A context survives its encoding, and any junk text is rejected without a panic.
+    /// A context survives its sealing for the same key, is refused for any other key,
+    /// and any junk text is rejected without a panic.
     #[test]
     fn context_round_trips(steps in proptest::collection::vec(step(), 0..30), junk in ".{0,64}") {
         let r = play(&steps);
         let context = r[0].causal_context();
-        prop_assert_eq!(CausalContext::decode(&context.encode()).unwrap(), context);
-        let _ = CausalContext::decode(&junk);
+        let keys = ContextKey::from_secret(b"secret");
+        let sealed = keys.seal(&context, "b", b"k");
+        prop_assert_eq!(keys.open(&sealed, "b", b"k").unwrap(), context);
+        prop_assert_eq!(keys.open(&sealed, "b", b"k2"), Err(ContextError::NotAuthentic));
+        let _ = keys.open(&junk, "b", b"k");
     }
 }
 
@@ -163,13 +167,63 @@ fn concurrent_writes_through_different_actors_are_kept() {
 /// Malformed, oversize and wrong-version contexts are rejected with a reason.
 #[test]
 fn bad_contexts_are_rejected() {
-    assert_eq!(CausalContext::decode("!!!"), Err(ContextError::NotBase64));
-    assert_eq!(CausalContext::decode(""), Err(ContextError::Empty));
+    let keys = ContextKey::from_secret(b"secret");
+    let open = |text: &str| keys.open(text, "b", b"k");
+    assert_eq!(open("!!!"), Err(ContextError::NotBase64));
+    assert_eq!(open(""), Err(ContextError::Empty));
+    assert_eq!(open("AQ"), Err(ContextError::UnsupportedVersion(1)));
     assert_eq!(
-        CausalContext::decode("Ag"),
-        Err(ContextError::UnsupportedVersion(2))
+        open("Ag"),
+        Err(ContextError::Malformed),
+        "too short for a tag"
     );
-    assert_eq!(CausalContext::decode("AQ"), Err(ContextError::Malformed));
     let long = "A".repeat(MAX_CONTEXT_ENCODED_BYTES + 1);
-    assert_eq!(CausalContext::decode(&long), Err(ContextError::TooLong));
+    assert_eq!(open(&long), Err(ContextError::TooLong));
+}
+
+/// A context is bound to the cluster secret, its bucket and key, and every byte of it: a
+/// forged, altered, other key's or other cluster's context is refused.
+#[test]
+fn contexts_are_authenticated() {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let mut object = Object::empty();
+    object.apply_write(actor(1), &CausalContext::empty(), data("a"));
+    let keys = ContextKey::from_secret(b"secret");
+    let sealed = keys.seal(&object.causal_context(), "b", b"k");
+    assert_eq!(
+        keys.open(&sealed, "b", b"k").unwrap(),
+        object.causal_context()
+    );
+    assert_eq!(
+        keys.open(&sealed, "c", b"k"),
+        Err(ContextError::NotAuthentic)
+    );
+    assert_eq!(
+        keys.open(&sealed, "b", b"kk"),
+        Err(ContextError::NotAuthentic)
+    );
+    let other_cluster = ContextKey::from_secret(b"other");
+    assert_eq!(
+        other_cluster.open(&sealed, "b", b"k"),
+        Err(ContextError::NotAuthentic)
+    );
+    // Flip each byte in turn: every alteration is caught.
+    let bytes = URL_SAFE_NO_PAD.decode(&sealed).unwrap();
+    for i in 1..bytes.len() {
+        let mut altered = bytes.clone();
+        altered[i] ^= 0x01;
+        let text = URL_SAFE_NO_PAD.encode(&altered);
+        assert_eq!(
+            keys.open(&text, "b", b"k"),
+            Err(ContextError::NotAuthentic),
+            "byte {i}"
+        );
+    }
+    // A bucket/key split cannot be shifted: ("ab", "c") differs from ("a", "bc").
+    let shifted = keys.seal(&object.causal_context(), "ab", b"c");
+    assert_eq!(
+        keys.open(&shifted, "a", b"bc"),
+        Err(ContextError::NotAuthentic)
+    );
 }
