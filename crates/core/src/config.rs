@@ -80,6 +80,9 @@ pub struct NodeConfig {
     /// Key of the Merkle trees' item hash: the cluster secret, so outsiders cannot choose
     /// keys that collide in the trees.
     pub tree_hash_secret: Vec<u8>,
+    /// A node that starts without an epoch record waits to hear from a peer what epoch it
+    /// ran under before it coordinates writes (set when it has seeds to ask).
+    pub learn_epoch_from_peers: bool,
     /// Seed of the node's random choices (background repair, ...); the simulator sets it
     /// from its run seed, the server from the OS.
     pub rng_seed: u64,
@@ -107,6 +110,7 @@ impl NodeConfig {
             anti_entropy: crate::node::AntiEntropyConfig::default(),
             circuit_breaker: crate::control::BreakerConfig::default(),
             tree_hash_secret: b"mendkv".to_vec(),
+            learn_epoch_from_peers: false,
             rng_seed: 0,
         }
     }

@@ -18,6 +18,8 @@ pub enum ReplicaError {
     Storage(String),
     /// The request was refused as invalid (a bug in the sender, or a hostile peer).
     Invalid(String),
+    /// The replica cannot serve this now (its epoch is unconfirmed); another may.
+    NotReady(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,6 +250,8 @@ pub enum ClientResponse {
     StorageFailed(String),
     /// The request breaks a rule (a 400): nothing was changed.
     Invalid(String),
+    /// This node cannot coordinate the request yet (a 503 with the reason).
+    NotReady(String),
     /// Too many requests are in flight at this coordinator; retry later.
     Overloaded,
     RepairStarted {

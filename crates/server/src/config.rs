@@ -490,6 +490,8 @@ impl ServerConfig {
             min_samples: breaker.min_samples,
             cooldown_ms: breaker.cooldown_s.saturating_mul(1000),
         };
+        let own = [self.node.listen.clone(), self.advertised_peer_address()];
+        config.learn_epoch_from_peers = self.cluster.seeds.iter().any(|s| !own.contains(s));
         config.rng_seed = rand::random();
         Ok(config)
     }

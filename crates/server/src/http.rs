@@ -221,6 +221,10 @@ fn coordination_failure(response: ClientResponse) -> Failure {
             "overloaded",
         ),
         ClientResponse::Invalid(message) => bad_request(message),
+        ClientResponse::NotReady(message) => Failure::new(
+            error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message),
+            "unavailable",
+        ),
         ClientResponse::StorageFailed(message) => Failure::new(
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,

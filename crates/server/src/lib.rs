@@ -98,6 +98,12 @@ pub async fn run(
         http = %config.node.http,
         "node starting"
     );
+    if !node.epoch_confirmed() {
+        tracing::warn!(
+            "no epoch record in the data directory (new or wiped): this node coordinates no \
+             writes until a seed has told it which epoch it ran under before"
+        );
+    }
     let accept = tokio::spawn(accept_loop(
         peer_listener,
         identity.clone(),

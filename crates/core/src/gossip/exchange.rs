@@ -87,6 +87,17 @@ impl Gossiper {
     /// The digests of every node known, in id order; when they do not all fit the budget, a
     /// window of them that moves on every time (and the `Syn` is not `complete`).
     pub(super) fn build_syn(&mut self) -> GossipMessage {
+        let mut syn = self.build_syn_of_all();
+        if !self.announce_self {
+            // The receiver then sends what it holds of this node (see `set_announce_self`).
+            if let GossipMessage::Syn { digests, .. } = &mut syn {
+                digests.retain(|d| d.node != self.me);
+            }
+        }
+        syn
+    }
+
+    fn build_syn_of_all(&mut self) -> GossipMessage {
         let budget = self.config.max_message_bytes - MESSAGE_OVERHEAD_BYTES;
         let total: usize = self
             .nodes

@@ -65,6 +65,40 @@ pub enum GossipMessage {
 }
 
 impl GossipMessage {
+    /// The highest generation this message claims the sender holds for `node`, if it
+    /// mentions it: in its digests and deltas, and in an `Ack`'s requests for more of a
+    /// generation it already holds part of (`max_version > 0`). A request from version 0
+    /// only echoes the generation of the digest it answers.
+    pub fn generation_claimed_for(&self, node: &NodeId) -> Option<Generation> {
+        let digests = |list: &[Digest]| {
+            list.iter()
+                .filter(|d| d.node == *node)
+                .map(|d| d.generation)
+                .max()
+        };
+        let deltas = |list: &[Delta]| {
+            list.iter()
+                .filter(|d| d.node == *node)
+                .map(|d| d.generation)
+                .max()
+        };
+        match self {
+            GossipMessage::Syn { digests: list, .. } => digests(list),
+            GossipMessage::Ack {
+                deltas: list,
+                requests,
+            } => {
+                let held = requests
+                    .iter()
+                    .filter(|d| d.node == *node && d.max_version > 0)
+                    .map(|d| d.generation)
+                    .max();
+                deltas(list).max(held)
+            }
+            GossipMessage::Ack2 { deltas: list } => deltas(list),
+        }
+    }
+
     /// The exact size of the postcard encoding (computed without encoding; a test checks
     /// it against postcard).
     pub fn encoded_len(&self) -> usize {

@@ -343,6 +343,8 @@ pub struct Gossiper {
     next_check_at: Millis,
     /// Where the next budget-limited `Syn` starts listing digests.
     syn_cursor: usize,
+    /// Whether this node's `Syn`s list its own digest (see `set_announce_self`).
+    announce_self: bool,
 }
 
 impl Gossiper {
@@ -376,6 +378,7 @@ impl Gossiper {
             fast_until: 0,
             next_check_at: Millis::MAX,
             syn_cursor: 0,
+            announce_self: true,
             me,
             config,
         };
@@ -390,6 +393,33 @@ impl Gossiper {
 
     pub fn id(&self) -> &NodeId {
         &self.me
+    }
+
+    /// Off: this node's `Syn`s leave out its own digest, so a peer answering a complete
+    /// `Syn` sends whatever it holds of this node, in its generation. A node that lost its
+    /// data directory asks this way what its previous life was (a digest of its own would
+    /// be compared by version, and an equal generation and version would say nothing).
+    pub fn set_announce_self(&mut self, on: bool) {
+        self.announce_self = on;
+    }
+
+    /// This node learned that it ran before under a generation at least its own (its data
+    /// directory was lost): it continues under `generation`, publishing the same state, and
+    /// peers see it as a restart.
+    pub fn adopt_generation(&mut self, generation: Generation, now: Millis) {
+        let entries: Vec<(AppKey, AppValue)> = self
+            .local_state()
+            .entries()
+            .map(|(key, entry)| (key, entry.value.clone()))
+            .collect();
+        let mut state = EndpointState::new(generation);
+        state.apply_heartbeat(1, now);
+        self.nodes
+            .insert(self.me.clone(), Peer::new(state, now, &self.detector));
+        for (key, value) in entries {
+            // Each fitted before, so each fits again.
+            let _ = self.set_local(key, value, now);
+        }
     }
 
     pub fn generation(&self) -> Generation {

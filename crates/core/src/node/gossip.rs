@@ -27,6 +27,7 @@ impl<S: Storage> Node<S> {
     }
 
     pub(super) fn on_gossip(&mut self, now: Millis, from: &NodeId, message: GossipMessage) {
+        self.learn_epoch_from(now, &message);
         let replies = self.gossiper.handle_message(now, from, message);
         self.send_gossip(replies);
         self.apply_gossip_events(now);

@@ -74,6 +74,8 @@ pub struct NodeStats {
     pub tree_verifications: u64,
     pub tree_verification_mismatches: u64,
     pub tombstones_reaped: u64,
+    /// Times gossip showed this node had run under a higher epoch (a lost data directory).
+    pub epochs_learned_from_peers: u64,
 }
 
 #[derive(Debug)]
@@ -107,6 +109,9 @@ pub struct Node<S: Storage> {
     storage: S,
     actor: Actor,
     epoch: u32,
+    /// False while a node that started without an epoch record waits to hear from peers
+    /// whether it ran before (see `epoch.rs`); it issues no dots meanwhile.
+    epoch_confirmed: bool,
     membership: Membership,
     ring: Ring,
     next_request: u64,
@@ -168,6 +173,8 @@ enum WriteRefusal {
     Storage(StorageError),
     /// The write breaks a rule (the answer is a 400, and nothing changed).
     Invalid(String),
+    /// This node may not issue dots yet (its epoch is unconfirmed).
+    NotReady(String),
 }
 
 /// Longest content type stored (longer ones are cut by the HTTP layer, refused from peers).
@@ -178,21 +185,11 @@ pub const MAX_CONTENT_TYPE_BYTES: usize = 256;
 /// delivers duplicates within a request timeout, far fewer writes than this.
 const MAX_SERVED_COORDINATES: usize = 4096;
 
-/// The meta record holding the node's epoch.
-const EPOCH_META: &str = "epoch";
-
 impl<S: Storage> Node<S> {
     /// Opens a node over its storage. The epoch grows (durably) on every start, so a node
     /// that lost un-synced writes in a crash never reuses one of their dots.
     pub fn new(config: NodeConfig, storage: S, now: Millis) -> Result<Self, StorageError> {
-        let previous = storage
-            .get_meta(EPOCH_META)?
-            .and_then(|bytes| <[u8; 4]>::try_from(bytes.as_slice()).ok())
-            .map(u32::from_le_bytes)
-            .unwrap_or(0);
-        let epoch = previous.wrapping_add(1);
-        storage.put_meta(EPOCH_META, &epoch.to_le_bytes())?;
-        storage.sync()?;
+        let (epoch, fresh) = epoch::next_epoch(&storage)?;
         let me = MemberInfo {
             id: config.node_id.clone(),
             peer_address: config.peer_address.clone(),
@@ -260,6 +257,7 @@ impl<S: Storage> Node<S> {
             breaker_probe: None,
             actor: Actor::new(config.node_id.as_str(), epoch),
             epoch,
+            epoch_confirmed: !(fresh && config.learn_epoch_from_peers),
             membership,
             ring,
             next_request: 0,
@@ -275,6 +273,9 @@ impl<S: Storage> Node<S> {
             storage,
             config,
         };
+        if !node.epoch_confirmed {
+            node.gossiper.set_announce_self(false);
+        }
         // Trees are rebuilt by one scan at every start: a tree persisted before a crash could
         // disagree with what the crash left of the data.
         node.align_trees();
@@ -639,6 +640,10 @@ impl<S: Storage> Node<S> {
                     self.reply(client, ClientResponse::Invalid(reason));
                     return;
                 }
+                Err(WriteRefusal::NotReady(reason)) => {
+                    self.reply(client, ClientResponse::NotReady(reason));
+                    return;
+                }
             }
         } else {
             op.start_remote(candidates)
@@ -658,6 +663,9 @@ impl<S: Storage> Node<S> {
         context: &CausalContext,
         value: Value,
     ) -> Result<Object, WriteRefusal> {
+        if !self.epoch_confirmed {
+            return Err(WriteRefusal::NotReady(epoch::EPOCH_UNCONFIRMED.into()));
+        }
         let old = self
             .storage
             .get(bucket, key)
@@ -1137,6 +1145,7 @@ impl<S: Storage> Node<S> {
             .map_err(|refusal| match refusal {
                 WriteRefusal::Storage(e) => ReplicaError::Storage(e.to_string()),
                 WriteRefusal::Invalid(reason) => ReplicaError::Invalid(reason),
+                WriteRefusal::NotReady(reason) => ReplicaError::NotReady(reason),
             })
     }
 
@@ -1202,6 +1211,7 @@ impl<S: Storage> Node<S> {
 
 mod anti_entropy;
 mod durability;
+mod epoch;
 mod gossip;
 mod hints;
 mod read;

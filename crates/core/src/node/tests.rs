@@ -888,3 +888,109 @@ fn writes_that_would_break_context_limits_change_nothing() {
         before.expect("stored").context()
     ));
 }
+
+fn member(i: usize) -> MemberInfo {
+    MemberInfo {
+        id: NodeId::new(format!("n{i}")),
+        peer_address: format!("p{i}"),
+        http_address: format!("h{i}"),
+    }
+}
+
+/// A cluster whose nodes gossip (each has the others as seed contacts) and have heard of
+/// each other's generations.
+fn gossiping_cluster(n: usize) -> TestCluster {
+    let mut cluster = TestCluster::new(n);
+    for i in 0..n {
+        for j in (0..n).filter(|j| *j != i) {
+            cluster.nodes[i].handle_seed_discovered(0, member(j));
+        }
+    }
+    cluster.run();
+    for second in 1..=3 {
+        cluster.tick(second * 1000);
+    }
+    cluster
+}
+
+/// A node whose data directory was wiped starts at epoch 1 again; it must not issue dots
+/// until gossip has told it the epoch it ran under, then continue above it, so a write it
+/// coordinates is never mistaken for one the replicas already hold.
+#[test]
+fn a_wiped_node_learns_its_epoch_from_peers_before_coordinating() {
+    let mut cluster = gossiping_cluster(3);
+    let written = cluster.put(2, "old", CausalContext::empty(), ConsistencyLevel::All);
+    assert!(matches!(written, ClientResponse::Written { .. }));
+    let old_epoch = cluster.nodes[2].epoch();
+
+    // Wipe n2's disk and start it again under the same id.
+    let mut config = NodeConfig::new("n2");
+    config.learn_epoch_from_peers = true;
+    let mut wiped = Node::new(config, MemoryStorage::new(), cluster.now).unwrap();
+    for i in 0..3 {
+        wiped.handle_member_discovered(member(i));
+    }
+    assert_eq!(wiped.epoch(), 1, "the record is gone");
+    assert!(!wiped.epoch_confirmed());
+    cluster.nodes[2] = wiped;
+    // Its seed answers the handshake a moment later: until then it must refuse.
+    let refused = cluster.put(
+        2,
+        "too early",
+        CausalContext::empty(),
+        ConsistencyLevel::All,
+    );
+    assert!(
+        matches!(refused, ClientResponse::NotReady(_)),
+        "{refused:?}"
+    );
+
+    let now = cluster.now;
+    cluster.nodes[2].handle_seed_discovered(now, member(0));
+    cluster.run();
+    let start = cluster.now;
+    for step in 1..=20 {
+        if cluster.nodes[2].epoch_confirmed() {
+            break;
+        }
+        cluster.tick(start + step * 1000);
+    }
+    assert!(cluster.nodes[2].epoch_confirmed(), "gossip answered");
+    assert!(cluster.nodes[2].epoch() > old_epoch);
+    assert_eq!(cluster.nodes[2].stats().epochs_learned_from_peers, 1);
+
+    let written = cluster.put(2, "new", CausalContext::empty(), ConsistencyLevel::All);
+    assert!(
+        matches!(written, ClientResponse::Written { .. }),
+        "{written:?}"
+    );
+    for i in 0..3 {
+        let object = local(&mut cluster, i).expect("stored");
+        assert!(
+            object.live_values().any(|s| s.value == data("new")),
+            "n{i} kept the new write: {object:?}"
+        );
+    }
+}
+
+/// A node that starts with no record and was never in the cluster is confirmed by the
+/// first gossip answer, which claims nothing about it, and keeps epoch 1.
+#[test]
+fn a_new_node_is_confirmed_by_the_first_gossip_answer() {
+    // n1 was never in n0's gossip: a new node, not a wiped one.
+    let mut cluster = TestCluster::new(2);
+    let mut config = NodeConfig::new("n1");
+    config.learn_epoch_from_peers = true;
+    let mut fresh = Node::new(config, MemoryStorage::new(), 0).unwrap();
+    for i in 0..2 {
+        fresh.handle_member_discovered(member(i));
+    }
+    cluster.nodes[1] = fresh;
+    assert!(!cluster.nodes[1].epoch_confirmed());
+    let now = cluster.now;
+    cluster.nodes[1].handle_seed_discovered(now, member(0));
+    cluster.run();
+    assert!(cluster.nodes[1].epoch_confirmed());
+    assert_eq!(cluster.nodes[1].epoch(), 1);
+    assert_eq!(cluster.nodes[1].stats().epochs_learned_from_peers, 0);
+}

@@ -1,0 +1,101 @@
+//! The node's epoch: the second half of its actor `(node, epoch)`, so the dots it issues
+//! never repeat (SPEC section 6).
+//!
+//! The epoch grows durably on every start, which covers crashes. A wiped data directory
+//! loses the record, and the node would start again at epoch 1 and reissue dots that
+//! replicas already hold: a new write named by an old dot looks already seen to them and
+//! is silently dropped. So a node that starts without an epoch record and has peers to ask
+//! does not act as a write's actor until gossip has told it what its peers know of it; and
+//! whenever gossip claims a generation at least its own for it (from any peer, at any
+//! time), it continues under a higher epoch, made durable first.
+
+use super::Node;
+use crate::gossip::GossipMessage;
+use crate::storage::{Storage, StorageError};
+use crate::version::Actor;
+use crate::Millis;
+
+/// The meta record holding the node's epoch.
+pub(super) const EPOCH_META: &str = "epoch";
+
+/// Reads the previous epoch and makes the next one durable; also says whether the node
+/// started without any record (a new or wiped data directory).
+pub(super) fn next_epoch<S: Storage>(storage: &S) -> Result<(u32, bool), StorageError> {
+    let previous = storage
+        .get_meta(EPOCH_META)?
+        .and_then(|bytes| <[u8; 4]>::try_from(bytes.as_slice()).ok())
+        .map(u32::from_le_bytes);
+    let epoch = previous.unwrap_or(0).wrapping_add(1);
+    storage.put_meta(EPOCH_META, &epoch.to_le_bytes())?;
+    storage.sync()?;
+    Ok((epoch, previous.is_none()))
+}
+
+/// Why this node may not be a write's actor yet.
+pub(super) const EPOCH_UNCONFIRMED: &str = "this node started with an empty data directory and \
+     has not yet heard from a peer what epoch it ran under before (it will not reuse old \
+     versions); retry in a moment, or check that its seeds are reachable";
+
+impl<S: Storage> Node<S> {
+    /// True when this node may issue new dots (coordinate writes as actor).
+    pub fn epoch_confirmed(&self) -> bool {
+        self.epoch_confirmed
+    }
+
+    /// Looks at a gossip message before gossip handles it: a claim of a generation at
+    /// least this node's epoch means it ran before under it (and lost its record).
+    pub(super) fn learn_epoch_from(&mut self, now: Millis, message: &GossipMessage) {
+        if let Some(claimed) = message.generation_claimed_for(self.id()) {
+            // Once confirmed, peers rightly hold this epoch as our generation; before, they
+            // cannot have learned it from us yet (our state goes out only after their
+            // answer), so an equal claim is the epoch of a previous life.
+            let ran_before = if self.epoch_confirmed {
+                claimed > u64::from(self.epoch)
+            } else {
+                claimed >= u64::from(self.epoch)
+            };
+            if ran_before {
+                self.adopt_epoch(now, claimed);
+                return;
+            }
+        }
+        // An answer to our digest (which named this node), or a full list of what a peer
+        // knows, that claims nothing newer: this epoch is new to the cluster.
+        let tells_all = matches!(
+            message,
+            GossipMessage::Ack { .. } | GossipMessage::Syn { complete: true, .. }
+        );
+        if !self.epoch_confirmed && tells_all {
+            self.confirm_epoch();
+        }
+    }
+
+    fn confirm_epoch(&mut self) {
+        self.epoch_confirmed = true;
+        self.gossiper.set_announce_self(true);
+    }
+
+    /// Continues under an epoch above `claimed`, durably, before any dot is issued in it.
+    fn adopt_epoch(&mut self, now: Millis, claimed: u64) {
+        let Some(epoch) = claimed.checked_add(1).and_then(|e| u32::try_from(e).ok()) else {
+            // A claim beyond u32 can only come from a bug or a hostile peer; ignore it.
+            self.stats.invalid_peer_requests += 1;
+            return;
+        };
+        let stored = self
+            .storage
+            .put_meta(EPOCH_META, &epoch.to_le_bytes())
+            .and_then(|()| self.storage.sync());
+        if stored.is_err() {
+            // Not durable: stay unable to coordinate rather than risk the old epoch.
+            self.stats.storage_errors += 1;
+            self.epoch_confirmed = false;
+            return;
+        }
+        self.epoch = epoch;
+        self.actor = Actor::new(self.config.node_id.as_str(), epoch);
+        self.gossiper.adopt_generation(u64::from(epoch), now);
+        self.confirm_epoch();
+        self.stats.epochs_learned_from_peers += 1;
+    }
+}
