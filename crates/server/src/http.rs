@@ -648,3 +648,6 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod path_fuzz;

@@ -128,8 +128,9 @@ enum Chunk {
     TrailerLf,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum State {
+    #[default]
     Head,
     Body(u64),
     Chunked(Chunk),
@@ -138,14 +139,48 @@ enum State {
 }
 
 /// Follows one connection's request stream (see the module doc).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct RequestFramer {
     state: State,
+    scan: HeadScan,
 }
 
-impl Default for RequestFramer {
-    fn default() -> Self {
-        RequestFramer { state: State::Head }
+/// How far the current head has been scanned for its end. Parsing is tried only once the
+/// blank line that ends a head has arrived: reparsing on every read would let a client that
+/// sends a long head a byte at a time cost the node work quadratic in the head's length.
+#[derive(Debug, Default)]
+struct HeadScan {
+    scanned: usize,
+    /// Where the request line starts, after any empty lines before it.
+    content_start: Option<usize>,
+    line_start: usize,
+    request_line_end: Option<usize>,
+    complete: bool,
+}
+
+impl HeadScan {
+    fn scan(&mut self, unchecked: &[u8]) {
+        while self.scanned < unchecked.len() && !self.complete {
+            let at = self.scanned;
+            let byte = unchecked[at];
+            self.scanned += 1;
+            match (self.content_start, byte) {
+                (None, b'\r' | b'\n') => {}
+                (None, _) => {
+                    self.content_start = Some(at);
+                    self.line_start = at;
+                }
+                (Some(_), b'\n') => {
+                    let line = &unchecked[self.line_start..at];
+                    if line.is_empty() || line == b"\r" {
+                        self.complete = true;
+                    }
+                    self.request_line_end.get_or_insert(at);
+                    self.line_start = at + 1;
+                }
+                (Some(_), _) => {}
+            }
+        }
     }
 }
 
@@ -178,25 +213,39 @@ impl RequestFramer {
     }
 
     fn head(&mut self, unchecked: &[u8]) -> Verdict {
+        self.scan.scan(unchecked);
+        if !self.scan.complete {
+            let request_line = self
+                .scan
+                .content_start
+                .map_or(0, |start| unchecked.len() - start);
+            if self.scan.request_line_end.is_none() && request_line > MAX_TARGET_BYTES + 64 {
+                return Verdict::Refuse(Refusal::TargetTooLong(request_line));
+            }
+            if unchecked.len() > MAX_HEAD_BYTES {
+                return Verdict::Refuse(Refusal::HeadTooLarge(format!(
+                    "request line and headers exceed {MAX_HEAD_BYTES} bytes"
+                )));
+            }
+            return Verdict::NeedMore;
+        }
+        let verdict = self.parse_head(unchecked);
+        if !matches!(verdict, Verdict::NeedMore) {
+            self.scan = HeadScan::default();
+        }
+        verdict
+    }
+
+    fn parse_head(&mut self, unchecked: &[u8]) -> Verdict {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut request = httparse::Request::new(&mut headers);
         let length = match request.parse(unchecked) {
             Ok(httparse::Status::Complete(length)) => length,
+            // The scan saw a blank line, so httparse should see the end too; if not, the
+            // next blank line tries again.
             Ok(httparse::Status::Partial) => {
-                if let Some(target) = request.path.filter(|t| t.len() > MAX_TARGET_BYTES) {
-                    return Verdict::Refuse(Refusal::TargetTooLong(target.len()));
-                }
-                if unchecked.len() <= MAX_HEAD_BYTES {
-                    return Verdict::NeedMore;
-                }
-                // A request line that alone overflows the head is an over-long target.
-                let request_line = unchecked.trim_ascii_start();
-                if !request_line.contains(&b'\n') {
-                    return Verdict::Refuse(Refusal::TargetTooLong(request_line.len()));
-                }
-                return Verdict::Refuse(Refusal::HeadTooLarge(format!(
-                    "request line and headers exceed {MAX_HEAD_BYTES} bytes"
-                )));
+                self.scan.complete = false;
+                return Verdict::NeedMore;
             }
             Err(httparse::Error::TooManyHeaders) => {
                 return Verdict::Refuse(Refusal::HeadTooLarge(format!(
