@@ -21,6 +21,32 @@ pub struct ServerConfig {
     pub circuit_breaker: CircuitBreakerSection,
     pub gossip: GossipSection,
     pub storage: StorageSection,
+    pub http: HttpSection,
+}
+
+/// Bounds on client connections to the HTTP API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    /// Open client connections at most; more are answered 503 and closed. Lowered at start to
+    /// what the open-file limit allows after a reserve for peers and storage.
+    pub max_connections: usize,
+    /// A request line and headers must arrive in full within this long (counted from the
+    /// connection's start, or from the first byte of a later request on it).
+    pub header_timeout_ms: u64,
+    /// A connection with no request for this long is closed, and a request body must arrive in
+    /// full within this long.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection {
+            max_connections: 4096,
+            header_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -356,6 +382,16 @@ impl ServerConfig {
                 "consistency.request_timeout_ms must be positive".into(),
             ));
         }
+        if self.http.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "http.max_connections must be at least 1".into(),
+            ));
+        }
+        if self.http.header_timeout_ms == 0 || self.http.idle_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "http.header_timeout_ms and http.idle_timeout_ms must be positive".into(),
+            ));
+        }
         if self.storage.max_value_bytes > 8 << 20 {
             return Err(ConfigError::Invalid(
                 "storage.max_value_bytes is at most 8 MiB (the frame limit)".into(),
@@ -550,5 +586,45 @@ mod tests {
         assert!(error.contains("consistency.read"), "{error}");
         let vars = vec![("MENDKV_STORAGE__NOPE".to_string(), "1".to_string())];
         assert!(ServerConfig::load(None, vars, toml::Table::new()).is_err());
+    }
+
+    /// `[http]` has defaults, takes its keys from the file and the environment, and refuses
+    /// unknown keys and zero bounds.
+    #[test]
+    fn http_section_loads_and_validates() {
+        let defaults = ServerConfig::load(None, vec![], toml::Table::new()).unwrap();
+        assert_eq!(defaults.http.max_connections, 4096);
+        assert_eq!(defaults.http.header_timeout_ms, 10_000);
+        assert_eq!(defaults.http.idle_timeout_ms, 60_000);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mendkv.toml");
+        std::fs::write(
+            &file,
+            "[http]\nmax_connections = 10\nidle_timeout_ms = 5000\n",
+        )
+        .unwrap();
+        let vars = vec![
+            ("MENDKV_HTTP__MAX_CONNECTIONS".to_string(), "20".to_string()),
+            (
+                "MENDKV_HTTP__HEADER_TIMEOUT_MS".to_string(),
+                "300".to_string(),
+            ),
+        ];
+        let config = ServerConfig::load(Some(&file), vars, toml::Table::new()).unwrap();
+        assert_eq!(config.http.max_connections, 20);
+        assert_eq!(config.http.header_timeout_ms, 300);
+        assert_eq!(config.http.idle_timeout_ms, 5000);
+        for (key, value) in [
+            ("MENDKV_HTTP__MAX_CONECTIONS", "1"),
+            ("MENDKV_HTTP__MAX_CONNECTIONS", "0"),
+            ("MENDKV_HTTP__HEADER_TIMEOUT_MS", "0"),
+            ("MENDKV_HTTP__IDLE_TIMEOUT_MS", "soon"),
+        ] {
+            let vars = vec![(key.to_string(), value.to_string())];
+            assert!(
+                ServerConfig::load(None, vars, toml::Table::new()).is_err(),
+                "{key}={value}"
+            );
+        }
     }
 }

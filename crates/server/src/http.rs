@@ -15,7 +15,6 @@ use mendkv_core::message::{ClientRequest, ClientResponse};
 use mendkv_core::quorum::ConsistencyLevel;
 use mendkv_core::request::{validate_bucket, validate_key, validate_value_size};
 use mendkv_core::version::{CausalContext, ContextKey, Object, Value};
-use percent_encoding::percent_decode_str;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +32,8 @@ pub struct ApiState {
     pub request_timeout: Duration,
     /// Seals the contexts this node hands out and opens those clients send back.
     pub contexts: ContextKey,
+    /// A request body must arrive in full within this long (`http.idle_timeout_ms`).
+    pub body_timeout: Duration,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -48,6 +49,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok\n" }))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(axum::middleware::map_response(method_not_allowed_as_json))
         // Bodies are read with our own limit below, so the client gets SPEC's 413 JSON.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
@@ -57,6 +59,34 @@ pub fn router(state: ApiState) -> Router {
 pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     let body = json!({ "error": code, "message": message.into() });
     (status, axum::Json(body)).into_response()
+}
+
+/// The router answers a method no route lists with an empty 405; SPEC wants JSON there too.
+/// The `Allow` header the router computed is kept.
+async fn method_not_allowed_as_json(response: Response) -> Response {
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED
+        || response.headers().contains_key(header::CONTENT_TYPE)
+    {
+        return response;
+    }
+    let allow = response.headers().get(header::ALLOW).cloned();
+    let mut json = method_not_allowed(allow.as_ref().and_then(|v| v.to_str().ok()));
+    if let Some(allow) = allow {
+        json.headers_mut().insert(header::ALLOW, allow);
+    }
+    json
+}
+
+fn method_not_allowed(allowed: Option<&str>) -> Response {
+    let message = match allowed {
+        Some(allowed) if !allowed.is_empty() => format!("this path allows {allowed}"),
+        _ => "method not allowed on this path".to_string(),
+    };
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        message,
+    )
 }
 
 /// Failure of a handler: the response plus the outcome label for metrics.
@@ -83,26 +113,66 @@ fn bucket_and_key(uri: &Uri, prefix: &str) -> Result<(String, Vec<u8>), Failure>
         .strip_prefix(prefix)
         .ok_or_else(|| bad_request("bad path"))?;
     let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
-    let bucket = percent_decode_str(bucket)
-        .decode_utf8()
-        .map_err(|_| bad_request("bucket is not UTF-8"))?
-        .into_owned();
+    let bucket =
+        String::from_utf8(percent_decode(bucket).map_err(|e| bad_request(format!("bucket: {e}")))?)
+            .map_err(|_| bad_request("bucket is not UTF-8"))?;
     validate_bucket(&bucket).map_err(|e| bad_request(e.to_string()))?;
-    let key: Vec<u8> = percent_decode_str(key).collect();
+    let key = percent_decode(key).map_err(|e| bad_request(format!("key: {e}")))?;
     validate_key(&key).map_err(|e| bad_request(e.to_string()))?;
     Ok((bucket, key))
 }
 
-/// The first query parameter `name`, percent-decoded.
-fn query_param(uri: &Uri, name: &str) -> Option<String> {
-    uri.query()?.split('&').find_map(|pair| {
+/// A `%` not followed by two hex digits. Taking it as literal bytes (as lenient decoders do)
+/// would store a key the client never meant, and two spellings would name one key.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid percent-escape at byte {0}: '%' must be followed by two hex digits")]
+struct InvalidEscape(usize);
+
+/// Percent-decodes `text`, refusing invalid escapes.
+fn percent_decode(text: &str) -> Result<Vec<u8>, InvalidEscape> {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while let Some(&byte) = bytes.get(at) {
+        if byte != b'%' {
+            decoded.push(byte);
+            at += 1;
+            continue;
+        }
+        let hex = |offset: usize| {
+            bytes
+                .get(at + offset)
+                .and_then(|b| (*b as char).to_digit(16))
+        };
+        match (hex(1), hex(2)) {
+            (Some(high), Some(low)) => decoded.push((high * 16 + low) as u8),
+            _ => return Err(InvalidEscape(at)),
+        }
+        at += 3;
+    }
+    Ok(decoded)
+}
+
+/// The first query parameter `name`, percent-decoded; invalid escapes or UTF-8 are refused.
+fn query_param(uri: &Uri, name: &str) -> Result<Option<String>, Failure> {
+    let Some(query) = uri.query() else {
+        return Ok(None);
+    };
+    let Some(raw) = query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| percent_decode_str(v).decode_utf8_lossy().into_owned())
-    })
+        (k == name).then_some(v)
+    }) else {
+        return Ok(None);
+    };
+    let bytes =
+        percent_decode(raw).map_err(|e| bad_request(format!("query parameter {name}: {e}")))?;
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| bad_request(format!("query parameter {name} is not UTF-8")))
 }
 
 fn level(uri: &Uri, name: &str, default: ConsistencyLevel) -> Result<ConsistencyLevel, Failure> {
-    match query_param(uri, name) {
+    match query_param(uri, name)? {
         None => Ok(default),
         Some(v) => v
             .parse()
@@ -300,8 +370,11 @@ async fn kv(State(state): State<ApiState>, request: Request) -> Response {
     let method = request.method().clone();
     let op: &'static str = match method {
         Method::GET => "get",
+        Method::HEAD => "head",
         Method::PUT => "put",
-        _ => "delete",
+        Method::DELETE => "delete",
+        // The router lists only the methods above; nothing else may reach a write below.
+        _ => return method_not_allowed(Some("GET,HEAD,PUT,DELETE")),
     };
     let (level_label, result) = handle_kv(&state, request).await;
     let (response, outcome) = match result {
@@ -330,7 +403,8 @@ async fn handle_kv(
     request: Request,
 ) -> (&'static str, Result<(Response, &'static str), Failure>) {
     let (parts, body) = request.into_parts();
-    let is_read = parts.method == Method::GET;
+    // HEAD is a read: the same status and headers as GET (the body is dropped on the way out).
+    let is_read = matches!(parts.method, Method::GET | Method::HEAD);
     let (name, default) = if is_read {
         ("r", state.default_read)
     } else {
@@ -351,7 +425,7 @@ async fn handle_kv(
             key: &scope_key,
         };
         match parts.method {
-            Method::GET => {
+            Method::GET | Method::HEAD => {
                 let response = ask(state, ClientRequest::Get { bucket, key, level }).await?;
                 match response {
                     ClientResponse::Object(object) => {
@@ -386,9 +460,23 @@ async fn handle_kv(
                         return Err(too_large(size));
                     }
                 }
-                let bytes = axum::body::to_bytes(body, state.max_value_bytes)
-                    .await
-                    .map_err(|_| too_large(state.max_value_bytes + 1))?;
+                let bytes = read_body(state, body).await.map_err(|e| match e {
+                    BodyError::TooLarge => too_large(state.max_value_bytes + 1),
+                    BodyError::TooSlow => Failure::new(
+                        error(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "timeout",
+                            format!(
+                                "request body not received within {} ms",
+                                state.body_timeout.as_millis()
+                            ),
+                        ),
+                        "timeout",
+                    ),
+                    BodyError::Malformed(e) => {
+                        bad_request(format!("request body is truncated or malformed: {e}"))
+                    }
+                })?;
                 state.metrics.count_bytes("in", "client", bytes.len());
                 let content_type = parts
                     .headers
@@ -415,7 +503,7 @@ async fn handle_kv(
                 .await?;
                 written(&scope, response)
             }
-            _ => {
+            Method::DELETE => {
                 let context = context(state, &parts.headers, &bucket, &key)?;
                 let response = ask(
                     state,
@@ -429,10 +517,39 @@ async fn handle_kv(
                 .await?;
                 written(&scope, response)
             }
+            _ => Err(Failure::new(
+                method_not_allowed(Some("GET,HEAD,PUT,DELETE")),
+                "bad_request",
+            )),
         }
     }
     .await;
     (label, result)
+}
+
+enum BodyError {
+    /// More than `max_value_bytes`: SPEC's 413.
+    TooLarge,
+    /// Not all there within `body_timeout`: a stalled or trickling client.
+    TooSlow,
+    /// The connection ended early, or a chunk line was garbage: the client's 400.
+    Malformed(String),
+}
+
+/// Reads a request body whole, telling real oversize apart from a broken body.
+async fn read_body(state: &ApiState, body: Body) -> Result<bytes::Bytes, BodyError> {
+    let limited = http_body_util::Limited::new(body, state.max_value_bytes);
+    match tokio::time::timeout(
+        state.body_timeout,
+        http_body_util::BodyExt::collect(limited),
+    )
+    .await
+    {
+        Err(_) => Err(BodyError::TooSlow),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
+        Ok(Err(e)) => Err(BodyError::Malformed(e.to_string())),
+    }
 }
 
 fn written(
@@ -496,10 +613,14 @@ async fn admin_local(State(state): State<ApiState>, uri: Uri) -> Response {
 /// replicates. Trees are per token range, not per bucket, so a run always compares every
 /// bucket; a `bucket` parameter is validated and otherwise has no effect.
 async fn start_repair(State(state): State<ApiState>, uri: Uri) -> Response {
-    if let Some(bucket) = query_param(&uri, "bucket") {
-        if let Err(e) = validate_bucket(&bucket) {
-            return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string());
+    match query_param(&uri, "bucket") {
+        Ok(Some(bucket)) => {
+            if let Err(e) = validate_bucket(&bucket) {
+                return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string());
+            }
         }
+        Ok(None) => {}
+        Err(Failure(response, _)) => return *response,
     }
     match ask(&state, ClientRequest::StartRepair).await {
         Ok(ClientResponse::RepairStarted { id }) => {
@@ -575,3 +696,6 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod path_fuzz;

@@ -7,17 +7,21 @@
 //! - [`node_loop`]: the task that owns the node, runs group commit and carries out actions.
 //! - [`transport`]: handshake, peer links, reconnect with backoff, inbound connections.
 //! - [`http`]: the client API (SPEC section 3).
+//! - [`http_listener`]: accepts client connections up to a cap, with per-connection deadlines.
+//! - [`request_head`]: checks request heads and body framing before hyper sees them.
 //! - [`metrics`]: Prometheus metrics (SPEC section 5).
 //!
 //! # Shutdown
-//! [`run`] returns when its shutdown signal turns true: the HTTP server stops taking
-//! connections and drains, the node task finishes its sync under way and fsyncs once more,
+//! [`run`] returns when its shutdown signal turns true: the HTTP listener stops taking
+//! connections and drains (bounded), the node task finishes its sync under way and fsyncs once more,
 //! so nothing acknowledged is left unsynced.
 
 pub mod config;
 pub mod http;
+pub mod http_listener;
 pub mod metrics;
 pub mod node_loop;
+pub mod request_head;
 pub mod transport;
 
 use crate::config::ServerConfig;
@@ -49,17 +53,33 @@ pub enum ServerError {
 const INBOX_CAPACITY: usize = 16_384;
 
 /// Runs a node until `shutdown` turns true.
-pub async fn run(
-    config: ServerConfig,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), ServerError> {
+pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
     let node_config = config.node_config()?;
+    // Before storage opens its files, so that the limit they count against is the raised one.
+    let open_file_limit = http_listener::raise_open_file_limit();
+    let http_limits = http_listener::HttpLimits {
+        max_connections: http_listener::connection_cap(
+            config.http.max_connections,
+            open_file_limit,
+        ),
+        header_timeout: Duration::from_millis(config.http.header_timeout_ms),
+        idle_timeout: Duration::from_millis(config.http.idle_timeout_ms),
+    };
+    if http_limits.max_connections < config.http.max_connections {
+        tracing::warn!(
+            configured = config.http.max_connections,
+            in_force = http_limits.max_connections,
+            open_file_limit,
+            reserve = http_listener::RESERVED_FILE_DESCRIPTORS,
+            "http.max_connections lowered to fit the open-file limit"
+        );
+    }
     let storage = FjallStorage::open(&config.node.data_dir)?;
     let node = Node::new(node_config.clone(), storage.clone(), wall_clock_ms())?;
     let peer_listener = TcpListener::bind(&config.node.listen)
         .await
         .map_err(|e| ServerError::Bind(config.node.listen.clone(), e))?;
-    let http_listener = TcpListener::bind(&config.node.http)
+    let http_socket = TcpListener::bind(&config.node.http)
         .await
         .map_err(|e| ServerError::Bind(config.node.http.clone(), e))?;
     let metrics = Metrics::new();
@@ -96,6 +116,8 @@ pub async fn run(
         epoch = node.epoch(),
         peer = %config.node.listen,
         http = %config.node.http,
+        open_file_limit,
+        max_http_connections = http_limits.max_connections,
         "node starting"
     );
     if !node.epoch_confirmed() {
@@ -129,6 +151,10 @@ pub async fn run(
         start,
         start_ms,
     ));
+    let listener_metrics = http_listener::ListenerMetrics {
+        connections: metrics.http_connections.clone(),
+        refused: metrics.http_connections_refused.clone(),
+    };
     let state = http::ApiState {
         inbox: inbox_sender,
         metrics,
@@ -137,16 +163,21 @@ pub async fn run(
         default_write: node_config.default_write,
         request_timeout: Duration::from_millis(node_config.request_timeout_ms),
         contexts: ContextKey::from_secret(config.cluster.secret.as_bytes()),
+        body_timeout: http_limits.idle_timeout,
     };
     let app = http::router(state);
-    let serve = axum::serve(http_listener, app).with_graceful_shutdown(async move {
-        let _ = shutdown.wait_for(|stop| *stop).await;
-    });
-    let result = serve.await.map_err(ServerError::Http);
+    http_listener::serve(
+        http_socket,
+        app,
+        http_limits,
+        listener_metrics,
+        shutdown.clone(),
+    )
+    .await;
     let _ = node_task.await;
     accept.abort();
     tracing::info!("node stopped");
-    result
+    Ok(())
 }
 
 fn wall_clock_ms() -> u64 {

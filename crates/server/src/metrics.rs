@@ -91,6 +91,8 @@ pub struct Metrics {
     pub circuit_breaker_open: Family<NameLabels, Gauge>,
     pub peer_phi: Family<PeerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub gossip_dropped: Family<ReasonLabels, Gauge>,
+    pub http_connections: Gauge,
+    pub http_connections_refused: Counter,
 }
 
 impl Metrics {
@@ -245,7 +247,21 @@ impl Metrics {
             "Merkle trees built by a scan (every start, and new ranges after ring changes)",
             anti_entropy_tree_rebuilds.clone(),
         );
+        let http_connections = Gauge::default();
+        registry.register(
+            "mendkv_http_connections",
+            "Client connections the HTTP API serves now (at most http.max_connections)",
+            http_connections.clone(),
+        );
+        let http_connections_refused = Counter::default();
+        registry.register(
+            "mendkv_http_connections_refused",
+            "Client connections answered 503 and closed because http.max_connections were open",
+            http_connections_refused.clone(),
+        );
         Arc::new(Metrics {
+            http_connections,
+            http_connections_refused,
             anti_entropy_tree_checks,
             anti_entropy_tree_rebuilds,
             peer_phi,
