@@ -14,6 +14,7 @@ use std::path::PathBuf;
 pub struct ServerConfig {
     pub node: NodeSection,
     pub cluster: ClusterSection,
+    pub peer: crate::transport::PeerSection,
     pub consistency: ConsistencySection,
     pub read_repair: ReadRepairSection,
     pub hinted_handoff: HintedHandoffSection,

@@ -13,8 +13,10 @@
 //!
 //! # Shutdown
 //! [`run`] returns when its shutdown signal turns true: the HTTP listener stops taking
-//! connections and drains (bounded), the node task finishes its sync under way and fsyncs once more,
-//! so nothing acknowledged is left unsynced.
+//! connections and drains (bounded), the node task finishes its sync under way and fsyncs
+//! once more, so nothing acknowledged is left unsynced. Then the transport's tasks (accept
+//! loop, inbound connections, links, seed contacts) stop, and `run` waits for them (at most
+//! [`PEER_SHUTDOWN_DEADLINE`]), so a stopped node holds no peer sockets.
 
 pub mod config;
 pub mod http;
@@ -27,7 +29,7 @@ pub mod transport;
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
 use crate::node_loop::{run_node, Inbox};
-use crate::transport::{accept_loop, dial, Identity};
+use crate::transport::{accept_loop, dial, Identity, Inbound, PeerTasks};
 use mendkv_core::membership::MemberInfo;
 use mendkv_core::node::Node;
 use mendkv_core::version::ContextKey;
@@ -51,6 +53,9 @@ pub enum ServerError {
 
 /// Bound on queued inputs of the node task; HTTP handlers wait when it is full.
 const INBOX_CAPACITY: usize = 16_384;
+/// How long a stopping node waits for its peer tasks; links that are still sending their
+/// last messages get part of it.
+pub const PEER_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Runs a node until `shutdown` turns true.
 pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
@@ -91,6 +96,7 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
             peer_address: node_config.peer_address.clone(),
             http_address: node_config.http_address.clone(),
         },
+        peer_addresses: vec![node_config.peer_address.clone(), config.node.listen.clone()],
     });
     let (inbox_sender, inbox) = mpsc::channel(INBOX_CAPACITY);
     let start = tokio::time::Instant::now();
@@ -126,15 +132,21 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
              writes until a seed has told it which epoch it ran under before"
         );
     }
-    let accept = tokio::spawn(accept_loop(
-        peer_listener,
+    let peer_tasks = PeerTasks::default();
+    let inbound = Arc::new(Inbound::new(
         identity.clone(),
         inbox_sender.clone(),
         metrics.clone(),
+        &config.peer,
     ));
-    let own = [config.node.listen.clone(), node_config.peer_address.clone()];
-    for seed in config.cluster.seeds.iter().filter(|s| !own.contains(s)) {
-        tokio::spawn(contact_seed(
+    peer_tasks.spawn(accept_loop(peer_listener, inbound, peer_tasks.clone()));
+    for seed in config
+        .cluster
+        .seeds
+        .iter()
+        .filter(|seed| !identity.peer_addresses.contains(seed))
+    {
+        peer_tasks.spawn(contact_seed(
             seed.clone(),
             identity.clone(),
             inbox_sender.clone(),
@@ -147,6 +159,7 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
         inbox_sender.clone(),
         inbox,
         metrics.clone(),
+        peer_tasks.clone(),
         shutdown.clone(),
         start,
         start_ms,
@@ -175,7 +188,10 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
     )
     .await;
     let _ = node_task.await;
-    accept.abort();
+    let still_running = peer_tasks.shutdown(PEER_SHUTDOWN_DEADLINE).await;
+    if still_running > 0 {
+        tracing::warn!(still_running, "peer tasks did not stop in time");
+    }
     tracing::info!("node stopped");
     Ok(())
 }
@@ -192,10 +208,15 @@ fn wall_clock_ms() -> u64 {
 async fn contact_seed(address: String, identity: Arc<Identity>, inbox: mpsc::Sender<Inbox>) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match tokio::time::timeout(Duration::from_secs(2), dial(&address, &identity)).await {
+        // A seed's id is not known before it answers; the handshake still binds its proof
+        // to the seed's address.
+        match tokio::time::timeout(Duration::from_secs(2), dial(&address, None, &identity)).await {
             Ok(Ok((_, info))) => {
                 let _ = inbox.send(Inbox::SeedDiscovered { info }).await;
                 return;
+            }
+            Ok(Err(error)) if error.is_refusal() => {
+                tracing::warn!(seed = %address, %error, reason = error.reason(), "seed refused the handshake");
             }
             Ok(Err(error)) => tracing::debug!(seed = %address, %error, "seed not reachable yet"),
             Err(_) => tracing::debug!(seed = %address, "seed dial timed out"),

@@ -70,7 +70,7 @@ pub struct Metrics {
     pub request_duration: Family<OpLabels, Histogram, fn() -> Histogram>,
     pub network_bytes: Family<BytesLabels, Counter>,
     pub peer_frames_rejected: Family<ReasonLabels, Counter>,
-    pub peer_handshakes_refused: Counter,
+    pub peer_handshakes_refused: Family<ReasonLabels, Counter>,
     pub peers: Family<StatusLabels, Gauge>,
     pub fsyncs: Counter,
     pub requests_timed_out: Gauge,
@@ -125,10 +125,10 @@ impl Metrics {
             "Peer frames refused (malformed, oversize, unexpected); the connection is dropped",
             peer_frames_rejected.clone(),
         );
-        let peer_handshakes_refused = Counter::default();
+        let peer_handshakes_refused = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "mendkv_peer_handshakes_refused",
-            "Peers refused in the handshake (wrong cluster, secret or version)",
+            "Peer connections refused before or in the handshake, by reason",
             peer_handshakes_refused.clone(),
         );
         let peers = Family::<StatusLabels, Gauge>::default();

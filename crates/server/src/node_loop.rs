@@ -6,7 +6,7 @@
 use crate::metrics::{
     Metrics, NameLabels, OutcomeLabels, PeerLabels, ReasonLabels, RepairLabels, StatusLabels,
 };
-use crate::transport::{spawn_link, Identity, PeerLink};
+use crate::transport::{spawn_link, Identity, PeerLink, PeerTasks};
 use mendkv_core::config::FsyncPolicy;
 use mendkv_core::hinted_handoff::DropReason;
 use mendkv_core::membership::{MemberInfo, PeerStatus};
@@ -99,6 +99,8 @@ struct NodeTask {
     identity: Arc<Identity>,
     inbox: mpsc::Sender<Inbox>,
     metrics: Arc<Metrics>,
+    /// Where link tasks run, so shutdown can wait for them.
+    peer_tasks: PeerTasks,
     sync_in_flight: Option<(SyncTicket, JoinHandle<Result<(), StorageError>>)>,
     /// The node's counters as last exported, so metrics grow by the difference.
     exported: NodeStats,
@@ -167,6 +169,7 @@ impl NodeTask {
                 self.identity.clone(),
                 self.inbox.clone(),
                 self.metrics.clone(),
+                &self.peer_tasks,
             );
             self.links.insert(to.clone(), link);
         }
@@ -382,6 +385,7 @@ pub async fn run_node(
     inbox_sender: mpsc::Sender<Inbox>,
     mut inbox: mpsc::Receiver<Inbox>,
     metrics: Arc<Metrics>,
+    peer_tasks: PeerTasks,
     mut shutdown: watch::Receiver<bool>,
     start: Instant,
     start_ms: Millis,
@@ -401,6 +405,7 @@ pub async fn run_node(
         identity,
         inbox: inbox_sender,
         metrics,
+        peer_tasks,
         sync_in_flight: None,
         exported: NodeStats::default(),
     };
