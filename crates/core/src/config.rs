@@ -74,7 +74,7 @@ pub struct NodeConfig {
     pub max_pending_requests: usize,
     pub read_repair: ReadRepairConfig,
     pub hinted_handoff: HintedHandoffConfig,
-    pub anti_entropy: crate::node::AntiEntropyConfig,
+    pub anti_entropy: crate::anti_entropy::AntiEntropyConfig,
     /// When foreground stress pauses repair work.
     pub circuit_breaker: crate::control::BreakerConfig,
     /// Key of the Merkle trees' item hash: the cluster secret, so outsiders cannot choose
@@ -107,7 +107,7 @@ impl NodeConfig {
             max_pending_requests: 65_536,
             read_repair: ReadRepairConfig::default(),
             hinted_handoff: HintedHandoffConfig::default(),
-            anti_entropy: crate::node::AntiEntropyConfig::default(),
+            anti_entropy: crate::anti_entropy::AntiEntropyConfig::default(),
             circuit_breaker: crate::control::BreakerConfig::default(),
             tree_hash_secret: b"mendkv".to_vec(),
             learn_epoch_from_peers: false,

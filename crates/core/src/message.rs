@@ -257,5 +257,5 @@ pub enum ClientResponse {
     RepairStarted {
         id: u64,
     },
-    Repair(Option<crate::node::RepairRunStatus>),
+    Repair(Option<crate::anti_entropy::RepairRunStatus>),
 }

@@ -646,7 +646,7 @@ async fn repair_status(
     match ask(&state, ClientRequest::RepairStatus { id }).await {
         Ok(ClientResponse::Repair(Some(run))) => axum::Json(json!({
             "id": run.id,
-            "state": run.state,
+            "state": run.state.as_str(),
             "ranges_total": run.ranges_total,
             "ranges_done": run.ranges_done,
             "keys_compared": run.keys_compared,

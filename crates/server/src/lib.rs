@@ -45,6 +45,8 @@ pub enum ServerError {
     Config(#[from] config::ConfigError),
     #[error("storage: {0}")]
     Storage(#[from] mendkv_core::storage::StorageError),
+    #[error("node: {0}")]
+    Node(#[from] mendkv_core::node::NodeError),
     #[error("cannot listen on {0}: {1}")]
     Bind(String, std::io::Error),
     #[error("http server: {0}")]
@@ -101,8 +103,7 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
     let (inbox_sender, inbox) = mpsc::channel(INBOX_CAPACITY);
     let start = tokio::time::Instant::now();
     let start_ms = wall_clock_ms();
-    let corrupt_hints =
-        node.stats().hints_dropped[mendkv_core::hinted_handoff::DropReason::Corrupt as usize];
+    let corrupt_hints = node.stats()[mendkv_core::node::Counter::HintsDroppedCorrupt];
     if corrupt_hints > 0 {
         tracing::error!(
             corrupt_hints,
@@ -114,7 +115,7 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
         "hint queue rebuilt from storage"
     );
     tracing::info!(
-        trees = node.stats().tree_rebuilds,
+        trees = node.stats()[mendkv_core::node::Counter::TreeRebuilds],
         "Merkle trees rebuilt by one scan at start (they are not persisted)"
     );
     tracing::info!(

@@ -1,13 +1,24 @@
 //! Prometheus metrics of one node (SPEC section 5). One registry per node, so several nodes
 //! in one process (tests) never mix their figures.
 
+use mendkv_core::node::Counter as NodeCounter;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
 use std::sync::Arc;
+
+/// Labels of a node counter's metric, as its table entry lists them.
+pub type NodeCounterLabels = Vec<(&'static str, &'static str)>;
+
+/// A node counter's metric: labelled counters of one name share a family.
+enum NodeMetric {
+    Plain(Counter),
+    Labelled(Family<NodeCounterLabels, Counter>),
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -30,17 +41,6 @@ pub struct BytesLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabels {
-    pub outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RepairLabels {
-    pub mechanism: &'static str,
-    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -72,27 +72,19 @@ pub struct Metrics {
     pub peer_frames_rejected: Family<ReasonLabels, Counter>,
     pub peer_handshakes_refused: Family<ReasonLabels, Counter>,
     pub peers: Family<StatusLabels, Gauge>,
-    pub fsyncs: Counter,
-    pub requests_timed_out: Gauge,
-    pub read_repair: Family<OutcomeLabels, Counter>,
-    pub repairs: Family<RepairLabels, Counter>,
-    pub hints_stored: Counter,
-    pub hints_delivered: Counter,
-    pub hints_expired: Counter,
-    pub hints_dropped: Family<ReasonLabels, Counter>,
     pub hints_pending: Gauge,
     pub hints_bytes: Gauge,
     pub anti_entropy_cycle: Histogram,
-    pub anti_entropy_keys_repaired: Counter,
     pub anti_entropy_repair_debt: Family<PeerLabels, Gauge>,
     pub anti_entropy_tree_bytes: Gauge,
-    pub anti_entropy_tree_checks: Family<OutcomeLabels, Counter>,
-    pub anti_entropy_tree_rebuilds: Counter,
     pub circuit_breaker_open: Family<NameLabels, Gauge>,
     pub peer_phi: Family<PeerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
-    pub gossip_dropped: Family<ReasonLabels, Gauge>,
     pub http_connections: Gauge,
     pub http_connections_refused: Counter,
+    /// One metric per name of the node's counter table (`mendkv_core::node::Counter`).
+    node_counters: BTreeMap<&'static str, NodeMetric>,
+    /// Gossip messages dropped, by reason (from gossip's own statistics).
+    pub gossip_dropped: Family<ReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -133,54 +125,6 @@ impl Metrics {
         );
         let peers = Family::<StatusLabels, Gauge>::default();
         registry.register("mendkv_peers", "Known peers by status", peers.clone());
-        let fsyncs = Counter::default();
-        registry.register(
-            "mendkv_storage_fsyncs",
-            "Group-commit fsyncs",
-            fsyncs.clone(),
-        );
-        let requests_timed_out = Gauge::default();
-        registry.register(
-            "mendkv_coordinator_timeouts",
-            "Requests that timed out at this coordinator since start",
-            requests_timed_out.clone(),
-        );
-        let read_repair = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
-            "mendkv_read_repair",
-            "Inconsistent reads found, by what became of their repair",
-            read_repair.clone(),
-        );
-        let repairs = Family::<RepairLabels, Counter>::default();
-        registry.register(
-            "mendkv_repairs",
-            "Repair writes by mechanism and outcome (success rate = ok / all)",
-            repairs.clone(),
-        );
-        let hints_stored = Counter::default();
-        registry.register(
-            "mendkv_hints_stored",
-            "Hints stored (coalesced ones included)",
-            hints_stored.clone(),
-        );
-        let hints_delivered = Counter::default();
-        registry.register(
-            "mendkv_hints_delivered",
-            "Hints delivered and acknowledged durably",
-            hints_delivered.clone(),
-        );
-        let hints_expired = Counter::default();
-        registry.register(
-            "mendkv_hints_expired",
-            "Hints dropped at their TTL",
-            hints_expired.clone(),
-        );
-        let hints_dropped = Family::<ReasonLabels, Counter>::default();
-        registry.register(
-            "mendkv_hints_dropped",
-            "Hints not kept, by reason",
-            hints_dropped.clone(),
-        );
         let hints_pending = Gauge::default();
         registry.register(
             "mendkv_hints_pending",
@@ -198,12 +142,6 @@ impl Metrics {
             "mendkv_anti_entropy_cycle_duration_seconds",
             "Duration of one anti-entropy exchange (one range with one peer)",
             anti_entropy_cycle.clone(),
-        );
-        let anti_entropy_keys_repaired = Counter::default();
-        registry.register(
-            "mendkv_anti_entropy_keys_repaired",
-            "Keys whose local version changed through anti-entropy",
-            anti_entropy_keys_repaired.clone(),
         );
         let anti_entropy_repair_debt = Family::<PeerLabels, Gauge>::default();
         registry.register(
@@ -229,24 +167,6 @@ impl Metrics {
             "Phi-accrual suspicion of each peer (convicted at gossip.phi_convict_threshold)",
             peer_phi.clone(),
         );
-        let gossip_dropped = Family::<ReasonLabels, Gauge>::default();
-        registry.register(
-            "mendkv_gossip_dropped",
-            "Gossip messages dropped since start: malformed, oversize, stale generation",
-            gossip_dropped.clone(),
-        );
-        let anti_entropy_tree_checks = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
-            "mendkv_anti_entropy_tree_verifications",
-            "Merkle trees checked against a scan of their data, by outcome (ok, mismatch)",
-            anti_entropy_tree_checks.clone(),
-        );
-        let anti_entropy_tree_rebuilds = Counter::default();
-        registry.register(
-            "mendkv_anti_entropy_tree_rebuilds",
-            "Merkle trees built by a scan (every start, and new ranges after ring changes)",
-            anti_entropy_tree_rebuilds.clone(),
-        );
         let http_connections = Gauge::default();
         registry.register(
             "mendkv_http_connections",
@@ -259,26 +179,39 @@ impl Metrics {
             "Client connections answered 503 and closed because http.max_connections were open",
             http_connections_refused.clone(),
         );
+        let mut node_counters = BTreeMap::new();
+        for counter in NodeCounter::ALL {
+            let spec = counter.spec();
+            node_counters.entry(spec.name).or_insert_with(|| {
+                if spec.labels.is_empty() {
+                    let metric = Counter::default();
+                    registry.register(spec.name, spec.help, metric.clone());
+                    NodeMetric::Plain(metric)
+                } else {
+                    let family = Family::<NodeCounterLabels, Counter>::default();
+                    registry.register(spec.name, spec.help, family.clone());
+                    NodeMetric::Labelled(family)
+                }
+            });
+        }
+        let gossip_dropped = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "mendkv_gossip_dropped",
+            "Gossip messages dropped: malformed, oversize, stale generation",
+            gossip_dropped.clone(),
+        );
         Arc::new(Metrics {
+            node_counters,
+            gossip_dropped,
             http_connections,
             http_connections_refused,
-            anti_entropy_tree_checks,
-            anti_entropy_tree_rebuilds,
             peer_phi,
-            gossip_dropped,
             circuit_breaker_open,
             anti_entropy_cycle,
-            anti_entropy_keys_repaired,
             anti_entropy_repair_debt,
             anti_entropy_tree_bytes,
             hints_bytes,
-            hints_stored,
-            hints_delivered,
-            hints_expired,
-            hints_dropped,
             hints_pending,
-            read_repair,
-            repairs,
             registry,
             requests,
             request_duration,
@@ -286,9 +219,21 @@ impl Metrics {
             peer_frames_rejected,
             peer_handshakes_refused,
             peers,
-            fsyncs,
-            requests_timed_out,
         })
+    }
+
+    /// Adds `n` to the metric of one of the node's counters (creating its series at 0).
+    pub fn count_node(&self, counter: NodeCounter, n: u64) {
+        let spec = counter.spec();
+        match self.node_counters.get(spec.name) {
+            Some(NodeMetric::Plain(metric)) => {
+                metric.inc_by(n);
+            }
+            Some(NodeMetric::Labelled(family)) => {
+                family.get_or_create(&spec.labels.to_vec()).inc_by(n);
+            }
+            None => {}
+        }
     }
 
     pub fn count_bytes(&self, direction: &'static str, class: &'static str, bytes: usize) {

@@ -3,16 +3,13 @@
 //! out the node's actions, and runs group commit: after each batch of inputs, one fsync on a
 //! blocking thread covers every write of the batch, while the node keeps taking input.
 
-use crate::metrics::{
-    Metrics, NameLabels, OutcomeLabels, PeerLabels, ReasonLabels, RepairLabels, StatusLabels,
-};
+use crate::metrics::{Metrics, NameLabels, PeerLabels, ReasonLabels, StatusLabels};
 use crate::transport::{spawn_link, Identity, PeerLink, PeerTasks};
 use mendkv_core::config::FsyncPolicy;
-use mendkv_core::hinted_handoff::DropReason;
 use mendkv_core::membership::{MemberInfo, PeerStatus};
 use mendkv_core::message::{ClientRequest, ClientRequestId, ClientResponse, Message};
-use mendkv_core::node::NodeStats;
 use mendkv_core::node::{Action, Node, SyncTicket};
+use mendkv_core::node::{Counter, Counters};
 use mendkv_core::storage::{Storage, StorageError};
 use mendkv_core::{Millis, NodeId};
 use mendkv_storage::FjallStorage;
@@ -103,7 +100,7 @@ struct NodeTask {
     peer_tasks: PeerTasks,
     sync_in_flight: Option<(SyncTicket, JoinHandle<Result<(), StorageError>>)>,
     /// The node's counters as last exported, so metrics grow by the difference.
-    exported: NodeStats,
+    exported: Counters,
 }
 
 impl NodeTask {
@@ -231,56 +228,24 @@ impl NodeTask {
         }
     }
 
-    /// Carries the node's counters into Prometheus counters.
+    /// Carries the node's counters into Prometheus counters: each grows by what it grew
+    /// since the last export (one loop over the node's counter table).
     fn export_stats(&mut self) {
         let now = self.node.stats().clone();
-        let old = &self.exported;
         let metrics = &self.metrics;
-        let outcome = |outcome| {
-            metrics
-                .read_repair
-                .get_or_create(&OutcomeLabels { outcome })
-        };
-        outcome("repaired").inc_by(now.read_repair_repaired - old.read_repair_repaired);
-        outcome("failed").inc_by(now.read_repair_failed - old.read_repair_failed);
-        outcome("skipped").inc_by(now.read_repair_skipped - old.read_repair_skipped);
-        let repairs = |mechanism, outcome| {
-            metrics
-                .repairs
-                .get_or_create(&RepairLabels { mechanism, outcome })
-        };
-        repairs("read_repair", "ok").inc_by(now.read_repair_writes_ok - old.read_repair_writes_ok);
-        repairs("read_repair", "failed")
-            .inc_by(now.read_repair_writes_failed - old.read_repair_writes_failed);
-        repairs("hinted_handoff", "ok").inc_by(now.hint_writes_ok - old.hint_writes_ok);
-        repairs("hinted_handoff", "failed").inc_by(now.hint_writes_failed - old.hint_writes_failed);
-        metrics
-            .hints_stored
-            .inc_by(now.hints_stored - old.hints_stored);
-        metrics
-            .hints_delivered
-            .inc_by(now.hints_delivered - old.hints_delivered);
-        metrics
-            .hints_expired
-            .inc_by(now.hints_expired - old.hints_expired);
-        for reason in DropReason::ALL {
-            let index = reason as usize;
-            metrics
-                .hints_dropped
-                .get_or_create(&ReasonLabels {
-                    reason: reason.as_str(),
-                })
-                .inc_by(now.hints_dropped[index] - old.hints_dropped[index]);
+        for (counter, value) in now.iter() {
+            metrics.count_node(counter, value - self.exported.get(counter));
+        }
+        let mismatches =
+            now[Counter::TreeChecksMismatch] - self.exported[Counter::TreeChecksMismatch];
+        if mismatches > 0 {
+            tracing::error!(
+                mismatches,
+                "a Merkle tree disagreed with its data; rebuilt from a scan"
+            );
         }
         metrics.hints_pending.set(self.node.hints_pending() as i64);
         metrics.hints_bytes.set(self.node.hints_bytes() as i64);
-        repairs("anti_entropy", "ok")
-            .inc_by(now.anti_entropy_exchanges_ok - old.anti_entropy_exchanges_ok);
-        repairs("anti_entropy", "failed")
-            .inc_by(now.anti_entropy_exchanges_failed - old.anti_entropy_exchanges_failed);
-        metrics
-            .anti_entropy_keys_repaired
-            .inc_by(now.anti_entropy_keys_repaired - old.anti_entropy_keys_repaired);
         for duration_ms in self.node.take_exchange_durations_ms() {
             metrics
                 .anti_entropy_cycle
@@ -312,23 +277,6 @@ impl NodeTask {
             }
         }
         gauge.set(i64::from(open));
-        let checks = |outcome| {
-            metrics
-                .anti_entropy_tree_checks
-                .get_or_create(&OutcomeLabels { outcome })
-        };
-        let mismatches = now.tree_verification_mismatches - old.tree_verification_mismatches;
-        checks("ok").inc_by(now.tree_verifications - old.tree_verifications - mismatches);
-        checks("mismatch").inc_by(mismatches);
-        if mismatches > 0 {
-            tracing::error!(
-                mismatches,
-                "a Merkle tree disagreed with its data; rebuilt from a scan"
-            );
-        }
-        metrics
-            .anti_entropy_tree_rebuilds
-            .inc_by(now.tree_rebuilds - old.tree_rebuilds);
         self.exported = now;
     }
 
@@ -353,26 +301,20 @@ impl NodeTask {
                 .get_or_create(&StatusLabels { status })
                 .set(count);
         }
-        self.metrics
-            .requests_timed_out
-            .set(self.node.stats().requests_timed_out as i64);
         let gossip = self.node.gossip_stats();
-        self.metrics
-            .gossip_dropped
-            .get_or_create(&crate::metrics::ReasonLabels {
-                reason: "malformed",
-            })
-            .set(gossip.dropped_malformed as i64);
-        self.metrics
-            .gossip_dropped
-            .get_or_create(&crate::metrics::ReasonLabels { reason: "oversize" })
-            .set(gossip.dropped_oversize as i64);
-        self.metrics
-            .gossip_dropped
-            .get_or_create(&crate::metrics::ReasonLabels {
-                reason: "stale_generation",
-            })
-            .set(gossip.stale_generation_rejected as i64);
+        let dropped = [
+            ("malformed", gossip.dropped_malformed),
+            ("oversize", gossip.dropped_oversize),
+            ("stale_generation", gossip.stale_generation_rejected),
+        ];
+        for (reason, total) in dropped {
+            let counter = self
+                .metrics
+                .gossip_dropped
+                .get_or_create(&ReasonLabels { reason });
+            // Gossip keeps totals; the counter catches up with them.
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
     }
 }
 
@@ -407,7 +349,7 @@ pub async fn run_node(
         metrics,
         peer_tasks,
         sync_in_flight: None,
-        exported: NodeStats::default(),
+        exported: Counters::default(),
     };
     let mut periodic_sync = tokio::time::interval(periodic.unwrap_or(Duration::from_secs(3600)));
     let mut gauges = tokio::time::interval(Duration::from_millis(200));
@@ -435,7 +377,6 @@ pub async fn run_node(
                 if let Err(error) = &result {
                     tracing::error!(%error, "fsync failed; held acknowledgements become errors");
                 }
-                task.metrics.fsyncs.inc();
                 task.node.finish_sync(ticket, result);
             }
             _ = periodic_sync.tick(), if periodic.is_some() => task.start_sync(),

@@ -260,19 +260,30 @@ fn valid_width(bytes: u8) -> bool {
     (1..=8).contains(&bytes)
 }
 
+/// Why an object that came from the network was not merged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidObject {
+    #[error(transparent)]
+    Request(#[from] crate::request::InvalidRequest),
+    #[error("object outside the range")]
+    OutsideRange,
+    #[error("object breaks the version invariants")]
+    BrokenVersions,
+}
+
 /// Checks an object that came from the network before anyone merges it.
-fn check_object(range: TokenRange, item: &RepairObject) -> Result<(), String> {
-    validate_bucket(&item.bucket).map_err(|e| e.to_string())?;
-    validate_key(&item.key).map_err(|e| e.to_string())?;
+fn check_object(range: TokenRange, item: &RepairObject) -> Result<(), InvalidObject> {
+    validate_bucket(&item.bucket)?;
+    validate_key(&item.key)?;
     if !range.contains(key_token(&item.bucket, &item.key)) {
-        return Err("object outside the range".into());
+        return Err(InvalidObject::OutsideRange);
     }
     let rebuilt = Object::from_parts(
         item.object.context().clone(),
         item.object.siblings().to_vec(),
     );
     if rebuilt.as_ref() != Some(&item.object) {
-        return Err("object breaks the version invariants".into());
+        return Err(InvalidObject::BrokenVersions);
     }
     Ok(())
 }
@@ -881,7 +892,8 @@ impl ExchangeDriver {
         let probe = self.probe(self.pass);
         let mut received = BTreeSet::new();
         for item in &objects {
-            check_object(self.range, item).map_err(ExchangeError::InvalidResponse)?;
+            check_object(self.range, item)
+                .map_err(|e| ExchangeError::InvalidResponse(e.to_string()))?;
             let segment = tree.segment_of(key_token(&item.bucket, &item.key));
             let hash = hasher.item_hash(&item.bucket, &item.key, item.object.digest());
             let short = short_hash(hash, probe.salt, probe.item_hash_bytes);
@@ -1062,7 +1074,7 @@ fn answer(
                 return Err(Refusal::Invalid("too many objects".into()));
             }
             for item in &objects {
-                check_object(request.range, item).map_err(Refusal::Invalid)?;
+                check_object(request.range, item).map_err(|e| Refusal::Invalid(e.to_string()))?;
             }
             let wanted: usize = want
                 .iter()

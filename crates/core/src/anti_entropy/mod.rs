@@ -57,6 +57,7 @@ pub mod exchange;
 pub mod memory_replica;
 pub mod merkle;
 pub mod range_trees;
+pub mod repair_run;
 
 pub use exchange::{
     handle_request, DriverOutput, DriverStep, ExchangeConfig, ExchangeDriver, ExchangeError,
@@ -66,6 +67,7 @@ pub use exchange::{
 pub use memory_replica::{MemoryReplica, MemoryStore};
 pub use merkle::{ItemHasher, MerkleTree, Segment, ShapeError, TreeDecodeError, TreeShape};
 pub use range_trees::{repair_targets, replicated_ranges, RangeTrees};
+pub use repair_run::{AntiEntropyConfig, RepairRunStatus, RunState};
 
 #[cfg(test)]
 mod tests;

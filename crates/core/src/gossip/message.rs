@@ -17,8 +17,7 @@ use serde::{Deserialize, Serialize};
 /// The longest node id gossip accepts.
 pub const MAX_NODE_ID_BYTES: usize = 256;
 
-/// The most application keys one node's state may have.
-pub const MAX_APP_KEYS: usize = 64;
+pub use super::state::MAX_APP_KEYS;
 
 /// Bytes a message adds around its lists (enum tag, list lengths, flags), an upper bound.
 pub(crate) const MESSAGE_OVERHEAD_BYTES: usize = 24;

@@ -6,7 +6,8 @@
 //! everything I know about X. Those per-node maxima, with the node's generation, are the
 //! version vector that gossip compares.
 
-use super::message::MAX_APP_KEYS;
+/// The most application keys one node's state may have.
+pub const MAX_APP_KEYS: usize = 64;
 use crate::Millis;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

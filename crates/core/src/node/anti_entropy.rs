@@ -2,6 +2,7 @@
 //! replica peer per range (scheduled by a priority queue, paced by a byte token bucket),
 //! the receiver side, and operator-started repair runs (`POST /admin/repair`).
 
+use super::Counter;
 use super::{DurableReply, Node};
 use crate::anti_entropy::exchange::{Refusal, ResponseBody};
 use crate::anti_entropy::MerkleTree;
@@ -10,6 +11,7 @@ use crate::anti_entropy::{
     ExchangeId, ExchangeOutcome, ExchangeReport, ExchangeRequest, ExchangeResponse, ExchangeStats,
     ReceiverLimits, RepairObject, SegmentItem, SegmentSource,
 };
+use crate::anti_entropy::{RepairRunStatus, RunState};
 use crate::control::BreakerState;
 use crate::membership::PeerStatus;
 use crate::message::Message;
@@ -20,33 +22,6 @@ use crate::{Millis, NodeId};
 use rand::Rng;
 use std::collections::{BTreeSet, VecDeque};
 
-/// Knobs of `[anti_entropy]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AntiEntropyConfig {
-    pub enabled: bool,
-    /// Each (range, peer) is compared at least this often.
-    pub interval_ms: Millis,
-    /// Exchanges this node drives at once.
-    pub concurrency: usize,
-    /// Repair bytes per second, shared by anti-entropy and hint replay (0 = unlimited).
-    pub rate_limit_bytes_per_s: u64,
-    /// One range's tree is rebuilt from a scan and compared with the maintained one this
-    /// often (seed: "Verify Consistency"); a scan of one range at a time bounds its cost.
-    pub verify_interval_ms: Millis,
-}
-
-impl Default for AntiEntropyConfig {
-    fn default() -> Self {
-        AntiEntropyConfig {
-            enabled: true,
-            interval_ms: 300_000,
-            concurrency: 2,
-            rate_limit_bytes_per_s: 32 << 20,
-            verify_interval_ms: 60_000,
-        }
-    }
-}
-
 /// One exchange this node drives.
 #[derive(Debug)]
 pub(super) struct ActiveExchange {
@@ -55,21 +30,6 @@ pub(super) struct ActiveExchange {
     pub deadline: Millis,
     pub run: Option<u64>,
     pub started_at: Millis,
-}
-
-/// Where an operator's repair run stands (`GET /admin/repair/{id}`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RepairRunStatus {
-    pub id: u64,
-    pub state: &'static str,
-    pub ranges_total: u64,
-    pub ranges_done: u64,
-    pub keys_compared: u64,
-    pub keys_different: u64,
-    pub keys_repaired: u64,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    pub elapsed_ms: Millis,
 }
 
 #[derive(Debug)]
@@ -135,9 +95,9 @@ impl<S: Storage> Node<S> {
                         range,
                         items.iter().map(|(b, k, d)| (b.as_str(), k.as_slice(), *d)),
                     );
-                    self.stats.tree_rebuilds += 1;
+                    self.stats.increment(Counter::TreeRebuilds);
                 }
-                Err(_) => self.stats.storage_errors += 1,
+                Err(_) => self.stats.increment(Counter::StorageErrors),
             }
         }
         let targets = repair_targets(&self.ring, self.id());
@@ -160,7 +120,7 @@ impl<S: Storage> Node<S> {
         let objects = match self.storage.scan_range(range) {
             Ok(objects) => objects,
             Err(_) => {
-                self.stats.storage_errors += 1;
+                self.stats.increment(Counter::StorageErrors);
                 return;
             }
         };
@@ -178,9 +138,10 @@ impl<S: Storage> Node<S> {
         let Some(tree) = self.trees.tree_mut(range) else {
             return;
         };
-        self.stats.tree_verifications += 1;
-        if tree.root() != fresh.root() {
-            self.stats.tree_verification_mismatches += 1;
+        if tree.root() == fresh.root() {
+            self.stats.increment(Counter::TreeChecksOk);
+        } else {
+            self.stats.increment(Counter::TreeChecksMismatch);
             let _ = self.trees.insert_tree(fresh);
         }
         self.consider_reaping(now, range, &objects);
@@ -248,13 +209,13 @@ impl<S: Storage> Node<S> {
                 if self.storage.remove(bucket, key).is_ok() {
                     self.trees.record_write(bucket, key, Some(digest), None);
                     self.wrote();
-                    self.stats.tombstones_reaped += 1;
+                    self.stats.increment(Counter::TombstonesReaped);
                 } else {
-                    self.stats.storage_errors += 1;
+                    self.stats.increment(Counter::StorageErrors);
                 }
             }
             Ok(_) => {}
-            Err(_) => self.stats.storage_errors += 1,
+            Err(_) => self.stats.increment(Counter::StorageErrors),
         }
     }
 
@@ -270,7 +231,7 @@ impl<S: Storage> Node<S> {
             if valid {
                 self.reap_tombstone(&bucket, &key, digest);
             } else {
-                self.stats.invalid_peer_requests += 1;
+                self.stats.increment(Counter::InvalidPeerRequests);
             }
         }
     }
@@ -489,10 +450,10 @@ impl<S: Storage> Node<S> {
         let mut first_error = None;
         for write in writes {
             match self.merge_local(&write.bucket, &write.key, &write.object) {
-                Ok(true) => self.stats.anti_entropy_keys_repaired += 1,
+                Ok(true) => self.stats.increment(Counter::AntiEntropyKeysRepaired),
                 Ok(false) => {}
                 Err(error) => {
-                    self.stats.storage_errors += 1;
+                    self.stats.increment(Counter::StorageErrors);
                     first_error.get_or_insert(error);
                 }
             }
@@ -507,16 +468,19 @@ impl<S: Storage> Node<S> {
                 .insert((report.range, exchange.peer.clone()), now);
         }
         if ok {
-            self.stats.anti_entropy_exchanges_ok += 1;
+            self.stats.increment(Counter::AntiEntropyExchangesOk);
         } else {
-            self.stats.anti_entropy_exchanges_failed += 1;
+            self.stats.increment(Counter::AntiEntropyExchangesFailed);
         }
         if self.exchange_durations_ms.len() >= MAX_DURATION_SAMPLES {
             self.exchange_durations_ms.pop_front();
         }
         self.exchange_durations_ms
             .push_back(now.saturating_sub(exchange.started_at));
-        self.stats.anti_entropy_bytes += report.stats.bytes_sent + report.stats.bytes_received;
+        self.stats.add(
+            Counter::AntiEntropyBytes,
+            report.stats.bytes_sent + report.stats.bytes_received,
+        );
         self.repair_debt
             .insert(exchange.peer.clone(), report.stats.leaves_mismatched);
         match exchange.run {
@@ -594,9 +558,9 @@ impl<S: Storage> Node<S> {
     pub fn repair_run(&self, id: u64, now: Millis) -> Option<RepairRunStatus> {
         let run = self.repair_runs.get(&id)?;
         let state = match (run.finished_at, run.failed) {
-            (None, _) => "running",
-            (Some(_), false) => "done",
-            (Some(_), true) => "failed",
+            (None, _) => RunState::Running,
+            (Some(_), false) => RunState::Done,
+            (Some(_), true) => RunState::Failed,
         };
         Some(RepairRunStatus {
             id,

@@ -9,6 +9,7 @@
 //! whenever gossip claims a generation at least its own for it (from any peer, at any
 //! time), it continues under a higher epoch, made durable first.
 
+use super::Counter;
 use super::Node;
 use crate::gossip::GossipMessage;
 use crate::storage::{Storage, StorageError};
@@ -79,7 +80,7 @@ impl<S: Storage> Node<S> {
     fn adopt_epoch(&mut self, now: Millis, claimed: u64) {
         let Some(epoch) = claimed.checked_add(1).and_then(|e| u32::try_from(e).ok()) else {
             // A claim beyond u32 can only come from a bug or a hostile peer; ignore it.
-            self.stats.invalid_peer_requests += 1;
+            self.stats.increment(Counter::InvalidPeerRequests);
             return;
         };
         let stored = self
@@ -88,7 +89,7 @@ impl<S: Storage> Node<S> {
             .and_then(|()| self.storage.sync());
         if stored.is_err() {
             // Not durable: stay unable to coordinate rather than risk the old epoch.
-            self.stats.storage_errors += 1;
+            self.stats.increment(Counter::StorageErrors);
             self.epoch_confirmed = false;
             return;
         }
@@ -96,6 +97,6 @@ impl<S: Storage> Node<S> {
         self.actor = Actor::new(self.config.node_id.as_str(), epoch);
         self.gossiper.adopt_generation(u64::from(epoch), now);
         self.confirm_epoch();
-        self.stats.epochs_learned_from_peers += 1;
+        self.stats.increment(Counter::EpochsLearnedFromPeers);
     }
 }

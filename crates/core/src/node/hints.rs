@@ -1,6 +1,7 @@
 //! The node's hinted handoff: storing hints for unreachable replicas, replaying them when
 //! the replica is up again, expiry, budgets, and the marks left for anti-entropy.
 
+use super::Counter;
 use super::Node;
 use crate::anti_entropy::RepairObject;
 use crate::control::BreakerState;
@@ -90,7 +91,7 @@ impl<S: Storage> Node<S> {
         let storage_key = hint_key(target, bucket, key);
         let mut record = match self.storage.get_hint(&storage_key) {
             Ok(Some(bytes)) => HintRecord::decode(&bytes).unwrap_or_else(|| {
-                self.stats.hints_dropped[DropReason::Corrupt as usize] += 1;
+                self.stats.increment(Counter::HintsDroppedCorrupt);
                 HintRecord {
                     object: Object::empty(),
                     created_ms: now,
@@ -101,7 +102,7 @@ impl<S: Storage> Node<S> {
                 created_ms: now,
             },
             Err(_) => {
-                self.stats.storage_errors += 1;
+                self.stats.increment(Counter::StorageErrors);
                 return false;
             }
         };
@@ -117,19 +118,19 @@ impl<S: Storage> Node<S> {
             return false;
         }
         if self.storage.put_hint(&storage_key, &encoded).is_err() {
-            self.stats.storage_errors += 1;
+            self.stats.increment(Counter::StorageErrors);
             return false;
         }
         self.wrote();
         let is_delete = record.object.is_deleted();
         self.hint_queue
             .upsert(target, bucket, key, record.created_ms, bytes, is_delete);
-        self.stats.hints_stored += 1;
+        self.stats.increment(Counter::HintsStored);
         true
     }
 
     fn drop_hint(&mut self, now: Millis, bucket: &str, key: &[u8], reason: DropReason) {
-        self.stats.hints_dropped[reason as usize] += 1;
+        self.stats.increment(Counter::hints_dropped(reason));
         self.mark_for_anti_entropy(now, bucket, key);
     }
 
@@ -207,7 +208,7 @@ impl<S: Storage> Node<S> {
         for hint in candidates {
             let storage_key = hint_key(target, &hint.bucket, &hint.key);
             if now.saturating_sub(hint.created_ms) > self.config.hinted_handoff.ttl_ms {
-                self.stats.hints_expired += 1;
+                self.stats.increment(Counter::HintsExpired);
                 self.forget_hint(target, &hint, None);
                 self.mark_for_anti_entropy(now, &hint.bucket, &hint.key);
                 continue;
@@ -231,7 +232,7 @@ impl<S: Storage> Node<S> {
                     self.hint_queue
                         .remove(target, &hint.bucket, &hint.key, None);
                 }
-                Err(_) => self.stats.storage_errors += 1,
+                Err(_) => self.stats.increment(Counter::StorageErrors),
             }
         }
         if payload.is_empty() {
@@ -294,10 +295,10 @@ impl<S: Storage> Node<S> {
         for hint in &batch.hints {
             if ok {
                 self.forget_hint(&batch.target, hint, Some(hint.version));
-                self.stats.hints_delivered += 1;
-                self.stats.hint_writes_ok += 1;
+                self.stats.increment(Counter::HintsDelivered);
+                self.stats.increment(Counter::HintWritesOk);
             } else {
-                self.stats.hint_writes_failed += 1;
+                self.stats.increment(Counter::HintWritesFailed);
             }
         }
     }

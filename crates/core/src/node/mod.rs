@@ -14,7 +14,7 @@ use crate::config::NodeConfig;
 use crate::control::{CircuitBreaker, RepairQueue, RepairQueueConfig, TokenBucket};
 use crate::coordinator::{AfterRead, GetOperation, PutOperation, WriteStep};
 use crate::gossip::{initial_state, Gossiper, NodeStatus};
-use crate::hinted_handoff::{DropReason, HintQueue};
+use crate::hinted_handoff::HintQueue;
 use crate::membership::{MemberInfo, Membership, PeerStatus};
 use crate::message::{
     ClientRequest, ClientRequestId, ClientResponse, Message, ReplicaError, RequestId,
@@ -40,42 +40,6 @@ pub enum Action {
         client: ClientRequestId,
         response: ClientResponse,
     },
-}
-
-/// Counters the drivers export as metrics.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NodeStats {
-    pub local_writes: u64,
-    pub syncs: u64,
-    pub invalid_peer_requests: u64,
-    pub storage_errors: u64,
-    pub requests_timed_out: u64,
-    pub requests_overloaded: u64,
-    /// Inconsistent reads found, by outcome (SPEC `mendkv_read_repair_total{outcome}`).
-    pub read_repair_repaired: u64,
-    pub read_repair_failed: u64,
-    pub read_repair_skipped: u64,
-    /// Repair writes (SPEC `mendkv_repairs_total{mechanism="read_repair",outcome}`).
-    pub read_repair_writes_ok: u64,
-    pub read_repair_writes_failed: u64,
-    /// Hinted handoff (SPEC `mendkv_hints_*`); `hints_dropped` is indexed by `DropReason`.
-    pub hints_stored: u64,
-    pub hints_delivered: u64,
-    pub hints_expired: u64,
-    pub hints_dropped: [u64; 5],
-    pub hint_writes_ok: u64,
-    pub hint_writes_failed: u64,
-    /// Anti-entropy (SPEC `mendkv_anti_entropy_*`, `mendkv_repairs_total{mechanism="anti_entropy"}`).
-    pub tree_rebuilds: u64,
-    pub anti_entropy_exchanges_ok: u64,
-    pub anti_entropy_exchanges_failed: u64,
-    pub anti_entropy_keys_repaired: u64,
-    pub anti_entropy_bytes: u64,
-    pub tree_verifications: u64,
-    pub tree_verification_mismatches: u64,
-    pub tombstones_reaped: u64,
-    /// Times gossip showed this node had run under a higher epoch (a lost data directory).
-    pub epochs_learned_from_peers: u64,
 }
 
 #[derive(Debug)]
@@ -121,7 +85,8 @@ pub struct Node<S: Storage> {
     /// Group commit: durable replies wait here for the sync that covers them.
     durability: Durability,
     gossiper: Gossiper,
-    stats: NodeStats,
+    /// Everything the node counts, exported by the driver (`counters.rs`).
+    stats: Counters,
     rng: StdRng,
     /// Recent reply latency per peer (moving average), to pick data replicas.
     peer_latency_ms: BTreeMap<NodeId, Millis>,
@@ -167,6 +132,17 @@ pub struct Node<S: Storage> {
     exchange_durations_ms: VecDeque<Millis>,
 }
 
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Its storage failed (reading or recording the epoch): check the data directory.
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    /// Its gossip configuration is invalid: fix `[gossip]`.
+    #[error("gossip: {0}")]
+    Gossip(#[from] crate::gossip::GossipError),
+}
+
 /// Why a client write could not be applied as actor.
 #[derive(Debug)]
 enum WriteRefusal {
@@ -188,7 +164,7 @@ const MAX_SERVED_COORDINATES: usize = 4096;
 impl<S: Storage> Node<S> {
     /// Opens a node over its storage. The epoch grows (durably) on every start, so a node
     /// that lost un-synced writes in a crash never reuses one of their dots.
-    pub fn new(config: NodeConfig, storage: S, now: Millis) -> Result<Self, StorageError> {
+    pub fn new(config: NodeConfig, storage: S, now: Millis) -> Result<Self, NodeError> {
         let (epoch, fresh) = epoch::next_epoch(&storage)?;
         let me = MemberInfo {
             id: config.node_id.clone(),
@@ -211,9 +187,9 @@ impl<S: Storage> Node<S> {
             config.gossip.clone(),
             now,
         )
-        .map_err(|e| StorageError::Engine(format!("gossip: {e}")))?;
-        let mut stats = NodeStats::default();
-        stats.hints_dropped[DropReason::Corrupt as usize] = corrupt_hints;
+        .map_err(NodeError::Gossip)?;
+        let mut stats = Counters::default();
+        stats.add(Counter::HintsDroppedCorrupt, corrupt_hints);
         let mut node = Node {
             hint_queue,
             hint_batches: BTreeMap::new(),
@@ -302,7 +278,7 @@ impl<S: Storage> Node<S> {
         &self.membership
     }
 
-    pub fn stats(&self) -> &NodeStats {
+    pub fn stats(&self) -> &Counters {
         &self.stats
     }
 
@@ -392,10 +368,14 @@ impl<S: Storage> Node<S> {
     /// The driver's fsync finished. On failure every held acknowledgement becomes an error
     /// (see [`DurableReply::failed`]): nothing is acknowledged that is not durable.
     pub fn finish_sync(&mut self, ticket: SyncTicket, result: Result<(), StorageError>) {
-        let failed_before = self.durability.failed_replies;
+        let (failed_before, syncs_before) = (self.durability.failed_replies, self.durability.syncs);
         self.durability.finish(ticket, &result, &mut self.ready);
-        self.stats.syncs = self.durability.syncs;
-        self.stats.storage_errors += self.durability.failed_replies - failed_before;
+        self.stats
+            .add(Counter::Syncs, self.durability.syncs - syncs_before);
+        self.stats.add(
+            Counter::StorageErrors,
+            self.durability.failed_replies - failed_before,
+        );
     }
 
     /// Makes the storage durable right here (for drivers without a separate sync thread).
@@ -530,7 +510,7 @@ impl<S: Storage> Node<S> {
                     | ClientRequest::Delete { .. }
             )
         {
-            self.stats.requests_overloaded += 1;
+            self.stats.increment(Counter::RequestsOverloaded);
             self.reply(client, ClientResponse::Overloaded);
             return;
         }
@@ -713,9 +693,9 @@ impl<S: Storage> Node<S> {
         object: &Object,
     ) -> Result<(), StorageError> {
         self.storage.put(bucket, key, object).inspect_err(|_| {
-            self.stats.storage_errors += 1;
+            self.stats.increment(Counter::StorageErrors);
         })?;
-        self.stats.local_writes += 1;
+        self.stats.increment(Counter::LocalWrites);
         self.wrote();
         self.trees
             .record_write(bucket, key, old_digest, Some(object.digest()));
@@ -1064,7 +1044,7 @@ impl<S: Storage> Node<S> {
         validate_bucket(bucket)
             .and_then(|_| validate_key(key))
             .map_err(|e| {
-                self.stats.invalid_peer_requests += 1;
+                self.stats.increment(Counter::InvalidPeerRequests);
                 ReplicaError::Invalid(e.to_string())
             })
     }
@@ -1090,7 +1070,7 @@ impl<S: Storage> Node<S> {
             Value::Tombstone => Ok(()),
         };
         result.map_err(|reason| {
-            self.stats.invalid_peer_requests += 1;
+            self.stats.increment(Counter::InvalidPeerRequests);
             ReplicaError::Invalid(reason)
         })
     }
@@ -1102,7 +1082,7 @@ impl<S: Storage> Node<S> {
             self.check_peer_value(&sibling.value)?;
         }
         if !CausalContext::within_limits(object.context()) {
-            self.stats.invalid_peer_requests += 1;
+            self.stats.increment(Counter::InvalidPeerRequests);
             return Err(ReplicaError::Invalid(
                 "object's version vector is over the context limits".into(),
             ));
@@ -1113,7 +1093,7 @@ impl<S: Storage> Node<S> {
     fn serve_read(&mut self, bucket: &str, key: &[u8]) -> Result<Option<Object>, ReplicaError> {
         self.check_peer_input(bucket, key)?;
         self.storage.get(bucket, key).map_err(|e| {
-            self.stats.storage_errors += 1;
+            self.stats.increment(Counter::StorageErrors);
             ReplicaError::Storage(e.to_string())
         })
     }
@@ -1174,7 +1154,7 @@ impl<S: Storage> Node<S> {
             match self.remove_operation(id) {
                 Some(Operation::Get(op)) if !op.answered => {
                     let (needed, answered) = op.needed_and_answered();
-                    self.stats.requests_timed_out += 1;
+                    self.stats.increment(Counter::RequestsTimedOut);
                     self.reply(op.client, ClientResponse::Timeout { needed, answered });
                 }
                 Some(Operation::Get(op)) => {
@@ -1187,7 +1167,7 @@ impl<S: Storage> Node<S> {
                 Some(Operation::Put(op)) => {
                     if !op.answered {
                         let (needed, answered) = op.needed_and_answered();
-                        self.stats.requests_timed_out += 1;
+                        self.stats.increment(Counter::RequestsTimedOut);
                         self.reply(op.client, ClientResponse::Timeout { needed, answered });
                     }
                     // Put it back for `finish_write`, which hints the silent replicas.
@@ -1210,13 +1190,15 @@ impl<S: Storage> Node<S> {
 }
 
 mod anti_entropy;
+mod counters;
 mod durability;
 mod epoch;
 mod gossip;
 mod hints;
 mod read;
 
-pub use anti_entropy::{AntiEntropyConfig, RepairRunStatus};
+pub use crate::anti_entropy::{AntiEntropyConfig, RepairRunStatus, RunState};
+pub use counters::{Counter, CounterSpec, Counters};
 use durability::Durability;
 pub use durability::{DurableReply, SyncTicket};
 

@@ -1,5 +1,6 @@
 //! The node's read path: digest reads, read repair (blocking or async), background repair.
 
+use super::Counter;
 use super::{DurableReply, Node, Operation};
 use crate::config::ReadRepairMode;
 use crate::coordinator::{AfterRead, GetOperation, ReadKind, ReadProgress};
@@ -93,7 +94,7 @@ impl<S: Storage> Node<S> {
                         }
                     },
                     (Err(_), Some(Operation::Get(op))) => {
-                        self.stats.storage_errors += 1;
+                        self.stats.increment(Counter::StorageErrors);
                         op.on_failed(&node, now)
                     }
                     _ => vec![],
@@ -296,7 +297,7 @@ impl<S: Storage> Node<S> {
         }
         let stale = &resolution.stale;
         if self.repairs_in_flight + stale.len() > self.config.read_repair.max_concurrent_repairs {
-            self.stats.read_repair_skipped += 1;
+            self.stats.increment(Counter::ReadRepairSkipped);
             answer_now(self, waiting_client);
             return;
         }
@@ -338,9 +339,9 @@ impl<S: Storage> Node<S> {
 
     fn count_repair_write(&mut self, ok: bool) {
         if ok {
-            self.stats.read_repair_writes_ok += 1;
+            self.stats.increment(Counter::ReadRepairWritesOk);
         } else {
-            self.stats.read_repair_writes_failed += 1;
+            self.stats.increment(Counter::ReadRepairWritesFailed);
         }
     }
 
@@ -383,9 +384,9 @@ impl<S: Storage> Node<S> {
             self.store_hint(now, target, &repair.bucket, &repair.key, &repair.object);
         }
         if repair.any_failed || unanswered > 0 {
-            self.stats.read_repair_failed += 1;
+            self.stats.increment(Counter::ReadRepairFailed);
         } else {
-            self.stats.read_repair_repaired += 1;
+            self.stats.increment(Counter::ReadRepairRepaired);
         }
         if let Some((client, object)) = repair.waiting_client {
             self.emit_durable(DurableReply::Client {

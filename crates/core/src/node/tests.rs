@@ -275,8 +275,8 @@ fn read_repair_fixes_a_stale_replica() {
     );
     let repaired = local(&mut cluster, 2).expect("repaired");
     assert_eq!(repaired.live_values().count(), 1);
-    assert_eq!(cluster.nodes[1].stats().read_repair_repaired, 1);
-    assert_eq!(cluster.nodes[1].stats().read_repair_writes_ok, 1);
+    assert_eq!(cluster.nodes[1].stats()[Counter::ReadRepairRepaired], 1);
+    assert_eq!(cluster.nodes[1].stats()[Counter::ReadRepairWritesOk], 1);
 }
 
 /// Siblings held by two different stale replicas are merged by a read, never lost.
@@ -327,7 +327,7 @@ fn hints_are_stored_and_delivered() {
     cluster.stopped[2] = false;
     cluster.tick(1000);
     assert_eq!(cluster.nodes[0].hints_pending(), 0);
-    assert_eq!(cluster.nodes[0].stats().hints_delivered, 1);
+    assert_eq!(cluster.nodes[0].stats()[Counter::HintsDelivered], 1);
     let local = local(&mut cluster, 2).expect("delivered");
     assert_eq!(local.live_values().next().unwrap().value, data("v1"));
 }
@@ -353,7 +353,7 @@ fn hints_coalesce_per_key() {
     assert_eq!(cluster.nodes[0].hints_pending(), 1);
     cluster.stopped[2] = false;
     cluster.tick(1000);
-    assert_eq!(cluster.nodes[0].stats().hints_delivered, 1);
+    assert_eq!(cluster.nodes[0].stats()[Counter::HintsDelivered], 1);
     let local = local(&mut cluster, 2).unwrap();
     let values: Vec<_> = local.live_values().map(|s| s.value.clone()).collect();
     assert_eq!(values, vec![data("v99")]);
@@ -369,8 +369,8 @@ fn hints_expire() {
     let ttl = cluster.nodes[0].config().hinted_handoff.ttl_ms;
     cluster.tick(ttl + 1);
     assert_eq!(cluster.nodes[0].hints_pending(), 0);
-    assert_eq!(cluster.nodes[0].stats().hints_expired, 1);
-    assert_eq!(cluster.nodes[0].stats().hints_delivered, 0);
+    assert_eq!(cluster.nodes[0].stats()[Counter::HintsExpired], 1);
+    assert_eq!(cluster.nodes[0].stats()[Counter::HintsDelivered], 0);
     assert_eq!(cluster.nodes[0].repair_marks().count(), 1);
 }
 
@@ -440,7 +440,7 @@ fn repair_run_brings_a_stale_replica_up_to_date() {
         for step in 0..200 {
             cluster.tick(now + step * 10);
             if let Some(status) = cluster.nodes[2].repair_run(id, now + step * 10) {
-                if status.state != "running" {
+                if status.state != RunState::Running {
                     return status;
                 }
             }
@@ -448,7 +448,7 @@ fn repair_run_brings_a_stale_replica_up_to_date() {
         panic!("repair run did not end");
     };
     let first = run(&mut cluster, 1_000);
-    assert_eq!(first.state, "done");
+    assert_eq!(first.state, RunState::Done);
     assert_eq!(first.keys_repaired, 50, "{first:?}");
     assert_eq!(first.keys_different, 50, "{first:?}");
     for i in 0..50 {
@@ -457,7 +457,11 @@ fn repair_run_brings_a_stale_replica_up_to_date() {
     }
     let second = run(&mut cluster, 10_000);
     assert_eq!(
-        (second.state, second.keys_repaired, second.keys_different),
+        (
+            second.state.as_str(),
+            second.keys_repaired,
+            second.keys_different
+        ),
         ("done", 0, 0)
     );
 }
@@ -583,8 +587,8 @@ fn tree_verification_finds_and_fixes_a_stale_tree() {
     full_pass(&mut node);
     assert_eq!(
         (
-            node.stats().tree_verifications,
-            node.stats().tree_verification_mismatches
+            node.stats()[Counter::TreeChecksOk],
+            node.stats()[Counter::TreeChecksMismatch]
         ),
         (ranges, 0)
     );
@@ -593,10 +597,10 @@ fn tree_verification_finds_and_fixes_a_stale_tree() {
     other.apply_write(Actor::new("x", 1), &CausalContext::empty(), data("y"));
     storage.put("b", b"bypass", &other).unwrap();
     full_pass(&mut node);
-    assert_eq!(node.stats().tree_verification_mismatches, 1, "found");
+    assert_eq!(node.stats()[Counter::TreeChecksMismatch], 1, "found");
     full_pass(&mut node);
     assert_eq!(
-        node.stats().tree_verification_mismatches,
+        node.stats()[Counter::TreeChecksMismatch],
         1,
         "fixed: the next pass agrees"
     );
@@ -649,7 +653,7 @@ fn tombstones_are_reaped_once_every_replica_holds_them() {
     let reaped: u64 = cluster
         .nodes
         .iter()
-        .map(|n| n.stats().tombstones_reaped)
+        .map(|n| n.stats()[Counter::TombstonesReaped])
         .sum();
     assert!(reaped >= 3, "{reaped}");
     let ClientResponse::Object(object) = cluster.get(2, ConsistencyLevel::All) else {
@@ -709,10 +713,10 @@ fn circuit_breaker_closes_after_a_good_probe() {
         !cluster.nodes[0].repair_breaker_open(),
         "closed after the probe"
     );
-    let before = cluster.nodes[0].stats().anti_entropy_exchanges_ok;
+    let before = cluster.nodes[0].stats()[Counter::AntiEntropyExchangesOk];
     cluster.tick(after + 2_000);
     assert!(
-        cluster.nodes[0].stats().anti_entropy_exchanges_ok > before,
+        cluster.nodes[0].stats()[Counter::AntiEntropyExchangesOk] > before,
         "exchanges resume"
     );
 }
@@ -957,7 +961,7 @@ fn a_wiped_node_learns_its_epoch_from_peers_before_coordinating() {
     }
     assert!(cluster.nodes[2].epoch_confirmed(), "gossip answered");
     assert!(cluster.nodes[2].epoch() > old_epoch);
-    assert_eq!(cluster.nodes[2].stats().epochs_learned_from_peers, 1);
+    assert_eq!(cluster.nodes[2].stats()[Counter::EpochsLearnedFromPeers], 1);
 
     let written = cluster.put(2, "new", CausalContext::empty(), ConsistencyLevel::All);
     assert!(
@@ -992,5 +996,5 @@ fn a_new_node_is_confirmed_by_the_first_gossip_answer() {
     cluster.run();
     assert!(cluster.nodes[1].epoch_confirmed());
     assert_eq!(cluster.nodes[1].epoch(), 1);
-    assert_eq!(cluster.nodes[1].stats().epochs_learned_from_peers, 0);
+    assert_eq!(cluster.nodes[1].stats()[Counter::EpochsLearnedFromPeers], 0);
 }
