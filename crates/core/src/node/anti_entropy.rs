@@ -11,8 +11,11 @@ use crate::anti_entropy::{
     ExchangeId, ExchangeOutcome, ExchangeReport, ExchangeRequest, ExchangeResponse, ExchangeStats,
     ReceiverLimits, RepairObject, SegmentItem, SegmentSource,
 };
+use crate::anti_entropy::{ItemHasher, RangeTrees, TreeShape};
 use crate::anti_entropy::{RepairRunStatus, RunState};
+use crate::config::NodeConfig;
 use crate::control::BreakerState;
+use crate::control::{RepairQueue, RepairQueueConfig};
 use crate::membership::PeerStatus;
 use crate::message::Message;
 use crate::ring::{key_token, TokenRange};
@@ -20,7 +23,7 @@ use crate::storage::{Storage, StorageError};
 use crate::version::Object;
 use crate::{Millis, NodeId};
 use rand::Rng;
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// One exchange this node drives.
 #[derive(Debug)]
@@ -78,12 +81,65 @@ impl<S: Storage> SegmentSource for StorageSource<'_, S> {
     }
 }
 
+/// Anti-entropy's state: the trees kept current on every write, the exchanges this node
+/// drives, their schedule, operator runs, and what tombstone reaping remembers.
+#[derive(Debug)]
+pub(super) struct AntiEntropyState {
+    pub trees: RangeTrees,
+    pub exchanges: BTreeMap<ExchangeId, ActiveExchange>,
+    pub repair_queue: RepairQueue<(TokenRange, NodeId)>,
+    pub repair_runs: BTreeMap<u64, RepairRun>,
+    pub next_run: u64,
+    pub repair_debt: BTreeMap<NodeId, u64>,
+    /// Ranges marked for priority anti-entropy (dropped or expired hints).
+    pub repair_marks: BTreeSet<TokenRange>,
+    pub repair_marks_overflowed: bool,
+    /// Last converged exchange per (range, peer), and tombstone snapshots per range, for
+    /// tombstone reaping.
+    pub converged_at: BTreeMap<(TokenRange, NodeId), Millis>,
+    pub reap_snapshots: BTreeMap<TokenRange, (Millis, BTreeSet<ReapItem>)>,
+    /// When the next tree verification is due, and which range it takes.
+    pub next_verify_at: Millis,
+    pub verify_cursor: usize,
+    /// While the repair byte budget is spent, anti-entropy waits until this time.
+    pub repair_throttled_until: Millis,
+    /// Durations of finished exchanges, drained by the driver into a histogram.
+    pub exchange_durations_ms: VecDeque<Millis>,
+}
+
+impl AntiEntropyState {
+    pub fn new(config: &NodeConfig, now: Millis) -> Self {
+        AntiEntropyState {
+            trees: RangeTrees::new(
+                ItemHasher::from_cluster_secret(&config.tree_hash_secret),
+                TreeShape::DEFAULT,
+            ),
+            exchanges: BTreeMap::new(),
+            repair_queue: RepairQueue::new(RepairQueueConfig {
+                interval_ms: config.anti_entropy.interval_ms,
+                ..RepairQueueConfig::default()
+            }),
+            repair_runs: BTreeMap::new(),
+            next_run: 0,
+            repair_debt: BTreeMap::new(),
+            repair_marks: BTreeSet::new(),
+            repair_marks_overflowed: false,
+            converged_at: BTreeMap::new(),
+            reap_snapshots: BTreeMap::new(),
+            next_verify_at: now + config.anti_entropy.verify_interval_ms,
+            verify_cursor: 0,
+            repair_throttled_until: 0,
+            exchange_durations_ms: VecDeque::new(),
+        }
+    }
+}
+
 impl<S: Storage> Node<S> {
     /// Makes the trees match the ring: ranges this node no longer replicates are dropped,
     /// new ones are built by one scan of their objects (counted in `tree_rebuilds`).
     pub(super) fn align_trees(&mut self) {
-        let ranges = replicated_ranges(&self.ring, self.id());
-        let new_ranges = self.trees.set_ranges(ranges);
+        let ranges = replicated_ranges(&self.cluster.ring, self.id());
+        let new_ranges = self.anti_entropy.trees.set_ranges(ranges);
         for range in new_ranges {
             match self.storage.scan_range(range) {
                 Ok(objects) => {
@@ -91,7 +147,7 @@ impl<S: Storage> Node<S> {
                         .into_iter()
                         .map(|(b, k, o)| (b, k, o.digest()))
                         .collect();
-                    self.trees.rebuild(
+                    self.anti_entropy.trees.rebuild(
                         range,
                         items.iter().map(|(b, k, d)| (b.as_str(), k.as_slice(), *d)),
                     );
@@ -100,23 +156,23 @@ impl<S: Storage> Node<S> {
                 Err(_) => self.stats.increment(Counter::StorageErrors),
             }
         }
-        let targets = repair_targets(&self.ring, self.id());
-        self.repair_queue.set_targets(targets);
+        let targets = repair_targets(&self.cluster.ring, self.id());
+        self.anti_entropy.repair_queue.set_targets(targets);
     }
 
     /// Verifies the next range's tree against its data when due: a fresh tree built from a
     /// scan must have the maintained tree's root. A mismatch (a bug, or a write that bypassed
     /// the upkeep) replaces the tree and is counted.
     pub(super) fn verify_next_tree(&mut self, now: Millis) {
-        if now < self.next_verify_at {
+        if now < self.anti_entropy.next_verify_at {
             return;
         }
-        self.next_verify_at = now + self.config.anti_entropy.verify_interval_ms.max(1);
-        let ranges: Vec<TokenRange> = self.trees.ranges().collect();
-        let Some(&range) = ranges.get(self.verify_cursor % ranges.len().max(1)) else {
+        self.anti_entropy.next_verify_at = now + self.config.anti_entropy.verify_interval_ms.max(1);
+        let ranges: Vec<TokenRange> = self.anti_entropy.trees.ranges().collect();
+        let Some(&range) = ranges.get(self.anti_entropy.verify_cursor % ranges.len().max(1)) else {
             return;
         };
-        self.verify_cursor += 1;
+        self.anti_entropy.verify_cursor += 1;
         let objects = match self.storage.scan_range(range) {
             Ok(objects) => objects,
             Err(_) => {
@@ -124,8 +180,8 @@ impl<S: Storage> Node<S> {
                 return;
             }
         };
-        let hasher = *self.trees.hasher();
-        let mut fresh = MerkleTree::new(range, self.trees.shape());
+        let hasher = *self.anti_entropy.trees.hasher();
+        let mut fresh = MerkleTree::new(range, self.anti_entropy.trees.shape());
         for (bucket, key, object) in &objects {
             if let Some(segment) = fresh.segment_of(key_token(bucket, key)) {
                 fresh.update(
@@ -135,14 +191,14 @@ impl<S: Storage> Node<S> {
                 );
             }
         }
-        let Some(tree) = self.trees.tree_mut(range) else {
+        let Some(tree) = self.anti_entropy.trees.tree_mut(range) else {
             return;
         };
         if tree.root() == fresh.root() {
             self.stats.increment(Counter::TreeChecksOk);
         } else {
             self.stats.increment(Counter::TreeChecksMismatch);
-            let _ = self.trees.insert_tree(fresh);
+            let _ = self.anti_entropy.trees.insert_tree(fresh);
         }
         self.consider_reaping(now, range, &objects);
     }
@@ -166,20 +222,23 @@ impl<S: Storage> Node<S> {
             .map(|(b, k, o)| (b.clone(), k.clone(), o.digest()))
             .collect();
         let age_needed = self.config.hinted_handoff.ttl_ms + 2 * self.config.request_timeout_ms;
-        let Some((taken_at, candidates)) = self.reap_snapshots.get(&range) else {
-            self.reap_snapshots.insert(range, (now, tombstones));
+        let Some((taken_at, candidates)) = self.anti_entropy.reap_snapshots.get(&range) else {
+            self.anti_entropy
+                .reap_snapshots
+                .insert(range, (now, tombstones));
             return;
         };
         if now.saturating_sub(*taken_at) < age_needed {
             return;
         }
-        let peers: Vec<NodeId> = repair_targets(&self.ring, self.id())
+        let peers: Vec<NodeId> = repair_targets(&self.cluster.ring, self.id())
             .into_iter()
             .filter(|(r, _)| *r == range)
             .map(|(_, peer)| peer)
             .collect();
         let confirmed = peers.iter().all(|peer| {
-            self.converged_at
+            self.anti_entropy
+                .converged_at
                 .get(&(range, peer.clone()))
                 .is_some_and(|t| t > taken_at)
         });
@@ -199,7 +258,9 @@ impl<S: Storage> Node<S> {
                 self.send(&peer, Message::Reap { range, items });
             }
         }
-        self.reap_snapshots.insert(range, (now, remaining));
+        self.anti_entropy
+            .reap_snapshots
+            .insert(range, (now, remaining));
     }
 
     /// Purges one tombstone if this node still holds exactly that version of it.
@@ -207,7 +268,9 @@ impl<S: Storage> Node<S> {
         match self.storage.get(bucket, key) {
             Ok(Some(object)) if object.digest() == digest && object.is_deleted() => {
                 if self.storage.remove(bucket, key).is_ok() {
-                    self.trees.record_write(bucket, key, Some(digest), None);
+                    self.anti_entropy
+                        .trees
+                        .record_write(bucket, key, Some(digest), None);
                     self.wrote();
                     self.stats.increment(Counter::TombstonesReaped);
                 } else {
@@ -221,7 +284,7 @@ impl<S: Storage> Node<S> {
 
     /// A peer that confirmed these tombstones on every replica asks this node to purge them.
     pub(super) fn on_reap(&mut self, range: TokenRange, items: Vec<ReapItem>) {
-        if self.trees.tree(range).is_none() {
+        if self.anti_entropy.trees.tree(range).is_none() {
             return;
         }
         for (bucket, key, digest) in items.into_iter().take(MAX_REAP_CANDIDATES) {
@@ -238,9 +301,10 @@ impl<S: Storage> Node<S> {
 
     /// A peer came back: its ranges go to the front of the queue.
     pub(super) fn mark_peer_recovered(&mut self, now: Millis, peer: &NodeId) {
-        for (range, target) in repair_targets(&self.ring, self.id()) {
+        for (range, target) in repair_targets(&self.cluster.ring, self.id()) {
             if target == *peer {
-                self.repair_queue
+                self.anti_entropy
+                    .repair_queue
                     .mark_replica_recovered(&(range, target), now);
             }
         }
@@ -248,9 +312,10 @@ impl<S: Storage> Node<S> {
 
     /// A hint for a key in `range` was lost: that range goes first, with every replica peer.
     pub(super) fn mark_range_hints_lost(&mut self, now: Millis, range: TokenRange) {
-        for (target_range, peer) in repair_targets(&self.ring, self.id()) {
+        for (target_range, peer) in repair_targets(&self.cluster.ring, self.id()) {
             if target_range == range {
-                self.repair_queue
+                self.anti_entropy
+                    .repair_queue
                     .mark_hints_lost(&(target_range, peer), now);
             }
         }
@@ -259,6 +324,7 @@ impl<S: Storage> Node<S> {
     /// Starts due exchanges (operator runs first) and aborts the ones that timed out.
     pub(super) fn tick_anti_entropy(&mut self, now: Millis) {
         let expired: Vec<ExchangeId> = self
+            .anti_entropy
             .exchanges
             .iter()
             .filter(|(_, e)| e.deadline <= now)
@@ -267,15 +333,15 @@ impl<S: Storage> Node<S> {
         for id in expired {
             self.abort_exchange(now, id);
         }
-        if self.repair_bytes.available(now) == 0 {
+        if self.control.repair_bytes.available(now) == 0 {
             // Over the repair byte budget: look again shortly.
-            self.repair_throttled_until = now + 100;
+            self.anti_entropy.repair_throttled_until = now + 100;
             return;
         }
-        let run_ids: Vec<u64> = self.repair_runs.keys().copied().collect();
+        let run_ids: Vec<u64> = self.anti_entropy.repair_runs.keys().copied().collect();
         for run_id in run_ids {
-            while self.exchanges.len() < self.config.anti_entropy.concurrency.max(1) {
-                let Some(run) = self.repair_runs.get_mut(&run_id) else {
+            while self.anti_entropy.exchanges.len() < self.config.anti_entropy.concurrency.max(1) {
+                let Some(run) = self.anti_entropy.repair_runs.get_mut(&run_id) else {
                     break;
                 };
                 let Some((range, peer)) = run.pending.pop_front() else {
@@ -288,27 +354,30 @@ impl<S: Storage> Node<S> {
         if !self.config.anti_entropy.enabled {
             return;
         }
-        while self.exchanges.len() < self.config.anti_entropy.concurrency.max(1) {
-            let Some(((_, next_peer), _)) = self.repair_queue.peek(now) else {
+        while self.anti_entropy.exchanges.len() < self.config.anti_entropy.concurrency.max(1) {
+            let Some(((_, next_peer), _)) = self.anti_entropy.repair_queue.peek(now) else {
                 break;
             };
-            if self.membership.status(next_peer) != PeerStatus::Up {
-                if let Some((target, _)) = self.repair_queue.next(now) {
-                    self.repair_queue.complete(&target, now, false);
+            if self.cluster.membership.status(next_peer) != PeerStatus::Up {
+                if let Some((target, _)) = self.anti_entropy.repair_queue.next(now) {
+                    self.anti_entropy.repair_queue.complete(&target, now, false);
                 }
                 continue;
             }
             // Scheduled exchanges pause while the breaker is open; half-open lets one probe.
-            let probe = matches!(self.breaker.state(now), BreakerState::HalfOpen { .. });
-            if !self.breaker.allow(now) {
-                self.repair_throttled_until = now + 100;
+            let probe = matches!(
+                self.control.breaker.state(now),
+                BreakerState::HalfOpen { .. }
+            );
+            if !self.control.breaker.allow(now) {
+                self.anti_entropy.repair_throttled_until = now + 100;
                 break;
             }
-            let Some(((range, peer), _reason)) = self.repair_queue.next(now) else {
+            let Some(((range, peer), _reason)) = self.anti_entropy.repair_queue.next(now) else {
                 break;
             };
             if probe {
-                self.breaker_probe = Some((range, peer.clone()));
+                self.control.breaker_probe = Some((range, peer.clone()));
             }
             self.start_exchange(now, range, peer, None);
         }
@@ -325,17 +394,17 @@ impl<S: Storage> Node<S> {
             run,
             started_at: now,
         };
-        let step = if self.membership.status(&exchange.peer) == PeerStatus::Down {
+        let step = if self.cluster.membership.status(&exchange.peer) == PeerStatus::Down {
             // Known down: fail at once (a run reports it) instead of waiting for a timeout.
             DriverStep::Finished(exchange.driver.abort())
         } else {
-            exchange.driver.start(&mut self.trees)
+            exchange.driver.start(&mut self.anti_entropy.trees)
         };
         match step {
             DriverStep::Send(request) => {
                 let peer = exchange.peer.clone();
                 self.send_exchange_request(now, &peer, request);
-                self.exchanges.insert(id, exchange);
+                self.anti_entropy.exchanges.insert(id, exchange);
             }
             DriverStep::Finished(report) => self.finish_exchange(now, exchange, report),
             DriverStep::Ignored => {}
@@ -344,7 +413,7 @@ impl<S: Storage> Node<S> {
 
     fn send_exchange_request(&mut self, now: Millis, peer: &NodeId, request: ExchangeRequest) {
         let bytes = request.encoded_len() as u64;
-        self.repair_bytes.consume(now, bytes);
+        self.control.repair_bytes.consume(now, bytes);
         self.send(peer, Message::AntiEntropy { request });
     }
 
@@ -357,12 +426,13 @@ impl<S: Storage> Node<S> {
     ) {
         let output = handle_request(
             request,
-            &mut self.trees,
+            &mut self.anti_entropy.trees,
             &StorageSource(&self.storage),
             &ReceiverLimits::default(),
         );
         let stored = self.apply_repair_writes(output.writes);
-        self.repair_bytes
+        self.control
+            .repair_bytes
             .consume(now, output.response.encoded_len() as u64);
         match stored {
             // The answer acknowledges pushed objects: only once they are durable.
@@ -388,18 +458,19 @@ impl<S: Storage> Node<S> {
         response: ExchangeResponse,
     ) {
         let id = response.exchange;
-        let Some(mut exchange) = self.exchanges.remove(&id) else {
+        let Some(mut exchange) = self.anti_entropy.exchanges.remove(&id) else {
             return;
         };
         if exchange.peer != *from {
-            self.exchanges.insert(id, exchange);
+            self.anti_entropy.exchanges.insert(id, exchange);
             return;
         }
-        self.repair_bytes
+        self.control
+            .repair_bytes
             .consume(now, response.encoded_len() as u64);
         let output = exchange.driver.handle_response(
             response,
-            &mut self.trees,
+            &mut self.anti_entropy.trees,
             &StorageSource(&self.storage),
         );
         if self.apply_repair_writes(output.writes).is_err() {
@@ -414,18 +485,18 @@ impl<S: Storage> Node<S> {
                 let peer = exchange.peer.clone();
                 self.send_exchange_request(now, &peer, request);
                 exchange.deadline = now + self.config.request_timeout_ms;
-                self.exchanges.insert(id, exchange);
+                self.anti_entropy.exchanges.insert(id, exchange);
             }
             DriverStep::Finished(report) => self.finish_exchange(now, exchange, report),
             DriverStep::Ignored => {
-                self.exchanges.insert(id, exchange);
+                self.anti_entropy.exchanges.insert(id, exchange);
             }
         }
     }
 
     /// An exchange whose request could not be sent ends now.
     pub(super) fn abort_exchange(&mut self, now: Millis, id: ExchangeId) {
-        if let Some(mut exchange) = self.exchanges.remove(&id) {
+        if let Some(mut exchange) = self.anti_entropy.exchanges.remove(&id) {
             let report = exchange.driver.abort();
             self.finish_exchange(now, exchange, report);
         }
@@ -434,6 +505,7 @@ impl<S: Storage> Node<S> {
     /// The peer went down: its exchanges fail now rather than at their timeout.
     pub(super) fn abort_exchanges_with(&mut self, now: Millis, peer: &NodeId) {
         let ids: Vec<ExchangeId> = self
+            .anti_entropy
             .exchanges
             .iter()
             .filter(|(_, e)| e.peer == *peer)
@@ -464,7 +536,8 @@ impl<S: Storage> Node<S> {
     fn finish_exchange(&mut self, now: Millis, exchange: ActiveExchange, report: ExchangeReport) {
         let ok = !matches!(report.outcome, ExchangeOutcome::Failed(_));
         if report.outcome == ExchangeOutcome::Converged {
-            self.converged_at
+            self.anti_entropy
+                .converged_at
                 .insert((report.range, exchange.peer.clone()), now);
         }
         if ok {
@@ -472,20 +545,22 @@ impl<S: Storage> Node<S> {
         } else {
             self.stats.increment(Counter::AntiEntropyExchangesFailed);
         }
-        if self.exchange_durations_ms.len() >= MAX_DURATION_SAMPLES {
-            self.exchange_durations_ms.pop_front();
+        if self.anti_entropy.exchange_durations_ms.len() >= MAX_DURATION_SAMPLES {
+            self.anti_entropy.exchange_durations_ms.pop_front();
         }
-        self.exchange_durations_ms
+        self.anti_entropy
+            .exchange_durations_ms
             .push_back(now.saturating_sub(exchange.started_at));
         self.stats.add(
             Counter::AntiEntropyBytes,
             report.stats.bytes_sent + report.stats.bytes_received,
         );
-        self.repair_debt
+        self.anti_entropy
+            .repair_debt
             .insert(exchange.peer.clone(), report.stats.leaves_mismatched);
         match exchange.run {
             Some(run_id) => {
-                if let Some(run) = self.repair_runs.get_mut(&run_id) {
+                if let Some(run) = self.anti_entropy.repair_runs.get_mut(&run_id) {
                     run.in_flight = run.in_flight.saturating_sub(1);
                     run.ranges_done += 1;
                     run.failed |= !ok;
@@ -495,15 +570,16 @@ impl<S: Storage> Node<S> {
                     }
                 }
                 // A completed operator run also counts as the range's sync.
-                self.repair_queue
+                self.anti_entropy
+                    .repair_queue
                     .complete(&(report.range, exchange.peer), now, ok);
             }
             None => {
                 // The exchange a half-open breaker let through decides whether it closes.
                 let target = (report.range, exchange.peer.clone());
-                if self.breaker_probe.as_ref() == Some(&target) {
-                    self.breaker_probe = None;
-                    self.breaker.probe_finished(now, ok);
+                if self.control.breaker_probe.as_ref() == Some(&target) {
+                    self.control.breaker_probe = None;
+                    self.control.breaker.probe_finished(now, ok);
                 }
                 // Jitter: the sync is recorded up to a tenth of the interval early, so the
                 // (range, peer) pairs of a node, and of the nodes, drift apart instead of
@@ -511,7 +587,8 @@ impl<S: Storage> Node<S> {
                 let spread = self.config.anti_entropy.interval_ms / 10;
                 let jitter = self.rng.gen_range(0..=spread);
                 let at = now.saturating_sub(jitter);
-                self.repair_queue
+                self.anti_entropy
+                    .repair_queue
                     .complete(&(report.range, exchange.peer), at, ok)
             }
         }
@@ -519,21 +596,22 @@ impl<S: Storage> Node<S> {
 
     /// Starts an operator repair run over every (range, replica peer) of this node.
     pub fn start_repair_run(&mut self, now: Millis) -> u64 {
-        self.next_run += 1;
-        let id = self.next_run;
+        self.anti_entropy.next_run += 1;
+        let id = self.anti_entropy.next_run;
         // Peer by peer: two exchanges of one range (with two peers) never run at once, so a
         // key a first peer repaired is not found different again with the second.
-        let mut targets = repair_targets(&self.ring, self.id());
+        let mut targets = repair_targets(&self.cluster.ring, self.id());
         targets.sort_by(|a, b| (&a.1, a.0).cmp(&(&b.1, b.0)));
         let targets: VecDeque<(TokenRange, NodeId)> = targets.into_iter().collect();
-        if self.repair_runs.len() >= MAX_REPAIR_RUNS {
+        if self.anti_entropy.repair_runs.len() >= MAX_REPAIR_RUNS {
             let oldest_finished = self
+                .anti_entropy
                 .repair_runs
                 .iter()
                 .find(|(_, r)| r.finished_at.is_some())
                 .map(|(id, _)| *id);
             if let Some(oldest) = oldest_finished {
-                self.repair_runs.remove(&oldest);
+                self.anti_entropy.repair_runs.remove(&oldest);
             }
         }
         let run = RepairRun {
@@ -544,19 +622,19 @@ impl<S: Storage> Node<S> {
             failed: false,
             stats: ExchangeStats::default(),
             started_at: now,
-            finished_at: if self.ring.nodes().len() > 1 {
+            finished_at: if self.cluster.ring.nodes().len() > 1 {
                 None
             } else {
                 Some(now)
             },
         };
-        self.repair_runs.insert(id, run);
+        self.anti_entropy.repair_runs.insert(id, run);
         self.tick_anti_entropy(now);
         id
     }
 
     pub fn repair_run(&self, id: u64, now: Millis) -> Option<RepairRunStatus> {
-        let run = self.repair_runs.get(&id)?;
+        let run = self.anti_entropy.repair_runs.get(&id)?;
         let state = match (run.finished_at, run.failed) {
             (None, _) => RunState::Running,
             (Some(_), false) => RunState::Done,
@@ -581,38 +659,47 @@ impl<S: Storage> Node<S> {
 
     /// Durations of exchanges finished since the last call (for a histogram).
     pub fn take_exchange_durations_ms(&mut self) -> Vec<Millis> {
-        self.exchange_durations_ms.drain(..).collect()
+        self.anti_entropy.exchange_durations_ms.drain(..).collect()
     }
 
     /// Mismatched leaves at the last comparison with each peer (the repair debt).
     pub fn repair_debt(&self) -> impl Iterator<Item = (&NodeId, &u64)> {
-        self.repair_debt.iter()
+        self.anti_entropy.repair_debt.iter()
     }
 
     /// Memory held by this node's Merkle trees.
     pub fn tree_memory_bytes(&self) -> usize {
-        self.trees.memory_bytes()
+        self.anti_entropy.trees.memory_bytes()
     }
 
     /// When anti-entropy next has work: exchange timeouts, runs, the queue.
     pub(super) fn anti_entropy_deadline(&self) -> Millis {
         let timeouts = self
+            .anti_entropy
             .exchanges
             .values()
             .map(|e| e.deadline)
             .min()
             .unwrap_or(Millis::MAX);
-        if self.exchanges.len() >= self.config.anti_entropy.concurrency.max(1) {
+        if self.anti_entropy.exchanges.len() >= self.config.anti_entropy.concurrency.max(1) {
             // No room for another exchange: only a timeout (or a reply) changes that.
             return timeouts;
         }
-        let runs = if self.repair_runs.values().any(|r| !r.pending.is_empty()) {
+        let runs = if self
+            .anti_entropy
+            .repair_runs
+            .values()
+            .any(|r| !r.pending.is_empty())
+        {
             0
         } else {
             Millis::MAX
         };
         let queue = if self.config.anti_entropy.enabled {
-            self.repair_queue.next_due_at().unwrap_or(Millis::MAX)
+            self.anti_entropy
+                .repair_queue
+                .next_due_at()
+                .unwrap_or(Millis::MAX)
         } else {
             Millis::MAX
         };
@@ -620,8 +707,8 @@ impl<S: Storage> Node<S> {
         let work = if work == Millis::MAX {
             work
         } else {
-            work.max(self.repair_throttled_until)
+            work.max(self.anti_entropy.repair_throttled_until)
         };
-        timeouts.min(work).min(self.next_verify_at)
+        timeouts.min(work).min(self.anti_entropy.next_verify_at)
     }
 }

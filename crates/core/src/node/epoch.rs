@@ -37,10 +37,31 @@ pub(super) const EPOCH_UNCONFIRMED: &str = "this node started with an empty data
      has not yet heard from a peer what epoch it ran under before (it will not reuse old \
      versions); retry in a moment, or check that its seeds are reachable";
 
+/// Who issues this node's dots: its actor `(node, epoch)`, and whether the epoch is
+/// confirmed (see the module doc).
+#[derive(Debug)]
+pub(super) struct Identity {
+    pub actor: Actor,
+    pub epoch: u32,
+    /// False while a node that started without an epoch record waits to hear from peers
+    /// whether it ran before; it issues no dots meanwhile.
+    pub confirmed: bool,
+}
+
+impl Identity {
+    pub fn new(node: &crate::NodeId, epoch: u32, confirmed: bool) -> Self {
+        Identity {
+            actor: Actor::new(node.as_str(), epoch),
+            epoch,
+            confirmed,
+        }
+    }
+}
+
 impl<S: Storage> Node<S> {
     /// True when this node may issue new dots (coordinate writes as actor).
     pub fn epoch_confirmed(&self) -> bool {
-        self.epoch_confirmed
+        self.identity.confirmed
     }
 
     /// Looks at a gossip message before gossip handles it: a claim of a generation at
@@ -50,10 +71,10 @@ impl<S: Storage> Node<S> {
             // Once confirmed, peers rightly hold this epoch as our generation; before, they
             // cannot have learned it from us yet (our state goes out only after their
             // answer), so an equal claim is the epoch of a previous life.
-            let ran_before = if self.epoch_confirmed {
-                claimed > u64::from(self.epoch)
+            let ran_before = if self.identity.confirmed {
+                claimed > u64::from(self.identity.epoch)
             } else {
-                claimed >= u64::from(self.epoch)
+                claimed >= u64::from(self.identity.epoch)
             };
             if ran_before {
                 self.adopt_epoch(now, claimed);
@@ -66,14 +87,14 @@ impl<S: Storage> Node<S> {
             message,
             GossipMessage::Ack { .. } | GossipMessage::Syn { complete: true, .. }
         );
-        if !self.epoch_confirmed && tells_all {
+        if !self.identity.confirmed && tells_all {
             self.confirm_epoch();
         }
     }
 
     fn confirm_epoch(&mut self) {
-        self.epoch_confirmed = true;
-        self.gossiper.set_announce_self(true);
+        self.identity.confirmed = true;
+        self.cluster.gossiper.set_announce_self(true);
     }
 
     /// Continues under an epoch above `claimed`, durably, before any dot is issued in it.
@@ -90,12 +111,14 @@ impl<S: Storage> Node<S> {
         if stored.is_err() {
             // Not durable: stay unable to coordinate rather than risk the old epoch.
             self.stats.increment(Counter::StorageErrors);
-            self.epoch_confirmed = false;
+            self.identity.confirmed = false;
             return;
         }
-        self.epoch = epoch;
-        self.actor = Actor::new(self.config.node_id.as_str(), epoch);
-        self.gossiper.adopt_generation(u64::from(epoch), now);
+        self.identity.epoch = epoch;
+        self.identity.actor = Actor::new(self.config.node_id.as_str(), epoch);
+        self.cluster
+            .gossiper
+            .adopt_generation(u64::from(epoch), now);
         self.confirm_epoch();
         self.stats.increment(Counter::EpochsLearnedFromPeers);
     }

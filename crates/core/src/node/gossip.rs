@@ -8,6 +8,14 @@ use crate::message::Message;
 use crate::storage::Storage;
 use crate::{Millis, NodeId};
 
+/// The node's view of the cluster: members, the ring they form, and gossip.
+#[derive(Debug)]
+pub(super) struct ClusterView {
+    pub membership: crate::membership::Membership,
+    pub ring: crate::ring::Ring,
+    pub gossiper: crate::gossip::Gossiper,
+}
+
 impl<S: Storage> Node<S> {
     fn send_gossip(&mut self, messages: Vec<(NodeId, GossipMessage)>) {
         for (peer, message) in messages {
@@ -19,8 +27,8 @@ impl<S: Storage> Node<S> {
 
     /// A gossip round when one is due.
     pub(super) fn tick_gossip(&mut self, now: Millis) {
-        if now >= self.gossiper.next_deadline() {
-            let messages = self.gossiper.handle_tick(now, &mut self.rng);
+        if now >= self.cluster.gossiper.next_deadline() {
+            let messages = self.cluster.gossiper.handle_tick(now, &mut self.rng);
             self.send_gossip(messages);
         }
         self.apply_gossip_events(now);
@@ -28,7 +36,7 @@ impl<S: Storage> Node<S> {
 
     pub(super) fn on_gossip(&mut self, now: Millis, from: &NodeId, message: GossipMessage) {
         self.learn_epoch_from(now, &message);
-        let replies = self.gossiper.handle_message(now, from, message);
+        let replies = self.cluster.gossiper.handle_message(now, from, message);
         self.send_gossip(replies);
         self.apply_gossip_events(now);
     }
@@ -38,8 +46,8 @@ impl<S: Storage> Node<S> {
         let id = info.id.clone();
         self.handle_member_discovered(info);
         if id != *self.id() {
-            self.gossiper.add_seed_contact(id.clone());
-            let opening = self.gossiper.start_exchange(&id);
+            self.cluster.gossiper.add_seed_contact(id.clone());
+            let opening = self.cluster.gossiper.start_exchange(&id);
             self.send_gossip(vec![(id, opening)]);
         }
         self.apply_gossip_events(now);
@@ -47,15 +55,15 @@ impl<S: Storage> Node<S> {
 
     /// Members learned by gossip join the ring; its verdicts drive liveness.
     fn apply_gossip_events(&mut self, now: Millis) {
-        for event in self.gossiper.take_events() {
+        for event in self.cluster.gossiper.take_events() {
             match event {
                 GossipEvent::NodeJoined { node } | GossipEvent::StateChanged { node, .. } => {
-                    if let Some(info) = self.gossiper.member_info(&node) {
+                    if let Some(info) = self.cluster.gossiper.member_info(&node) {
                         self.handle_member_discovered(info);
                     }
                 }
                 GossipEvent::NodeUp { node } | GossipEvent::NodeRestarted { node, .. } => {
-                    if let Some(info) = self.gossiper.member_info(&node) {
+                    if let Some(info) = self.cluster.gossiper.member_info(&node) {
                         self.handle_member_discovered(info);
                     }
                     self.handle_peer_status(now, &node, PeerStatus::Up);
@@ -74,7 +82,10 @@ impl<S: Storage> Node<S> {
         if node == self.id() {
             return Liveness::Up;
         }
-        match (self.membership.status(node), self.gossiper.liveness(node)) {
+        match (
+            self.cluster.membership.status(node),
+            self.cluster.gossiper.liveness(node),
+        ) {
             (PeerStatus::Down, _) | (_, Liveness::Down) => Liveness::Down,
             (_, liveness) => liveness,
         }
@@ -86,7 +97,7 @@ impl<S: Storage> Node<S> {
             return 0.0;
         }
         // Never negative (a heartbeat just arrived) nor NaN, for display and metrics.
-        let phi = self.gossiper.phi(node, now);
+        let phi = self.cluster.gossiper.phi(node, now);
         if phi.is_finite() {
             phi.max(0.0)
         } else {
@@ -96,7 +107,8 @@ impl<S: Storage> Node<S> {
 
     /// A node's generation as gossip knows it (0 when not heard of yet).
     pub fn peer_generation(&self, node: &NodeId) -> u64 {
-        self.gossiper
+        self.cluster
+            .gossiper
             .member(node)
             .map(|s| s.generation())
             .unwrap_or(0)
@@ -104,6 +116,6 @@ impl<S: Storage> Node<S> {
 
     /// Gossip's counters (bytes, dropped messages, rejected generations).
     pub fn gossip_stats(&self) -> &crate::gossip::GossipStats {
-        self.gossiper.stats()
+        self.cluster.gossiper.stats()
     }
 }

@@ -4,7 +4,9 @@
 use super::Counter;
 use super::Node;
 use crate::anti_entropy::RepairObject;
+use crate::config::NodeConfig;
 use crate::control::BreakerState;
+use crate::control::TokenBucket;
 use crate::hinted_handoff::{
     hint_key, parse_hint_key, DropReason, HintQueue, HintRecord, QueuedHint,
 };
@@ -14,7 +16,7 @@ use crate::ring::key_token;
 use crate::storage::Storage;
 use crate::version::Object;
 use crate::{Millis, NodeId};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Token ranges remembered for priority anti-entropy; beyond this many the oldest marks are
 /// kept and `repair_marks_overflowed` says a full pass is due.
@@ -66,6 +68,32 @@ pub(super) fn load_hint_queue<S: Storage>(storage: &S) -> (HintQueue, u64) {
     (queue, corrupt)
 }
 
+/// Hinted handoff's state: the hints kept (index; records live in storage), the batches
+/// in flight and the replay rate.
+#[derive(Debug)]
+pub(super) struct HintDelivery {
+    pub hint_queue: HintQueue,
+    pub hint_batches: BTreeMap<RequestId, HintBatchInFlight>,
+    /// Hints replayed per second (`delivery_rate_per_s`), a token bucket counting hints.
+    pub delivery_budget: TokenBucket,
+    pub next_delivery_at: Millis,
+}
+
+impl HintDelivery {
+    pub fn new(hint_queue: HintQueue, config: &NodeConfig, now: Millis) -> Self {
+        HintDelivery {
+            hint_queue,
+            hint_batches: BTreeMap::new(),
+            delivery_budget: TokenBucket::new(
+                config.hinted_handoff.delivery_rate_per_s,
+                config.hinted_handoff.delivery_rate_per_s,
+                now,
+            ),
+            next_delivery_at: now,
+        }
+    }
+}
+
 impl<S: Storage> Node<S> {
     /// Keeps `object` for `target`, merged into any hint already kept for that key; false when
     /// it was not kept (dropped and counted, or a storage error).
@@ -84,7 +112,7 @@ impl<S: Storage> Node<S> {
             self.drop_hint(now, bucket, key, DropReason::Disabled);
             return false;
         }
-        if self.membership.get(target).is_none() {
+        if self.cluster.membership.get(target).is_none() {
             self.drop_hint(now, bucket, key, DropReason::UnknownTarget);
             return false;
         }
@@ -110,10 +138,13 @@ impl<S: Storage> Node<S> {
         let encoded = record.encode();
         // Budgets count the bytes stored: hint key plus encoded record.
         let bytes = (storage_key.len() + encoded.len()) as u64;
-        if let Err(reason) =
-            self.hint_queue
-                .check_budget(&self.config.hinted_handoff, target, bucket, key, bytes)
-        {
+        if let Err(reason) = self.hints.hint_queue.check_budget(
+            &self.config.hinted_handoff,
+            target,
+            bucket,
+            key,
+            bytes,
+        ) {
             self.drop_hint(now, bucket, key, reason);
             return false;
         }
@@ -123,7 +154,8 @@ impl<S: Storage> Node<S> {
         }
         self.wrote();
         let is_delete = record.object.is_deleted();
-        self.hint_queue
+        self.hints
+            .hint_queue
             .upsert(target, bucket, key, record.created_ms, bytes, is_delete);
         self.stats.increment(Counter::HintsStored);
         true
@@ -136,14 +168,14 @@ impl<S: Storage> Node<S> {
 
     /// Remembers the range of a key whose hint was lost, for priority anti-entropy.
     fn mark_for_anti_entropy(&mut self, now: Millis, bucket: &str, key: &[u8]) {
-        let Some(range) = self.ring.range_for_token(key_token(bucket, key)) else {
+        let Some(range) = self.cluster.ring.range_for_token(key_token(bucket, key)) else {
             return;
         };
         self.mark_range_hints_lost(now, range);
-        if self.repair_marks.len() < MAX_REPAIR_MARKS {
-            self.repair_marks.insert(range);
-        } else if !self.repair_marks.contains(&range) {
-            self.repair_marks_overflowed = true;
+        if self.anti_entropy.repair_marks.len() < MAX_REPAIR_MARKS {
+            self.anti_entropy.repair_marks.insert(range);
+        } else if !self.anti_entropy.repair_marks.contains(&range) {
+            self.anti_entropy.repair_marks_overflowed = true;
         }
     }
 
@@ -152,19 +184,20 @@ impl<S: Storage> Node<S> {
         self.expire_hint_batches(now);
         // Hint replay shares the repair byte budget with anti-entropy, and pauses while the
         // circuit breaker is open (half-open, it flows again with the probe).
-        let breaker_open = matches!(self.breaker.state(now), BreakerState::Open { .. });
-        if self.repair_bytes.available(now) == 0 || breaker_open {
+        let breaker_open = matches!(self.control.breaker.state(now), BreakerState::Open { .. });
+        if self.control.repair_bytes.available(now) == 0 || breaker_open {
             return;
         }
-        let targets: Vec<NodeId> = self.hint_queue.targets().cloned().collect();
+        let targets: Vec<NodeId> = self.hints.hint_queue.targets().cloned().collect();
         for target in targets {
-            if self.membership.status(&target) != PeerStatus::Up
-                || self.membership.get(&target).is_none()
+            if self.cluster.membership.status(&target) != PeerStatus::Up
+                || self.cluster.membership.get(&target).is_none()
             {
                 continue;
             }
             // A few batches in flight per target keep replay going while the target fsyncs.
             while self
+                .hints
                 .hint_batches
                 .values()
                 .filter(|b| b.target == target)
@@ -183,8 +216,8 @@ impl<S: Storage> Node<S> {
     /// Sends the next batch of hints to `target`.
     fn send_hint_batch(&mut self, now: Millis, target: &NodeId) -> HintBatch {
         let batch_size = self.config.hinted_handoff.batch_size.max(1);
-        let granted = (batch_size as u64).min(self.delivery_budget.available(now));
-        self.delivery_budget.consume(now, granted);
+        let granted = (batch_size as u64).min(self.hints.delivery_budget.available(now));
+        self.hints.delivery_budget.consume(now, granted);
         let granted = granted as usize;
         if granted == 0 {
             return HintBatch::OutOfBudget;
@@ -193,12 +226,14 @@ impl<S: Storage> Node<S> {
         let mut payload = Vec::new();
         // Hints already on their way in another batch are not sent twice.
         let in_flight: BTreeSet<(String, Vec<u8>)> = self
+            .hints
             .hint_batches
             .values()
             .filter(|b| b.target == *target)
             .flat_map(|b| b.hints.iter().map(|h| (h.bucket.clone(), h.key.clone())))
             .collect();
         let candidates: Vec<QueuedHint> = self
+            .hints
             .hint_queue
             .next_batch(target, granted + in_flight.len())
             .into_iter()
@@ -229,7 +264,8 @@ impl<S: Storage> Node<S> {
                     }
                 },
                 Ok(None) => {
-                    self.hint_queue
+                    self.hints
+                        .hint_queue
                         .remove(target, &hint.bucket, &hint.key, None);
                 }
                 Err(_) => self.stats.increment(Counter::StorageErrors),
@@ -242,10 +278,10 @@ impl<S: Storage> Node<S> {
             .iter()
             .map(|hint| hint.bucket.len() + hint.key.len() + hint.object.size_bytes())
             .sum();
-        self.repair_bytes.consume(now, bytes as u64);
+        self.control.repair_bytes.consume(now, bytes as u64);
         let request = self.new_request_id();
         let deadline = now + self.config.request_timeout_ms;
-        self.hint_batches.insert(
+        self.hints.hint_batches.insert(
             request,
             super::hints::HintBatchInFlight {
                 target: target.clone(),
@@ -266,6 +302,7 @@ impl<S: Storage> Node<S> {
     /// Removes a hint from storage and queue (only the version that was sent, if given).
     fn forget_hint(&mut self, target: &NodeId, hint: &QueuedHint, version: Option<u64>) {
         if self
+            .hints
             .hint_queue
             .remove(target, &hint.bucket, &hint.key, version)
         {
@@ -277,6 +314,7 @@ impl<S: Storage> Node<S> {
 
     fn expire_hint_batches(&mut self, now: Millis) {
         let expired: Vec<RequestId> = self
+            .hints
             .hint_batches
             .iter()
             .filter(|(_, b)| b.deadline <= now)
@@ -289,7 +327,7 @@ impl<S: Storage> Node<S> {
 
     /// The target answered a batch (or could not be reached): delivered hints are removed.
     pub(super) fn on_hint_batch_reply(&mut self, request: RequestId, ok: bool) {
-        let Some(batch) = self.hint_batches.remove(&request) else {
+        let Some(batch) = self.hints.hint_batches.remove(&request) else {
             return;
         };
         for hint in &batch.hints {
@@ -319,21 +357,21 @@ impl<S: Storage> Node<S> {
 
     /// Hints waiting for `target`.
     pub fn hints_pending_for(&self, target: &NodeId) -> usize {
-        self.hint_queue.pending_for(target)
+        self.hints.hint_queue.pending_for(target)
     }
 
     /// Bytes of stored hints (keys plus encoded records).
     pub fn hints_bytes(&self) -> u64 {
-        self.hint_queue.total_bytes()
+        self.hints.hint_queue.total_bytes()
     }
 
     /// Hints waiting in total.
     pub fn hints_pending(&self) -> usize {
-        self.hint_queue.total_hints()
+        self.hints.hint_queue.total_hints()
     }
 
     /// Ranges marked for priority anti-entropy by dropped or expired hints.
     pub fn repair_marks(&self) -> impl Iterator<Item = &crate::ring::TokenRange> {
-        self.repair_marks.iter()
+        self.anti_entropy.repair_marks.iter()
     }
 }

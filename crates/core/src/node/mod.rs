@@ -9,25 +9,22 @@
 //! its own time (another thread, or virtual time), then calls [`Node::finish_sync`]: every
 //! write of the batch shares that one fsync.
 
-use crate::anti_entropy::{ExchangeId, ItemHasher, RangeTrees, TreeShape};
 use crate::config::NodeConfig;
-use crate::control::{CircuitBreaker, RepairQueue, RepairQueueConfig, TokenBucket};
 use crate::coordinator::{AfterRead, GetOperation, PutOperation, WriteStep};
 use crate::gossip::{initial_state, Gossiper, NodeStatus};
-use crate::hinted_handoff::HintQueue;
 use crate::membership::{MemberInfo, Membership, PeerStatus};
 use crate::message::{
     ClientRequest, ClientRequestId, ClientResponse, Message, ReplicaError, RequestId,
 };
 use crate::quorum::ConsistencyLevel;
 use crate::request::{validate_bucket, validate_key, validate_value_size};
-use crate::ring::{Ring, TokenRange};
+use crate::ring::Ring;
 use crate::storage::{Storage, StorageError};
-use crate::version::{Actor, CausalContext, Object, Value, MAX_CONTEXT_ACTORS, MAX_COUNTER};
+use crate::version::{CausalContext, Object, Value, MAX_CONTEXT_ACTORS, MAX_COUNTER};
 use crate::{Millis, NodeId};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::VecDeque;
 
 /// Something the driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,68 +65,33 @@ impl Operation {
     }
 }
 
+/// The node: shared plumbing (config, storage, clock, the actions queue, counters) and
+/// one room per concern, each holding only the state of that concern.
 pub struct Node<S: Storage> {
     config: NodeConfig,
     storage: S,
-    actor: Actor,
-    epoch: u32,
-    /// False while a node that started without an epoch record waits to hear from peers
-    /// whether it ran before (see `epoch.rs`); it issues no dots meanwhile.
-    epoch_confirmed: bool,
-    membership: Membership,
-    ring: Ring,
-    next_request: u64,
-    operations: BTreeMap<RequestId, Operation>,
-    deadlines: BTreeSet<(Millis, RequestId)>,
-    ready: VecDeque<Action>,
-    /// Group commit: durable replies wait here for the sync that covers them.
-    durability: Durability,
-    gossiper: Gossiper,
-    /// Everything the node counts, exported by the driver (`counters.rs`).
-    stats: Counters,
-    rng: StdRng,
-    /// Recent reply latency per peer (moving average), to pick data replicas.
-    peer_latency_ms: BTreeMap<NodeId, Millis>,
-    repairs_in_flight: usize,
-    hint_queue: HintQueue,
-    hint_batches: BTreeMap<RequestId, hints::HintBatchInFlight>,
-    /// Hints replayed per second (`delivery_rate_per_s`), a token bucket counting hints.
-    delivery_budget: TokenBucket,
-    next_delivery_at: Millis,
-    repair_marks: BTreeSet<TokenRange>,
-    repair_marks_overflowed: bool,
-    /// Recent `Coordinate` requests served as actor, so duplicates are answered, not re-applied.
-    served_coordinates: BTreeMap<(NodeId, RequestId), Result<Object, ReplicaError>>,
-    served_order: VecDeque<(NodeId, RequestId)>,
-    /// When reads ask one more replica if still unanswered (see `speculative_retry_ms`).
-    speculations: BTreeSet<(Millis, RequestId)>,
-    trees: RangeTrees,
-    exchanges: BTreeMap<ExchangeId, anti_entropy::ActiveExchange>,
-    repair_queue: RepairQueue<(TokenRange, NodeId)>,
-    /// Repair bytes, shared by anti-entropy and hint replay.
-    repair_bytes: TokenBucket,
-    repair_runs: BTreeMap<u64, anti_entropy::RepairRun>,
-    next_run: u64,
-    repair_debt: BTreeMap<NodeId, u64>,
     /// The latest `now` seen (for samples taken in `poll_action`).
     clock: Millis,
-    /// Start times of client requests in flight, for the breaker's latency samples.
-    client_started: BTreeMap<ClientRequestId, Millis>,
-    /// Pauses scheduled anti-entropy and hint replay while foreground traffic suffers.
-    breaker: CircuitBreaker,
-    /// The scheduled exchange let through by a half-open breaker.
-    breaker_probe: Option<(TokenRange, NodeId)>,
-    /// Last converged exchange per (range, peer), and tombstone snapshots per range, for
-    /// tombstone reaping.
-    converged_at: BTreeMap<(TokenRange, NodeId), Millis>,
-    reap_snapshots: BTreeMap<TokenRange, (Millis, BTreeSet<anti_entropy::ReapItem>)>,
-    /// When the next tree verification is due, and which range it takes.
-    next_verify_at: Millis,
-    verify_cursor: usize,
-    /// While the repair byte budget is spent, anti-entropy waits until this time.
-    repair_throttled_until: Millis,
-    /// Durations of finished exchanges, drained by the driver into a histogram.
-    exchange_durations_ms: VecDeque<Millis>,
+    rng: StdRng,
+    ready: VecDeque<Action>,
+    /// Everything the node counts, exported by the driver (`counters.rs`).
+    stats: Counters,
+    /// Group commit: durable replies wait here for the sync that covers them.
+    durability: Durability,
+    /// Who issues this node's dots (`epoch.rs`).
+    identity: epoch::Identity,
+    /// Members, the ring and gossip (`gossip.rs`).
+    cluster: gossip::ClusterView,
+    /// Client requests in flight and the peer requests they wait on (`coordination.rs`).
+    coordination: coordination::Coordination,
+    /// Read repair writes in flight (`read.rs`).
+    read_repair: read::ReadRepairState,
+    /// Hints kept for other nodes and their replay (`hints.rs`).
+    hints: hints::HintDelivery,
+    /// Merkle trees, exchanges, operator runs and tombstone reaping (`anti_entropy.rs`).
+    anti_entropy: anti_entropy::AntiEntropyState,
+    /// The repair byte budget and circuit breaker shared by anti-entropy and hint replay.
+    control: repair_control::RepairControl,
 }
 
 /// Why a node could not start.
@@ -191,66 +153,31 @@ impl<S: Storage> Node<S> {
         let mut stats = Counters::default();
         stats.add(Counter::HintsDroppedCorrupt, corrupt_hints);
         let mut node = Node {
-            hint_queue,
-            hint_batches: BTreeMap::new(),
-            delivery_budget: TokenBucket::new(
-                config.hinted_handoff.delivery_rate_per_s,
-                config.hinted_handoff.delivery_rate_per_s,
-                now,
-            ),
-            next_delivery_at: now,
-            repair_marks: BTreeSet::new(),
-            repair_marks_overflowed: false,
-            served_coordinates: BTreeMap::new(),
-            served_order: VecDeque::new(),
-            speculations: BTreeSet::new(),
-            trees: RangeTrees::new(
-                ItemHasher::from_cluster_secret(&config.tree_hash_secret),
-                TreeShape::DEFAULT,
-            ),
-            exchanges: BTreeMap::new(),
-            repair_queue: RepairQueue::new(RepairQueueConfig {
-                interval_ms: config.anti_entropy.interval_ms,
-                ..RepairQueueConfig::default()
-            }),
-            repair_bytes: TokenBucket::new(
-                config.anti_entropy.rate_limit_bytes_per_s,
-                config.anti_entropy.rate_limit_bytes_per_s.max(1 << 20),
-                now,
-            ),
-            repair_runs: BTreeMap::new(),
-            next_run: 0,
-            repair_debt: BTreeMap::new(),
-            exchange_durations_ms: VecDeque::new(),
-            repair_throttled_until: 0,
-            converged_at: BTreeMap::new(),
-            reap_snapshots: BTreeMap::new(),
-            next_verify_at: now + config.anti_entropy.verify_interval_ms,
-            verify_cursor: 0,
             clock: now,
-            client_started: BTreeMap::new(),
-            breaker: CircuitBreaker::new(config.circuit_breaker.clone()),
-            breaker_probe: None,
-            actor: Actor::new(config.node_id.as_str(), epoch),
-            epoch,
-            epoch_confirmed: !(fresh && config.learn_epoch_from_peers),
-            membership,
-            ring,
-            next_request: 0,
-            operations: BTreeMap::new(),
-            deadlines: BTreeSet::new(),
-            ready: VecDeque::new(),
-            durability: Durability::new(config.fsync),
-            gossiper,
-            stats,
             rng: StdRng::seed_from_u64(config.rng_seed),
-            peer_latency_ms: BTreeMap::new(),
-            repairs_in_flight: 0,
+            ready: VecDeque::new(),
+            stats,
+            durability: Durability::new(config.fsync),
+            identity: epoch::Identity::new(
+                &config.node_id,
+                epoch,
+                !(fresh && config.learn_epoch_from_peers),
+            ),
+            cluster: gossip::ClusterView {
+                membership,
+                ring,
+                gossiper,
+            },
+            coordination: coordination::Coordination::default(),
+            read_repair: read::ReadRepairState::default(),
+            hints: hints::HintDelivery::new(hint_queue, &config, now),
+            anti_entropy: anti_entropy::AntiEntropyState::new(&config, now),
+            control: repair_control::RepairControl::new(&config, now),
             storage,
             config,
         };
-        if !node.epoch_confirmed {
-            node.gossiper.set_announce_self(false);
+        if !node.identity.confirmed {
+            node.cluster.gossiper.set_announce_self(false);
         }
         // Trees are rebuilt by one scan at every start: a tree persisted before a crash could
         // disagree with what the crash left of the data.
@@ -263,7 +190,7 @@ impl<S: Storage> Node<S> {
     }
 
     pub fn epoch(&self) -> u32 {
-        self.epoch
+        self.identity.epoch
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -271,11 +198,11 @@ impl<S: Storage> Node<S> {
     }
 
     pub fn ring(&self) -> &Ring {
-        &self.ring
+        &self.cluster.ring
     }
 
     pub fn membership(&self) -> &Membership {
-        &self.membership
+        &self.cluster.membership
     }
 
     pub fn stats(&self) -> &Counters {
@@ -292,7 +219,7 @@ impl<S: Storage> Node<S> {
     }
 
     pub fn pending_operations(&self) -> usize {
-        self.operations.len()
+        self.coordination.operations.len()
     }
 
     /// The next action for the driver, if any. Call it until it returns `None` after every
@@ -304,13 +231,15 @@ impl<S: Storage> Node<S> {
         let action = self.ready.pop_front()?;
         if let Action::Reply { client, response } = &action {
             // Every client answer is a stress sample for the repair circuit breaker.
-            if let Some(started) = self.client_started.remove(client) {
+            if let Some(started) = self.coordination.client_started.remove(client) {
                 let ok = matches!(
                     response,
                     ClientResponse::Object(_) | ClientResponse::Written { .. }
                 );
                 let now = self.clock;
-                self.breaker.record(now, now.saturating_sub(started), ok);
+                self.control
+                    .breaker
+                    .record(now, now.saturating_sub(started), ok);
             }
         }
         Some(action)
@@ -319,32 +248,35 @@ impl<S: Storage> Node<S> {
     /// Whether repair work (scheduled anti-entropy, hint replay) is paused by the breaker.
     pub fn repair_breaker_open(&mut self) -> bool {
         let now = self.clock;
-        self.breaker.is_open(now)
+        self.control.breaker.is_open(now)
     }
 
     /// How often the breaker opened since start.
     pub fn repair_breaker_trips(&self) -> u64 {
-        self.breaker.trips()
+        self.control.breaker.trips()
     }
 
     /// The earliest time `handle_tick` has work to do.
     pub fn next_deadline(&self) -> Millis {
         let op = self
+            .coordination
             .deadlines
             .first()
             .map(|(d, _)| *d)
             .unwrap_or(Millis::MAX);
-        let hints = if self.hint_queue.total_hints() > 0 || !self.hint_batches.is_empty() {
-            self.next_delivery_at
-        } else {
-            Millis::MAX
-        };
+        let hints =
+            if self.hints.hint_queue.total_hints() > 0 || !self.hints.hint_batches.is_empty() {
+                self.hints.next_delivery_at
+            } else {
+                Millis::MAX
+            };
         let speculation = self
+            .coordination
             .speculations
             .first()
             .map(|(d, _)| *d)
             .unwrap_or(Millis::MAX);
-        op.min(self.gossiper.next_deadline())
+        op.min(self.cluster.gossiper.next_deadline())
             .min(hints)
             .min(speculation)
             .min(self.anti_entropy_deadline())
@@ -438,14 +370,14 @@ impl<S: Storage> Node<S> {
 
     /// The transport learned a peer (handshake) or gossip announced one.
     pub fn handle_member_discovered(&mut self, info: MemberInfo) {
-        if self.membership.learn(info) {
+        if self.cluster.membership.learn(info) {
             self.rebuild_ring();
         }
     }
 
     fn rebuild_ring(&mut self) {
-        self.ring = Ring::new(
-            self.membership.ids(),
+        self.cluster.ring = Ring::new(
+            self.cluster.membership.ids(),
             self.config.vnodes,
             self.config.replication_factor,
         );
@@ -458,14 +390,15 @@ impl<S: Storage> Node<S> {
         if peer == self.id() {
             return;
         }
-        let was_down = self.membership.status(peer) == PeerStatus::Down;
-        self.membership.set_status(peer, status);
+        let was_down = self.cluster.membership.status(peer) == PeerStatus::Down;
+        self.cluster.membership.set_status(peer, status);
         if status == PeerStatus::Up && was_down {
             self.mark_peer_recovered(now, peer);
         }
         if status == PeerStatus::Down {
             self.abort_exchanges_with(now, peer);
             let waiting: Vec<RequestId> = self
+                .coordination
                 .operations
                 .iter()
                 .filter(|(_, op)| op.is_awaiting(peer))
@@ -475,6 +408,7 @@ impl<S: Storage> Node<S> {
                 self.on_replica_failed(now, request, peer, true);
             }
             let batches: Vec<RequestId> = self
+                .hints
                 .hint_batches
                 .iter()
                 .filter(|(_, b)| b.target == *peer)
@@ -498,11 +432,11 @@ impl<S: Storage> Node<S> {
         if matches!(
             request,
             ClientRequest::Get { .. } | ClientRequest::Put { .. } | ClientRequest::Delete { .. }
-        ) && self.client_started.len() < self.config.max_pending_requests
+        ) && self.coordination.client_started.len() < self.config.max_pending_requests
         {
-            self.client_started.insert(client, now);
+            self.coordination.client_started.insert(client, now);
         }
-        if self.operations.len() >= self.config.max_pending_requests
+        if self.coordination.operations.len() >= self.config.max_pending_requests
             && matches!(
                 request,
                 ClientRequest::Get { .. }
@@ -558,22 +492,23 @@ impl<S: Storage> Node<S> {
     fn new_request_id(&mut self) -> RequestId {
         // The epoch in the high bits keeps ids unique across restarts, so a late reply to a
         // request of a previous life can never be taken for a new one.
-        self.next_request += 1;
-        (u64::from(self.epoch) << 40) | (self.next_request & ((1 << 40) - 1))
+        self.coordination.next_request += 1;
+        (u64::from(self.identity.epoch) << 40) | (self.coordination.next_request & ((1 << 40) - 1))
     }
 
     fn insert_operation(&mut self, id: RequestId, op: Operation) {
-        self.deadlines.insert((op.deadline(), id));
-        self.operations.insert(id, op);
+        self.coordination.deadlines.insert((op.deadline(), id));
+        self.coordination.operations.insert(id, op);
     }
 
     fn remove_operation(&mut self, id: RequestId) -> Option<Operation> {
-        let op = self.operations.remove(&id)?;
-        self.deadlines.remove(&(op.deadline(), id));
+        let op = self.coordination.operations.remove(&id)?;
+        self.coordination.deadlines.remove(&(op.deadline(), id));
         if let Operation::Get(get) = &op {
             // Its speculative retry (due `speculative_retry_ms` after its start) is moot now.
             let started = get.deadline - self.config.request_timeout_ms;
-            self.speculations
+            self.coordination
+                .speculations
                 .remove(&(started + self.config.speculative_retry_ms, id));
         }
         Some(op)
@@ -590,14 +525,14 @@ impl<S: Storage> Node<S> {
         value: Value,
         level: ConsistencyLevel,
     ) {
-        let replicas = self.ring.preference_list_for_key(&bucket, &key);
+        let replicas = self.cluster.ring.preference_list_for_key(&bucket, &key);
         let id = self.new_request_id();
         let deadline = now + self.config.request_timeout_ms;
         let me = self.id().clone();
         let is_replica = replicas.contains(&me);
         let mut candidates: Vec<NodeId> = replicas.clone();
         // Live replicas first, in preference order, then the ones believed down.
-        candidates.sort_by_key(|n| self.membership.status(n) == PeerStatus::Down);
+        candidates.sort_by_key(|n| self.cluster.membership.status(n) == PeerStatus::Down);
         let mut op = PutOperation::new(
             client,
             bucket.clone(),
@@ -643,7 +578,7 @@ impl<S: Storage> Node<S> {
         context: &CausalContext,
         value: Value,
     ) -> Result<Object, WriteRefusal> {
-        if !self.epoch_confirmed {
+        if !self.identity.confirmed {
             return Err(WriteRefusal::NotReady(epoch::EPOCH_UNCONFIRMED.into()));
         }
         let old = self
@@ -652,7 +587,7 @@ impl<S: Storage> Node<S> {
             .map_err(WriteRefusal::Storage)?;
         let old_digest = old.as_ref().map(Object::digest);
         let mut object = old.unwrap_or_default();
-        object.apply_write(self.actor, context, value);
+        object.apply_write(self.identity.actor, context, value);
         if !CausalContext::within_limits(object.context()) {
             return Err(WriteRefusal::Invalid(format!(
                 "the write would give this key more than {MAX_CONTEXT_ACTORS} actors or a \
@@ -697,7 +632,8 @@ impl<S: Storage> Node<S> {
         })?;
         self.stats.increment(Counter::LocalWrites);
         self.wrote();
-        self.trees
+        self.anti_entropy
+            .trees
             .record_write(bucket, key, old_digest, Some(object.digest()));
         Ok(())
     }
@@ -705,7 +641,7 @@ impl<S: Storage> Node<S> {
     /// Sloppy quorum: sends the object to the next live node on the ring beyond the
     /// preference list, to keep as a hint for `intended`; this node may be that fallback.
     fn fall_back(&mut self, now: Millis, id: RequestId, intended: NodeId) -> WriteStep {
-        let Some(Operation::Put(op)) = self.operations.get(&id) else {
+        let Some(Operation::Put(op)) = self.coordination.operations.get(&id) else {
             return WriteStep::Pending;
         };
         let Some(object) = op.object().cloned() else {
@@ -719,11 +655,12 @@ impl<S: Storage> Node<S> {
             .cloned()
             .collect();
         let fallback = self
+            .cluster
             .ring
             .nodes_from(crate::ring::key_token(&bucket, &key))
             .into_iter()
-            .find(|n| !used.contains(n) && self.membership.status(n) == PeerStatus::Up);
-        let Some(Operation::Put(op)) = self.operations.get_mut(&id) else {
+            .find(|n| !used.contains(n) && self.cluster.membership.status(n) == PeerStatus::Up);
+        let Some(Operation::Put(op)) = self.coordination.operations.get_mut(&id) else {
             return WriteStep::Pending;
         };
         let Some(fallback) = fallback else {
@@ -732,7 +669,7 @@ impl<S: Storage> Node<S> {
         op.add_fallback(fallback.clone(), intended.clone());
         if fallback == *self.id() {
             let stored = self.store_hint(now, &intended, &bucket, &key, &object);
-            let Some(Operation::Put(op)) = self.operations.get_mut(&id) else {
+            let Some(Operation::Put(op)) = self.coordination.operations.get_mut(&id) else {
                 return WriteStep::Pending;
             };
             return op.on_replicated(&fallback, stored);
@@ -750,7 +687,7 @@ impl<S: Storage> Node<S> {
 
     /// Ends an answered write once no replica reply is expected.
     fn finish_write_if_settled(&mut self, now: Millis, id: RequestId) {
-        if let Some(Operation::Put(op)) = self.operations.get(&id) {
+        if let Some(Operation::Put(op)) = self.coordination.operations.get(&id) {
             if op.answered && op.settled() {
                 self.finish_write(now, id);
             }
@@ -781,7 +718,7 @@ impl<S: Storage> Node<S> {
                     step = self.fall_back(now, id, intended);
                 }
                 WriteStep::AskActor(actor) => {
-                    let Some(Operation::Put(op)) = self.operations.get(&id) else {
+                    let Some(Operation::Put(op)) = self.coordination.operations.get(&id) else {
                         return;
                     };
                     let message = Message::Coordinate {
@@ -795,7 +732,7 @@ impl<S: Storage> Node<S> {
                     return;
                 }
                 WriteStep::Replicate(targets, object) => {
-                    let Some(Operation::Put(op)) = self.operations.get(&id) else {
+                    let Some(Operation::Put(op)) = self.coordination.operations.get(&id) else {
                         return;
                     };
                     let (bucket, key) = (op.bucket.clone(), op.key.clone());
@@ -808,13 +745,13 @@ impl<S: Storage> Node<S> {
                         };
                         self.send(&target, message);
                     }
-                    let Some(Operation::Put(op)) = self.operations.get(&id) else {
+                    let Some(Operation::Put(op)) = self.coordination.operations.get(&id) else {
                         return;
                     };
                     step = op.step();
                 }
                 WriteStep::Met(context) => {
-                    if let Some(Operation::Put(op)) = self.operations.get_mut(&id) {
+                    if let Some(Operation::Put(op)) = self.coordination.operations.get_mut(&id) {
                         if !op.answered {
                             op.answered = true;
                             let client = op.client;
@@ -828,7 +765,7 @@ impl<S: Storage> Node<S> {
                     return;
                 }
                 WriteStep::Failed { needed, answered } => {
-                    if let Some(Operation::Put(op)) = self.operations.get_mut(&id) {
+                    if let Some(Operation::Put(op)) = self.coordination.operations.get_mut(&id) {
                         if !op.answered {
                             op.answered = true;
                             let client = op.client;
@@ -853,7 +790,7 @@ impl<S: Storage> Node<S> {
         replica: &NodeId,
         maybe_delivered: bool,
     ) {
-        match self.operations.get_mut(&id) {
+        match self.coordination.operations.get_mut(&id) {
             Some(Operation::Get(_)) => self.on_read_failed(now, id, replica),
             Some(Operation::Put(op)) => {
                 let step = op.on_replica_failed(replica, maybe_delivered);
@@ -992,7 +929,7 @@ impl<S: Storage> Node<S> {
                 // A duplicated Coordinate must not apply the client's write a second time
                 // under a new dot: answer it from the record of the first.
                 let served = (from.clone(), request);
-                let result = match self.served_coordinates.get(&served) {
+                let result = match self.coordination.served_coordinates.get(&served) {
                     Some(result) => result.clone(),
                     None => {
                         let result = self.serve_coordinate(&bucket, &key, &context, value);
@@ -1016,7 +953,7 @@ impl<S: Storage> Node<S> {
                 }
             }
             Message::CoordinateReply { request, result } => {
-                if let Some(Operation::Put(op)) = self.operations.get_mut(&request) {
+                if let Some(Operation::Put(op)) = self.coordination.operations.get_mut(&request) {
                     let step = op.on_coordinated(from, result.map_err(|_| ()));
                     self.drive_write(now, request, step);
                 }
@@ -1031,7 +968,7 @@ impl<S: Storage> Node<S> {
                 self.answer_replicate(from, request, result);
             }
             Message::ReplicateReply { request, result } => {
-                if let Some(Operation::Put(op)) = self.operations.get_mut(&request) {
+                if let Some(Operation::Put(op)) = self.coordination.operations.get_mut(&request) {
                     let step = op.on_replicated(from, result.is_ok());
                     self.drive_write(now, request, step);
                 }
@@ -1103,13 +1040,13 @@ impl<S: Storage> Node<S> {
         served: (NodeId, RequestId),
         result: Result<Object, ReplicaError>,
     ) {
-        if self.served_order.len() >= MAX_SERVED_COORDINATES {
-            if let Some(oldest) = self.served_order.pop_front() {
-                self.served_coordinates.remove(&oldest);
+        if self.coordination.served_order.len() >= MAX_SERVED_COORDINATES {
+            if let Some(oldest) = self.coordination.served_order.pop_front() {
+                self.coordination.served_coordinates.remove(&oldest);
             }
         }
-        self.served_order.push_back(served.clone());
-        self.served_coordinates.insert(served, result);
+        self.coordination.served_order.push_back(served.clone());
+        self.coordination.served_coordinates.insert(served, result);
     }
 
     fn serve_coordinate(
@@ -1146,8 +1083,10 @@ impl<S: Storage> Node<S> {
 
     pub fn handle_tick(&mut self, now: Millis) {
         self.clock = self.clock.max(now);
-        self.breaker.set_in_flight(now, self.operations.len());
-        while let Some(&(deadline, id)) = self.deadlines.first() {
+        self.control
+            .breaker
+            .set_in_flight(now, self.coordination.operations.len());
+        while let Some(&(deadline, id)) = self.coordination.deadlines.first() {
             if deadline > now {
                 break;
             }
@@ -1171,7 +1110,7 @@ impl<S: Storage> Node<S> {
                         self.reply(op.client, ClientResponse::Timeout { needed, answered });
                     }
                     // Put it back for `finish_write`, which hints the silent replicas.
-                    self.operations.insert(id, Operation::Put(op));
+                    self.coordination.operations.insert(id, Operation::Put(op));
                     self.finish_write(now, id);
                 }
                 Some(Operation::Repair(repair)) => self.finish_repair(now, repair),
@@ -1181,8 +1120,8 @@ impl<S: Storage> Node<S> {
         self.speculate_reads(now);
         self.tick_anti_entropy(now);
         self.verify_next_tree(now);
-        if now >= self.next_delivery_at {
-            self.next_delivery_at = now + hints::DELIVERY_INTERVAL_MS;
+        if now >= self.hints.next_delivery_at {
+            self.hints.next_delivery_at = now + hints::DELIVERY_INTERVAL_MS;
             self.deliver_hints(now);
         }
         self.tick_gossip(now);
@@ -1190,12 +1129,14 @@ impl<S: Storage> Node<S> {
 }
 
 mod anti_entropy;
+mod coordination;
 mod counters;
 mod durability;
 mod epoch;
 mod gossip;
 mod hints;
 mod read;
+mod repair_control;
 
 pub use crate::anti_entropy::{AntiEntropyConfig, RepairRunStatus, RunState};
 pub use counters::{Counter, CounterSpec, Counters};

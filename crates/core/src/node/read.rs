@@ -27,6 +27,13 @@ pub(super) struct RepairOperation {
     pub any_failed: bool,
 }
 
+/// Read repair's own state (the rest lives in the read operations).
+#[derive(Debug, Default)]
+pub(super) struct ReadRepairState {
+    /// Repair writes in flight; beyond `max_concurrent_repairs` a read is not repaired.
+    pub repairs_in_flight: usize,
+}
+
 impl<S: Storage> Node<S> {
     pub(super) fn start_read(
         &mut self,
@@ -37,9 +44,9 @@ impl<S: Storage> Node<S> {
         level: ConsistencyLevel,
         after: AfterRead,
     ) {
-        let mut candidates = self.ring.preference_list_for_key(&bucket, &key);
+        let mut candidates = self.cluster.ring.preference_list_for_key(&bucket, &key);
         // Live replicas first, in preference order.
-        candidates.sort_by_key(|n| self.membership.status(n) == PeerStatus::Down);
+        candidates.sort_by_key(|n| self.cluster.membership.status(n) == PeerStatus::Down);
         let data_replica = self.data_replica(&candidates);
         let id = self.new_request_id();
         let deadline = now + self.config.request_timeout_ms;
@@ -56,7 +63,8 @@ impl<S: Storage> Node<S> {
         );
         let requests = op.start(&data_replica, now);
         self.insert_operation(id, Operation::Get(op));
-        self.speculations
+        self.coordination
+            .speculations
             .insert((now + self.config.speculative_retry_ms, id));
         self.send_reads(now, id, requests);
         self.advance_read(now, id);
@@ -70,22 +78,28 @@ impl<S: Storage> Node<S> {
         }
         candidates
             .iter()
-            .filter(|n| self.membership.status(n) == PeerStatus::Up)
-            .min_by_key(|n| self.peer_latency_ms.get(*n).copied().unwrap_or(0))
+            .filter(|n| self.cluster.membership.status(n) == PeerStatus::Up)
+            .min_by_key(|n| {
+                self.coordination
+                    .peer_latency_ms
+                    .get(*n)
+                    .copied()
+                    .unwrap_or(0)
+            })
             .or(candidates.first())
             .cloned()
             .unwrap_or_else(|| self.id().clone())
     }
 
     fn send_reads(&mut self, now: Millis, id: RequestId, requests: Vec<(NodeId, ReadKind)>) {
-        let Some(Operation::Get(op)) = self.operations.get(&id) else {
+        let Some(Operation::Get(op)) = self.coordination.operations.get(&id) else {
             return;
         };
         let (bucket, key) = (op.bucket.clone(), op.key.clone());
         for (node, kind) in requests {
             if node == *self.id() {
                 let local = self.storage.get(&bucket, &key);
-                let follow = match (local, self.operations.get_mut(&id)) {
+                let follow = match (local, self.coordination.operations.get_mut(&id)) {
                     (Ok(object), Some(Operation::Get(op))) => match kind {
                         ReadKind::Full => op.on_full(&node, object, now),
                         ReadKind::Digest => {
@@ -119,10 +133,14 @@ impl<S: Storage> Node<S> {
     }
 
     fn note_latency(&mut self, now: Millis, id: RequestId, from: &NodeId) {
-        if let Some(Operation::Get(op)) = self.operations.get(&id) {
+        if let Some(Operation::Get(op)) = self.coordination.operations.get(&id) {
             if let Some(sent) = op.sent_at.get(from) {
                 let sample = now.saturating_sub(*sent);
-                let estimate = self.peer_latency_ms.entry(from.clone()).or_insert(sample);
+                let estimate = self
+                    .coordination
+                    .peer_latency_ms
+                    .entry(from.clone())
+                    .or_insert(sample);
                 *estimate = (*estimate * 7 + sample) / 8;
             }
         }
@@ -136,7 +154,7 @@ impl<S: Storage> Node<S> {
         result: Result<Option<Object>, ()>,
     ) {
         self.note_latency(now, id, from);
-        let follow = match self.operations.get_mut(&id) {
+        let follow = match self.coordination.operations.get_mut(&id) {
             Some(Operation::Get(op)) => match result {
                 Ok(object) => op.on_full(from, object, now),
                 Err(()) => op.on_failed(from, now),
@@ -155,7 +173,7 @@ impl<S: Storage> Node<S> {
         result: Result<u64, ()>,
     ) {
         self.note_latency(now, id, from);
-        let follow = match self.operations.get_mut(&id) {
+        let follow = match self.coordination.operations.get_mut(&id) {
             Some(Operation::Get(op)) => match result {
                 Ok(digest) => op.on_digest(from, digest, now),
                 Err(()) => op.on_failed(from, now),
@@ -168,12 +186,12 @@ impl<S: Storage> Node<S> {
 
     /// Speculative retries that are due.
     pub(super) fn speculate_reads(&mut self, now: Millis) {
-        while let Some(&(due, id)) = self.speculations.first() {
+        while let Some(&(due, id)) = self.coordination.speculations.first() {
             if due > now {
                 break;
             }
-            self.speculations.remove(&(due, id));
-            let more = match self.operations.get_mut(&id) {
+            self.coordination.speculations.remove(&(due, id));
+            let more = match self.coordination.operations.get_mut(&id) {
                 Some(Operation::Get(op)) => op.speculate(now),
                 _ => continue,
             };
@@ -183,7 +201,7 @@ impl<S: Storage> Node<S> {
     }
 
     pub(super) fn on_read_failed(&mut self, now: Millis, id: RequestId, from: &NodeId) {
-        let follow = match self.operations.get_mut(&id) {
+        let follow = match self.coordination.operations.get_mut(&id) {
             Some(Operation::Get(op)) => op.on_failed(from, now),
             _ => return,
         };
@@ -193,7 +211,7 @@ impl<S: Storage> Node<S> {
 
     /// Acts on where a read stands: answer, repair, go on in the background, or fail.
     fn advance_read(&mut self, now: Millis, id: RequestId) {
-        let Some(Operation::Get(op)) = self.operations.get_mut(&id) else {
+        let Some(Operation::Get(op)) = self.coordination.operations.get_mut(&id) else {
             return;
         };
         if op.answered {
@@ -259,7 +277,7 @@ impl<S: Storage> Node<S> {
                         }
                     }
                 }
-                let more = match self.operations.get_mut(&id) {
+                let more = match self.coordination.operations.get_mut(&id) {
                     Some(Operation::Get(op)) if background => op.contact_the_rest(now),
                     _ => vec![],
                 };
@@ -296,7 +314,9 @@ impl<S: Storage> Node<S> {
             return;
         }
         let stale = &resolution.stale;
-        if self.repairs_in_flight + stale.len() > self.config.read_repair.max_concurrent_repairs {
+        if self.read_repair.repairs_in_flight + stale.len()
+            > self.config.read_repair.max_concurrent_repairs
+        {
             self.stats.increment(Counter::ReadRepairSkipped);
             answer_now(self, waiting_client);
             return;
@@ -311,7 +331,7 @@ impl<S: Storage> Node<S> {
                 any_failed |= !ok;
             } else {
                 pending.insert(node.clone());
-                self.repairs_in_flight += 1;
+                self.read_repair.repairs_in_flight += 1;
                 let message = Message::RepairWrite {
                     request: id,
                     bucket: bucket.to_string(),
@@ -347,7 +367,7 @@ impl<S: Storage> Node<S> {
 
     /// A stale replica answered a repair write (or could not be reached).
     pub(super) fn on_repair_reply(&mut self, now: Millis, id: RequestId, from: &NodeId, ok: bool) {
-        let Some(Operation::Repair(repair)) = self.operations.get_mut(&id) else {
+        let Some(Operation::Repair(repair)) = self.coordination.operations.get_mut(&id) else {
             return;
         };
         if !repair.pending.remove(from) {
@@ -362,7 +382,7 @@ impl<S: Storage> Node<S> {
                 repair.object.clone(),
             )
         });
-        self.repairs_in_flight = self.repairs_in_flight.saturating_sub(1);
+        self.read_repair.repairs_in_flight = self.read_repair.repairs_in_flight.saturating_sub(1);
         self.count_repair_write(ok);
         if let Some((bucket, key, object)) = hint {
             // A failed repair write becomes a hint, as any other write would.
@@ -378,7 +398,10 @@ impl<S: Storage> Node<S> {
     /// Ends a repair (all answered, or its deadline passed): counts it, answers the client.
     pub(super) fn finish_repair(&mut self, now: Millis, repair: RepairOperation) {
         let unanswered = repair.pending.len();
-        self.repairs_in_flight = self.repairs_in_flight.saturating_sub(unanswered);
+        self.read_repair.repairs_in_flight = self
+            .read_repair
+            .repairs_in_flight
+            .saturating_sub(unanswered);
         for target in &repair.pending {
             self.count_repair_write(false);
             self.store_hint(now, target, &repair.bucket, &repair.key, &repair.object);

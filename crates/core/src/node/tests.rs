@@ -1,7 +1,10 @@
 //! Small in-process cluster tests of the node; the simulator has the fault-injecting ones.
 
 use super::*;
+use crate::anti_entropy::ExchangeId;
+use crate::control::{RepairQueue, RepairQueueConfig};
 use crate::storage::MemoryStorage;
+use crate::version::Actor;
 use bytes::Bytes;
 
 struct TestCluster {
@@ -612,7 +615,7 @@ fn reaping_cluster() -> TestCluster {
         node.config.hinted_handoff.ttl_ms = 60_000;
         node.config.anti_entropy.verify_interval_ms = 1_000;
         node.config.anti_entropy.interval_ms = 5_000;
-        node.repair_queue = RepairQueue::new(RepairQueueConfig {
+        node.anti_entropy.repair_queue = RepairQueue::new(RepairQueueConfig {
             interval_ms: 5_000,
             ..RepairQueueConfig::default()
         });
