@@ -4,6 +4,8 @@ use super::*;
 use crate::storage::MemoryStorage;
 use bytes::Bytes;
 
+mod storage_full;
+
 struct TestCluster {
     nodes: Vec<Node<MemoryStorage>>,
     replies: Vec<(usize, ClientRequestId, ClientResponse)>,
