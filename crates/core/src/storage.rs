@@ -33,7 +33,10 @@ pub enum StorageError {
 impl StorageError {
     /// Whether the failure is a full disk (either way): SPEC's 507 `insufficient_storage`.
     pub fn is_full(&self) -> bool {
-        matches!(self, StorageError::Full(_) | StorageError::FullDuringWrite(_))
+        matches!(
+            self,
+            StorageError::Full(_) | StorageError::FullDuringWrite(_)
+        )
     }
 }
 

@@ -73,6 +73,9 @@ pub struct Metrics {
     pub peer_handshakes_refused: Family<ReasonLabels, Counter>,
     pub peers: Family<StatusLabels, Gauge>,
     pub fsyncs: Counter,
+    /// 1 while storage takes no writes (disk full, or the engine stopped and not reopened).
+    pub storage_full: Gauge,
+    pub storage_recoveries: Counter,
     pub requests_timed_out: Gauge,
     pub read_repair: Family<OutcomeLabels, Counter>,
     pub repairs: Family<RepairLabels, Counter>,
@@ -138,6 +141,18 @@ impl Metrics {
             "mendkv_storage_fsyncs",
             "Group-commit fsyncs",
             fsyncs.clone(),
+        );
+        let storage_full = Gauge::default();
+        registry.register(
+            "mendkv_storage_full",
+            "1 while this node's storage takes no writes (disk full or engine stopped)",
+            storage_full.clone(),
+        );
+        let storage_recoveries = Counter::default();
+        registry.register(
+            "mendkv_storage_recoveries",
+            "Times the storage engine was reopened after it stopped (a full disk)",
+            storage_recoveries.clone(),
         );
         let requests_timed_out = Gauge::default();
         registry.register(
@@ -287,6 +302,8 @@ impl Metrics {
             peer_handshakes_refused,
             peers,
             fsyncs,
+            storage_full,
+            storage_recoveries,
             requests_timed_out,
         })
     }

@@ -191,7 +191,12 @@ impl FjallStorage {
             return Ok(false);
         };
         // Without space the new engine would stop again at its first write (or not open).
-        self.check_free(self.shared.options.min_free_bytes.max(REOPEN_MIN_FREE_BYTES))?;
+        self.check_free(
+            self.shared
+                .options
+                .min_free_bytes
+                .max(REOPEN_MIN_FREE_BYTES),
+        )?;
         let old = self.engine_slot().take();
         // Closing waits for fjall's workers; no lock is held meanwhile.
         drop(old);
@@ -217,11 +222,17 @@ impl FjallStorage {
     }
 
     fn engine_slot(&self) -> std::sync::RwLockWriteGuard<'_, Option<Engine>> {
-        self.shared.engine.write().unwrap_or_else(|p| p.into_inner())
+        self.shared
+            .engine
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn failure_slot(&self) -> std::sync::MutexGuard<'_, Option<String>> {
-        self.shared.failure.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// `Full` when the file system has less than the reserve plus `bytes` free.
@@ -447,7 +458,9 @@ impl Storage for FjallStorage {
     }
 
     fn get_hint(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.read(|engine| engine.hints.get(key))?.map(|v| v.to_vec()))
+        Ok(self
+            .read(|engine| engine.hints.get(key))?
+            .map(|v| v.to_vec()))
     }
 
     fn delete_hint(&self, key: &[u8]) -> Result<(), StorageError> {

@@ -74,7 +74,10 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
     }
 }
 
@@ -142,8 +145,12 @@ fn a_stopped_engine_reopens_once_space_returns_and_keeps_synced_writes() {
     }
     tmpfs.fill();
     let mut first_error = None;
-    for i in synced..synced + 100_000 {
-        match storage.put("b", &key(i), &object(&value)).and_then(|()| storage.sync()) {
+    for _ in 0..100_000 {
+        let next = key(synced);
+        match storage
+            .put("b", &next, &object(&value))
+            .and_then(|()| storage.sync())
+        {
             Ok(()) => synced += 1,
             Err(error) => {
                 first_error = Some(error);
@@ -184,5 +191,8 @@ fn a_stopped_engine_reopens_once_space_returns_and_keeps_synced_writes() {
     // And what was synced after the reopen survives a close.
     let reopened = FjallStorage::open_with(tmpfs.path(), options).unwrap();
     assert_eq!(reopened.get("b", b"after").unwrap(), Some(object(b"a")));
-    assert_eq!(reopened.get("b", &key(synced - 1)).unwrap(), Some(object(&value)));
+    assert_eq!(
+        reopened.get("b", &key(synced - 1)).unwrap(),
+        Some(object(&value))
+    );
 }

@@ -639,7 +639,10 @@ impl<S: Storage> Node<S> {
                 Err(WriteRefusal::Storage(error)) if error.is_full() => {
                     // The disk filled during this write: it may yet reach the disk, so no
                     // other actor may apply it under a second dot. Its outcome is unknown.
-                    self.reply(client, ClientResponse::InsufficientStorage(error.to_string()));
+                    self.reply(
+                        client,
+                        ClientResponse::InsufficientStorage(error.to_string()),
+                    );
                     return;
                 }
                 Err(WriteRefusal::Storage(error)) => {

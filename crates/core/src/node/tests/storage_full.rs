@@ -3,7 +3,12 @@
 
 use super::*;
 
-fn put_at(cluster: &mut TestCluster, at: usize, key: &[u8], level: ConsistencyLevel) -> ClientResponse {
+fn put_at(
+    cluster: &mut TestCluster,
+    at: usize,
+    key: &[u8],
+    level: ConsistencyLevel,
+) -> ClientResponse {
     cluster.request(
         at,
         ClientRequest::Put {
@@ -33,10 +38,16 @@ fn a_full_replica_coordinates_a_quorum_write_through_the_others() {
     );
     assert!(!stored(&cluster, 0, b"k"), "the full node stored nothing");
     assert!(stored(&cluster, 1, b"k") && stored(&cluster, 2, b"k"));
-    assert_eq!(live(&cluster.get(1, ConsistencyLevel::Quorum)), vec![data("v")]);
+    assert_eq!(
+        live(&cluster.get(1, ConsistencyLevel::Quorum)),
+        vec![data("v")]
+    );
     // `one` needs a single healthy replica.
     let response = put_at(&mut cluster, 0, b"one", ConsistencyLevel::One);
-    assert!(matches!(response, ClientResponse::Written { .. }), "{response:?}");
+    assert!(
+        matches!(response, ClientResponse::Written { .. }),
+        "{response:?}"
+    );
 }
 
 /// When the level cannot be met without the full node, the answer is insufficient storage
@@ -67,7 +78,10 @@ fn a_replica_writes_locally_again_once_space_returns() {
     put_at(&mut cluster, 0, b"k", ConsistencyLevel::Quorum);
     cluster.nodes[0].storage().set_full(false);
     let response = put_at(&mut cluster, 0, b"k2", ConsistencyLevel::All);
-    assert!(matches!(response, ClientResponse::Written { .. }), "{response:?}");
+    assert!(
+        matches!(response, ClientResponse::Written { .. }),
+        "{response:?}"
+    );
     assert!(stored(&cluster, 0, b"k2"));
 }
 
