@@ -326,6 +326,20 @@ impl Client {
         Ok(response.text().await?)
     }
 
+    /// `GET /health`: `Ok` while the node serves reads and writes, else its reason (503).
+    pub async fn health_check(&self) -> Result<(), ClientError> {
+        let response = self
+            .http
+            .get(format!("{}/health", self.base))
+            .send()
+            .await?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(api_error(response).await)
+        }
+    }
+
     pub async fn health(&self) -> bool {
         matches!(self.http.get(format!("{}/health", self.base)).send().await, Ok(r) if r.status().is_success())
     }

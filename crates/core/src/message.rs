@@ -248,6 +248,9 @@ pub enum ClientResponse {
     Local(Option<Object>),
     /// The local storage failed.
     StorageFailed(String),
+    /// This node's disk is full and the write could not be stored at its level elsewhere
+    /// (SPEC's 507 `insufficient_storage`); the node recovers by itself once space returns.
+    InsufficientStorage(String),
     /// The request breaks a rule (a 400): nothing was changed.
     Invalid(String),
     /// This node cannot coordinate the request yet (a 503 with the reason).

@@ -12,12 +12,32 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StorageError {
-    /// The engine failed (I/O error, full disk); the operation did not happen.
+    /// The engine failed (an I/O error other than a full disk).
     #[error("storage engine failed: {0}")]
     Engine(String),
+    /// No space for the write, and nothing was written: free space is below the reserve, or
+    /// the engine stopped after a full disk and waits for space to reopen. Another replica
+    /// may take the write; this one recovers by itself once space returns.
+    #[error("storage is full: {0}")]
+    Full(String),
+    /// The disk filled up during the write, so it may or may not reach the disk (the engine
+    /// stops until space returns). The write's outcome is unknown: it must not be retried
+    /// under another dot.
+    #[error("storage filled up during the write: {0}")]
+    FullDuringWrite(String),
     /// A stored record could not be decoded; it is skipped and reported.
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
+}
+
+impl StorageError {
+    /// Whether the failure is a full disk (either way): SPEC's 507 `insufficient_storage`.
+    pub fn is_full(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Full(_) | StorageError::FullDuringWrite(_)
+        )
+    }
 }
 
 /// Where an object lives.
@@ -76,6 +96,8 @@ struct MemoryState {
     /// Writes ever made, and how many of them are durable (a count, for checkers).
     writes_made: u64,
     writes_synced: u64,
+    /// A full disk, for tests: writes are refused with [`StorageError::Full`].
+    full: bool,
 }
 
 /// An in-memory storage that keeps synced and pending writes apart, so a crash can be
@@ -124,14 +146,24 @@ impl MemoryStorage {
         self.lock().writes_synced
     }
 
-    fn push(&self, record: Record) {
+    /// Models a full disk (`true`) or space returning (`false`): while full, every write is
+    /// refused with [`StorageError::Full`] and nothing is written; reads still work.
+    pub fn set_full(&self, full: bool) {
+        self.lock().full = full;
+    }
+
+    fn push(&self, record: Record) -> Result<(), StorageError> {
         let mut state = self.lock();
+        if state.full {
+            return Err(StorageError::Full("no space left (simulated)".into()));
+        }
         // Deleting a delivered hint need not be durable (a crash that undoes it only
         // replays the hint, which is idempotent), so it is not a write anything waits for.
         if !matches!(record, Record::Hint(_, None)) {
             state.writes_made += 1;
         }
         state.pending.push(record);
+        Ok(())
     }
 
     /// Every object this storage holds (durable view plus pending), for checkers.
@@ -193,8 +225,7 @@ impl Storage for MemoryStorage {
             bucket: bucket.to_string(),
             key: key.to_vec(),
         };
-        self.push(Record::Object(key, object.clone()));
-        Ok(())
+        self.push(Record::Object(key, object.clone()))
     }
 
     fn remove(&self, bucket: &str, key: &[u8]) -> Result<(), StorageError> {
@@ -202,8 +233,7 @@ impl Storage for MemoryStorage {
             bucket: bucket.to_string(),
             key: key.to_vec(),
         };
-        self.push(Record::Removed(key));
-        Ok(())
+        self.push(Record::Removed(key))
     }
 
     fn sync(&self) -> Result<(), StorageError> {
@@ -226,8 +256,7 @@ impl Storage for MemoryStorage {
     }
 
     fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StorageError> {
-        self.push(Record::Meta(name.to_string(), value.to_vec()));
-        Ok(())
+        self.push(Record::Meta(name.to_string(), value.to_vec()))
     }
 
     fn scan_range(&self, range: TokenRange) -> Result<ObjectRows, StorageError> {
@@ -241,8 +270,7 @@ impl Storage for MemoryStorage {
     }
 
     fn put_hint(&self, key: &[u8], record: &[u8]) -> Result<(), StorageError> {
-        self.push(Record::Hint(key.to_vec(), Some(record.to_vec())));
-        Ok(())
+        self.push(Record::Hint(key.to_vec(), Some(record.to_vec())))
     }
 
     fn get_hint(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
@@ -255,8 +283,7 @@ impl Storage for MemoryStorage {
     }
 
     fn delete_hint(&self, key: &[u8]) -> Result<(), StorageError> {
-        self.push(Record::Hint(key.to_vec(), None));
-        Ok(())
+        self.push(Record::Hint(key.to_vec(), None))
     }
 
     fn scan_hints(&self) -> Result<HintRecords, StorageError> {

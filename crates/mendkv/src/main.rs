@@ -154,6 +154,10 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // On a failed log write tracing would report it with eprintln!, which panics when
+        // stderr is a file on a full disk: the node task died with it. A lost log line is
+        // the lesser harm.
+        .log_internal_errors(false)
         .try_init();
 }
 

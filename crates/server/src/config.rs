@@ -227,6 +227,9 @@ pub struct StorageSection {
     /// With `fsync = "periodic"`: how often to fsync.
     pub fsync_interval_ms: u64,
     pub max_value_bytes: usize,
+    /// Writes are refused (507, or stored by the other replicas) while the data directory's
+    /// file system has less free space than this; 0 turns the reserve off.
+    pub min_free_bytes: u64,
 }
 
 impl Default for NodeSection {
@@ -272,6 +275,7 @@ impl Default for StorageSection {
             fsync: "always".into(),
             fsync_interval_ms: 100,
             max_value_bytes: 1 << 20,
+            min_free_bytes: mendkv_storage::DEFAULT_MIN_FREE_BYTES,
         }
     }
 }

@@ -15,6 +15,7 @@ use mendkv_core::message::{ClientRequest, ClientResponse};
 use mendkv_core::quorum::ConsistencyLevel;
 use mendkv_core::request::{validate_bucket, validate_key, validate_value_size};
 use mendkv_core::version::{CausalContext, ContextKey, Object, Value};
+use mendkv_storage::FjallStorage;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +35,8 @@ pub struct ApiState {
     pub contexts: ContextKey,
     /// A request body must arrive in full within this long (`http.idle_timeout_ms`).
     pub body_timeout: Duration,
+    /// Asked by `/health` only (whether it takes writes); requests go to the node task.
+    pub storage: FjallStorage,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -47,12 +50,21 @@ pub fn router(state: ApiState) -> Router {
         .route("/admin/repair", axum::routing::post(start_repair))
         .route("/admin/repair/{id}", get(repair_status))
         .route("/metrics", get(metrics))
-        .route("/health", get(|| async { "ok\n" }))
+        .route("/health", get(health))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(axum::middleware::map_response(method_not_allowed_as_json))
         // Bodies are read with our own limit below, so the client gets SPEC's 413 JSON.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// 200 while the node serves reads and writes; 503 with the reason while its storage takes
+/// no writes (disk full, engine stopped), so load balancers and operators see it.
+async fn health(State(state): State<ApiState>) -> Response {
+    match state.storage.health() {
+        Ok(()) => "ok\n".into_response(),
+        Err(reason) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", reason),
+    }
 }
 
 /// An error response in SPEC's JSON shape.
@@ -294,6 +306,14 @@ fn coordination_failure(response: ClientResponse) -> Failure {
         ClientResponse::NotReady(message) => Failure::new(
             error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message),
             "unavailable",
+        ),
+        ClientResponse::InsufficientStorage(message) => Failure::new(
+            error(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "insufficient_storage",
+                message,
+            ),
+            "insufficient_storage",
         ),
         ClientResponse::StorageFailed(message) => Failure::new(
             error(

@@ -33,7 +33,7 @@ use crate::transport::{accept_loop, dial, Identity, Inbound, PeerTasks};
 use mendkv_core::membership::MemberInfo;
 use mendkv_core::node::Node;
 use mendkv_core::version::ContextKey;
-use mendkv_storage::FjallStorage;
+use mendkv_storage::{FjallStorage, StorageOptions};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -81,7 +81,12 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
             "http.max_connections lowered to fit the open-file limit"
         );
     }
-    let storage = FjallStorage::open(&config.node.data_dir)?;
+    let storage = FjallStorage::open_with(
+        &config.node.data_dir,
+        StorageOptions {
+            min_free_bytes: config.storage.min_free_bytes,
+        },
+    )?;
     let node = Node::new(node_config.clone(), storage.clone(), wall_clock_ms())?;
     let peer_listener = TcpListener::bind(&config.node.listen)
         .await
@@ -153,6 +158,7 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
             inbox_sender.clone(),
         ));
     }
+    let storage_health = storage.clone();
     let node_task = tokio::spawn(run_node(
         node,
         storage,
@@ -178,6 +184,7 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
         request_timeout: Duration::from_millis(node_config.request_timeout_ms),
         contexts: ContextKey::from_secret(config.cluster.secret.as_bytes()),
         body_timeout: http_limits.idle_timeout,
+        storage: storage_health,
     };
     let app = http::router(state);
     http_listener::serve(

@@ -72,6 +72,9 @@ pub struct Metrics {
     pub peer_frames_rejected: Family<ReasonLabels, Counter>,
     pub peer_handshakes_refused: Family<ReasonLabels, Counter>,
     pub peers: Family<StatusLabels, Gauge>,
+    /// 1 while storage takes no writes (disk full, or the engine stopped and not reopened).
+    pub storage_full: Gauge,
+    pub storage_recoveries: Counter,
     pub hints_pending: Gauge,
     pub hints_bytes: Gauge,
     pub anti_entropy_cycle: Histogram,
@@ -125,6 +128,18 @@ impl Metrics {
         );
         let peers = Family::<StatusLabels, Gauge>::default();
         registry.register("mendkv_peers", "Known peers by status", peers.clone());
+        let storage_full = Gauge::default();
+        registry.register(
+            "mendkv_storage_full",
+            "1 while this node's storage takes no writes (disk full or engine stopped)",
+            storage_full.clone(),
+        );
+        let storage_recoveries = Counter::default();
+        registry.register(
+            "mendkv_storage_recoveries",
+            "Times the storage engine was reopened after it stopped (a full disk)",
+            storage_recoveries.clone(),
+        );
         let hints_pending = Gauge::default();
         registry.register(
             "mendkv_hints_pending",
@@ -219,6 +234,8 @@ impl Metrics {
             peer_frames_rejected,
             peer_handshakes_refused,
             peers,
+            storage_full,
+            storage_recoveries,
         })
     }
 

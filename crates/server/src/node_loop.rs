@@ -83,6 +83,10 @@ pub struct NodeStatus {
 /// Bound on inputs handled before actions are flushed and a sync started.
 const MAX_BATCH: usize = 512;
 
+/// Backoff between attempts to reopen a stopped storage engine (it waits for free space).
+const RECOVERY_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const RECOVERY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
 struct NodeTask {
     node: Node<FjallStorage>,
     storage: FjallStorage,
@@ -99,6 +103,11 @@ struct NodeTask {
     /// Where link tasks run, so shutdown can wait for them.
     peer_tasks: PeerTasks,
     sync_in_flight: Option<(SyncTicket, JoinHandle<Result<(), StorageError>>)>,
+    /// A reopen of the stopped storage engine under way (a blocking thread), the next
+    /// attempt's time and the backoff after it.
+    recovery: Option<JoinHandle<Result<bool, StorageError>>>,
+    next_recovery_at: Instant,
+    recovery_backoff: Duration,
     /// The node's counters as last exported, so metrics grow by the difference.
     exported: Counters,
 }
@@ -200,6 +209,32 @@ impl NodeTask {
             let storage = self.storage.clone();
             let handle = tokio::task::spawn_blocking(move || storage.sync());
             self.sync_in_flight = Some((ticket, handle));
+        }
+    }
+
+    /// Whether a reopen of the storage engine is due: it stopped and no attempt is running.
+    fn recovery_due(&self) -> bool {
+        self.recovery.is_none() && self.storage.failure().is_some()
+    }
+
+    fn start_recovery(&mut self) {
+        let storage = self.storage.clone();
+        self.recovery = Some(tokio::task::spawn_blocking(move || storage.recover()));
+    }
+
+    fn finish_recovery(&mut self, result: Result<bool, StorageError>) {
+        match result {
+            Ok(reopened) => {
+                if reopened {
+                    self.metrics.storage_recoveries.inc();
+                }
+                self.recovery_backoff = RECOVERY_BACKOFF_MIN;
+            }
+            Err(error) => {
+                tracing::debug!(%error, "storage not reopened yet");
+                self.next_recovery_at = Instant::now() + self.recovery_backoff;
+                self.recovery_backoff = (self.recovery_backoff * 2).min(RECOVERY_BACKOFF_MAX);
+            }
         }
     }
 
@@ -349,6 +384,9 @@ pub async fn run_node(
         metrics,
         peer_tasks,
         sync_in_flight: None,
+        recovery: None,
+        next_recovery_at: Instant::now(),
+        recovery_backoff: RECOVERY_BACKOFF_MIN,
         exported: Counters::default(),
     };
     let mut periodic_sync = tokio::time::interval(periodic.unwrap_or(Duration::from_secs(3600)));
@@ -380,10 +418,21 @@ pub async fn run_node(
                 task.node.finish_sync(ticket, result);
             }
             _ = periodic_sync.tick(), if periodic.is_some() => task.start_sync(),
+            // A stopped engine (full disk) is reopened once space returns, with backoff.
+            _ = tokio::time::sleep_until(task.next_recovery_at), if task.recovery_due() => {
+                task.start_recovery();
+            }
+            result = async { task.recovery.as_mut().expect("guarded").await }, if task.recovery.is_some() => {
+                task.recovery = None;
+                let result = result.unwrap_or_else(|e| Err(StorageError::Engine(e.to_string())));
+                task.finish_recovery(result);
+            }
             _ = gauges.tick() => {
                 // Metrics follow the node every 200 ms, off the request path.
                 task.publish_gauges();
                 task.export_stats();
+                let full = task.storage.health().is_err();
+                task.metrics.storage_full.set(i64::from(full));
             }
             _ = shutdown.changed() => break,
         }
@@ -391,7 +440,11 @@ pub async fn run_node(
         task.start_sync_if_needed();
         task.dispatch();
     }
-    // Clean shutdown: wait for the sync under way, then make everything durable.
+    // Clean shutdown: a reopen under way ends first (it holds the engine), then the sync
+    // under way, then everything is made durable.
+    if let Some(recovery) = task.recovery.take() {
+        let _ = recovery.await;
+    }
     if let Some((ticket, handle)) = task.sync_in_flight.take() {
         let result = handle
             .await

@@ -13,55 +13,317 @@
 //! process loses nothing it wrote; [`Storage::sync`] adds `fdatasync` of the journal, which is
 //! what the node waits for before acknowledging under the default fsync policy. The node
 //! batches many writes per sync (group commit).
+//!
+//! # A full disk
+//! fjall stops for good after a failed journal write (every later write answers `Poisoned`),
+//! and a full disk is the common cause. So:
+//! - writes are refused up front, with [`StorageError::Full`] and nothing written, while the
+//!   file system has less than `min_free_bytes` free (a `fstatvfs` per write): the node can
+//!   then let another replica take the write. Writes resume by themselves once space returns.
+//! - a write that hits `ENOSPC` anyway (the reserve is off, or something else filled the
+//!   disk) is [`StorageError::FullDuringWrite`]: the journal may hold it in part, and its
+//!   rest may still reach the file when the engine closes, so its outcome is unknown. The
+//!   engine is then stopped ([`FjallStorage::failure`] says why) and every write is refused
+//!   with `Full` until [`FjallStorage::recover`] reopens it once space returns. Reopening
+//!   replays the journal, which holds every write handed to the OS, so nothing acknowledged
+//!   (fsynced) is lost.
+//!
+//! Clones share one engine behind a lock, so a reopen swaps it for every clone (the node
+//! task and the fsync thread).
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use mendkv_core::ring::{key_token, TokenRange};
 use mendkv_core::storage::{HintRecords, ObjectRows, Storage, StorageError};
 use mendkv_core::version::Object;
-use std::path::Path;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 /// The format byte of stored objects; bump it when the encoding changes.
 const OBJECT_FORMAT: u8 = 1;
 
-#[derive(Clone)]
-pub struct FjallStorage {
+/// Free space kept by default: writes are refused below it (`storage.min_free_bytes`).
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 64 << 20;
+
+/// What a journal record costs beyond its key and value (markers, checksum), roughly.
+const RECORD_OVERHEAD_BYTES: u64 = 64;
+
+/// Free space a stopped engine waits for before it reopens, even with the reserve off: a
+/// reopen writes (journal recovery, a new journal file).
+const REOPEN_MIN_FREE_BYTES: u64 = 1 << 20;
+
+/// How the storage is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageOptions {
+    /// Writes are refused (nothing written) while the file system has less free space
+    /// than this plus the write; 0 turns the check off.
+    pub min_free_bytes: u64,
+}
+
+impl Default for StorageOptions {
+    fn default() -> Self {
+        StorageOptions {
+            min_free_bytes: DEFAULT_MIN_FREE_BYTES,
+        }
+    }
+}
+
+/// One open fjall database with its keyspaces.
+struct Engine {
     database: Database,
     objects: Keyspace,
     meta: Keyspace,
     hints: Keyspace,
 }
 
-fn engine_error(error: impl std::fmt::Display) -> StorageError {
-    StorageError::Engine(error.to_string())
-}
-
-impl FjallStorage {
-    /// Opens (or creates) the database under `data_dir`.
-    pub fn open(data_dir: &Path) -> Result<Self, StorageError> {
-        std::fs::create_dir_all(data_dir).map_err(engine_error)?;
-        let database = Database::builder(data_dir.join("db"))
-            .open()
-            .map_err(engine_error)?;
-        let objects = database
-            .keyspace("objects", KeyspaceCreateOptions::default)
-            .map_err(engine_error)?;
-        let meta = database
-            .keyspace("meta", KeyspaceCreateOptions::default)
-            .map_err(engine_error)?;
-        let hints = database
-            .keyspace("hints", KeyspaceCreateOptions::default)
-            .map_err(engine_error)?;
-        Ok(FjallStorage {
+impl Engine {
+    fn open(path: &Path) -> Result<Engine, fjall::Error> {
+        let database = Database::builder(path).open()?;
+        let objects = database.keyspace("objects", KeyspaceCreateOptions::default)?;
+        let meta = database.keyspace("meta", KeyspaceCreateOptions::default)?;
+        let hints = database.keyspace("hints", KeyspaceCreateOptions::default)?;
+        Ok(Engine {
             database,
             objects,
             meta,
             hints,
         })
     }
+}
+
+struct Shared {
+    /// `<data_dir>/db`.
+    path: PathBuf,
+    /// The directory, open, for `fstatvfs` (no path lookup per write).
+    directory: File,
+    options: StorageOptions,
+    /// `None` while a reopen is under way (or failed; the next `recover` tries again).
+    engine: RwLock<Option<Engine>>,
+    /// Why the engine stopped taking writes; `None` while it works.
+    failure: Mutex<Option<String>>,
+    recoveries: AtomicU64,
+}
+
+/// core's [`Storage`] over fjall; clones share one engine.
+#[derive(Clone)]
+pub struct FjallStorage {
+    shared: Arc<Shared>,
+}
+
+fn engine_error(error: impl std::fmt::Display) -> StorageError {
+    StorageError::Engine(error.to_string())
+}
+
+/// True for an I/O error that means "no space" (a full disk or an exhausted quota), also
+/// when the LSM tree below fjall reports it.
+fn is_out_of_space(error: &fjall::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            );
+        }
+        source = current.source();
+    }
+    false
+}
+
+impl FjallStorage {
+    /// Opens (or creates) the database under `data_dir` with the default options.
+    pub fn open(data_dir: &Path) -> Result<Self, StorageError> {
+        Self::open_with(data_dir, StorageOptions::default())
+    }
+
+    /// Opens (or creates) the database under `data_dir`.
+    pub fn open_with(data_dir: &Path, options: StorageOptions) -> Result<Self, StorageError> {
+        let path = data_dir.join("db");
+        std::fs::create_dir_all(&path).map_err(engine_error)?;
+        let directory = File::open(&path).map_err(engine_error)?;
+        let engine = Engine::open(&path).map_err(engine_error)?;
+        Ok(FjallStorage {
+            shared: Arc::new(Shared {
+                path,
+                directory,
+                options,
+                engine: RwLock::new(Some(engine)),
+                failure: Mutex::new(None),
+                recoveries: AtomicU64::new(0),
+            }),
+        })
+    }
 
     /// Number of objects stored (an estimate from the LSM tree, no scan).
     pub fn approximate_object_count(&self) -> u64 {
-        self.objects.approximate_len() as u64
+        self.engine()
+            .as_ref()
+            .map_or(0, |engine| engine.objects.approximate_len() as u64)
+    }
+
+    /// Why the engine stopped taking writes (a full disk, a failed write), or `None`.
+    pub fn failure(&self) -> Option<String> {
+        self.failure_slot().clone()
+    }
+
+    /// `Err(reason)` while this storage cannot take writes: the engine stopped, or free
+    /// space is below the reserve (what `/health` reports).
+    pub fn health(&self) -> Result<(), String> {
+        if let Some(failure) = self.failure() {
+            return Err(failure);
+        }
+        self.check_space(0).map_err(|e| e.to_string())
+    }
+
+    /// Times the engine was reopened after it had stopped.
+    pub fn recoveries(&self) -> u64 {
+        self.shared.recoveries.load(Ordering::Relaxed)
+    }
+
+    /// Reopens a stopped engine once there is space again; `Ok(false)` when nothing was
+    /// stopped. The old engine is closed first (fjall allows one open per directory); the
+    /// new one replays the journal, so every write the old one handed to the OS is back,
+    /// and fsyncs it. Meanwhile operations answer [`StorageError::Full`]. Blocking: run it
+    /// off the async runtime.
+    pub fn recover(&self) -> Result<bool, StorageError> {
+        let Some(failure) = self.failure() else {
+            return Ok(false);
+        };
+        // Without space the new engine would stop again at its first write (or not open).
+        self.check_free(
+            self.shared
+                .options
+                .min_free_bytes
+                .max(REOPEN_MIN_FREE_BYTES),
+        )?;
+        let old = self.engine_slot().take();
+        // Closing waits for fjall's workers; no lock is held meanwhile.
+        drop(old);
+        let engine = Engine::open(&self.shared.path).map_err(|error| {
+            let reason = format!("reopen after \"{failure}\" failed: {error}");
+            *self.failure_slot() = Some(reason.clone());
+            if is_out_of_space(&error) {
+                StorageError::Full(reason)
+            } else {
+                StorageError::Engine(reason)
+            }
+        })?;
+        *self.engine_slot() = Some(engine);
+        *self.failure_slot() = None;
+        self.shared.recoveries.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(cause = %failure, "storage engine reopened");
+        Ok(true)
+    }
+
+    fn engine(&self) -> RwLockReadGuard<'_, Option<Engine>> {
+        // A poisoned lock only means a thread panicked holding it; the handle is intact.
+        self.shared.engine.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn engine_slot(&self) -> std::sync::RwLockWriteGuard<'_, Option<Engine>> {
+        self.shared
+            .engine
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn failure_slot(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.shared
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `Full` when the file system has less than the reserve plus `bytes` free.
+    fn check_space(&self, bytes: u64) -> Result<(), StorageError> {
+        match self.shared.options.min_free_bytes {
+            0 => Ok(()),
+            reserve => self.check_free(reserve.saturating_add(bytes)),
+        }
+    }
+
+    /// `Full` when the file system has less than `wanted` bytes free.
+    fn check_free(&self, wanted: u64) -> Result<(), StorageError> {
+        let reserve = self.shared.options.min_free_bytes;
+        let Ok(stat) = rustix::fs::fstatvfs(&self.shared.directory) else {
+            // A file system that cannot say stays writable; ENOSPC still stops it safely.
+            return Ok(());
+        };
+        let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+        if free < wanted {
+            return Err(StorageError::Full(format!(
+                "disk full: {free} bytes free in {}, {wanted} needed (storage.min_free_bytes \
+                 is {reserve})",
+                self.shared.path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs a read on the engine.
+    fn read<T>(
+        &self,
+        operation: impl FnOnce(&Engine) -> Result<T, fjall::Error>,
+    ) -> Result<T, StorageError> {
+        let engine = self.engine();
+        let Some(engine) = engine.as_ref() else {
+            return Err(self.stopped());
+        };
+        operation(engine).map_err(engine_error)
+    }
+
+    /// Runs a write of about `bytes` bytes: refused (nothing written) while the engine is
+    /// stopped or space is short; a failure stops the engine, as fjall does.
+    fn write<T>(
+        &self,
+        bytes: usize,
+        operation: impl FnOnce(&Engine) -> Result<T, fjall::Error>,
+    ) -> Result<T, StorageError> {
+        if self.failure_slot().is_some() {
+            return Err(self.stopped());
+        }
+        self.check_space(bytes as u64 + RECORD_OVERHEAD_BYTES)?;
+        let engine = self.engine();
+        let Some(engine) = engine.as_ref() else {
+            return Err(self.stopped());
+        };
+        operation(engine).map_err(|error| self.stop(error))
+    }
+
+    /// The error of an operation refused because the engine is stopped.
+    fn stopped(&self) -> StorageError {
+        let reason = self
+            .failure()
+            .unwrap_or_else(|| "the storage engine is reopening".into());
+        StorageError::Full(format!("writes stopped until space returns: {reason}"))
+    }
+
+    /// A write or sync failed: fjall stops after any of those, so this storage does too
+    /// until `recover`, remembering the first cause.
+    fn stop(&self, error: fjall::Error) -> StorageError {
+        let out_of_space = is_out_of_space(&error);
+        let poisoned = matches!(error, fjall::Error::Poisoned);
+        let reason = if out_of_space {
+            format!("disk full: {error}")
+        } else {
+            error.to_string()
+        };
+        {
+            let mut failure = self.failure_slot();
+            if failure.is_none() {
+                tracing::error!(%error, "storage engine stopped after a failed write");
+                *failure = Some(reason.clone());
+            }
+        }
+        if out_of_space {
+            StorageError::FullDuringWrite(reason)
+        } else if poisoned {
+            // fjall refused before writing anything (a background flush had failed).
+            self.stopped()
+        } else {
+            StorageError::Engine(reason)
+        }
     }
 }
 
@@ -104,11 +366,7 @@ pub fn decode_object(bytes: &[u8]) -> Result<Object, StorageError> {
 
 impl Storage for FjallStorage {
     fn get(&self, bucket: &str, key: &[u8]) -> Result<Option<Object>, StorageError> {
-        match self
-            .objects
-            .get(object_key(bucket, key))
-            .map_err(engine_error)?
-        {
+        match self.read(|engine| engine.objects.get(object_key(bucket, key)))? {
             Some(bytes) => decode_object(&bytes).map(Some).inspect_err(|e| {
                 tracing::error!(bucket, error = %e, "corrupt object record");
             }),
@@ -117,35 +375,42 @@ impl Storage for FjallStorage {
     }
 
     fn put(&self, bucket: &str, key: &[u8], object: &Object) -> Result<(), StorageError> {
-        self.objects
-            .insert(object_key(bucket, key), encode_object(object)?)
-            .map_err(engine_error)
+        let encoded = encode_object(object)?;
+        let stored_key = object_key(bucket, key);
+        self.write(stored_key.len() + encoded.len(), |engine| {
+            engine.objects.insert(stored_key, encoded)
+        })
     }
 
     fn remove(&self, bucket: &str, key: &[u8]) -> Result<(), StorageError> {
-        self.objects
-            .remove(object_key(bucket, key))
-            .map_err(engine_error)
+        let stored_key = object_key(bucket, key);
+        self.write(stored_key.len(), |engine| engine.objects.remove(stored_key))
     }
 
     fn sync(&self) -> Result<(), StorageError> {
-        self.database
+        if self.failure_slot().is_some() {
+            return Err(self.stopped());
+        }
+        let engine = self.engine();
+        let Some(engine) = engine.as_ref() else {
+            return Err(self.stopped());
+        };
+        engine
+            .database
             .persist(PersistMode::SyncData)
-            .map_err(engine_error)
+            .map_err(|error| self.stop(error))
     }
 
     fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(self
-            .meta
-            .get(name.as_bytes())
-            .map_err(engine_error)?
+            .read(|engine| engine.meta.get(name.as_bytes()))?
             .map(|v| v.to_vec()))
     }
 
     fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StorageError> {
-        self.meta
-            .insert(name.as_bytes(), value)
-            .map_err(engine_error)
+        self.write(name.len() + value.len(), |engine| {
+            engine.meta.insert(name.as_bytes(), value)
+        })
     }
 
     fn scan_range(&self, range: TokenRange) -> Result<ObjectRows, StorageError> {
@@ -160,12 +425,16 @@ impl Storage for FjallStorage {
         } else {
             vec![(first, u64::MAX), (0, range.end)]
         };
+        let engine = self.engine();
+        let Some(engine) = engine.as_ref() else {
+            return Err(self.stopped());
+        };
         let mut found = Vec::new();
         for (low, high) in spans {
             let from = low.to_be_bytes().to_vec();
             let iter = match high.checked_add(1) {
-                Some(next) => self.objects.range(from..next.to_be_bytes().to_vec()),
-                None => self.objects.range(from..),
+                Some(next) => engine.objects.range(from..next.to_be_bytes().to_vec()),
+                None => engine.objects.range(from..),
             };
             for guard in iter {
                 let (key, value) = guard.into_inner().map_err(engine_error)?;
@@ -183,24 +452,28 @@ impl Storage for FjallStorage {
     }
 
     fn put_hint(&self, key: &[u8], record: &[u8]) -> Result<(), StorageError> {
-        self.hints.insert(key, record).map_err(engine_error)
+        self.write(key.len() + record.len(), |engine| {
+            engine.hints.insert(key, record)
+        })
     }
 
     fn get_hint(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(self
-            .hints
-            .get(key)
-            .map_err(engine_error)?
+            .read(|engine| engine.hints.get(key))?
             .map(|v| v.to_vec()))
     }
 
     fn delete_hint(&self, key: &[u8]) -> Result<(), StorageError> {
-        self.hints.remove(key).map_err(engine_error)
+        self.write(key.len(), |engine| engine.hints.remove(key))
     }
 
     fn scan_hints(&self) -> Result<HintRecords, StorageError> {
+        let engine = self.engine();
+        let Some(engine) = engine.as_ref() else {
+            return Err(self.stopped());
+        };
         let mut all = Vec::new();
-        for guard in self.hints.iter() {
+        for guard in engine.hints.iter() {
             let (key, value) = guard.into_inner().map_err(engine_error)?;
             all.push((key.to_vec(), value.to_vec()));
         }

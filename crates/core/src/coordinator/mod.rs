@@ -66,6 +66,9 @@ pub struct PutOperation {
     /// The client has its answer; the operation waits for the remaining replicas only to
     /// hint the ones that do not answer.
     pub answered: bool,
+    /// The coordinator is a replica whose disk is full: a write that fails its level is
+    /// answered as insufficient storage (507), not as unavailable.
+    local_storage_full: bool,
 }
 
 /// What the node must do for a write next.
@@ -121,6 +124,7 @@ impl PutOperation {
             fallbacks: BTreeMap::new(),
             covered: BTreeSet::new(),
             answered: false,
+            local_storage_full: false,
         }
     }
 
@@ -135,6 +139,26 @@ impl PutOperation {
     pub fn start_remote(&mut self, candidates: Vec<NodeId>) -> WriteStep {
         self.untried_actors = candidates.into();
         self.next_actor()
+    }
+
+    /// The coordinator is a replica but its disk is full and nothing was written: it counts
+    /// once against the level (no `Replicate` to itself, no hint: hints live on the same
+    /// disk) and another replica among `candidates` coordinates, as for a non-replica
+    /// coordinator. Safe because no dot was issued here.
+    pub fn start_remote_storage_full(&mut self, me: &NodeId, candidates: Vec<NodeId>) -> WriteStep {
+        self.local_storage_full = true;
+        self.quorum.record_failure();
+        self.failed_actors.push(me.clone());
+        if self.quorum.status() == QuorumStatus::Failed {
+            self.phase = PutPhase::Replicating;
+            return self.step();
+        }
+        self.start_remote(candidates.into_iter().filter(|n| n != me).collect())
+    }
+
+    /// True when this write could not be stored locally because the disk is full.
+    pub fn local_storage_full(&self) -> bool {
+        self.local_storage_full
     }
 
     fn next_actor(&mut self) -> WriteStep {

@@ -100,7 +100,11 @@ impl DurableReply {
         match self {
             DurableReply::Client { client, .. } => Action::Reply {
                 client,
-                response: ClientResponse::StorageFailed(error.to_string()),
+                response: if error.is_full() {
+                    ClientResponse::InsufficientStorage(error.to_string())
+                } else {
+                    ClientResponse::StorageFailed(error.to_string())
+                },
             },
             DurableReply::Replicated { to, request } => send(
                 to,

@@ -547,6 +547,19 @@ impl<S: Storage> Node<S> {
         let step = if is_replica {
             match self.coordinate_locally(&bucket, &key, &context, value) {
                 Ok(object) => op.coordinated_locally(&me, object),
+                // Nothing was written here, so another replica may be the actor.
+                Err(WriteRefusal::Storage(StorageError::Full(_))) => {
+                    op.start_remote_storage_full(&me, candidates)
+                }
+                Err(WriteRefusal::Storage(error)) if error.is_full() => {
+                    // The disk filled during this write: it may yet reach the disk, so no
+                    // other actor may apply it under a second dot. Its outcome is unknown.
+                    self.reply(
+                        client,
+                        ClientResponse::InsufficientStorage(error.to_string()),
+                    );
+                    return;
+                }
                 Err(WriteRefusal::Storage(error)) => {
                     self.reply(client, ClientResponse::StorageFailed(error.to_string()));
                     return;
@@ -769,7 +782,16 @@ impl<S: Storage> Node<S> {
                         if !op.answered {
                             op.answered = true;
                             let client = op.client;
-                            self.reply(client, ClientResponse::Unavailable { needed, answered });
+                            let response = if op.local_storage_full() {
+                                ClientResponse::InsufficientStorage(format!(
+                                    "this node's disk is full, and the other replicas could \
+                                     not meet the level: needed {needed} replicas, \
+                                     {answered} answered"
+                                ))
+                            } else {
+                                ClientResponse::Unavailable { needed, answered }
+                            };
+                            self.reply(client, response);
                         }
                     }
                     // Replicas still answering may yet store the object: wait for them (or the

@@ -7,6 +7,8 @@ use crate::storage::MemoryStorage;
 use crate::version::Actor;
 use bytes::Bytes;
 
+mod storage_full;
+
 struct TestCluster {
     nodes: Vec<Node<MemoryStorage>>,
     replies: Vec<(usize, ClientRequestId, ClientResponse)>,

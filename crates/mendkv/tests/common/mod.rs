@@ -94,6 +94,16 @@ pub struct TestCluster {
 impl TestCluster {
     /// Starts `n` nodes where every node but the first has the first as its only seed.
     pub async fn start(n: usize, env: &[(&str, &str)]) -> Self {
+        Self::start_with(n, env, |_| {}).await
+    }
+
+    /// As [`TestCluster::start`], with `prepare` run on each node (its data directory
+    /// exists) before any starts: to mount something there or set its own environment.
+    pub async fn start_with(
+        n: usize,
+        env: &[(&str, &str)],
+        mut prepare: impl FnMut(&mut TestNode),
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut nodes = Vec::new();
         let mut seed = String::new();
@@ -116,6 +126,9 @@ impl TestCluster {
                     .collect(),
                 child: None,
             });
+        }
+        for node in &mut nodes {
+            prepare(node);
         }
         for node in &mut nodes {
             node.start();
