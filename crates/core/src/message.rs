@@ -168,6 +168,20 @@ impl Message {
         }
     }
 
+    /// True for an answer to another message (the rest are requests and gossip).
+    pub fn is_reply(&self) -> bool {
+        matches!(
+            self,
+            Message::ReadReply { .. }
+                | Message::ReadDigestReply { .. }
+                | Message::RepairWriteReply { .. }
+                | Message::CoordinateReply { .. }
+                | Message::ReplicateReply { .. }
+                | Message::HintBatchReply { .. }
+                | Message::AntiEntropyReply { .. }
+        )
+    }
+
     /// The traffic class of `mendkv_network_bytes_total{class}`.
     pub fn class(&self) -> &'static str {
         match self {

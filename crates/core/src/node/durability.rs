@@ -96,7 +96,6 @@ impl DurableReply {
     /// The error it must become when the sync failed: nothing claims durability for
     /// writes that are not durable.
     pub fn failed(self, error: &StorageError) -> Action {
-        let failure = || ReplicaError::Storage(error.to_string());
         match self {
             DurableReply::Client { client, .. } => Action::Reply {
                 client,
@@ -106,39 +105,59 @@ impl DurableReply {
                     ClientResponse::StorageFailed(error.to_string())
                 },
             },
+            reply => reply.refused(ReplicaError::Storage(error.to_string())),
+        }
+    }
+
+    /// The answer that reports `error` in its place: the write was refused before
+    /// anything was stored, or its sync failed.
+    pub fn refused(self, error: ReplicaError) -> Action {
+        match self {
+            DurableReply::Client { client, .. } => Action::Reply {
+                client,
+                response: match error {
+                    ReplicaError::Storage(message) => ClientResponse::StorageFailed(message),
+                    ReplicaError::Invalid(message) => ClientResponse::Invalid(message),
+                    ReplicaError::NotReady(message) => ClientResponse::NotReady(message),
+                },
+            },
             DurableReply::Replicated { to, request } => send(
                 to,
                 Message::ReplicateReply {
                     request,
-                    result: Err(failure()),
+                    result: Err(error),
                 },
             ),
             DurableReply::Coordinated { to, request, .. } => send(
                 to,
                 Message::CoordinateReply {
                     request,
-                    result: Err(failure()),
+                    result: Err(error),
                 },
             ),
             DurableReply::RepairWritten { to, request } => send(
                 to,
                 Message::RepairWriteReply {
                     request,
-                    result: Err(failure()),
+                    result: Err(error),
                 },
             ),
             DurableReply::HintBatchStored { to, request } => send(
                 to,
                 Message::HintBatchReply {
                     request,
-                    result: Err(failure()),
+                    result: Err(error),
                 },
             ),
             DurableReply::Exchange { to, response } => send(
                 to,
                 Message::AntiEntropyReply {
                     response: ExchangeResponse {
-                        body: ResponseBody::Refused(Refusal::Storage(error.to_string())),
+                        body: ResponseBody::Refused(match error {
+                            ReplicaError::Storage(message) => Refusal::Storage(message),
+                            ReplicaError::Invalid(message) => Refusal::Invalid(message),
+                            ReplicaError::NotReady(_) => Refusal::Busy,
+                        }),
                         ..response
                     },
                 },

@@ -13,11 +13,8 @@ use crate::config::NodeConfig;
 use crate::coordinator::{AfterRead, GetOperation, PutOperation, WriteStep};
 use crate::gossip::{initial_state, Gossiper, NodeStatus};
 use crate::membership::{MemberInfo, Membership, PeerStatus};
-use crate::message::{
-    ClientRequest, ClientRequestId, ClientResponse, Message, ReplicaError, RequestId,
-};
+use crate::message::{ClientRequest, ClientRequestId, ClientResponse, Message, RequestId};
 use crate::quorum::ConsistencyLevel;
-use crate::request::{validate_bucket, validate_key, validate_value_size};
 use crate::ring::Ring;
 use crate::storage::{Storage, StorageError};
 use crate::version::{CausalContext, Object, Value, MAX_CONTEXT_ACTORS, MAX_COUNTER};
@@ -331,28 +328,6 @@ impl<S: Storage> Node<S> {
     /// A local write reached storage: durable replies from now on wait for its sync.
     fn wrote(&mut self) {
         self.durability.wrote();
-    }
-
-    /// Answers a `Replicate` or `HintedWrite`: an error at once, a success once durable.
-    fn answer_replicate(
-        &mut self,
-        to: &NodeId,
-        request: RequestId,
-        result: Result<(), ReplicaError>,
-    ) {
-        match result {
-            Ok(()) => self.emit_durable(DurableReply::Replicated {
-                to: to.clone(),
-                request,
-            }),
-            Err(error) => self.send(
-                to,
-                Message::ReplicateReply {
-                    request,
-                    result: Err(error),
-                },
-            ),
-        }
     }
 
     fn reply(&mut self, client: ClientRequestId, response: ClientResponse) {
@@ -836,102 +811,31 @@ impl<S: Storage> Node<S> {
         }
     }
 
+    /// A message from a peer: gossip, a request this node serves (`serve.rs`), or a reply
+    /// to one of its own requests.
     pub fn handle_message(&mut self, now: Millis, from: &NodeId, message: Message) {
         self.clock = self.clock.max(now);
         match message {
-            Message::Read {
-                request,
-                bucket,
-                key,
-            } => {
-                let result = self.serve_read(&bucket, &key);
-                self.send(from, Message::ReadReply { request, result });
-            }
+            Message::Gossip(message) => self.on_gossip(now, from, message),
+            reply if reply.is_reply() => self.on_reply(now, from, reply),
+            request => self.serve_request(now, from, request),
+        }
+    }
+
+    /// A reply to a request this node sent: it moves the operation that waits for it.
+    fn on_reply(&mut self, now: Millis, from: &NodeId, reply: Message) {
+        match reply {
             Message::ReadReply { request, result } => {
                 self.on_full_read(now, request, from, result.map_err(|_| ()))
-            }
-            Message::ReadDigest {
-                request,
-                bucket,
-                key,
-            } => {
-                let result = self.serve_read(&bucket, &key).map(|o| {
-                    o.map(|o| o.digest())
-                        .unwrap_or_else(crate::read_repair::absent_digest)
-                });
-                self.send(from, Message::ReadDigestReply { request, result });
             }
             Message::ReadDigestReply { request, result } => {
                 self.on_digest_read(now, request, from, result.map_err(|_| ()))
             }
-            Message::RepairWrite {
-                request,
-                bucket,
-                key,
-                object,
-            } => {
-                let result = self.serve_replicate(&bucket, &key, &object);
-                match result {
-                    Ok(()) => self.emit_durable(DurableReply::RepairWritten {
-                        to: from.clone(),
-                        request,
-                    }),
-                    Err(error) => self.send(
-                        from,
-                        Message::RepairWriteReply {
-                            request,
-                            result: Err(error),
-                        },
-                    ),
-                }
-            }
             Message::RepairWriteReply { request, result } => {
                 self.on_repair_reply(now, request, from, result.is_ok())
             }
-            Message::HintBatch { request, hints } => {
-                let result = self.serve_hint_batch(hints);
-                match result {
-                    Ok(()) => self.emit_durable(DurableReply::HintBatchStored {
-                        to: from.clone(),
-                        request,
-                    }),
-                    Err(error) => self.send(
-                        from,
-                        Message::HintBatchReply {
-                            request,
-                            result: Err(error),
-                        },
-                    ),
-                }
-            }
-            Message::AntiEntropy { request } => self.on_exchange_request(now, from, request),
-            Message::Reap { range, items } => self.on_reap(range, items),
             Message::AntiEntropyReply { response } => {
                 self.on_exchange_response(now, from, response)
-            }
-            Message::HintedWrite {
-                request,
-                intended,
-                bucket,
-                key,
-                object,
-            } => {
-                let checked = self
-                    .check_peer_input(&bucket, &key)
-                    .and_then(|()| self.check_peer_object(&object));
-                let result = match checked {
-                    Ok(()) => {
-                        if self.store_hint(now, &intended, &bucket, &key, &object) {
-                            Ok(())
-                        } else {
-                            Err(ReplicaError::Storage(
-                                "hint not kept (budget or unknown target)".into(),
-                            ))
-                        }
-                    }
-                    Err(error) => Err(error),
-                };
-                self.answer_replicate(from, request, result);
             }
             Message::HintBatchReply { request, result } => {
                 let delivered = result.is_ok();
@@ -941,53 +845,11 @@ impl<S: Storage> Node<S> {
                     self.deliver_hints(now);
                 }
             }
-            Message::Coordinate {
-                request,
-                bucket,
-                key,
-                context,
-                value,
-            } => {
-                // A duplicated Coordinate must not apply the client's write a second time
-                // under a new dot: answer it from the record of the first.
-                let served = (from.clone(), request);
-                let result = match self.coordination.served_coordinates.get(&served) {
-                    Some(result) => result.clone(),
-                    None => {
-                        let result = self.serve_coordinate(&bucket, &key, &context, value);
-                        self.remember_coordinate(served, result.clone());
-                        result
-                    }
-                };
-                match result {
-                    Ok(object) => self.emit_durable(DurableReply::Coordinated {
-                        to: from.clone(),
-                        request,
-                        object,
-                    }),
-                    Err(error) => self.send(
-                        from,
-                        Message::CoordinateReply {
-                            request,
-                            result: Err(error),
-                        },
-                    ),
-                }
-            }
             Message::CoordinateReply { request, result } => {
                 if let Some(Operation::Put(op)) = self.coordination.operations.get_mut(&request) {
                     let step = op.on_coordinated(from, result.map_err(|_| ()));
                     self.drive_write(now, request, step);
                 }
-            }
-            Message::Replicate {
-                request,
-                bucket,
-                key,
-                object,
-            } => {
-                let result = self.serve_replicate(&bucket, &key, &object);
-                self.answer_replicate(from, request, result);
             }
             Message::ReplicateReply { request, result } => {
                 if let Some(Operation::Put(op)) = self.coordination.operations.get_mut(&request) {
@@ -995,110 +857,9 @@ impl<S: Storage> Node<S> {
                     self.drive_write(now, request, step);
                 }
             }
-            Message::Gossip(message) => self.on_gossip(now, from, message),
+            // Requests and gossip are routed elsewhere by `handle_message`.
+            _ => {}
         }
-    }
-
-    fn check_peer_input(&mut self, bucket: &str, key: &[u8]) -> Result<(), ReplicaError> {
-        validate_bucket(bucket)
-            .and_then(|_| validate_key(key))
-            .map_err(|e| {
-                self.stats.increment(Counter::InvalidPeerRequests);
-                ReplicaError::Invalid(e.to_string())
-            })
-    }
-
-    /// A value from a peer obeys the limits a client's does (`max_value_bytes`, the
-    /// content type's length): the frame limit alone would let a peer store 8 MiB values.
-    fn check_peer_value(&mut self, value: &Value) -> Result<(), ReplicaError> {
-        let result = match value {
-            Value::Data {
-                bytes,
-                content_type,
-            } => validate_value_size(bytes.len(), self.config.max_value_bytes)
-                .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    if content_type.len() > MAX_CONTENT_TYPE_BYTES {
-                        Err(format!(
-                            "content type is over {MAX_CONTENT_TYPE_BYTES} bytes"
-                        ))
-                    } else {
-                        Ok(())
-                    }
-                }),
-            Value::Tombstone => Ok(()),
-        };
-        result.map_err(|reason| {
-            self.stats.increment(Counter::InvalidPeerRequests);
-            ReplicaError::Invalid(reason)
-        })
-    }
-
-    /// An object from a peer: every sibling's value within the limits, and a context
-    /// within the context limits.
-    fn check_peer_object(&mut self, object: &Object) -> Result<(), ReplicaError> {
-        for sibling in object.siblings() {
-            self.check_peer_value(&sibling.value)?;
-        }
-        if !CausalContext::within_limits(object.context()) {
-            self.stats.increment(Counter::InvalidPeerRequests);
-            return Err(ReplicaError::Invalid(
-                "object's version vector is over the context limits".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    fn serve_read(&mut self, bucket: &str, key: &[u8]) -> Result<Option<Object>, ReplicaError> {
-        self.check_peer_input(bucket, key)?;
-        self.storage.get(bucket, key).map_err(|e| {
-            self.stats.increment(Counter::StorageErrors);
-            ReplicaError::Storage(e.to_string())
-        })
-    }
-
-    fn remember_coordinate(
-        &mut self,
-        served: (NodeId, RequestId),
-        result: Result<Object, ReplicaError>,
-    ) {
-        if self.coordination.served_order.len() >= MAX_SERVED_COORDINATES {
-            if let Some(oldest) = self.coordination.served_order.pop_front() {
-                self.coordination.served_coordinates.remove(&oldest);
-            }
-        }
-        self.coordination.served_order.push_back(served.clone());
-        self.coordination.served_coordinates.insert(served, result);
-    }
-
-    fn serve_coordinate(
-        &mut self,
-        bucket: &str,
-        key: &[u8],
-        context: &CausalContext,
-        value: Value,
-    ) -> Result<Object, ReplicaError> {
-        self.check_peer_input(bucket, key)?;
-        self.check_peer_value(&value)?;
-        self.coordinate_locally(bucket, key, context, value)
-            .map_err(|refusal| match refusal {
-                WriteRefusal::Storage(e) => ReplicaError::Storage(e.to_string()),
-                WriteRefusal::Invalid(reason) => ReplicaError::Invalid(reason),
-                WriteRefusal::NotReady(reason) => ReplicaError::NotReady(reason),
-            })
-    }
-
-    fn serve_replicate(
-        &mut self,
-        bucket: &str,
-        key: &[u8],
-        incoming: &Object,
-    ) -> Result<(), ReplicaError> {
-        self.check_peer_input(bucket, key)?;
-        self.check_peer_object(incoming)?;
-        self.merge_local(bucket, key, incoming)
-            .map(|_| ())
-            .map_err(|e| ReplicaError::Storage(e.to_string()))
     }
 
     // ----- time ----------------------------------------------------------------------
@@ -1159,6 +920,7 @@ mod gossip;
 mod hints;
 mod read;
 mod repair_control;
+mod serve;
 
 pub use crate::anti_entropy::{AntiEntropyConfig, RepairRunStatus, RunState};
 pub use counters::{Counter, CounterSpec, Counters};

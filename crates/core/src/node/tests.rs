@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::anti_entropy::ExchangeId;
+use crate::message::ReplicaError;
 use crate::control::{RepairQueue, RepairQueueConfig};
 use crate::storage::MemoryStorage;
 use crate::version::Actor;
