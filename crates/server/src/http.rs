@@ -1,8 +1,8 @@
 //! The HTTP API (SPEC section 3). Handlers validate input, hand a request to the node task
 //! and turn its answer into status codes; they never touch storage themselves.
 
+use crate::inbox::Inbox;
 use crate::metrics::{Metrics, OpLabels, RequestLabels};
-use crate::node_loop::Inbox;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};

@@ -21,14 +21,16 @@
 pub mod config;
 pub mod http;
 pub mod http_listener;
+pub mod inbox;
 pub mod metrics;
 pub mod node_loop;
 pub mod request_head;
 pub mod transport;
 
 use crate::config::ServerConfig;
+use crate::inbox::Inbox;
 use crate::metrics::Metrics;
-use crate::node_loop::{run_node, Inbox};
+use crate::node_loop::run_node;
 use crate::transport::{accept_loop, dial, Identity, Inbound, PeerTasks};
 use mendkv_core::membership::MemberInfo;
 use mendkv_core::node::Node;

@@ -3,82 +3,23 @@
 //! out the node's actions, and runs group commit: after each batch of inputs, one fsync on a
 //! blocking thread covers every write of the batch, while the node keeps taking input.
 
+pub use crate::inbox::{ClusterStatus, Inbox, NodeStatus};
 use crate::metrics::{Metrics, NameLabels, PeerLabels, ReasonLabels, StatusLabels};
 use crate::transport::{spawn_link, Identity, PeerLink, PeerTasks};
 use mendkv_core::config::FsyncPolicy;
-use mendkv_core::membership::{MemberInfo, PeerStatus};
-use mendkv_core::message::{ClientRequest, ClientRequestId, ClientResponse, Message};
+use mendkv_core::membership::PeerStatus;
+use mendkv_core::message::{ClientRequestId, ClientResponse, Message};
 use mendkv_core::node::{Action, Node, SyncTicket};
 use mendkv_core::node::{Counter, Counters};
 use mendkv_core::storage::{Storage, StorageError};
 use mendkv_core::{Millis, NodeId};
 use mendkv_storage::FjallStorage;
-use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-
-/// Inputs of the node task.
-pub enum Inbox {
-    Client {
-        request: ClientRequest,
-        reply: oneshot::Sender<ClientResponse>,
-    },
-    Peer {
-        from: NodeId,
-        message: Message,
-    },
-    /// An outbound link finished its handshake.
-    PeerUp {
-        info: MemberInfo,
-    },
-    /// An outbound link failed or closed.
-    PeerDown {
-        id: NodeId,
-    },
-    /// A peer introduced itself (inbound handshake or seed dial).
-    Discovered {
-        info: MemberInfo,
-    },
-    /// A seed answered our dial: gossip starts with it.
-    SeedDiscovered {
-        info: MemberInfo,
-    },
-    /// A message could not be sent (link down or full).
-    SendFailed {
-        to: NodeId,
-        message: Message,
-    },
-    Status {
-        reply: oneshot::Sender<ClusterStatus>,
-    },
-}
-
-/// `/cluster/status` (SPEC section 3).
-#[derive(Debug, Clone, Serialize)]
-pub struct ClusterStatus {
-    pub node_id: String,
-    pub cluster: String,
-    pub epoch: u32,
-    pub nodes: Vec<NodeStatus>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct NodeStatus {
-    pub id: String,
-    pub peer_address: String,
-    pub http_address: String,
-    pub status: &'static str,
-    /// Phi-accrual suspicion; 0 until gossip's failure detector exists.
-    pub phi: f64,
-    pub ownership: f64,
-    pub hints_pending: u64,
-    /// The node's generation as gossip knows it (its epoch: grows on every restart).
-    pub generation: u64,
-}
 
 /// Bound on inputs handled before actions are flushed and a sync started.
 const MAX_BATCH: usize = 512;

@@ -18,8 +18,8 @@
 //! in [`PeerTasks`]; [`PeerTasks::shutdown`] stops them and waits, with a deadline, until
 //! they are gone, so a stopped node holds no peer sockets.
 
+use crate::inbox::Inbox;
 use crate::metrics::{Metrics, ReasonLabels};
-use crate::node_loop::Inbox;
 use futures::{SinkExt, StreamExt};
 use mendkv_core::membership::MemberInfo;
 use mendkv_core::message::Message;

@@ -2,8 +2,8 @@
 
 use super::*;
 use crate::anti_entropy::ExchangeId;
-use crate::message::ReplicaError;
 use crate::control::{RepairQueue, RepairQueueConfig};
+use crate::message::ReplicaError;
 use crate::storage::MemoryStorage;
 use crate::version::Actor;
 use bytes::Bytes;
