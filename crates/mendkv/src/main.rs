@@ -148,17 +148,45 @@ impl ServerArgs {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+/// Logs to stderr in the configured format and level; colour codes only on a terminal (a
+/// log file, or `mendkv cluster`'s per-node logs, get plain text).
+fn init_logging(log: &mendkv_server::config::LogSection) -> Result<()> {
+    use std::io::IsTerminal;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.is_empty() => {
+            tracing_subscriber::EnvFilter::try_new(&directives)
+                .with_context(|| format!("RUST_LOG={directives:?} is not a log filter"))?
+        }
+        _ => {
+            const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+            // A bare word is a target to tracing ("loud" would mean "everything from the
+            // module loud"): only the level names are taken as levels.
+            let is_filter = log.level.contains(['=', ',']);
+            if !is_filter && !LEVELS.contains(&log.level.as_str()) {
+                bail!(
+                    "log.level = {:?} is not a level ({}) or a filter like info,mendkv_server=debug",
+                    log.level,
+                    LEVELS.join(", ")
+                );
+            }
+            tracing_subscriber::EnvFilter::try_new(&log.level)
+                .with_context(|| format!("log.level = {:?} is not a level or filter", log.level))?
+        }
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         // On a failed log write tracing would report it with eprintln!, which panics when
         // stderr is a file on a full disk: the node task died with it. A lost log line is
         // the lesser harm.
-        .log_internal_errors(false)
-        .try_init();
+        .log_internal_errors(false);
+    // Already set only when something initialised logging before (tests): keep that one.
+    let _ = match log.format {
+        mendkv_server::config::LogFormat::Text => builder.try_init(),
+        mendkv_server::config::LogFormat::Json => builder.json().try_init(),
+    };
+    Ok(())
 }
 
 fn main() {
@@ -182,9 +210,9 @@ fn main() {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Server(args) => {
-            init_logging();
             let config =
                 ServerConfig::load(args.config.as_deref(), std::env::vars(), args.overrides())?;
+            init_logging(&config.log)?;
             let (stop, shutdown) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
                 wait_for_signal().await;

@@ -23,6 +23,35 @@ pub struct ServerConfig {
     pub gossip: GossipSection,
     pub storage: StorageSection,
     pub http: HttpSection,
+    pub log: LogSection,
+}
+
+/// How the node logs (to stderr).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `text` (one human-readable line per event) or `json` (one JSON object per line, for
+    /// log shippers). Colour codes only when stderr is a terminal, in either format.
+    pub format: LogFormat,
+    /// A level (`error`, `warn`, `info`, `debug`, `trace`) or a tracing filter such as
+    /// `info,mendkv_server=debug`. `RUST_LOG`, when set, takes its place.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
 }
 
 /// Bounds on client connections to the HTTP API.
