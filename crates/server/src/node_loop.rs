@@ -88,6 +88,9 @@ impl NodeTask {
             Inbox::Status { reply } => {
                 let _ = reply.send(self.status());
             }
+            Inbox::Dashboard { reply } => {
+                let _ = reply.send(crate::dashboard::snapshot(&mut self.node, now));
+            }
         }
     }
 
