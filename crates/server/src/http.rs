@@ -52,6 +52,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .route("/dashboard", get(dashboard_page))
         .route("/admin/dashboard.json", get(dashboard_state))
+        .route("/admin/dashboard/history", get(dashboard_history))
         .route("/health", get(health))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(axum::middleware::map_response(method_not_allowed_as_json))
@@ -733,6 +734,12 @@ async fn dashboard_page() -> Response {
         crate::dashboard::PAGE,
     )
         .into_response()
+}
+
+/// `GET /admin/dashboard/history`: the charted metrics of the last minutes, for a page that
+/// just opened.
+async fn dashboard_history(State(state): State<ApiState>) -> Response {
+    axum::Json(json!({ "samples": state.metrics.history.samples() })).into_response()
 }
 
 /// `GET /admin/dashboard.json`: repair runs, hints per target, breaker and repair rate.

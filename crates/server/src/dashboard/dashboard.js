@@ -37,7 +37,7 @@ function bytes(n) {
   const units = ["B", "KiB", "MiB", "GiB", "TiB"];
   let i = 0;
   while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-  return (i === 0 ? n : n.toFixed(1)) + " " + units[i];
+  return (i === 0 ? Math.round(n) : n.toFixed(1)) + " " + units[i];
 }
 
 function duration(ms) {
@@ -162,6 +162,16 @@ function remember(sample) {
   }
 }
 
+// Puts the node's kept samples before the page's own (the node's cover the time before the
+// page opened).
+async function loadNodeHistory() {
+  const { samples } = await fetchOk("/admin/dashboard/history");
+  const firstOwn = history.length ? history[0].t : Infinity;
+  const older = samples.filter((s) => s.t_ms < firstOwn)
+    .map((s) => compact(parseMetrics(s.text), s.t_ms));
+  history = older.concat(history);
+}
+
 // One series per key: the rate (per second) of each counter between consecutive samples.
 function rateSeries(pick, keys) {
   const out = {};
@@ -262,8 +272,8 @@ function renderCharts() {
     rateSeries((s) => s.network), (v) => bytes(v)));
   $("charts").replaceChildren(...charts);
   const span = history.length > 1 ? duration(history[history.length - 1].t - history[0].t) : "0 s";
-  $("trend-note").textContent = `(this node; sampled every ${REFRESH_MS / 1000} s since this page ` +
-    `opened: ${span} of the last ${HISTORY_MS / 60000} min)`;
+  $("trend-note").textContent = `(this node; ${span} of the last ${HISTORY_MS / 60000} min, ` +
+    "from the node's samples and this page's)";
 }
 
 // ---- sections ----
@@ -390,4 +400,6 @@ async function loop() {
   setTimeout(loop, REFRESH_MS);
 }
 
-loop();
+loadNodeHistory()
+  .catch((e) => { $("error").style.display = "block"; $("error").textContent = "History: " + e.message; })
+  .finally(loop);

@@ -4,8 +4,10 @@
 //! what only the node task knows, such as repair runs, hints per target with their age, the
 //! breaker's state and why, and the repair rate in force.
 //!
-//! The page keeps its own history of `/metrics` samples for the charts (the node keeps
-//! none), so the charts start when the page is opened.
+//! For its charts the page needs the recent past: [`MetricsHistory`] keeps the charted
+//! lines of `/metrics` every [`HISTORY_INTERVAL_MS`] for the last ten minutes
+//! (`GET /admin/dashboard/history`, read once when the page opens); the page adds its own
+//! samples after that.
 
 use mendkv_core::anti_entropy::{RepairRunStatus, RunState};
 use mendkv_core::control::{BreakerState, StressSignal};
@@ -13,6 +15,76 @@ use mendkv_core::node::Node;
 use mendkv_core::storage::Storage;
 use mendkv_core::Millis;
 use serde::Serialize;
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+/// How often the node keeps a sample of its charted metrics.
+pub const HISTORY_INTERVAL_MS: Millis = 5_000;
+/// Samples kept: ten minutes' worth.
+pub const HISTORY_SAMPLES: usize = 120;
+
+/// The metrics the charts draw (request rates and latency, read repair, anti-entropy cycle
+/// time, hint delivery, repair outcomes, network bytes per class); other lines are not kept.
+const CHARTED: &[&str] = &[
+    "mendkv_requests_total",
+    "mendkv_request_duration_seconds_bucket",
+    "mendkv_read_repair_total",
+    "mendkv_anti_entropy_cycle_duration_seconds_sum",
+    "mendkv_anti_entropy_cycle_duration_seconds_count",
+    "mendkv_hints_delivered_total",
+    "mendkv_repairs_total",
+    "mendkv_network_bytes_total",
+];
+
+/// The last ten minutes of the charted metrics, so a page opened now has charts at once.
+/// Bounded: [`HISTORY_SAMPLES`] samples of a few kilobytes each.
+#[derive(Debug, Default)]
+pub struct MetricsHistory {
+    samples: Mutex<VecDeque<HistorySample>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HistorySample {
+    /// Wall-clock milliseconds.
+    pub t_ms: Millis,
+    /// The charted lines of `/metrics` at that time.
+    pub text: String,
+}
+
+impl MetricsHistory {
+    /// Whether a sample is due at `now_ms`.
+    pub fn due(&self, now_ms: Millis) -> bool {
+        let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        samples
+            .back()
+            .is_none_or(|last| now_ms >= last.t_ms + HISTORY_INTERVAL_MS)
+    }
+
+    /// Keeps the charted lines of `exposition` (the Prometheus text) as the sample at `now_ms`.
+    pub fn record(&self, now_ms: Millis, exposition: &str) {
+        let text: String = exposition
+            .lines()
+            .filter(|line| {
+                CHARTED.iter().any(|name| {
+                    line.strip_prefix(name)
+                        .is_some_and(|rest| rest.starts_with(['{', ' ']))
+                })
+            })
+            .flat_map(|line| [line, "\n"])
+            .collect();
+        let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        if samples.len() >= HISTORY_SAMPLES {
+            samples.pop_front();
+        }
+        samples.push_back(HistorySample { t_ms: now_ms, text });
+    }
+
+    /// Every kept sample, oldest first.
+    pub fn samples(&self) -> Vec<HistorySample> {
+        let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        samples.iter().cloned().collect()
+    }
+}
 
 /// The page: HTML, then its script inline (one response, nothing else to fetch).
 pub const PAGE: &str = concat!(
@@ -244,11 +316,36 @@ mod tests {
         assert_eq!(eta_ms(&run(RunState::Running, 12, 12, 6_000)), Some(0));
     }
 
+    /// The history keeps only charted lines, at most its bound of samples, oldest first.
+    #[test]
+    fn history_keeps_charted_lines_within_its_bound() {
+        let history = MetricsHistory::default();
+        let text = "# HELP x\nmendkv_requests_total{op=\"get\"} 3\nmendkv_requests_other 1\n\
+                    mendkv_hints_delivered_total 2\nmendkv_hints_pending 9\n";
+        assert!(history.due(0));
+        for i in 0..(HISTORY_SAMPLES as u64 + 5) {
+            history.record(i * HISTORY_INTERVAL_MS, text);
+        }
+        assert!(!history.due((HISTORY_SAMPLES as u64 + 4) * HISTORY_INTERVAL_MS + 1));
+        let samples = history.samples();
+        assert_eq!(samples.len(), HISTORY_SAMPLES);
+        assert_eq!(samples[0].t_ms, 5 * HISTORY_INTERVAL_MS);
+        assert_eq!(
+            samples[0].text,
+            "mendkv_requests_total{op=\"get\"} 3\nmendkv_hints_delivered_total 2\n"
+        );
+    }
+
     /// The page is whole: its script is inline and it names every endpoint it reads.
     #[test]
     fn page_embeds_its_script_and_fetches_only_this_node() {
         assert!(PAGE.contains("<script>") && PAGE.trim_end().ends_with("</html>"));
-        for endpoint in ["/cluster/status", "/metrics", "/admin/dashboard.json"] {
+        for endpoint in [
+            "/cluster/status",
+            "/metrics",
+            "/admin/dashboard.json",
+            "/admin/dashboard/history",
+        ] {
             assert!(PAGE.contains(endpoint), "the page reads {endpoint}");
         }
         // The SVG namespace is a name, not an address the browser fetches.
