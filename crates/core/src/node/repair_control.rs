@@ -2,8 +2,8 @@
 //! anti-entropy and hint replay, and the circuit breaker that pauses both while clients
 //! suffer.
 
-use crate::config::NodeConfig;
 use super::Node;
+use crate::config::NodeConfig;
 use crate::control::{BreakerState, CircuitBreaker, StressSignal, TokenBucket};
 use crate::ring::TokenRange;
 use crate::storage::Storage;
