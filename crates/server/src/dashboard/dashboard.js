@@ -222,7 +222,8 @@ function chart(title, unit, series, format) {
   const fmt = format || ((v) => v.toFixed(v < 10 ? 2 : 0));
   const legend = el("div", { class: "legend" }, `max ${fmt(max)} ${unit}`);
   names.forEach((n, i) => {
-    const last = series[n][series[n].length - 1][1];
+    const known = series[n].filter(([, v]) => v !== null);
+    const last = known.length ? known[known.length - 1][1] : null;
     legend.append(el("i", { style: `background:${COLOURS[i % COLOURS.length]}` }),
       `${n} ${last === null ? "–" : fmt(last)}`);
   });
