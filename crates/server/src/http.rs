@@ -50,6 +50,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/admin/repair", axum::routing::post(start_repair))
         .route("/admin/repair/{id}", get(repair_status))
         .route("/metrics", get(metrics))
+        .route("/dashboard", get(dashboard_page))
+        .route("/admin/dashboard.json", get(dashboard_state))
+        .route("/admin/dashboard/history", get(dashboard_history))
         .route("/health", get(health))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(axum::middleware::map_response(method_not_allowed_as_json))
@@ -715,6 +718,48 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         state.metrics.encode(),
     )
         .into_response()
+}
+
+/// `GET /dashboard`: the page, embedded in the binary; it fetches only from this node.
+async fn dashboard_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                crate::dashboard::CONTENT_SECURITY_POLICY,
+            ),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        crate::dashboard::PAGE,
+    )
+        .into_response()
+}
+
+/// `GET /admin/dashboard/history`: the charted metrics of the last minutes, for a page that
+/// just opened.
+async fn dashboard_history(State(state): State<ApiState>) -> Response {
+    axum::Json(json!({ "samples": state.metrics.history.samples() })).into_response()
+}
+
+/// `GET /admin/dashboard.json`: repair runs, hints per target, breaker and repair rate.
+async fn dashboard_state(State(state): State<ApiState>) -> Response {
+    let (reply, answer) = oneshot::channel();
+    if state.inbox.send(Inbox::Dashboard { reply }).await.is_err() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "node is shutting down",
+        );
+    }
+    match answer.await {
+        Ok(snapshot) => axum::Json(snapshot).into_response(),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "node is shutting down",
+        ),
+    }
 }
 
 #[cfg(test)]

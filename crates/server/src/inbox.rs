@@ -43,6 +43,10 @@ pub enum Inbox {
     Status {
         reply: oneshot::Sender<ClusterStatus>,
     },
+    /// What the dashboard reads beside `/cluster/status` and `/metrics`.
+    Dashboard {
+        reply: oneshot::Sender<crate::dashboard::DashboardState>,
+    },
 }
 
 /// `/cluster/status` (SPEC section 3).

@@ -10,6 +10,7 @@
 //! - [`http_listener`]: accepts client connections up to a cap, with per-connection deadlines.
 //! - [`request_head`]: checks request heads and body framing before hyper sees them.
 //! - [`metrics`]: Prometheus metrics (SPEC section 5).
+//! - [`dashboard`]: the operator's page (`GET /dashboard`) and the JSON it reads.
 //!
 //! # Shutdown
 //! [`run`] returns when its shutdown signal turns true: the HTTP listener stops taking
@@ -19,6 +20,7 @@
 //! [`PEER_SHUTDOWN_DEADLINE`]), so a stopped node holds no peer sockets.
 
 pub mod config;
+pub mod dashboard;
 pub mod http;
 pub mod http_listener;
 pub mod inbox;

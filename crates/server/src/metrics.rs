@@ -88,6 +88,10 @@ pub struct Metrics {
     node_counters: BTreeMap<&'static str, NodeMetric>,
     /// Gossip messages dropped, by reason (from gossip's own statistics).
     pub gossip_dropped: Family<ReasonLabels, Counter>,
+    /// The repair byte budget in force (0: unlimited).
+    pub repair_rate: Gauge,
+    /// The last minutes of the charted metrics, for the dashboard.
+    pub history: crate::dashboard::MetricsHistory,
 }
 
 impl Metrics {
@@ -215,7 +219,15 @@ impl Metrics {
             "Gossip messages dropped: malformed, oversize, stale generation",
             gossip_dropped.clone(),
         );
+        let repair_rate = Gauge::default();
+        registry.register(
+            "mendkv_repair_rate_bytes_per_s",
+            "The repair byte budget in force, shared by anti-entropy and hint replay (0: unlimited)",
+            repair_rate.clone(),
+        );
         Arc::new(Metrics {
+            repair_rate,
+            history: crate::dashboard::MetricsHistory::default(),
             node_counters,
             gossip_dropped,
             http_connections,

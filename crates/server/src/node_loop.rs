@@ -88,6 +88,9 @@ impl NodeTask {
             Inbox::Status { reply } => {
                 let _ = reply.send(self.status());
             }
+            Inbox::Dashboard { reply } => {
+                let _ = reply.send(crate::dashboard::snapshot(&mut self.node, now));
+            }
         }
     }
 
@@ -253,6 +256,13 @@ impl NodeTask {
             }
         }
         gauge.set(i64::from(open));
+        metrics
+            .repair_rate
+            .set(self.node.repair_rate_bytes_per_s() as i64);
+        let wall_ms = self.now();
+        if metrics.history.due(wall_ms) {
+            metrics.history.record(wall_ms, &metrics.encode());
+        }
         self.exported = now;
     }
 

@@ -170,6 +170,24 @@ impl HintQueue {
             .unwrap_or(0)
     }
 
+    /// The created time of the oldest hint kept for `target` (its age on a dashboard).
+    /// Delivery order puts deletes first, then oldest, so the oldest is the first of either
+    /// group.
+    pub fn oldest_created_ms(&self, target: &NodeId) -> Option<Millis> {
+        let order = &self.targets.get(target)?.order;
+        let first_of = |group: u8| {
+            order
+                .range((group, 0, String::new(), Vec::new())..)
+                .next()
+                .filter(|o| o.0 == group)
+                .map(|o| o.1)
+        };
+        match (first_of(0), first_of(1)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     pub fn targets(&self) -> impl Iterator<Item = &NodeId> {
         self.targets.keys()
     }

@@ -79,3 +79,17 @@ fn budgets_are_enforced() {
     );
     assert_eq!(queue.check_budget(&config, &b, "b", b"1", 800), Ok(()));
 }
+
+/// The oldest hint of a target is found whether it is a delete (delivered first) or a write.
+#[test]
+fn oldest_hint_of_a_target() {
+    let mut queue = HintQueue::new();
+    let t = NodeId::new("node2");
+    assert_eq!(queue.oldest_created_ms(&t), None);
+    queue.upsert(&t, "b", b"write", 7, 10, false);
+    queue.upsert(&t, "b", b"delete", 9, 10, true);
+    assert_eq!(queue.oldest_created_ms(&t), Some(7));
+    queue.upsert(&t, "b", b"old-delete", 3, 10, true);
+    assert_eq!(queue.oldest_created_ms(&t), Some(3));
+    assert_eq!(queue.oldest_created_ms(&NodeId::new("node3")), None);
+}

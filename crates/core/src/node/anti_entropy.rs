@@ -657,6 +657,16 @@ impl<S: Storage> Node<S> {
         })
     }
 
+    /// Every repair run this node remembers (at most `MAX_REPAIR_RUNS`), newest first.
+    pub fn repair_runs(&self, now: Millis) -> Vec<RepairRunStatus> {
+        self.anti_entropy
+            .repair_runs
+            .keys()
+            .rev()
+            .filter_map(|id| self.repair_run(*id, now))
+            .collect()
+    }
+
     /// Durations of exchanges finished since the last call (for a histogram).
     pub fn take_exchange_durations_ms(&mut self) -> Vec<Millis> {
         self.anti_entropy.exchange_durations_ms.drain(..).collect()

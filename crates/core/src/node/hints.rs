@@ -360,6 +360,16 @@ impl<S: Storage> Node<S> {
         self.hints.hint_queue.pending_for(target)
     }
 
+    /// Targets this node keeps hints for, each with its count and the created time of its
+    /// oldest hint (for the dashboard).
+    pub fn hints_by_target(&self) -> Vec<(NodeId, usize, Option<Millis>)> {
+        let queue = &self.hints.hint_queue;
+        queue
+            .targets()
+            .map(|t| (t.clone(), queue.pending_for(t), queue.oldest_created_ms(t)))
+            .collect()
+    }
+
     /// Bytes of stored hints (keys plus encoded records).
     pub fn hints_bytes(&self) -> u64 {
         self.hints.hint_queue.total_bytes()
