@@ -330,14 +330,15 @@ fn print_status(status: &serde_json::Value) -> Result<()> {
         status["node_id"].as_str().unwrap_or("?")
     );
     println!(
-        "{:<14} {:<7} {:>6} {:>10} {:>7}  {:<22} {:<22}",
-        "NODE", "STATUS", "PHI", "OWNERSHIP", "HINTS", "PEER", "HTTP"
+        "{:<14} {:<7} {:<7} {:>6} {:>10} {:>7}  {:<22} {:<22}",
+        "NODE", "STATUS", "STATE", "PHI", "OWNERSHIP", "HINTS", "PEER", "HTTP"
     );
     for node in nodes {
         println!(
-            "{:<14} {:<7} {:>6.2} {:>9.1}% {:>7}  {:<22} {:<22}",
+            "{:<14} {:<7} {:<7} {:>6.2} {:>9.1}% {:>7}  {:<22} {:<22}",
             node["id"].as_str().unwrap_or("?"),
             node["status"].as_str().unwrap_or("?"),
+            node["state"].as_str().unwrap_or("?"),
             node["phi"].as_f64().unwrap_or(0.0),
             node["ownership"].as_f64().unwrap_or(0.0) * 100.0,
             node["hints_pending"].as_u64().unwrap_or(0),

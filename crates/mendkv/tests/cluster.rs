@@ -323,6 +323,9 @@ async fn hostile_peers_are_dropped_and_counted() {
         1,
         "impostor must not join"
     );
+    // SPEC section 7's ring state beside liveness: no node joins or leaves yet.
+    assert_eq!(status["nodes"][0]["state"], "normal", "{status}");
+    assert_eq!(status["nodes"][0]["status"], "up", "{status}");
     client
         .put("t", b"still", b"serving".to_vec(), None, None, None)
         .await

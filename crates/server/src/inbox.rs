@@ -64,6 +64,8 @@ pub struct NodeStatus {
     pub peer_address: String,
     pub http_address: String,
     pub status: &'static str,
+    /// Ring state (SPEC section 7): `joining`, `normal`, `leaving` or `left`.
+    pub state: &'static str,
     /// Phi-accrual suspicion; 0 until gossip's failure detector exists.
     pub phi: f64,
     pub ownership: f64,

@@ -193,6 +193,7 @@ impl NodeTask {
                 peer_address: info.peer_address.clone(),
                 http_address: info.http_address.clone(),
                 status: self.node.peer_liveness(&info.id).as_str(),
+                state: self.node.peer_state(&info.id).as_str(),
                 phi: self.node.peer_phi(&info.id, self.now()),
                 ownership: ring.ownership(&info.id),
                 hints_pending: self.node.hints_pending_for(&info.id) as u64,

@@ -2,7 +2,7 @@
 //! mean for the node (members for the ring, liveness for failover, restarts for repair).
 
 use super::Node;
-use crate::gossip::{GossipEvent, GossipMessage, Liveness};
+use crate::gossip::{GossipEvent, GossipMessage, Liveness, NodeStatus};
 use crate::membership::{MemberInfo, PeerStatus};
 use crate::message::Message;
 use crate::storage::Storage;
@@ -103,6 +103,17 @@ impl<S: Storage> Node<S> {
         } else {
             0.0
         }
+    }
+
+    /// A node's ring state (`joining`, `normal`, `leaving`, `left`) as gossip knows it;
+    /// `normal` for a member gossip has not described yet. No node changes state today (the
+    /// join and leave protocols are not built), so every member is `normal`.
+    pub fn peer_state(&self, node: &NodeId) -> NodeStatus {
+        self.cluster
+            .gossiper
+            .member(node)
+            .and_then(|state| state.status())
+            .unwrap_or(NodeStatus::Normal)
     }
 
     /// A node's generation as gossip knows it (0 when not heard of yet).
