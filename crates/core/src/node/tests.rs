@@ -45,14 +45,23 @@ impl TestCluster {
         self.nodes.iter().position(|n| n.id() == id).unwrap()
     }
 
-    /// Delivers every message and sync until nothing moves.
+    /// Delivers every message and sync until nothing moves. Bounded (quinn-proto's
+    /// `drive_bounded`): a protocol that keeps talking forever fails the test by name
+    /// instead of hanging it.
     fn run(&mut self) {
+        const MAX_ACTIONS: usize = 1_000_000;
+        let mut actions = 0usize;
         loop {
             let mut moved = false;
             for i in 0..self.nodes.len() {
                 self.nodes[i].sync_now();
                 while let Some(action) = self.nodes[i].poll_action() {
                     moved = true;
+                    actions += 1;
+                    assert!(
+                        actions <= MAX_ACTIONS,
+                        "TestCluster::run: still busy after {MAX_ACTIONS} actions (a message loop?)"
+                    );
                     match action {
                         Action::Reply { client, response } => {
                             self.replies.push((i, client, response))
