@@ -245,6 +245,9 @@ impl<S: Storage> Node<S> {
     pub(super) fn reap_tombstone(&mut self, bucket: &str, key: &[u8], digest: u64) {
         match self.storage.get(bucket, key) {
             Ok(Some(object)) if object.digest() == digest && object.is_deleted() => {
+                self.reaped_counter_floor = self
+                    .reaped_counter_floor
+                    .max(object.context().get(&self.actor));
                 if self.storage.remove(bucket, key).is_ok() {
                     self.trees.record_write(bucket, key, Some(digest), None);
                     self.wrote();

@@ -158,6 +158,12 @@ pub struct Node<S: Storage> {
     /// tombstone reaping.
     converged_at: BTreeMap<(TokenRange, NodeId), Millis>,
     reap_snapshots: BTreeMap<TokenRange, (Millis, BTreeSet<anti_entropy::ReapItem>)>,
+    /// The highest counter of this node's actor in any tombstone it reaped this epoch. The
+    /// actor's new dots lie above it: a reaped dot reused (the key's object, and with it the
+    /// actor's counter, is gone) would be covered by contexts read from the tombstone,
+    /// which never saw the new write. A restart starts a new epoch (a new actor), so memory
+    /// is enough.
+    reaped_counter_floor: u64,
     /// When the next tree verification is due, and which range it takes.
     next_verify_at: Millis,
     verify_cursor: usize,
@@ -249,6 +255,7 @@ impl<S: Storage> Node<S> {
             repair_throttled_until: 0,
             converged_at: BTreeMap::new(),
             reap_snapshots: BTreeMap::new(),
+            reaped_counter_floor: 0,
             next_verify_at: now + config.anti_entropy.verify_interval_ms,
             verify_cursor: 0,
             clock: now,
@@ -672,7 +679,7 @@ impl<S: Storage> Node<S> {
             .map_err(WriteRefusal::Storage)?;
         let old_digest = old.as_ref().map(Object::digest);
         let mut object = old.unwrap_or_default();
-        object.apply_write(self.actor, context, value);
+        object.apply_write_above(self.actor, context, value, self.reaped_counter_floor);
         if !CausalContext::within_limits(object.context()) {
             return Err(WriteRefusal::Invalid(format!(
                 "the write would give this key more than {MAX_CONTEXT_ACTORS} actors or a \
