@@ -6,8 +6,10 @@ use crate::event_loop::{Event, Simulation};
 use crate::workload::{self, ContextSource, Op, OpId, OpKind, Outcome};
 use crate::workload::{Client, WorkloadParams};
 use crate::BUCKET;
+use mendkv_core::hinted_handoff::{parse_hint_key, HintRecord};
 use mendkv_core::message::{ClientRequest, ClientResponse};
 use mendkv_core::quorum::ConsistencyLevel;
+use mendkv_core::storage::Storage;
 use mendkv_core::version::{CausalContext, Value};
 use mendkv_core::Millis;
 use rand::Rng;
@@ -44,12 +46,16 @@ impl Simulation {
         };
         record.completed = Some(now);
         record.outcome = outcome;
-        let (client, key) = (record.client, record.key.clone());
+        let outcome_is_ok_put = record.kind == OpKind::Put && record.outcome.is_ok();
+        let (client, key, value) = (record.client, record.key.clone(), record.value.clone());
         let line = format!("{record}");
         self.trace_line(
             &client.map(|c| format!("c{c}")).unwrap_or("cli".into()),
             |_| format!("done {line}"),
         );
+        if self.config.options.sloppy_quorum && outcome_is_ok_put {
+            self.note_local_fallback(&key, value.as_deref());
+        }
         if let Some(response) = response {
             if let Some(c) = client {
                 self.clients[c].learn(&key, op, &response);
@@ -319,5 +325,34 @@ impl Simulation {
     pub fn wait_for(&mut self, op: OpId, max_ms: Millis) -> &Outcome {
         self.run_until(|s| *s.outcome(op) != Outcome::Pending, max_ms);
         self.outcome(op)
+    }
+
+    /// A sloppy quorum whose coordinator was its own fallback keeps the hint without a
+    /// message the simulator sees: look for the acknowledged value among the hints.
+    fn note_local_fallback(&mut self, key: &str, value: Option<&str>) {
+        let Some(value) = value else { return };
+        if self.weaker_promises.hinted.contains_key(value) {
+            return;
+        }
+        let hinted = self.slots.iter().any(|slot| {
+            slot.storage
+                .scan_hints()
+                .unwrap_or_default()
+                .iter()
+                .filter(|(k, _)| {
+                    parse_hint_key(k).is_some_and(|(_, _, hinted_key)| hinted_key == key.as_bytes())
+                })
+                .filter_map(|(_, record)| HintRecord::decode(record))
+                .any(|hint| {
+                    workload::live_values(&hint.object)
+                        .iter()
+                        .any(|v| v == value)
+                })
+        });
+        if hinted {
+            self.weaker_promises
+                .hinted
+                .insert(value.to_string(), self.now);
+        }
     }
 }

@@ -6,9 +6,9 @@ use crate::checker;
 use crate::clock::Clock;
 use crate::config::SimConfig;
 use crate::network::{Network, NetworkParams};
-use crate::run::node_config;
+use crate::node_options::{node_config, NodeOptions};
 use crate::trace::{describe, Names};
-use crate::workload::{Client, History, Outcome, WorkloadParams};
+use crate::workload::{self, Client, History, Outcome, WorkloadParams};
 use crate::{OpId, BUCKET};
 use mendkv_core::membership::{MemberInfo, PeerStatus};
 use mendkv_core::message::{ClientRequest, ClientResponse, DurableAnswerKey, Message};
@@ -20,6 +20,7 @@ use mendkv_core::{Millis, NodeId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 
 pub(crate) struct Slot {
     pub(crate) id: NodeId,
@@ -83,6 +84,11 @@ pub(crate) enum Event {
         node: usize,
     },
     HealPartition,
+    /// `fsync = periodic`: the node's sync timer.
+    PeriodicSync {
+        node: usize,
+        incarnation: u64,
+    },
 }
 
 impl Event {
@@ -90,7 +96,7 @@ impl Event {
     pub(crate) fn target(&self) -> Option<usize> {
         match self {
             Event::Deliver { to, .. } => Some(*to),
-            Event::SyncDone { node, .. } => Some(*node),
+            Event::SyncDone { node, .. } | Event::PeriodicSync { node, .. } => Some(*node),
             Event::PeerStatus { observer, .. } => Some(*observer),
             _ => None,
         }
@@ -145,6 +151,12 @@ pub struct Simulation {
     pub(crate) awaiting_durable_answer: BTreeMap<(usize, u64, usize, DurableAnswerKey), u64>,
     /// Answers that claimed durability before their writes were synced.
     pub(crate) unsynced_acknowledgements: Vec<checker::Violation>,
+    /// What this run's configuration does not promise (periodic fsync, sloppy quorum),
+    /// value by value, for the checkers.
+    pub(crate) weaker_promises: checker::WeakerPromises,
+    /// Tombstones the reapers named in `Reap` messages (reaping runs only when hints
+    /// expire within a run).
+    pub(crate) tombstones_reaped: u64,
 }
 
 /// Bound on the durability audit's ledger (requests whose answer was never sent, say
@@ -173,7 +185,7 @@ impl Simulation {
                 http_address: format!("sim-http:n{i}"),
             })
             .collect();
-        let proto = node_config(&members[0].id, config.seed, 0);
+        let proto = node_config(&members[0].id, config.seed, 0, &config.options);
         let ring = Ring::new(
             members.iter().map(|m| &m.id),
             proto.vnodes,
@@ -216,6 +228,8 @@ impl Simulation {
             params: String::new(),
             awaiting_durable_answer: BTreeMap::new(),
             unsynced_acknowledgements: Vec::new(),
+            weaker_promises: checker::WeakerPromises::default(),
+            tombstones_reaped: 0,
             config,
         };
         let mut clocks = Vec::new();
@@ -234,7 +248,7 @@ impl Simulation {
             ));
             let storage = MemoryStorage::new();
             let mut node = Node::new(
-                node_config(&info.id, sim.config.seed, 0),
+                node_config(&info.id, sim.config.seed, 0, &sim.config.options),
                 storage.clone(),
                 clock.local(0),
             )
@@ -267,10 +281,14 @@ impl Simulation {
             params.detour_max_ms,
             clocks.join(" ")
         );
+        if sim.config.options != NodeOptions::default() {
+            write!(sim.params, "; options {}", sim.config.options).ok();
+        }
         let line = format!("seed {} {}", sim.config.seed, sim.params);
         sim.trace_line("sim", |_| line);
         for i in 0..sim.slots.len() {
             sim.flush(i);
+            sim.schedule_periodic_sync(i);
         }
         sim
     }
@@ -495,6 +513,7 @@ impl Simulation {
             Event::Restart { node } => self.restart(node),
             Event::Resume { node } => self.resume(node),
             Event::HealPartition => self.heal_partition(),
+            Event::PeriodicSync { node, incarnation } => self.periodic_sync(node, incarnation),
         }
     }
 
@@ -584,6 +603,19 @@ impl Simulation {
             self.watch_message(&message);
         }
         self.audit_durable_answer(from, &to, &message);
+        match &message {
+            // A sloppy quorum counted a fallback's hint toward the write's level: the
+            // write's quorum need not intersect a later read's.
+            Message::HintedWrite { object, .. } => {
+                for sibling in object.siblings() {
+                    if let Some(value) = workload::value_text(&sibling.value) {
+                        self.weaker_promises.hinted.entry(value).or_insert(self.now);
+                    }
+                }
+            }
+            Message::Reap { items, .. } => self.tombstones_reaped += items.len() as u64,
+            _ => {}
+        }
         let Some(&j) = self.index.get(&to) else {
             // Not a simulated node: the transport has no address for it.
             self.send_failed(from, &to, &message, "unknown node");

@@ -4,10 +4,12 @@
 //! The network's own faults (loss, duplication, reordering) live in [`crate::network`];
 //! failing fsyncs in [`crate::disk`].
 
+use crate::disk::values_held;
 use crate::event_loop::{Event, Simulation};
-use crate::run::node_config;
+use crate::node_options::node_config;
 use crate::OpId;
 use crate::Outcome;
+use mendkv_core::config::FsyncPolicy;
 use mendkv_core::membership::PeerStatus;
 use mendkv_core::node::Node;
 use mendkv_core::storage::MemoryStorage;
@@ -252,11 +254,18 @@ impl Simulation {
             return;
         };
         let storage = node.into_storage();
+        // Periodic fsync promises less: note what this crash takes (not needed otherwise, and
+        // not free).
+        let periodic = self.config.options.fsync != FsyncPolicy::Always;
+        let before = periodic.then(|| (values_held(&storage), storage.objects()));
         let pending = storage.pending_writes();
         let keep = keep_pending
             .unwrap_or_else(|| self.rng_disk.gen_range(0..=pending))
             .min(pending);
         storage.crash(keep);
+        if let Some((values, objects)) = before {
+            self.record_crash_losses(i, values, objects);
+        }
         let slot = &mut self.slots[i];
         slot.syncing = false;
         slot.paused = false;
@@ -322,7 +331,12 @@ impl Simulation {
         let incarnation = slot.incarnation;
         let local = slot.clock.local(self.now);
         let mut node = Node::new(
-            node_config(&slot.id, self.config.seed, incarnation),
+            node_config(
+                &slot.id,
+                self.config.seed,
+                incarnation,
+                &self.config.options,
+            ),
             slot.storage.clone(),
             local,
         )
@@ -355,6 +369,7 @@ impl Simulation {
             }
         }
         self.flush(i);
+        self.schedule_periodic_sync(i);
     }
 
     /// Pauses node `i`: it handles nothing until [`Simulation::resume`].

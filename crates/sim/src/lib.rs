@@ -26,8 +26,10 @@
 //! - [`workload`]: the clients' plans, and the history of outcomes.
 //! - [`trace`]: the trace lines and the words it describes objects and messages with.
 //! - [`run`]: a run from seed to verdict ([`run_seed`], the heal-and-check phase,
-//!   [`RunReport`]); the simulated nodes' [`node_config`].
-//! - [`config`]: [`SimConfig`], what defines a run, and its replay command.
+//!   [`RunReport`]).
+//! - [`node_options`]: [`NodeOptions`] (`--options`), the swarm that draws them per seed,
+//!   and the simulated nodes' [`node_config`].
+//! - [`config`]: [`SimConfig`], what defines a run, the swarm's draw, the replay command.
 //! - [`checker`]: lost / missed / unexpected / resurrected / stale / converged.
 //! - `main.rs`: the seed runner (`cargo run --release -p mendkv-sim -- --seeds 100`).
 //!
@@ -74,6 +76,7 @@ mod disk;
 pub mod event_loop;
 pub mod fault;
 pub mod network;
+pub mod node_options;
 pub mod run;
 pub mod trace;
 pub mod workload;
@@ -83,7 +86,8 @@ pub use clock::Clock;
 pub use config::{SimConfig, MAX_NODES};
 pub use event_loop::Simulation;
 pub use fault::{FaultConfig, FAULT_NAMES};
-pub use run::{node_config, run_seed, RunReport};
+pub use node_options::{node_config, NodeOptions};
+pub use run::{run_seed, RunReport};
 pub use trace::{describe, describe_object, Names};
 pub use workload::{ContextSource, History, Op, OpId, OpKind, Outcome};
 
