@@ -2,7 +2,7 @@
 //! injects them (crashes, often timed for a node holding unsynced writes; pauses;
 //! partitions), the scripted fault API of `tests/scenarios.rs`, and the heal that ends them.
 //! The network's own faults (loss, duplication, reordering) live in [`crate::network`];
-//! failing fsyncs in [`crate::disk`].
+//! failing fsyncs in `disk.rs`.
 
 use crate::disk::values_held;
 use crate::event_loop::{Event, Simulation};

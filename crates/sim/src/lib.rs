@@ -1,7 +1,7 @@
 //! A deterministic simulator for mendkv clusters, in the spirit of TigerBeetle's VOPR and
 //! FoundationDB's simulation.
 //!
-//! Many [`Node`]s run in one process, driven through the same sans-IO interface the tokio
+//! Many [`Node`](mendkv_core::node::Node)s run in one process, driven through the same sans-IO interface the tokio
 //! server drives (`handle_*`, `poll_action`, group commit), over a simulated network, clock
 //! and disk. Every random choice (delays, losses, faults, the workload) is drawn from
 //! ChaCha8 streams derived from one `u64` seed, all state lives in ordered collections, and
@@ -37,10 +37,14 @@
 //! - **Time**: one virtual clock in milliseconds. Each node sees `now + offset + drift`
 //!   (skew), which stays monotonic per node; a node's timers are scheduled at the virtual
 //!   time its skewed clock reaches `next_deadline()`.
-//! - **Disk**: [`MemoryStorage`] keeps synced and pending writes apart. After a node has
-//!   handled an input, if it needs a sync and none is in flight, the simulator calls
+//! - **Configuration**: every node of a run shares one [`NodeOptions`]. The runner draws
+//!   the cluster size (1-9) and the options per seed (swarm testing, [`node_options`]);
+//!   [`SimConfig::new`] keeps 5 nodes and the core's defaults.
+//! - **Disk**: core's `MemoryStorage` keeps synced and pending writes apart. After a node
+//!   has handled an input, if it needs a sync and none is in flight, the simulator calls
 //!   `begin_sync` and completes it (`storage.sync()` then `finish_sync`) 0-5 ms later in
-//!   virtual time (sometimes up to 40 ms), one sync at a time, as the server does. With the
+//!   virtual time (sometimes up to 40 ms), one sync at a time, as the server does; under
+//!   `fsync = periodic` a timer per node starts the syncs instead. With the
 //!   `fsync` fault some syncs fail: `finish_sync` gets an error and the writes stay
 //!   unsynced in the storage (a later crash may lose them).
 //! - **Crash**: the node is dropped; its storage keeps what was synced plus a random prefix
@@ -63,7 +67,8 @@
 //! 2. Heal: faults stop, partitions heal, paused nodes resume, crashed nodes restart, the
 //!    network stops losing and duplicating; the cluster gets a quiet period.
 //! 3. Final reads at level `all` of every key, through random nodes (retried if needed).
-//! 4. Another quiet period, then the checkers ([`checker`]).
+//! 4. Another quiet period (without read repair, up to a minute more for anti-entropy to
+//!    converge the replicas), then the checkers ([`checker`]).
 //!
 //! Every run is bounded: at most `max_steps` events and `max_sim_ms` of virtual time; a
 //! run that reaches a bound fails and says so, it never hangs.
