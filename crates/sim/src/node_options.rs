@@ -116,11 +116,6 @@ impl NodeOptions {
         o
     }
 
-    /// Anti-entropy passes often enough to converge the replicas within a quiet period.
-    pub fn anti_entropy_is_short(&self) -> bool {
-        self.anti_entropy_interval_ms <= 2_000
-    }
-
     /// Applies these options to a node's configuration.
     pub fn apply(&self, config: &mut NodeConfig) {
         config.replication_factor = self.replication_factor;
