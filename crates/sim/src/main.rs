@@ -12,7 +12,7 @@
 //! sees it.
 
 use clap::Parser;
-use mendkv_sim::{run_seed, FaultConfig, RunReport, SimConfig};
+use mendkv_sim::{run_seed, FaultConfig, NodeOptions, RunReport, SimConfig};
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,9 +34,18 @@ struct Args {
     /// Run exactly this seed and print its trace (the replay command of a failure).
     #[arg(long, conflicts_with_all = ["seeds", "start"])]
     seed: Option<u64>,
-    /// Nodes in the cluster (1-32).
-    #[arg(long, default_value_t = 5)]
-    nodes: usize,
+    /// Nodes in the cluster (1-32). Default: the swarm draws 1-9 per seed (5 with
+    /// --no-swarm).
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// The nodes' configuration, as `name=value,...` (what a replay line prints; names left
+    /// out keep the core's default). Default: the swarm draws it per seed.
+    #[arg(long)]
+    options: Option<String>,
+    /// Run the fixed configuration (5 nodes unless --nodes, the core's default options
+    /// unless --options) instead of drawing cluster size and options per seed.
+    #[arg(long)]
+    no_swarm: bool,
     /// Client operations per run.
     #[arg(long, default_value_t = 1000)]
     ops: usize,
@@ -64,9 +73,22 @@ struct Args {
     jobs: usize,
 }
 
-fn config_for(args: &Args, faults: FaultConfig, seed: u64) -> SimConfig {
+fn config_for(
+    args: &Args,
+    faults: FaultConfig,
+    options: &Option<NodeOptions>,
+    seed: u64,
+) -> SimConfig {
     let mut config = SimConfig::new(seed).with_faults(faults);
-    config.nodes = args.nodes;
+    if !args.no_swarm {
+        config = config.swarm(args.nodes.is_some(), options.is_some());
+    }
+    if let Some(nodes) = args.nodes {
+        config.nodes = nodes;
+    }
+    if let Some(options) = options {
+        config.options = options.clone();
+    }
     config.ops = args.ops;
     config.max_steps = args.max_steps;
     config.trace = args.trace || args.seed.is_some();
@@ -118,6 +140,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let options = match args.options.as_deref().map(NodeOptions::parse).transpose() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: --options: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if args.jobs == 0 || args.jobs > 256 {
         eprintln!("error: --jobs must be 1..=256 (got {})", args.jobs);
         return ExitCode::from(2);
@@ -135,7 +164,7 @@ fn main() -> ExitCode {
         eprintln!("error: --start + --seeds overflows u64");
         return ExitCode::from(2);
     }
-    if let Err(e) = config_for(&args, faults, start).validate() {
+    if let Err(e) = config_for(&args, faults, &options, start).validate() {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
@@ -148,13 +177,13 @@ fn main() -> ExitCode {
     std::thread::scope(|scope| {
         for _ in 0..args.jobs.min(count as usize) {
             let tx = tx.clone();
-            let (next, args) = (&next, &args);
+            let (next, args, options) = (&next, &args, &options);
             scope.spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= count {
                     return;
                 }
-                let report = run_seed(&config_for(args, faults, start + i));
+                let report = run_seed(&config_for(args, faults, options, start + i));
                 if tx.send((i, report)).is_err() {
                     return;
                 }
@@ -198,7 +227,11 @@ fn main() -> ExitCode {
         count as f64 * 60.0 / secs,
         sim_ms as f64 / 1000.0 / secs,
         events as f64 / secs,
-        args.nodes,
+        match (args.nodes, args.no_swarm) {
+            (Some(n), _) => n.to_string(),
+            (None, true) => "5".into(),
+            (None, false) => "swarm: 1-9".into(),
+        },
         args.ops,
         args.jobs,
         secs

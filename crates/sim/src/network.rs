@@ -15,6 +15,7 @@
 //! Every decision is drawn from the caller's seeded RNG, in a fixed order, so the same seed
 //! always gives the same deliveries.
 
+use crate::fault::FaultConfig;
 use mendkv_core::Millis;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -37,6 +38,40 @@ pub struct NetworkParams {
 }
 
 impl NetworkParams {
+    /// The network of one seed: delays (now and then a slow one, up to 60 ms), and the loss,
+    /// duplication and reordering of the faults that are on.
+    pub fn random(rng: &mut ChaCha8Rng, faults: &FaultConfig) -> Self {
+        let max_delay = if rng.gen_bool(0.2) {
+            rng.gen_range(10..=60)
+        } else {
+            rng.gen_range(1..=10)
+        };
+        NetworkParams {
+            min_delay_ms: 1,
+            max_delay_ms: max_delay,
+            loss: if faults.loss {
+                rng.gen_range(0.001..0.05)
+            } else {
+                0.0
+            },
+            duplicate: if faults.duplicate {
+                rng.gen_range(0.001..0.05)
+            } else {
+                0.0
+            },
+            reorder: if faults.reorder {
+                rng.gen_range(0.01..0.2)
+            } else {
+                0.0
+            },
+            detour_max_ms: if faults.reorder {
+                rng.gen_range(20..=500)
+            } else {
+                0
+            },
+        }
+    }
+
     /// A healthy LAN: 1-5 ms, in order, nothing lost.
     pub fn reliable() -> Self {
         NetworkParams {

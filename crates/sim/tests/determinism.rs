@@ -1,6 +1,6 @@
 //! The simulator's own guarantees: replayable runs, bounded runs, clear rejections.
 
-use mendkv_sim::{run_seed, FaultConfig, SimConfig};
+use mendkv_sim::{run_seed, FaultConfig, NodeOptions, SimConfig};
 use std::process::Command;
 
 fn traced(seed: u64, faults: FaultConfig) -> SimConfig {
@@ -121,4 +121,51 @@ fn runner_cli() {
         .unwrap();
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(stdout.contains("invoke op0"), "a replay prints the trace");
+}
+
+// A swarm run is reproduced by its replay line: the explicit cluster size and `--options`
+// text it prints give the same trace, byte for byte.
+#[test]
+fn swarm_replay_line_reproduces_the_run() {
+    for seed in [3, 17, 29] {
+        let mut swarm = SimConfig::new(seed).swarm(false, false);
+        swarm.ops = 200;
+        swarm.trace = true;
+        let replay = swarm.replay_command();
+        assert!(
+            replay.contains(&format!("--options {}", swarm.options)),
+            "{replay}"
+        );
+        let mut explicit = SimConfig::new(seed).with_faults(swarm.faults);
+        explicit.nodes = swarm.nodes;
+        explicit.options = NodeOptions::parse(&swarm.options.to_string()).unwrap();
+        explicit.ops = 200;
+        explicit.trace = true;
+        assert!(
+            run_seed(&swarm).trace == run_seed(&explicit).trace,
+            "seed {seed}: the replay differs"
+        );
+    }
+}
+
+// The swarm reaches the corners it is meant to: one node and nine, replication factor one
+// and five, periodic fsync, sloppy quorum, no read repair, short hint TTLs.
+#[test]
+fn swarm_covers_its_ranges() {
+    let configs: Vec<SimConfig> = (0..300)
+        .map(|s| SimConfig::new(s).swarm(false, false))
+        .collect();
+    let any = |f: &dyn Fn(&SimConfig) -> bool| configs.iter().any(f);
+    assert!(any(&|c| c.nodes == 1 && !c.faults.partition));
+    assert!(any(&|c| c.nodes == 9));
+    assert!(any(&|c| c.options.replication_factor == 1 && c.nodes > 1));
+    assert!(any(&|c| c.options.replication_factor == 5));
+    assert!(configs
+        .iter()
+        .all(|c| c.options.replication_factor <= c.nodes));
+    assert!(any(&|c| c.options.fsync != NodeOptions::default().fsync));
+    assert!(any(&|c| c.options.sloppy_quorum));
+    assert!(any(&|c| c.options.read_repair.is_none()));
+    assert!(any(&|c| c.options.hint_ttl_ms < 10_000));
+    assert!(configs.iter().all(|c| c.validate().is_ok()));
 }

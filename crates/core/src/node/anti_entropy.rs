@@ -267,6 +267,10 @@ impl<S: Storage> Node<S> {
     pub(super) fn reap_tombstone(&mut self, bucket: &str, key: &[u8], digest: u64) {
         match self.storage.get(bucket, key) {
             Ok(Some(object)) if object.digest() == digest && object.is_deleted() => {
+                self.identity.reaped_counter_floor = self
+                    .identity
+                    .reaped_counter_floor
+                    .max(object.context().get(&self.identity.actor));
                 if self.storage.remove(bucket, key).is_ok() {
                     self.anti_entropy
                         .trees

@@ -46,6 +46,12 @@ pub(super) struct Identity {
     /// False while a node that started without an epoch record waits to hear from peers
     /// whether it ran before; it issues no dots meanwhile.
     pub confirmed: bool,
+    /// The highest counter of this node's actor in any tombstone it reaped this epoch. The
+    /// actor's new dots lie above it: a reaped dot reused (the key's object, and with it the
+    /// actor's counter, is gone) would be covered by contexts read from the tombstone,
+    /// which never saw the new write. A restart starts a new epoch (a new actor), so memory
+    /// is enough.
+    pub reaped_counter_floor: u64,
 }
 
 impl Identity {
@@ -54,6 +60,7 @@ impl Identity {
             actor: Actor::new(node.as_str(), epoch),
             epoch,
             confirmed,
+            reaped_counter_floor: 0,
         }
     }
 }

@@ -575,7 +575,12 @@ impl<S: Storage> Node<S> {
             .map_err(WriteRefusal::Storage)?;
         let old_digest = old.as_ref().map(Object::digest);
         let mut object = old.unwrap_or_default();
-        object.apply_write(self.identity.actor, context, value);
+        object.apply_write_above(
+            self.identity.actor,
+            context,
+            value,
+            self.identity.reaped_counter_floor,
+        );
         if !CausalContext::within_limits(object.context()) {
             return Err(WriteRefusal::Invalid(format!(
                 "the write would give this key more than {MAX_CONTEXT_ACTORS} actors or a \

@@ -204,11 +204,26 @@ impl Object {
         client_context: &CausalContext,
         value: Value,
     ) -> Dot {
+        self.apply_write_above(actor, client_context, value, 0)
+    }
+
+    /// [`Object::apply_write`] with a new dot above `counter_floor` too: for an actor whose
+    /// earlier dots for this key may be gone from its object (a reaped tombstone), so that
+    /// no dot is issued twice. Skipping counters is harmless: contexts are version vectors,
+    /// and every dot of this actor at or below the floor was already superseded.
+    pub fn apply_write_above(
+        &mut self,
+        actor: Actor,
+        client_context: &CausalContext,
+        value: Value,
+        counter_floor: u64,
+    ) -> Dot {
         let seen = client_context.vector();
         let counter = self
             .context
             .get(&actor)
             .max(seen.get(&actor))
+            .max(counter_floor)
             .saturating_add(1);
         let dot = Dot { actor, counter };
         self.siblings.retain(|s| !seen.covers(&s.dot));

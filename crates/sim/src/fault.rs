@@ -1,0 +1,441 @@
+//! Faults: which ones a run may inject ([`FaultConfig`], `--faults`), and the schedule that
+//! injects them (crashes, often timed for a node holding unsynced writes; pauses;
+//! partitions), the scripted fault API of `tests/scenarios.rs`, and the heal that ends them.
+//! The network's own faults (loss, duplication, reordering) live in [`crate::network`];
+//! failing fsyncs in `disk.rs`.
+
+use crate::disk::values_held;
+use crate::event_loop::{Event, Simulation};
+use crate::node_options::node_config;
+use crate::OpId;
+use crate::Outcome;
+use mendkv_core::config::FsyncPolicy;
+use mendkv_core::membership::PeerStatus;
+use mendkv_core::node::Node;
+use mendkv_core::storage::MemoryStorage;
+use rand::Rng;
+use std::fmt;
+
+/// Which faults a run may inject. Parsed from `--faults` (`none`, `all`, or a comma list).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FaultConfig {
+    pub loss: bool,
+    pub duplicate: bool,
+    pub reorder: bool,
+    pub partition: bool,
+    pub crash: bool,
+    pub pause: bool,
+    pub skew: bool,
+    /// An fsync fails now and then (the disk reports an I/O error; the writes stay
+    /// unsynced and a later crash may lose them).
+    pub fsync: bool,
+}
+
+/// The names `--faults` accepts, in canonical order.
+pub const FAULT_NAMES: [&str; 8] = [
+    "loss",
+    "duplicate",
+    "reorder",
+    "partition",
+    "crash",
+    "pause",
+    "skew",
+    "fsync",
+];
+
+impl FaultConfig {
+    pub fn none() -> Self {
+        FaultConfig::default()
+    }
+
+    pub fn all() -> Self {
+        FaultConfig {
+            loss: true,
+            duplicate: true,
+            reorder: true,
+            partition: true,
+            crash: true,
+            pause: true,
+            skew: true,
+            fsync: true,
+        }
+    }
+
+    fn flags(&self) -> [bool; 8] {
+        [
+            self.loss,
+            self.duplicate,
+            self.reorder,
+            self.partition,
+            self.crash,
+            self.pause,
+            self.skew,
+            self.fsync,
+        ]
+    }
+
+    fn flag_mut(&mut self, name: &str) -> Option<&mut bool> {
+        Some(match name {
+            "loss" => &mut self.loss,
+            "duplicate" => &mut self.duplicate,
+            "reorder" => &mut self.reorder,
+            "partition" => &mut self.partition,
+            "crash" => &mut self.crash,
+            "pause" => &mut self.pause,
+            "skew" => &mut self.skew,
+            "fsync" => &mut self.fsync,
+            _ => return None,
+        })
+    }
+
+    /// Parses `none`, `all`, or a comma-separated list of [`FAULT_NAMES`].
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        match text {
+            "none" => return Ok(FaultConfig::none()),
+            "all" => return Ok(FaultConfig::all()),
+            "" => return Err(format!("empty fault list: {}", Self::help())),
+            _ => {}
+        }
+        let mut faults = FaultConfig::none();
+        for name in text.split(',').map(str::trim) {
+            if name == "none" || name == "all" {
+                return Err(format!("{name:?} cannot be combined with other faults"));
+            }
+            match faults.flag_mut(name) {
+                Some(flag) if *flag => return Err(format!("fault {name:?} is listed twice")),
+                Some(flag) => *flag = true,
+                None => return Err(format!("unknown fault {name:?}: {}", Self::help())),
+            }
+        }
+        Ok(faults)
+    }
+
+    fn help() -> String {
+        format!(
+            "use none, all, or a comma list of {}",
+            FAULT_NAMES.join(", ")
+        )
+    }
+
+    pub fn is_none(&self) -> bool {
+        !self.flags().iter().any(|f| *f)
+    }
+
+    /// True when these faults can keep a write from reaching every replica: a lost message,
+    /// a crash, a partition, a pause long enough for the coordinator to time out before it
+    /// replicates, or a duplicated (non-idempotent) `Coordinate`. Without them (reorder and
+    /// skew keep every message, and delays stay below the request timeout) replicas agree
+    /// even before any repair.
+    pub fn breaks_replication(&self) -> bool {
+        self.loss || self.duplicate || self.partition || self.crash || self.pause || self.fsync
+    }
+}
+
+impl fmt::Display for FaultConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_none() {
+            return f.write_str("none");
+        }
+        if *self == FaultConfig::all() {
+            return f.write_str("all");
+        }
+        let names: Vec<&str> = FAULT_NAMES
+            .iter()
+            .zip(self.flags())
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| *n)
+            .collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+impl std::str::FromStr for FaultConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        FaultConfig::parse(s)
+    }
+}
+
+impl Simulation {
+    pub(crate) fn max_faulty(&self) -> usize {
+        ((self.slots.len().saturating_sub(1)) / 2).max(1)
+    }
+
+    pub(crate) fn faulty(&self) -> usize {
+        let armed = self.armed_crash.map(|(n, _)| n);
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| !s.alive() || s.paused || armed == Some(*i))
+            .count()
+    }
+
+    pub(crate) fn fault_tick(&mut self) {
+        if !self.faults_active {
+            return;
+        }
+        let f = self.config.faults;
+        let mut kinds = Vec::new();
+        if f.crash {
+            kinds.push("crash");
+        }
+        if f.pause {
+            kinds.push("pause");
+        }
+        if f.partition {
+            kinds.push("partition");
+        }
+        let kind = kinds[self.rng_fault.gen_range(0..kinds.len())];
+        let healthy: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].alive() && !self.slots[i].paused)
+            .collect();
+        let room = self.faulty() < self.max_faulty() && !healthy.is_empty();
+        match kind {
+            "crash" if room && self.armed_crash.is_none() => {
+                let node = healthy[self.rng_fault.gen_range(0..healthy.len())];
+                if self.rng_fault.gen_bool(0.7) {
+                    // Crash while writes are unsynced: between a local write and its fsync.
+                    let latest = self.now + self.rng_fault.gen_range(10..=2000);
+                    self.armed_crash = Some((node, latest));
+                } else {
+                    self.crash(node, None);
+                    let at = self.now + self.rng_fault.gen_range(100..=3000);
+                    self.schedule(at, Event::Restart { node });
+                }
+            }
+            "pause" if room => {
+                let node = healthy[self.rng_fault.gen_range(0..healthy.len())];
+                self.pause(node);
+                let at = self.now + self.rng_fault.gen_range(50..=3000);
+                self.schedule(at, Event::Resume { node });
+            }
+            "partition" if !self.network.is_partitioned() => {
+                let n = self.slots.len();
+                let mut side: Vec<bool> = (0..n).map(|_| self.rng_fault.gen_bool(0.5)).collect();
+                if side.iter().all(|s| *s) || side.iter().all(|s| !*s) {
+                    let flip = self.rng_fault.gen_range(0..n);
+                    side[flip] = !side[flip];
+                }
+                let a: Vec<usize> = (0..n).filter(|&i| side[i]).collect();
+                let b: Vec<usize> = (0..n).filter(|&i| !side[i]).collect();
+                let symmetric = self.rng_fault.gen_bool(0.6);
+                self.partition(&a, &b, symmetric);
+                let at = self.now + self.rng_fault.gen_range(200..=5000);
+                self.schedule(at, Event::HealPartition);
+            }
+            _ => {}
+        }
+        let at = self.now + self.rng_fault.gen_range(200..=2000);
+        self.schedule(at, Event::FaultTick);
+    }
+
+    /// An armed crash fires once its node holds unsynced writes (or at its deadline), and
+    /// is dropped if the node went down, paused, or faults stopped meanwhile. Checked after
+    /// every event.
+    pub(crate) fn fire_armed_crash(&mut self) {
+        if let Some((node, latest)) = self.armed_crash {
+            let slot = &self.slots[node];
+            if !slot.alive() || slot.paused || !self.faults_active {
+                self.armed_crash = None;
+            } else if slot.storage.pending_writes() > 0 || self.now >= latest {
+                self.armed_crash = None;
+                self.crash(node, None);
+                let at = self.now + self.rng_fault.gen_range(100..=3000);
+                self.schedule(at, Event::Restart { node });
+            }
+        }
+    }
+
+    /// Crashes node `i`: its unsynced writes vanish except a prefix (`keep_pending`, or a
+    /// random number when `None`).
+    pub fn crash(&mut self, i: usize, keep_pending: Option<usize>) {
+        let Some(node) = self.slots[i].node.take() else {
+            return;
+        };
+        let storage = node.into_storage();
+        // Periodic fsync promises less: note what this crash takes (not needed otherwise, and
+        // not free).
+        let periodic = self.config.options.fsync != FsyncPolicy::Always;
+        let before = periodic.then(|| (values_held(&storage), storage.objects()));
+        let pending = storage.pending_writes();
+        let keep = keep_pending
+            .unwrap_or_else(|| self.rng_disk.gen_range(0..=pending))
+            .min(pending);
+        storage.crash(keep);
+        if let Some((values, objects)) = before {
+            self.record_crash_losses(i, values, objects);
+        }
+        let slot = &mut self.slots[i];
+        slot.syncing = false;
+        slot.paused = false;
+        slot.stalled.clear();
+        if let Some(key) = slot.tick.take() {
+            self.queue.remove(&key);
+        }
+        let incarnation = slot.incarnation;
+        self.trace_line(&format!("n{i}"), |_| {
+            format!("CRASH (kept {keep} of {pending} unsynced writes)")
+        });
+        // Clients waiting on this coordinator see their connection reset.
+        let orphans: Vec<OpId> = self
+            .in_flight
+            .iter()
+            .filter(|(_, n)| **n == i)
+            .map(|(op, _)| *op)
+            .collect();
+        for op in orphans {
+            self.in_flight.remove(&op);
+            self.requests.remove(&op);
+            self.complete(op, Outcome::Unknown("coordinator crashed".into()), None);
+        }
+        for j in 0..self.slots.len() {
+            if j != i && self.slots[j].alive() {
+                let at = self.now + self.rng_fault.gen_range(0..=20);
+                let observer_incarnation = self.slots[j].incarnation;
+                self.schedule(
+                    at,
+                    Event::PeerStatus {
+                        observer: j,
+                        observer_incarnation,
+                        peer: i,
+                        peer_incarnation: incarnation,
+                        status: PeerStatus::Down,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Makes the next fsync of node `i` fail (an I/O error).
+    pub fn fail_next_fsync(&mut self, i: usize) {
+        self.fail_next_fsync.insert(i);
+    }
+
+    /// Crashes node `i` and gives it a new, empty disk: a node that lost its disk. The
+    /// storage model never does this by itself; the checkers' own tests use it to prove
+    /// they catch lost data.
+    pub fn wipe_disk(&mut self, i: usize) {
+        self.crash(i, Some(0));
+        self.slots[i].storage = MemoryStorage::new();
+        self.trace_line(&format!("n{i}"), |_| "DISK WIPED".into());
+    }
+
+    /// Restarts a crashed node from its durable state (a new epoch).
+    pub fn restart(&mut self, i: usize) {
+        if self.slots[i].alive() {
+            return;
+        }
+        let slot = &mut self.slots[i];
+        slot.incarnation += 1;
+        let incarnation = slot.incarnation;
+        let local = slot.clock.local(self.now);
+        let mut node = Node::new(
+            node_config(
+                &slot.id,
+                self.config.seed,
+                incarnation,
+                &self.config.options,
+            ),
+            slot.storage.clone(),
+            local,
+        )
+        .expect("memory storage does not fail");
+        for member in &self.members {
+            node.handle_member_discovered(member.clone());
+        }
+        for (j, other) in self.slots.iter().enumerate() {
+            if j != i && !other.alive() {
+                node.handle_peer_status(local, &other.id, PeerStatus::Down);
+            }
+        }
+        let epoch = node.epoch();
+        self.slots[i].node = Some(node);
+        self.trace_line(&format!("n{i}"), |_| format!("RESTART (epoch {epoch})"));
+        for j in 0..self.slots.len() {
+            if j != i && self.slots[j].alive() {
+                let at = self.now + self.rng_fault.gen_range(0..=20);
+                let observer_incarnation = self.slots[j].incarnation;
+                self.schedule(
+                    at,
+                    Event::PeerStatus {
+                        observer: j,
+                        observer_incarnation,
+                        peer: i,
+                        peer_incarnation: incarnation,
+                        status: PeerStatus::Up,
+                    },
+                );
+            }
+        }
+        self.flush(i);
+        self.schedule_periodic_sync(i);
+    }
+
+    /// Pauses node `i`: it handles nothing until [`Simulation::resume`].
+    pub fn pause(&mut self, i: usize) {
+        if !self.slots[i].alive() || self.slots[i].paused {
+            return;
+        }
+        self.slots[i].paused = true;
+        if let Some(key) = self.slots[i].tick.take() {
+            self.queue.remove(&key);
+        }
+        self.trace_line(&format!("n{i}"), |_| "PAUSE".into());
+    }
+
+    /// Resumes a paused node; what arrived meanwhile is handled now, in order.
+    pub fn resume(&mut self, i: usize) {
+        if !self.slots[i].paused {
+            return;
+        }
+        self.slots[i].paused = false;
+        let stalled = std::mem::take(&mut self.slots[i].stalled);
+        let count = stalled.len();
+        self.trace_line(&format!("n{i}"), |_| {
+            format!("RESUME ({count} inputs waited)")
+        });
+        for event in stalled {
+            self.schedule(self.now, event);
+        }
+        self.schedule_tick(i);
+    }
+
+    /// Cuts the links from `a` to `b`, and from `b` to `a` when `symmetric`.
+    pub fn partition(&mut self, a: &[usize], b: &[usize], symmetric: bool) {
+        for &x in a {
+            for &y in b {
+                self.network.block(x, y);
+                if symmetric {
+                    self.network.block(y, x);
+                }
+            }
+        }
+        let arrow = if symmetric { "<->" } else { "->" };
+        self.trace_line("net", |_| format!("PARTITION {a:?} {arrow} {b:?}"));
+    }
+
+    /// Restores every link.
+    pub fn heal_partition(&mut self) {
+        if self.network.is_partitioned() {
+            self.network.heal();
+            self.trace_line("net", |_| "HEAL".into());
+        }
+    }
+
+    /// Stops every fault: heals partitions, resumes paused nodes, restarts crashed ones,
+    /// and makes the network reliable (delays stay).
+    pub fn heal_all(&mut self) {
+        self.faults_active = false;
+        self.armed_crash = None;
+        self.fsync_failure = 0.0;
+        self.heal_partition();
+        self.network.params.loss = 0.0;
+        self.network.params.duplicate = 0.0;
+        self.trace_line("sim", |_| "faults stop; healing".into());
+        for i in 0..self.slots.len() {
+            self.resume(i);
+            self.restart(i);
+        }
+    }
+}
