@@ -8,6 +8,7 @@ use crate::storage::MemoryStorage;
 use crate::version::Actor;
 use bytes::Bytes;
 
+mod buckets;
 mod storage_full;
 
 struct TestCluster {
