@@ -238,6 +238,8 @@ pub enum ClientRequest {
     GetLocal { bucket: String, key: Vec<u8> },
     /// Start an anti-entropy run over every range this node replicates.
     StartRepair,
+    /// Start an anti-entropy run of one bucket's keys (`repair --bucket`).
+    StartBucketRepair { bucket: String },
     /// Where a repair run stands.
     RepairStatus { id: u64 },
     /// A bucket's properties (defaults for a bucket never set).

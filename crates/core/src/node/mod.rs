@@ -464,6 +464,10 @@ impl<S: Storage> Node<S> {
                 let id = self.start_repair_run(now);
                 self.reply(client, ClientResponse::RepairStarted { id });
             }
+            ClientRequest::StartBucketRepair { bucket } => {
+                let id = self.start_repair_run_of(now, Some(bucket));
+                self.reply(client, ClientResponse::RepairStarted { id });
+            }
             ClientRequest::RepairStatus { id } => {
                 let status = self.repair_run(id, now);
                 self.reply(client, ClientResponse::Repair(status));

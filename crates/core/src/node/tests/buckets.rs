@@ -220,3 +220,61 @@ fn replica_merges_ignore_the_limit() {
     cluster.run();
     assert_eq!(local(&mut cluster, 0).unwrap().siblings().len(), 3);
 }
+
+/// A one-bucket repair run moves exactly that bucket's missing keys, and does not count as
+/// the ranges' sync (tombstone reaping must not trust it for the other buckets).
+#[test]
+fn bucket_repair_moves_only_that_bucket() {
+    // No hints and no scheduled anti-entropy: only the run may move data.
+    let mut cluster = TestCluster::with_config(3, |config| {
+        config.hinted_handoff.enabled = false;
+        config.anti_entropy.enabled = false;
+    });
+    cluster.stopped[2] = true;
+    for bucket in ["b1", "b2"] {
+        for i in 0..5 {
+            let written = cluster.request(
+                0,
+                ClientRequest::Put {
+                    bucket: bucket.into(),
+                    key: format!("k{i}").into_bytes(),
+                    context: CausalContext::empty(),
+                    value: data("v"),
+                    level: ConsistencyLevel::One,
+                },
+            );
+            assert!(matches!(written, ClientResponse::Written { .. }));
+        }
+    }
+    cluster.stopped[2] = false;
+    let id = match cluster.request(
+        2,
+        ClientRequest::StartBucketRepair {
+            bucket: "b1".into(),
+        },
+    ) {
+        ClientResponse::RepairStarted { id } => id,
+        other => panic!("{other:?}"),
+    };
+    for round in 1..=50 {
+        let now = cluster.now + 10 * round;
+        cluster.tick(now);
+    }
+    let status = cluster.nodes[2].repair_run(id, cluster.now).unwrap();
+    assert_eq!(status.state, crate::anti_entropy::RunState::Done);
+    assert_eq!(status.keys_repaired, 5);
+    for i in 0..5 {
+        let key = format!("k{i}").into_bytes();
+        assert!(cluster.nodes[2]
+            .storage()
+            .get("b1", &key)
+            .unwrap()
+            .is_some());
+        assert!(cluster.nodes[2]
+            .storage()
+            .get("b2", &key)
+            .unwrap()
+            .is_none());
+    }
+    assert!(cluster.nodes[2].anti_entropy.converged_at.is_empty());
+}
