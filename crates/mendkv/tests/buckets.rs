@@ -54,6 +54,12 @@ async fn props_validate_and_default() {
         client.bucket_props("fresh").await.unwrap()["max_siblings"],
         50
     );
+    match client.bucket_props("not a bucket!").await {
+        Err(ClientError::Api {
+            status: 400, code, ..
+        }) => assert_eq!(code, "bad_request"),
+        other => panic!("bad bucket name: {other:?}"),
+    }
 }
 
 /// Blind writes through two nodes to an lww bucket give 200 with the later value, never 300.

@@ -679,10 +679,16 @@ fn props_json(props: &BucketProps) -> Response {
     .into_response()
 }
 
-/// The bucket of a `/buckets/{bucket}/props` path, or the 400 to answer.
-fn props_bucket(bucket: &str) -> Result<String, Box<Response>> {
+/// The bucket of a `/buckets/{bucket}/props` path, or the 400 to answer. Read from the raw
+/// path (as `/kv/` is), so a bad escape gets SPEC's JSON rather than the extractor's text.
+fn props_bucket(uri: &Uri) -> Result<String, Box<Response>> {
     let bad = |message: String| Box::new(error(StatusCode::BAD_REQUEST, "bad_request", message));
-    let decoded = percent_decode(bucket)
+    let raw = uri
+        .path()
+        .strip_prefix("/buckets/")
+        .and_then(|rest| rest.strip_suffix("/props"))
+        .ok_or_else(|| bad("bad path".into()))?;
+    let decoded = percent_decode(raw)
         .ok()
         .and_then(|bytes| String::from_utf8(bytes).ok())
         .ok_or_else(|| bad("bucket is not valid percent-encoded UTF-8".into()))?;
@@ -691,11 +697,8 @@ fn props_bucket(bucket: &str) -> Result<String, Box<Response>> {
 }
 
 /// `GET /buckets/{bucket}/props`: this node's view (defaults for a bucket never set).
-async fn get_props(
-    State(state): State<ApiState>,
-    axum::extract::Path(bucket): axum::extract::Path<String>,
-) -> Response {
-    let bucket = match props_bucket(&bucket) {
+async fn get_props(State(state): State<ApiState>, uri: Uri) -> Response {
+    let bucket = match props_bucket(&uri) {
         Ok(bucket) => bucket,
         Err(response) => return *response,
     };
@@ -707,12 +710,8 @@ async fn get_props(
 }
 
 /// `PUT /buckets/{bucket}/props`: 204 once stored durably on this node; gossip spreads it.
-async fn put_props(
-    State(state): State<ApiState>,
-    axum::extract::Path(bucket): axum::extract::Path<String>,
-    body: Body,
-) -> Response {
-    let bucket = match props_bucket(&bucket) {
+async fn put_props(State(state): State<ApiState>, uri: Uri, body: Body) -> Response {
+    let bucket = match props_bucket(&uri) {
         Ok(bucket) => bucket,
         Err(response) => return *response,
     };

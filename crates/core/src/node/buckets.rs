@@ -167,20 +167,22 @@ impl<S: Storage> Node<S> {
             self.stats.increment(Counter::BucketPropsInvalid);
             return;
         };
-        self.buckets.merged.insert(node.clone(), seen);
         let mut merged = self.buckets.table.clone();
         if !merged.merge(&table) {
+            self.buckets.merged.insert(node.clone(), seen);
             return;
         }
-        for (_, entry) in merged.iter() {
-            self.buckets.clock.observe(entry.stamp.timestamp);
-        }
         // Stored with the next group sync: losing it in a crash only means hearing it again.
+        // Not marked as merged when the store fails, so the next gossip event retries.
         if self.storage.put_meta(PROPS_META, &merged.encode()).is_err() {
             self.stats.increment(Counter::StorageErrors);
             return;
         }
         self.wrote();
+        self.buckets.merged.insert(node.clone(), seen);
+        for (_, entry) in merged.iter() {
+            self.buckets.clock.observe(entry.stamp.timestamp);
+        }
         self.buckets.table = merged;
         self.publish_props(now);
     }
