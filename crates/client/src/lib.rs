@@ -295,11 +295,17 @@ impl Client {
 
     /// Starts an anti-entropy run on this node; returns its id.
     pub async fn start_repair(&self) -> Result<u64, ClientError> {
-        let response = self
-            .http
-            .post(format!("{}/admin/repair", self.base))
-            .send()
-            .await?;
+        self.start_repair_of(None).await
+    }
+
+    /// Starts an anti-entropy run on this node, of one bucket's keys only when `bucket` is
+    /// given; returns its id.
+    pub async fn start_repair_of(&self, bucket: Option<&str>) -> Result<u64, ClientError> {
+        let mut url = format!("{}/admin/repair", self.base);
+        if let Some(bucket) = bucket {
+            url.push_str(&format!("?bucket={}", utf8_percent_encode(bucket, SEGMENT)));
+        }
+        let response = self.http.post(url).send().await?;
         if response.status().as_u16() != 202 {
             return Err(api_error(response).await);
         }
@@ -310,6 +316,39 @@ impl Client {
         body["id"]
             .as_u64()
             .ok_or_else(|| ClientError::Decode("no id in the answer".into()))
+    }
+
+    /// `GET /buckets/{bucket}/props`: `{"resolution","max_siblings","warn_siblings"}`.
+    pub async fn bucket_props(&self, bucket: &str) -> Result<serde_json::Value, ClientError> {
+        self.get_json(&format!(
+            "/buckets/{}/props",
+            utf8_percent_encode(bucket, SEGMENT)
+        ))
+        .await
+    }
+
+    /// `PUT /buckets/{bucket}/props` with the given JSON fields.
+    pub async fn set_bucket_props(
+        &self,
+        bucket: &str,
+        props: &serde_json::Value,
+    ) -> Result<(), ClientError> {
+        let response = self
+            .http
+            .put(format!(
+                "{}/buckets/{}/props",
+                self.base,
+                utf8_percent_encode(bucket, SEGMENT)
+            ))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(props.to_string())
+            .send()
+            .await?;
+        if response.status().as_u16() == 204 {
+            Ok(())
+        } else {
+            Err(api_error(response).await)
+        }
     }
 
     /// Where a repair run stands (SPEC's JSON).

@@ -83,6 +83,8 @@ pub struct NodeConfig {
     /// A node that starts without an epoch record waits to hear from a peer what epoch it
     /// ran under before it coordinates writes (set when it has seeds to ask).
     pub learn_epoch_from_peers: bool,
+    /// Properties of buckets whose properties were never set (`[buckets]`).
+    pub bucket_defaults: crate::bucket::BucketProps,
     /// Seed of the node's random choices (background repair, ...); the simulator sets it
     /// from its run seed, the server from the OS.
     pub rng_seed: u64,
@@ -111,6 +113,7 @@ impl NodeConfig {
             circuit_breaker: crate::control::BreakerConfig::default(),
             tree_hash_secret: b"mendkv".to_vec(),
             learn_epoch_from_peers: false,
+            bucket_defaults: crate::bucket::BucketProps::default(),
             rng_seed: 0,
         }
     }

@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //! - [`version`]: dotted version vectors, siblings, tombstones, the opaque causal context.
+//! - [`bucket`]: bucket properties; causal (DVV) and lww (HLC) resolution behind one interface.
 //! - [`ring`]: tokens, virtual nodes, preference lists, token ranges.
 //! - [`quorum`]: consistency levels and "have enough replicas answered?".
 //! - [`coordinator`]: per-request state machines for get / put / delete.
@@ -20,6 +21,7 @@
 //! - [`config`]: every knob the core reads, with its default.
 
 pub mod anti_entropy;
+pub mod bucket;
 pub mod config;
 pub mod control;
 pub mod coordinator;

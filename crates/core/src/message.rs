@@ -20,6 +20,8 @@ pub enum ReplicaError {
     Invalid(String),
     /// The replica cannot serve this now (its epoch is unconfirmed); another may.
     NotReady(String),
+    /// The write would exceed the bucket's `max_siblings` (the client gets 409).
+    TooManySiblings(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,8 +238,17 @@ pub enum ClientRequest {
     GetLocal { bucket: String, key: Vec<u8> },
     /// Start an anti-entropy run over every range this node replicates.
     StartRepair,
+    /// Start an anti-entropy run of one bucket's keys (`repair --bucket`).
+    StartBucketRepair { bucket: String },
     /// Where a repair run stands.
     RepairStatus { id: u64 },
+    /// A bucket's properties (defaults for a bucket never set).
+    GetBucketProps { bucket: String },
+    /// Changes a bucket's properties; every node applies it within seconds.
+    SetBucketProps {
+        bucket: String,
+        update: crate::bucket::PropsUpdate,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -271,6 +282,11 @@ pub enum ClientResponse {
     NotReady(String),
     /// Too many requests are in flight at this coordinator; retry later.
     Overloaded,
+    /// A causal write would leave more than the bucket's `max_siblings` siblings (409
+    /// `too_many_siblings`): read the key and write back with its context.
+    TooManySiblings(String),
+    /// A bucket's properties, or the properties just set.
+    BucketProps(crate::bucket::BucketProps),
     RepairStarted {
         id: u64,
     },

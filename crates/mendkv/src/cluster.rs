@@ -84,6 +84,10 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
         "  curl -i {}/kv/demo/greeting",
         http_addresses.last().unwrap_or(first)
     );
+    // Blind writers (SET key value, no context) want last-write-wins; causal is the default.
+    println!("make a bucket last-write-wins (blind writes never make siblings):");
+    println!("  mendkv bucket set demo --resolution lww --node {first}");
+    println!("  curl -X PUT -d '{{\"resolution\":\"lww\"}}' {first}/buckets/demo/props");
     println!("Ctrl-C stops every node.");
     super::wait_for_signal().await;
     println!("stopping...");

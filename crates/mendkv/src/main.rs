@@ -81,7 +81,7 @@ enum Command {
     Repair {
         #[command(flatten)]
         node: NodeArg,
-        /// Accepted for compatibility; runs always compare every bucket (trees are per range).
+        /// Compare and repair only this bucket's keys.
         #[arg(long)]
         bucket: Option<String>,
         /// Print the run id and return at once.
@@ -90,6 +90,34 @@ enum Command {
     },
     /// Load generator (YCSB workloads a, b, c; w = write-only).
     Bench(bench::BenchArgs),
+    /// A bucket's properties: resolution (causal | lww) and sibling limits.
+    #[command(subcommand)]
+    Bucket(BucketCommand),
+}
+
+#[derive(Subcommand)]
+enum BucketCommand {
+    /// Print a bucket's properties as JSON.
+    Get {
+        bucket: String,
+        #[command(flatten)]
+        node: NodeArg,
+    },
+    /// Change a bucket's properties; every node applies them within seconds.
+    Set {
+        bucket: String,
+        /// causal (siblings) or lww (last write wins).
+        #[arg(long)]
+        resolution: Option<String>,
+        /// A causal write that would leave more siblings gets 409.
+        #[arg(long)]
+        max_siblings: Option<u64>,
+        /// A causal write that leaves this many siblings is logged and counted.
+        #[arg(long)]
+        warn_siblings: Option<u64>,
+        #[command(flatten)]
+        node: NodeArg,
+    },
 }
 
 #[derive(Args)]
@@ -312,10 +340,42 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Repair {
             node,
-            bucket: _,
+            bucket,
             no_wait,
-        } => repair::run(&node.url, no_wait).await,
+        } => repair::run(&node.url, bucket.as_deref(), no_wait).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Bucket(BucketCommand::Get { bucket, node }) => {
+            let props = Client::new(&node.url).bucket_props(&bucket).await?;
+            println!("{props}");
+            Ok(())
+        }
+        Command::Bucket(BucketCommand::Set {
+            bucket,
+            resolution,
+            max_siblings,
+            warn_siblings,
+            node,
+        }) => {
+            let mut props = serde_json::Map::new();
+            if let Some(resolution) = resolution {
+                props.insert("resolution".into(), resolution.into());
+            }
+            if let Some(max) = max_siblings {
+                props.insert("max_siblings".into(), max.into());
+            }
+            if let Some(warn) = warn_siblings {
+                props.insert("warn_siblings".into(), warn.into());
+            }
+            if props.is_empty() {
+                bail!("nothing to set: give --resolution, --max-siblings or --warn-siblings");
+            }
+            let client = Client::new(&node.url);
+            client
+                .set_bucket_props(&bucket, &serde_json::Value::Object(props))
+                .await?;
+            println!("{}", client.bucket_props(&bucket).await?);
+            Ok(())
+        }
     }
 }
 

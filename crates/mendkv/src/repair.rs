@@ -6,9 +6,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mendkv_client::Client;
 use std::time::Duration;
 
-pub async fn run(url: &str, no_wait: bool) -> Result<()> {
+pub async fn run(url: &str, bucket: Option<&str>, no_wait: bool) -> Result<()> {
     let client = Client::new(url);
-    let id = client.start_repair().await?;
+    let id = client.start_repair_of(bucket).await?;
     if no_wait {
         println!("{id}");
         return Ok(());

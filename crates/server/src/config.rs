@@ -24,6 +24,7 @@ pub struct ServerConfig {
     pub storage: StorageSection,
     pub http: HttpSection,
     pub log: LogSection,
+    pub buckets: BucketsSection,
 }
 
 /// How the node logs (to stderr).
@@ -50,6 +51,29 @@ impl Default for LogSection {
         LogSection {
             format: LogFormat::Text,
             level: "info".into(),
+        }
+    }
+}
+
+/// `[buckets]`: the properties of buckets whose properties were never set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BucketsSection {
+    /// `causal` (siblings) or `lww` (last write wins by hybrid logical clock).
+    pub resolution: String,
+    /// A causal write that would leave more siblings is refused with 409.
+    pub max_siblings: u64,
+    /// A causal write that leaves at least this many siblings is logged and counted.
+    pub warn_siblings: u64,
+}
+
+impl Default for BucketsSection {
+    fn default() -> Self {
+        let props = mendkv_core::bucket::BucketProps::default();
+        BucketsSection {
+            resolution: props.resolution.as_str().to_string(),
+            max_siblings: u64::from(props.max_siblings),
+            warn_siblings: u64::from(props.warn_siblings),
         }
     }
 }
@@ -397,6 +421,7 @@ impl ServerConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        self.bucket_defaults()?;
         self.read_level()?;
         self.write_level()?;
         self.fsync_policy()?;
@@ -432,6 +457,23 @@ impl ServerConfig {
             ));
         }
         Ok(())
+    }
+
+    /// `[buckets]` as the core's default properties.
+    pub fn bucket_defaults(&self) -> Result<mendkv_core::bucket::BucketProps, ConfigError> {
+        let section = &self.buckets;
+        let resolution = section
+            .resolution
+            .parse()
+            .map_err(|e| ConfigError::Invalid(format!("buckets.resolution: {e}")))?;
+        let update = mendkv_core::bucket::PropsUpdate {
+            resolution: Some(resolution),
+            max_siblings: Some(section.max_siblings),
+            warn_siblings: Some(section.warn_siblings),
+        };
+        update
+            .apply_to(mendkv_core::bucket::BucketProps::default())
+            .map_err(|e| ConfigError::Invalid(format!("[buckets]: {e}")))
     }
 
     pub fn read_level(&self) -> Result<ConsistencyLevel, ConfigError> {
@@ -521,6 +563,7 @@ impl ServerConfig {
         config.fsync = self.fsync_policy()?;
         config.max_value_bytes = self.storage.max_value_bytes;
         config.read_repair = self.read_repair_config()?;
+        config.bucket_defaults = self.bucket_defaults()?;
         config.hinted_handoff = HintedHandoffConfig {
             enabled: self.hinted_handoff.enabled,
             ttl_ms: self.hinted_handoff.ttl_s.saturating_mul(1000),
@@ -620,6 +663,28 @@ mod tests {
         assert!(error.contains("consistency.read"), "{error}");
         let vars = vec![("MENDKV_STORAGE__NOPE".to_string(), "1".to_string())];
         assert!(ServerConfig::load(None, vars, toml::Table::new()).is_err());
+    }
+
+    /// `[buckets]` has SPEC's defaults, takes the environment, and refuses bad values and
+    /// unknown keys.
+    #[test]
+    fn buckets_section_loads_and_validates() {
+        let defaults = ServerConfig::load(None, vec![], toml::Table::new()).unwrap();
+        let props = defaults.bucket_defaults().unwrap();
+        assert_eq!((props.max_siblings, props.warn_siblings), (100, 25));
+        let vars = vec![("MENDKV_BUCKETS__RESOLUTION".to_string(), "lww".to_string())];
+        let config = ServerConfig::load(None, vars, toml::Table::new()).unwrap();
+        assert_eq!(
+            config.node_config().unwrap().bucket_defaults.resolution,
+            mendkv_core::bucket::Resolution::Lww
+        );
+        for (key, value) in [("RESOLUTION", "last"), ("MAX_SIBLINGS", "0"), ("NOPE", "1")] {
+            let vars = vec![(format!("MENDKV_BUCKETS__{key}"), value.to_string())];
+            assert!(
+                ServerConfig::load(None, vars, toml::Table::new()).is_err(),
+                "{key}"
+            );
+        }
     }
 
     /// `[http]` has defaults, takes its keys from the file and the environment, and refuses

@@ -11,6 +11,7 @@ use axum::routing::get;
 use axum::Router;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use mendkv_core::bucket::{BucketProps, PropsUpdate, Resolution};
 use mendkv_core::message::{ClientRequest, ClientResponse};
 use mendkv_core::quorum::ConsistencyLevel;
 use mendkv_core::request::{validate_bucket, validate_key, validate_value_size};
@@ -49,6 +50,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/cluster/status", get(cluster_status))
         .route("/admin/repair", axum::routing::post(start_repair))
         .route("/admin/repair/{id}", get(repair_status))
+        .route("/buckets/{bucket}/props", get(get_props).put(put_props))
         .route("/metrics", get(metrics))
         .route("/dashboard", get(dashboard_page))
         .route("/admin/dashboard.json", get(dashboard_state))
@@ -306,6 +308,10 @@ fn coordination_failure(response: ClientResponse) -> Failure {
             "overloaded",
         ),
         ClientResponse::Invalid(message) => bad_request(message),
+        ClientResponse::TooManySiblings(message) => Failure::new(
+            error(StatusCode::CONFLICT, "too_many_siblings", message),
+            "too_many_siblings",
+        ),
         ClientResponse::NotReady(message) => Failure::new(
             error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message),
             "unavailable",
@@ -633,22 +639,131 @@ async fn admin_local(State(state): State<ApiState>, uri: Uri) -> Response {
 }
 
 /// `POST /admin/repair?bucket=`: starts an anti-entropy run over every range this node
-/// replicates. Trees are per token range, not per bucket, so a run always compares every
-/// bucket; a `bucket` parameter is validated and otherwise has no effect.
+/// replicates; with `bucket`, it compares and repairs only that bucket's keys (trees of
+/// the bucket built per exchange, see docs/design.md).
 async fn start_repair(State(state): State<ApiState>, uri: Uri) -> Response {
-    match query_param(&uri, "bucket") {
+    let request = match query_param(&uri, "bucket") {
         Ok(Some(bucket)) => {
             if let Err(e) = validate_bucket(&bucket) {
                 return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string());
             }
+            ClientRequest::StartBucketRepair { bucket }
         }
-        Ok(None) => {}
+        Ok(None) => ClientRequest::StartRepair,
         Err(Failure(response, _)) => return *response,
-    }
-    match ask(&state, ClientRequest::StartRepair).await {
+    };
+    match ask(&state, request).await {
         Ok(ClientResponse::RepairStarted { id }) => {
             (StatusCode::ACCEPTED, axum::Json(json!({ "id": id }))).into_response()
         }
+        Ok(other) => *coordination_failure(other).0,
+        Err(Failure(response, _)) => *response,
+    }
+}
+
+/// The largest properties body read (a few small fields).
+const MAX_PROPS_BODY_BYTES: usize = 4096;
+
+/// `PUT /buckets/{bucket}/props`: any of the fields; others are refused (SPEC section 3).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PropsBody {
+    resolution: Option<String>,
+    max_siblings: Option<u64>,
+    warn_siblings: Option<u64>,
+}
+
+fn props_json(props: &BucketProps) -> Response {
+    axum::Json(json!({
+        "resolution": props.resolution.as_str(),
+        "max_siblings": props.max_siblings,
+        "warn_siblings": props.warn_siblings,
+    }))
+    .into_response()
+}
+
+/// The bucket of a `/buckets/{bucket}/props` path, or the 400 to answer. Read from the raw
+/// path (as `/kv/` is), so a bad escape gets SPEC's JSON rather than the extractor's text.
+fn props_bucket(uri: &Uri) -> Result<String, Box<Response>> {
+    let bad = |message: String| Box::new(error(StatusCode::BAD_REQUEST, "bad_request", message));
+    let raw = uri
+        .path()
+        .strip_prefix("/buckets/")
+        .and_then(|rest| rest.strip_suffix("/props"))
+        .ok_or_else(|| bad("bad path".into()))?;
+    let decoded = percent_decode(raw)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .ok_or_else(|| bad("bucket is not valid percent-encoded UTF-8".into()))?;
+    validate_bucket(&decoded).map_err(|e| bad(e.to_string()))?;
+    Ok(decoded)
+}
+
+/// `GET /buckets/{bucket}/props`: this node's view (defaults for a bucket never set).
+async fn get_props(State(state): State<ApiState>, uri: Uri) -> Response {
+    let bucket = match props_bucket(&uri) {
+        Ok(bucket) => bucket,
+        Err(response) => return *response,
+    };
+    match ask(&state, ClientRequest::GetBucketProps { bucket }).await {
+        Ok(ClientResponse::BucketProps(props)) => props_json(&props),
+        Ok(other) => *coordination_failure(other).0,
+        Err(Failure(response, _)) => *response,
+    }
+}
+
+/// `PUT /buckets/{bucket}/props`: 204 once stored durably on this node; gossip spreads it.
+async fn put_props(State(state): State<ApiState>, uri: Uri, body: Body) -> Response {
+    let bucket = match props_bucket(&uri) {
+        Ok(bucket) => bucket,
+        Err(response) => return *response,
+    };
+    let limited = http_body_util::Limited::new(body, MAX_PROPS_BODY_BYTES);
+    let bytes = match tokio::time::timeout(
+        state.body_timeout,
+        http_body_util::BodyExt::collect(limited),
+    )
+    .await
+    {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("a properties body is at most {MAX_PROPS_BODY_BYTES} bytes"),
+            )
+        }
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                "request body not received in time",
+            )
+        }
+    };
+    let parsed: PropsBody = match serde_json::from_slice(&bytes) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("properties: {e}"),
+            )
+        }
+    };
+    let resolution = match parsed.resolution.as_deref().map(str::parse::<Resolution>) {
+        None => None,
+        Some(Ok(resolution)) => Some(resolution),
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+    };
+    let update = PropsUpdate {
+        resolution,
+        max_siblings: parsed.max_siblings,
+        warn_siblings: parsed.warn_siblings,
+    };
+    match ask(&state, ClientRequest::SetBucketProps { bucket, update }).await {
+        Ok(ClientResponse::BucketProps(_)) => StatusCode::NO_CONTENT.into_response(),
         Ok(other) => *coordination_failure(other).0,
         Err(Failure(response, _)) => *response,
     }

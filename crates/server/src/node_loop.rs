@@ -211,6 +211,16 @@ impl NodeTask {
     /// Carries the node's counters into Prometheus counters: each grows by what it grew
     /// since the last export (one loop over the node's counter table).
     fn export_stats(&mut self) {
+        // The core counts sibling warnings (`mendkv_siblings_warned_total`); the log line is ours.
+        for warning in self.node.take_sibling_warnings() {
+            tracing::warn!(
+                bucket = %warning.bucket,
+                key = %String::from_utf8_lossy(&warning.key),
+                siblings = warning.siblings,
+                warn_siblings = warning.warn_siblings,
+                "key has many siblings: its writers do not send back the context they read"
+            );
+        }
         let now = self.node.stats().clone();
         let metrics = &self.metrics;
         for (counter, value) in now.iter() {

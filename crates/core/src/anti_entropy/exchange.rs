@@ -90,6 +90,10 @@ pub struct ExchangeRequest {
     pub shape: TreeShape,
     pub probe: Probe,
     pub body: RequestBody,
+    /// When set, only this bucket's keys are compared (`mendkv repair --bucket`): both
+    /// sides run the exchange over trees built from a scan of the range filtered to the
+    /// bucket, instead of the maintained per-range trees.
+    pub bucket: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -474,6 +478,7 @@ pub struct ExchangeDriver {
     seq: u32,
     state: DriverState,
     stats: ExchangeStats,
+    bucket: Option<String>,
 }
 
 impl ExchangeDriver {
@@ -501,7 +506,15 @@ impl ExchangeDriver {
             seq: 0,
             state: DriverState::Ready,
             stats: ExchangeStats::default(),
+            bucket: None,
         }
+    }
+
+    /// Compares only `bucket`'s keys: the caller hands this driver trees of that bucket
+    /// alone, and every request asks the receiver to do the same.
+    pub fn for_bucket(mut self, bucket: String) -> Self {
+        self.bucket = Some(bucket);
+        self
     }
 
     pub fn exchange(&self) -> ExchangeId {
@@ -651,6 +664,7 @@ impl ExchangeDriver {
             shape: self.shape,
             probe: self.probe(self.pass),
             body,
+            bucket: self.bucket.clone(),
         };
         self.stats.round_trips += 1;
         self.stats.bytes_sent += request.encoded_len() as u64;

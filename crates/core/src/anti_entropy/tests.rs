@@ -543,6 +543,7 @@ fn receiver_refuses_bad_requests() {
         shape: TreeShape::DEFAULT,
         probe,
         body: RequestBody::Verify,
+        bucket: None,
     };
     let mut bad_object = Object::empty();
     bad_object.apply_write(Actor::new("n", 1), &CausalContext::empty(), data("x"));

@@ -33,10 +33,14 @@ pub(super) struct ActiveExchange {
     pub deadline: Millis,
     pub run: Option<u64>,
     pub started_at: Millis,
+    /// A one-bucket exchange (`repair --bucket`): the bucket and this side's trees of it.
+    pub bucket: Option<(String, RangeTrees)>,
 }
 
 #[derive(Debug)]
 pub(super) struct RepairRun {
+    /// Only this bucket's keys are compared (each exchange scans its range for them).
+    bucket: Option<String>,
     pending: VecDeque<(TokenRange, NodeId)>,
     in_flight: usize,
     ranges_total: u64,
@@ -78,6 +82,27 @@ impl<S: Storage> SegmentSource for StorageSource<'_, S> {
 
     fn object(&self, bucket: &str, key: &[u8]) -> Result<Option<Object>, StorageError> {
         self.0.get(bucket, key)
+    }
+}
+
+/// The node's storage restricted to one bucket, for one-bucket exchanges.
+struct BucketSource<'a, S: Storage> {
+    storage: &'a S,
+    bucket: &'a str,
+}
+
+impl<S: Storage> SegmentSource for BucketSource<'_, S> {
+    fn segment_items(&self, tokens: TokenRange) -> Result<Vec<SegmentItem>, StorageError> {
+        let mut items = StorageSource(self.storage).segment_items(tokens)?;
+        items.retain(|item| item.bucket == self.bucket);
+        Ok(items)
+    }
+
+    fn object(&self, bucket: &str, key: &[u8]) -> Result<Option<Object>, StorageError> {
+        if bucket != self.bucket {
+            return Ok(None);
+        }
+        self.storage.get(bucket, key)
     }
 }
 
@@ -352,7 +377,8 @@ impl<S: Storage> Node<S> {
                     break;
                 };
                 run.in_flight += 1;
-                self.start_exchange(now, range, peer, Some(run_id));
+                let bucket = run.bucket.clone();
+                self.start_exchange(now, range, peer, Some(run_id), bucket);
             }
         }
         if !self.config.anti_entropy.enabled {
@@ -383,26 +409,83 @@ impl<S: Storage> Node<S> {
             if probe {
                 self.control.breaker_probe = Some((range, peer.clone()));
             }
-            self.start_exchange(now, range, peer, None);
+            self.start_exchange(now, range, peer, None, None);
         }
     }
 
-    fn start_exchange(&mut self, now: Millis, range: TokenRange, peer: NodeId, run: Option<u64>) {
+    /// Trees of one bucket's keys in `range`, built by one scan of the range: a one-bucket
+    /// exchange compares these (the maintained trees cover every bucket).
+    fn bucket_trees(&self, range: TokenRange, bucket: &str) -> Result<RangeTrees, StorageError> {
+        let items = BucketSource {
+            storage: &self.storage,
+            bucket,
+        }
+        .segment_items(range)?;
+        let mut trees = RangeTrees::new(
+            *self.anti_entropy.trees.hasher(),
+            self.anti_entropy.trees.shape(),
+        );
+        trees.set_ranges([range]);
+        trees.rebuild(
+            range,
+            items
+                .iter()
+                .map(|i| (i.bucket.as_str(), i.key.as_slice(), i.digest)),
+        );
+        Ok(trees)
+    }
+
+    fn start_exchange(
+        &mut self,
+        now: Millis,
+        range: TokenRange,
+        peer: NodeId,
+        run: Option<u64>,
+        bucket: Option<String>,
+    ) {
         // Request ids carry the epoch, so they serve as exchange ids unique across restarts.
         let id = ExchangeId(self.new_request_id());
         let salt = self.rng.gen();
+        let mut driver = ExchangeDriver::new(id, range, ExchangeConfig::default(), salt);
+        let bucket = match bucket {
+            None => None,
+            Some(bucket) => match self.bucket_trees(range, &bucket) {
+                Ok(trees) => {
+                    driver = driver.for_bucket(bucket.clone());
+                    Some((bucket, trees))
+                }
+                Err(_) => {
+                    self.stats.increment(Counter::StorageErrors);
+                    let mut exchange = ActiveExchange {
+                        driver,
+                        peer,
+                        deadline: now,
+                        run,
+                        started_at: now,
+                        bucket: None,
+                    };
+                    let report = exchange.driver.abort();
+                    self.finish_exchange(now, exchange, report);
+                    return;
+                }
+            },
+        };
         let mut exchange = ActiveExchange {
-            driver: ExchangeDriver::new(id, range, ExchangeConfig::default(), salt),
+            driver,
             peer,
             deadline: now + self.config.request_timeout_ms,
             run,
             started_at: now,
+            bucket,
         };
         let step = if self.cluster.membership.status(&exchange.peer) == PeerStatus::Down {
             // Known down: fail at once (a run reports it) instead of waiting for a timeout.
             DriverStep::Finished(exchange.driver.abort())
         } else {
-            exchange.driver.start(&mut self.anti_entropy.trees)
+            match exchange.bucket.as_mut() {
+                Some((_, trees)) => exchange.driver.start(trees),
+                None => exchange.driver.start(&mut self.anti_entropy.trees),
+            }
         };
         match step {
             DriverStep::Send(request) => {
@@ -428,12 +511,52 @@ impl<S: Storage> Node<S> {
         from: &NodeId,
         request: ExchangeRequest,
     ) {
-        let output = handle_request(
-            request,
-            &mut self.anti_entropy.trees,
-            &StorageSource(&self.storage),
-            &ReceiverLimits::default(),
-        );
+        let output = match request.bucket.clone() {
+            // Only for a range this node replicates (else the maintained trees refuse it),
+            // and a valid bucket name (a peer's input).
+            Some(bucket)
+                if self.anti_entropy.trees.tree(request.range).is_some()
+                    && crate::request::validate_bucket(&bucket).is_ok() =>
+            {
+                match self.bucket_trees(request.range, &bucket) {
+                    Ok(mut trees) => handle_request(
+                        request,
+                        &mut trees,
+                        &BucketSource {
+                            storage: &self.storage,
+                            bucket: &bucket,
+                        },
+                        &ReceiverLimits::default(),
+                    ),
+                    Err(error) => {
+                        self.stats.increment(Counter::StorageErrors);
+                        let response = ExchangeResponse {
+                            exchange: request.exchange,
+                            seq: request.seq,
+                            body: ResponseBody::Refused(Refusal::Storage(error.to_string())),
+                        };
+                        self.send(from, Message::AntiEntropyReply { response });
+                        return;
+                    }
+                }
+            }
+            Some(_) => {
+                self.stats.increment(Counter::InvalidPeerRequests);
+                let response = ExchangeResponse {
+                    exchange: request.exchange,
+                    seq: request.seq,
+                    body: ResponseBody::Refused(Refusal::UnknownRange),
+                };
+                self.send(from, Message::AntiEntropyReply { response });
+                return;
+            }
+            None => handle_request(
+                request,
+                &mut self.anti_entropy.trees,
+                &StorageSource(&self.storage),
+                &ReceiverLimits::default(),
+            ),
+        };
         let stored = self.apply_repair_writes(output.writes);
         self.control
             .repair_bytes
@@ -472,12 +595,34 @@ impl<S: Storage> Node<S> {
         self.control
             .repair_bytes
             .consume(now, response.encoded_len() as u64);
-        let output = exchange.driver.handle_response(
-            response,
-            &mut self.anti_entropy.trees,
-            &StorageSource(&self.storage),
-        );
-        if self.apply_repair_writes(output.writes).is_err() {
+        let output = match exchange.bucket.as_mut() {
+            Some((bucket, trees)) => exchange.driver.handle_response(
+                response,
+                trees,
+                &BucketSource {
+                    storage: &self.storage,
+                    bucket,
+                },
+            ),
+            None => exchange.driver.handle_response(
+                response,
+                &mut self.anti_entropy.trees,
+                &StorageSource(&self.storage),
+            ),
+        };
+        let pulled = !output.writes.is_empty();
+        let stored = self.apply_repair_writes(output.writes);
+        if stored.is_ok() && pulled {
+            // A one-bucket exchange's trees are not kept current by writes: rebuild them
+            // after merging what the peer sent, so the verify step sees the merged data.
+            if let Some((bucket, _)) = &exchange.bucket {
+                match self.bucket_trees(exchange.driver.range(), bucket) {
+                    Ok(trees) => exchange.bucket = Some((bucket.clone(), trees)),
+                    Err(_) => self.stats.increment(Counter::StorageErrors),
+                }
+            }
+        }
+        if stored.is_err() {
             // Objects pulled from the peer were not stored: the exchange must not count as
             // converged (tombstone reaping relies on that), so it ends as failed.
             let report = exchange.driver.abort();
@@ -539,7 +684,10 @@ impl<S: Storage> Node<S> {
 
     fn finish_exchange(&mut self, now: Millis, exchange: ActiveExchange, report: ExchangeReport) {
         let ok = !matches!(report.outcome, ExchangeOutcome::Failed(_));
-        if report.outcome == ExchangeOutcome::Converged {
+        // A one-bucket exchange proves nothing of the range's other buckets: it never counts
+        // as the range's sync (tombstone reaping relies on that), nor for the schedule.
+        let whole_range = exchange.bucket.is_none();
+        if whole_range && report.outcome == ExchangeOutcome::Converged {
             self.anti_entropy
                 .converged_at
                 .insert((report.range, exchange.peer.clone()), now);
@@ -559,9 +707,11 @@ impl<S: Storage> Node<S> {
             Counter::AntiEntropyBytes,
             report.stats.bytes_sent + report.stats.bytes_received,
         );
-        self.anti_entropy
-            .repair_debt
-            .insert(exchange.peer.clone(), report.stats.leaves_mismatched);
+        if whole_range {
+            self.anti_entropy
+                .repair_debt
+                .insert(exchange.peer.clone(), report.stats.leaves_mismatched);
+        }
         match exchange.run {
             Some(run_id) => {
                 if let Some(run) = self.anti_entropy.repair_runs.get_mut(&run_id) {
@@ -574,9 +724,13 @@ impl<S: Storage> Node<S> {
                     }
                 }
                 // A completed operator run also counts as the range's sync.
-                self.anti_entropy
-                    .repair_queue
-                    .complete(&(report.range, exchange.peer), now, ok);
+                if whole_range {
+                    self.anti_entropy.repair_queue.complete(
+                        &(report.range, exchange.peer),
+                        now,
+                        ok,
+                    );
+                }
             }
             None => {
                 // The exchange a half-open breaker let through decides whether it closes.
@@ -600,6 +754,11 @@ impl<S: Storage> Node<S> {
 
     /// Starts an operator repair run over every (range, replica peer) of this node.
     pub fn start_repair_run(&mut self, now: Millis) -> u64 {
+        self.start_repair_run_of(now, None)
+    }
+
+    /// Starts an operator repair run; with `bucket`, of that bucket's keys only.
+    pub fn start_repair_run_of(&mut self, now: Millis, bucket: Option<String>) -> u64 {
         self.anti_entropy.next_run += 1;
         let id = self.anti_entropy.next_run;
         // Peer by peer: two exchanges of one range (with two peers) never run at once, so a
@@ -619,6 +778,7 @@ impl<S: Storage> Node<S> {
             }
         }
         let run = RepairRun {
+            bucket,
             ranges_total: targets.len() as u64,
             pending: targets,
             in_flight: 0,

@@ -103,6 +103,14 @@ counters! {
         "Tombstones purged once every replica was known to hold them", [];
     EpochsLearnedFromPeers => "mendkv_epochs_learned_from_peers",
         "Times gossip showed this node had run under a higher epoch (a lost data directory)", [];
+    SiblingsRefused => "mendkv_siblings_refused",
+        "Client writes refused because they would exceed the bucket's max_siblings (409)", [];
+    SiblingsWarned => "mendkv_siblings_warned",
+        "Client writes that left a key with at least the bucket's warn_siblings siblings", [];
+    BucketPropsChanges => "mendkv_bucket_props_changes",
+        "Bucket property changes made through this node", [];
+    BucketPropsInvalid => "mendkv_bucket_props_invalid",
+        "Bucket property tables that could not be read (a peer's gossip or the stored record)", [];
 }
 
 impl Counter {

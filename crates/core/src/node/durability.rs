@@ -119,6 +119,9 @@ impl DurableReply {
                     ReplicaError::Storage(message) => ClientResponse::StorageFailed(message),
                     ReplicaError::Invalid(message) => ClientResponse::Invalid(message),
                     ReplicaError::NotReady(message) => ClientResponse::NotReady(message),
+                    ReplicaError::TooManySiblings(message) => {
+                        ClientResponse::TooManySiblings(message)
+                    }
                 },
             },
             DurableReply::Replicated { to, request } => send(
@@ -157,6 +160,9 @@ impl DurableReply {
                             ReplicaError::Storage(message) => Refusal::Storage(message),
                             ReplicaError::Invalid(message) => Refusal::Invalid(message),
                             ReplicaError::NotReady(_) => Refusal::Busy,
+                            // Exchanges merge replicas' objects, which the limit never
+                            // refuses; reported as invalid should it ever arrive here.
+                            ReplicaError::TooManySiblings(message) => Refusal::Invalid(message),
                         }),
                         ..response
                     },

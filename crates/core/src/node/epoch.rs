@@ -106,7 +106,12 @@ impl<S: Storage> Node<S> {
 
     /// Continues under an epoch above `claimed`, durably, before any dot is issued in it.
     fn adopt_epoch(&mut self, now: Millis, claimed: u64) {
-        let Some(epoch) = claimed.checked_add(1).and_then(|e| u32::try_from(e).ok()) else {
+        // `LWW_EPOCH` marks LWW dots and is never a node's epoch.
+        let Some(epoch) = claimed
+            .checked_add(1)
+            .and_then(|e| u32::try_from(e).ok())
+            .filter(|e| *e < crate::version::LWW_EPOCH)
+        else {
             // A claim beyond u32 can only come from a bug or a hostile peer; ignore it.
             self.stats.increment(Counter::InvalidPeerRequests);
             return;

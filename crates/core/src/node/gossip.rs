@@ -61,11 +61,13 @@ impl<S: Storage> Node<S> {
                     if let Some(info) = self.cluster.gossiper.member_info(&node) {
                         self.handle_member_discovered(info);
                     }
+                    self.learn_props_from(now, &node);
                 }
                 GossipEvent::NodeUp { node } | GossipEvent::NodeRestarted { node, .. } => {
                     if let Some(info) = self.cluster.gossiper.member_info(&node) {
                         self.handle_member_discovered(info);
                     }
+                    self.learn_props_from(now, &node);
                     self.handle_peer_status(now, &node, PeerStatus::Up);
                 }
                 GossipEvent::NodeDown { node } => {

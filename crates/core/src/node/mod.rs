@@ -9,11 +9,14 @@
 //! its own time (another thread, or virtual time), then calls [`Node::finish_sync`]: every
 //! write of the batch shares that one fsync.
 
+use crate::bucket::Resolution;
 use crate::config::NodeConfig;
 use crate::coordinator::{AfterRead, GetOperation, PutOperation, WriteStep};
 use crate::gossip::{initial_state, Gossiper, NodeStatus};
 use crate::membership::{MemberInfo, Membership, PeerStatus};
-use crate::message::{ClientRequest, ClientRequestId, ClientResponse, Message, RequestId};
+use crate::message::{
+    ClientRequest, ClientRequestId, ClientResponse, Message, ReplicaError, RequestId,
+};
 use crate::quorum::ConsistencyLevel;
 use crate::ring::Ring;
 use crate::storage::{Storage, StorageError};
@@ -89,6 +92,8 @@ pub struct Node<S: Storage> {
     anti_entropy: anti_entropy::AntiEntropyState,
     /// The repair byte budget and circuit breaker shared by anti-entropy and hint replay.
     control: repair_control::RepairControl,
+    /// Bucket properties, the hybrid logical clock, sibling warnings (`buckets.rs`).
+    buckets: buckets::Buckets,
 }
 
 /// Why a node could not start.
@@ -110,6 +115,8 @@ enum WriteRefusal {
     Invalid(String),
     /// This node may not issue dots yet (its epoch is unconfirmed).
     NotReady(String),
+    /// The write would exceed the bucket's `max_siblings`; nothing changed.
+    TooManySiblings(String),
 }
 
 /// Longest content type stored (longer ones are cut by the HTTP layer, refused from peers).
@@ -149,6 +156,10 @@ impl<S: Storage> Node<S> {
         .map_err(NodeError::Gossip)?;
         let mut stats = Counters::default();
         stats.add(Counter::HintsDroppedCorrupt, corrupt_hints);
+        let (buckets, props_corrupt) = buckets::Buckets::load(&storage, config.bucket_defaults);
+        if props_corrupt {
+            stats.increment(Counter::BucketPropsInvalid);
+        }
         let mut node = Node {
             clock: now,
             rng: StdRng::seed_from_u64(config.rng_seed),
@@ -170,12 +181,15 @@ impl<S: Storage> Node<S> {
             hints: hints::HintDelivery::new(hint_queue, &config, now),
             anti_entropy: anti_entropy::AntiEntropyState::new(&config, now),
             control: repair_control::RepairControl::new(&config, now),
+            buckets,
             storage,
             config,
         };
         if !node.identity.confirmed {
             node.cluster.gossiper.set_announce_self(false);
         }
+        // Peers that restarted with us learn the table from our state again.
+        node.publish_props(now);
         // Trees are rebuilt by one scan at every start: a tree persisted before a crash could
         // disagree with what the crash left of the data.
         node.align_trees();
@@ -450,9 +464,28 @@ impl<S: Storage> Node<S> {
                 let id = self.start_repair_run(now);
                 self.reply(client, ClientResponse::RepairStarted { id });
             }
+            ClientRequest::StartBucketRepair { bucket } => {
+                let id = self.start_repair_run_of(now, Some(bucket));
+                self.reply(client, ClientResponse::RepairStarted { id });
+            }
             ClientRequest::RepairStatus { id } => {
                 let status = self.repair_run(id, now);
                 self.reply(client, ClientResponse::Repair(status));
+            }
+            ClientRequest::GetBucketProps { bucket } => {
+                let props = self.bucket_props(&bucket);
+                self.reply(client, ClientResponse::BucketProps(props));
+            }
+            ClientRequest::SetBucketProps { bucket, update } => {
+                let response = match self.set_bucket_props(now, &bucket, update) {
+                    Ok(props) => ClientResponse::BucketProps(props),
+                    Err(SetPropsError::Invalid(e)) => ClientResponse::Invalid(e.to_string()),
+                    Err(SetPropsError::Storage(e)) if e.is_full() => {
+                        ClientResponse::InsufficientStorage(e.to_string())
+                    }
+                    Err(SetPropsError::Storage(e)) => ClientResponse::StorageFailed(e.to_string()),
+                };
+                self.reply(client, response);
             }
             ClientRequest::GetLocal { bucket, key } => {
                 let response = match self.storage.get(&bucket, &key) {
@@ -547,6 +580,10 @@ impl<S: Storage> Node<S> {
                     self.reply(client, ClientResponse::NotReady(reason));
                     return;
                 }
+                Err(WriteRefusal::TooManySiblings(reason)) => {
+                    self.reply(client, ClientResponse::TooManySiblings(reason));
+                    return;
+                }
             }
         } else {
             op.start_remote(candidates)
@@ -575,12 +612,33 @@ impl<S: Storage> Node<S> {
             .map_err(WriteRefusal::Storage)?;
         let old_digest = old.as_ref().map(Object::digest);
         let mut object = old.unwrap_or_default();
-        object.apply_write_above(
-            self.identity.actor,
-            context,
-            value,
-            self.identity.reaped_counter_floor,
-        );
+        let props = self.buckets.props(bucket);
+        // An object already LWW stays LWW whatever this node believes of the bucket, so a
+        // node that has not heard of a change to lww yet still writes it the lww way (and
+        // a bucket switched back to causal keeps its LWW keys LWW until they are reaped).
+        if props.resolution == Resolution::Lww || object.is_lww() {
+            let timestamp = self.lww_timestamp(object.lww_timestamp());
+            object.apply_lww_write(self.identity.actor, timestamp, value);
+        } else {
+            object.apply_write_above(
+                self.identity.actor,
+                context,
+                value,
+                self.identity.reaped_counter_floor,
+            );
+            let siblings = object.siblings().len();
+            if siblings > props.max_siblings as usize {
+                self.stats.increment(Counter::SiblingsRefused);
+                return Err(WriteRefusal::TooManySiblings(format!(
+                    "the write would leave {siblings} siblings, over the bucket's \
+                     max_siblings of {}: read the key and write back with its context",
+                    props.max_siblings
+                )));
+            }
+            if siblings >= props.warn_siblings as usize {
+                self.warn_siblings(bucket, key, siblings, props.warn_siblings);
+            }
+        }
         if !CausalContext::within_limits(object.context()) {
             return Err(WriteRefusal::Invalid(format!(
                 "the write would give this key more than {MAX_CONTEXT_ACTORS} actors or a \
@@ -603,6 +661,10 @@ impl<S: Storage> Node<S> {
         let empty = Object::empty();
         let current = old.as_ref().unwrap_or(&empty);
         let merged = current.merge(incoming);
+        if let Some(timestamp) = incoming.lww_timestamp() {
+            // Later LWW writes coordinated here are stamped after this one.
+            self.buckets.clock.observe(timestamp);
+        }
         if merged == *current {
             // Already known (duplicates, repairs of what is in sync): no write, no hashing.
             return Ok(false);
@@ -850,6 +912,10 @@ impl<S: Storage> Node<S> {
                     self.deliver_hints(now);
                 }
             }
+            Message::CoordinateReply {
+                request,
+                result: Err(ReplicaError::TooManySiblings(reason)),
+            } => self.on_too_many_siblings(request, from, reason),
             Message::CoordinateReply { request, result } => {
                 if let Some(Operation::Put(op)) = self.coordination.operations.get_mut(&request) {
                     let step = op.on_coordinated(from, result.map_err(|_| ()));
@@ -864,6 +930,21 @@ impl<S: Storage> Node<S> {
             }
             // Requests and gossip are routed elsewhere by `handle_message`.
             _ => {}
+        }
+    }
+
+    /// The actor refused a forwarded write for `max_siblings`: nothing was written
+    /// anywhere, so the write ends with the client's 409 and no hints.
+    fn on_too_many_siblings(&mut self, request: RequestId, from: &NodeId, reason: String) {
+        let waiting = matches!(
+            self.coordination.operations.get(&request),
+            Some(Operation::Put(op)) if op.is_awaiting(from) && !op.answered
+        );
+        if !waiting {
+            return;
+        }
+        if let Some(Operation::Put(op)) = self.remove_operation(request) {
+            self.reply(op.client, ClientResponse::TooManySiblings(reason));
         }
     }
 
@@ -917,6 +998,7 @@ impl<S: Storage> Node<S> {
 }
 
 mod anti_entropy;
+mod buckets;
 mod coordination;
 mod counters;
 mod durability;
@@ -928,6 +1010,8 @@ mod repair_control;
 mod serve;
 
 pub use crate::anti_entropy::{AntiEntropyConfig, RepairRunStatus, RunState};
+use buckets::SetPropsError;
+pub use buckets::SiblingWarning;
 pub use counters::{Counter, CounterSpec, Counters};
 use durability::Durability;
 pub use durability::{DurableReply, SyncTicket};

@@ -207,6 +207,14 @@ impl<S: Storage> Node<S> {
                 "object's version vector is over the context limits".into(),
             ));
         }
+        if !object.is_well_formed() {
+            self.stats.increment(Counter::InvalidPeerRequests);
+            return Err(ReplicaError::Invalid(
+                "object breaks the version invariants (a sibling outside its context, or \
+                 an LWW object with more than its one write)"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 
@@ -246,6 +254,7 @@ impl<S: Storage> Node<S> {
                 WriteRefusal::Storage(e) => ReplicaError::Storage(e.to_string()),
                 WriteRefusal::Invalid(reason) => ReplicaError::Invalid(reason),
                 WriteRefusal::NotReady(reason) => ReplicaError::NotReady(reason),
+                WriteRefusal::TooManySiblings(reason) => ReplicaError::TooManySiblings(reason),
             })
     }
 

@@ -8,6 +8,7 @@ use crate::storage::MemoryStorage;
 use crate::version::Actor;
 use bytes::Bytes;
 
+mod buckets;
 mod storage_full;
 
 struct TestCluster {
@@ -21,6 +22,10 @@ struct TestCluster {
 
 impl TestCluster {
     fn new(n: usize) -> Self {
+        Self::with_config(n, |_| {})
+    }
+
+    fn with_config(n: usize, configure: impl Fn(&mut NodeConfig)) -> Self {
         let infos: Vec<MemberInfo> = (0..n)
             .map(|i| MemberInfo {
                 id: NodeId::new(format!("n{i}")),
@@ -31,8 +36,9 @@ impl TestCluster {
         let nodes = infos
             .iter()
             .map(|info| {
-                let mut node =
-                    Node::new(NodeConfig::new(info.id.as_str()), MemoryStorage::new(), 0).unwrap();
+                let mut config = NodeConfig::new(info.id.as_str());
+                configure(&mut config);
+                let mut node = Node::new(config, MemoryStorage::new(), 0).unwrap();
                 for other in &infos {
                     node.handle_member_discovered(other.clone());
                 }
@@ -898,6 +904,7 @@ fn a_failed_sync_fails_every_durable_reply() {
                 }],
                 want: vec![],
             },
+            bucket: None,
         },
     };
     let reply = failed_sync_reply(transfer);

@@ -15,6 +15,17 @@
 //!
 //! [`Object::merge`] is the join of a semilattice (commutative, associative, idempotent):
 //! the property tests in `tests` prove it.
+//!
+//! # Last-write-wins objects
+//! An object of an `lww` bucket ([`crate::bucket`]) has the same shape, so its encoding (and
+//! everything stored before LWW existed) is unchanged: exactly one sibling whose dot has the
+//! reserved epoch [`LWW_EPOCH`], the node of the coordinating actor and, as counter, the
+//! write's packed HLC timestamp; its context is that one dot. [`Object::merge`] dispatches:
+//! when either side is LWW, the result is the LWW sibling greatest by (timestamp, node,
+//! value) over both sides, alone. That is a maximum under a total order, so it is a
+//! semilattice join too, and the combined order (every causal object below every LWW one)
+//! keeps merge associative across the two kinds. No epoch of a real node reaches
+//! `LWW_EPOCH` (`u32::MAX` starts), so no causal dot is ever mistaken for an LWW one.
 
 mod context;
 
@@ -27,6 +38,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
+
+/// The epoch that marks an LWW dot (see the module doc); never a real node's epoch.
+pub const LWW_EPOCH: u32 = u32::MAX;
 
 /// Who created a write: a node (by the 64-bit hash of its id) in one of its epochs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -121,8 +135,9 @@ impl FromIterator<(Actor, u64)> for VersionVector {
     }
 }
 
-/// What a write stored: bytes with their content type, or a deletion marker.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// What a write stored: bytes with their content type, or a deletion marker. Ordered only
+/// to break exact LWW ties deterministically (same timestamp and node, after a restart).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Value {
     Data { bytes: Bytes, content_type: String },
     Tombstone,
@@ -237,9 +252,72 @@ impl Object {
         dot
     }
 
-    /// The causal join of two replicas' objects: dominated versions disappear, concurrent
-    /// ones stay as siblings.
+    /// True for an LWW object (its sibling carries an LWW dot).
+    pub fn is_lww(&self) -> bool {
+        self.lww_winner().is_some()
+    }
+
+    /// The HLC timestamp of an LWW object's write.
+    pub fn lww_timestamp(&self) -> Option<crate::bucket::hlc::HlcTimestamp> {
+        self.lww_winner()
+            .map(|s| crate::bucket::hlc::HlcTimestamp::from_packed(s.dot.counter))
+    }
+
+    /// The LWW sibling that wins: greatest by (timestamp, node, value).
+    fn lww_winner(&self) -> Option<&Sibling> {
+        self.siblings
+            .iter()
+            .filter(|s| s.dot.actor.epoch == LWW_EPOCH)
+            .max_by(|a, b| lww_order(a, b))
+    }
+
+    /// An LWW object holding exactly `sibling` (its context is the sibling's dot).
+    fn lww_from(sibling: &Sibling) -> Object {
+        let mut context = VersionVector::new();
+        context.add(&sibling.dot);
+        Object {
+            context,
+            siblings: vec![sibling.clone()],
+        }
+    }
+
+    /// Applies an LWW write coordinated by `actor` at HLC time `timestamp` (which the caller
+    /// took after observing this object's own timestamp, so it wins): the object becomes
+    /// that write alone, whatever it held (a client context is not needed: it is ignored).
+    /// Returns the write's dot.
+    pub fn apply_lww_write(
+        &mut self,
+        actor: Actor,
+        timestamp: crate::bucket::hlc::HlcTimestamp,
+        value: Value,
+    ) -> Dot {
+        let dot = Dot {
+            actor: Actor {
+                node_hash: actor.node_hash,
+                epoch: LWW_EPOCH,
+            },
+            counter: timestamp.packed(),
+        };
+        let written = Object::lww_from(&Sibling { dot, value });
+        *self = self.merge(&written);
+        dot
+    }
+
+    /// The join of two replicas' objects. Causal objects: dominated versions disappear,
+    /// concurrent ones stay as siblings. When either is LWW: the later write alone.
     pub fn merge(&self, other: &Object) -> Object {
+        match (self.lww_winner(), other.lww_winner()) {
+            (None, None) => self.merge_causal(other),
+            (Some(a), None) => Object::lww_from(a),
+            (None, Some(b)) => Object::lww_from(b),
+            (Some(a), Some(b)) => match lww_order(a, b) {
+                Ordering::Less => Object::lww_from(b),
+                _ => Object::lww_from(a),
+            },
+        }
+    }
+
+    fn merge_causal(&self, other: &Object) -> Object {
         let mut siblings = Vec::with_capacity(self.siblings.len() + other.siblings.len());
         let (mut left, mut right) = (
             self.siblings.iter().peekable(),
@@ -301,10 +379,20 @@ impl Object {
     pub fn from_parts(context: VersionVector, mut siblings: Vec<Sibling>) -> Option<Object> {
         siblings.sort_by_key(|s| s.dot);
         siblings.dedup_by(|a, b| a.dot == b.dot);
-        if siblings.iter().all(|s| context.covers(&s.dot)) {
-            Some(Object { context, siblings })
-        } else {
-            None
+        let object = Object { context, siblings };
+        object.is_well_formed().then_some(object)
+    }
+
+    /// The invariants every stored object keeps: each sibling's dot is in the context, and
+    /// an LWW object is its one sibling with exactly that dot as context. Objects from
+    /// peers are checked with it (a merge would normalise a malformed one anyway).
+    pub fn is_well_formed(&self) -> bool {
+        if !self.siblings.iter().all(|s| self.context.covers(&s.dot)) {
+            return false;
+        }
+        match self.lww_winner() {
+            None => true,
+            Some(winner) => *self == Object::lww_from(winner),
         }
     }
 
@@ -337,6 +425,16 @@ impl Object {
         }
         hasher.digest()
     }
+}
+
+/// The LWW order: timestamp, then node, then value (only a node that reissued a timestamp
+/// after a restart with its clock set back can tie on both).
+fn lww_order(a: &Sibling, b: &Sibling) -> Ordering {
+    (a.dot.counter, a.dot.actor.node_hash, &a.value).cmp(&(
+        b.dot.counter,
+        b.dot.actor.node_hash,
+        &b.value,
+    ))
 }
 
 #[cfg(test)]
