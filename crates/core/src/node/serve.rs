@@ -40,12 +40,11 @@ impl<S: Storage> Node<S> {
                 key,
                 object,
             } => {
-                let result = self.serve_replicate(&bucket, &key, &object);
                 let reply = DurableReply::RepairWritten {
                     to: from.clone(),
                     request,
                 };
-                self.answer_write(reply, result);
+                self.serve_merge(reply, &bucket, &key, &object);
             }
             Message::HintBatch { request, hints } => {
                 let result = self.serve_hint_batch(hints);
@@ -84,16 +83,21 @@ impl<S: Storage> Node<S> {
                 key,
                 object,
             } => {
-                let result = self.serve_replicate(&bucket, &key, &object);
                 let reply = DurableReply::Replicated {
                     to: from.clone(),
                     request,
                 };
-                self.answer_write(reply, result);
+                self.serve_merge(reply, &bucket, &key, &object);
             }
             // Replies and gossip are routed elsewhere by `handle_message`.
             _ => {}
         }
+    }
+
+    /// A replicated or repairing write: merge the object, answer once it is durable.
+    fn serve_merge(&mut self, reply: DurableReply, bucket: &str, key: &[u8], object: &Object) {
+        let result = self.serve_replicate(bucket, key, object);
+        self.answer_write(reply, result);
     }
 
     /// Answers a write request: an error at once, a success once its sync is done.
