@@ -77,6 +77,8 @@ pub struct NodeConfig {
     pub anti_entropy: crate::anti_entropy::AntiEntropyConfig,
     /// When foreground stress pauses repair work.
     pub circuit_breaker: crate::control::BreakerConfig,
+    /// How fast repair may go now, from foreground load (within floor and ceiling).
+    pub repair_controller: crate::control::ControllerConfig,
     /// Key of the Merkle trees' item hash: the cluster secret, so outsiders cannot choose
     /// keys that collide in the trees.
     pub tree_hash_secret: Vec<u8>,
@@ -111,6 +113,7 @@ impl NodeConfig {
             hinted_handoff: HintedHandoffConfig::default(),
             anti_entropy: crate::anti_entropy::AntiEntropyConfig::default(),
             circuit_breaker: crate::control::BreakerConfig::default(),
+            repair_controller: crate::control::ControllerConfig::default(),
             tree_hash_secret: b"mendkv".to_vec(),
             learn_epoch_from_peers: false,
             bucket_defaults: crate::bucket::BucketProps::default(),

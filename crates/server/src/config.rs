@@ -25,6 +25,35 @@ pub struct ServerConfig {
     pub http: HttpSection,
     pub log: LogSection,
     pub buckets: BucketsSection,
+    pub repair_controller: RepairControllerSection,
+}
+
+/// `[repair_controller]`: the repair byte rate follows foreground load within these bounds
+/// (see `mendkv_core::control::repair_controller`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RepairControllerSection {
+    /// Off: repair runs at the fixed `anti_entropy.rate_limit_bytes_per_s`.
+    pub enabled: bool,
+    /// The client p99 repair backs off to protect (below the breaker's threshold).
+    pub target_p99_ms: u64,
+    pub floor_bytes_per_s: u64,
+    pub ceiling_bytes_per_s: u64,
+    /// Additive step per second while the client p99 is well under the target.
+    pub increase_bytes_per_s: u64,
+}
+
+impl Default for RepairControllerSection {
+    fn default() -> Self {
+        let core = mendkv_core::control::ControllerConfig::default();
+        RepairControllerSection {
+            enabled: core.enabled,
+            target_p99_ms: core.target_p99_ms,
+            floor_bytes_per_s: core.floor_bytes_per_s,
+            ceiling_bytes_per_s: core.ceiling_bytes_per_s,
+            increase_bytes_per_s: core.increase_bytes_per_s,
+        }
+    }
 }
 
 /// How the node logs (to stderr).
@@ -602,6 +631,25 @@ impl ServerConfig {
             max_error_rate: breaker.max_error_rate,
             min_samples: breaker.min_samples,
             cooldown_ms: breaker.cooldown_s.saturating_mul(1000),
+        };
+        let controller = &self.repair_controller;
+        if controller.enabled
+            && (controller.floor_bytes_per_s == 0
+                || controller.ceiling_bytes_per_s < controller.floor_bytes_per_s)
+        {
+            return Err(ConfigError::Invalid(
+                "repair_controller: floor_bytes_per_s must be positive and at most \
+                 ceiling_bytes_per_s"
+                    .into(),
+            ));
+        }
+        config.repair_controller = mendkv_core::control::ControllerConfig {
+            enabled: controller.enabled,
+            target_p99_ms: controller.target_p99_ms.max(1),
+            floor_bytes_per_s: controller.floor_bytes_per_s,
+            ceiling_bytes_per_s: controller.ceiling_bytes_per_s,
+            increase_bytes_per_s: controller.increase_bytes_per_s,
+            ..mendkv_core::control::ControllerConfig::default()
         };
         let own = [self.node.listen.clone(), self.advertised_peer_address()];
         config.learn_epoch_from_peers = self.cluster.seeds.iter().any(|s| !own.contains(s));

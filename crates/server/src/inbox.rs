@@ -55,6 +55,9 @@ pub struct ClusterStatus {
     pub node_id: String,
     pub cluster: String,
     pub epoch: u32,
+    /// The repair byte rate this node grants now, and why (the repair controller).
+    pub repair_rate_bytes_per_s: u64,
+    pub repair_rate_reason: String,
     pub nodes: Vec<NodeStatus>,
 }
 

@@ -204,6 +204,8 @@ impl NodeTask {
             node_id: self.node.id().to_string(),
             cluster: self.identity.cluster.clone(),
             epoch: self.node.epoch(),
+            repair_rate_bytes_per_s: self.node.repair_rate_bytes_per_s(),
+            repair_rate_reason: self.node.repair_rate_reason().to_string(),
             nodes,
         }
     }

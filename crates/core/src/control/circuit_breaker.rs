@@ -70,6 +70,18 @@ pub enum StressSignal {
     },
 }
 
+/// What foreground traffic looks like over the breaker's window (the repair controller's
+/// input).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForegroundSignals {
+    pub requests: u64,
+    /// Failed share of `requests` (0 when there were none).
+    pub error_rate: f64,
+    /// p99 latency (bucket upper bound), when there was any request.
+    pub p99_ms: Option<Millis>,
+    pub in_flight: usize,
+}
+
 /// Upper bounds (ms) of the latency buckets; the last bucket is unbounded.
 const BUCKET_BOUNDS_MS: [Millis; 40] = [
     1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80, 100, 120, 150, 200, 250, 300, 400,
@@ -238,6 +250,21 @@ impl CircuitBreaker {
             });
         }
         None
+    }
+
+    /// The window's foreground signals, whatever the thresholds.
+    pub fn signals(&self, now: Millis) -> ForegroundSignals {
+        let (requests, errors, latency) = self.window(now);
+        ForegroundSignals {
+            requests,
+            error_rate: if requests == 0 {
+                0.0
+            } else {
+                errors as f64 / requests as f64
+            },
+            p99_ms: (requests > 0).then(|| percentile(&latency, requests, 0.99)),
+            in_flight: self.in_flight,
+        }
     }
 
     /// The window's p99 latency (bucket upper bound), if there was any request.

@@ -11,8 +11,12 @@
 
 pub mod circuit_breaker;
 pub mod rate_limiter;
+pub mod repair_controller;
 pub mod repair_queue;
 
-pub use circuit_breaker::{BreakerConfig, BreakerState, CircuitBreaker, StressSignal};
+pub use circuit_breaker::{
+    BreakerConfig, BreakerState, CircuitBreaker, ForegroundSignals, StressSignal,
+};
 pub use rate_limiter::TokenBucket;
+pub use repair_controller::{ControllerConfig, RateReason, RepairController};
 pub use repair_queue::{RepairQueue, RepairQueueConfig, RepairReason};

@@ -35,6 +35,15 @@ impl TokenBucket {
         }
     }
 
+    /// Changes the rate from now on (tokens earned so far at the old rate are kept); the
+    /// burst follows as `burst_bytes`.
+    pub fn set_rate(&mut self, now: Millis, rate_bytes_per_s: u64, burst_bytes: u64) {
+        self.refill(now);
+        self.rate_bytes_per_s = rate_bytes_per_s;
+        self.burst_bytes = burst_bytes.max(1);
+        self.level = self.level.min(self.capacity());
+    }
+
     pub fn is_unlimited(&self) -> bool {
         self.rate_bytes_per_s == 0
     }

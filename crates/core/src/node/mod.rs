@@ -291,6 +291,7 @@ impl<S: Storage> Node<S> {
             .min(hints)
             .min(speculation)
             .min(self.anti_entropy_deadline())
+            .min(self.control.controller.next_deadline())
     }
 
     // ----- durability -----------------------------------------------------------------
@@ -955,6 +956,7 @@ impl<S: Storage> Node<S> {
         self.control
             .breaker
             .set_in_flight(now, self.coordination.operations.len());
+        self.adjust_repair_rate(now);
         while let Some(&(deadline, id)) = self.coordination.deadlines.first() {
             if deadline > now {
                 break;

@@ -4,7 +4,9 @@
 
 use super::Node;
 use crate::config::NodeConfig;
-use crate::control::{BreakerState, CircuitBreaker, StressSignal, TokenBucket};
+use crate::control::{
+    BreakerState, CircuitBreaker, RateReason, RepairController, StressSignal, TokenBucket,
+};
 use crate::ring::TokenRange;
 use crate::storage::Storage;
 use crate::{Millis, NodeId};
@@ -17,19 +19,47 @@ pub(super) struct RepairControl {
     pub breaker: CircuitBreaker,
     /// The scheduled exchange let through by a half-open breaker.
     pub breaker_probe: Option<(TokenRange, NodeId)>,
+    /// Sets `repair_bytes`' rate from foreground load.
+    pub controller: RepairController,
 }
 
 impl RepairControl {
     pub fn new(config: &NodeConfig, now: Millis) -> Self {
+        let controller = RepairController::new(
+            config.repair_controller.clone(),
+            config.circuit_breaker.clone(),
+            config.anti_entropy.rate_limit_bytes_per_s,
+            now,
+        );
+        let rate = controller.rate_bytes_per_s();
         RepairControl {
-            repair_bytes: TokenBucket::new(
-                config.anti_entropy.rate_limit_bytes_per_s,
-                config.anti_entropy.rate_limit_bytes_per_s.max(1 << 20),
-                now,
-            ),
+            repair_bytes: TokenBucket::new(rate, burst_for(rate), now),
+            controller,
             breaker: CircuitBreaker::new(config.circuit_breaker.clone()),
             breaker_probe: None,
         }
+    }
+}
+
+/// A second's worth of the rate, and at least 1 MiB (one large exchange answer).
+fn burst_for(rate_bytes_per_s: u64) -> u64 {
+    rate_bytes_per_s.max(1 << 20)
+}
+
+impl<S: Storage> Node<S> {
+    /// Lets the repair controller move the repair byte rate (on the node's timer).
+    pub(super) fn adjust_repair_rate(&mut self, now: Millis) {
+        let signals = self.control.breaker.signals(now);
+        if let Some(rate) = self.control.controller.adjust(now, &signals) {
+            self.control
+                .repair_bytes
+                .set_rate(now, rate, burst_for(rate));
+        }
+    }
+
+    /// Why the repair rate is what it is.
+    pub fn repair_rate_reason(&self) -> RateReason {
+        self.control.controller.reason()
     }
 }
 
@@ -52,7 +82,8 @@ impl<S: Storage> Node<S> {
     }
 
     /// The repair byte budget in force (shared by anti-entropy and hint replay); 0 when
-    /// unlimited. Fixed by `anti_entropy.rate_limit_bytes_per_s` today.
+    /// unlimited. Set by the repair controller from foreground load (see
+    /// `control::repair_controller`), or fixed when it is off.
     pub fn repair_rate_bytes_per_s(&self) -> u64 {
         self.control.repair_bytes.rate_bytes_per_s()
     }

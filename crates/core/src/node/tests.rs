@@ -1060,3 +1060,33 @@ fn a_new_node_is_confirmed_by_the_first_gossip_answer() {
     assert_eq!(cluster.nodes[1].epoch(), 1);
     assert_eq!(cluster.nodes[1].stats()[Counter::EpochsLearnedFromPeers], 0);
 }
+
+/// The repair controller drives the node's repair byte budget: with no foreground traffic
+/// the rate climbs to the ceiling, and the reason says so; switched off, the fixed knob
+/// stays.
+#[test]
+fn the_repair_rate_follows_foreground_load() {
+    let mut node = Node::new(NodeConfig::new("solo"), MemoryStorage::new(), 0).unwrap();
+    let ceiling = node.config().repair_controller.ceiling_bytes_per_s;
+    assert_eq!(
+        node.repair_rate_bytes_per_s(),
+        node.config().anti_entropy.rate_limit_bytes_per_s
+    );
+    for second in 1..=10 {
+        node.handle_tick(second * 1000);
+    }
+    assert_eq!(node.repair_rate_bytes_per_s(), ceiling);
+    assert_eq!(node.repair_rate_reason().as_str(), "idle");
+
+    let mut config = NodeConfig::new("fixed");
+    config.repair_controller.enabled = false;
+    let mut fixed = Node::new(config, MemoryStorage::new(), 0).unwrap();
+    for second in 1..=10 {
+        fixed.handle_tick(second * 1000);
+    }
+    assert_eq!(
+        fixed.repair_rate_bytes_per_s(),
+        fixed.config().anti_entropy.rate_limit_bytes_per_s
+    );
+    assert_eq!(fixed.repair_rate_reason().as_str(), "fixed");
+}

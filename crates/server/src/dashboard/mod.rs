@@ -180,8 +180,8 @@ pub struct BreakerView {
 pub struct RepairRate {
     /// The repair byte budget in force; 0 means unlimited.
     pub bytes_per_s: u64,
-    /// Where the figure comes from: no adaptive controller exists yet.
-    pub source: &'static str,
+    /// Why the rate is what it is (the repair controller's reason, or "fixed").
+    pub source: String,
 }
 
 /// Time left for a run at its pace so far: elapsed per finished range times ranges left.
@@ -279,7 +279,7 @@ pub fn snapshot<S: Storage>(node: &mut Node<S>, now: Millis) -> DashboardState {
             breaker,
             rate: RepairRate {
                 bytes_per_s: node.repair_rate_bytes_per_s(),
-                source: "fixed: anti_entropy.rate_limit_bytes_per_s (no adaptive controller yet)",
+                source: node.repair_rate_reason().to_string(),
             },
             anti_entropy_enabled: config.anti_entropy.enabled,
             anti_entropy_interval_ms: config.anti_entropy.interval_ms,
