@@ -25,6 +25,40 @@ pub struct ServerConfig {
     pub http: HttpSection,
     pub log: LogSection,
     pub buckets: BucketsSection,
+    pub resp: RespSection,
+}
+
+/// Databases `SELECT` takes (0..16, as Redis's default `databases 16`): 0 is `resp.bucket`,
+/// n > 0 is bucket `db{n}`.
+pub const RESP_DATABASES: u32 = 16;
+
+/// `[resp]`: the Redis protocol front end (SPEC section 9).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RespSection {
+    /// Address to serve RESP on; off unless set (`mendkv cluster` sets it).
+    pub listen: Option<String>,
+    /// The bucket of database 0; `SELECT n` (n > 0) uses bucket `db{n}`. These buckets are
+    /// `lww` while their properties were never set.
+    pub bucket: String,
+    /// Consistency level of GET, MGET, EXISTS and the reads of SET NX|XX|GET, DEL, GETDEL.
+    pub read: String,
+    /// Consistency level of SET, MSET, DEL and GETDEL.
+    pub write: String,
+    /// When set, every command but AUTH, HELLO and QUIT is refused until AUTH gives it.
+    pub password: Option<String>,
+}
+
+impl Default for RespSection {
+    fn default() -> Self {
+        RespSection {
+            listen: None,
+            bucket: "default".into(),
+            read: "quorum".into(),
+            write: "quorum".into(),
+            password: None,
+        }
+    }
 }
 
 /// How the node logs (to stderr).
@@ -420,8 +454,31 @@ impl ServerConfig {
         Ok(config)
     }
 
+    /// `resp.read` and `resp.write` as levels.
+    pub fn resp_levels(&self) -> Result<(ConsistencyLevel, ConsistencyLevel), ConfigError> {
+        let parse = |name: &str, value: &str| {
+            value
+                .parse::<ConsistencyLevel>()
+                .map_err(|e| ConfigError::Invalid(format!("resp.{name}: {e}")))
+        };
+        Ok((
+            parse("read", &self.resp.read)?,
+            parse("write", &self.resp.write)?,
+        ))
+    }
+
+    /// The buckets the Redis protocol uses: `resp.bucket` and `db1`..`db15`.
+    pub fn resp_buckets(&self) -> std::collections::BTreeSet<String> {
+        std::iter::once(self.resp.bucket.clone())
+            .chain((1..RESP_DATABASES).map(|n| format!("db{n}")))
+            .collect()
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         self.bucket_defaults()?;
+        self.resp_levels()?;
+        mendkv_core::request::validate_bucket(&self.resp.bucket)
+            .map_err(|e| ConfigError::Invalid(format!("resp.bucket: {e}")))?;
         self.read_level()?;
         self.write_level()?;
         self.fsync_policy()?;
@@ -564,6 +621,7 @@ impl ServerConfig {
         config.max_value_bytes = self.storage.max_value_bytes;
         config.read_repair = self.read_repair_config()?;
         config.bucket_defaults = self.bucket_defaults()?;
+        config.lww_default_buckets = self.resp_buckets();
         config.hinted_handoff = HintedHandoffConfig {
             enabled: self.hinted_handoff.enabled,
             ttl_ms: self.hinted_handoff.ttl_s.saturating_mul(1000),
