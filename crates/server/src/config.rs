@@ -784,4 +784,26 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn resp_section_loads_and_its_buckets_default_to_lww() {
+        let vars = vec![
+            (
+                "MENDKV_RESP__LISTEN".to_string(),
+                "127.0.0.1:9001".to_string(),
+            ),
+            ("MENDKV_RESP__BUCKET".to_string(), "cache".to_string()),
+            ("MENDKV_RESP__WRITE".to_string(), "all".to_string()),
+        ];
+        let config = ServerConfig::load(None, vars, toml::Table::new()).unwrap();
+        assert_eq!(config.resp.listen.as_deref(), Some("127.0.0.1:9001"));
+        let (read, write) = config.resp_levels().unwrap();
+        assert_eq!((read.as_str(), write.as_str()), ("quorum", "all"));
+        let lww = config.node_config().unwrap().lww_default_buckets;
+        assert!(lww.contains("cache") && lww.contains("db15") && !lww.contains("db16"));
+        let unknown = vec![("MENDKV_RESP__PORT".to_string(), "1".to_string())];
+        assert!(ServerConfig::load(None, unknown, toml::Table::new()).is_err());
+        let bad_level = vec![("MENDKV_RESP__READ".to_string(), "most".to_string())];
+        assert!(ServerConfig::load(None, bad_level, toml::Table::new()).is_err());
+    }
 }
