@@ -87,6 +87,10 @@ pub struct NodeConfig {
     pub learn_epoch_from_peers: bool,
     /// Properties of buckets whose properties were never set (`[buckets]`).
     pub bucket_defaults: crate::bucket::BucketProps,
+    /// Buckets that are `lww` while their properties were never set, whatever
+    /// `bucket_defaults` says: the Redis protocol's buckets (SPEC section 9). Every node of a
+    /// cluster should list the same ones (an object already LWW stays LWW either way).
+    pub lww_default_buckets: std::collections::BTreeSet<String>,
     /// Seed of the node's random choices (background repair, ...); the simulator sets it
     /// from its run seed, the server from the OS.
     pub rng_seed: u64,
@@ -117,6 +121,7 @@ impl NodeConfig {
             tree_hash_secret: b"mendkv".to_vec(),
             learn_epoch_from_peers: false,
             bucket_defaults: crate::bucket::BucketProps::default(),
+            lww_default_buckets: std::collections::BTreeSet::new(),
             rng_seed: 0,
         }
     }

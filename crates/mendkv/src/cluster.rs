@@ -18,7 +18,8 @@ pub struct ClusterArgs {
     /// Parent of the nodes' data directories.
     #[arg(long, default_value = "mendkv-data")]
     data_dir: PathBuf,
-    /// First HTTP port; node i listens on HTTP base+i and peer base-1000+i.
+    /// First HTTP port; node i (from 0) listens on HTTP base+i, peer base-1000+i and the
+    /// Redis protocol on base+1000+i.
     #[arg(long, default_value_t = 8001)]
     base_port: u16,
 }
@@ -27,10 +28,16 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
     if args.nodes == 0 {
         bail!("--nodes must be at least 1");
     }
-    if args.base_port < 1025 || args.base_port.checked_add(args.nodes).is_none() {
+    if args.base_port < 1025
+        || args
+            .base_port
+            .checked_add(args.nodes)
+            .and_then(|p| p.checked_add(1000))
+            .is_none()
+    {
         bail!(
             "--base-port must be between 1025 and {}",
-            u16::MAX - args.nodes
+            u16::MAX.saturating_sub(args.nodes).saturating_sub(1000)
         );
     }
     let exe = std::env::current_exe().context("locating the mendkv binary")?;
@@ -41,6 +48,7 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
         let id = format!("node{}", i + 1);
         let http = format!("127.0.0.1:{}", args.base_port + i);
         let peer = format!("127.0.0.1:{}", args.base_port - 1000 + i);
+        let resp = format!("127.0.0.1:{}", args.base_port + 1000 + i);
         let dir = args.data_dir.join(&id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let log = std::fs::File::create(dir.join("server.log")).context("creating the node log")?;
@@ -53,6 +61,8 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
                 &peer,
                 "--http",
                 &http,
+                "--resp",
+                &resp,
                 "--seed",
                 &seed,
             ])
@@ -65,7 +75,7 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
             .spawn()
             .with_context(|| format!("starting {id}"))?;
         println!(
-            "{id}: peer {peer}  http http://{http}  data {}  log {}",
+            "{id}: peer {peer}  http http://{http}  redis {resp}  data {}  log {}",
             dir.display(),
             dir.join("server.log").display()
         );
@@ -85,6 +95,11 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
         http_addresses.last().unwrap_or(first)
     );
     // Blind writers (SET key value, no context) want last-write-wins; causal is the default.
+    println!(
+        "  redis-cli -p {} SET user:1 alice && redis-cli -p {} GET user:1",
+        args.base_port + 1000,
+        args.base_port + 1000 + args.nodes - 1
+    );
     println!("make a bucket last-write-wins (blind writes never make siblings):");
     println!("  mendkv bucket set demo --resolution lww --node {first}");
     println!("  curl -X PUT -d '{{\"resolution\":\"lww\"}}' {first}/buckets/demo/props");

@@ -137,6 +137,9 @@ struct ServerArgs {
     listen: Option<String>,
     #[arg(long)]
     http: Option<String>,
+    /// Serve the Redis protocol (RESP2/RESP3) on this address (`resp.listen`).
+    #[arg(long)]
+    resp: Option<String>,
     #[arg(long)]
     data_dir: Option<PathBuf>,
     #[arg(long = "seed")]
@@ -157,6 +160,7 @@ impl ServerArgs {
         set("node", "id", self.node_id.clone());
         set("node", "listen", self.listen.clone());
         set("node", "http", self.http.clone());
+        set("resp", "listen", self.resp.clone());
         set(
             "node",
             "data_dir",

@@ -26,6 +26,7 @@ pub struct ServerConfig {
     pub log: LogSection,
     pub buckets: BucketsSection,
     pub repair_controller: RepairControllerSection,
+    pub resp: RespSection,
 }
 
 /// `[repair_controller]`: the repair byte rate follows foreground load within these bounds
@@ -52,6 +53,39 @@ impl Default for RepairControllerSection {
             floor_bytes_per_s: core.floor_bytes_per_s,
             ceiling_bytes_per_s: core.ceiling_bytes_per_s,
             increase_bytes_per_s: core.increase_bytes_per_s,
+        }
+    }
+}
+
+/// Databases `SELECT` takes (0..16, as Redis's default `databases 16`): 0 is `resp.bucket`,
+/// n > 0 is bucket `db{n}`.
+pub const RESP_DATABASES: u32 = 16;
+
+/// `[resp]`: the Redis protocol front end (SPEC section 9).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RespSection {
+    /// Address to serve RESP on; off unless set (`mendkv cluster` sets it).
+    pub listen: Option<String>,
+    /// The bucket of database 0; `SELECT n` (n > 0) uses bucket `db{n}`. These buckets are
+    /// `lww` while their properties were never set.
+    pub bucket: String,
+    /// Consistency level of GET, MGET, EXISTS and the reads of SET NX|XX|GET, DEL, GETDEL.
+    pub read: String,
+    /// Consistency level of SET, MSET, DEL and GETDEL.
+    pub write: String,
+    /// When set, every command but AUTH, HELLO and QUIT is refused until AUTH gives it.
+    pub password: Option<String>,
+}
+
+impl Default for RespSection {
+    fn default() -> Self {
+        RespSection {
+            listen: None,
+            bucket: "default".into(),
+            read: "quorum".into(),
+            write: "quorum".into(),
+            password: None,
         }
     }
 }
@@ -449,8 +483,31 @@ impl ServerConfig {
         Ok(config)
     }
 
+    /// `resp.read` and `resp.write` as levels.
+    pub fn resp_levels(&self) -> Result<(ConsistencyLevel, ConsistencyLevel), ConfigError> {
+        let parse = |name: &str, value: &str| {
+            value
+                .parse::<ConsistencyLevel>()
+                .map_err(|e| ConfigError::Invalid(format!("resp.{name}: {e}")))
+        };
+        Ok((
+            parse("read", &self.resp.read)?,
+            parse("write", &self.resp.write)?,
+        ))
+    }
+
+    /// The buckets the Redis protocol uses: `resp.bucket` and `db1`..`db15`.
+    pub fn resp_buckets(&self) -> std::collections::BTreeSet<String> {
+        std::iter::once(self.resp.bucket.clone())
+            .chain((1..RESP_DATABASES).map(|n| format!("db{n}")))
+            .collect()
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         self.bucket_defaults()?;
+        self.resp_levels()?;
+        mendkv_core::request::validate_bucket(&self.resp.bucket)
+            .map_err(|e| ConfigError::Invalid(format!("resp.bucket: {e}")))?;
         self.read_level()?;
         self.write_level()?;
         self.fsync_policy()?;
@@ -593,6 +650,7 @@ impl ServerConfig {
         config.max_value_bytes = self.storage.max_value_bytes;
         config.read_repair = self.read_repair_config()?;
         config.bucket_defaults = self.bucket_defaults()?;
+        config.lww_default_buckets = self.resp_buckets();
         config.hinted_handoff = HintedHandoffConfig {
             enabled: self.hinted_handoff.enabled,
             ttl_ms: self.hinted_handoff.ttl_s.saturating_mul(1000),
@@ -773,5 +831,27 @@ mod tests {
                 "{key}={value}"
             );
         }
+    }
+
+    #[test]
+    fn resp_section_loads_and_its_buckets_default_to_lww() {
+        let vars = vec![
+            (
+                "MENDKV_RESP__LISTEN".to_string(),
+                "127.0.0.1:9001".to_string(),
+            ),
+            ("MENDKV_RESP__BUCKET".to_string(), "cache".to_string()),
+            ("MENDKV_RESP__WRITE".to_string(), "all".to_string()),
+        ];
+        let config = ServerConfig::load(None, vars, toml::Table::new()).unwrap();
+        assert_eq!(config.resp.listen.as_deref(), Some("127.0.0.1:9001"));
+        let (read, write) = config.resp_levels().unwrap();
+        assert_eq!((read.as_str(), write.as_str()), ("quorum", "all"));
+        let lww = config.node_config().unwrap().lww_default_buckets;
+        assert!(lww.contains("cache") && lww.contains("db15") && !lww.contains("db16"));
+        let unknown = vec![("MENDKV_RESP__PORT".to_string(), "1".to_string())];
+        assert!(ServerConfig::load(None, unknown, toml::Table::new()).is_err());
+        let bad_level = vec![("MENDKV_RESP__READ".to_string(), "most".to_string())];
+        assert!(ServerConfig::load(None, bad_level, toml::Table::new()).is_err());
     }
 }

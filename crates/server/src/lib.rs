@@ -9,6 +9,7 @@
 //! - [`http`]: the client API (SPEC section 3).
 //! - [`http_listener`]: accepts client connections up to a cap, with per-connection deadlines.
 //! - [`request_head`]: checks request heads and body framing before hyper sees them.
+//! - [`resp`]: the Redis protocol (SPEC section 9), when `resp.listen` is set.
 //! - [`metrics`]: Prometheus metrics (SPEC section 5).
 //! - [`dashboard`]: the operator's page (`GET /dashboard`) and the JSON it reads.
 //!
@@ -27,6 +28,7 @@ pub mod inbox;
 pub mod metrics;
 pub mod node_loop;
 pub mod request_head;
+pub mod resp;
 pub mod transport;
 
 use crate::config::ServerConfig;
@@ -98,6 +100,14 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
     let http_socket = TcpListener::bind(&config.node.http)
         .await
         .map_err(|e| ServerError::Bind(config.node.http.clone(), e))?;
+    let resp_socket = match &config.resp.listen {
+        Some(address) => Some(
+            TcpListener::bind(address)
+                .await
+                .map_err(|e| ServerError::Bind(address.clone(), e))?,
+        ),
+        None => None,
+    };
     let metrics = Metrics::new();
     let identity = Arc::new(Identity {
         cluster: config.cluster.name.clone(),
@@ -190,6 +200,30 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
         body_timeout: http_limits.idle_timeout,
         storage: storage_health,
     };
+    let resp_task = resp_socket.map(|socket| {
+        let (read, write) = config.resp_levels().unwrap_or((
+            mendkv_core::quorum::ConsistencyLevel::Quorum,
+            mendkv_core::quorum::ConsistencyLevel::Quorum,
+        ));
+        let resp_state = resp::RespState {
+            inbox: state.inbox.clone(),
+            metrics: state.metrics.clone(),
+            bucket: config.resp.bucket.clone(),
+            read,
+            write,
+            password: config.resp.password.clone(),
+            max_value_bytes: node_config.max_value_bytes,
+            request_timeout: state.request_timeout,
+            max_connections: http_limits.max_connections,
+            idle_timeout: http_limits.idle_timeout,
+            node_id: node_config.node_id.to_string(),
+            listen: config.resp.listen.clone().unwrap_or_default(),
+            started: std::time::Instant::now(),
+            next_client_id: Default::default(),
+        };
+        tracing::info!(resp = %resp_state.listen, bucket = %resp_state.bucket, "serving the Redis protocol");
+        tokio::spawn(resp::serve(socket, resp_state, shutdown.clone()))
+    });
     let app = http::router(state);
     http_listener::serve(
         http_socket,
@@ -199,6 +233,9 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
         shutdown.clone(),
     )
     .await;
+    if let Some(task) = resp_task {
+        let _ = task.await;
+    }
     let _ = node_task.await;
     let still_running = peer_tasks.shutdown(PEER_SHUTDOWN_DEADLINE).await;
     if still_running > 0 {

@@ -84,6 +84,10 @@ pub struct Metrics {
     pub peer_phi: Family<PeerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub http_connections: Gauge,
     pub http_connections_refused: Counter,
+    /// `mendkv_resp_commands_total{command,outcome}`: Redis protocol commands.
+    pub resp_commands: Family<crate::resp::CommandLabels, Counter>,
+    /// Open Redis protocol connections.
+    pub resp_connections: Gauge,
     /// One metric per name of the node's counter table (`mendkv_core::node::Counter`).
     node_counters: BTreeMap<&'static str, NodeMetric>,
     /// Gossip messages dropped, by reason (from gossip's own statistics).
@@ -198,6 +202,18 @@ impl Metrics {
             "Client connections answered 503 and closed because http.max_connections were open",
             http_connections_refused.clone(),
         );
+        let resp_commands = Family::<crate::resp::CommandLabels, Counter>::default();
+        registry.register(
+            "mendkv_resp_commands",
+            "Redis protocol commands by command and outcome",
+            resp_commands.clone(),
+        );
+        let resp_connections = Gauge::default();
+        registry.register(
+            "mendkv_resp_connections",
+            "Client connections the Redis protocol serves now",
+            resp_connections.clone(),
+        );
         let mut node_counters = BTreeMap::new();
         for counter in NodeCounter::ALL {
             let spec = counter.spec();
@@ -232,6 +248,8 @@ impl Metrics {
             gossip_dropped,
             http_connections,
             http_connections_refused,
+            resp_commands,
+            resp_connections,
             peer_phi,
             circuit_breaker_open,
             anti_entropy_cycle,

@@ -15,7 +15,7 @@ use crate::bucket::{
 use crate::gossip::{AppValue, Generation, Version};
 use crate::storage::{Storage, StorageError};
 use crate::{Millis, NodeId};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Sibling warnings kept for the driver to log; more in one drain interval are counted only.
 const MAX_PENDING_WARNINGS: usize = 64;
@@ -45,6 +45,8 @@ pub(super) struct Buckets {
     pub table: PropsTable,
     /// Properties of buckets never set (`[buckets]`).
     pub defaults: BucketProps,
+    /// Buckets never set that are `lww` whatever `defaults` says (the Redis protocol's).
+    pub lww_defaults: BTreeSet<String>,
     pub clock: HybridClock,
     pub warnings: VecDeque<SiblingWarning>,
     /// The gossip version of each peer's table this node merged last (so an unchanged
@@ -54,7 +56,11 @@ pub(super) struct Buckets {
 
 impl Buckets {
     /// Loads the stored table; a damaged record is counted and replaced as peers gossip.
-    pub fn load<S: Storage>(storage: &S, defaults: BucketProps) -> (Self, bool) {
+    pub fn load<S: Storage>(
+        storage: &S,
+        defaults: BucketProps,
+        lww_defaults: BTreeSet<String>,
+    ) -> (Self, bool) {
         let (table, corrupt) = match storage.get_meta(PROPS_META) {
             Ok(Some(bytes)) => match PropsTable::decode(&bytes) {
                 Ok(table) => (table, false),
@@ -72,6 +78,7 @@ impl Buckets {
         let buckets = Buckets {
             table,
             defaults,
+            lww_defaults,
             clock,
             warnings: VecDeque::new(),
             merged: BTreeMap::new(),
@@ -83,7 +90,16 @@ impl Buckets {
         self.table
             .get(bucket)
             .map(|entry| entry.props)
-            .unwrap_or(self.defaults)
+            .unwrap_or_else(|| self.default_props(bucket))
+    }
+
+    /// The properties of `bucket` while they were never set.
+    fn default_props(&self, bucket: &str) -> BucketProps {
+        let mut props = self.defaults;
+        if self.lww_defaults.contains(bucket) {
+            props.resolution = crate::bucket::Resolution::Lww;
+        }
+        props
     }
 }
 

@@ -156,7 +156,11 @@ impl<S: Storage> Node<S> {
         .map_err(NodeError::Gossip)?;
         let mut stats = Counters::default();
         stats.add(Counter::HintsDroppedCorrupt, corrupt_hints);
-        let (buckets, props_corrupt) = buckets::Buckets::load(&storage, config.bucket_defaults);
+        let (buckets, props_corrupt) = buckets::Buckets::load(
+            &storage,
+            config.bucket_defaults,
+            config.lww_default_buckets.clone(),
+        );
         if props_corrupt {
             stats.increment(Counter::BucketPropsInvalid);
         }
