@@ -25,6 +25,7 @@ pub struct ServerConfig {
     pub http: HttpSection,
     pub log: LogSection,
     pub buckets: BucketsSection,
+    pub tls: crate::tls::TlsSection,
 }
 
 /// How the node logs (to stderr).
@@ -456,6 +457,7 @@ impl ServerConfig {
                 "storage.max_value_bytes is at most 8 MiB (the frame limit)".into(),
             ));
         }
+        self.tls.build().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

@@ -9,6 +9,7 @@
 //! - [`http`]: the client API (SPEC section 3).
 //! - [`http_listener`]: accepts client connections up to a cap, with per-connection deadlines.
 //! - [`request_head`]: checks request heads and body framing before hyper sees them.
+//! - [`tls`]: `[tls]`: mutual TLS on peer links, TLS on the client listeners.
 //! - [`metrics`]: Prometheus metrics (SPEC section 5).
 //! - [`dashboard`]: the operator's page (`GET /dashboard`) and the JSON it reads.
 //!
@@ -27,6 +28,7 @@ pub mod inbox;
 pub mod metrics;
 pub mod node_loop;
 pub mod request_head;
+pub mod tls;
 pub mod transport;
 
 use crate::config::ServerConfig;
@@ -66,6 +68,7 @@ pub const PEER_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(2);
 /// Runs a node until `shutdown` turns true.
 pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
     let node_config = config.node_config()?;
+    let tls = config.tls.build().map_err(config::ConfigError::Invalid)?;
     // Before storage opens its files, so that the limit they count against is the raised one.
     let open_file_limit = http_listener::raise_open_file_limit();
     let http_limits = http_listener::HttpLimits {
@@ -108,6 +111,7 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
             http_address: node_config.http_address.clone(),
         },
         peer_addresses: vec![node_config.peer_address.clone(), config.node.listen.clone()],
+        tls: tls.peer.clone(),
     });
     let (inbox_sender, inbox) = mpsc::channel(INBOX_CAPACITY);
     let start = tokio::time::Instant::now();
@@ -134,6 +138,8 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
         http = %config.node.http,
         open_file_limit,
         max_http_connections = http_limits.max_connections,
+        tls_peer = tls.peer.is_some(),
+        tls_client = tls.client.is_some(),
         "node starting"
     );
     if !node.epoch_confirmed() {
@@ -196,6 +202,7 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
         app,
         http_limits,
         listener_metrics,
+        tls.client.clone(),
         shutdown.clone(),
     )
     .await;
