@@ -144,6 +144,45 @@ async fn tls_cluster_serves_https_and_refuses_plain_text_and_foreign_certificate
         other => panic!("unexpected read: {other:?}"),
     }
 
+    // The CLI over https with --cacert: put through node3, get through node1.
+    let https_url = |node: &TestNode| format!("https://{}", node.http);
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mendkv"))
+            .args(args)
+            .output()
+            .expect("run mendkv")
+    };
+    let ca_arg = ca_file.to_string_lossy().into_owned();
+    let put = cli(&[
+        "put",
+        "t",
+        "cli",
+        "from-cli",
+        "--w",
+        "all",
+        "--node",
+        &https_url(&nodes[2]),
+        "--cacert",
+        &ca_arg,
+    ]);
+    assert!(put.status.success(), "{put:?}");
+    let get = cli(&[
+        "get",
+        "t",
+        "cli",
+        "--r",
+        "quorum",
+        "--node",
+        &https_url(&nodes[0]),
+        "--cacert",
+        &ca_arg,
+    ]);
+    assert!(get.status.success(), "{get:?}");
+    assert_eq!(get.stdout, b"from-cli");
+    // Without the CA, the node's certificate is not trusted.
+    let untrusted = cli(&["status", "--node", &https_url(&nodes[0])]);
+    assert!(!untrusted.status.success(), "{untrusted:?}");
+
     // Plain text to the TLS port: no HTTP answer, the connection is closed.
     let plain = Client::new(&format!("http://{}", nodes[0].http));
     assert!(plain.status().await.is_err(), "plain HTTP got an answer");
