@@ -728,4 +728,34 @@ mod tests {
             );
         }
     }
+
+    /// `[tls]` is off by default, takes the environment, refuses unknown keys, and checks
+    /// its files at load (naming the key at fault).
+    #[test]
+    fn tls_section_loads_and_validates() {
+        let defaults = ServerConfig::load(None, vec![], toml::Table::new()).unwrap();
+        assert!(!defaults.tls.peer && !defaults.tls.client);
+        let vars = vec![("MENDKV_TLS__CERT".to_string(), "x".to_string())];
+        assert!(ServerConfig::load(None, vars, toml::Table::new()).is_err());
+        let vars = vec![("MENDKV_TLS__PEER".to_string(), "true".to_string())];
+        let error = ServerConfig::load(None, vars, toml::Table::new())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("tls.cert_file"), "{error}");
+        let vars = vec![
+            ("MENDKV_TLS__CLIENT".to_string(), "true".to_string()),
+            (
+                "MENDKV_TLS__CERT_FILE".to_string(),
+                "/nonexistent.pem".to_string(),
+            ),
+            (
+                "MENDKV_TLS__KEY_FILE".to_string(),
+                "/nonexistent.key".to_string(),
+            ),
+        ];
+        let error = ServerConfig::load(None, vars, toml::Table::new())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("/nonexistent.pem"), "{error}");
+    }
 }
