@@ -121,15 +121,40 @@ async fn api_error(response: reqwest::Response) -> ClientError {
 impl Client {
     /// `base` like `http://127.0.0.1:8001`.
     pub fn new(base: &str) -> Self {
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(1024)
-            .tcp_nodelay(true)
-            .build()
-            .unwrap_or_default();
+        let http = Self::builder().build().unwrap_or_default();
         Client {
             http,
             base: base.trim_end_matches('/').to_string(),
         }
+    }
+
+    /// `base` like `https://127.0.0.1:8001`, whose certificate is checked against the CA
+    /// certificate(s) in `ca_pem` (PEM) only: no built-in roots.
+    pub fn with_ca(base: &str, ca_pem: &[u8]) -> Result<Self, ClientError> {
+        let mut builder = Self::builder().tls_built_in_root_certs(false);
+        let certs = reqwest::Certificate::from_pem_bundle(ca_pem)
+            .map_err(|e| ClientError::Transport(format!("CA certificate: {e}")))?;
+        if certs.is_empty() {
+            return Err(ClientError::Transport(
+                "CA file holds no PEM certificate".into(),
+            ));
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| ClientError::Transport(format!("TLS client: {e}")))?;
+        Ok(Client {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+        })
+    }
+
+    fn builder() -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(1024)
+            .tcp_nodelay(true)
     }
 
     pub fn base(&self) -> &str {

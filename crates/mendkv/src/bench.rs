@@ -44,6 +44,9 @@ pub struct BenchArgs {
     preload: bool,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// PEM file of the CA that signed the nodes' certificates (for `https://` nodes).
+    #[arg(long)]
+    cacert: Option<std::path::PathBuf>,
 }
 
 struct Totals {
@@ -82,7 +85,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             bail!("unknown consistency level {level:?}: use one, quorum or all");
         }
     }
-    let clients: Vec<Client> = args.nodes.iter().map(|n| Client::new(n)).collect();
+    let clients = args
+        .nodes
+        .iter()
+        .map(|n| crate::client_for(n, args.cacert.as_deref()))
+        .collect::<Result<Vec<Client>>>()?;
     let value = vec![b'x'; args.value_size];
     if args.preload {
         let started = Instant::now();

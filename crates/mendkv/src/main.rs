@@ -122,9 +122,30 @@ enum BucketCommand {
 
 #[derive(Args)]
 struct NodeArg {
-    /// Node to talk to.
+    /// Node to talk to (`https://...` for a node with `[tls] client = true`).
     #[arg(long = "node", default_value = "http://127.0.0.1:8001")]
     url: String,
+    /// PEM file of the CA that signed the node's certificate (for `https://` nodes).
+    #[arg(long)]
+    cacert: Option<std::path::PathBuf>,
+}
+
+impl NodeArg {
+    fn client(&self) -> Result<Client> {
+        client_for(&self.url, self.cacert.as_deref())
+    }
+}
+
+/// A client for `url`; with `cacert`, TLS is checked against that CA only.
+pub(crate) fn client_for(url: &str, cacert: Option<&std::path::Path>) -> Result<Client> {
+    match cacert {
+        None => Ok(Client::new(url)),
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("cannot read --cacert {}", path.display()))?;
+            Client::with_ca(url, &pem).with_context(|| format!("--cacert {}", path.display()))
+        }
+    }
 }
 
 #[derive(Args)]
@@ -261,7 +282,7 @@ async fn run(cli: Cli) -> Result<()> {
             node,
             r,
         } => {
-            let client = Client::new(&node.url);
+            let client = node.client()?;
             match client.get(&bucket, key.as_bytes(), r.as_deref()).await? {
                 ReadResult::Value { value, context, .. } => {
                     std::io::stdout().write_all(&value)?;
@@ -305,7 +326,7 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 value.into_bytes()
             };
-            let client = Client::new(&node.url);
+            let client = node.client()?;
             let context = client
                 .put(
                     &bucket,
@@ -328,13 +349,13 @@ async fn run(cli: Cli) -> Result<()> {
             w,
             context,
         } => {
-            Client::new(&node.url)
+            node.client()?
                 .delete(&bucket, key.as_bytes(), w.as_deref(), context.as_deref())
                 .await?;
             Ok(())
         }
         Command::Status { node, json } => {
-            let status = Client::new(&node.url).status().await?;
+            let status = node.client()?.status().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -346,10 +367,10 @@ async fn run(cli: Cli) -> Result<()> {
             node,
             bucket,
             no_wait,
-        } => repair::run(&node.url, bucket.as_deref(), no_wait).await,
+        } => repair::run(node.client()?, bucket.as_deref(), no_wait).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Bucket(BucketCommand::Get { bucket, node }) => {
-            let props = Client::new(&node.url).bucket_props(&bucket).await?;
+            let props = node.client()?.bucket_props(&bucket).await?;
             println!("{props}");
             Ok(())
         }
@@ -373,7 +394,7 @@ async fn run(cli: Cli) -> Result<()> {
             if props.is_empty() {
                 bail!("nothing to set: give --resolution, --max-siblings or --warn-siblings");
             }
-            let client = Client::new(&node.url);
+            let client = node.client()?;
             client
                 .set_bucket_props(&bucket, &serde_json::Value::Object(props))
                 .await?;

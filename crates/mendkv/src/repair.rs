@@ -6,8 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mendkv_client::Client;
 use std::time::Duration;
 
-pub async fn run(url: &str, bucket: Option<&str>, no_wait: bool) -> Result<()> {
-    let client = Client::new(url);
+pub async fn run(client: Client, bucket: Option<&str>, no_wait: bool) -> Result<()> {
     let id = client.start_repair_of(bucket).await?;
     if no_wait {
         println!("{id}");

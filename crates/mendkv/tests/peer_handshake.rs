@@ -233,6 +233,7 @@ async fn authenticated_connections_are_bounded() {
             http_address: format!("127.0.0.1:{}", free_port()),
         },
         peer_addresses: vec![],
+        tls: None,
     };
     let (first, _) = dial(&node.peer, None, &identity("peer-1"))
         .await

@@ -27,6 +27,7 @@ pub struct ServerConfig {
     pub buckets: BucketsSection,
     pub repair_controller: RepairControllerSection,
     pub resp: RespSection,
+    pub tls: crate::tls::TlsSection,
 }
 
 /// `[repair_controller]`: the repair byte rate follows foreground load within these bounds
@@ -542,6 +543,7 @@ impl ServerConfig {
                 "storage.max_value_bytes is at most 8 MiB (the frame limit)".into(),
             ));
         }
+        self.tls.build().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 
@@ -853,5 +855,35 @@ mod tests {
         assert!(ServerConfig::load(None, unknown, toml::Table::new()).is_err());
         let bad_level = vec![("MENDKV_RESP__READ".to_string(), "most".to_string())];
         assert!(ServerConfig::load(None, bad_level, toml::Table::new()).is_err());
+    }
+
+    /// `[tls]` is off by default, takes the environment, refuses unknown keys, and checks
+    /// its files at load (naming the key at fault).
+    #[test]
+    fn tls_section_loads_and_validates() {
+        let defaults = ServerConfig::load(None, vec![], toml::Table::new()).unwrap();
+        assert!(!defaults.tls.peer && !defaults.tls.client);
+        let vars = vec![("MENDKV_TLS__CERT".to_string(), "x".to_string())];
+        assert!(ServerConfig::load(None, vars, toml::Table::new()).is_err());
+        let vars = vec![("MENDKV_TLS__PEER".to_string(), "true".to_string())];
+        let error = ServerConfig::load(None, vars, toml::Table::new())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("tls.cert_file"), "{error}");
+        let vars = vec![
+            ("MENDKV_TLS__CLIENT".to_string(), "true".to_string()),
+            (
+                "MENDKV_TLS__CERT_FILE".to_string(),
+                "/nonexistent.pem".to_string(),
+            ),
+            (
+                "MENDKV_TLS__KEY_FILE".to_string(),
+                "/nonexistent.key".to_string(),
+            ),
+        ];
+        let error = ServerConfig::load(None, vars, toml::Table::new())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("/nonexistent.pem"), "{error}");
     }
 }

@@ -36,6 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
 
 /// File descriptors the HTTP cap leaves to everything else: peer links, storage segments and
 /// journals, hint files, logs. At most half the limit when the limit is small.
@@ -106,6 +107,7 @@ pub async fn serve(
     app: Router,
     limits: HttpLimits,
     metrics: ListenerMetrics,
+    tls: Option<TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let cap = limits.max_connections.min(Semaphore::MAX_PERMITS);
@@ -138,11 +140,18 @@ pub async fn serve(
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            refuse(stream, cap, &metrics);
+            if tls.is_some() {
+                // A plain-text answer means nothing to a TLS client: just close.
+                metrics.refused.inc();
+                drop(stream);
+            } else {
+                refuse(stream, cap, &metrics);
+            }
             continue;
         };
         tokio::spawn(serve_connection(
             stream,
+            tls.clone(),
             app.clone(),
             limits,
             metrics.connections.clone(),
@@ -180,8 +189,10 @@ impl Drop for CountedConnection {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection(
     stream: TcpStream,
+    tls: Option<TlsAcceptor>,
     app: Router,
     limits: HttpLimits,
     gauge: Gauge,
@@ -191,6 +202,31 @@ async fn serve_connection(
     gauge.inc();
     let _counted = CountedConnection { gauge, _slot: slot };
     let _ = stream.set_nodelay(true);
+    let Some(acceptor) = tls else {
+        return serve_http(stream, app, limits, shutdown).await;
+    };
+    // The TLS handshake gets the head deadline: a client that never finishes it holds a
+    // slot no longer than one that never sends a head. A plain-text client fails it here.
+    let accepted = tokio::select! {
+        accepted = tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)) => accepted,
+        _ = shutdown.wait_for(|stop| *stop) => return,
+    };
+    match accepted {
+        Ok(Ok(stream)) => serve_http(stream, app, limits, shutdown).await,
+        Ok(Err(error)) => tracing::debug!(%error, "HTTP TLS handshake failed"),
+        Err(_) => tracing::debug!("HTTP TLS handshake not finished within header_timeout_ms"),
+    }
+}
+
+/// Serves HTTP/1 on a (plain or decrypted) byte stream; the request-head checks run on it.
+async fn serve_http<S>(
+    stream: S,
+    app: Router,
+    limits: HttpLimits,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let stream = GuardedStream::new(stream, limits.header_timeout, limits.idle_timeout);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder

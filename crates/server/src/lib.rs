@@ -10,6 +10,7 @@
 //! - [`http_listener`]: accepts client connections up to a cap, with per-connection deadlines.
 //! - [`request_head`]: checks request heads and body framing before hyper sees them.
 //! - [`resp`]: the Redis protocol (SPEC section 9), when `resp.listen` is set.
+//! - [`tls`]: `[tls]`: mutual TLS on peer links, TLS on the client listeners.
 //! - [`metrics`]: Prometheus metrics (SPEC section 5).
 //! - [`dashboard`]: the operator's page (`GET /dashboard`) and the JSON it reads.
 //!
@@ -29,6 +30,7 @@ pub mod metrics;
 pub mod node_loop;
 pub mod request_head;
 pub mod resp;
+pub mod tls;
 pub mod transport;
 
 use crate::config::ServerConfig;
@@ -68,6 +70,17 @@ pub const PEER_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(2);
 /// Runs a node until `shutdown` turns true.
 pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
     let node_config = config.node_config()?;
+    let tls = config.tls.build().map_err(config::ConfigError::Invalid)?;
+    if tls.client.is_some() && config.resp.listen.is_some() {
+        // The Redis listener has no TLS yet: serving it in plain text beside an HTTPS-only
+        // API would leave a client link unencrypted that the operator asked to encrypt.
+        return Err(config::ConfigError::Invalid(
+            "tls.client is on but the Redis protocol (resp.listen) cannot serve TLS yet: \
+             unset resp.listen, or tls.client"
+                .into(),
+        )
+        .into());
+    }
     // Before storage opens its files, so that the limit they count against is the raised one.
     let open_file_limit = http_listener::raise_open_file_limit();
     let http_limits = http_listener::HttpLimits {
@@ -118,6 +131,7 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
             http_address: node_config.http_address.clone(),
         },
         peer_addresses: vec![node_config.peer_address.clone(), config.node.listen.clone()],
+        tls: tls.peer.clone(),
     });
     let (inbox_sender, inbox) = mpsc::channel(INBOX_CAPACITY);
     let start = tokio::time::Instant::now();
@@ -144,6 +158,8 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
         http = %config.node.http,
         open_file_limit,
         max_http_connections = http_limits.max_connections,
+        tls_peer = tls.peer.is_some(),
+        tls_client = tls.client.is_some(),
         "node starting"
     );
     if !node.epoch_confirmed() {
@@ -230,6 +246,7 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
         app,
         http_limits,
         listener_metrics,
+        tls.client.clone(),
         shutdown.clone(),
     )
     .await;

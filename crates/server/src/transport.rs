@@ -35,6 +35,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -89,6 +90,8 @@ pub struct Identity {
     /// The addresses peers may dial to reach this node (advertised, listen). A `Hello` that
     /// says it dialed anything else was meant for another node and is refused.
     pub peer_addresses: Vec<String>,
+    /// `[tls] peer`: mutual TLS under the handshake.
+    pub tls: Option<crate::tls::PeerTls>,
 }
 
 impl Identity {
@@ -102,8 +105,12 @@ impl Identity {
     }
 }
 
+/// The byte stream of a peer connection: TCP, or TLS over TCP.
+pub trait PeerIo: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> PeerIo for T {}
+
 /// A framed peer connection.
-pub type PeerConnection = Framed<TcpStream, LengthDelimitedCodec>;
+pub type PeerConnection = Framed<Box<dyn PeerIo>, LengthDelimitedCodec>;
 
 /// Until the handshake is done, frames get the small limit: a peer that proved nothing can
 /// make this node buffer a few KiB, not [`MAX_FRAME_BYTES`].
@@ -152,6 +159,9 @@ pub enum HandshakeError {
     RefusedByPeer(String),
     #[error("handshake not finished within {HANDSHAKE_TIMEOUT:?}")]
     Timeout,
+    /// `[tls] peer`: the TLS handshake failed (a certificate from another CA, for one).
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl From<std::io::Error> for HandshakeError {
@@ -186,6 +196,7 @@ impl HandshakeError {
             HandshakeError::TooManyConnections { .. } => "too_many_connections",
             HandshakeError::RefusedByPeer(_) => "refused_by_peer",
             HandshakeError::Timeout => "timeout",
+            HandshakeError::Tls(_) => "tls",
         }
     }
 
@@ -238,6 +249,18 @@ pub async fn dial(
 ) -> Result<(PeerConnection, MemberInfo), HandshakeError> {
     let stream = TcpStream::connect(address).await?;
     stream.set_nodelay(true)?;
+    let stream: Box<dyn PeerIo> = match &identity.tls {
+        None => Box::new(stream),
+        Some(tls) => {
+            let name = crate::tls::PeerTls::server_name(address).map_err(HandshakeError::Tls)?;
+            let stream = tls
+                .connector
+                .connect(name, stream)
+                .await
+                .map_err(|e| HandshakeError::Tls(e.to_string()))?;
+            Box::new(stream)
+        }
+    };
     let mut connection = Framed::new(stream, handshake_codec());
     let dialer_nonce = new_nonce();
     send_frame(
@@ -341,13 +364,29 @@ async fn serve_inbound(stream: TcpStream, pending: OwnedSemaphorePermit, inbound
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
+    // One deadline for the TLS handshake and the HMAC handshake inside it.
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let stream: Box<dyn PeerIo> = match &inbound.identity.tls {
+        None => Box::new(stream),
+        Some(tls) => {
+            let accepted = tokio::time::timeout_at(deadline, tls.acceptor.accept(stream))
+                .await
+                .map_err(|_| HandshakeError::Timeout)
+                .and_then(|r| r.map_err(|e| HandshakeError::Tls(e.to_string())));
+            match accepted {
+                Ok(stream) => Box::new(stream),
+                Err(error) => {
+                    inbound.count_refused(error.reason());
+                    tracing::warn!(%remote, %error, reason = error.reason(), "refused peer in TLS handshake");
+                    return;
+                }
+            }
+        }
+    };
     let mut connection = Framed::new(stream, handshake_codec());
-    let handshake = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        accept_handshake(&mut connection, &inbound),
-    )
-    .await
-    .unwrap_or(Err(HandshakeError::Timeout));
+    let handshake = tokio::time::timeout_at(deadline, accept_handshake(&mut connection, &inbound))
+        .await
+        .unwrap_or(Err(HandshakeError::Timeout));
     let (peer, _connection_slot) = match handshake {
         Ok(accepted) => accepted,
         Err(error) => {
@@ -746,6 +785,7 @@ mod tests {
                 http_address: "127.0.0.1:1".into(),
             },
             peer_addresses: vec![peer_address.into()],
+            tls: None,
         }
     }
 
@@ -779,11 +819,10 @@ mod tests {
     /// the frame the dialer sends next, if any (a `Proof` would be a relayed proof).
     async fn relay(listener: TcpListener, target: String, rewrite: Rewrite) -> Option<Frame> {
         let (dialer, _) = listener.accept().await.unwrap();
+        let dialer: Box<dyn PeerIo> = Box::new(dialer);
         let mut dialer = Framed::new(dialer, handshake_codec());
-        let mut upstream = Framed::new(
-            TcpStream::connect(&target).await.unwrap(),
-            handshake_codec(),
-        );
+        let upstream: Box<dyn PeerIo> = Box::new(TcpStream::connect(&target).await.unwrap());
+        let mut upstream = Framed::new(upstream, handshake_codec());
         let mut hello = next_frame(&mut dialer).await.unwrap();
         if let Frame::Hello { dialed_address, .. } = &mut hello {
             if rewrite.dialed_address_to_target {

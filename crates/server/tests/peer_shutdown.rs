@@ -37,6 +37,7 @@ async fn shutdown_closes_inbound_peer_connections() {
             http_address: free_address(),
         },
         peer_addresses: vec![],
+        tls: None,
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut connection = loop {
