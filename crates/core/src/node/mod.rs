@@ -349,6 +349,23 @@ impl<S: Storage> Node<S> {
         self.durability.wrote();
     }
 
+    /// A new id for a request this node sends (the epoch in the high bits).
+    fn new_request_id(&mut self) -> RequestId {
+        self.coordination.next_request_id(self.identity.epoch)
+    }
+
+    fn insert_operation(&mut self, id: RequestId, op: Operation) {
+        self.coordination.insert(id, op);
+    }
+
+    fn remove_operation(&mut self, id: RequestId) -> Option<Operation> {
+        self.coordination.remove(
+            id,
+            self.config.request_timeout_ms,
+            self.config.speculative_retry_ms,
+        )
+    }
+
     fn reply(&mut self, client: ClientRequestId, response: ClientResponse) {
         self.emit(Action::Reply { client, response });
     }
@@ -500,31 +517,6 @@ impl<S: Storage> Node<S> {
                 self.reply(client, response);
             }
         }
-    }
-
-    fn new_request_id(&mut self) -> RequestId {
-        // The epoch in the high bits keeps ids unique across restarts, so a late reply to a
-        // request of a previous life can never be taken for a new one.
-        self.coordination.next_request += 1;
-        (u64::from(self.identity.epoch) << 40) | (self.coordination.next_request & ((1 << 40) - 1))
-    }
-
-    fn insert_operation(&mut self, id: RequestId, op: Operation) {
-        self.coordination.deadlines.insert((op.deadline(), id));
-        self.coordination.operations.insert(id, op);
-    }
-
-    fn remove_operation(&mut self, id: RequestId) -> Option<Operation> {
-        let op = self.coordination.operations.remove(&id)?;
-        self.coordination.deadlines.remove(&(op.deadline(), id));
-        if let Operation::Get(get) = &op {
-            // Its speculative retry (due `speculative_retry_ms` after its start) is moot now.
-            let started = get.deadline - self.config.request_timeout_ms;
-            self.coordination
-                .speculations
-                .remove(&(started + self.config.speculative_retry_ms, id));
-        }
-        Some(op)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -2,9 +2,7 @@
 //! repaired writes, hints, coordination as actor, anti-entropy), checked against the same
 //! limits as clients' input, and answered durably where the answer acknowledges a write.
 
-use super::{
-    Counter, DurableReply, Node, WriteRefusal, MAX_CONTENT_TYPE_BYTES, MAX_SERVED_COORDINATES,
-};
+use super::{Counter, DurableReply, Node, WriteRefusal, MAX_CONTENT_TYPE_BYTES};
 use crate::message::{Message, ReplicaError, RequestId};
 use crate::request::{validate_bucket, validate_key, validate_value_size};
 use crate::storage::Storage;
@@ -144,7 +142,8 @@ impl<S: Storage> Node<S> {
             Some(result) => result.clone(),
             None => {
                 let result = self.serve_coordinate(bucket, key, context, value);
-                self.remember_coordinate(served, result.clone());
+                self.coordination
+                    .remember_coordinate(served, result.clone());
                 result
             }
         };
@@ -228,20 +227,6 @@ impl<S: Storage> Node<S> {
             self.stats.increment(Counter::StorageErrors);
             ReplicaError::Storage(e.to_string())
         })
-    }
-
-    fn remember_coordinate(
-        &mut self,
-        served: (NodeId, RequestId),
-        result: Result<Object, ReplicaError>,
-    ) {
-        if self.coordination.served_order.len() >= MAX_SERVED_COORDINATES {
-            if let Some(oldest) = self.coordination.served_order.pop_front() {
-                self.coordination.served_coordinates.remove(&oldest);
-            }
-        }
-        self.coordination.served_order.push_back(served.clone());
-        self.coordination.served_coordinates.insert(served, result);
     }
 
     fn serve_coordinate(
