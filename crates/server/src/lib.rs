@@ -83,23 +83,7 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
     }
     // Before storage opens its files, so that the limit they count against is the raised one.
     let open_file_limit = http_listener::raise_open_file_limit();
-    let http_limits = http_listener::HttpLimits {
-        max_connections: http_listener::connection_cap(
-            config.http.max_connections,
-            open_file_limit,
-        ),
-        header_timeout: Duration::from_millis(config.http.header_timeout_ms),
-        idle_timeout: Duration::from_millis(config.http.idle_timeout_ms),
-    };
-    if http_limits.max_connections < config.http.max_connections {
-        tracing::warn!(
-            configured = config.http.max_connections,
-            in_force = http_limits.max_connections,
-            open_file_limit,
-            reserve = http_listener::RESERVED_FILE_DESCRIPTORS,
-            "http.max_connections lowered to fit the open-file limit"
-        );
-    }
+    let http_limits = http_limits(&config, open_file_limit);
     let storage = FjallStorage::open_with(
         &config.node.data_dir,
         StorageOptions {
@@ -136,38 +120,7 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
     let (inbox_sender, inbox) = mpsc::channel(INBOX_CAPACITY);
     let start = tokio::time::Instant::now();
     let start_ms = wall_clock_ms();
-    let corrupt_hints = node.stats()[mendkv_core::node::Counter::HintsDroppedCorrupt];
-    if corrupt_hints > 0 {
-        tracing::error!(
-            corrupt_hints,
-            "corrupt hint records skipped and removed at start"
-        );
-    }
-    tracing::info!(
-        hints_pending = node.hints_pending(),
-        "hint queue rebuilt from storage"
-    );
-    tracing::info!(
-        trees = node.stats()[mendkv_core::node::Counter::TreeRebuilds],
-        "Merkle trees rebuilt by one scan at start (they are not persisted)"
-    );
-    tracing::info!(
-        node = %node_config.node_id,
-        epoch = node.epoch(),
-        peer = %config.node.listen,
-        http = %config.node.http,
-        open_file_limit,
-        max_http_connections = http_limits.max_connections,
-        tls_peer = tls.peer.is_some(),
-        tls_client = tls.client.is_some(),
-        "node starting"
-    );
-    if !node.epoch_confirmed() {
-        tracing::warn!(
-            "no epoch record in the data directory (new or wiped): this node coordinates no \
-             writes until a seed has told it which epoch it ran under before"
-        );
-    }
+    log_start(&config, &node, &tls, open_file_limit, &http_limits);
     let peer_tasks = PeerTasks::default();
     let inbound = Arc::new(Inbound::new(
         identity.clone(),
@@ -217,26 +170,7 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
         storage: storage_health,
     };
     let resp_task = resp_socket.map(|socket| {
-        let (read, write) = config.resp_levels().unwrap_or((
-            mendkv_core::quorum::ConsistencyLevel::Quorum,
-            mendkv_core::quorum::ConsistencyLevel::Quorum,
-        ));
-        let resp_state = resp::RespState {
-            inbox: state.inbox.clone(),
-            metrics: state.metrics.clone(),
-            bucket: config.resp.bucket.clone(),
-            read,
-            write,
-            password: config.resp.password.clone(),
-            max_value_bytes: node_config.max_value_bytes,
-            request_timeout: state.request_timeout,
-            max_connections: http_limits.max_connections,
-            idle_timeout: http_limits.idle_timeout,
-            node_id: node_config.node_id.to_string(),
-            listen: config.resp.listen.clone().unwrap_or_default(),
-            started: std::time::Instant::now(),
-            next_client_id: Default::default(),
-        };
+        let resp_state = resp_state(&config, &node_config, &state, &http_limits);
         tracing::info!(resp = %resp_state.listen, bucket = %resp_state.bucket, "serving the Redis protocol");
         tokio::spawn(resp::serve(socket, resp_state, shutdown.clone()))
     });
@@ -260,6 +194,101 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
     }
     tracing::info!("node stopped");
     Ok(())
+}
+
+/// The HTTP listener's bounds: the configured cap lowered to what the open-file limit
+/// allows after a reserve (logged when lowered).
+fn http_limits(config: &ServerConfig, open_file_limit: Option<u64>) -> http_listener::HttpLimits {
+    let limits = http_listener::HttpLimits {
+        max_connections: http_listener::connection_cap(
+            config.http.max_connections,
+            open_file_limit,
+        ),
+        header_timeout: Duration::from_millis(config.http.header_timeout_ms),
+        idle_timeout: Duration::from_millis(config.http.idle_timeout_ms),
+    };
+    if limits.max_connections < config.http.max_connections {
+        tracing::warn!(
+            configured = config.http.max_connections,
+            in_force = limits.max_connections,
+            open_file_limit,
+            reserve = http_listener::RESERVED_FILE_DESCRIPTORS,
+            "http.max_connections lowered to fit the open-file limit"
+        );
+    }
+    limits
+}
+
+/// What the node found at start, in the log.
+fn log_start(
+    config: &ServerConfig,
+    node: &Node<FjallStorage>,
+    tls: &tls::TlsSetup,
+    open_file_limit: Option<u64>,
+    http_limits: &http_listener::HttpLimits,
+) {
+    let corrupt_hints = node.stats()[mendkv_core::node::Counter::HintsDroppedCorrupt];
+    if corrupt_hints > 0 {
+        tracing::error!(
+            corrupt_hints,
+            "corrupt hint records skipped and removed at start"
+        );
+    }
+    tracing::info!(
+        hints_pending = node.hints_pending(),
+        "hint queue rebuilt from storage"
+    );
+    tracing::info!(
+        trees = node.stats()[mendkv_core::node::Counter::TreeRebuilds],
+        "Merkle trees rebuilt by one scan at start (they are not persisted)"
+    );
+    tracing::info!(
+        node = %node.id(),
+        epoch = node.epoch(),
+        peer = %config.node.listen,
+        http = %config.node.http,
+        open_file_limit,
+        max_http_connections = http_limits.max_connections,
+        tls_peer = tls.peer.is_some(),
+        tls_client = tls.client.is_some(),
+        "node starting"
+    );
+    if !node.epoch_confirmed() {
+        tracing::warn!(
+            "no epoch record in the data directory (new or wiped): this node coordinates no \
+             writes until a seed has told it which epoch it ran under before"
+        );
+    }
+}
+
+/// The Redis listener's shared state: the node's inbox and metrics, the `[resp]` settings,
+/// and HTTP's connection bounds.
+fn resp_state(
+    config: &ServerConfig,
+    node_config: &mendkv_core::config::NodeConfig,
+    state: &http::ApiState,
+    http_limits: &http_listener::HttpLimits,
+) -> resp::RespState {
+    let (read, write) = config.resp_levels().unwrap_or((
+        mendkv_core::quorum::ConsistencyLevel::Quorum,
+        mendkv_core::quorum::ConsistencyLevel::Quorum,
+    ));
+    resp::RespState {
+        inbox: state.inbox.clone(),
+        metrics: state.metrics.clone(),
+        bucket: config.resp.bucket.clone(),
+        read,
+        write,
+        password: config.resp.password.clone(),
+        max_value_bytes: node_config.max_value_bytes,
+        request_timeout: state.request_timeout,
+        max_connections: http_limits.max_connections,
+        idle_timeout: http_limits.idle_timeout,
+        node_id: node_config.node_id.to_string(),
+        listen: config.resp.listen.clone().unwrap_or_default(),
+        started: std::time::Instant::now(),
+        next_client_id: Default::default(),
+    }
 }
 
 fn wall_clock_ms() -> u64 {
