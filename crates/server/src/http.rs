@@ -1,7 +1,7 @@
 //! The HTTP API (SPEC section 3). Handlers validate input, hand a request to the node task
 //! and turn its answer into status codes; they never touch storage themselves.
 
-use crate::inbox::Inbox;
+use crate::inbox::{FailedRequest, Inbox};
 use crate::metrics::{Metrics, OpLabels, RequestLabels};
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -221,41 +221,9 @@ fn context(
 }
 
 async fn ask(state: &ApiState, request: ClientRequest) -> Result<ClientResponse, Failure> {
-    let (reply, answer) = oneshot::channel();
-    state
-        .inbox
-        .send(Inbox::Client { request, reply })
+    crate::inbox::ask(&state.inbox, request, state.request_timeout)
         .await
-        .map_err(|_| {
-            Failure::new(
-                error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "node is shutting down",
-                ),
-                "unavailable",
-            )
-        })?;
-    // The node always answers by its own deadline; this is only a safety net.
-    match tokio::time::timeout(state.request_timeout + Duration::from_secs(1), answer).await {
-        Ok(Ok(response)) => Ok(response),
-        Ok(Err(_)) => Err(Failure::new(
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "node is shutting down",
-            ),
-            "unavailable",
-        )),
-        Err(_) => Err(Failure::new(
-            error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                "no answer from the node in time",
-            ),
-            "timeout",
-        )),
-    }
+        .map_err(|no_answer| failure(FailedRequest::from_no_answer(no_answer)))
 }
 
 /// Where a context was read: contexts are sealed for their bucket and key.
@@ -280,67 +248,22 @@ fn with_context(mut response: Response, scope: &ContextScope, context: &CausalCo
     response
 }
 
-/// Maps the failures every coordinated request shares.
+/// Maps the failures every coordinated request shares (one table for HTTP and RESP).
 fn coordination_failure(response: ClientResponse) -> Failure {
-    match response {
-        ClientResponse::Unavailable { needed, answered } => Failure::new(
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                format!("needed {needed} replicas, {answered} answered"),
-            ),
-            "unavailable",
-        ),
-        ClientResponse::Timeout { needed, answered } => Failure::new(
-            error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                format!("needed {needed} replicas, {answered} answered before the timeout"),
-            ),
-            "timeout",
-        ),
-        ClientResponse::Overloaded => Failure::new(
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "too many requests in flight at this node; retry later",
-            ),
-            "overloaded",
-        ),
-        ClientResponse::Invalid(message) => bad_request(message),
-        ClientResponse::TooManySiblings(message) => Failure::new(
-            error(StatusCode::CONFLICT, "too_many_siblings", message),
-            "too_many_siblings",
-        ),
-        ClientResponse::NotReady(message) => Failure::new(
-            error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message),
-            "unavailable",
-        ),
-        ClientResponse::InsufficientStorage(message) => Failure::new(
-            error(
-                StatusCode::INSUFFICIENT_STORAGE,
-                "insufficient_storage",
-                message,
-            ),
-            "insufficient_storage",
-        ),
-        ClientResponse::StorageFailed(message) => Failure::new(
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("storage failed: {message}"),
-            ),
-            "error",
-        ),
-        other => Failure::new(
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("unexpected answer {other:?}"),
-            ),
-            "error",
-        ),
-    }
+    failure(FailedRequest::from_response(response))
+}
+
+/// A failed request as SPEC's JSON error with its status code.
+fn failure(failed: FailedRequest) -> Failure {
+    let status = match failed.code {
+        "bad_request" => StatusCode::BAD_REQUEST,
+        "timeout" => StatusCode::GATEWAY_TIMEOUT,
+        "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+        "too_many_siblings" => StatusCode::CONFLICT,
+        "insufficient_storage" => StatusCode::INSUFFICIENT_STORAGE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    Failure::new(error(status, failed.code, failed.message), failed.outcome)
 }
 
 fn object_response(scope: &ContextScope, object: Object) -> (Response, &'static str) {
@@ -782,19 +705,7 @@ async fn repair_status(
         );
     };
     match ask(&state, ClientRequest::RepairStatus { id }).await {
-        Ok(ClientResponse::Repair(Some(run))) => axum::Json(json!({
-            "id": run.id,
-            "state": run.state.as_str(),
-            "ranges_total": run.ranges_total,
-            "ranges_done": run.ranges_done,
-            "keys_compared": run.keys_compared,
-            "keys_different": run.keys_different,
-            "keys_repaired": run.keys_repaired,
-            "bytes_sent": run.bytes_sent,
-            "bytes_received": run.bytes_received,
-            "elapsed_ms": run.elapsed_ms,
-        }))
-        .into_response(),
+        Ok(ClientResponse::Repair(Some(run))) => axum::Json(run).into_response(),
         Ok(ClientResponse::Repair(None)) => error(
             StatusCode::NOT_FOUND,
             "not_found",

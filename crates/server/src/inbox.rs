@@ -76,3 +76,98 @@ pub struct NodeStatus {
     /// The node's generation as gossip knows it (its epoch: grows on every restart).
     pub generation: u64,
 }
+
+/// Why the node task gave no answer to a client request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoAnswer {
+    /// The node task is gone (shutdown).
+    ShuttingDown,
+    /// No answer within the request timeout plus a second (the node always answers by
+    /// its own deadline: this is only a safety net).
+    TimedOut,
+}
+
+/// Hands a client request to the node task and waits for its answer. Both front ends
+/// (HTTP, RESP) go through here.
+pub async fn ask(
+    inbox: &tokio::sync::mpsc::Sender<Inbox>,
+    request: ClientRequest,
+    request_timeout: std::time::Duration,
+) -> Result<ClientResponse, NoAnswer> {
+    let (reply, answer) = oneshot::channel();
+    inbox
+        .send(Inbox::Client { request, reply })
+        .await
+        .map_err(|_| NoAnswer::ShuttingDown)?;
+    match tokio::time::timeout(request_timeout + std::time::Duration::from_secs(1), answer).await {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(_)) => Err(NoAnswer::ShuttingDown),
+        Err(_) => Err(NoAnswer::TimedOut),
+    }
+}
+
+/// A coordinated request that failed, as every front end reports it: SPEC section 3's
+/// error code (HTTP sends it as is, RESP upper-cased), the message, and the outcome label
+/// of `mendkv_requests_total` / `mendkv_resp_commands_total`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedRequest {
+    pub code: &'static str,
+    pub message: String,
+    pub outcome: &'static str,
+}
+
+impl FailedRequest {
+    /// The failure a node's answer stands for (any answer that is not a success).
+    pub fn from_response(response: ClientResponse) -> Self {
+        let failed = |code, message: String, outcome| FailedRequest {
+            code,
+            message,
+            outcome,
+        };
+        match response {
+            ClientResponse::Unavailable { needed, answered } => failed(
+                "unavailable",
+                format!("needed {needed} replicas, {answered} answered"),
+                "unavailable",
+            ),
+            ClientResponse::Timeout { needed, answered } => failed(
+                "timeout",
+                format!("needed {needed} replicas, {answered} answered before the timeout"),
+                "timeout",
+            ),
+            ClientResponse::Overloaded => failed(
+                "unavailable",
+                "too many requests in flight at this node; retry later".into(),
+                "overloaded",
+            ),
+            ClientResponse::Invalid(message) => failed("bad_request", message, "bad_request"),
+            ClientResponse::TooManySiblings(message) => {
+                failed("too_many_siblings", message, "too_many_siblings")
+            }
+            ClientResponse::NotReady(message) => failed("unavailable", message, "unavailable"),
+            ClientResponse::InsufficientStorage(message) => {
+                failed("insufficient_storage", message, "insufficient_storage")
+            }
+            ClientResponse::StorageFailed(message) => {
+                failed("internal", format!("storage failed: {message}"), "error")
+            }
+            other => failed("internal", format!("unexpected answer {other:?}"), "error"),
+        }
+    }
+
+    /// The failure when the node task gave no answer.
+    pub fn from_no_answer(no_answer: NoAnswer) -> Self {
+        match no_answer {
+            NoAnswer::ShuttingDown => FailedRequest {
+                code: "unavailable",
+                message: "node is shutting down".into(),
+                outcome: "unavailable",
+            },
+            NoAnswer::TimedOut => FailedRequest {
+                code: "timeout",
+                message: "no answer from the node in time".into(),
+                outcome: "timeout",
+            },
+        }
+    }
+}

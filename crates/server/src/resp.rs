@@ -23,7 +23,7 @@
 
 pub mod codec;
 
-use crate::inbox::Inbox;
+use crate::inbox::{FailedRequest, Inbox};
 use crate::metrics::Metrics;
 use codec::{decode, encode, Frame, Limits, Version};
 use mendkv_core::message::{ClientRequest, ClientResponse};
@@ -628,62 +628,25 @@ async fn delete(
 }
 
 async fn ask(state: &RespState, request: ClientRequest) -> Result<ClientResponse, Fail> {
-    let shutting_down = || {
-        Fail(
-            Frame::error("UNAVAILABLE node is shutting down"),
-            "unavailable",
-        )
-    };
-    let (reply, answer) = oneshot::channel();
-    state
-        .inbox
-        .send(Inbox::Client { request, reply })
+    crate::inbox::ask(&state.inbox, request, state.request_timeout)
         .await
-        .map_err(|_| shutting_down())?;
-    match tokio::time::timeout(state.request_timeout + Duration::from_secs(1), answer).await {
-        Ok(Ok(response)) => Ok(response),
-        Ok(Err(_)) => Err(shutting_down()),
-        Err(_) => Err(Fail(
-            Frame::error("TIMEOUT no answer from the node in time"),
-            "timeout",
-        )),
-    }
+        .map_err(|no_answer| failure(FailedRequest::from_no_answer(no_answer)))
 }
 
 /// The RESP error of a failed coordinated request: HTTP's codes, upper-cased.
 fn coordination_failure(response: ClientResponse) -> Fail {
-    let fail = |code: &str, message: String, outcome: &'static str| {
-        Fail(Frame::error(format!("{code} {message}")), outcome)
-    };
-    match response {
-        ClientResponse::Unavailable { needed, answered } => fail(
-            "UNAVAILABLE",
-            format!("needed {needed} replicas, {answered} answered"),
-            "unavailable",
-        ),
-        ClientResponse::Timeout { needed, answered } => fail(
-            "TIMEOUT",
-            format!("needed {needed} replicas, {answered} answered before the timeout"),
-            "timeout",
-        ),
-        ClientResponse::Overloaded => fail(
-            "UNAVAILABLE",
-            "too many requests in flight at this node; retry later".into(),
-            "overloaded",
-        ),
-        ClientResponse::Invalid(message) => fail("BAD_REQUEST", message, "bad_request"),
-        ClientResponse::TooManySiblings(message) => {
-            fail("TOO_MANY_SIBLINGS", message, "too_many_siblings")
-        }
-        ClientResponse::NotReady(message) => fail("UNAVAILABLE", message, "unavailable"),
-        ClientResponse::InsufficientStorage(message) => {
-            fail("INSUFFICIENT_STORAGE", message, "insufficient_storage")
-        }
-        ClientResponse::StorageFailed(message) => {
-            fail("INTERNAL", format!("storage failed: {message}"), "error")
-        }
-        other => fail("INTERNAL", format!("unexpected answer {other:?}"), "error"),
-    }
+    failure(FailedRequest::from_response(response))
+}
+
+fn failure(failed: FailedRequest) -> Fail {
+    Fail(
+        Frame::error(format!(
+            "{} {}",
+            failed.code.to_ascii_uppercase(),
+            failed.message
+        )),
+        failed.outcome,
+    )
 }
 
 /// DBSIZE: mendkv keeps no count of live keys per bucket (it would cost a scan, or a
