@@ -2,6 +2,7 @@
 //! reports where it stands (`GET /admin/repair/{id}`).
 
 use crate::Millis;
+use serde::Serialize;
 
 /// Knobs of `[anti_entropy]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +32,8 @@ impl Default for AntiEntropyConfig {
 }
 
 /// Whether a repair run is still going, finished, or gave up on some (range, peer).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RunState {
     Running,
     Done,
@@ -49,8 +51,9 @@ impl RunState {
     }
 }
 
-/// Where an operator's repair run stands (`GET /admin/repair/{id}`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where an operator's repair run stands (`GET /admin/repair/{id}`: its JSON is this
+/// struct's serialization).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RepairRunStatus {
     pub id: u64,
     pub state: RunState,

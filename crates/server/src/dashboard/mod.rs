@@ -140,18 +140,11 @@ pub struct RepairView {
     pub anti_entropy_concurrency: u64,
 }
 
+/// A run as `GET /admin/repair/{id}` shows it, with its ETA.
 #[derive(Debug, Clone, Serialize)]
 pub struct RepairRunView {
-    pub id: u64,
-    pub state: &'static str,
-    pub ranges_total: u64,
-    pub ranges_done: u64,
-    pub keys_compared: u64,
-    pub keys_different: u64,
-    pub keys_repaired: u64,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    pub elapsed_ms: Millis,
+    #[serde(flatten)]
+    pub run: RepairRunStatus,
     /// Time left at the pace so far; `None` when finished or before the first range ends.
     pub eta_ms: Option<Millis>,
 }
@@ -241,16 +234,7 @@ pub fn snapshot<S: Storage>(node: &mut Node<S>, now: Millis) -> DashboardState {
         .into_iter()
         .map(|run| RepairRunView {
             eta_ms: eta_ms(&run),
-            id: run.id,
-            state: run.state.as_str(),
-            ranges_total: run.ranges_total,
-            ranges_done: run.ranges_done,
-            keys_compared: run.keys_compared,
-            keys_different: run.keys_different,
-            keys_repaired: run.keys_repaired,
-            bytes_sent: run.bytes_sent,
-            bytes_received: run.bytes_received,
-            elapsed_ms: run.elapsed_ms,
+            run,
         })
         .collect();
     let debt = node
