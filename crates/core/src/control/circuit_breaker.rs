@@ -231,18 +231,17 @@ impl CircuitBreaker {
                 threshold: self.config.max_in_flight,
             });
         }
-        let (requests, errors, latency) = self.window(now);
-        if requests == 0 || requests < self.config.min_samples {
+        let signals = self.signals(now);
+        if signals.requests == 0 || signals.requests < self.config.min_samples {
             return None;
         }
-        let rate = errors as f64 / requests as f64;
-        if rate > self.config.max_error_rate {
+        if signals.error_rate > self.config.max_error_rate {
             return Some(StressSignal::ErrorRate {
-                rate,
+                rate: signals.error_rate,
                 threshold: self.config.max_error_rate,
             });
         }
-        let p99_ms = percentile(&latency, requests, 0.99);
+        let p99_ms = signals.p99_ms.unwrap_or(0);
         if p99_ms > self.config.max_p99_latency_ms {
             return Some(StressSignal::P99Latency {
                 p99_ms,
@@ -269,8 +268,7 @@ impl CircuitBreaker {
 
     /// The window's p99 latency (bucket upper bound), if there was any request.
     pub fn p99_latency_ms(&self, now: Millis) -> Option<Millis> {
-        let (requests, _, latency) = self.window(now);
-        (requests > 0).then(|| percentile(&latency, requests, 0.99))
+        self.signals(now).p99_ms
     }
 
     fn window(&self, now: Millis) -> (u64, u64, [u64; BUCKETS]) {
