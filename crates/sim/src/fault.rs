@@ -289,6 +289,12 @@ impl Simulation {
             self.requests.remove(&op);
             self.complete(op, Outcome::Unknown("coordinator crashed".into()), None);
         }
+        self.announce_peer_status(i, incarnation, PeerStatus::Down);
+    }
+
+    /// Every other live node's transport learns, 0-20 ms from now, that node `i` (in its
+    /// `incarnation`) went down or came up.
+    fn announce_peer_status(&mut self, i: usize, incarnation: u64, status: PeerStatus) {
         for j in 0..self.slots.len() {
             if j != i && self.slots[j].alive() {
                 let at = self.now + self.rng_fault.gen_range(0..=20);
@@ -300,7 +306,7 @@ impl Simulation {
                         observer_incarnation,
                         peer: i,
                         peer_incarnation: incarnation,
-                        status: PeerStatus::Down,
+                        status,
                     },
                 );
             }
@@ -352,22 +358,7 @@ impl Simulation {
         let epoch = node.epoch();
         self.slots[i].node = Some(node);
         self.trace_line(&format!("n{i}"), |_| format!("RESTART (epoch {epoch})"));
-        for j in 0..self.slots.len() {
-            if j != i && self.slots[j].alive() {
-                let at = self.now + self.rng_fault.gen_range(0..=20);
-                let observer_incarnation = self.slots[j].incarnation;
-                self.schedule(
-                    at,
-                    Event::PeerStatus {
-                        observer: j,
-                        observer_incarnation,
-                        peer: i,
-                        peer_incarnation: incarnation,
-                        status: PeerStatus::Up,
-                    },
-                );
-            }
-        }
+        self.announce_peer_status(i, incarnation, PeerStatus::Up);
         self.flush(i);
         self.schedule_periodic_sync(i);
     }
