@@ -178,26 +178,11 @@ async fn redis_commands_work_across_nodes() {
     assert_eq!(one.reply().await, None, "QUIT closes the connection");
 
     // The counter of commands is exported.
-    let metrics = reqwest_metrics(&cluster).await;
+    let metrics = cluster.client(0).metrics().await.expect("metrics");
     assert!(
         metrics.contains("mendkv_resp_commands_total{command=\"set\",outcome=\"ok\"}"),
         "{metrics}"
     );
-}
-
-async fn reqwest_metrics(cluster: &TestCluster) -> String {
-    let address = cluster.nodes[0].http.clone();
-    let mut stream = TcpStream::connect(&address).await.expect("http");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("send");
-    let mut text = String::new();
-    tokio::time::timeout(REPLY_DEADLINE, stream.read_to_string(&mut text))
-        .await
-        .expect("metrics in time")
-        .expect("metrics");
-    text
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -237,13 +237,13 @@ impl Simulation {
             }
         }
         let mut divergent = Vec::new();
+        // Where tombstones are reaped within a run, a replica whose reaper has not yet
+        // purged its tombstone (a lost `Reap`, a peer that was down) reads like one that
+        // has: nothing. Reaping is behind, not apart.
+        let reaping = self.reaping_within_run();
         for key in keys {
             let name = String::from_utf8_lossy(&key).into_owned();
             let replicas = self.preference_list(&name);
-            // Where tombstones are reaped within a run, a replica whose reaper has not yet
-            // purged its tombstone (a lost `Reap`, a peer that was down) reads like one that
-            // has: nothing. Reaping is behind, not apart.
-            let reaping = self.reaping_within_run();
             let objects: Vec<(usize, Option<Object>)> = (0..self.slots.len())
                 .map(|i| {
                     let object = self.stored(i, &name);
