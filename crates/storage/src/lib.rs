@@ -261,16 +261,34 @@ impl FjallStorage {
         Ok(())
     }
 
+    /// Runs `operation` on the engine; [`FjallStorage::stopped`] while there is none (a
+    /// reopen is under way or failed).
+    fn with_engine<T>(
+        &self,
+        operation: impl FnOnce(&Engine) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        match self.engine().as_ref() {
+            Some(engine) => operation(engine),
+            None => Err(self.stopped()),
+        }
+    }
+
+    /// Refuses an operation that changes the disk while the engine is stopped.
+    fn refuse_if_stopped(&self) -> Result<(), StorageError> {
+        // An `if`, not a `match`: the failure lock must be released before `stopped()`
+        // takes it again.
+        if self.failure_slot().is_some() {
+            return Err(self.stopped());
+        }
+        Ok(())
+    }
+
     /// Runs a read on the engine.
     fn read<T>(
         &self,
         operation: impl FnOnce(&Engine) -> Result<T, fjall::Error>,
     ) -> Result<T, StorageError> {
-        let engine = self.engine();
-        let Some(engine) = engine.as_ref() else {
-            return Err(self.stopped());
-        };
-        operation(engine).map_err(engine_error)
+        self.with_engine(|engine| operation(engine).map_err(engine_error))
     }
 
     /// Runs a write of about `bytes` bytes: refused (nothing written) while the engine is
@@ -280,15 +298,9 @@ impl FjallStorage {
         bytes: usize,
         operation: impl FnOnce(&Engine) -> Result<T, fjall::Error>,
     ) -> Result<T, StorageError> {
-        if self.failure_slot().is_some() {
-            return Err(self.stopped());
-        }
+        self.refuse_if_stopped()?;
         self.check_space(bytes as u64 + RECORD_OVERHEAD_BYTES)?;
-        let engine = self.engine();
-        let Some(engine) = engine.as_ref() else {
-            return Err(self.stopped());
-        };
-        operation(engine).map_err(|error| self.stop(error))
+        self.with_engine(|engine| operation(engine).map_err(|error| self.stop(error)))
     }
 
     /// The error of an operation refused because the engine is stopped.
@@ -388,17 +400,13 @@ impl Storage for FjallStorage {
     }
 
     fn sync(&self) -> Result<(), StorageError> {
-        if self.failure_slot().is_some() {
-            return Err(self.stopped());
-        }
-        let engine = self.engine();
-        let Some(engine) = engine.as_ref() else {
-            return Err(self.stopped());
-        };
-        engine
-            .database
-            .persist(PersistMode::SyncData)
-            .map_err(|error| self.stop(error))
+        self.refuse_if_stopped()?;
+        self.with_engine(|engine| {
+            engine
+                .database
+                .persist(PersistMode::SyncData)
+                .map_err(|error| self.stop(error))
+        })
     }
 
     fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
@@ -425,30 +433,30 @@ impl Storage for FjallStorage {
         } else {
             vec![(first, u64::MAX), (0, range.end)]
         };
-        let engine = self.engine();
-        let Some(engine) = engine.as_ref() else {
-            return Err(self.stopped());
-        };
-        let mut found = Vec::new();
-        for (low, high) in spans {
-            let from = low.to_be_bytes().to_vec();
-            let iter = match high.checked_add(1) {
-                Some(next) => engine.objects.range(from..next.to_be_bytes().to_vec()),
-                None => engine.objects.range(from..),
-            };
-            for guard in iter {
-                let (key, value) = guard.into_inner().map_err(engine_error)?;
-                let Some((bucket, object_key)) = parse_object_key(&key) else {
-                    tracing::error!("corrupt object key skipped in a range scan");
-                    continue;
+        self.with_engine(|engine| {
+            let mut found = Vec::new();
+            for (low, high) in spans {
+                let from = low.to_be_bytes().to_vec();
+                let iter = match high.checked_add(1) {
+                    Some(next) => engine.objects.range(from..next.to_be_bytes().to_vec()),
+                    None => engine.objects.range(from..),
                 };
-                match decode_object(&value) {
-                    Ok(object) => found.push((bucket, object_key, object)),
-                    Err(error) => tracing::error!(%error, "corrupt object skipped in a range scan"),
+                for guard in iter {
+                    let (key, value) = guard.into_inner().map_err(engine_error)?;
+                    let Some((bucket, object_key)) = parse_object_key(&key) else {
+                        tracing::error!("corrupt object key skipped in a range scan");
+                        continue;
+                    };
+                    match decode_object(&value) {
+                        Ok(object) => found.push((bucket, object_key, object)),
+                        Err(error) => {
+                            tracing::error!(%error, "corrupt object skipped in a range scan")
+                        }
+                    }
                 }
             }
-        }
-        Ok(found)
+            Ok(found)
+        })
     }
 
     fn put_hint(&self, key: &[u8], record: &[u8]) -> Result<(), StorageError> {
@@ -468,16 +476,14 @@ impl Storage for FjallStorage {
     }
 
     fn scan_hints(&self) -> Result<HintRecords, StorageError> {
-        let engine = self.engine();
-        let Some(engine) = engine.as_ref() else {
-            return Err(self.stopped());
-        };
-        let mut all = Vec::new();
-        for guard in engine.hints.iter() {
-            let (key, value) = guard.into_inner().map_err(engine_error)?;
-            all.push((key.to_vec(), value.to_vec()));
-        }
-        Ok(all)
+        self.with_engine(|engine| {
+            let mut all = Vec::new();
+            for guard in engine.hints.iter() {
+                let (key, value) = guard.into_inner().map_err(engine_error)?;
+                all.push((key.to_vec(), value.to_vec()));
+            }
+            Ok(all)
+        })
     }
 }
 
