@@ -38,7 +38,9 @@
 
 use crate::workload::{ContextSource, History, OkResult, Op, OpId, OpKind, Outcome};
 use mendkv_core::quorum::ConsistencyLevel;
+use mendkv_core::version::{lww_order, Sibling, Value};
 use mendkv_core::Millis;
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
@@ -291,10 +293,9 @@ pub fn check_history_with(
         by_key.entry(op.key.as_str()).or_default().push(op);
     }
     let acked_puts = || {
-        history
-            .ops
-            .iter()
-            .filter(|o| o.kind == OpKind::Put && o.outcome.is_ok() && o.value.is_some())
+        history.ops.iter().filter(|o| {
+            o.kind == OpKind::Put && o.outcome.is_ok() && o.value.is_some() && is_causal(&o.key)
+        })
     };
     // For every acknowledged put, the earliest invocation of a write that could have
     // superseded it (none: nothing could).
@@ -405,7 +406,7 @@ pub fn check_history_with(
     for w in history
         .ops
         .iter()
-        .filter(|o| o.kind == OpKind::Put && o.outcome.is_ok())
+        .filter(|o| o.kind == OpKind::Put && o.outcome.is_ok() && is_causal(&o.key))
     {
         let Some(value) = &w.value else { continue };
         let Some(final_values) = finals.get(w.key.as_str()) else {
@@ -471,5 +472,172 @@ pub fn check_history_with(
             }
         }
     }
+    check_lww_keys(history, replicas, weaker, &mut report);
     report
+}
+
+/// True for a key of the causal bucket (the rules above); the others are LWW keys.
+fn is_causal(key: &str) -> bool {
+    crate::bucket_of(key) == crate::BUCKET
+}
+
+/// The rules for keys of the LWW bucket, where a write supersedes exactly the versions with
+/// a smaller stamp (HLC timestamp, then node, then value: [`lww_order`]). Every successful
+/// answer records the version it showed ([`Op::lww`]), so the rules compare stamps:
+///
+/// - **lost**: an acknowledged put whose stamp is above the final read's version: nothing
+///   with a larger stamp superseded it, yet it is gone. When the final read finds nothing
+///   (a reaped tombstone leaves no stamp), only a delete that may have taken effect with an
+///   unknown or larger stamp excuses it.
+/// - **missed**: a read at `r`, invoked after a write was acknowledged at `w` with
+///   `required(w) + required(r) > n`, that showed a version below the write's stamp (or
+///   nothing, with no delete to excuse it as above).
+/// - **resurrected**: the final read returns a live value below an acknowledged delete.
+///
+/// Under clock skew a write acknowledged later may carry a smaller stamp and lose: that is
+/// LWW, not a loss, and these rules agree (it is superseded by a larger stamp).
+fn check_lww_keys(
+    history: &History,
+    replicas: usize,
+    weaker: &WeakerPromises,
+    report: &mut CheckReport,
+) {
+    let below = |version: &Option<Sibling>, stamp: &Sibling| match version {
+        Some(v) => lww_order(v, stamp) == Ordering::Less,
+        None => true,
+    };
+    let mut finals: BTreeMap<&str, &Op> = BTreeMap::new();
+    for op in history
+        .ops
+        .iter()
+        .filter(|op| op.is_final && !is_causal(&op.key))
+    {
+        if op.outcome.is_ok() {
+            finals.insert(op.key.as_str(), op);
+        }
+    }
+    // A delete that may have taken effect and whose tombstone, reaped, would leave nothing
+    // that outranks `stamp` by the time `by`.
+    let reaped_delete_could_outrank = |key: &str, stamp: &Sibling, by: Millis| {
+        history.for_key(key).any(|d| {
+            d.kind == OpKind::Delete
+                && !d.is_final
+                && d.outcome.may_have_effect()
+                && d.invoked <= by
+                && d.lww
+                    .as_ref()
+                    .is_none_or(|t| lww_order(t, stamp) == Ordering::Greater)
+        })
+    };
+    let acked_writes = history
+        .ops
+        .iter()
+        .filter(|o| o.kind.is_write() && !o.is_final && o.outcome.is_ok() && !is_causal(&o.key));
+    for w in acked_writes {
+        let Some(stamp) = &w.lww else { continue };
+        let acked_at = w.completed.unwrap_or(u64::MAX);
+        let need_w = required(w.level, replicas);
+        let excused = match &w.value {
+            Some(value) => weaker.gone_by_crash.contains(value),
+            None => weaker.rolled_back.contains_key(&w.key),
+        };
+        if let Some(last) = finals.get(w.key.as_str()) {
+            let shown = &last.lww;
+            let empty_excused =
+                shown.is_none() && reaped_delete_could_outrank(&w.key, stamp, u64::MAX);
+            if excused {
+                report.excused += 1;
+            } else if w.kind == OpKind::Put {
+                report.writes_that_must_survive += 1;
+                if below(shown, stamp) && !empty_excused {
+                    report.lost.push(Violation {
+                        key: w.key.clone(),
+                        value: w.value.clone(),
+                        detail: format!(
+                            "op{} put {} at {} was acknowledged at {acked_at}ms; the final read \
+                             showed {} (a smaller stamp) instead",
+                            w.id,
+                            w.value.as_deref().unwrap_or_default(),
+                            w.level,
+                            describe_version(shown)
+                        ),
+                    });
+                }
+            } else if let Some(Sibling {
+                value: value @ Value::Data { .. },
+                ..
+            }) = shown
+            {
+                if below(shown, stamp) {
+                    report.resurrected.push(Violation {
+                        key: w.key.clone(),
+                        value: crate::workload::value_text(value),
+                        detail: format!(
+                            "final read returned {}, below op{}'s delete at {} \
+                             (acknowledged at {acked_at}ms)",
+                            describe_version(shown),
+                            w.id,
+                            w.level
+                        ),
+                    });
+                }
+            }
+        }
+        for r in history.for_key(&w.key) {
+            if r.kind != OpKind::Get
+                || r.is_final
+                || !r.outcome.is_ok()
+                || r.invoked <= acked_at
+                || need_w + required(r.level, replicas) <= replicas
+                || !below(&r.lww, stamp)
+            {
+                continue;
+            }
+            let read_ended = r.completed.unwrap_or(u64::MAX);
+            if r.lww.is_none() && reaped_delete_could_outrank(&w.key, stamp, read_ended) {
+                continue;
+            }
+            let void = match &w.value {
+                Some(value) => weaker.intersection_void(value, read_ended),
+                None => weaker.rolled_back.contains_key(&w.key) || !weaker.hinted.is_empty(),
+            };
+            if void {
+                report.excused += 1;
+                continue;
+            }
+            report.missed.push(Violation {
+                key: w.key.clone(),
+                value: w.value.clone(),
+                detail: format!(
+                    "op{} get at {} (invoked {}ms) showed {}, below op{}'s {} {}at {} \
+                     acknowledged at {acked_at}ms",
+                    r.id,
+                    r.level,
+                    r.invoked,
+                    describe_version(&r.lww),
+                    w.id,
+                    w.kind.as_str(),
+                    w.value
+                        .as_deref()
+                        .map(|v| format!("{v} "))
+                        .unwrap_or_default(),
+                    w.level
+                ),
+            });
+            break; // one missed read per write is enough to report
+        }
+    }
+}
+
+/// An LWW version in a few words: its value (or tombstone) and stamp.
+fn describe_version(version: &Option<Sibling>) -> String {
+    match version {
+        None => "nothing".into(),
+        Some(s) => format!(
+            "{} (stamp {}/{:x})",
+            crate::workload::value_text(&s.value).unwrap_or_else(|| "tombstone".into()),
+            s.dot.counter,
+            s.dot.actor.node_hash
+        ),
+    }
 }

@@ -5,12 +5,11 @@
 use crate::event_loop::{Event, Simulation};
 use crate::workload::{self, ContextSource, Op, OpId, OpKind, Outcome};
 use crate::workload::{Client, WorkloadParams};
-use crate::BUCKET;
 use mendkv_core::hinted_handoff::{parse_hint_key, HintRecord};
 use mendkv_core::message::{ClientRequest, ClientResponse};
 use mendkv_core::quorum::ConsistencyLevel;
 use mendkv_core::storage::Storage;
-use mendkv_core::version::{CausalContext, Value};
+use mendkv_core::version::CausalContext;
 use mendkv_core::Millis;
 use rand::Rng;
 use std::fmt::Write as _;
@@ -46,6 +45,11 @@ impl Simulation {
         };
         record.completed = Some(now);
         record.outcome = outcome;
+        if record.outcome.is_ok() && crate::bucket_of(&record.key) == crate::LWW_BUCKET {
+            record.lww = response
+                .as_ref()
+                .and_then(|r| workload::lww_version(record, r));
+        }
         let outcome_is_ok_put = record.kind == OpKind::Put && record.outcome.is_ok();
         let (client, key, value) = (record.client, record.key.clone(), record.value.clone());
         let line = format!("{record}");
@@ -115,7 +119,7 @@ impl Simulation {
         delay: Millis,
     ) -> OpId {
         let id = self.history.next_id();
-        let bucket = BUCKET.to_string();
+        let bucket = crate::bucket_of(key).to_string();
         let key_bytes = key.as_bytes().to_vec();
         let request = match kind {
             OpKind::Get => ClientRequest::Get {
@@ -127,10 +131,7 @@ impl Simulation {
                 bucket,
                 key: key_bytes,
                 context: causal.unwrap_or_default(),
-                value: Value::Data {
-                    bytes: bytes::Bytes::from(value.clone().unwrap_or_default()),
-                    content_type: "text/plain".into(),
-                },
+                value: workload::client_value(value.as_deref().unwrap_or_default()),
                 level,
             },
             OpKind::Delete => ClientRequest::Delete {
@@ -153,6 +154,7 @@ impl Simulation {
             completed: None,
             outcome: Outcome::Pending,
             is_final,
+            lww: None,
         };
         let line = format!("{op}");
         self.trace_line(
@@ -206,9 +208,11 @@ impl Simulation {
         self.trace_line("sim", |_| line.clone());
         write!(
             self.params,
-            "; workload: {} clients, {} keys, think<={}ms, {}% get {}% put, {}% with context",
+            "; workload: {} clients, {} causal + {} lww keys, think<={}ms, {}% get {}% put, \
+             {}% with context",
             params.clients,
             params.keys,
+            params.lww_keys,
             params.think_max_ms,
             params.get_percent,
             params.put_percent,

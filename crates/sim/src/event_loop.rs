@@ -9,7 +9,7 @@ use crate::network::{Network, NetworkParams};
 use crate::node_options::{node_config, NodeOptions};
 use crate::trace::{describe, Names};
 use crate::workload::{self, Client, History, Outcome, WorkloadParams};
-use crate::{OpId, BUCKET};
+use crate::OpId;
 use mendkv_core::membership::{MemberInfo, PeerStatus};
 use mendkv_core::message::{ClientRequest, ClientResponse, DurableAnswerKey, Message};
 use mendkv_core::node::{Action, Node, SyncTicket};
@@ -320,7 +320,7 @@ impl Simulation {
     pub fn stored(&self, i: usize, key: &str) -> Option<Object> {
         self.slots[i]
             .storage
-            .get(BUCKET, key.as_bytes())
+            .get(crate::bucket_of(key), key.as_bytes())
             .expect("memory storage does not fail")
     }
 
@@ -335,7 +335,7 @@ impl Simulation {
     /// The replicas of a key, as node indexes, in preference order.
     pub fn preference_list(&self, key: &str) -> Vec<usize> {
         self.ring
-            .preference_list_for_key(BUCKET, key.as_bytes())
+            .preference_list_for_key(crate::bucket_of(key), key.as_bytes())
             .iter()
             .map(|id| self.index[id])
             .collect()

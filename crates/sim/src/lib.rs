@@ -98,8 +98,20 @@ pub use workload::{ContextSource, History, Op, OpId, OpKind, Outcome};
 
 use mendkv_core::Millis;
 
-/// The bucket every simulated client uses.
+/// The causal bucket: the simulated clients' keys `k0`, `k1`, ...
 pub const BUCKET: &str = "sim";
+/// The last-write-wins bucket: the keys `l0`, `l1`, ... (every simulated node has it in
+/// `lww_default_buckets`, so it is LWW from the first write on every node).
+pub const LWW_BUCKET: &str = "simlww";
+
+/// The bucket a simulated key lives in: `l…` keys are LWW, the others causal.
+pub fn bucket_of(key: &str) -> &'static str {
+    if key.starts_with('l') {
+        LWW_BUCKET
+    } else {
+        BUCKET
+    }
+}
 /// Quiet period after healing, before the final reads and again before the checks. Longer
 /// than the request timeout, so every request still in flight has ended.
 pub const QUIET_MS: Millis = 5_000;

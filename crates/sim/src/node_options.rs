@@ -253,6 +253,9 @@ pub fn node_config(id: &NodeId, seed: u64, incarnation: u64, options: &NodeOptio
     config.http_address = format!("sim-http:{id}");
     config.request_timeout_ms = REQUEST_TIMEOUT_MS;
     config.gossip = mendkv_core::gossip::GossipConfig::with_interval(1000);
+    config
+        .lww_default_buckets
+        .insert(crate::LWW_BUCKET.to_string());
     options.apply(&mut config);
     config
 }

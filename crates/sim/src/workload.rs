@@ -19,7 +19,7 @@
 
 use mendkv_core::message::ClientResponse;
 use mendkv_core::quorum::ConsistencyLevel;
-use mendkv_core::version::{CausalContext, Object, Value};
+use mendkv_core::version::{CausalContext, Dot, Object, Sibling, Value, LWW_EPOCH};
 use mendkv_core::Millis;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -124,6 +124,8 @@ pub struct Op {
     pub outcome: Outcome,
     /// A read of the final check (after faults stopped and the cluster healed).
     pub is_final: bool,
+    /// On an LWW key, the version a successful answer showed ([`lww_version`]).
+    pub lww: Option<Sibling>,
 }
 
 impl Op {
@@ -231,6 +233,47 @@ pub fn live_values(object: &Object) -> Vec<String> {
     values
 }
 
+/// The content type of every value a simulated client writes.
+pub const CONTENT_TYPE: &str = "text/plain";
+
+/// The value a simulated put writes.
+pub fn client_value(text: &str) -> Value {
+    Value::Data {
+        bytes: bytes::Bytes::from(text.to_string()),
+        content_type: CONTENT_TYPE.into(),
+    }
+}
+
+/// The LWW version a successful answer on an LWW key shows: for a read, its object's
+/// winning sibling (a tombstone too; none when the object is empty); for a write, the
+/// version it wrote, whose dot is the one LWW entry of the returned context (a delete
+/// that found the key already deleted wrote nothing and returns the tombstone's). The
+/// checkers compare these by [`mendkv_core::version::lww_order`], as replicas merge.
+pub fn lww_version(op: &Op, response: &ClientResponse) -> Option<Sibling> {
+    match response {
+        ClientResponse::Object(object) => object.lww_winner().cloned(),
+        ClientResponse::Written { context } => {
+            let (actor, counter) = context
+                .vector()
+                .iter()
+                .filter(|(actor, _)| actor.epoch == LWW_EPOCH)
+                .max_by_key(|(_, counter)| **counter)?;
+            let value = match (&op.kind, &op.value) {
+                (OpKind::Put, Some(text)) => client_value(text),
+                _ => Value::Tombstone,
+            };
+            Some(Sibling {
+                dot: Dot {
+                    actor: *actor,
+                    counter: *counter,
+                },
+                value,
+            })
+        }
+        _ => None,
+    }
+}
+
 /// Turns a coordinator's answer into the history's outcome.
 pub fn classify(kind: OpKind, response: &ClientResponse) -> Outcome {
     match (kind, response) {
@@ -278,8 +321,11 @@ pub struct WorkloadParams {
     pub ops: usize,
     /// Concurrent clients; each has at most one operation in flight.
     pub clients: usize,
-    /// Size of the key space (`k0`..); few keys means much contention.
+    /// Size of the causal key space (`k0`..); few keys means much contention.
     pub keys: usize,
+    /// Size of the LWW key space (`l0`.., bucket [`crate::LWW_BUCKET`]), drawn beside the
+    /// causal keys.
+    pub lww_keys: usize,
     /// Pause between a client's operations, uniform in `0..=think_max_ms`.
     pub think_max_ms: Millis,
     /// Percent of operations that are gets, puts; the rest are deletes.
@@ -310,6 +356,11 @@ impl WorkloadParams {
             put_percent: put_percent.min(100 - get_percent),
             with_context_percent: rng.gen_range(20..=90),
             client_timeout_ms: 5_000,
+            // Drawn last, so the draws above stay what they were before LWW keys existed.
+            lww_keys: match rng.gen_range(0..3) {
+                0 => 0,
+                _ => rng.gen_range(1..=keys),
+            },
         }
     }
 }
@@ -335,7 +386,12 @@ pub struct Client {
 impl Client {
     /// Draws the next operation.
     pub fn plan(&self, rng: &mut ChaCha8Rng, params: &WorkloadParams) -> PlannedOp {
-        let key = format!("k{}", rng.gen_range(0..params.keys));
+        let index = rng.gen_range(0..params.keys + params.lww_keys);
+        let key = if index < params.keys {
+            format!("k{index}")
+        } else {
+            format!("l{}", index - params.keys)
+        };
         let roll = rng.gen_range(0..100);
         let kind = if roll < params.get_percent {
             OpKind::Get

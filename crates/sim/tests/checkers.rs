@@ -4,7 +4,7 @@
 use mendkv_core::quorum::ConsistencyLevel::{All, One, Quorum};
 use mendkv_core::storage::Storage;
 use mendkv_core::version::{Actor, CausalContext, Object, Value};
-use mendkv_sim::{FaultConfig, SimConfig, Simulation, BUCKET};
+use mendkv_sim::{FaultConfig, SimConfig, Simulation, BUCKET, LWW_BUCKET};
 
 fn cluster() -> Simulation {
     let mut config = SimConfig::new(5).with_faults(FaultConfig::none());
@@ -110,6 +110,92 @@ fn missed_read_is_reported() {
     }
     // Read at once: given time, anti-entropy would repair the wiped replicas first.
     let r = sim.get(1, "k", One);
+    assert!(sim.wait_for(r, 5_000).is_ok());
+    let report = sim.finish();
+    assert!(
+        report
+            .missed
+            .iter()
+            .any(|v| v.detail.contains("everywhere")),
+        "{report}"
+    );
+}
+
+// LWW keys (`l…`, bucket LWW_BUCKET) are judged by stamps: every replica rolled back to an
+// older write loses the later acknowledged one ("lost"), although a blind write on a
+// causal key would have been a sibling, not a superseder.
+#[test]
+fn lww_lost_write_is_reported() {
+    let mut sim = cluster();
+    let first = sim.put(0, "lk", "older", Quorum, None);
+    assert!(sim.wait_for(first, 5_000).is_ok());
+    sim.run_for(100);
+    let before = sim.stored(0, "lk").unwrap();
+    assert!(before.is_lww(), "l… keys live in the LWW bucket");
+    let second = sim.put(1, "lk", "newer", Quorum, None);
+    assert!(sim.wait_for(second, 5_000).is_ok());
+    sim.run_for(100);
+    for i in 0..3 {
+        sim.wipe_disk(i);
+        sim.storage(i).put(LWW_BUCKET, b"lk", &before).unwrap();
+        sim.storage(i).sync().unwrap();
+        sim.restart(i);
+    }
+    let report = sim.finish();
+    assert_eq!(report.lost.len(), 1, "{report}");
+    assert!(report.lost[0].detail.contains("newer"), "{report}");
+}
+
+// A later blind LWW write supersedes an earlier one: not lost, not a sibling.
+#[test]
+fn lww_superseded_write_is_not_lost() {
+    let mut sim = cluster();
+    let first = sim.put(0, "lk", "older", Quorum, None);
+    assert!(sim.wait_for(first, 5_000).is_ok());
+    let second = sim.put(1, "lk", "newer", Quorum, None);
+    assert!(sim.wait_for(second, 5_000).is_ok());
+    let report = sim.finish();
+    assert!(report.safe(), "{report}");
+    assert_eq!(report.writes_that_must_survive, 2, "{report}");
+    assert_eq!(
+        mendkv_sim::workload::live_values(&sim.stored(2, "lk").unwrap()),
+        vec!["newer".to_string()]
+    );
+}
+
+// An acknowledged LWW delete undone on every replica brings the value back: "resurrected".
+#[test]
+fn lww_resurrection_is_reported() {
+    let mut sim = cluster();
+    let w = sim.put(0, "lk", "doomed", Quorum, None);
+    assert!(sim.wait_for(w, 5_000).is_ok());
+    sim.run_for(100);
+    let before = sim.stored(0, "lk").unwrap();
+    let d = sim.delete(2, "lk", All, None);
+    assert!(sim.wait_for(d, 5_000).is_ok());
+    sim.run_for(100);
+    for i in 0..3 {
+        sim.wipe_disk(i);
+        sim.storage(i).put(LWW_BUCKET, b"lk", &before).unwrap();
+        sim.storage(i).sync().unwrap();
+        sim.restart(i);
+    }
+    let report = sim.finish();
+    assert_eq!(report.resurrected.len(), 1, "{report}");
+}
+
+// A read at `one` after a write at `all` must show that write's stamp or a larger one.
+#[test]
+fn lww_missed_read_is_reported() {
+    let mut sim = cluster();
+    let w = sim.put(0, "lk", "everywhere", All, None);
+    assert!(sim.wait_for(w, 5_000).is_ok());
+    sim.run_for(100);
+    for i in [1, 2] {
+        sim.wipe_disk(i);
+        sim.restart(i);
+    }
+    let r = sim.get(1, "lk", One);
     assert!(sim.wait_for(r, 5_000).is_ok());
     let report = sim.finish();
     assert!(

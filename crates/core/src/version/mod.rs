@@ -263,8 +263,8 @@ impl Object {
             .map(|s| crate::bucket::hlc::HlcTimestamp::from_packed(s.dot.counter))
     }
 
-    /// The LWW sibling that wins: greatest by (timestamp, node, value).
-    fn lww_winner(&self) -> Option<&Sibling> {
+    /// The LWW sibling that wins: greatest by (timestamp, node, value), [`lww_order`].
+    pub fn lww_winner(&self) -> Option<&Sibling> {
         self.siblings
             .iter()
             .filter(|s| s.dot.actor.epoch == LWW_EPOCH)
@@ -428,8 +428,9 @@ impl Object {
 }
 
 /// The LWW order: timestamp, then node, then value (only a node that reissued a timestamp
-/// after a restart with its clock set back can tie on both).
-fn lww_order(a: &Sibling, b: &Sibling) -> Ordering {
+/// after a restart with its clock set back can tie on both). Public so the simulator's
+/// checkers judge LWW histories by the very order replicas merge by.
+pub fn lww_order(a: &Sibling, b: &Sibling) -> Ordering {
     (a.dot.counter, a.dot.actor.node_hash, &a.value).cmp(&(
         b.dot.counter,
         b.dot.actor.node_hash,
