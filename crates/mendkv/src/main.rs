@@ -431,7 +431,41 @@ fn print_status(status: &serde_json::Value) -> Result<()> {
             node["http_address"].as_str().unwrap_or("?"),
         );
     }
+    print_repair_debt(status);
     Ok(())
+}
+
+/// The repair rate in force and, per replica pair, the known debt and its ETA.
+fn print_repair_debt(status: &serde_json::Value) {
+    let seen_by = status["node_id"].as_str().unwrap_or("?");
+    println!(
+        "repair rate {}/s ({})",
+        indicatif::HumanBytes(status["repair_rate_bytes_per_s"].as_u64().unwrap_or(0)),
+        status["repair_rate_reason"].as_str().unwrap_or("?")
+    );
+    let debts = status["repair_debt"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if debts.is_empty() {
+        println!("repair debt: none known ({seen_by}'s last exchanges converged)");
+        return;
+    }
+    for debt in debts {
+        let estimate = match debt["estimated_bytes"].as_u64() {
+            Some(bytes) => format!("~{}", indicatif::HumanBytes(bytes)),
+            None => "size unknown".into(),
+        };
+        let eta = match debt["eta_ms"].as_u64() {
+            Some(ms) => format!("ETA {:.1} s", ms as f64 / 1000.0),
+            None => "ETA unknown".into(),
+        };
+        println!(
+            "repair debt {seen_by} <-> {}: {} mismatched leaves, {estimate}, {eta}",
+            debt["peer"].as_str().unwrap_or("?"),
+            debt["mismatched_leaves"].as_u64().unwrap_or(0)
+        );
+    }
 }
 
 /// Ctrl-C or SIGTERM.

@@ -326,6 +326,8 @@ async fn hostile_peers_are_dropped_and_counted() {
     // SPEC section 7's ring state beside liveness: no node joins or leaves yet.
     assert_eq!(status["nodes"][0]["state"], "normal", "{status}");
     assert_eq!(status["nodes"][0]["status"], "up", "{status}");
+    // A lone node owes no peer anything: the per-pair debt list is there, and empty.
+    assert_eq!(status["repair_debt"], serde_json::json!([]), "{status}");
     client
         .put("t", b"still", b"serving".to_vec(), None, None, None)
         .await

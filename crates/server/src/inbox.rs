@@ -58,6 +58,8 @@ pub struct ClusterStatus {
     /// The repair byte rate this node grants now, and why (the repair controller).
     pub repair_rate_bytes_per_s: u64,
     pub repair_rate_reason: String,
+    /// Per replica pair (this node, peer): the known repair debt and its ETA at that rate.
+    pub repair_debt: Vec<mendkv_core::node::RepairDebt>,
     pub nodes: Vec<NodeStatus>,
 }
 

@@ -9,6 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 /// Labels of a node counter's metric, as its table entry lists them.
@@ -79,6 +80,7 @@ pub struct Metrics {
     pub hints_bytes: Gauge,
     pub anti_entropy_cycle: Histogram,
     pub anti_entropy_repair_debt: Family<PeerLabels, Gauge>,
+    pub repair_debt_eta: Family<PeerLabels, Gauge<f64, AtomicU64>>,
     pub anti_entropy_tree_bytes: Gauge,
     pub circuit_breaker_open: Family<NameLabels, Gauge>,
     pub peer_phi: Family<PeerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -169,8 +171,14 @@ impl Metrics {
         let anti_entropy_repair_debt = Family::<PeerLabels, Gauge>::default();
         registry.register(
             "mendkv_anti_entropy_repair_debt",
-            "Mismatched Merkle leaves at the last comparison with each peer",
+            "Mismatched Merkle leaves the last exchange of each range with this peer left unmended",
             anti_entropy_repair_debt.clone(),
+        );
+        let repair_debt_eta = Family::<PeerLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "mendkv_repair_debt_eta_seconds",
+            "Time to repair the known debt toward this peer at the repair rate granted now (0: none known)",
+            repair_debt_eta.clone(),
         );
         let anti_entropy_tree_bytes = Gauge::default();
         registry.register(
@@ -254,6 +262,7 @@ impl Metrics {
             circuit_breaker_open,
             anti_entropy_cycle,
             anti_entropy_repair_debt,
+            repair_debt_eta,
             anti_entropy_tree_bytes,
             hints_bytes,
             hints_pending,

@@ -206,6 +206,7 @@ impl NodeTask {
             epoch: self.node.epoch(),
             repair_rate_bytes_per_s: self.node.repair_rate_bytes_per_s(),
             repair_rate_reason: self.node.repair_rate_reason().to_string(),
+            repair_debt: self.node.repair_debt(),
             nodes,
         }
     }
@@ -243,13 +244,29 @@ impl NodeTask {
                 .anti_entropy_cycle
                 .observe(duration_ms as f64 / 1000.0);
         }
-        for (peer, debt) in self.node.repair_debt() {
+        // Every known peer gets a value, so a debt paid off reads 0 rather than its last size.
+        let debts = self.node.repair_debt();
+        let me = self.node.id().clone();
+        for peer in self
+            .node
+            .membership()
+            .ids()
+            .filter(|id| **id != me)
+            .cloned()
+            .collect::<Vec<_>>()
+        {
+            let debt = debts.iter().find(|d| d.peer == peer);
+            let labels = PeerLabels {
+                peer: peer.to_string(),
+            };
             metrics
                 .anti_entropy_repair_debt
-                .get_or_create(&PeerLabels {
-                    peer: peer.to_string(),
-                })
-                .set(*debt as i64);
+                .get_or_create(&labels)
+                .set(debt.map_or(0, |d| d.mismatched_leaves) as i64);
+            metrics.repair_debt_eta.get_or_create(&labels).set(
+                debt.and_then(|d| d.eta_ms)
+                    .map_or(0.0, |ms| ms as f64 / 1000.0),
+            );
         }
         metrics
             .anti_entropy_tree_bytes

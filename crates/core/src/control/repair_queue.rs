@@ -1,6 +1,8 @@
 //! Which range (or range-and-peer pair) to repair next.
 //!
-//! Order: targets marked because hints for them were dropped or expired (data is known to be
+//! Order (issue 18's urgency): targets whose tombstones wait to be reaped and lack only this
+//! exchange (tombstones near their reap deadline hold disk and every read of them), then
+//! targets marked because hints for them were dropped or expired (data is known to be
 //! missing), then targets whose replica just came back up (it missed writes while down), then
 //! the target that has gone longest without a successful sync (never synced first), but only
 //! once `interval_ms` has passed since its last success. Ties go to the earliest mark, then to
@@ -16,6 +18,9 @@ use std::collections::BTreeMap;
 /// Why a target is due, in priority order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RepairReason {
+    /// Tombstones of the range are old enough to reap and wait for a converged exchange
+    /// with this peer.
+    ReapWaiting,
     /// Hints for it were dropped or expired.
     HintsLost,
     /// A replica came back up.
@@ -48,6 +53,7 @@ impl Default for RepairQueueConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Entry {
     last_success: Option<Millis>,
+    reap_waiting_at: Option<Millis>,
     hints_lost_at: Option<Millis>,
     recovered_at: Option<Millis>,
     /// When the attempt in flight started (marks made after it survive its success).
@@ -61,6 +67,9 @@ impl Entry {
     fn priority(&self, now: Millis, interval_ms: Millis) -> Option<(RepairReason, Millis)> {
         if self.started_at.is_some() || now < self.retry_at {
             return None;
+        }
+        if let Some(at) = self.reap_waiting_at {
+            return Some((RepairReason::ReapWaiting, at));
         }
         if let Some(at) = self.hints_lost_at {
             return Some((RepairReason::HintsLost, at));
@@ -152,6 +161,9 @@ impl<T: Ord + Clone> RepairQueue<T> {
         let mut marked = 0;
         for (_, entry) in self.entries.iter_mut().filter(|(t, _)| matches(t)) {
             match reason {
+                RepairReason::ReapWaiting => {
+                    entry.reap_waiting_at.get_or_insert(now);
+                }
                 RepairReason::HintsLost => {
                     entry.hints_lost_at.get_or_insert(now);
                 }
@@ -194,6 +206,7 @@ impl<T: Ord + Clone> RepairQueue<T> {
         let started = entry.started_at.take().unwrap_or(now);
         if success {
             entry.last_success = Some(now);
+            entry.reap_waiting_at = entry.reap_waiting_at.filter(|&at| at > started);
             entry.hints_lost_at = entry.hints_lost_at.filter(|&at| at > started);
             entry.recovered_at = entry.recovered_at.filter(|&at| at > started);
             entry.failures = 0;
@@ -251,6 +264,7 @@ mod tests {
     enum Op {
         MarkHints(u32),
         MarkRecovered(u32),
+        MarkReap(u32),
         Next(Option<(u32, RepairReason)>),
         Done(u32, bool),
     }
@@ -285,6 +299,16 @@ mod tests {
                     (1, MarkHints(3)),
                     (2, Next(Some((3, HintsLost)))),
                     (2, Next(Some((2, ReplicaRecovered)))),
+                    (2, Next(Some((1, Scheduled)))),
+                ],
+            ),
+            (
+                "tombstones waiting to be reaped beat hint loss",
+                vec![
+                    (0, MarkHints(3)),
+                    (1, MarkReap(2)),
+                    (2, Next(Some((2, ReapWaiting)))),
+                    (2, Next(Some((3, HintsLost)))),
                     (2, Next(Some((1, Scheduled)))),
                 ],
             ),
@@ -347,6 +371,9 @@ mod tests {
                 match op {
                     MarkHints(t) => assert!(q.mark_hints_lost(&t, now)),
                     MarkRecovered(t) => assert!(q.mark_replica_recovered(&t, now)),
+                    MarkReap(t) => {
+                        assert_eq!(q.mark_matching(ReapWaiting, now, |x| *x == t), 1)
+                    }
                     Next(want) => assert_eq!(q.next(now), want, "{name}: step {i} at {now}"),
                     Done(t, ok) => q.complete(&t, now, ok),
                 }

@@ -15,7 +15,7 @@ use crate::anti_entropy::{ItemHasher, RangeTrees, TreeShape};
 use crate::anti_entropy::{RepairRunStatus, RunState};
 use crate::config::NodeConfig;
 use crate::control::BreakerState;
-use crate::control::{RepairQueue, RepairQueueConfig};
+use crate::control::{RepairQueue, RepairQueueConfig, RepairReason};
 use crate::membership::PeerStatus;
 use crate::message::Message;
 use crate::ring::{key_token, TokenRange};
@@ -23,6 +23,7 @@ use crate::storage::{Storage, StorageError};
 use crate::version::Object;
 use crate::{Millis, NodeId};
 use rand::Rng;
+use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// One exchange this node drives.
@@ -106,6 +107,18 @@ impl<S: Storage> SegmentSource for BucketSource<'_, S> {
     }
 }
 
+/// The known repair debt of one replica pair (this node, `peer`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RepairDebt {
+    pub peer: NodeId,
+    pub mismatched_leaves: u64,
+    /// Bytes the debt should take to repair, from the bytes recent exchanges moved per
+    /// mismatched leaf; none before any exchange found a mismatch.
+    pub estimated_bytes: Option<u64>,
+    /// `estimated_bytes` at the repair rate granted now.
+    pub eta_ms: Option<Millis>,
+}
+
 /// Anti-entropy's state: the trees kept current on every write, the exchanges this node
 /// drives, their schedule, operator runs, and what tombstone reaping remembers.
 #[derive(Debug)]
@@ -115,7 +128,12 @@ pub(super) struct AntiEntropyState {
     pub repair_queue: RepairQueue<(TokenRange, NodeId)>,
     pub repair_runs: BTreeMap<u64, RepairRun>,
     pub next_run: u64,
-    pub repair_debt: BTreeMap<NodeId, u64>,
+    /// Mismatched leaves the last whole-range exchange of each (range, peer) found and did
+    /// not mend (a converged exchange clears its entry): the known repair debt.
+    pub repair_debt: BTreeMap<(TokenRange, NodeId), u64>,
+    /// Bytes an exchange moved per mismatched leaf, averaged over recent exchanges (for the
+    /// debt's byte estimate and ETA); none until one found a mismatch.
+    pub bytes_per_leaf: Option<f64>,
     /// Ranges marked for priority anti-entropy (dropped or expired hints).
     pub repair_marks: BTreeSet<TokenRange>,
     pub repair_marks_overflowed: bool,
@@ -147,6 +165,7 @@ impl AntiEntropyState {
             repair_runs: BTreeMap::new(),
             next_run: 0,
             repair_debt: BTreeMap::new(),
+            bytes_per_leaf: None,
             repair_marks: BTreeSet::new(),
             repair_marks_overflowed: false,
             converged_at: BTreeMap::new(),
@@ -253,7 +272,11 @@ impl<S: Storage> Node<S> {
                 .insert(range, (now, tombstones));
             return;
         };
-        if now.saturating_sub(*taken_at) < age_needed {
+        let age = now.saturating_sub(*taken_at);
+        let taken_at = *taken_at;
+        // Nine tenths of the way: the exchanges still missing are scheduled first, so the
+        // tombstones can go when they come of age instead of a whole interval later.
+        if age < age_needed - age_needed / 10 || candidates.is_empty() {
             return;
         }
         let peers: Vec<NodeId> = repair_targets(&self.cluster.ring, self.id())
@@ -261,14 +284,26 @@ impl<S: Storage> Node<S> {
             .filter(|(r, _)| *r == range)
             .map(|(_, peer)| peer)
             .collect();
-        let confirmed = peers.iter().all(|peer| {
-            self.anti_entropy
-                .converged_at
-                .get(&(range, peer.clone()))
-                .is_some_and(|t| t > taken_at)
-        });
-        if !confirmed {
+        let unconfirmed: Vec<NodeId> = peers
+            .iter()
+            .filter(|peer| {
+                self.anti_entropy
+                    .converged_at
+                    .get(&(range, (*peer).clone()))
+                    .is_none_or(|&t| t <= taken_at)
+            })
+            .cloned()
+            .collect();
+        if !unconfirmed.is_empty() {
+            self.anti_entropy.repair_queue.mark_matching(
+                RepairReason::ReapWaiting,
+                now,
+                |(r, peer)| *r == range && unconfirmed.contains(peer),
+            );
             // Keep the old snapshot: its tombstones keep aging until every peer confirms.
+            return;
+        }
+        if age < age_needed {
             return;
         }
         let mut remaining = tombstones;
@@ -707,10 +742,20 @@ impl<S: Storage> Node<S> {
             Counter::AntiEntropyBytes,
             report.stats.bytes_sent + report.stats.bytes_received,
         );
+        let mismatched = report.stats.leaves_mismatched;
         if whole_range {
-            self.anti_entropy
-                .repair_debt
-                .insert(exchange.peer.clone(), report.stats.leaves_mismatched);
+            let pair = (report.range, exchange.peer.clone());
+            if report.outcome == ExchangeOutcome::Converged || mismatched == 0 {
+                self.anti_entropy.repair_debt.remove(&pair);
+            } else {
+                self.anti_entropy.repair_debt.insert(pair, mismatched);
+            }
+        }
+        if ok && mismatched > 0 {
+            let sample =
+                (report.stats.bytes_sent + report.stats.bytes_received) as f64 / mismatched as f64;
+            let average = self.anti_entropy.bytes_per_leaf.get_or_insert(sample);
+            *average = 0.8 * *average + 0.2 * sample;
         }
         match exchange.run {
             Some(run_id) => {
@@ -836,9 +881,32 @@ impl<S: Storage> Node<S> {
         self.anti_entropy.exchange_durations_ms.drain(..).collect()
     }
 
-    /// Mismatched leaves at the last comparison with each peer (the repair debt).
-    pub fn repair_debt(&self) -> impl Iterator<Item = (&NodeId, &u64)> {
-        self.anti_entropy.repair_debt.iter()
+    /// The known repair debt toward each peer (mismatched leaves that the last exchange of
+    /// a range with it left unmended), with its byte estimate and the time to pay it at the
+    /// repair rate granted now: the per-pair ETA (this node, peer).
+    pub fn repair_debt(&self) -> Vec<RepairDebt> {
+        let mut by_peer: BTreeMap<&NodeId, u64> = BTreeMap::new();
+        for ((_, peer), leaves) in &self.anti_entropy.repair_debt {
+            *by_peer.entry(peer).or_default() += leaves;
+        }
+        let rate = self.control.repair_bytes.rate_bytes_per_s();
+        by_peer
+            .into_iter()
+            .map(|(peer, leaves)| {
+                let estimated_bytes = self
+                    .anti_entropy
+                    .bytes_per_leaf
+                    .map(|per_leaf| (per_leaf * leaves as f64) as u64);
+                RepairDebt {
+                    peer: peer.clone(),
+                    mismatched_leaves: leaves,
+                    estimated_bytes,
+                    eta_ms: estimated_bytes
+                        .filter(|_| rate > 0)
+                        .map(|bytes| bytes.saturating_mul(1000) / rate),
+                }
+            })
+            .collect()
     }
 
     /// Memory held by this node's Merkle trees.

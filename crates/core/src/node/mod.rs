@@ -1008,6 +1008,7 @@ mod repair_control;
 mod serve;
 
 pub use crate::anti_entropy::{AntiEntropyConfig, RepairRunStatus, RunState};
+pub use anti_entropy::RepairDebt;
 use buckets::SetPropsError;
 pub use buckets::SiblingWarning;
 pub use counters::{Counter, CounterSpec, Counters};

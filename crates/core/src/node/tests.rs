@@ -472,6 +472,34 @@ fn repair_run_brings_a_stale_replica_up_to_date() {
     assert_eq!(first.state, RunState::Done);
     assert_eq!(first.keys_repaired, 50, "{first:?}");
     assert_eq!(first.keys_different, 50, "{first:?}");
+    // The run measured what a mismatched leaf costs, and left no known debt (it converged).
+    let per_leaf = cluster.nodes[2]
+        .anti_entropy
+        .bytes_per_leaf
+        .expect("measured");
+    assert!(per_leaf > 0.0, "{per_leaf}");
+    assert!(cluster.nodes[2].repair_debt().is_empty());
+    // A range left unmended toward node 0: its leaves, their estimated bytes, and the time
+    // they take at the repair rate granted now.
+    let range = cluster.nodes[2].anti_entropy.trees.ranges().next().unwrap();
+    let peer = cluster.nodes[0].id().clone();
+    cluster.nodes[2]
+        .anti_entropy
+        .repair_debt
+        .insert((range, peer.clone()), 10);
+    let rate = cluster.nodes[2].repair_rate_bytes_per_s();
+    let debt = cluster.nodes[2].repair_debt();
+    let expected_bytes = (per_leaf * 10.0) as u64;
+    assert_eq!(
+        debt,
+        vec![super::RepairDebt {
+            peer,
+            mismatched_leaves: 10,
+            estimated_bytes: Some(expected_bytes),
+            eta_ms: Some(expected_bytes * 1000 / rate),
+        }]
+    );
+    cluster.nodes[2].anti_entropy.repair_debt.clear();
     for i in 0..50 {
         let key = format!("k{i}").into_bytes();
         assert!(cluster.nodes[2].storage().get("b", &key).unwrap().is_some());

@@ -347,8 +347,10 @@ function renderRepair(dash) {
   replaceRows($("run-rows"), rows, "no repair run since this node started (POST /admin/repair, mendkv repair)", 10);
   const debt = repair.debt.map((d) => el("tr", {},
     el("td", {}, `${d.node} ↔ ${d.peer}`),
-    el("td", { class: "num" }, num(d.mismatched_leaves))));
-  replaceRows($("debt-rows"), debt, "no comparison yet", 2);
+    el("td", { class: "num" }, num(d.mismatched_leaves)),
+    el("td", { class: "num" }, d.estimated_bytes == null ? "–" : bytes(d.estimated_bytes)),
+    el("td", { class: "num" }, d.eta_ms == null ? "–" : duration(d.eta_ms))));
+  replaceRows($("debt-rows"), debt, "no known debt: every compared range converged", 4);
   const b = repair.breaker;
   let why = "no stress signal over its threshold";
   if (b.state !== "closed") why = b.stress_now || b.last_trip || "a probe exchange failed";

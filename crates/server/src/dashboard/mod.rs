@@ -154,6 +154,8 @@ pub struct RepairDebt {
     pub node: String,
     pub peer: String,
     pub mismatched_leaves: u64,
+    pub estimated_bytes: Option<u64>,
+    pub eta_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -239,10 +241,13 @@ pub fn snapshot<S: Storage>(node: &mut Node<S>, now: Millis) -> DashboardState {
         .collect();
     let debt = node
         .repair_debt()
-        .map(|(peer, leaves)| RepairDebt {
+        .into_iter()
+        .map(|debt| RepairDebt {
             node: node.id().to_string(),
-            peer: peer.to_string(),
-            mismatched_leaves: *leaves,
+            peer: debt.peer.to_string(),
+            mismatched_leaves: debt.mismatched_leaves,
+            estimated_bytes: debt.estimated_bytes,
+            eta_ms: debt.eta_ms,
         })
         .collect();
     DashboardState {
