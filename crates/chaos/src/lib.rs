@@ -66,10 +66,9 @@ pub mod campaign {
         for index in 0..runs {
             let mut options = first.clone();
             options.seed = first.seed.wrapping_add(index as u64);
-            if let (Some(budget), Some(Ok(last))) = (budget, reports.last()) {
-                let last: &RunReport = last;
+            // Another run of the average length so far must fit in the budget.
+            if let Some(budget) = budget.filter(|_| index > 0) {
                 let per_run = started.elapsed() / index as u32;
-                let _ = last;
                 if started.elapsed() + per_run > budget {
                     break;
                 }

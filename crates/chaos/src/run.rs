@@ -183,7 +183,7 @@ pub fn run_once(options: &RunOptions) -> Result<RunReport> {
     // Declared in this order so they drop in reverse: servers killed, then the thread back
     // in its namespace, then the namespaces deleted, then the data removed.
     let data = tempfile::Builder::new()
-        .prefix("mendkv-chaos-")
+        .prefix(&format!("{}{}-", crate::topology::DATA_PREFIX, std::process::id()))
         .tempdir()
         .context("temporary data directory")?;
     let topology = Topology::create(&tag, options.nodes)?;
@@ -501,7 +501,7 @@ impl Nemesis<'_> {
                 outcome,
                 answered_ms,
             });
-            sleep_until(Instant::now() + Duration::from_millis(500)).await?;
+            sleep_until(Instant::now() + Duration::from_millis(200)).await?;
         }
         Ok(())
     }

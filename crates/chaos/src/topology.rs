@@ -16,6 +16,8 @@ use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 
 const NAME_PREFIX: &str = "mkchaos-";
+/// Data directories of runs are `<temp dir>/mendkv-chaos-<pid>-...`, swept the same way.
+pub const DATA_PREFIX: &str = "mendkv-chaos-";
 /// The nftables table the harness owns in each node's namespace.
 const NFT_TABLE: &str = "mendkv_chaos";
 
@@ -118,18 +120,30 @@ fn delete_namespace(namespace: &str) {
     let _ = run_command("ip", &["netns", "delete", namespace], None);
 }
 
-/// Deletes the namespaces (and kills the processes in them) left by harnesses that are no
-/// longer running; returns their names.
+/// Whether a name `<prefix><pid>-...` belongs to a harness that is no longer running.
+fn abandoned(name: &str, prefix: &str) -> bool {
+    let Some(rest) = name.strip_prefix(prefix) else {
+        return false;
+    };
+    let owner = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+    owner.is_some_and(|pid| pid != std::process::id() && !pid_alive(pid))
+}
+
+/// Deletes the namespaces (and kills the processes in them) and the data directories left
+/// by harnesses that are no longer running; returns their names.
 pub fn sweep_leftovers() -> Vec<String> {
     let mut swept = Vec::new();
     for namespace in namespaces() {
-        let Some(rest) = namespace.strip_prefix(NAME_PREFIX) else {
-            continue;
-        };
-        let owner = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        if owner.is_some_and(|pid| pid != std::process::id() && !pid_alive(pid)) {
+        if abandoned(&namespace, NAME_PREFIX) {
             delete_namespace(&namespace);
             swept.push(namespace);
+        }
+    }
+    let temp = std::env::temp_dir();
+    for entry in std::fs::read_dir(&temp).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if abandoned(&name, DATA_PREFIX) && std::fs::remove_dir_all(entry.path()).is_ok() {
+            swept.push(entry.path().display().to_string());
         }
     }
     swept
