@@ -49,11 +49,13 @@ pub mod campaign {
     use super::*;
     use std::time::{Duration, Instant};
 
-    /// Runs `runs` runs from `first` (seeds `first.seed`, `first.seed + 1`, ...), stopping
-    /// early when `budget` would be exceeded by another run of the same length. Cleans up
-    /// leftovers of crashed harnesses first.
+    /// Runs `runs` runs from `first` (seeds `first.seed`, `first.seed + 1`, ...; node counts
+    /// cycling through `node_counts`, or `first.nodes` when it is empty), stopping early when
+    /// another run of the average length so far would exceed `budget`. Cleans up leftovers
+    /// of crashed harnesses first.
     pub fn run_many(
         first: &RunOptions,
+        node_counts: &[usize],
         runs: usize,
         budget: Option<Duration>,
     ) -> Vec<anyhow::Result<RunReport>> {
@@ -66,6 +68,9 @@ pub mod campaign {
         for index in 0..runs {
             let mut options = first.clone();
             options.seed = first.seed.wrapping_add(index as u64);
+            if !node_counts.is_empty() {
+                options.nodes = node_counts[index % node_counts.len()];
+            }
             // Another run of the average length so far must fit in the budget.
             if let Some(budget) = budget.filter(|_| index > 0) {
                 let per_run = started.elapsed() / index as u32;

@@ -10,9 +10,9 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(name = "mendkv-chaos", about = "Jepsen-style fault runs of real mendkv servers")]
 struct Args {
-    /// Nodes per run (3 or more; replication factor 3).
-    #[arg(long, default_value_t = 3)]
-    nodes: usize,
+    /// Nodes per run (3 or more; replication factor 3); a list such as `3,5` cycles.
+    #[arg(long, value_delimiter = ',', default_value = "3")]
+    nodes: Vec<usize>,
     /// Seed of the first run; run i uses seed + i.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -57,12 +57,12 @@ fn main() {
     }
     let mut options = RunOptions::new(
         binary,
-        args.nodes,
+        args.nodes.first().copied().unwrap_or(3),
         args.seed,
         Duration::from_secs(args.duration_s),
     );
     options.settle_timeout = Duration::from_secs(args.settle_s);
-    let reports = campaign::run_many(&options, args.runs, args.budget_s.map(Duration::from_secs));
+    let reports = campaign::run_many(&options, &args.nodes, args.runs, args.budget_s.map(Duration::from_secs));
     print!("{}", campaign::table(&reports));
     if mendkv_chaos::interrupted() {
         eprintln!("mendkv-chaos: interrupted; everything it started was removed");

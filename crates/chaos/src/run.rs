@@ -275,11 +275,13 @@ async fn drive(
     topology: &Topology,
     nodes: &Mutex<Nodes>,
 ) -> Result<RunReport> {
+    let began = Instant::now();
     let clients: Vec<Client> = (0..options.nodes).map(|i| Client::new(&Nodes::url(i))).collect();
     wait_until(Duration::from_secs(60), "every node sees every node up", || {
         all_up(&clients)
     })
     .await?;
+    println!("cluster up after {:.1} s", began.elapsed().as_secs_f64());
 
     let op_timeout = Duration::from_millis(options.request_timeout_ms + 2_000);
     let workload = Arc::new(Workload {
@@ -346,6 +348,10 @@ async fn drive(
         settle(&clients, &keys, replicas_per_key, healed, options.settle_timeout).await?;
     nemesis.check_crashes();
     let (read_all, final_read_failures) = read_everything(&clients, &keys).await;
+    println!(
+        "final r=all reads done {:.1} s after the heal",
+        healed.elapsed().as_secs_f64()
+    );
     let final_state = FinalState {
         keys: keys
             .iter()
