@@ -194,7 +194,10 @@ impl Verdict {
 }
 
 /// The successful reads of `key` with what they returned.
-fn reads_of<'a>(history: &'a [Op], key: &'a str) -> impl Iterator<Item = (&'a Op, &'a Vec<String>)> {
+fn reads_of<'a>(
+    history: &'a [Op],
+    key: &'a str,
+) -> impl Iterator<Item = (&'a Op, &'a Vec<String>)> {
     history.iter().filter_map(move |op| match &op.action {
         Action::Read {
             key: read_key,
@@ -514,7 +517,11 @@ mod tests {
             rmw("r", "y", &["x"], 20, Outcome::Ok),
             read("r", &["y"], 40),
         ];
-        let end = final_state(vec![("u1", held(&["a"])), ("u2", held(&[])), ("r", held(&["y"]))]);
+        let end = final_state(vec![
+            ("u1", held(&["a"])),
+            ("u2", held(&[])),
+            ("r", held(&["y"])),
+        ]);
         let verdict = check(&history, &[], &end);
         assert_eq!(verdict, Verdict::default(), "{:?}", verdict.lines());
     }

@@ -101,13 +101,18 @@ pub mod campaign {
         converge.sort_unstable();
         let median = converge
             .get(converge.len() / 2)
-            .map_or("-".to_string(), |ms| format!("{:.1} s", *ms as f64 / 1000.0));
-        let max = converge
-            .last()
-            .map_or("-".to_string(), |ms| format!("{:.1} s", *ms as f64 / 1000.0));
+            .map_or("-".to_string(), |ms| {
+                format!("{:.1} s", *ms as f64 / 1000.0)
+            });
+        let max = converge.last().map_or("-".to_string(), |ms| {
+            format!("{:.1} s", *ms as f64 / 1000.0)
+        });
         let mut text = String::new();
         let _ = writeln!(text, "| runs | operations (ok / unknown / failed) | kills | pauses | partitions | minority probes | lost | missed | unexpected | resurrected | divergent | crashes | not converged | harness errors | median (max) time to converge |");
-        let _ = writeln!(text, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            text,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
         let _ = writeln!(
             text,
             "| {} | {} ({} / {} / {}) | {} | {} | {} | {} ({} acked) | {} | {} | {} | {} | {} | {} | {} | {} | {median} ({max}) |",

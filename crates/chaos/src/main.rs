@@ -8,7 +8,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "mendkv-chaos", about = "Jepsen-style fault runs of real mendkv servers")]
+#[command(
+    name = "mendkv-chaos",
+    about = "Jepsen-style fault runs of real mendkv servers"
+)]
 struct Args {
     /// Nodes per run (3 or more; replication factor 3); a list such as `3,5` cycles.
     #[arg(long, value_delimiter = ',', default_value = "3")]
@@ -62,7 +65,12 @@ fn main() {
         Duration::from_secs(args.duration_s),
     );
     options.settle_timeout = Duration::from_secs(args.settle_s);
-    let reports = campaign::run_many(&options, &args.nodes, args.runs, args.budget_s.map(Duration::from_secs));
+    let reports = campaign::run_many(
+        &options,
+        &args.nodes,
+        args.runs,
+        args.budget_s.map(Duration::from_secs),
+    );
     print!("{}", campaign::table(&reports));
     if mendkv_chaos::interrupted() {
         eprintln!("mendkv-chaos: interrupted; everything it started was removed");

@@ -52,7 +52,10 @@ impl Nodes {
                 "MENDKV_ANTI_ENTROPY__INTERVAL_S".to_string(),
                 settings.anti_entropy_interval_s.to_string(),
             ),
-            ("MENDKV_CLUSTER__SECRET".to_string(), "chaos-secret".to_string()),
+            (
+                "MENDKV_CLUSTER__SECRET".to_string(),
+                "chaos-secret".to_string(),
+            ),
             ("RUST_LOG".to_string(), "warn".to_string()),
         ];
         let seeds = (0..namespaces.len())

@@ -169,7 +169,11 @@ pub fn run_once(options: &RunOptions) -> Result<RunReport> {
     if options.nodes < 3 {
         bail!("a chaos run needs at least 3 nodes (replication factor 3)");
     }
-    let schedule = schedule::draw(options.seed, options.nodes, options.duration.as_millis() as u64);
+    let schedule = schedule::draw(
+        options.seed,
+        options.nodes,
+        options.duration.as_millis() as u64,
+    );
     println!(
         "run seed {} with {} nodes for {} s; schedule:",
         options.seed,
@@ -183,7 +187,11 @@ pub fn run_once(options: &RunOptions) -> Result<RunReport> {
     // Declared in this order so they drop in reverse: servers killed, then the thread back
     // in its namespace, then the namespaces deleted, then the data removed.
     let data = tempfile::Builder::new()
-        .prefix(&format!("{}{}-", crate::topology::DATA_PREFIX, std::process::id()))
+        .prefix(&format!(
+            "{}{}-",
+            crate::topology::DATA_PREFIX,
+            std::process::id()
+        ))
         .tempdir()
         .context("temporary data directory")?;
     let topology = Topology::create(&tag, options.nodes)?;
@@ -256,8 +264,7 @@ where
 
 async fn all_up(clients: &[Client]) -> bool {
     for client in clients {
-        let Ok(Ok(status)) =
-            tokio::time::timeout(Duration::from_secs(2), client.status()).await
+        let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), client.status()).await
         else {
             return false;
         };
@@ -276,10 +283,14 @@ async fn drive(
     nodes: &Mutex<Nodes>,
 ) -> Result<RunReport> {
     let began = Instant::now();
-    let clients: Vec<Client> = (0..options.nodes).map(|i| Client::new(&Nodes::url(i))).collect();
-    wait_until(Duration::from_secs(60), "every node sees every node up", || {
-        all_up(&clients)
-    })
+    let clients: Vec<Client> = (0..options.nodes)
+        .map(|i| Client::new(&Nodes::url(i)))
+        .collect();
+    wait_until(
+        Duration::from_secs(60),
+        "every node sees every node up",
+        || all_up(&clients),
+    )
     .await?;
     println!("cluster up after {:.1} s", began.elapsed().as_secs_f64());
 
@@ -297,7 +308,13 @@ async fn drive(
     let mut client_id = 0u32;
     let mut next_seed = || {
         client_id += 1;
-        (client_id, options.seed.wrapping_mul(1_000).wrapping_add(client_id as u64))
+        (
+            client_id,
+            options
+                .seed
+                .wrapping_mul(1_000)
+                .wrapping_add(client_id as u64),
+        )
     };
     for _ in 0..options.writers {
         let (id, seed) = next_seed();
@@ -340,12 +357,21 @@ async fn drive(
         }
     }
     let healed = Instant::now();
-    println!("healed; waiting for convergence (at most {:?})", options.settle_timeout);
+    println!(
+        "healed; waiting for convergence (at most {:?})",
+        options.settle_timeout
+    );
     let history = std::mem::take(&mut *workload.history.lock().expect("history lock"));
     let keys = keys_of(&history, &workload.rmw_keys);
     let replicas_per_key = REPLICATION_FACTOR.min(options.nodes);
-    let (converge_ms, snapshot) =
-        settle(&clients, &keys, replicas_per_key, healed, options.settle_timeout).await?;
+    let (converge_ms, snapshot) = settle(
+        &clients,
+        &keys,
+        replicas_per_key,
+        healed,
+        options.settle_timeout,
+    )
+    .await?;
     nemesis.check_crashes();
     let (read_all, final_read_failures) = read_everything(&clients, &keys).await;
     println!(
@@ -417,7 +443,11 @@ impl Nemesis<'_> {
         let started = self.workload.started;
         for (number, step) in schedule.iter().enumerate() {
             sleep_until(started + Duration::from_millis(step.start_ms)).await?;
-            println!("  {:>6.1}s  {}", started.elapsed().as_secs_f64(), step.fault);
+            println!(
+                "  {:>6.1}s  {}",
+                started.elapsed().as_secs_f64(),
+                step.fault
+            );
             self.apply(&step.fault)?;
             let end = started + Duration::from_millis(step.start_ms + step.duration_ms);
             if let Some(alone) = step.fault.alone(self.options.nodes) {
@@ -495,13 +525,17 @@ impl Nemesis<'_> {
             .await;
             let outcome = classify(&result);
             let answered_ms = result.is_ok().then(|| sent.elapsed().as_millis() as u64);
-            self.workload.history.lock().expect("history lock").push(Op {
-                client: 0,
-                action: Action::Write { key, value },
-                invoke_us,
-                complete_us: self.workload.micros(),
-                outcome,
-            });
+            self.workload
+                .history
+                .lock()
+                .expect("history lock")
+                .push(Op {
+                    client: 0,
+                    action: Action::Write { key, value },
+                    invoke_us,
+                    complete_us: self.workload.micros(),
+                    outcome,
+                });
             self.probes.push(MinorityProbe {
                 node: id.clone(),
                 outcome,
@@ -610,7 +644,10 @@ async fn settle(
             }
         }
         if healed.elapsed() > timeout {
-            println!("NOT converged {timeout:?} after the heal: {} keys diverge", pending.len());
+            println!(
+                "NOT converged {timeout:?} after the heal: {} keys diverge",
+                pending.len()
+            );
             return Ok((None, snapshot(clients, keys).await));
         }
         sleep_until(Instant::now() + Duration::from_millis(500)).await?;
@@ -623,24 +660,25 @@ async fn read_everything(
     clients: &[Client],
     keys: &[String],
 ) -> (BTreeMap<String, Option<Vec<String>>>, usize) {
-    let reads: BTreeMap<String, Option<Vec<String>>> = stream::iter(keys.iter().cloned().enumerate())
-        .map(|(index, key)| async move {
-            for attempt in 0..3 {
-                let client = &clients[(index + attempt) % clients.len()];
-                let read = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    client.get(BUCKET, key.as_bytes(), Some("all")),
-                )
-                .await;
-                if let Ok(Ok(found)) = read {
-                    return (key, Some(values_of(&found)));
+    let reads: BTreeMap<String, Option<Vec<String>>> =
+        stream::iter(keys.iter().cloned().enumerate())
+            .map(|(index, key)| async move {
+                for attempt in 0..3 {
+                    let client = &clients[(index + attempt) % clients.len()];
+                    let read = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        client.get(BUCKET, key.as_bytes(), Some("all")),
+                    )
+                    .await;
+                    if let Ok(Ok(found)) = read {
+                        return (key, Some(values_of(&found)));
+                    }
                 }
-            }
-            (key, None)
-        })
-        .buffer_unordered(FINAL_CONCURRENCY)
-        .collect()
-        .await;
+                (key, None)
+            })
+            .buffer_unordered(FINAL_CONCURRENCY)
+            .collect()
+            .await;
     let failures = reads.values().filter(|r| r.is_none()).count();
     (reads, failures)
 }

@@ -239,7 +239,10 @@ mod tests {
         assert!(bridge.iter().all(|&(a, b)| a != 2 && b != 2));
         assert!(bridge.contains(&(0, 3)) && !bridge.contains(&(0, 1)));
 
-        assert_eq!(Fault::OneWay { from: 1, to: 0 }.dropped_links(3), vec![(1, 0)]);
+        assert_eq!(
+            Fault::OneWay { from: 1, to: 0 }.dropped_links(3),
+            vec![(1, 0)]
+        );
         assert_eq!(Fault::Isolate { node: 1 }.alone(3), Some(1));
         assert_eq!(minority.alone(5), None);
         assert_eq!(

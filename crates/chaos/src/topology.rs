@@ -262,7 +262,11 @@ impl Drop for Topology {
 }
 
 fn nft(namespace: &str, script: &str) -> Result<()> {
-    run_command("ip", &["netns", "exec", namespace, "nft", "-f", "-"], Some(script))
+    run_command(
+        "ip",
+        &["netns", "exec", namespace, "nft", "-f", "-"],
+        Some(script),
+    )
 }
 
 fn set_namespace(file: &std::fs::File) -> Result<()> {

@@ -33,7 +33,9 @@ pub struct Workload {
 }
 
 /// Jepsen's classification of an HTTP outcome.
-pub fn classify<T>(result: &Result<Result<T, ClientError>, tokio::time::error::Elapsed>) -> Outcome {
+pub fn classify<T>(
+    result: &Result<Result<T, ClientError>, tokio::time::error::Elapsed>,
+) -> Outcome {
     match result {
         Ok(Ok(_)) => Outcome::Ok,
         // A 4xx is a refusal of the request itself: nothing was written.
