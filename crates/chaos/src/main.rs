@@ -30,9 +30,24 @@ struct Args {
     /// How long replicas may take to converge after the heal.
     #[arg(long, default_value_t = 90)]
     settle_s: u64,
+    /// Level of the workload's reads: `quorum` is what the checker's rules promise; `one`
+    /// breaks the promise on purpose (the checker must then report violations).
+    #[arg(long, default_value = "quorum", value_parser = ["one", "quorum"])]
+    read_level: String,
+    /// Level of the workload's writes and deletes (see --read-level).
+    #[arg(long, default_value = "quorum", value_parser = ["one", "quorum"])]
+    write_level: String,
     /// The mendkv binary (default: `mendkv` next to this binary).
     #[arg(long)]
     mendkv: Option<PathBuf>,
+}
+
+fn level(name: &str) -> &'static str {
+    if name == "one" {
+        "one"
+    } else {
+        "quorum"
+    }
 }
 
 fn main() {
@@ -65,6 +80,8 @@ fn main() {
         Duration::from_secs(args.duration_s),
     );
     options.settle_timeout = Duration::from_secs(args.settle_s);
+    options.read_level = level(&args.read_level);
+    options.write_level = level(&args.write_level);
     let reports = campaign::run_many(
         &options,
         &args.nodes,

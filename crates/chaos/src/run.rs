@@ -42,6 +42,10 @@ pub struct RunOptions {
     pub rmw_keys: u32,
     pub request_timeout_ms: u64,
     pub anti_entropy_interval_s: u64,
+    /// Levels of the workload's reads and writes: `quorum`, the promise under test. `one`
+    /// breaks that promise on purpose, to show the checker catches what it should.
+    pub read_level: &'static str,
+    pub write_level: &'static str,
 }
 
 impl RunOptions {
@@ -58,17 +62,26 @@ impl RunOptions {
             rmw_keys: 4,
             request_timeout_ms: 1_000,
             anti_entropy_interval_s: 2,
+            read_level: "quorum",
+            write_level: "quorum",
         }
     }
 
     /// The command line that replays this run's schedule.
     pub fn rerun_command(&self) -> String {
-        format!(
+        let mut command = format!(
             "mendkv-chaos --nodes {} --seed {} --duration-s {} --runs 1",
             self.nodes,
             self.seed,
             self.duration.as_secs()
-        )
+        );
+        if self.read_level != "quorum" || self.write_level != "quorum" {
+            command.push_str(&format!(
+                " --read-level {} --write-level {}",
+                self.read_level, self.write_level
+            ));
+        }
+        command
     }
 }
 
@@ -303,6 +316,8 @@ async fn drive(
         history: Mutex::new(Vec::new()),
         written_keys: Mutex::new(Vec::new()),
         rmw_keys: (0..options.rmw_keys).map(|i| format!("rmw{i}")).collect(),
+        read_level: options.read_level,
+        write_level: options.write_level,
     });
     let mut tasks = Vec::new();
     let mut client_id = 0u32;

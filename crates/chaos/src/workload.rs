@@ -30,6 +30,9 @@ pub struct Workload {
     /// Unique keys whose write was invoked, for the readers.
     pub written_keys: Mutex<Vec<String>>,
     pub rmw_keys: Vec<String>,
+    /// `quorum` unless the run checks the checker (`one` must produce violations).
+    pub read_level: &'static str,
+    pub write_level: &'static str,
 }
 
 /// Jepsen's classification of an HTTP outcome.
@@ -85,7 +88,7 @@ impl Workload {
         let invoke_us = self.micros();
         let result = tokio::time::timeout(
             self.op_timeout,
-            node.get(BUCKET, key.as_bytes(), Some("quorum")),
+            node.get(BUCKET, key.as_bytes(), Some(self.read_level)),
         )
         .await;
         let outcome = classify(&result);
@@ -123,7 +126,7 @@ impl Workload {
                     key.as_bytes(),
                     value.clone().into_bytes(),
                     None,
-                    Some("quorum"),
+                    Some(self.write_level),
                     None,
                 ),
             )
@@ -153,7 +156,7 @@ impl Workload {
         let invoke_us = self.micros();
         let result = tokio::time::timeout(
             self.op_timeout,
-            node.delete(BUCKET, key.as_bytes(), Some("quorum"), context),
+            node.delete(BUCKET, key.as_bytes(), Some(self.write_level), context),
         )
         .await;
         let outcome = classify(&result);
@@ -210,7 +213,7 @@ impl Workload {
                         key.as_bytes(),
                         value.clone().into_bytes(),
                         None,
-                        Some("quorum"),
+                        Some(self.write_level),
                         read.context(),
                     ),
                 )

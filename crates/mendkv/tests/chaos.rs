@@ -6,7 +6,8 @@
 //! It needs root, `ip` (iproute2) and `nft` (nftables): without them it says why and passes,
 //! unless `MENDKV_REQUIRE_NETNS` is set (as in CI), when it fails. The namespaces isolate it
 //! from every other test's 127.0.0.1 ports. `MENDKV_CHAOS_BUDGET_S` changes the budget
-//! (default 180 s); the harness itself is `mendkv-chaos` (crates/chaos).
+//! (default 180 s); the harness itself is `mendkv-chaos` (crates/chaos). The two tests run
+//! side by side, each in namespaces of its own.
 
 use mendkv_chaos::{campaign, topology, RunOptions};
 use std::path::PathBuf;
@@ -50,4 +51,29 @@ fn seeded_fault_runs_keep_every_promise() {
             Err(e) => panic!("a chaos run could not run: {e:#}"),
         }
     }
+}
+
+#[test]
+fn the_checker_catches_reads_and_writes_at_level_one() {
+    // Proves the harness can fail: at r=one / w=one under the same faults, quorum's promise
+    // does not hold and the checker must report missed (or resurrected) reads.
+    if let Some(reason) = topology::missing_requirements() {
+        if std::env::var_os("MENDKV_REQUIRE_NETNS").is_some() {
+            panic!("MENDKV_REQUIRE_NETNS is set but {reason}");
+        }
+        eprintln!("SKIPPED chaos harness test: {reason}");
+        return;
+    }
+    let binary = PathBuf::from(env!("CARGO_BIN_EXE_mendkv"));
+    let mut options = RunOptions::new(binary, 3, 5, Duration::from_secs(20));
+    options.read_level = "one";
+    options.write_level = "one";
+    let report = mendkv_chaos::run_once(&options).expect("the run itself works");
+    println!("{}", report.summary());
+    let stale = report.verdict.missed.len() + report.verdict.resurrected.len();
+    assert!(
+        stale > 0,
+        "no stale read found at level one:\n{}",
+        report.summary()
+    );
 }
