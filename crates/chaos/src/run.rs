@@ -1,0 +1,699 @@
+//! One run: the namespaces, the servers, the workload under the seeded schedule, the heal,
+//! the wait for convergence, the final snapshot and reads, and the checker's verdict.
+
+use crate::checker::{
+    self, Action, FinalKey, FinalState, MinorityProbe, Op, Outcome, StoredCopy, StoredSibling,
+    Verdict,
+};
+use crate::nodes::{Nodes, ServerSettings};
+use crate::schedule::{self, Fault, Step};
+use crate::topology::Topology;
+use crate::workload::{classify, values_of, Workload, BUCKET};
+use anyhow::{bail, Context, Result};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use futures::stream::{self, StreamExt};
+use mendkv_client::Client;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How every node is configured: replication factor 3 (the default).
+const REPLICATION_FACTOR: usize = 3;
+/// Requests in flight at once while snapshotting and reading at the end.
+const FINAL_CONCURRENCY: usize = 16;
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// The `mendkv` binary.
+    pub binary: PathBuf,
+    pub nodes: usize,
+    pub seed: u64,
+    /// How long the workload runs under the schedule.
+    pub duration: Duration,
+    /// How long after the heal replicas may take to converge before they count as divergent.
+    pub settle_timeout: Duration,
+    pub writers: u32,
+    pub readers: u32,
+    pub rmw_clients: u32,
+    pub rmw_keys: u32,
+    pub request_timeout_ms: u64,
+    pub anti_entropy_interval_s: u64,
+    /// Levels of the workload's reads and writes: `quorum`, the promise under test. `one`
+    /// breaks that promise on purpose, to show the checker catches what it should.
+    pub read_level: &'static str,
+    pub write_level: &'static str,
+}
+
+impl RunOptions {
+    pub fn new(binary: PathBuf, nodes: usize, seed: u64, duration: Duration) -> Self {
+        RunOptions {
+            binary,
+            nodes,
+            seed,
+            duration,
+            settle_timeout: Duration::from_secs(90),
+            writers: 3,
+            readers: 2,
+            rmw_clients: 3,
+            rmw_keys: 4,
+            request_timeout_ms: 1_000,
+            anti_entropy_interval_s: 2,
+            read_level: "quorum",
+            write_level: "quorum",
+        }
+    }
+
+    /// The command line that replays this run's schedule.
+    pub fn rerun_command(&self) -> String {
+        let mut command = format!(
+            "mendkv-chaos --nodes {} --seed {} --duration-s {} --runs 1",
+            self.nodes,
+            self.seed,
+            self.duration.as_secs()
+        );
+        if self.read_level != "quorum" || self.write_level != "quorum" {
+            command.push_str(&format!(
+                " --read-level {} --write-level {}",
+                self.read_level, self.write_level
+            ));
+        }
+        command
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct OpCounts {
+    pub ok: usize,
+    pub failed: usize,
+    pub unknown: usize,
+}
+
+impl OpCounts {
+    pub fn total(&self) -> usize {
+        self.ok + self.failed + self.unknown
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    pub options: RunOptions,
+    pub schedule: Vec<Step>,
+    pub ops: OpCounts,
+    pub kills: usize,
+    pub pauses: usize,
+    pub partitions: usize,
+    pub probes: Vec<MinorityProbe>,
+    /// From the heal to the first snapshot where every key's replicas agree.
+    pub converge_ms: Option<u64>,
+    pub verdict: Verdict,
+    /// Servers that exited without being killed.
+    pub crashes: Vec<String>,
+    /// Keys whose `r=all` read failed three times (the snapshot judged them alone).
+    pub final_read_failures: usize,
+}
+
+impl RunReport {
+    pub fn violations(&self) -> usize {
+        self.verdict.violations() + self.crashes.len() + usize::from(self.converge_ms.is_none())
+    }
+
+    /// The longest a node alone took to refuse a `w=quorum` write.
+    pub fn minority_answer_ms_max(&self) -> Option<u64> {
+        self.probes.iter().filter_map(|p| p.answered_ms).max()
+    }
+
+    pub fn summary(&self) -> String {
+        let mut text = String::new();
+        let v = &self.verdict;
+        let _ = writeln!(
+            text,
+            "seed {} nodes {}: {} ops ({} ok, {} failed, {} unknown), {} kills, {} pauses, {} partitions",
+            self.options.seed,
+            self.options.nodes,
+            self.ops.total(),
+            self.ops.ok,
+            self.ops.failed,
+            self.ops.unknown,
+            self.kills,
+            self.pauses,
+            self.partitions
+        );
+        let _ = writeln!(
+            text,
+            "  lost {} missed {} unexpected {} resurrected {} divergent {} minority-acked {} minority-unanswered {} crashes {}",
+            v.lost.len(),
+            v.missed.len(),
+            v.unexpected.len(),
+            v.resurrected.len(),
+            v.divergent.len(),
+            v.minority_acked.len(),
+            v.minority_unanswered.len(),
+            self.crashes.len()
+        );
+        let _ = writeln!(
+            text,
+            "  converged {} after the heal; {} minority probes refused, slowest answer {}; {} final r=all reads failed",
+            self.converge_ms
+                .map_or("NEVER".to_string(), |ms| format!("{:.1} s", ms as f64 / 1000.0)),
+            self.probes.iter().filter(|p| p.outcome != Outcome::Ok).count(),
+            self.minority_answer_ms_max()
+                .map_or("-".to_string(), |ms| format!("{ms} ms")),
+            self.final_read_failures
+        );
+        for line in v.lines().iter().chain(self.crashes.iter()).take(50) {
+            let _ = writeln!(text, "  VIOLATION {line}");
+        }
+        if self.violations() > 0 {
+            let _ = writeln!(text, "  rerun: {}", self.options.rerun_command());
+        }
+        text
+    }
+}
+
+static RUN_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Runs one seeded run to its verdict. Everything it created (namespaces, processes, data)
+/// is removed on every exit path, errors and panics included, by the guards' drops.
+pub fn run_once(options: &RunOptions) -> Result<RunReport> {
+    if options.nodes < 3 {
+        bail!("a chaos run needs at least 3 nodes (replication factor 3)");
+    }
+    let schedule = schedule::draw(
+        options.seed,
+        options.nodes,
+        options.duration.as_millis() as u64,
+    );
+    println!(
+        "run seed {} with {} nodes for {} s; schedule:",
+        options.seed,
+        options.nodes,
+        options.duration.as_secs()
+    );
+    for step in &schedule {
+        println!("  {step}");
+    }
+    let tag = format!("{}", RUN_COUNTER.fetch_add(1, Ordering::Relaxed));
+    // Declared in this order so they drop in reverse: servers killed, then the thread back
+    // in its namespace, then the namespaces deleted, then the data removed.
+    let data = tempfile::Builder::new()
+        .prefix(&format!(
+            "{}{}-",
+            crate::topology::DATA_PREFIX,
+            std::process::id()
+        ))
+        .tempdir()
+        .context("temporary data directory")?;
+    let topology = Topology::create(&tag, options.nodes)?;
+    let _in_hub = topology.enter_hub()?;
+    let settings = ServerSettings {
+        request_timeout_ms: options.request_timeout_ms,
+        anti_entropy_interval_s: options.anti_entropy_interval_s,
+    };
+    let nodes = Mutex::new(Nodes::start(
+        &options.binary,
+        &topology.node_namespaces,
+        data.path(),
+        &settings,
+    )?);
+    // Built after entering the hub, so its worker threads (and their sockets) are there.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let result = runtime.block_on(drive(options, schedule, &topology, &nodes));
+    if result.is_err() || result.as_ref().is_ok_and(|r| r.violations() > 0) {
+        let nodes = nodes.lock().expect("nodes lock");
+        for index in 0..nodes.len() {
+            let log = nodes.log_path(index);
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = tail.lines().rev().take(5).collect();
+            if !lines.is_empty() {
+                eprintln!("--- last lines of {}:", log.display());
+                for line in lines.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+    result
+}
+
+/// Sleeps until `deadline`, waking early when the run is interrupted.
+async fn sleep_until(deadline: Instant) -> Result<()> {
+    loop {
+        if crate::interrupted() {
+            bail!("interrupted");
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(());
+        }
+        tokio::time::sleep((deadline - now).min(Duration::from_millis(100))).await;
+    }
+}
+
+/// Polls `check` every 200 ms until it holds; an error when `timeout` passes first.
+async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting until {what}");
+        }
+        sleep_until(Instant::now() + Duration::from_millis(200)).await?;
+    }
+}
+
+async fn all_up(clients: &[Client]) -> bool {
+    for client in clients {
+        let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), client.status()).await
+        else {
+            return false;
+        };
+        let members = status["nodes"].as_array().cloned().unwrap_or_default();
+        if members.len() != clients.len() || members.iter().any(|n| n["status"] != "up") {
+            return false;
+        }
+    }
+    true
+}
+
+async fn drive(
+    options: &RunOptions,
+    schedule: Vec<Step>,
+    topology: &Topology,
+    nodes: &Mutex<Nodes>,
+) -> Result<RunReport> {
+    let began = Instant::now();
+    let clients: Vec<Client> = (0..options.nodes)
+        .map(|i| Client::new(&Nodes::url(i)))
+        .collect();
+    wait_until(
+        Duration::from_secs(60),
+        "every node sees every node up",
+        || all_up(&clients),
+    )
+    .await?;
+    println!("cluster up after {:.1} s", began.elapsed().as_secs_f64());
+
+    let op_timeout = Duration::from_millis(options.request_timeout_ms + 2_000);
+    let workload = Arc::new(Workload {
+        started: Instant::now(),
+        clients: clients.clone(),
+        op_timeout,
+        stop: AtomicBool::new(false),
+        history: Mutex::new(Vec::new()),
+        written_keys: Mutex::new(Vec::new()),
+        rmw_keys: (0..options.rmw_keys).map(|i| format!("rmw{i}")).collect(),
+        read_level: options.read_level,
+        write_level: options.write_level,
+    });
+    let mut tasks = Vec::new();
+    let mut client_id = 0u32;
+    let mut next_seed = || {
+        client_id += 1;
+        (
+            client_id,
+            options
+                .seed
+                .wrapping_mul(1_000)
+                .wrapping_add(client_id as u64),
+        )
+    };
+    for _ in 0..options.writers {
+        let (id, seed) = next_seed();
+        tasks.push(tokio::spawn(workload.clone().unique_writer(id, seed)));
+    }
+    for _ in 0..options.readers {
+        let (id, seed) = next_seed();
+        tasks.push(tokio::spawn(workload.clone().quorum_reader(id, seed)));
+    }
+    for _ in 0..options.rmw_clients {
+        let (id, seed) = next_seed();
+        tasks.push(tokio::spawn(workload.clone().read_modify_writer(id, seed)));
+    }
+
+    let mut nemesis = Nemesis {
+        options,
+        topology,
+        nodes,
+        workload: &workload,
+        probes: Vec::new(),
+        kills: 0,
+        pauses: 0,
+        partitions: 0,
+        crashes: Vec::new(),
+    };
+    let nemesis_result = nemesis.run(&schedule).await;
+    workload.stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        let _ = task.await;
+    }
+    nemesis_result?;
+
+    // The heal: no rule, no paused or dead node. From here on no operator action: hints,
+    // read repair (not exercised: no client reads until converged) and anti-entropy.
+    topology.heal()?;
+    {
+        let mut nodes = nodes.lock().expect("nodes lock");
+        for index in 0..nodes.len() {
+            nodes.revive(index)?;
+        }
+    }
+    let healed = Instant::now();
+    println!(
+        "healed; waiting for convergence (at most {:?})",
+        options.settle_timeout
+    );
+    let history = std::mem::take(&mut *workload.history.lock().expect("history lock"));
+    let keys = keys_of(&history, &workload.rmw_keys);
+    let replicas_per_key = REPLICATION_FACTOR.min(options.nodes);
+    let (converge_ms, snapshot) = settle(
+        &clients,
+        &keys,
+        replicas_per_key,
+        healed,
+        options.settle_timeout,
+    )
+    .await?;
+    nemesis.check_crashes();
+    let (read_all, final_read_failures) = read_everything(&clients, &keys).await;
+    println!(
+        "final r=all reads done {:.1} s after the heal",
+        healed.elapsed().as_secs_f64()
+    );
+    let final_state = FinalState {
+        keys: keys
+            .iter()
+            .map(|key| {
+                let found = FinalKey {
+                    read_all: read_all.get(key).cloned().flatten(),
+                    copies: snapshot.get(key).cloned().unwrap_or_default(),
+                };
+                (key.clone(), found)
+            })
+            .collect(),
+        replicas_per_key,
+    };
+    let verdict = checker::check(&history, &nemesis.probes, &final_state);
+    let mut ops = OpCounts::default();
+    for op in &history {
+        match op.outcome {
+            Outcome::Ok => ops.ok += 1,
+            Outcome::Failed => ops.failed += 1,
+            Outcome::Unknown => ops.unknown += 1,
+        }
+    }
+    Ok(RunReport {
+        options: options.clone(),
+        schedule,
+        ops,
+        kills: nemesis.kills,
+        pauses: nemesis.pauses,
+        partitions: nemesis.partitions,
+        probes: nemesis.probes,
+        converge_ms,
+        verdict,
+        crashes: nemesis.crashes,
+        final_read_failures,
+    })
+}
+
+/// Every key the history touched (the read-modify-write keys even if never written).
+fn keys_of(history: &[Op], rmw_keys: &[String]) -> Vec<String> {
+    let mut keys: BTreeSet<String> = rmw_keys.iter().cloned().collect();
+    for op in history {
+        if !matches!(op.action, Action::Read { .. }) {
+            keys.insert(op.action.key().to_string());
+        }
+    }
+    keys.into_iter().collect()
+}
+
+struct Nemesis<'a> {
+    options: &'a RunOptions,
+    topology: &'a Topology,
+    nodes: &'a Mutex<Nodes>,
+    workload: &'a Workload,
+    probes: Vec<MinorityProbe>,
+    kills: usize,
+    pauses: usize,
+    partitions: usize,
+    crashes: Vec<String>,
+}
+
+impl Nemesis<'_> {
+    async fn run(&mut self, schedule: &[Step]) -> Result<()> {
+        let started = self.workload.started;
+        for (number, step) in schedule.iter().enumerate() {
+            sleep_until(started + Duration::from_millis(step.start_ms)).await?;
+            println!(
+                "  {:>6.1}s  {}",
+                started.elapsed().as_secs_f64(),
+                step.fault
+            );
+            self.apply(&step.fault)?;
+            let end = started + Duration::from_millis(step.start_ms + step.duration_ms);
+            if let Some(alone) = step.fault.alone(self.options.nodes) {
+                self.probe_while_alone(number, alone, end).await?;
+            }
+            sleep_until(end).await?;
+            self.undo(&step.fault)?;
+            self.check_crashes();
+        }
+        sleep_until(started + self.options.duration).await
+    }
+
+    fn apply(&mut self, fault: &Fault) -> Result<()> {
+        let mut nodes = self.nodes.lock().expect("nodes lock");
+        match fault {
+            Fault::Kill { node } => {
+                nodes.kill(*node);
+                self.kills += 1;
+            }
+            Fault::Pause { node } => {
+                nodes.pause(*node);
+                self.pauses += 1;
+            }
+            partition => {
+                self.topology
+                    .cut(&partition.dropped_links(self.options.nodes))?;
+                self.partitions += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn undo(&mut self, fault: &Fault) -> Result<()> {
+        match fault {
+            Fault::Kill { node } | Fault::Pause { node } => {
+                self.nodes.lock().expect("nodes lock").revive(*node)
+            }
+            _ => self.topology.heal(),
+        }
+    }
+
+    fn check_crashes(&mut self) {
+        let exited = self.nodes.lock().expect("nodes lock").exited();
+        for line in &exited {
+            eprintln!("  CRASH {line}");
+        }
+        self.crashes.extend(exited);
+    }
+
+    /// Sends `w=quorum` writes to the node cut off alone, one after another while the
+    /// partition has time left for a whole probe, so none can be in flight at the heal (a
+    /// write still waiting then may rightly succeed).
+    async fn probe_while_alone(&mut self, step: usize, node: usize, end: Instant) -> Result<()> {
+        let client = &self.workload.clients[node];
+        let id = self.nodes.lock().expect("nodes lock").id(node).to_string();
+        let budget = self.workload.op_timeout;
+        let mut sequence = 0;
+        while Instant::now() + budget < end && !crate::interrupted() {
+            let key = format!("p{step}-{sequence}");
+            let value = format!("{key}:v");
+            sequence += 1;
+            let invoke_us = self.workload.micros();
+            let sent = Instant::now();
+            let result = tokio::time::timeout(
+                budget,
+                client.put(
+                    BUCKET,
+                    key.as_bytes(),
+                    value.clone().into_bytes(),
+                    None,
+                    Some("quorum"),
+                    None,
+                ),
+            )
+            .await;
+            let outcome = classify(&result);
+            let answered_ms = result.is_ok().then(|| sent.elapsed().as_millis() as u64);
+            self.workload
+                .history
+                .lock()
+                .expect("history lock")
+                .push(Op {
+                    client: 0,
+                    action: Action::Write { key, value },
+                    invoke_us,
+                    complete_us: self.workload.micros(),
+                    outcome,
+                });
+            self.probes.push(MinorityProbe {
+                node: id.clone(),
+                outcome,
+                answered_ms,
+            });
+            sleep_until(Instant::now() + Duration::from_millis(200)).await?;
+        }
+        Ok(())
+    }
+}
+
+/// One node's own copy of `key`: `Ok(None)` when it holds nothing, `Err` when it did not
+/// answer (the key then cannot count as converged).
+async fn local_copy(client: &Client, node: &str, key: &str) -> Result<Option<StoredCopy>, ()> {
+    let answer = tokio::time::timeout(Duration::from_secs(5), client.local(BUCKET, key.as_bytes()))
+        .await
+        .map_err(|_| ())?
+        .map_err(|_| ())?;
+    let Some(json) = answer else {
+        return Ok(None);
+    };
+    let siblings = json["siblings"]
+        .as_array()
+        .ok_or(())?
+        .iter()
+        .map(|s| StoredSibling {
+            value: STANDARD
+                .decode(s["value_base64"].as_str().unwrap_or_default())
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+                .unwrap_or_else(|_| "<bad base64>".into()),
+            tombstone: s["tombstone"].as_bool().unwrap_or(false),
+        })
+        .collect();
+    Ok(Some(StoredCopy {
+        node: node.to_string(),
+        siblings,
+        context: json["context"].as_str().unwrap_or_default().to_string(),
+    }))
+}
+
+/// Every node's copy of each of `keys`; a key is absent when some node did not answer.
+async fn snapshot(clients: &[Client], keys: &[String]) -> BTreeMap<String, Vec<StoredCopy>> {
+    stream::iter(keys.iter().cloned())
+        .map(|key| async move {
+            let mut copies = Vec::new();
+            for (index, client) in clients.iter().enumerate() {
+                match local_copy(client, &format!("n{}", index + 1), &key).await {
+                    Ok(Some(copy)) => copies.push(copy),
+                    Ok(None) => {}
+                    Err(()) => return None,
+                }
+            }
+            Some((key, copies))
+        })
+        .buffer_unordered(FINAL_CONCURRENCY)
+        .filter_map(|entry| async move { entry })
+        .collect()
+        .await
+}
+
+/// Polls the replicas of the keys still diverging until all agree (confirmed by a full
+/// snapshot) or `timeout` after `healed`. Returns the time to converge and the last full
+/// snapshot.
+async fn settle(
+    clients: &[Client],
+    keys: &[String],
+    replicas_per_key: usize,
+    healed: Instant,
+    timeout: Duration,
+) -> Result<(Option<u64>, BTreeMap<String, Vec<StoredCopy>>)> {
+    let _ = wait_until(timeout, "every node is healthy again", || async {
+        for client in clients {
+            if !client.health().await {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    let diverging = |found: &BTreeMap<String, Vec<StoredCopy>>, asked: &[String]| -> Vec<String> {
+        asked
+            .iter()
+            .filter(|key| {
+                found
+                    .get(*key)
+                    .is_none_or(|copies| !checker::is_converged(copies, replicas_per_key))
+            })
+            .cloned()
+            .collect()
+    };
+    let mut pending = keys.to_vec();
+    loop {
+        let found = snapshot(clients, &pending).await;
+        pending = diverging(&found, &pending);
+        if pending.is_empty() {
+            let converged_ms = healed.elapsed().as_millis() as u64;
+            let full = snapshot(clients, keys).await;
+            pending = diverging(&full, keys);
+            if pending.is_empty() {
+                println!(
+                    "converged {:.1} s after the heal ({} keys)",
+                    converged_ms as f64 / 1000.0,
+                    keys.len()
+                );
+                return Ok((Some(converged_ms), full));
+            }
+        }
+        if healed.elapsed() > timeout {
+            println!(
+                "NOT converged {timeout:?} after the heal: {} keys diverge",
+                pending.len()
+            );
+            return Ok((None, snapshot(clients, keys).await));
+        }
+        sleep_until(Instant::now() + Duration::from_millis(500)).await?;
+    }
+}
+
+/// Reads every key at `r=all` (through the nodes in turn, three tries each); returns the
+/// values per key (`None` when all tries failed) and how many failed.
+async fn read_everything(
+    clients: &[Client],
+    keys: &[String],
+) -> (BTreeMap<String, Option<Vec<String>>>, usize) {
+    let reads: BTreeMap<String, Option<Vec<String>>> =
+        stream::iter(keys.iter().cloned().enumerate())
+            .map(|(index, key)| async move {
+                for attempt in 0..3 {
+                    let client = &clients[(index + attempt) % clients.len()];
+                    let read = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        client.get(BUCKET, key.as_bytes(), Some("all")),
+                    )
+                    .await;
+                    if let Ok(Ok(found)) = read {
+                        return (key, Some(values_of(&found)));
+                    }
+                }
+                (key, None)
+            })
+            .buffer_unordered(FINAL_CONCURRENCY)
+            .collect()
+            .await;
+    let failures = reads.values().filter(|r| r.is_none()).count();
+    (reads, failures)
+}
