@@ -136,7 +136,7 @@ async fn redis_cli_round_trips_through_different_nodes() {
     );
     assert_eq!(
         cli(&redis_cli, &ports[2], &["MGET", "a", "b", "missing"]).await,
-        "1\n2\n"
+        "1\n2"
     );
     assert_eq!(cli(&redis_cli, &ports[0], &["DEL", "a"]).await, "1");
     assert_eq!(cli(&redis_cli, &ports[1], &["EXISTS", "a", "b"]).await, "1");
