@@ -434,7 +434,12 @@ impl Storage for FjallStorage {
     fn get(&self, bucket: &str, key: &[u8]) -> Result<Option<Object>, StorageError> {
         match self.read(|engine| engine.objects.get(object_key(bucket, key)))? {
             Some(bytes) => decode_object(&bytes).map(Some).inspect_err(|e| {
-                tracing::error!(bucket, error = %e, "corrupt object record");
+                tracing::error!(
+                    bucket,
+                    key = %String::from_utf8_lossy(key),
+                    error = %e,
+                    "corrupt object record"
+                );
             }),
             None => Ok(None),
         }
@@ -498,13 +503,23 @@ impl Storage for FjallStorage {
                 for guard in iter {
                     let (key, value) = guard.into_inner().map_err(engine_error)?;
                     let Some((bucket, object_key)) = parse_object_key(&key) else {
-                        tracing::error!("corrupt object key skipped in a range scan");
+                        tracing::error!(
+                            range = ?range,
+                            stored_key = ?key,
+                            "corrupt object key skipped in a range scan"
+                        );
                         continue;
                     };
                     match decode_object(&value) {
                         Ok(object) => found.push((bucket, object_key, object)),
                         Err(error) => {
-                            tracing::error!(%error, "corrupt object skipped in a range scan")
+                            tracing::error!(
+                                bucket = %bucket,
+                                key = %String::from_utf8_lossy(&object_key),
+                                range = ?range,
+                                %error,
+                                "corrupt object skipped in a range scan"
+                            )
                         }
                     }
                 }
