@@ -137,9 +137,11 @@ async fn mendkv_cluster_writes_node_logs_without_colour_codes() {
         .spawn()
         .unwrap();
     let client = mendkv_client::Client::new(&format!("http://127.0.0.1:{base_port}"));
-    eventually(Duration::from_secs(30), "the cluster's node serves", || async {
-        client.health().await
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the cluster's node serves",
+        || async { client.health().await },
+    )
     .await;
     let log_path = data.join("node1").join("server.log");
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();

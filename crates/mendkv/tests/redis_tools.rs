@@ -22,10 +22,7 @@ fn tool(name: &str, package: &str) -> Result<PathBuf, String> {
     if path.exists() {
         Ok(path)
     } else {
-        Err(format!(
-            "no {} (apt-get install {package})",
-            path.display()
-        ))
+        Err(format!("no {} (apt-get install {package})", path.display()))
     }
 }
 
@@ -129,7 +126,10 @@ async fn redis_cli_round_trips_through_different_nodes() {
         cli(&redis_cli, &ports[0], &["SET", "user:1", "alice"]).await,
         "OK"
     );
-    assert_eq!(cli(&redis_cli, &ports[2], &["GET", "user:1"]).await, "alice");
+    assert_eq!(
+        cli(&redis_cli, &ports[2], &["GET", "user:1"]).await,
+        "alice"
+    );
     assert_eq!(
         cli(&redis_cli, &ports[1], &["MSET", "a", "1", "b", "2"]).await,
         "OK"
@@ -192,8 +192,23 @@ async fn redis_benchmark_completes_without_errors_with_and_without_pipelining() 
         let (stdout, stderr) = run(
             &benchmark,
             &[
-                "-h", "127.0.0.1", "-p", &ports[0], "-t", "set,get", "-n", "2000", "-d", "100",
-                "-r", "100000", "-c", "50", "-P", pipeline, "--csv",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &ports[0],
+                "-t",
+                "set,get",
+                "-n",
+                "2000",
+                "-d",
+                "100",
+                "-r",
+                "100000",
+                "-c",
+                "50",
+                "-P",
+                pipeline,
+                "--csv",
             ],
             None,
         )

@@ -8,10 +8,10 @@ mod common;
 
 use common::{eventually, free_port, TestNode};
 use mendkv_client::{metric_sum, Client, ReadResult};
+use mendkv_server::resp::codec::{decode, encode, Frame, Limits, Version};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use mendkv_server::resp::codec::{decode, encode, Frame, Limits, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Ca {
@@ -301,7 +301,9 @@ async fn resp_over_tls(
     .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     let socket: std::net::SocketAddr = address.parse().unwrap();
-    let tcp = tokio::net::TcpStream::connect(socket).await.expect("connect");
+    let tcp = tokio::net::TcpStream::connect(socket)
+        .await
+        .expect("connect");
     let name = rustls_pki_types::ServerName::IpAddress(socket.ip().into());
     tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
         .await
@@ -314,7 +316,12 @@ async fn resp_command<S>(stream: &mut S, words: &[&str]) -> Frame
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let frame = Frame::Array(words.iter().map(|w| Frame::Bulk(w.as_bytes().to_vec())).collect());
+    let frame = Frame::Array(
+        words
+            .iter()
+            .map(|w| Frame::Bulk(w.as_bytes().to_vec()))
+            .collect(),
+    );
     let mut out = Vec::new();
     encode(&frame, Version::Resp2, &mut out);
     stream.write_all(&out).await.expect("send");

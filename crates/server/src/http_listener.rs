@@ -125,7 +125,10 @@ pub async fn serve(
             }
             Err(error) if is_resource_exhaustion(&error) => {
                 if backoff == ACCEPT_BACKOFF_MIN {
-                    let listen = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                    let listen = listener
+                        .local_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
                     tracing::warn!(%listen, %error, "HTTP accept failed; backing off");
                 }
                 tokio::select! {

@@ -416,13 +416,17 @@ where
             if out.capacity() > KEPT_BUFFER_BYTES {
                 out = Vec::new();
             }
-            idle.as_mut().reset(tokio::time::Instant::now() + state.idle_timeout);
+            idle.as_mut()
+                .reset(tokio::time::Instant::now() + state.idle_timeout);
         }
         if closing && in_flight.is_empty() {
             let _ = stream.shutdown().await;
             return;
         }
-        if held.as_ref().is_some_and(|(_, touch)| in_flight.admits(touch)) {
+        if held
+            .as_ref()
+            .is_some_and(|(_, touch)| in_flight.admits(touch))
+        {
             continue;
         }
         if buffer.len() > max_buffered {
@@ -509,7 +513,9 @@ fn err(message: impl Into<String>) -> Fail {
 }
 
 fn arity(name: &str) -> Fail {
-    err(format!("ERR wrong number of arguments for '{name}' command"))
+    err(format!(
+        "ERR wrong number of arguments for '{name}' command"
+    ))
 }
 
 /// Decodes a command and runs what the session alone answers; `None` for an empty inline
@@ -558,10 +564,7 @@ fn start(state: &RespState, session: &mut Session, frame: Frame) -> Option<Start
 }
 
 fn noauth() -> Fail {
-    Fail(
-        Frame::error("NOAUTH Authentication required."),
-        "noauth",
-    )
+    Fail(Frame::error("NOAUTH Authentication required."), "noauth")
 }
 
 fn unknown_command(args: &[Vec<u8>]) -> Fail {
@@ -610,9 +613,7 @@ fn prepare(
             2 => Ok(Frame::Bulk(args.into_iter().nth(1).unwrap_or_default())),
             _ => Err(arity(name)),
         }),
-        "echo" if n == 2 => ready(Ok(Frame::Bulk(
-            args.into_iter().nth(1).unwrap_or_default(),
-        ))),
+        "echo" if n == 2 => ready(Ok(Frame::Bulk(args.into_iter().nth(1).unwrap_or_default()))),
         "quit" => (Work::Ready(Ok(Frame::ok())), After::Close),
         "auth" => ready(match n {
             2 | 3 => authenticate(state, session, &args[n - 1]).map(|()| Frame::ok()),
@@ -923,12 +924,7 @@ async fn write(
 }
 
 /// Deletes what `object` (just read) holds.
-async fn delete(
-    state: &RespState,
-    bucket: &str,
-    key: &[u8],
-    object: &Object,
-) -> Result<(), Fail> {
+async fn delete(state: &RespState, bucket: &str, key: &[u8], object: &Object) -> Result<(), Fail> {
     let request = ClientRequest::Delete {
         bucket: bucket.to_string(),
         key: checked_key(key)?,

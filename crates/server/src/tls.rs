@@ -210,7 +210,7 @@ mod tests {
             ..TlsSection::default()
         };
         let client_only = client_only.build().unwrap();
-    assert!(client_only.client.is_some() && client_only.resp.is_some());
+        assert!(client_only.client.is_some() && client_only.resp.is_some());
     }
 
     #[test]

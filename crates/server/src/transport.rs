@@ -559,7 +559,10 @@ pub async fn accept_loop(listener: TcpListener, inbound: Arc<Inbound>, tasks: Pe
                 }
             },
             Err(error) => {
-                let listen = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                let listen = listener
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
                 tracing::warn!(%listen, %error, "peer accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

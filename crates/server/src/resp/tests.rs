@@ -290,7 +290,11 @@ async fn replies(client: &mut DuplexStream, n: usize) -> Vec<Frame> {
             continue;
         }
         let read = client.read(&mut chunk).await.expect("read");
-        assert!(read > 0, "closed after {} replies: {frames:?}", frames.len());
+        assert!(
+            read > 0,
+            "closed after {} replies: {frames:?}",
+            frames.len()
+        );
         buffer.extend_from_slice(&chunk[..read]);
     }
     frames
@@ -414,7 +418,10 @@ async fn in_flight_commands_are_bounded() {
         pending.push_back(next_request(&mut requests).await);
     }
     tokio::task::yield_now().await;
-    assert!(requests.try_recv().is_err(), "more than MAX_IN_FLIGHT started");
+    assert!(
+        requests.try_recv().is_err(),
+        "more than MAX_IN_FLIGHT started"
+    );
     let mut answered = 0;
     while answered < total {
         let (_, key, reply) = pending.pop_front().expect("a request in flight");
