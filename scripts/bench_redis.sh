@@ -72,8 +72,11 @@ wait_for "mendkv cluster" mendkv_up
 declare -A rate p50 p99
 bench() { # $1 = redis|mendkv, $2 = port, $3 = pipeline depth
   local out
-  out=$(redis-benchmark -h 127.0.0.1 -p "$2" -t set,get -n "$requests" -d 100 -r 100000 -c 50 \
-    -P "$3" --csv)
+  # redis-benchmark stops at the first error reply: the run is then reported as failed.
+  if ! out=$(redis-benchmark -h 127.0.0.1 -p "$2" -t set,get -n "$requests" -d 100 -r 100000 \
+    -c 50 -P "$3" --csv 2>&1); then
+    echo "  $1 -P $3 FAILED: $(echo "$out" | grep -v '^"' | head -3)" >&2
+  fi
   echo "$out" | sed "s/^/  $1 -P $3: /" >&2
   while IFS=, read -r test rps _avg _min median _p95 tail _max; do
     test=${test//\"/}
@@ -95,10 +98,10 @@ printf '| %-4s | %-3s | %12s | %9s | %9s | %12s | %9s | %9s | %13s |\n' \
 printf '|------|-----|-------------:|----------:|----------:|-------------:|----------:|----------:|--------------:|\n'
 for pipeline in 1 16; do
   for test in SET GET; do
-    r=${rate[redis,$pipeline,$test]} m=${rate[mendkv,$pipeline,$test]}
+    r=${rate[redis,$pipeline,$test]:-0} m=${rate[mendkv,$pipeline,$test]:-0}
     printf '| %-4s | %-3s | %12s | %9s | %9s | %12s | %9s | %9s | %12.0f%% |\n' "$test" "$pipeline" \
-      "$r" "${p50[redis,$pipeline,$test]}" "${p99[redis,$pipeline,$test]}" \
-      "$m" "${p50[mendkv,$pipeline,$test]}" "${p99[mendkv,$pipeline,$test]}" \
-      "$(echo "100 * $m / $r" | bc -l)"
+      "$r" "${p50[redis,$pipeline,$test]:-failed}" "${p99[redis,$pipeline,$test]:-failed}" \
+      "$m" "${p50[mendkv,$pipeline,$test]:-failed}" "${p99[mendkv,$pipeline,$test]:-failed}" \
+      "$(echo "if ($r > 0) 100 * $m / $r else 0" | bc -l)"
   done
 done
