@@ -76,6 +76,9 @@ bench() { # $1 = redis|mendkv, $2 = port, $3 = pipeline depth
   if ! out=$(redis-benchmark -h 127.0.0.1 -p "$2" -t set,get -n "$requests" -d 100 -r 100000 \
     -c 50 -P "$3" --csv 2>&1); then
     echo "  $1 -P $3 FAILED: $(echo "$out" | grep -v '^"' | head -3)" >&2
+    if [ "$1" = mendkv ]; then
+      grep -h 'WARN\|ERROR' "$dir"/mendkv/*/server.log | grep -v 'no epoch record' | tail -n 5 >&2 || true
+    fi
   fi
   echo "$out" | sed "s/^/  $1 -P $3: /" >&2
   while IFS=, read -r test rps _avg _min median _p95 tail _max; do
