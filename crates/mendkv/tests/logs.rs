@@ -107,3 +107,46 @@ fn a_bad_log_level_or_format_is_refused() {
     let stderr = refused_start("MENDKV_LOG__FORMAT", "xml");
     assert!(stderr.contains("format"), "{stderr}");
 }
+
+/// `mendkv cluster` started from a terminal (a pseudo-terminal made by util-linux's
+/// `script`): the node logs it writes to `<data-dir>/<node>/server.log` carry no escape
+/// codes, as the nodes' stderr is that file, not the terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mendkv_cluster_writes_node_logs_without_colour_codes() {
+    let script = std::path::Path::new("/usr/bin/script");
+    if !script.exists() {
+        eprintln!("SKIPPED mendkv cluster log test: no /usr/bin/script (util-linux) for a pty");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // The HTTP port; peers listen 1000 below it and RESP 1000 above it.
+    let base_port = free_port();
+    let command_line = format!(
+        "RUST_LOG= exec {} cluster --nodes 1 --data-dir {} --base-port {base_port}",
+        env!("CARGO_BIN_EXE_mendkv"),
+        data.display()
+    );
+    // `script` gives the cluster a terminal as stdin/stdout/stderr; when `script` is killed
+    // the terminal hangs up, which ends the cluster and its node.
+    let mut child = Command::new(script)
+        .args(["-qfec", &command_line, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = mendkv_client::Client::new(&format!("http://127.0.0.1:{base_port}"));
+    eventually(
+        Duration::from_secs(30),
+        "the cluster's node serves",
+        || async { client.health().await },
+    )
+    .await;
+    let log_path = data.join("node1").join("server.log");
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(log.contains("node starting"), "{log_path:?}: {log}");
+    assert!(!log.contains('\u{1b}'), "escape codes in the log: {log:?}");
+}

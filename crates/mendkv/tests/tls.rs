@@ -2,11 +2,13 @@
 //! rcgen here). A write over https through one node is read through another (so the nodes
 //! talk over mutual TLS); a plain-text client on the TLS port gets no HTTP; a node whose
 //! certificate comes from another CA is refused in the TLS handshake and never listed up.
+//! The Redis protocol listener serves TLS too: a TLS RESP client works, plain text does not.
 
 mod common;
 
 use common::{eventually, free_port, TestNode};
 use mendkv_client::{metric_sum, Client, ReadResult};
+use mendkv_server::resp::codec::{decode, encode, Frame, Limits, Version};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -100,6 +102,7 @@ async fn tls_cluster_serves_https_and_refuses_plain_text_and_foreign_certificate
     let ca_pem = ca.cert.pem().into_bytes();
 
     let mut nodes: Vec<TestNode> = Vec::new();
+    let mut resp_addresses = Vec::new();
     for i in 1..=3 {
         let id = format!("node{i}");
         let seeds = nodes
@@ -107,7 +110,11 @@ async fn tls_cluster_serves_https_and_refuses_plain_text_and_foreign_certificate
             .map(|n| vec![n.peer.clone()])
             .unwrap_or_default();
         let cert = node_cert(&ca, dir.path(), &id);
-        nodes.push(tls_node(dir.path(), &id, seeds, cert, &ca_file));
+        let mut node = tls_node(dir.path(), &id, seeds, cert, &ca_file);
+        let resp = format!("127.0.0.1:{}", free_port());
+        node.env.push(("MENDKV_RESP__LISTEN".into(), resp.clone()));
+        resp_addresses.push(resp);
+        nodes.push(node);
     }
     for node in &mut nodes {
         node.start();
@@ -203,6 +210,31 @@ async fn tls_cluster_serves_https_and_refuses_plain_text_and_foreign_certificate
         String::from_utf8_lossy(&answer)
     );
 
+    // RESP over TLS: SET through node1, GET through node3; plain text gets no RESP answer.
+    let mut resp_one = resp_over_tls(&resp_addresses[0], &ca_pem).await;
+    assert_eq!(
+        resp_command(&mut resp_one, &["SET", "r", "over-tls"]).await,
+        Frame::Simple(b"OK".to_vec())
+    );
+    let mut resp_three = resp_over_tls(&resp_addresses[2], &ca_pem).await;
+    assert_eq!(
+        resp_command(&mut resp_three, &["GET", "r"]).await,
+        Frame::Bulk(b"over-tls".to_vec())
+    );
+    let mut plain = tokio::net::TcpStream::connect(&resp_addresses[0])
+        .await
+        .unwrap();
+    let _ = plain.write_all(b"*1\r\n$4\r\nPING\r\n").await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut answer))
+        .await
+        .expect("the RESP TLS port closes a plain-text connection");
+    assert!(
+        read.is_err() || !answer.starts_with(b"+PONG"),
+        "plain text got a RESP answer: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+
     // A node with a certificate from another CA (it trusts ours, so it is our acceptor that
     // must refuse it) cannot join.
     let rogue_ca = new_ca("another CA");
@@ -248,4 +280,62 @@ async fn tls_cluster_serves_https_and_refuses_plain_text_and_foreign_certificate
         !rogue_sees.iter().any(|id| id.starts_with("node")),
         "the rogue node joined: {rogue_sees:?}"
     );
+}
+
+/// A RESP connection over TLS that trusts `ca_pem` and checks the node's IP address.
+async fn resp_over_tls(
+    address: &str,
+    ca_pem: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(ca.expect("CA PEM")).expect("CA");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let socket: std::net::SocketAddr = address.parse().unwrap();
+    let tcp = tokio::net::TcpStream::connect(socket)
+        .await
+        .expect("connect");
+    let name = rustls_pki_types::ServerName::IpAddress(socket.ip().into());
+    tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+        .await
+        .expect("TLS handshake in time")
+        .expect("TLS handshake with the RESP listener")
+}
+
+/// Sends one command and reads its reply.
+async fn resp_command<S>(stream: &mut S, words: &[&str]) -> Frame
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let frame = Frame::Array(
+        words
+            .iter()
+            .map(|w| Frame::Bulk(w.as_bytes().to_vec()))
+            .collect(),
+    );
+    let mut out = Vec::new();
+    encode(&frame, Version::Resp2, &mut out);
+    stream.write_all(&out).await.expect("send");
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some((reply, _)) = decode(&buffer, &Limits::default()).expect("a valid reply") {
+            return reply;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(15), stream.read(&mut chunk))
+            .await
+            .expect("a reply in time")
+            .expect("read");
+        assert!(n > 0, "closed before a reply");
+        buffer.extend_from_slice(&chunk[..n]);
+    }
 }

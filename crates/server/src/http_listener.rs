@@ -125,7 +125,11 @@ pub async fn serve(
             }
             Err(error) if is_resource_exhaustion(&error) => {
                 if backoff == ACCEPT_BACKOFF_MIN {
-                    tracing::warn!(%error, "HTTP accept failed; backing off");
+                    let listen = listener
+                        .local_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    tracing::warn!(%listen, %error, "HTTP accept failed; backing off");
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}

@@ -71,16 +71,6 @@ pub const PEER_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(2);
 pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
     let node_config = config.node_config()?;
     let tls = config.tls.build().map_err(config::ConfigError::Invalid)?;
-    if tls.client.is_some() && config.resp.listen.is_some() {
-        // The Redis listener has no TLS yet: serving it in plain text beside an HTTPS-only
-        // API would leave a client link unencrypted that the operator asked to encrypt.
-        return Err(config::ConfigError::Invalid(
-            "tls.client is on but the Redis protocol (resp.listen) cannot serve TLS yet: \
-             unset resp.listen, or tls.client"
-                .into(),
-        )
-        .into());
-    }
     // Before storage opens its files, so that the limit they count against is the raised one.
     let open_file_limit = http_listener::raise_open_file_limit();
     let http_limits = http_limits(&config, open_file_limit);
@@ -170,8 +160,13 @@ pub async fn run(config: ServerConfig, shutdown: watch::Receiver<bool>) -> Resul
         storage: storage_health,
     };
     let resp_task = resp_socket.map(|socket| {
-        let resp_state = resp_state(&config, &node_config, &state, &http_limits);
-        tracing::info!(resp = %resp_state.listen, bucket = %resp_state.bucket, "serving the Redis protocol");
+        let resp_state = resp_state(&config, &node_config, &state, &http_limits, &tls);
+        tracing::info!(
+            resp = %resp_state.listen,
+            bucket = %resp_state.bucket,
+            tls = resp_state.tls.is_some(),
+            "serving the Redis protocol"
+        );
         tokio::spawn(resp::serve(socket, resp_state, shutdown.clone()))
     });
     let app = http::router(state);
@@ -268,6 +263,7 @@ fn resp_state(
     node_config: &mendkv_core::config::NodeConfig,
     state: &http::ApiState,
     http_limits: &http_listener::HttpLimits,
+    tls: &tls::TlsSetup,
 ) -> resp::RespState {
     let (read, write) = config.resp_levels().unwrap_or((
         mendkv_core::quorum::ConsistencyLevel::Quorum,
@@ -284,6 +280,10 @@ fn resp_state(
         request_timeout: state.request_timeout,
         max_connections: http_limits.max_connections,
         idle_timeout: http_limits.idle_timeout,
+        handshake_timeout: http_limits.header_timeout,
+        tls: tls.resp.clone(),
+        storage: state.storage.clone(),
+        key_counting: Default::default(),
         node_id: node_config.node_id.to_string(),
         listen: config.resp.listen.clone().unwrap_or_default(),
         started: std::time::Instant::now(),

@@ -90,6 +90,10 @@ pub struct Metrics {
     pub resp_commands: Family<crate::resp::CommandLabels, Counter>,
     /// Open Redis protocol connections.
     pub resp_connections: Gauge,
+    /// Redis protocol connections closed at once because `http.max_connections` were open.
+    pub resp_connections_refused: Counter,
+    /// Redis protocol connections closed after `http.idle_timeout_ms` without a command.
+    pub resp_connections_idle_closed: Counter,
     /// One metric per name of the node's counter table (`mendkv_core::node::Counter`).
     node_counters: BTreeMap<&'static str, NodeMetric>,
     /// Gossip messages dropped, by reason (from gossip's own statistics).
@@ -222,6 +226,18 @@ impl Metrics {
             "Client connections the Redis protocol serves now",
             resp_connections.clone(),
         );
+        let resp_connections_refused = Counter::default();
+        registry.register(
+            "mendkv_resp_connections_refused",
+            "Redis protocol connections closed at once because http.max_connections were open",
+            resp_connections_refused.clone(),
+        );
+        let resp_connections_idle_closed = Counter::default();
+        registry.register(
+            "mendkv_resp_connections_idle_closed",
+            "Redis protocol connections closed after http.idle_timeout_ms without a command",
+            resp_connections_idle_closed.clone(),
+        );
         let mut node_counters = BTreeMap::new();
         for counter in NodeCounter::ALL {
             let spec = counter.spec();
@@ -258,6 +274,8 @@ impl Metrics {
             http_connections_refused,
             resp_commands,
             resp_connections,
+            resp_connections_refused,
+            resp_connections_idle_closed,
             peer_phi,
             circuit_breaker_open,
             anti_entropy_cycle,

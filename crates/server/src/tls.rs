@@ -5,9 +5,9 @@
 //!   client certificate signed by `ca_file`. The HMAC handshake then runs inside the TLS
 //!   stream unchanged, so a node needs both a certificate from the cluster's CA and the
 //!   cluster secret.
-//! - `client = true`: the HTTP listener (and the RESP listener, through
-//!   [`TlsSetup::client`]) serves TLS with `cert_file`/`key_file`; clients are not asked
-//!   for certificates.
+//! - `client = true`: the HTTP listener ([`TlsSetup::client`], ALPN `http/1.1`) and the
+//!   RESP listener ([`TlsSetup::resp`], no ALPN, as Redis) serve TLS with
+//!   `cert_file`/`key_file`; clients are not asked for certificates.
 //!
 //! PEM files are read with `rustls-pki-types` (`rustls-pemfile` is unmaintained).
 
@@ -65,8 +65,10 @@ impl PeerTls {
 #[derive(Clone, Default)]
 pub struct TlsSetup {
     pub peer: Option<PeerTls>,
-    /// For the client listeners.
+    /// For the HTTP listener.
     pub client: Option<TlsAcceptor>,
+    /// For the Redis protocol listener: the same certificate, no ALPN.
+    pub resp: Option<TlsAcceptor>,
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -154,6 +156,8 @@ impl TlsSection {
                 .with_no_client_auth()
                 .with_single_cert(certs, key)
                 .map_err(|e| format!("tls.cert_file/tls.key_file: {e}"))?;
+            // Redis clients announce no ALPN protocol; the RESP listener asks for none.
+            setup.resp = Some(TlsAcceptor::from(Arc::new(server.clone())));
             server.alpn_protocols = vec![b"http/1.1".to_vec()];
             setup.client = Some(TlsAcceptor::from(Arc::new(server)));
         }
@@ -205,7 +209,8 @@ mod tests {
             client: true,
             ..TlsSection::default()
         };
-        assert!(client_only.build().unwrap().client.is_some());
+        let client_only = client_only.build().unwrap();
+        assert!(client_only.client.is_some() && client_only.resp.is_some());
     }
 
     #[test]

@@ -559,7 +559,11 @@ pub async fn accept_loop(listener: TcpListener, inbound: Arc<Inbound>, tasks: Pe
                 }
             },
             Err(error) => {
-                tracing::warn!(%error, "accept failed");
+                let listen = listener
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                tracing::warn!(%listen, %error, "peer accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -686,7 +690,7 @@ async fn run_link(
                 if inbox.send(Inbox::PeerUp { info }).await.is_err() {
                     return;
                 }
-                let closed = pump(connection, &mut queue, &metrics).await;
+                let closed = pump(connection, &mut queue, &metrics, &peer).await;
                 if closed.is_none() {
                     return;
                 }
@@ -732,6 +736,7 @@ async fn pump(
     framed: PeerConnection,
     queue: &mut mpsc::Receiver<Message>,
     metrics: &Metrics,
+    peer: &NodeId,
 ) -> Option<()> {
     let (mut sink, mut stream) = StreamExt::split::<bytes::Bytes>(framed);
     loop {
@@ -752,7 +757,7 @@ async fn pump(
                     let bytes = match encode_frame(&Frame::Message(message)) {
                         Ok(bytes) => bytes,
                         Err(error) => {
-                            tracing::error!(%error, "message too large to send; dropped");
+                            tracing::error!(%peer, %error, "message too large to send; dropped");
                             continue;
                         }
                     };
