@@ -46,6 +46,8 @@ pub struct RunOptions {
     /// breaks that promise on purpose, to show the checker catches what it should.
     pub read_level: &'static str,
     pub write_level: &'static str,
+    /// Keep the servers' data directories and logs when the run finds a violation.
+    pub keep_evidence: bool,
 }
 
 impl RunOptions {
@@ -64,6 +66,7 @@ impl RunOptions {
             anti_entropy_interval_s: 2,
             read_level: "quorum",
             write_level: "quorum",
+            keep_evidence: true,
         }
     }
 
@@ -241,7 +244,7 @@ pub fn run_once(options: &RunOptions) -> Result<RunReport> {
             }
         }
     }
-    if violated {
+    if violated && options.keep_evidence {
         // The servers' data directories and logs are the evidence: stop the servers and
         // keep them under a name the leftover sweep does not take.
         drop(runtime);
