@@ -46,6 +46,8 @@ pub struct RunOptions {
     /// breaks that promise on purpose, to show the checker catches what it should.
     pub read_level: &'static str,
     pub write_level: &'static str,
+    /// Keep the servers' data directories and logs when the run finds a violation.
+    pub keep_evidence: bool,
 }
 
 impl RunOptions {
@@ -64,6 +66,7 @@ impl RunOptions {
             anti_entropy_interval_s: 2,
             read_level: "quorum",
             write_level: "quorum",
+            keep_evidence: true,
         }
     }
 
@@ -226,7 +229,8 @@ pub fn run_once(options: &RunOptions) -> Result<RunReport> {
         .build()
         .context("tokio runtime")?;
     let result = runtime.block_on(drive(options, schedule, &topology, &nodes));
-    if result.is_err() || result.as_ref().is_ok_and(|r| r.violations() > 0) {
+    let violated = result.as_ref().is_ok_and(|r| r.violations() > 0);
+    if result.is_err() || violated {
         let nodes = nodes.lock().expect("nodes lock");
         for index in 0..nodes.len() {
             let log = nodes.log_path(index);
@@ -238,6 +242,23 @@ pub fn run_once(options: &RunOptions) -> Result<RunReport> {
                     eprintln!("{line}");
                 }
             }
+        }
+    }
+    if violated && options.keep_evidence {
+        // The servers' data directories and logs are the evidence: stop the servers and
+        // keep them under a name the leftover sweep does not take.
+        drop(runtime);
+        drop(nodes);
+        let kept = std::env::temp_dir().join(format!(
+            "{}kept-seed{}-{}",
+            crate::topology::DATA_PREFIX,
+            options.seed,
+            std::process::id()
+        ));
+        let path = data.keep();
+        match std::fs::rename(&path, &kept) {
+            Ok(()) => eprintln!("kept the servers' data and logs in {}", kept.display()),
+            Err(_) => eprintln!("kept the servers' data and logs in {}", path.display()),
         }
     }
     result
