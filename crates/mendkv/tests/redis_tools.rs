@@ -96,10 +96,16 @@ async fn run(program: &Path, args: &[&str], stdin: Option<&str>) -> (String, Str
     (stdout, stderr)
 }
 
+/// How long a node gives a request here: debug builds of 9 nodes, redis-benchmark's 800
+/// pipelined commands and the other tests share two cores, and these tests check answers,
+/// not latency (the default 2 s made a -P 16 run end at a TIMEOUT reply on a loaded machine).
+const REQUEST_TIMEOUT_MS: &str = "30000";
+
 /// A 3-node cluster with RESP on every node; returns it and the RESP ports.
 async fn cluster() -> (TestCluster, Vec<String>) {
     let mut ports = Vec::new();
-    let cluster = TestCluster::start_with(3, &[], |node| {
+    let env = [("MENDKV_CONSISTENCY__REQUEST_TIMEOUT_MS", REQUEST_TIMEOUT_MS)];
+    let cluster = TestCluster::start_with(3, &env, |node| {
         let port = free_port().to_string();
         node.env
             .push(("MENDKV_RESP__LISTEN".into(), format!("127.0.0.1:{port}")));

@@ -359,6 +359,8 @@ where
     let mut held: Option<(Started, Touch)> = None;
     // QUIT or a protocol error was reached: nothing more is read or started.
     let mut closing = false;
+    // The client closed its side: what it sent before is still run and answered.
+    let mut input_ended = false;
     let idle = tokio::time::sleep(state.idle_timeout);
     tokio::pin!(idle);
     loop {
@@ -419,7 +421,9 @@ where
             idle.as_mut()
                 .reset(tokio::time::Instant::now() + state.idle_timeout);
         }
-        if closing && in_flight.is_empty() {
+        // Once input ended and nothing waits to start, what is left in the buffer is an
+        // unfinished frame that can never complete.
+        if (closing || (input_ended && held.is_none())) && in_flight.is_empty() {
             let _ = stream.shutdown().await;
             return;
         }
@@ -440,14 +444,14 @@ where
         }
 
         // Wait for the oldest reply, more input (unless a command waits), or the end.
-        let reading = held.is_none() && !closing;
+        let reading = held.is_none() && !closing && !input_ended;
         tokio::select! {
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
                 finish(state, done, &mut out);
             }
             read = stream.read(&mut chunk), if reading => match read {
-                // The client is gone or half-closed: what is in flight is still answered.
-                Ok(0) | Err(_) => closing = true,
+                // The client is gone or half-closed: what it sent is still answered.
+                Ok(0) | Err(_) => input_ended = true,
                 Ok(n) => {
                     buffer.extend_from_slice(&chunk[..n]);
                     idle.as_mut().reset(tokio::time::Instant::now() + state.idle_timeout);

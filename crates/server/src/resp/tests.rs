@@ -434,3 +434,32 @@ async fn in_flight_commands_are_bounded() {
     let expected: Vec<Frame> = keys.iter().map(|k| Frame::bulk(k.as_bytes())).collect();
     assert_eq!(replies(&mut client, total).await, expected);
 }
+
+/// A client that sends a pipeline and closes its side at once (`printf ... | nc -N`) still
+/// gets every reply, also of commands that had to wait, and then the connection closes.
+#[tokio::test]
+async fn commands_sent_before_a_half_close_are_all_answered() {
+    let (inbox, mut requests) = mpsc::channel::<Inbox>(64);
+    let dir = tempfile::tempdir().unwrap();
+    let mut client = connect(state_with(inbox, None, dir.path()));
+    tokio::spawn(async move {
+        while let Some(Inbox::Client { request, reply }) = requests.recv().await {
+            let _ = reply.send(match request {
+                ClientRequest::Get { key, .. } => ClientResponse::Object(stored(&key)),
+                _ => ClientResponse::Written {
+                    context: CausalContext::default(),
+                },
+            });
+        }
+    });
+    let commands: &[&[&str]] = &[&["SET", "a", "1"], &["GET", "a"], &["GET", "a"]];
+    client.write_all(&pipeline(commands)).await.unwrap();
+    client.shutdown().await.unwrap();
+    assert_eq!(
+        replies(&mut client, 3).await,
+        vec![Frame::ok(), Frame::bulk("a"), Frame::bulk("a")]
+    );
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+}
