@@ -119,10 +119,19 @@ record() {
     "$round" "$case" "$system" "$rate" "$p99" "$cpu_us" "$errors"
 }
 
-# Preload every key once on each system (so GETs find values).
+# Preload every key once on each system (so GETs find values): wrk writes them in order and
+# each thread leaves a marker file when done; wrk is then stopped.
 preload() {
+  local done_dir="$dir/preload-$2" pid
+  mkdir -p "$done_dir"
   BENCH_TARGETS=$1 BENCH_MODE=$2 BENCH_QUERY=$3 BENCH_KEYS=$keys BENCH_THREADS=$threads BENCH_PRELOAD=1 \
-    wrk -t"$threads" -c"$connections" -d600s -s scripts/bench/kv.lua "http://${1%%,*}/" >/dev/null
+    BENCH_DONE_DIR=$done_dir wrk -t"$threads" -c"$connections" -d600s -s scripts/bench/kv.lua "http://${1%%,*}/" >/dev/null &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null && [ "$(find "$done_dir" -name 'thread-*' | wc -l)" -lt "$threads" ]; do
+    sleep 0.2
+  done
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
 }
 echo "preloading $keys keys"
 preload "$etcd_targets" etcd_put ""

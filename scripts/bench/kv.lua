@@ -7,7 +7,9 @@
 --                  for a serializable range read (default linearizable)
 --   BENCH_BUCKET   mendkv bucket (default bench)
 --   BENCH_KEYS     number of keys (default 100000)
---   BENCH_PRELOAD  1: write every key once, in order (spread over the threads), then stop
+--   BENCH_PRELOAD  1: write every key once, in order (spread over the threads), then stop;
+--                  each thread then creates BENCH_DONE_DIR/thread-N (wrk itself runs on
+--                  until its duration ends, so the caller waits for those files and stops it)
 local mode = os.getenv("BENCH_MODE") or "mendkv_put"
 local query = os.getenv("BENCH_QUERY") or ""
 local bucket = os.getenv("BENCH_BUCKET") or "bench"
@@ -87,8 +89,15 @@ function request()
     '{"key":"' .. encoded .. '"' .. serializable .. '}')
 end
 
+local finished = false
 function response(status, headers, body)
-  if preload and next_key >= keys + threads then
+  -- Past every key by more than the requests in flight: every key has been written.
+  if preload and not finished and next_key >= keys + threads * 200 then
+    finished = true
+    local marker = io.open((os.getenv("BENCH_DONE_DIR") or ".") .. "/thread-" .. thread_id, "w")
+    if marker then
+      marker:close()
+    end
     wrk.thread:stop()
   end
 end
