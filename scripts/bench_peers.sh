@@ -9,6 +9,9 @@
 #   --threads 3, -r KEYS); GETs at r=one go to a replica.
 # - mendkv: `mendkv cluster` (3 nodes, release build, default config: fsync always), bucket
 #   `bench` set to lww, PUT w=quorum without context (blind writes), GET r=quorum, r=one.
+# A second mendkv, "mendkv_b", joins the run when MENDKV_BIN_B or MENDKV_B_ENV is set (its
+# binary, default the same; NAME=value words for its nodes' environment): A against B in the
+# same run, interleaved. BENCH_SYSTEMS picks systems (default "etcd redis mendkv [mendkv_b]").
 # CPU per operation is the servers' user+system CPU time over the case (/proc/PID/stat)
 # divided by the operations wrk or redis-benchmark completed. Needs root for apt (once).
 # A benchmark, not a test: CI never runs it.
@@ -33,11 +36,20 @@ fi
 [ -n "${MENDKV_BIN:-}" ] || cargo build --release --locked -p mendkv >/dev/null 2>&1
 bin=$(bench_mendkv_bin)
 
+with_b=
+[ -n "${MENDKV_BIN_B:-}${MENDKV_B_ENV:-}" ] && with_b=mendkv_b
+systems=${BENCH_SYSTEMS:-etcd redis mendkv $with_b}
+runs() { [[ " $systems " == *" $1 "* ]]; }
+
 dir=$(mktemp -d)
 etcd_pids=()
 redis_pids=()
+mendkv_pids=()
+mendkv_b_pids=()
+cluster_a=
+cluster_b=
 cleanup() {
-  bench_stop_cluster
+  for BENCH_CLUSTER_PID in $cluster_a $cluster_b; do bench_stop_cluster; done
   for pid in "${etcd_pids[@]}" "${redis_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${etcd_pids[@]}" "${redis_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   rm -rf "$dir"
@@ -48,6 +60,7 @@ trap cleanup EXIT
 initial=""
 for i in 1 2 3; do initial+="${initial:+,}e$i=http://127.0.0.1:$((23800 + i))"; done
 for i in 1 2 3; do
+  runs etcd || break
   etcd --name "e$i" --data-dir "$dir/etcd$i" \
     --listen-client-urls "http://127.0.0.1:$((23790 + i))" --advertise-client-urls "http://127.0.0.1:$((23790 + i))" \
     --listen-peer-urls "http://127.0.0.1:$((23800 + i))" --initial-advertise-peer-urls "http://127.0.0.1:$((23800 + i))" \
@@ -57,6 +70,7 @@ for i in 1 2 3; do
 done
 # Redis: primary on 26379, replicas on 26380 and 26381; no RDB, no AOF.
 for i in 0 1 2; do
+  runs redis || break
   replica=()
   [ "$i" -gt 0 ] && replica=(--replicaof 127.0.0.1 26379)
   redis-server --port $((26379 + i)) --save "" --appendonly no --dir "$dir" \
@@ -64,24 +78,41 @@ for i in 0 1 2; do
   redis_pids+=($!)
 done
 # mendkv: HTTP on 28301-28303.
+# mendkv: HTTP on 28301-28303; mendkv_b on 28311-28313.
 mendkv_port=${BENCH_BASE_PORT:-28301}
-mkdir -p "$dir/mendkv"
-bench_start_cluster "$dir/mendkv" "$mendkv_port"
-bench_set_lww bench "$mendkv_port"
-read -r -a mendkv_pids <<<"$(bench_cluster_node_pids)"
+mendkv_b_port=$((mendkv_port + 10))
+if runs mendkv; then
+  mkdir -p "$dir/mendkv"
+  bench_start_cluster "$dir/mendkv" "$mendkv_port"
+  cluster_a=$BENCH_CLUSTER_PID
+  bench_set_lww bench "$mendkv_port"
+  read -r -a mendkv_pids <<<"$(bench_cluster_node_pids)"
+fi
+if runs mendkv_b; then
+  mkdir -p "$dir/mendkv_b"
+  MENDKV_BIN=${MENDKV_BIN_B:-$bin} BENCH_CLUSTER_ENV=${MENDKV_B_ENV:-} bench_start_cluster "$dir/mendkv_b" "$mendkv_b_port"
+  cluster_b=$BENCH_CLUSTER_PID
+  bench_set_lww bench "$mendkv_b_port"
+  read -r -a mendkv_b_pids <<<"$(bench_cluster_node_pids)"
+fi
 for i in 1 2 3; do
+  runs etcd || break
   for _ in $(seq 1 300); do
     curl -sf -o /dev/null -X POST "http://127.0.0.1:$((23790 + i))/v3/kv/range" -d '{"key":"AA=="}' && break
     sleep 0.1
   done
 done
 for i in 0 1 2; do
+  runs redis || break
   until redis-cli -p $((26379 + i)) ping 2>/dev/null | grep -q PONG; do sleep 0.1; done
 done
-until redis-cli -p 26379 info replication | grep -q "connected_slaves:2"; do sleep 0.1; done
+if runs redis; then
+  until redis-cli -p 26379 info replication | grep -q "connected_slaves:2"; do sleep 0.1; done
+fi
 
 etcd_targets="127.0.0.1:23791,127.0.0.1:23792,127.0.0.1:23793"
 mendkv_targets="127.0.0.1:$mendkv_port,127.0.0.1:$((mendkv_port + 1)),127.0.0.1:$((mendkv_port + 2))"
+mendkv_b_targets="127.0.0.1:$mendkv_b_port,127.0.0.1:$((mendkv_b_port + 1)),127.0.0.1:$((mendkv_b_port + 2))"
 results="$dir/results"
 : >"$results"
 
@@ -122,7 +153,8 @@ record() {
 # Preload every key once on each system (so GETs find values): wrk writes them in order and
 # each thread leaves a marker file when done; wrk is then stopped.
 preload() {
-  local done_dir="$dir/preload-$2" pid
+  local done_dir pid
+  done_dir=$(mktemp -d "$dir/preload-XXXX")
   mkdir -p "$done_dir"
   BENCH_TARGETS=$1 BENCH_MODE=$2 BENCH_QUERY=$3 BENCH_KEYS=$keys BENCH_THREADS=$threads BENCH_PRELOAD=1 \
     BENCH_DONE_DIR=$done_dir wrk -t"$threads" -c"$connections" -d600s -s scripts/bench/kv.lua "http://${1%%,*}/" >/dev/null &
@@ -134,44 +166,61 @@ preload() {
   wait "$pid" 2>/dev/null || true
 }
 echo "preloading $keys keys"
-preload "$etcd_targets" etcd_put ""
-preload "$mendkv_targets" mendkv_put w=quorum
-redis-benchmark -p 26379 -t set -n "$keys" -c "$connections" -r "$keys" -d 100 -q >/dev/null
+runs etcd && preload "$etcd_targets" etcd_put ""
+runs mendkv && preload "$mendkv_targets" mendkv_put w=quorum
+runs mendkv_b && preload "$mendkv_b_targets" mendkv_put w=quorum
+runs redis && redis-benchmark -p 26379 -t set -n "$keys" -c "$connections" -r "$keys" -d 100 -q >/dev/null
 
+# run_case CASE: the case on every system, in turn.
+run_case() {
+  local case=$1 etcd_query="" mendkv_mode=mendkv_get mendkv_query redis_port=26379 redis_test=get
+  case $case in
+    put) mendkv_mode=mendkv_put mendkv_query=w=quorum redis_test=set ;;
+    get_quorum) mendkv_query=r=quorum ;;
+    get_one) etcd_query=serializable mendkv_query=r=one redis_port=26380 ;;
+  esac
+  local etcd_mode=etcd_get
+  [ "$case" = put ] && etcd_mode=etcd_put
+  if runs etcd; then wrk_case etcd "$case" "$etcd_targets" "$etcd_mode" "$etcd_query" "${etcd_pids[@]}"; fi
+  if runs redis; then redis_case "$case" "$redis_port" "$redis_test"; fi
+  if runs mendkv; then wrk_case mendkv "$case" "$mendkv_targets" "$mendkv_mode" "$mendkv_query" "${mendkv_pids[@]}"; fi
+  if runs mendkv_b; then wrk_case mendkv_b "$case" "$mendkv_b_targets" "$mendkv_mode" "$mendkv_query" "${mendkv_b_pids[@]}"; fi
+}
 for round in $(seq 1 "$rounds"); do
   echo "== round $round"
-  wrk_case etcd put "$etcd_targets" etcd_put "" "${etcd_pids[@]}"
-  redis_case put 26379 set
-  wrk_case mendkv put "$mendkv_targets" mendkv_put w=quorum "${mendkv_pids[@]}"
-  wrk_case etcd get_quorum "$etcd_targets" etcd_get "" "${etcd_pids[@]}"
-  redis_case get_quorum 26379 get
-  wrk_case mendkv get_quorum "$mendkv_targets" mendkv_get r=quorum "${mendkv_pids[@]}"
-  wrk_case etcd get_one "$etcd_targets" etcd_get serializable "${etcd_pids[@]}"
-  redis_case get_one 26380 get
-  wrk_case mendkv get_one "$mendkv_targets" mendkv_get r=one "${mendkv_pids[@]}"
+  for case in ${BENCH_CASES:-put get_quorum get_one}; do run_case "$case"; done
 done
 
 echo
-echo "RSS KiB after the run: etcd $(bench_rss_kib "${etcd_pids[@]}")| redis $(bench_rss_kib "${redis_pids[@]}")| mendkv $(bench_rss_kib "${mendkv_pids[@]}")"
+echo "RSS KiB after the run: etcd $(bench_rss_kib "${etcd_pids[@]}")| redis $(bench_rss_kib "${redis_pids[@]}")| mendkv $(bench_rss_kib "${mendkv_pids[@]}")| mendkv_b $(bench_rss_kib "${mendkv_b_pids[@]}")"
 echo
 # One line per case: mean ops/s over the rounds, worst p99, mean CPU per op, for each system;
 # mendkv's ratio to etcd and to Redis; mendkv's last round over its first (stability).
-awk -v rounds="$rounds" '
+awk -v rounds="$rounds" -v with_b="$with_b" '
   { key = $2 " " $3; rate[key] += $4; cpu[key] += $6; if ($5 > p99[key]) p99[key] = $5; errors[key] += $7
     if ($1 == 1) first[key] = $4; if ($1 == rounds) last[key] = $4 }
   END {
-    printf "| case | etcd ops/s (p99 ms, CPU us/op) | redis ops/s (p99 ms, CPU us/op) | mendkv ops/s (p99 ms, CPU us/op) | mendkv/etcd | mendkv/redis | mendkv last/first round | mendkv errors |\n"
-    printf "|---|---|---|---|---|---|---|---|\n"
+    ns = split("etcd redis mendkv" (with_b ? " mendkv_b" : ""), systems, " ")
+    header = "| case"; rule = "|---"
+    for (j = 1; j <= ns; j++) { header = header " | " systems[j] " ops/s (p99 ms, CPU us/op)"; rule = rule "|---" }
+    for (j = 3; j <= ns; j++) {
+      header = header " | " systems[j] "/etcd | " systems[j] "/redis | " systems[j] " last/first round | " systems[j] " errors"
+      rule = rule "|---|---|---|---"
+    }
+    print header " |"; print rule "|"
     n = split("put get_quorum get_one", cases, " ")
     for (i = 1; i <= n; i++) {
       c = cases[i]; line = "| " c
-      for (j = 1; j <= 3; j++) {
-        s = (j == 1 ? "etcd" : j == 2 ? "redis" : "mendkv"); k = c " " s
+      for (j = 1; j <= ns; j++) {
+        k = c " " systems[j]
         line = line sprintf(" | %.0f (%.1f, %.0f)", rate[k] / rounds, p99[k], cpu[k] / rounds)
       }
-      e = rate[c " etcd"]; r = rate[c " redis"]; m = rate[c " mendkv"]
-      line = line sprintf(" | %.2fx | %.2fx | %.0f%% | %d |", e ? m / e : 0, r ? m / r : 0,
-        first[c " mendkv"] ? 100 * last[c " mendkv"] / first[c " mendkv"] : 0, errors[c " mendkv"])
-      print line
+      e = rate[c " etcd"]; r = rate[c " redis"]
+      for (j = 3; j <= ns; j++) {
+        k = c " " systems[j]; m = rate[k]
+        line = line sprintf(" | %.2fx | %.2fx | %.0f%% | %d", e ? m / e : 0, r ? m / r : 0,
+          first[k] ? 100 * last[k] / first[k] : 0, errors[k])
+      }
+      print line " |"
     }
   }' "$results"

@@ -8,10 +8,12 @@ bench_mendkv_bin() {
 
 # bench_start_cluster DIR BASE_PORT [NODES]: starts `mendkv cluster` with its data under DIR
 # and waits (up to 30 s) until it says it is ready. Sets BENCH_CLUSTER_PID; the nodes are its
-# child processes (see bench_cluster_node_pids).
+# child processes (see bench_cluster_node_pids). BENCH_CLUSTER_ENV ("NAME=value ...") is set
+# in the nodes' environment, e.g. TOKIO_WORKER_THREADS=1.
 bench_start_cluster() {
   local dir=$1 port=$2 nodes=${3:-3}
-  "$(bench_mendkv_bin)" cluster --nodes "$nodes" --data-dir "$dir" --base-port "$port" >"$dir/cluster.out" 2>&1 &
+  # shellcheck disable=SC2086 # a list of NAME=value words
+  env ${BENCH_CLUSTER_ENV:-} "$(bench_mendkv_bin)" cluster --nodes "$nodes" --data-dir "$dir" --base-port "$port" >"$dir/cluster.out" 2>&1 &
   BENCH_CLUSTER_PID=$!
   for _ in $(seq 1 300); do
     grep -q "cluster ready" "$dir/cluster.out" 2>/dev/null && return 0

@@ -60,9 +60,10 @@ const MAX_REAP_CANDIDATES: usize = 10_000;
 /// Exchange durations kept until the driver drains them.
 const MAX_DURATION_SAMPLES: usize = 4096;
 
-/// Objects scanned into building trees at once when the ranges change (at start, say);
-/// the rest are scanned in the background. About 100 ms of a start.
-pub(super) const TREE_BUILD_AT_ONCE: usize = 65_536;
+/// Objects scanned into building trees at once when the ranges change (at start, say), so
+/// a small node has its trees at once; the rest are scanned in the background. A few
+/// milliseconds of a start.
+pub(super) const TREE_BUILD_AT_ONCE: usize = 8_192;
 
 /// Objects scanned into building trees per tick, and per scan call.
 pub(super) const TREE_BUILD_PER_TICK: usize = 1024;
