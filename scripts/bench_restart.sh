@@ -37,11 +37,12 @@ rebuilds() {
   curl -s "http://127.0.0.1:$port/metrics" | awk '/^mendkv_anti_entropy_tree_rebuilds/ { print $2 }'
 }
 
-MENDKV_STORAGE__FSYNC=periodic start_node "${binaries[0]}"
+# A long request deadline while loading: on a busy machine a write can wait past the default.
+MENDKV_STORAGE__FSYNC=periodic MENDKV_CONSISTENCY__REQUEST_TIMEOUT_MS=30000 start_node "${binaries[0]}"
 bench_wait_http "http://127.0.0.1:$port/health" 60
 started=$(date +%s.%N)
 "${binaries[0]}" bench --node "http://127.0.0.1:$port" --workload c --ops 1 --keys "$keys" \
-  --preload --concurrency 64 --value-size 100 | grep preloaded
+  --preload --concurrency 16 --value-size 100 | grep preloaded
 echo "RSS after loading $keys keys: $(bench_rss_kib "$node") KiB ($(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN { printf "%.0f", e - s }') s)"
 stop_node
 echo "data: $(du -sh "$dir/node1" | cut -f1)"
