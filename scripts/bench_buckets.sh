@@ -9,24 +9,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ops=${1:-50000}
 concurrency=${2:-32}
-bin=${MENDKV_BIN:-${CARGO_TARGET_DIR:-target}/release/mendkv}
+source scripts/lib_bench.sh
+bin=$(bench_mendkv_bin)
 dir=$(mktemp -d)
 port=${BENCH_BASE_PORT:-28101}
-"$bin" cluster --data-dir "$dir" --base-port "$port" >"$dir/cluster.out" 2>&1 &
-cluster=$!
-trap 'kill -INT $cluster 2>/dev/null; wait $cluster 2>/dev/null; rm -rf "$dir"' EXIT
-for _ in $(seq 1 300); do
-  grep -q "cluster ready" "$dir/cluster.out" 2>/dev/null && break
-  sleep 0.1
-done
-grep -q "cluster ready" "$dir/cluster.out" || { cat "$dir/cluster.out"; exit 1; }
-first="http://127.0.0.1:$port"
-nodes=(--node "$first" --node "http://127.0.0.1:$((port + 1))" --node "http://127.0.0.1:$((port + 2))")
-"$bin" bucket set blind_lww --resolution lww --node "$first"
+trap 'bench_stop_cluster; rm -rf "$dir"' EXIT
+bench_start_cluster "$dir" "$port"
+mapfile -t nodes < <(bench_node_args "$port")
 # Every node must hold the change before the first round (gossip, about a second).
-for i in 0 1 2; do
-  until "$bin" bucket get blind_lww --node "http://127.0.0.1:$((port + i))" | grep -q '"lww"'; do sleep 0.1; done
-done
+bench_set_lww blind_lww "$port"
 for bucket in ${BUCKET_ORDER:-blind_lww blind_causal}; do
   for round in 1 2 3; do
     echo "== $bucket round $round"

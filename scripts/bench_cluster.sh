@@ -7,18 +7,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p mendkv >/dev/null 2>&1
-bin=${MENDKV_BIN:-${CARGO_TARGET_DIR:-target}/release/mendkv}
+source scripts/lib_bench.sh
+bin=$(bench_mendkv_bin)
 dir=$(mktemp -d)
 port=${BENCH_BASE_PORT:-28001}
-"$bin" cluster --data-dir "$dir" --base-port "$port" >"$dir/cluster.out" 2>&1 &
-cluster=$!
-trap 'kill -INT $cluster 2>/dev/null; wait $cluster 2>/dev/null; rm -rf "$dir"' EXIT
-for _ in $(seq 1 300); do
-  grep -q "cluster ready" "$dir/cluster.out" 2>/dev/null && break
-  sleep 0.1
-done
-grep -q "cluster ready" "$dir/cluster.out" || { cat "$dir/cluster.out"; exit 1; }
-nodes=(--node "http://127.0.0.1:$port" --node "http://127.0.0.1:$((port + 1))" --node "http://127.0.0.1:$((port + 2))")
+trap 'bench_stop_cluster; rm -rf "$dir"' EXIT
+bench_start_cluster "$dir" "$port"
+mapfile -t nodes < <(bench_node_args "$port")
 "$bin" bench "${nodes[@]}" "$@"
 for i in 0 1 2; do curl -s "http://127.0.0.1:$((port + i))/metrics"; done |
   awk '/^mendkv_network_bytes_total/ { split($1, a, "class=\""); split(a[2], c, "\""); split($1, d, "direction=\""); split(d[2], e, "\""); sum[e[1] " " c[1]] += $2 }

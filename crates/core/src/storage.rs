@@ -5,7 +5,7 @@
 //! never acknowledges a write (under the default fsync policy) before a sync that covers it
 //! has finished: see `node.rs`, "group commit".
 
-use crate::ring::{key_token, TokenRange};
+use crate::ring::{key_token, Token, TokenRange};
 use crate::version::Object;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -52,6 +52,84 @@ pub type HintRecords = Vec<(Vec<u8>, Vec<u8>)>;
 /// Objects with their bucket and key.
 pub type ObjectRows = Vec<(String, Vec<u8>, Object)>;
 
+/// Objects a batched range scan lists per call unless the caller asks otherwise: bounded
+/// memory per call, few enough calls for a big range.
+pub const DEFAULT_SCAN_BATCH: usize = 1024;
+
+/// Where a batched range scan stopped: the last object it listed. The next call lists the
+/// objects after it in scan order (see [`scan_position`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanCursor {
+    pub token: Token,
+    pub bucket: String,
+    pub key: Vec<u8>,
+}
+
+impl ScanCursor {
+    pub fn new(bucket: &str, key: &[u8]) -> Self {
+        ScanCursor {
+            token: key_token(bucket, key),
+            bucket: bucket.to_string(),
+            key: key.to_vec(),
+        }
+    }
+
+    /// This cursor's place in the scan order of `range`.
+    pub fn position(&self, range: TokenRange) -> ScanPosition<'_> {
+        scan_position(range, self.token, &self.bucket, &self.key)
+    }
+}
+
+/// A place in the scan order of a range (compare two of the same range).
+pub type ScanPosition<'a> = (u64, usize, &'a [u8], &'a [u8]);
+
+/// The order in which a range scan lists objects: by token from the range's first token
+/// on (wrapping past the ring's end), then by bucket length, bucket and key. The stored key
+/// order of the fjall engine (`[token][bucket length][bucket][key]`), starting at the range.
+pub fn scan_position<'a>(
+    range: TokenRange,
+    token: Token,
+    bucket: &'a str,
+    key: &'a [u8],
+) -> ScanPosition<'a> {
+    (
+        token.wrapping_sub(range.start.wrapping_add(1)),
+        bucket.len(),
+        bucket.as_bytes(),
+        key,
+    )
+}
+
+/// One call's worth of a batched range scan.
+#[derive(Debug, Clone, Default)]
+pub struct ScanBatch {
+    /// At most the limit asked for, in scan order.
+    pub rows: ObjectRows,
+    /// `Some` while the range may hold more: pass it as `after` to the next call.
+    pub resume: Option<ScanCursor>,
+}
+
+/// Lists every object of `range` in batches of `batch` (bounded memory whatever the range
+/// holds), handing each to `each`.
+pub fn scan_in_batches<S: Storage + ?Sized>(
+    storage: &S,
+    range: TokenRange,
+    batch: usize,
+    mut each: impl FnMut(String, Vec<u8>, Object),
+) -> Result<(), StorageError> {
+    let mut after: Option<ScanCursor> = None;
+    loop {
+        let ScanBatch { rows, resume } = storage.scan_range_batch(range, after.as_ref(), batch)?;
+        for (bucket, key, object) in rows {
+            each(bucket, key, object);
+        }
+        match resume {
+            Some(cursor) => after = Some(cursor),
+            None => return Ok(()),
+        }
+    }
+}
+
 /// What the node needs from a storage engine. Implementations are cheap handles that can be
 /// cloned, so a driver can run `sync` on another thread while the node keeps working.
 pub trait Storage: Send + 'static {
@@ -65,9 +143,25 @@ pub trait Storage: Send + 'static {
     /// Small named records of the node itself (its epoch).
     fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError>;
     fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StorageError>;
-    /// Every object whose key token lies in `range` (`(start, end]`, wrapping; the whole
-    /// ring when `start == end`): what anti-entropy lists for a tree segment or a rebuild.
-    fn scan_range(&self, range: TokenRange) -> Result<ObjectRows, StorageError>;
+    /// Up to `limit` (at least 1) objects whose key token lies in `range` (`(start, end]`,
+    /// wrapping; the whole ring when `start == end`), in scan order ([`scan_position`]),
+    /// after `after` (from the start when `None`): what anti-entropy lists for a tree
+    /// segment or a rebuild, one bounded batch at a time.
+    fn scan_range_batch(
+        &self,
+        range: TokenRange,
+        after: Option<&ScanCursor>,
+        limit: usize,
+    ) -> Result<ScanBatch, StorageError>;
+    /// Every object of `range` in one Vec: for tests and small ranges only (anti-entropy
+    /// uses [`scan_in_batches`]).
+    fn scan_range(&self, range: TokenRange) -> Result<ObjectRows, StorageError> {
+        let mut rows = Vec::new();
+        scan_in_batches(self, range, DEFAULT_SCAN_BATCH, |b, k, o| {
+            rows.push((b, k, o))
+        })?;
+        Ok(rows)
+    }
     /// Hints live in their own partition, as opaque records (see `hinted_handoff`).
     fn put_hint(&self, key: &[u8], record: &[u8]) -> Result<(), StorageError>;
     fn get_hint(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
@@ -259,14 +353,43 @@ impl Storage for MemoryStorage {
         self.push(Record::Meta(name.to_string(), value.to_vec()))
     }
 
-    fn scan_range(&self, range: TokenRange) -> Result<ObjectRows, StorageError> {
-        // The in-memory model is for tests and the simulator: a filter over every object.
-        Ok(self
+    fn scan_range_batch(
+        &self,
+        range: TokenRange,
+        after: Option<&ScanCursor>,
+        limit: usize,
+    ) -> Result<ScanBatch, StorageError> {
+        // The in-memory model is for tests and the simulator: a filter over every object,
+        // sorted into scan order.
+        let mut found: Vec<(Token, ObjectKey, Object)> = self
             .objects()
             .into_iter()
-            .filter(|(k, _)| range.contains(key_token(&k.bucket, &k.key)))
-            .map(|(k, o)| (k.bucket, k.key, o))
-            .collect())
+            .map(|(k, o)| (key_token(&k.bucket, &k.key), k, o))
+            .filter(|(token, _, _)| range.contains(*token))
+            .filter(|(token, k, _)| {
+                after.is_none_or(|cursor| {
+                    scan_position(range, *token, &k.bucket, &k.key) > cursor.position(range)
+                })
+            })
+            .collect();
+        found.sort_by(|(a, ka, _), (b, kb, _)| {
+            scan_position(range, *a, &ka.bucket, &ka.key)
+                .cmp(&scan_position(range, *b, &kb.bucket, &kb.key))
+        });
+        let limit = limit.max(1);
+        let more = found.len() > limit;
+        found.truncate(limit);
+        let resume = more.then(|| {
+            let (_, k, _) = found.last().expect("more than limit >= 1");
+            ScanCursor::new(&k.bucket, &k.key)
+        });
+        Ok(ScanBatch {
+            rows: found
+                .into_iter()
+                .map(|(_, k, o)| (k.bucket, k.key, o))
+                .collect(),
+            resume,
+        })
     }
 
     fn put_hint(&self, key: &[u8], record: &[u8]) -> Result<(), StorageError> {
@@ -305,6 +428,53 @@ impl Storage for MemoryStorage {
 mod tests {
     use super::*;
     use crate::version::{Actor, CausalContext, Value};
+
+    proptest::proptest! {
+        /// The in-memory model lists a range in bounded batches in scan order, exactly the
+        /// objects of the range (the same contract as the fjall engine).
+        #[test]
+        fn memory_batched_scans_list_the_range(
+            count in 0usize..200,
+            start in proptest::prelude::any::<u64>(),
+            end in proptest::prelude::any::<u64>(),
+            limit in 1usize..30,
+        ) {
+            let storage = MemoryStorage::new();
+            let mut object = Object::empty();
+            object.apply_write(Actor::new("n", 1), &CausalContext::empty(), Value::Tombstone);
+            let keys: Vec<Vec<u8>> = (0..count as u32).map(|i| i.to_le_bytes().to_vec()).collect();
+            for key in &keys {
+                storage.put("b", key, &object).unwrap();
+            }
+            let range = TokenRange { start, end };
+            let mut listed = Vec::new();
+            let mut after: Option<ScanCursor> = None;
+            loop {
+                let batch = storage.scan_range_batch(range, after.as_ref(), limit).unwrap();
+                proptest::prop_assert!(batch.rows.len() <= limit);
+                let mut previous: Option<ScanCursor> = after.clone();
+                for (b, k, _) in &batch.rows {
+                    let here = ScanCursor::new(b, k);
+                    if let Some(p) = &previous {
+                        proptest::prop_assert!(here.position(range) > p.position(range));
+                    }
+                    previous = Some(here);
+                }
+                listed.extend(batch.rows.into_iter().map(|(_, k, _)| k));
+                match batch.resume {
+                    Some(cursor) => after = Some(cursor),
+                    None => break,
+                }
+            }
+            listed.sort();
+            let mut expected: Vec<Vec<u8>> = keys
+                .into_iter()
+                .filter(|k| range.contains(key_token("b", k)))
+                .collect();
+            expected.sort();
+            proptest::prop_assert_eq!(listed, expected);
+        }
+    }
 
     /// Only synced writes survive a crash; a read sees pending writes before that.
     #[test]

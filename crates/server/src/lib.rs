@@ -234,8 +234,9 @@ fn log_start(
         "hint queue rebuilt from storage"
     );
     tracing::info!(
-        trees = node.stats()[mendkv_core::node::Counter::TreeRebuilds],
-        "Merkle trees rebuilt by one scan at start (they are not persisted)"
+        trees_built = node.stats()[mendkv_core::node::Counter::TreeRebuilds],
+        "Merkle trees rebuilt from a scan at start (they are not persisted); the rest build in \
+         the background while anti-entropy waits for them"
     );
     tracing::info!(
         node = %node.id(),

@@ -33,9 +33,12 @@
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use mendkv_core::ring::{key_token, TokenRange};
-use mendkv_core::storage::{HintRecords, ObjectRows, Storage, StorageError};
+use mendkv_core::storage::{
+    scan_position, HintRecords, ScanBatch, ScanCursor, Storage, StorageError,
+};
 use mendkv_core::version::Object;
 use std::fs::File;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
@@ -404,6 +407,20 @@ fn bucket_of(encoded: &[u8]) -> Option<&[u8]> {
     rest.get(..bucket_len as usize)
 }
 
+/// A range's tokens as inclusive spans of stored keys, in scan order (from the range's
+/// first token on, wrapping past the ring's end).
+fn scan_spans(range: TokenRange) -> Vec<(u64, u64)> {
+    let first = range.start.wrapping_add(1);
+    if range.start < range.end {
+        vec![(first, range.end)]
+    } else if first == 0 {
+        // Starts at token 0: the whole ring or (0, end] in one span.
+        vec![(0, range.end)]
+    } else {
+        vec![(first, u64::MAX), (0, range.end)]
+    }
+}
+
 /// Bucket and key back from a stored object key.
 fn parse_object_key(encoded: &[u8]) -> Option<(String, Vec<u8>)> {
     let rest = encoded.get(8..)?;
@@ -480,27 +497,32 @@ impl Storage for FjallStorage {
         })
     }
 
-    fn scan_range(&self, range: TokenRange) -> Result<ObjectRows, StorageError> {
-        // (start, end] as inclusive token bounds; a wrapping range is two scans.
-        let first = range.start.wrapping_add(1);
-        let spans: Vec<(u64, u64)> = if range.start == range.end {
-            vec![(0, u64::MAX)]
-        } else if range.start < range.end {
-            vec![(first, range.end)]
-        } else if range.start == u64::MAX {
-            vec![(0, range.end)]
-        } else {
-            vec![(first, u64::MAX), (0, range.end)]
-        };
+    fn scan_range_batch(
+        &self,
+        range: TokenRange,
+        after: Option<&ScanCursor>,
+        limit: usize,
+    ) -> Result<ScanBatch, StorageError> {
+        let limit = limit.max(1);
         self.with_engine(|engine| {
-            let mut found = Vec::new();
-            for (low, high) in spans {
-                let from = low.to_be_bytes().to_vec();
-                let iter = match high.checked_add(1) {
-                    Some(next) => engine.objects.range(from..next.to_be_bytes().to_vec()),
-                    None => engine.objects.range(from..),
+            let mut batch = ScanBatch::default();
+            // The spans of stored keys in scan order; a cursor skips the spans before its
+            // token and starts its own span just after its key.
+            for (low, high) in scan_spans(range) {
+                let from = match after {
+                    Some(cursor) if (low..=high).contains(&cursor.token) => {
+                        Bound::Excluded(object_key(&cursor.bucket, &cursor.key))
+                    }
+                    Some(cursor) if scan_position(range, low, "", &[]) < cursor.position(range) => {
+                        continue;
+                    }
+                    _ => Bound::Included(low.to_be_bytes().to_vec()),
                 };
-                for guard in iter {
+                let to = match high.checked_add(1) {
+                    Some(next) => Bound::Excluded(next.to_be_bytes().to_vec()),
+                    None => Bound::Unbounded,
+                };
+                for guard in engine.objects.range::<Vec<u8>, _>((from, to)) {
                     let (key, value) = guard.into_inner().map_err(engine_error)?;
                     let Some((bucket, object_key)) = parse_object_key(&key) else {
                         tracing::error!(
@@ -511,7 +533,7 @@ impl Storage for FjallStorage {
                         continue;
                     };
                     match decode_object(&value) {
-                        Ok(object) => found.push((bucket, object_key, object)),
+                        Ok(object) => batch.rows.push((bucket, object_key, object)),
                         Err(error) => {
                             tracing::error!(
                                 bucket = %bucket,
@@ -519,12 +541,18 @@ impl Storage for FjallStorage {
                                 range = ?range,
                                 %error,
                                 "corrupt object skipped in a range scan"
-                            )
+                            );
+                            continue;
                         }
+                    }
+                    if batch.rows.len() >= limit {
+                        let (bucket, key, _) = batch.rows.last().expect("just pushed");
+                        batch.resume = Some(ScanCursor::new(bucket, key));
+                        return Ok(batch);
                     }
                 }
             }
-            Ok(found)
+            Ok(batch)
         })
     }
 
@@ -653,6 +681,75 @@ mod tests {
             storage.live_key_counts(&["many", "few", "none"]).unwrap(),
             vec![COUNT_BATCH as u64 + 10, 2, 0]
         );
+    }
+
+    /// Every object of the range, by filtering all of them (what a scan must list).
+    fn expected_in(range: TokenRange, stored: &[(String, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
+        let mut expected: Vec<(String, Vec<u8>)> = stored
+            .iter()
+            .filter(|(b, k)| range.contains(key_token(b, k)))
+            .cloned()
+            .collect();
+        expected.sort();
+        expected
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// A batched scan lists a range in several bounded batches, each in scan order, and
+        /// together they are exactly the range's objects (also for ranges that wrap and for
+        /// the whole ring), the same as the whole-range scan.
+        #[test]
+        fn batched_scans_list_the_whole_range_in_bounded_batches(
+            count in 1usize..400,
+            start in proptest::prelude::any::<u64>(),
+            end in proptest::prelude::any::<u64>(),
+            whole_ring in proptest::prelude::any::<bool>(),
+            limit in 1usize..50,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let storage = FjallStorage::open(dir.path()).unwrap();
+            let stored: Vec<(String, Vec<u8>)> = (0..count as u32)
+                .map(|i| (["a", "bb"][i as usize % 2].to_string(), i.to_le_bytes().to_vec()))
+                .collect();
+            for (bucket, key) in &stored {
+                storage.put(bucket, key, &sample()).unwrap();
+            }
+            let range = TokenRange { start, end: if whole_ring { start } else { end } };
+            let mut listed = Vec::new();
+            let mut after: Option<ScanCursor> = None;
+            let mut calls = 0;
+            loop {
+                let batch = storage.scan_range_batch(range, after.as_ref(), limit).unwrap();
+                calls += 1;
+                proptest::prop_assert!(batch.rows.len() <= limit);
+                let positions: Vec<_> = batch
+                    .rows
+                    .iter()
+                    .map(|(b, k, _)| scan_position(range, key_token(b, k), b, k))
+                    .collect();
+                proptest::prop_assert!(positions.windows(2).all(|w| w[0] < w[1]));
+                listed.extend(batch.rows.into_iter().map(|(b, k, _)| (b, k)));
+                match batch.resume {
+                    Some(cursor) => after = Some(cursor),
+                    None => break,
+                }
+            }
+            let expected = expected_in(range, &stored);
+            proptest::prop_assert!(calls >= expected.len() / limit);
+            let mut sorted = listed.clone();
+            sorted.sort();
+            proptest::prop_assert_eq!(listed.len(), sorted.len(), "an object listed twice");
+            proptest::prop_assert_eq!(&sorted, &expected);
+            let mut whole: Vec<(String, Vec<u8>)> = storage
+                .scan_range(range)
+                .unwrap()
+                .into_iter()
+                .map(|(b, k, _)| (b, k))
+                .collect();
+            whole.sort();
+            proptest::prop_assert_eq!(whole, expected);
+        }
     }
 
     /// Keys of different buckets never collide, and garbage records decode to an error.

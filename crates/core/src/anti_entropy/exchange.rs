@@ -1023,6 +1023,9 @@ fn answer(
     writes: &mut Vec<RepairObject>,
 ) -> Result<ResponseBody, Refusal> {
     let hasher = *trees.hasher();
+    if trees.tree(request.range).is_some() && !trees.is_ready(request.range) {
+        return Err(Refusal::TreeNotReady);
+    }
     let tree = trees.tree_mut(request.range).ok_or(Refusal::UnknownRange)?;
     if tree.shape() != request.shape {
         return Err(Refusal::ShapeMismatch { ours: tree.shape() });

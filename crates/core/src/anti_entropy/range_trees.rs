@@ -12,6 +12,7 @@
 
 use super::merkle::{ItemHasher, MerkleTree, Segment, TreeDecodeError, TreeShape};
 use crate::ring::{key_token, Ring, Token, TokenRange};
+use crate::storage::{scan_position, ScanCursor};
 use crate::NodeId;
 use std::collections::BTreeMap;
 
@@ -44,6 +45,11 @@ pub struct RangeTrees {
     shape: TreeShape,
     /// Keyed by the end token of the range (ranges never overlap).
     trees: BTreeMap<Token, MerkleTree>,
+    /// Trees still being built from a scan of their range, by range end, with the last
+    /// object the scan has added (`None`: nothing yet). Such a tree is not compared with
+    /// peers; a write to a key the scan has not reached leaves it alone (the scan will list
+    /// the key as stored then), one to a key it has passed updates it as usual.
+    building: BTreeMap<Token, Option<ScanCursor>>,
 }
 
 impl RangeTrees {
@@ -52,6 +58,7 @@ impl RangeTrees {
             hasher,
             shape,
             trees: BTreeMap::new(),
+            building: BTreeMap::new(),
         }
     }
 
@@ -68,13 +75,40 @@ impl RangeTrees {
     /// start empty and must be rebuilt from the data (see [`RangeTrees::rebuild`]) before
     /// they are compared.
     pub fn set_ranges(&mut self, ranges: impl IntoIterator<Item = TokenRange>) -> Vec<TokenRange> {
+        self.set_ranges_with(ranges, false)
+    }
+
+    /// [`RangeTrees::set_ranges`], the new trees marked building: they are built from a scan
+    /// batch by batch ([`RangeTrees::next_build`], [`RangeTrees::add_built`]), keep up with
+    /// writes meanwhile, and are not compared with peers until done.
+    pub fn set_ranges_building(
+        &mut self,
+        ranges: impl IntoIterator<Item = TokenRange>,
+    ) -> Vec<TokenRange> {
+        self.set_ranges_with(ranges, true)
+    }
+
+    fn set_ranges_with(
+        &mut self,
+        ranges: impl IntoIterator<Item = TokenRange>,
+        build: bool,
+    ) -> Vec<TokenRange> {
         let mut old = std::mem::take(&mut self.trees);
+        let mut old_building = std::mem::take(&mut self.building);
         let mut created = Vec::new();
         for range in ranges {
             let tree = match old.remove(&range.end) {
-                Some(tree) if tree.range() == range => tree,
+                Some(tree) if tree.range() == range => {
+                    if let Some(progress) = old_building.remove(&range.end) {
+                        self.building.insert(range.end, progress);
+                    }
+                    tree
+                }
                 _ => {
                     created.push(range);
+                    if build {
+                        self.building.insert(range.end, None);
+                    }
                     MerkleTree::new(range, self.shape)
                 }
             };
@@ -83,12 +117,74 @@ impl RangeTrees {
         created
     }
 
+    /// Whether the range's tree exists and is built (comparable with a peer's).
+    pub fn is_ready(&self, range: TokenRange) -> bool {
+        self.tree(range).is_some() && !self.building.contains_key(&range.end)
+    }
+
+    /// Whether some tree is still being built.
+    pub fn is_building(&self) -> bool {
+        !self.building.is_empty()
+    }
+
+    /// A tree still being built and where its scan stands: the next one to work on.
+    pub fn next_build(&self) -> Option<(TokenRange, Option<ScanCursor>)> {
+        let (end, progress) = self.building.iter().next()?;
+        let tree = self.trees.get(end)?;
+        Some((tree.range(), progress.clone()))
+    }
+
+    /// Adds one batch of a building tree's scan, `(bucket, key, digest)` in scan order,
+    /// and where the scan goes on (`None`: the scan is done and the tree is ready).
+    pub fn add_built<'a>(
+        &mut self,
+        range: TokenRange,
+        items: impl IntoIterator<Item = (&'a str, &'a [u8], u64)>,
+        resume: Option<ScanCursor>,
+    ) {
+        let hasher = self.hasher;
+        if !self.building.contains_key(&range.end) {
+            return;
+        }
+        let Some(tree) = self
+            .trees
+            .get_mut(&range.end)
+            .filter(|t| t.range() == range)
+        else {
+            return;
+        };
+        for (bucket, key, digest) in items {
+            if let Some(segment) = tree.segment_of(key_token(bucket, key)) {
+                tree.update(segment, None, Some(hasher.item_hash(bucket, key, digest)));
+            }
+        }
+        match resume {
+            Some(cursor) => {
+                self.building.insert(range.end, Some(cursor));
+            }
+            None => {
+                self.building.remove(&range.end);
+            }
+        }
+    }
+
+    /// Whether a write of this key must leave the tree alone: its tree is building and the
+    /// scan has not reached the key yet (it will list the key as stored then).
+    fn scan_still_ahead(&self, range: TokenRange, token: Token, bucket: &str, key: &[u8]) -> bool {
+        match self.building.get(&range.end) {
+            None => false,
+            Some(None) => true,
+            Some(Some(cursor)) => scan_position(range, token, bucket, key) > cursor.position(range),
+        }
+    }
+
     /// Replaces (or adds) a tree, e.g. one loaded from disk or rebuilt from a scan.
     /// Refused (returned) when its shape differs from this node's.
     pub fn insert_tree(&mut self, tree: MerkleTree) -> Result<(), MerkleTree> {
         if tree.shape() != self.shape {
             return Err(tree);
         }
+        self.building.remove(&tree.range().end);
         self.trees.insert(tree.range().end, tree);
         Ok(())
     }
@@ -109,6 +205,7 @@ impl RangeTrees {
                 );
             }
         }
+        self.building.remove(&range.end);
         self.trees.insert(range.end, tree);
     }
 
@@ -183,10 +280,17 @@ impl RangeTrees {
             Some(tree) => tree.range().end,
             None => return false,
         };
-        let Some(tree) = self.trees.get_mut(&candidate_end) else {
+        let Some(tree) = self.trees.get(&candidate_end) else {
             return false;
         };
         let Some(segment) = tree.segment_of(token) else {
+            return false;
+        };
+        let range = tree.range();
+        if self.scan_still_ahead(range, token, bucket, key) {
+            return true;
+        }
+        let Some(tree) = self.trees.get_mut(&candidate_end) else {
             return false;
         };
         let old = old_digest.map(|d| hasher.item_hash(bucket, key, d));
@@ -212,6 +316,7 @@ impl RangeTrees {
         if tree.shape() != self.shape || self.tree(range).is_none() {
             return Err(TreeDecodeError::Corrupt);
         }
+        self.building.remove(&range.end);
         self.trees.insert(range.end, tree);
         Ok(range)
     }

@@ -1022,3 +1022,124 @@ fn item_hashes() {
         xxhash_rust::xxh3::xxh3_64_with_seed(&one_shot, 5).max(1)
     );
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// A tree built in bounded batches from a scan, while writes (new keys, overwrites,
+    /// removals) land between the batches and are recorded as usual, ends equal to a tree
+    /// rebuilt at once from the final data; and it is not ready (not comparable) until the
+    /// scan is done.
+    #[test]
+    fn trees_built_in_batches_under_writes_equal_a_rebuild(
+        initial in 0usize..300,
+        batch in 1usize..40,
+        writes in proptest::collection::vec((0usize..400, 0u8..3), 0..120),
+        range_start in any::<u64>(),
+        whole_ring in any::<bool>(),
+    ) {
+        use crate::storage::{MemoryStorage, ScanCursor, Storage};
+        let range = TokenRange {
+            start: range_start,
+            end: if whole_ring { range_start } else { range_start.wrapping_add(u64::MAX / 2) },
+        };
+        let storage = MemoryStorage::new();
+        let hasher = ItemHasher::new(9);
+        let object_for = |text: &str| {
+            let mut object = Object::empty();
+            object.apply_write(Actor::new("n", 1), &CausalContext::empty(), data(text));
+            object
+        };
+        for i in 0..initial {
+            let (bucket, key) = key_of(i);
+            storage.put(&bucket, &key, &object_for("v0")).unwrap();
+        }
+        let mut trees = RangeTrees::new(hasher, TreeShape::new(6, 2).unwrap());
+        prop_assert_eq!(trees.set_ranges_building([range]), vec![range]);
+        prop_assert!(!trees.is_ready(range));
+        let mut pending_writes = writes.into_iter();
+        let mut after: Option<ScanCursor> = None;
+        loop {
+            // A few writes between two batches, recorded as the node records them.
+            for (i, kind) in pending_writes.by_ref().take(3) {
+                let (bucket, key) = key_of(i);
+                let old = storage.get(&bucket, &key).unwrap().map(|o| o.digest());
+                let new = if kind == 0 {
+                    storage.remove(&bucket, &key).unwrap();
+                    None
+                } else {
+                    let object = object_for(&format!("v{kind}-{i}"));
+                    storage.put(&bucket, &key, &object).unwrap();
+                    Some(object.digest())
+                };
+                trees.record_write(&bucket, &key, old, new);
+            }
+            let (building, progress) = trees.next_build().expect("still building");
+            prop_assert_eq!(building, range);
+            prop_assert_eq!(&progress, &after);
+            let scanned = storage.scan_range_batch(range, after.as_ref(), batch).unwrap();
+            prop_assert!(scanned.rows.len() <= batch);
+            let done = scanned.resume.is_none();
+            after = scanned.resume.clone();
+            trees.add_built(
+                range,
+                scanned.rows.iter().map(|(b, k, o)| (b.as_str(), k.as_slice(), o.digest())),
+                scanned.resume,
+            );
+            if done {
+                break;
+            }
+            prop_assert!(!trees.is_ready(range));
+        }
+        prop_assert!(trees.is_ready(range));
+        prop_assert!(!trees.is_building());
+        // Writes after the build update the tree as usual.
+        for (i, kind) in pending_writes {
+            let (bucket, key) = key_of(i);
+            let old = storage.get(&bucket, &key).unwrap().map(|o| o.digest());
+            let object = object_for(&format!("late{kind}-{i}"));
+            storage.put(&bucket, &key, &object).unwrap();
+            trees.record_write(&bucket, &key, old, Some(object.digest()));
+        }
+        let rows = storage.scan_range(range).unwrap();
+        let mut rebuilt = RangeTrees::new(hasher, TreeShape::new(6, 2).unwrap());
+        rebuilt.set_ranges([range]);
+        rebuilt.rebuild(range, rows.iter().map(|(b, k, o)| (b.as_str(), k.as_slice(), o.digest())));
+        prop_assert!(rebuilt.is_ready(range));
+        let built = trees.tree_mut(range).unwrap().root();
+        prop_assert_eq!(built, rebuilt.tree_mut(range).unwrap().root());
+    }
+}
+
+/// A receiver whose tree for the range is still building refuses an exchange with
+/// `TreeNotReady` (the driver retries later) instead of answering from a partial tree.
+#[test]
+fn a_building_tree_refuses_exchanges() {
+    let range = TokenRange {
+        start: 1,
+        end: 1_000_000,
+    };
+    let mut trees = RangeTrees::new(ItemHasher::new(1), TreeShape::DEFAULT);
+    trees.set_ranges_building([range]);
+    let mut ready = RangeTrees::new(ItemHasher::new(1), TreeShape::DEFAULT);
+    ready.set_ranges([range]);
+    ready.rebuild(range, std::iter::empty());
+    let mut driver = ExchangeDriver::new(ExchangeId(1), range, ExchangeConfig::default(), 5);
+    let DriverStep::Send(request) = driver.start(&mut ready) else {
+        panic!("a ready tree starts an exchange");
+    };
+    struct Empty;
+    impl SegmentSource for Empty {
+        fn segment_items(&self, _: TokenRange) -> Result<Vec<SegmentItem>, StorageError> {
+            Ok(Vec::new())
+        }
+        fn object(&self, _: &str, _: &[u8]) -> Result<Option<Object>, StorageError> {
+            Ok(None)
+        }
+    }
+    let output = handle_request(request, &mut trees, &Empty, &ReceiverLimits::default());
+    assert!(matches!(
+        output.response.body,
+        ResponseBody::Refused(exchange::Refusal::TreeNotReady)
+    ));
+}

@@ -19,7 +19,7 @@ use crate::control::{RepairQueue, RepairQueueConfig, RepairReason};
 use crate::membership::PeerStatus;
 use crate::message::Message;
 use crate::ring::{key_token, TokenRange};
-use crate::storage::{Storage, StorageError};
+use crate::storage::{scan_in_batches, Storage, StorageError, DEFAULT_SCAN_BATCH};
 use crate::version::Object;
 use crate::{Millis, NodeId};
 use rand::Rng;
@@ -61,6 +61,18 @@ const MAX_REAP_CANDIDATES: usize = 10_000;
 /// Exchange durations kept until the driver drains them.
 const MAX_DURATION_SAMPLES: usize = 4096;
 
+/// Objects scanned into building trees at once when the ranges change (at start, say), so
+/// a small node has its trees at once; the rest are scanned in the background. A few
+/// milliseconds of a start.
+pub(super) const TREE_BUILD_AT_ONCE: usize = 8_192;
+
+/// Objects scanned into building trees per tick, and per scan call.
+pub(super) const TREE_BUILD_PER_TICK: usize = 1024;
+const TREE_BUILD_BATCH: usize = DEFAULT_SCAN_BATCH;
+
+/// How soon the next tick comes while trees are building (the node serves in between).
+pub(super) const TREE_BUILD_TICK_MS: Millis = 2;
+
 /// Repair runs remembered for status queries.
 const MAX_REPAIR_RUNS: usize = 64;
 
@@ -69,16 +81,16 @@ struct StorageSource<'a, S: Storage>(&'a S);
 
 impl<S: Storage> SegmentSource for StorageSource<'_, S> {
     fn segment_items(&self, tokens: TokenRange) -> Result<Vec<SegmentItem>, StorageError> {
-        Ok(self
-            .0
-            .scan_range(tokens)?
-            .into_iter()
-            .map(|(bucket, key, object)| SegmentItem {
+        // One segment's keys (digests only, never whole objects), scanned in bounded batches.
+        let mut items = Vec::new();
+        scan_in_batches(self.0, tokens, DEFAULT_SCAN_BATCH, |bucket, key, object| {
+            items.push(SegmentItem {
                 digest: object.digest(),
                 bucket,
                 key,
             })
-            .collect())
+        })?;
+        Ok(items)
     }
 
     fn object(&self, bucket: &str, key: &[u8]) -> Result<Option<Object>, StorageError> {
@@ -94,8 +106,21 @@ struct BucketSource<'a, S: Storage> {
 
 impl<S: Storage> SegmentSource for BucketSource<'_, S> {
     fn segment_items(&self, tokens: TokenRange) -> Result<Vec<SegmentItem>, StorageError> {
-        let mut items = StorageSource(self.storage).segment_items(tokens)?;
-        items.retain(|item| item.bucket == self.bucket);
+        let mut items = Vec::new();
+        scan_in_batches(
+            self.storage,
+            tokens,
+            DEFAULT_SCAN_BATCH,
+            |bucket, key, object| {
+                if bucket == self.bucket {
+                    items.push(SegmentItem {
+                        digest: object.digest(),
+                        bucket,
+                        key,
+                    })
+                }
+            },
+        )?;
         Ok(items)
     }
 
@@ -180,28 +205,52 @@ impl AntiEntropyState {
 
 impl<S: Storage> Node<S> {
     /// Makes the trees match the ring: ranges this node no longer replicates are dropped,
-    /// new ones are built by one scan of their objects (counted in `tree_rebuilds`).
+    /// new ones are built from a scan of their objects (counted in `tree_rebuilds` when
+    /// done). Up to [`TREE_BUILD_AT_ONCE`] objects are scanned right away; bigger trees go
+    /// on building in the background, [`TREE_BUILD_PER_TICK`] objects a tick, so a node with
+    /// much data serves at once after a start. Anti-entropy waits for a range's tree.
     pub(super) fn align_trees(&mut self) {
         let ranges = replicated_ranges(&self.cluster.ring, self.id());
-        let new_ranges = self.anti_entropy.trees.set_ranges(ranges);
-        for range in new_ranges {
-            match self.storage.scan_range(range) {
-                Ok(objects) => {
-                    let items: Vec<(String, Vec<u8>, u64)> = objects
-                        .into_iter()
-                        .map(|(b, k, o)| (b, k, o.digest()))
-                        .collect();
-                    self.anti_entropy.trees.rebuild(
-                        range,
-                        items.iter().map(|(b, k, d)| (b.as_str(), k.as_slice(), *d)),
-                    );
-                    self.stats.increment(Counter::TreeRebuilds);
-                }
-                Err(_) => self.stats.increment(Counter::StorageErrors),
-            }
-        }
+        // The new ranges are marked building; advance_tree_builds scans them.
+        self.anti_entropy.trees.set_ranges_building(ranges);
+        self.advance_tree_builds(TREE_BUILD_AT_ONCE);
         let targets = repair_targets(&self.cluster.ring, self.id());
         self.anti_entropy.repair_queue.set_targets(targets);
+    }
+
+    /// Scans up to about `budget` objects into the trees still being built, one bounded
+    /// batch at a time. A storage error leaves the build where it was, for the next tick.
+    pub(super) fn advance_tree_builds(&mut self, budget: usize) {
+        let mut left = budget;
+        while left > 0 {
+            let Some((range, after)) = self.anti_entropy.trees.next_build() else {
+                return;
+            };
+            let batch = match self.storage.scan_range_batch(
+                range,
+                after.as_ref(),
+                left.min(TREE_BUILD_BATCH),
+            ) {
+                Ok(batch) => batch,
+                Err(_) => {
+                    self.stats.increment(Counter::StorageErrors);
+                    return;
+                }
+            };
+            left = left.saturating_sub(batch.rows.len().max(1));
+            let done = batch.resume.is_none();
+            self.anti_entropy.trees.add_built(
+                range,
+                batch
+                    .rows
+                    .iter()
+                    .map(|(b, k, o)| (b.as_str(), k.as_slice(), o.digest())),
+                batch.resume,
+            );
+            if done {
+                self.stats.increment(Counter::TreeRebuilds);
+            }
+        }
     }
 
     /// Verifies the next range's tree against its data when due: a fresh tree built from a
@@ -217,23 +266,33 @@ impl<S: Storage> Node<S> {
             return;
         };
         self.anti_entropy.verify_cursor += 1;
-        let objects = match self.storage.scan_range(range) {
-            Ok(objects) => objects,
-            Err(_) => {
-                self.stats.increment(Counter::StorageErrors);
-                return;
-            }
-        };
+        if !self.anti_entropy.trees.is_ready(range) {
+            // Still being built from a scan: nothing to verify yet.
+            return;
+        }
         let hasher = *self.anti_entropy.trees.hasher();
         let mut fresh = MerkleTree::new(range, self.anti_entropy.trees.shape());
-        for (bucket, key, object) in &objects {
-            if let Some(segment) = fresh.segment_of(key_token(bucket, key)) {
-                fresh.update(
-                    segment,
-                    None,
-                    Some(hasher.item_hash(bucket, key, object.digest())),
-                );
-            }
+        let mut tombstones = BTreeSet::new();
+        let scanned = scan_in_batches(
+            &self.storage,
+            range,
+            DEFAULT_SCAN_BATCH,
+            |bucket, key, object| {
+                let digest = object.digest();
+                if let Some(segment) = fresh.segment_of(key_token(&bucket, &key)) {
+                    fresh.update(segment, None, Some(hasher.item_hash(&bucket, &key, digest)));
+                }
+                if !object.is_empty()
+                    && object.is_deleted()
+                    && tombstones.len() < MAX_REAP_CANDIDATES
+                {
+                    tombstones.insert((bucket, key, digest));
+                }
+            },
+        );
+        if scanned.is_err() {
+            self.stats.increment(Counter::StorageErrors);
+            return;
         }
         let Some(tree) = self.anti_entropy.trees.tree_mut(range) else {
             return;
@@ -244,7 +303,7 @@ impl<S: Storage> Node<S> {
             self.stats.increment(Counter::TreeChecksMismatch);
             let _ = self.anti_entropy.trees.insert_tree(fresh);
         }
-        self.consider_reaping(now, range, &objects);
+        self.consider_reaping(now, range, tombstones);
     }
 
     /// Tombstone reaping, on the scan the verification just made. A tombstone is purged when
@@ -253,18 +312,7 @@ impl<S: Storage> Node<S> {
     /// (2) an exchange with every replica peer of the range has converged since that snapshot
     /// (so every replica held it). The reaper tells the peers to purge the same tombstones,
     /// so anti-entropy does not copy them back.
-    fn consider_reaping(
-        &mut self,
-        now: Millis,
-        range: TokenRange,
-        objects: &[(String, Vec<u8>, Object)],
-    ) {
-        let tombstones: BTreeSet<ReapItem> = objects
-            .iter()
-            .filter(|(_, _, o)| !o.is_empty() && o.is_deleted())
-            .take(MAX_REAP_CANDIDATES)
-            .map(|(b, k, o)| (b.clone(), k.clone(), o.digest()))
-            .collect();
+    fn consider_reaping(&mut self, now: Millis, range: TokenRange, tombstones: BTreeSet<ReapItem>) {
         let age_needed = self.config.hinted_handoff.ttl_ms + 2 * self.config.request_timeout_ms;
         let Some((taken_at, candidates)) = self.anti_entropy.reap_snapshots.get(&range) else {
             self.anti_entropy
@@ -408,6 +456,15 @@ impl<S: Storage> Node<S> {
                 let Some(run) = self.anti_entropy.repair_runs.get_mut(&run_id) else {
                     break;
                 };
+                // A range whose tree is still building waits (one-bucket runs build their own).
+                let waits = run.bucket.is_none()
+                    && run
+                        .pending
+                        .front()
+                        .is_some_and(|(range, _)| !self.anti_entropy.trees.is_ready(*range));
+                if waits {
+                    break;
+                }
                 let Some((range, peer)) = run.pending.pop_front() else {
                     break;
                 };
@@ -420,10 +477,14 @@ impl<S: Storage> Node<S> {
             return;
         }
         while self.anti_entropy.exchanges.len() < self.config.anti_entropy.concurrency.max(1) {
-            let Some(((_, next_peer), _)) = self.anti_entropy.repair_queue.peek(now) else {
+            let Some(((next_range, next_peer), _)) = self.anti_entropy.repair_queue.peek(now)
+            else {
                 break;
             };
-            if self.cluster.membership.status(next_peer) != PeerStatus::Up {
+            // A peer not up, or a tree still building: try that target again later.
+            if self.cluster.membership.status(next_peer) != PeerStatus::Up
+                || !self.anti_entropy.trees.is_ready(*next_range)
+            {
                 if let Some((target, _)) = self.anti_entropy.repair_queue.next(now) {
                     self.anti_entropy.repair_queue.complete(&target, now, false);
                 }
@@ -448,25 +509,32 @@ impl<S: Storage> Node<S> {
         }
     }
 
-    /// Trees of one bucket's keys in `range`, built by one scan of the range: a one-bucket
-    /// exchange compares these (the maintained trees cover every bucket).
+    /// Trees of one bucket's keys in `range`, built by one scan of the range (in bounded
+    /// batches): a one-bucket exchange compares these (the maintained trees cover every
+    /// bucket).
     fn bucket_trees(&self, range: TokenRange, bucket: &str) -> Result<RangeTrees, StorageError> {
-        let items = BucketSource {
-            storage: &self.storage,
-            bucket,
-        }
-        .segment_items(range)?;
-        let mut trees = RangeTrees::new(
-            *self.anti_entropy.trees.hasher(),
-            self.anti_entropy.trees.shape(),
-        );
-        trees.set_ranges([range]);
-        trees.rebuild(
+        let hasher = *self.anti_entropy.trees.hasher();
+        let mut tree = MerkleTree::new(range, self.anti_entropy.trees.shape());
+        scan_in_batches(
+            &self.storage,
             range,
-            items
-                .iter()
-                .map(|i| (i.bucket.as_str(), i.key.as_slice(), i.digest)),
-        );
+            DEFAULT_SCAN_BATCH,
+            |b, key, object| {
+                if b != bucket {
+                    return;
+                }
+                if let Some(segment) = tree.segment_of(key_token(&b, &key)) {
+                    tree.update(
+                        segment,
+                        None,
+                        Some(hasher.item_hash(&b, &key, object.digest())),
+                    );
+                }
+            },
+        )?;
+        let mut trees = RangeTrees::new(hasher, self.anti_entropy.trees.shape());
+        trees.set_ranges([range]);
+        let _ = trees.insert_tree(tree);
         Ok(trees)
     }
 
@@ -915,6 +983,15 @@ impl<S: Storage> Node<S> {
     }
 
     /// When anti-entropy next has work: exchange timeouts, runs, the queue.
+    /// While trees are building, the next tick scans the next batch.
+    pub(super) fn tree_build_deadline(&self) -> Millis {
+        if self.anti_entropy.trees.is_building() {
+            self.clock + TREE_BUILD_TICK_MS
+        } else {
+            Millis::MAX
+        }
+    }
+
     pub(super) fn anti_entropy_deadline(&self) -> Millis {
         let timeouts = self
             .anti_entropy

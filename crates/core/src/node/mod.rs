@@ -194,8 +194,9 @@ impl<S: Storage> Node<S> {
         }
         // Peers that restarted with us learn the table from our state again.
         node.publish_props(now);
-        // Trees are rebuilt by one scan at every start: a tree persisted before a crash could
-        // disagree with what the crash left of the data.
+        // Trees are rebuilt from a scan at every start (a tree persisted before a crash could
+        // disagree with what the crash left of the data): the first objects at once, the
+        // rest in the background, so a start takes the same time whatever the data.
         node.align_trees();
         Ok(node)
     }
@@ -296,6 +297,7 @@ impl<S: Storage> Node<S> {
             .min(speculation)
             .min(self.anti_entropy_deadline())
             .min(self.control.controller.next_deadline())
+            .min(self.tree_build_deadline())
     }
 
     // ----- durability -----------------------------------------------------------------
@@ -985,6 +987,7 @@ impl<S: Storage> Node<S> {
             }
         }
         self.speculate_reads(now);
+        self.advance_tree_builds(anti_entropy::TREE_BUILD_PER_TICK);
         self.tick_anti_entropy(now);
         self.verify_next_tree(now);
         if now >= self.hints.next_delivery_at {

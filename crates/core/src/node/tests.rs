@@ -1118,3 +1118,96 @@ fn the_repair_rate_follows_foreground_load() {
     );
     assert_eq!(fixed.repair_rate_reason().as_str(), "fixed");
 }
+
+/// A node that starts over more objects than it scans at once serves at once: its trees
+/// build in the background (ticks come soon while they do), a read is answered before they
+/// are done, writes during the build are kept, and the finished trees equal a rebuild from
+/// the data.
+#[test]
+fn trees_build_in_the_background_after_a_start_with_much_data() {
+    let storage = MemoryStorage::new();
+    let mut object = Object::empty();
+    object.apply_write(Actor::new("old", 1), &CausalContext::empty(), data("v"));
+    let stored = anti_entropy::TREE_BUILD_AT_ONCE * 2;
+    for i in 0..stored {
+        storage
+            .put("b", format!("key-{i}").as_bytes(), &object)
+            .unwrap();
+    }
+    storage.sync().unwrap();
+    let mut node = Node::new(NodeConfig::new("n0"), storage.clone(), 0).unwrap();
+    assert!(
+        node.anti_entropy.trees.is_building(),
+        "more than one start's budget"
+    );
+    assert!(node.next_deadline() <= anti_entropy::TREE_BUILD_TICK_MS);
+    node.handle_client_request(
+        0,
+        1,
+        ClientRequest::Get {
+            bucket: "b".into(),
+            key: b"key-7".to_vec(),
+            level: ConsistencyLevel::One,
+        },
+    );
+    let mut answered = false;
+    while let Some(action) = node.poll_action() {
+        if let Action::Reply {
+            client: 1,
+            response,
+        } = action
+        {
+            assert_eq!(live(&response), vec![data("v")]);
+            answered = true;
+        }
+    }
+    assert!(answered, "a read is served while the trees build");
+    let mut now = 0;
+    let mut ticks = 0;
+    while node.anti_entropy.trees.is_building() {
+        // A write in the middle of the build, as a client would make it.
+        if ticks == 3 {
+            node.handle_client_request(
+                now,
+                2,
+                ClientRequest::Put {
+                    bucket: "b".into(),
+                    key: format!("key-{}", stored - 1).into_bytes(),
+                    context: CausalContext::empty(),
+                    value: data("new"),
+                    level: ConsistencyLevel::One,
+                },
+            );
+            node.sync_now();
+            while node.poll_action().is_some() {}
+        }
+        now = node.next_deadline().max(now);
+        node.handle_tick(now);
+        ticks += 1;
+        assert!(
+            ticks < 10 * stored / anti_entropy::TREE_BUILD_PER_TICK,
+            "the build ends"
+        );
+    }
+    let ranges: Vec<crate::ring::TokenRange> = node.anti_entropy.trees.ranges().collect();
+    assert_eq!(node.stats()[Counter::TreeRebuilds], ranges.len() as u64);
+    let mut rebuilt = crate::anti_entropy::RangeTrees::new(
+        *node.anti_entropy.trees.hasher(),
+        node.anti_entropy.trees.shape(),
+    );
+    rebuilt.set_ranges(ranges.iter().copied());
+    for range in &ranges {
+        let rows = storage.scan_range(*range).unwrap();
+        rebuilt.rebuild(
+            *range,
+            rows.iter()
+                .map(|(b, k, o)| (b.as_str(), k.as_slice(), o.digest())),
+        );
+        assert!(node.anti_entropy.trees.is_ready(*range));
+        assert_eq!(
+            node.anti_entropy.trees.tree_mut(*range).unwrap().root(),
+            rebuilt.tree_mut(*range).unwrap().root(),
+            "{range:?}"
+        );
+    }
+}

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Restart time against stored data: one node (`mendkv server`, release build) is loaded with
+# KEYS keys of 100 bytes (`mendkv bench --preload`, fsync periodic to load faster), stopped
+# cleanly, then restarted over the same data by each binary in turn, alternating, ROUNDS
+# times: the time from spawn to the first answered GET, the time until every Merkle tree is
+# built (the tree_rebuilds counter reaches the number of ranges), and RSS.
+#   scripts/bench_restart.sh KEYS [ROUNDS] [BINARY...]      (default binary: this tree's)
+#   e.g. scripts/bench_restart.sh 2000000 2 /tmp/mendkv-main target/release/mendkv
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib_bench.sh
+keys=${1:?number of keys}
+rounds=${2:-2}
+shift $(($# >= 2 ? 2 : 1))
+binaries=("$@")
+if [ ${#binaries[@]} -eq 0 ]; then
+  [ -n "${MENDKV_BIN:-}" ] || cargo build --release --locked -p mendkv >/dev/null 2>&1
+  binaries=("$(bench_mendkv_bin)")
+fi
+port=${BENCH_BASE_PORT:-28501}
+dir=$(mktemp -d)
+node=
+stop_node() {
+  if [ -n "$node" ]; then
+    kill -INT "$node" 2>/dev/null || true
+    wait "$node" 2>/dev/null || true
+    node=
+  fi
+}
+trap 'stop_node; rm -rf "$dir"' EXIT
+start_node() {
+  "$1" server --node-id node1 --listen "127.0.0.1:$((port - 1000))" --http "127.0.0.1:$port" \
+    --resp "127.0.0.1:$((port + 1000))" --data-dir "$dir/node1" 2>>"$dir/server.log" &
+  node=$!
+}
+rebuilds() {
+  curl -s "http://127.0.0.1:$port/metrics" | awk '/^mendkv_anti_entropy_tree_rebuilds/ { print $2 }'
+}
+
+# A long request deadline while loading: on a busy machine a write can wait past the default.
+MENDKV_STORAGE__FSYNC=periodic MENDKV_CONSISTENCY__REQUEST_TIMEOUT_MS=30000 start_node "${binaries[0]}"
+bench_wait_http "http://127.0.0.1:$port/health" 60
+started=$(date +%s.%N)
+"${binaries[0]}" bench --node "http://127.0.0.1:$port" --workload c --ops 1 --keys "$keys" \
+  --preload --concurrency 16 --value-size 100 | grep preloaded
+echo "RSS after loading $keys keys: $(bench_rss_kib "$node") KiB ($(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN { printf "%.0f", e - s }') s)"
+stop_node
+echo "data: $(du -sh "$dir/node1" | cut -f1)"
+ranges=0
+for round in $(seq 1 "$rounds"); do
+  for bin in "${binaries[@]}"; do
+    t0=$(date +%s%N)
+    start_node "$bin"
+    until curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/kv/bench/key0" 2>/dev/null | grep -q 200; do
+      sleep 0.01
+    done
+    t1=$(date +%s%N)
+    serving_rss=$(bench_rss_kib "$node")
+    # The first binary's count after a start is the number of ranges, unless it is still
+    # building: wait until the counter stops growing.
+    last=-1
+    while :; do
+      now=$(rebuilds)
+      if [ "$now" = "$last" ] && [ "$now" -ge "$ranges" ]; then break; fi
+      last=$now
+      sleep 0.5
+    done
+    [ "$ranges" -gt 0 ] || ranges=$now
+    t2=$(date +%s%N)
+    printf 'round %s %s: serving after %d ms, trees built after about %d ms (%s trees), RSS serving %s KiB, after builds %s KiB\n' \
+      "$round" "$bin" $(((t1 - t0) / 1000000)) $(((t2 - t0) / 1000000 - 500)) "$now" "$serving_rss" "$(bench_rss_kib "$node")"
+    stop_node
+  done
+done

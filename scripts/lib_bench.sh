@@ -1,0 +1,109 @@
+# Shell functions shared by the benchmark scripts (source it; it is not run by itself).
+# Everything here is for benchmarks on a developer machine, never for CI.
+
+# The release binary the benchmarks run (MENDKV_BIN overrides).
+bench_mendkv_bin() {
+  echo "${MENDKV_BIN:-${CARGO_TARGET_DIR:-target}/release/mendkv}"
+}
+
+# bench_start_cluster DIR BASE_PORT [NODES]: starts `mendkv cluster` with its data under DIR
+# and waits (up to 30 s) until it says it is ready. Sets BENCH_CLUSTER_PID; the nodes are its
+# child processes (see bench_cluster_node_pids). BENCH_CLUSTER_ENV ("NAME=value ...") is set
+# in the nodes' environment, e.g. TOKIO_WORKER_THREADS=1.
+bench_start_cluster() {
+  local dir=$1 port=$2 nodes=${3:-3}
+  # shellcheck disable=SC2086 # a list of NAME=value words
+  env ${BENCH_CLUSTER_ENV:-} "$(bench_mendkv_bin)" cluster --nodes "$nodes" --data-dir "$dir" --base-port "$port" >"$dir/cluster.out" 2>&1 &
+  BENCH_CLUSTER_PID=$!
+  for _ in $(seq 1 300); do
+    grep -q "cluster ready" "$dir/cluster.out" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  cat "$dir/cluster.out" >&2
+  return 1
+}
+
+# bench_stop_cluster: Ctrl-C to the cluster started by bench_start_cluster (its nodes stop
+# cleanly), then waits for it.
+bench_stop_cluster() {
+  if [ -n "${BENCH_CLUSTER_PID:-}" ]; then
+    kill -INT "$BENCH_CLUSTER_PID" 2>/dev/null || true
+    wait "$BENCH_CLUSTER_PID" 2>/dev/null || true
+    BENCH_CLUSTER_PID=
+  fi
+}
+
+# bench_node_args BASE_PORT [NODES]: `--node URL` for every node, for `mendkv bench`.
+bench_node_args() {
+  local port=$1 nodes=${2:-3} i
+  for ((i = 0; i < nodes; i++)); do
+    printf -- '--node\nhttp://127.0.0.1:%d\n' $((port + i))
+  done
+}
+
+# bench_cluster_node_pids: the pids of the cluster's node processes.
+bench_cluster_node_pids() {
+  pgrep -P "$BENCH_CLUSTER_PID" | tr '\n' ' '
+}
+
+# bench_set_lww BUCKET BASE_PORT [NODES]: makes BUCKET last-write-wins and waits until every
+# node holds the change (gossip, about a second).
+bench_set_lww() {
+  local bucket=$1 port=$2 nodes=${3:-3} bin i
+  bin=$(bench_mendkv_bin)
+  "$bin" bucket set "$bucket" --resolution lww --node "http://127.0.0.1:$port" >/dev/null
+  for ((i = 0; i < nodes; i++)); do
+    until "$bin" bucket get "$bucket" --node "http://127.0.0.1:$((port + i))" | grep -q '"lww"'; do
+      sleep 0.1
+    done
+  done
+}
+
+# bench_cpu_ticks PID...: user + system CPU time of the processes so far, in clock ticks
+# (fields 14 and 15 of /proc/PID/stat; the command name in field 2 has no spaces here).
+bench_cpu_ticks() {
+  local total=0 pid fields
+  for pid in "$@"; do
+    read -r -a fields <"/proc/$pid/stat" || continue
+    total=$((total + fields[13] + fields[14]))
+  done
+  echo "$total"
+}
+
+# bench_rss_kib PID...: resident memory of each process, in KiB, space-separated.
+bench_rss_kib() {
+  local pid
+  for pid in "$@"; do
+    awk '/^VmRSS:/ { printf "%s ", $2 }' "/proc/$pid/status"
+  done
+  echo
+}
+
+# bench_wait_http URL [SECONDS]: polls URL until it answers 200 (default 30 s).
+bench_wait_http() {
+  local url=$1 seconds=${2:-30} i
+  for ((i = 0; i < seconds * 20; i++)); do
+    curl -sf -o /dev/null "$url" && return 0
+    sleep 0.05
+  done
+  return 1
+}
+
+# bench_wrk_summary FILE: "ops_per_s p99_ms requests errors" from `wrk --latency` output.
+bench_wrk_summary() {
+  awk '
+    function ms(v) {
+      if (v ~ /us$/) return substr(v, 1, length(v) - 2) / 1000
+      if (v ~ /ms$/) return substr(v, 1, length(v) - 2) + 0
+      if (v ~ /m$/) return substr(v, 1, length(v) - 1) * 60000
+      if (v ~ /s$/) return substr(v, 1, length(v) - 1) * 1000
+      return v + 0
+    }
+    /^ +99%/ { p99 = ms($2) }
+    /requests in/ { requests = $1 }
+    /Requests\/sec:/ { rate = $2 }
+    /Non-2xx or 3xx responses:/ { errors += $NF }
+    /Socket errors:/ { gsub(",", ""); errors += $4 + $6 + $8 + $10 }
+    END { printf "%.0f %.2f %d %d\n", rate, p99, requests, errors }
+  ' "$1"
+}
