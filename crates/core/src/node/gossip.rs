@@ -14,7 +14,20 @@ pub(super) struct ClusterView {
     pub membership: crate::membership::Membership,
     pub ring: crate::ring::Ring,
     pub gossiper: crate::gossip::Gossiper,
+    /// A peer has told this node everything it knows (a gossip answer) since it started, so
+    /// its member list, and with it its ring, is whole. Members are not persisted: a node
+    /// restarted after kill -9 knows only itself and its seeds at first, and a ring of one
+    /// would make it coordinate a quorum alone with its own stale copy (found by the chaos
+    /// harness: quorum reads right after a restart returned the pre-kill copy). Until then
+    /// it refuses client reads and writes. True from the start for a node with no seeds.
+    pub learned: bool,
 }
+
+/// Why a node refuses client requests until it has heard the cluster from a peer.
+pub(super) const MEMBERSHIP_UNLEARNED: &str = "this node has just started and has not yet \
+     heard the cluster's membership from a peer (its seeds); until then its view of the ring \
+     is incomplete and it cannot coordinate; retry in a moment, or check that its seeds are \
+     reachable";
 
 impl<S: Storage> Node<S> {
     fn send_gossip(&mut self, messages: Vec<(NodeId, GossipMessage)>) {
@@ -36,9 +49,15 @@ impl<S: Storage> Node<S> {
 
     pub(super) fn on_gossip(&mut self, now: Millis, from: &NodeId, message: GossipMessage) {
         self.learn_epoch_from(now, &message);
+        let tells_all = matches!(
+            message,
+            GossipMessage::Ack { .. } | GossipMessage::Syn { complete: true, .. }
+        );
         let replies = self.cluster.gossiper.handle_message(now, from, message);
         self.send_gossip(replies);
         self.apply_gossip_events(now);
+        // After the events: the members it told of are in the ring now.
+        self.cluster.learned |= tells_all;
     }
 
     /// A seed answered the transport handshake: gossip with it at once, and now and then.

@@ -179,6 +179,7 @@ impl<S: Storage> Node<S> {
                 membership,
                 ring,
                 gossiper,
+                learned: !config.learn_epoch_from_peers,
             },
             coordination: coordination::Coordination::default(),
             read_repair: read::ReadRepairState::default(),
@@ -459,6 +460,20 @@ impl<S: Storage> Node<S> {
         {
             self.stats.increment(Counter::RequestsOverloaded);
             self.reply(client, ClientResponse::Overloaded);
+            return;
+        }
+        if !self.cluster.learned
+            && matches!(
+                request,
+                ClientRequest::Get { .. }
+                    | ClientRequest::Put { .. }
+                    | ClientRequest::Delete { .. }
+            )
+        {
+            self.reply(
+                client,
+                ClientResponse::NotReady(gossip::MEMBERSHIP_UNLEARNED.into()),
+            );
             return;
         }
         match request {
