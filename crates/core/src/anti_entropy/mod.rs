@@ -53,6 +53,7 @@
 //!   send the next request, until `DriverStep::Finished`. On a timeout call `abort`.
 //! - On a request from a peer: [`handle_request`], merge its `writes`, send the response.
 
+pub mod coded;
 pub mod exchange;
 pub mod memory_replica;
 pub mod merkle;
