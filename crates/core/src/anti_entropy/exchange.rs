@@ -605,6 +605,9 @@ pub struct ExchangeDriver {
     state: DriverState,
     stats: ExchangeStats,
     bucket: Option<String>,
+    /// The pass in which a coded reconciliation fell back: the rest of that pass descends
+    /// (a deeper level's estimate would come from the same counts that just misled).
+    coding_failed_in_pass: u32,
 }
 
 impl ExchangeDriver {
@@ -634,6 +637,7 @@ impl ExchangeDriver {
             state: DriverState::Ready,
             stats: ExchangeStats::default(),
             bucket: None,
+            coding_failed_in_pass: 0,
         }
     }
 
@@ -904,7 +908,10 @@ impl ExchangeDriver {
     /// down the same count is informative again, for 16 times the bytes of this level.
     fn coded_prefix(&self, depth: u8, compared: usize, mismatched: usize) -> Option<u32> {
         let covered = mismatched as u64 * u64::from(self.shape.segments_per_node(depth));
-        if depth == 0 || mismatched >= compared || covered > u64::from(self.config.coded_max_segments)
+        if depth == 0
+            || mismatched >= compared
+            || covered > u64::from(self.config.coded_max_segments)
+            || self.coding_failed_in_pass == self.pass
         {
             return None;
         }
@@ -978,6 +985,7 @@ impl ExchangeDriver {
                 return Ok(self.ask_symbols(coding));
             }
             self.stats.coded_fallbacks += 1;
+            self.coding_failed_in_pass = self.pass;
             return self.descend(coding.depth, coding.nodes);
         };
         let mut decoded: BTreeSet<u64> = decoded.into_iter().collect();

@@ -519,7 +519,7 @@ fn scanned_exchange(
     a: &mut MemoryReplica,
     b: &mut MemoryReplica,
     config: ExchangeConfig,
-) -> (ExchangeReport, u64, u64, Vec<RequestBody>) {
+) -> (ExchangeReport, usize, usize, Vec<RequestBody>) {
     let mut driver = ExchangeDriver::new(ExchangeId(1), FULL_RING, config, 9);
     let mut request = sent(driver.start(&mut a.trees));
     let (mut scans_a, mut scans_b, mut bodies) = (0, 0, Vec::new());
