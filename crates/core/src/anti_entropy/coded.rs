@@ -4,17 +4,18 @@
 //! Each side maps every item (its salted short hash `s`, `w` bytes) to an infinite sequence
 //! of *coded symbol* indices: always index 0, then sparser and sparser (index `i` is hit
 //! with probability about `1 / (1 + i/2)`). A coded symbol is the XOR of the items mapped to
-//! it, plus the XOR of a 16-bit checksum of each. The XOR of two sides' symbols is the
-//! coding of their symmetric difference only (an item both hold cancels), which is peeled:
-//! a symbol whose checksum matches its sum *and* whose sum maps to that index holds exactly
-//! one item; removing that item from every symbol it maps to makes others pure, and so on.
+//! it, the XOR of a 14-bit checksum of each, and their count modulo 4 (the last two share
+//! two bytes). One side's symbols minus the other's (XOR, and the counts subtracted) are the
+//! coding of the symmetric difference only (an item both hold cancels), which is peeled: a
+//! symbol whose count is +1 or -1, whose checksum matches its sum *and* whose sum maps to
+//! that index holds exactly one item, on the side the count's sign says; removing it from
+//! every symbol it maps to makes others pure, and so on.
 //! About 1.35-1.7 symbols per difference decode it, whatever the sets' sizes, and a prefix
 //! too short is simply extended with the following symbols: nothing received is wasted.
 //!
 //! The sequence depends on `s` alone, so the decoder maps a decoded item without knowing
 //! it, and the encoder of a window `[from, to)` needs no state: it is what a stateless
-//! receiver sends. There is no count field: which side holds a decoded item is known
-//! locally (the driver looks it up among its own items).
+//! receiver sends.
 //!
 //! Hand-written rather than a crate: the exchange needs symbols of a caller-chosen width,
 //! packed, encoded for an arbitrary window without state, and the index check below, which
@@ -25,17 +26,34 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 /// Bytes of the checksum in each symbol.
 pub const CHECK_BYTES: usize = 2;
 
-/// One coded symbol: the XOR of its items' short hashes and of their checksums.
+/// One coded symbol: the XOR of its items' short hashes; the XOR of their checksums in the
+/// top 14 bits of `check` and their count modulo 4 in the bottom two.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Symbol {
     pub sum: u64,
     pub check: u16,
 }
 
+const COUNT_MASK: u16 = 0b11;
+
 impl Symbol {
-    fn toggle(&mut self, item: u64) {
+    /// Adds (`sign` 1) or removes (`sign` 3, i.e. -1 modulo 4) one item.
+    fn apply(&mut self, item: u64, sign: u16) {
         self.sum ^= item;
-        self.check ^= checksum(item);
+        let count = (self.check & COUNT_MASK).wrapping_add(sign) & COUNT_MASK;
+        self.check = ((self.check ^ checksum(item)) & !COUNT_MASK) | count;
+    }
+
+    /// This symbol minus `other`'s (what only this side's items contribute, with count +1,
+    /// and only the other's, with count -1).
+    pub fn subtract(&mut self, other: &Symbol) {
+        self.sum ^= other.sum;
+        let count = (self.check & COUNT_MASK).wrapping_sub(other.check & COUNT_MASK) & COUNT_MASK;
+        self.check = ((self.check ^ other.check) & !COUNT_MASK) | count;
+    }
+
+    fn count(&self) -> u16 {
+        self.check & COUNT_MASK
     }
 
     fn is_empty(&self) -> bool {
@@ -43,9 +61,9 @@ impl Symbol {
     }
 }
 
-/// The checksum of an item; never 0, so an empty symbol never looks pure.
+/// The checksum of an item, in the top 14 bits.
 fn checksum(item: u64) -> u16 {
-    (xxh3_64_with_seed(&item.to_le_bytes(), 0x636f_6465_6463_6873) as u16).max(1)
+    (xxh3_64_with_seed(&item.to_le_bytes(), 0x636f_6465_6463_6873) as u16) & !COUNT_MASK
 }
 
 /// The symbol indices an item maps to, increasing, from 0 (Yang et al.'s mapping: the gap
@@ -85,7 +103,7 @@ pub fn encode_into(window: &mut [Symbol], from: u64, item: u64) {
     let mut mapping = Mapping::new(item);
     while mapping.index < to {
         if mapping.index >= from {
-            window[(mapping.index - from) as usize].toggle(item);
+            window[(mapping.index - from) as usize].apply(item, 1);
         }
         mapping.advance();
     }
@@ -100,19 +118,27 @@ fn maps_to(item: u64, index: u64) -> bool {
     mapping.index == index
 }
 
-/// Peels `difference` (the XOR of both sides' symbols `0..len`, changed in place). Returns
-/// the items of the symmetric difference when every symbol ends empty, `None` when the
-/// prefix is too short (or a checksum lied); the caller then asks for more symbols.
-pub fn peel(difference: &mut [Symbol], item_mask: u64) -> Option<Vec<u64>> {
+/// An item found by peeling, and whether it is on the side the difference was taken from
+/// (`ours`: count +1) or on the other (-1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Decoded {
+    pub item: u64,
+    pub ours: bool,
+}
+
+/// Peels `difference` (one side's symbols `0..len` minus the other's, changed in place).
+/// Returns the items of the symmetric difference when every symbol ends empty, `None` when
+/// the prefix is too short (or a checksum lied); the caller then asks for more symbols.
+pub fn peel(difference: &mut [Symbol], item_mask: u64) -> Option<Vec<Decoded>> {
     let len = difference.len() as u64;
     let mut decoded = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut candidates: Vec<usize> = (0..difference.len()).rev().collect();
     while let Some(at) = candidates.pop() {
         let symbol = difference[at];
-        if symbol.is_empty()
+        if !matches!(symbol.count(), 1 | 3)
             || symbol.sum & !item_mask != 0
-            || checksum(symbol.sum) != symbol.check
+            || checksum(symbol.sum) != symbol.check & !COUNT_MASK
             || !maps_to(symbol.sum, at as u64)
         {
             continue;
@@ -122,11 +148,17 @@ pub fn peel(difference: &mut [Symbol], item_mask: u64) -> Option<Vec<u64>> {
             // Decoded twice: a checksum collision corrupted the peeling.
             return None;
         }
-        decoded.push(item);
+        let sign = symbol.count();
+        decoded.push(Decoded {
+            item,
+            ours: sign == 1,
+        });
+        // Removing the item: the opposite of its sign.
+        let removal = 4 - sign;
         let mut mapping = Mapping::new(item);
         while mapping.index < len {
             let index = mapping.index as usize;
-            difference[index].toggle(item);
+            difference[index].apply(item, removal);
             if !difference[index].is_empty() {
                 candidates.push(index);
             }
@@ -220,18 +252,22 @@ mod tests {
                 .collect();
             let a: Vec<u64> = shared.iter().chain(&only_a).copied().collect();
             let b: Vec<u64> = shared.iter().chain(&only_b).copied().collect();
-            let expected: BTreeSet<u64> = only_a.iter().chain(&only_b).copied().collect();
+            let expected: BTreeSet<Decoded> = only_a
+                .iter()
+                .map(|&item| Decoded { item, ours: true })
+                .chain(only_b.iter().map(|&item| Decoded { item, ours: false }))
+                .collect();
             let mut len = 1;
             let decoded = loop {
                 let mut difference = encode(&a, len);
-                for (d, s) in difference.iter_mut().zip(encode(&b, len)) {
-                    d.sum ^= s.sum;
-                    d.check ^= s.check;
+                for (d, s) in difference.iter_mut().zip(&encode(&b, len)) {
+                    d.subtract(s);
                 }
                 if let Some(decoded) = peel(&mut difference, u32::MAX as u64) {
                     break decoded;
                 }
                 len += 1;
+                assert!(len <= 4 * differences + 8, "{differences} never decoded");
             };
             assert_eq!(decoded.into_iter().collect::<BTreeSet<_>>(), expected);
             symbols_per_difference.push(len as f64 / differences as f64);

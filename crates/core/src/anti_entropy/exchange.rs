@@ -961,7 +961,7 @@ impl ExchangeDriver {
             })?;
         self.stats.coded_symbols += symbols.len() as u64;
         coding.received.extend(symbols);
-        let mut difference = coding.received.clone();
+        let mut difference = vec![Symbol::default(); coding.received.len()];
         let mut own_items = 0u64;
         for_each_item(tree, source, coding.depth, &coding.nodes, |item| {
             let short = short_hash(
@@ -973,6 +973,9 @@ impl ExchangeDriver {
             own_items += 1;
             true
         })?;
+        for (symbol, theirs) in difference.iter_mut().zip(&coding.received) {
+            symbol.subtract(theirs);
+        }
         let Some(decoded) = coded::peel(&mut difference, item_mask(probe.item_hash_bytes)) else {
             let prefix = coding.received.len() as u32;
             let room = self.config.coded_max_symbols.saturating_sub(prefix);
@@ -988,28 +991,49 @@ impl ExchangeDriver {
             self.coding_failed_in_pass = self.pass;
             return self.descend(coding.depth, coding.nodes);
         };
-        let mut decoded: BTreeSet<u64> = decoded.into_iter().collect();
+        // Decoded items with count +1 are the driver's: pushed. The others are wanted.
+        let (ours, theirs): (Vec<_>, Vec<_>) = decoded.into_iter().partition(|d| d.ours);
+        let ours: BTreeSet<u64> = ours.into_iter().map(|d| d.item).collect();
+        let mut own: BTreeMap<u64, Vec<(String, Vec<u8>)>> = BTreeMap::new();
+        if !ours.is_empty() {
+            for_each_item(tree, source, coding.depth, &coding.nodes, |item| {
+                let short = short_hash(
+                    hasher.item_hash(&item.bucket, &item.key, item.digest),
+                    probe.salt,
+                    probe.item_hash_bytes,
+                );
+                if ours.contains(&short) {
+                    own.entry(short).or_default().push((item.bucket, item.key));
+                }
+                true
+            })?;
+        }
+        if own.len() != ours.len() {
+            // An item of ours that we do not hold: a checksum collision decoded garbage.
+            self.stats.coded_fallbacks += 1;
+            self.coding_failed_in_pass = self.pass;
+            return self.descend(coding.depth, coding.nodes);
+        }
         let mut transfer = Transfer::default();
-        // Decoded items the driver holds are pushed; the others are the receiver's.
-        let mut own = BTreeSet::new();
-        for_each_item(tree, source, coding.depth, &coding.nodes, |item| {
-            let short = short_hash(
-                hasher.item_hash(&item.bucket, &item.key, item.digest),
-                probe.salt,
-                probe.item_hash_bytes,
-            );
-            if decoded.contains(&short) {
-                own.insert(short);
-                transfer.pushes.push_back((item.bucket, item.key));
+        // A decoded short hash two of the driver's items share (likelier than within one
+        // segment, as coding covers many) does not say which one differs: their segments
+        // go through the item lists after this transfer, which compare them exactly.
+        let mut listed = BTreeSet::new();
+        for (_, mut keys) in own {
+            if keys.len() == 1 {
+                transfer.pushes.extend(keys.pop());
+            } else {
+                listed.extend(
+                    keys.iter()
+                        .filter_map(|(bucket, key)| tree.segment_of(key_token(bucket, key))),
+                );
             }
-            true
-        })?;
-        decoded.retain(|short| !own.contains(short));
-        transfer.wants = decoded.into_iter().map(|short| (None, short)).collect();
+        }
+        transfer.wants = theirs.into_iter().map(|d| (None, d.item)).collect();
         transfer.coded = Some((coding.depth, coding.nodes));
         self.stats.keys_compared += own_items;
         self.stats.keys_different += (transfer.pushes.len() + transfer.wants.len()) as u64;
-        self.send_transfer(source, transfer, VecDeque::new())
+        self.send_transfer(source, transfer, listed.into_iter().collect())
     }
 
     fn descend(&mut self, depth: u8, mismatched: Vec<u32>) -> Result<DriverStep, ExchangeError> {
@@ -1206,6 +1230,7 @@ impl ExchangeDriver {
     ) -> Result<DriverStep, ExchangeError> {
         let probe = self.probe(self.pass);
         let mut received = BTreeSet::new();
+        let mut pulled_by_coding = Vec::with_capacity(objects.len());
         for item in &objects {
             check_object(self.range, item)
                 .map_err(|e| ExchangeError::InvalidResponse(e.to_string()))?;
@@ -1225,9 +1250,11 @@ impl ExchangeDriver {
             match segment {
                 Some(segment) if transfer.asked.iter().any(|&(s, _)| s == Some(segment)) => {
                     received.insert((Some(segment), short));
+                    pulled_by_coding.push(false);
                 }
                 Some(segment) if coded(segment) => {
                     received.insert((None, short));
+                    pulled_by_coding.push(true);
                 }
                 _ => {
                     return Err(ExchangeError::InvalidResponse(
@@ -1244,7 +1271,13 @@ impl ExchangeDriver {
                 }
             }
         }
-        for item in objects {
+        for (item, by_coding) in objects.into_iter().zip(pulled_by_coding) {
+            // A wanted short hash two of the receiver's items share brings both; the one
+            // the driver already holds as is did not differ.
+            if by_coding && source.object(&item.bucket, &item.key)?.as_ref() == Some(&item.object)
+            {
+                continue;
+            }
             self.stats.objects_pulled += 1;
             self.stats.value_bytes_received += item.object.size_bytes() as u64;
             let id = (item.bucket.clone(), item.key.clone());
