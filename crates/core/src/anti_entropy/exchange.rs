@@ -424,7 +424,7 @@ impl Default for ExchangeConfig {
             max_wanted_per_request: 256,
             max_passes: 3,
             coded_max_segments: 1 << MAX_LEAF_BITS,
-            coded_symbols_per_hundred_keys: 260,
+            coded_symbols_per_hundred_keys: 300,
             coded_extensions: 2,
             coded_max_symbols: 1 << 16,
         }
