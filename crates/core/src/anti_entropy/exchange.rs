@@ -608,6 +608,9 @@ pub struct ExchangeDriver {
     /// The pass in which a coded reconciliation fell back: the rest of that pass descends
     /// (a deeper level's estimate would come from the same counts that just misled).
     coding_failed_in_pass: u32,
+    /// Keys moved by a coded transfer whose ambiguous segments are listed next: the listed
+    /// batch counts a key it moves again once only.
+    moved_before_lists: BTreeSet<(String, Vec<u8>)>,
 }
 
 impl ExchangeDriver {
@@ -638,6 +641,7 @@ impl ExchangeDriver {
             stats: ExchangeStats::default(),
             bucket: None,
             coding_failed_in_pass: 0,
+            moved_before_lists: BTreeSet::new(),
         }
     }
 
@@ -1098,7 +1102,10 @@ impl ExchangeDriver {
         for &segment in requested[counts.len()..].iter().rev() {
             remaining.push_front(segment);
         }
-        let mut transfer = Transfer::default();
+        let mut transfer = Transfer {
+            moved: std::mem::take(&mut self.moved_before_lists),
+            ..Transfer::default()
+        };
         let mut offset = 0usize;
         for (&segment, &count) in requested.iter().zip(counts) {
             let end = offset + count as usize * bytes;
@@ -1202,6 +1209,9 @@ impl ExchangeDriver {
         }
         if objects.is_empty() && want.is_empty() && coded_want.is_none() {
             // Nothing left (pushed objects may have vanished meanwhile).
+            if transfer.coded.is_some() {
+                self.moved_before_lists = transfer.moved;
+            }
             return self.next_batch(remaining);
         }
         let request = self.request(RequestBody::Transfer {
@@ -1291,6 +1301,9 @@ impl ExchangeDriver {
             writes.push(item);
         }
         if transfer.pushes.is_empty() && transfer.wants.is_empty() {
+            if transfer.coded.is_some() {
+                self.moved_before_lists = transfer.moved;
+            }
             self.next_batch(remaining)
         } else {
             self.send_transfer(source, transfer, remaining)

@@ -645,6 +645,95 @@ fn concurrent_writes_end_diverged_after_max_passes() {
     assert_eq!(report.stats.keys_moved, 10);
 }
 
+/// A receiver limited to a few coded segments refuses a request for more (the driver's
+/// scan budget is its own; the receiver bounds its work whatever the driver asks).
+#[test]
+fn receiver_bounds_coded_requests() {
+    let mut b = filled(50, TreeShape::DEFAULT);
+    let request = ExchangeRequest {
+        exchange: ExchangeId(1),
+        seq: 1,
+        range: FULL_RING,
+        shape: TreeShape::DEFAULT,
+        probe: exchange::Probe {
+            salt: 1,
+            node_hash_bytes: 2,
+            item_hash_bytes: 4,
+        },
+        body: RequestBody::Symbols {
+            depth: 1,
+            nodes: SortedIndices::from_sorted(&[0, 1]),
+            from: 0,
+            count: 8,
+        },
+        bucket: None,
+    };
+    let limits = ReceiverLimits {
+        max_coded_segments: 256,
+        ..ReceiverLimits::default()
+    };
+    let out = handle_request(request.clone(), &mut b.trees, &b.store, &limits);
+    assert!(matches!(
+        out.response.body,
+        ResponseBody::Refused(Refusal::Invalid(_))
+    ));
+    // Within the limits: 8 symbols of 4 + 2 bytes.
+    let out = handle_request(request, &mut b.trees, &b.store, &ReceiverLimits::default());
+    assert!(matches!(
+        out.response.body,
+        ResponseBody::Symbols { from: 0, ref symbols } if symbols.len() == 48
+    ));
+}
+
+/// A symbols answer of the wrong size or window ends the exchange as invalid.
+#[test]
+fn driver_rejects_malformed_symbols() {
+    let (mut a, mut b) = (filled(200, TreeShape::DEFAULT), filled(200, TreeShape::DEFAULT));
+    let (bucket, key) = key_of(5);
+    let mut object = b.store.get(&bucket, &key).unwrap().clone();
+    object.apply_write(Actor::new("m", 1), &object.causal_context(), data("new"));
+    b.put(&bucket, &key, object);
+    type Spoil = fn(u32, Vec<u8>) -> (u32, Vec<u8>);
+    let spoils: [(&str, Spoil); 3] = [
+        ("ragged", |from, mut symbols: Vec<u8>| {
+            symbols.pop();
+            (from, symbols)
+        }),
+        ("another window", |from: u32, symbols| (from + 1, symbols)),
+        ("too few", |from, mut symbols: Vec<u8>| {
+            symbols.truncate(6);
+            (from, symbols)
+        }),
+    ];
+    for (name, bad) in spoils {
+        let mut driver =
+            ExchangeDriver::new(ExchangeId(1), FULL_RING, ExchangeConfig::default(), 1);
+        let compare = sent(driver.start(&mut a.trees));
+        let out = handle_request(compare, &mut b.trees, &b.store, &ReceiverLimits::default());
+        let out = driver.handle_response(out.response, &mut a.trees, &a.store);
+        let request = sent(out.step);
+        assert!(matches!(request.body, RequestBody::Symbols { .. }), "{name}");
+        let mut out = handle_request(request, &mut b.trees, &b.store, &ReceiverLimits::default());
+        let ResponseBody::Symbols { from, symbols } = out.response.body else {
+            panic!("{name}: {:?}", out.response.body);
+        };
+        let (from, symbols) = bad(from, symbols);
+        out.response.body = ResponseBody::Symbols { from, symbols };
+        let out = driver.handle_response(out.response, &mut a.trees, &a.store);
+        match out.step {
+            DriverStep::Finished(report) => assert!(
+                matches!(
+                    report.outcome,
+                    ExchangeOutcome::Failed(ExchangeError::InvalidResponse(_))
+                ),
+                "{name}: {:?}",
+                report.outcome
+            ),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+}
+
 /// Hostile or broken requests are refused, and nothing is written.
 #[test]
 fn receiver_refuses_bad_requests() {
@@ -797,6 +886,96 @@ fn receiver_refuses_bad_requests() {
                         hashes: vec![0; 4],
                     }],
                     coded_want: None,
+                },
+                ..base.clone()
+            },
+        ),
+        (
+            "symbols of a level below the leaves",
+            ExchangeRequest {
+                body: RequestBody::Symbols {
+                    depth: 4,
+                    nodes: SortedIndices::from_sorted(&[0]),
+                    from: 0,
+                    count: 4,
+                },
+                ..base.clone()
+            },
+        ),
+        (
+            "symbols of a node that does not exist",
+            ExchangeRequest {
+                body: RequestBody::Symbols {
+                    depth: 1,
+                    nodes: SortedIndices::from_sorted(&[16]),
+                    from: 0,
+                    count: 4,
+                },
+                ..base.clone()
+            },
+        ),
+        (
+            "no symbols",
+            ExchangeRequest {
+                body: RequestBody::Symbols {
+                    depth: 1,
+                    nodes: SortedIndices::from_sorted(&[0]),
+                    from: 0,
+                    count: 0,
+                },
+                ..base.clone()
+            },
+        ),
+        (
+            "too many symbols",
+            ExchangeRequest {
+                body: RequestBody::Symbols {
+                    depth: 1,
+                    nodes: SortedIndices::from_sorted(&[0]),
+                    from: 0,
+                    count: u32::MAX,
+                },
+                ..base.clone()
+            },
+        ),
+        (
+            "symbol window past the last index",
+            ExchangeRequest {
+                body: RequestBody::Symbols {
+                    depth: 1,
+                    nodes: SortedIndices::from_sorted(&[0]),
+                    from: u32::MAX - 1,
+                    count: 4,
+                },
+                ..base.clone()
+            },
+        ),
+        (
+            "ragged coded want",
+            ExchangeRequest {
+                body: RequestBody::Transfer {
+                    objects: vec![],
+                    want: vec![],
+                    coded_want: Some(exchange::CodedWant {
+                        depth: 1,
+                        nodes: SortedIndices::from_sorted(&[0]),
+                        hashes: vec![0; 5],
+                    }),
+                },
+                ..base.clone()
+            },
+        ),
+        (
+            "coded want below a node that does not exist",
+            ExchangeRequest {
+                body: RequestBody::Transfer {
+                    objects: vec![],
+                    want: vec![],
+                    coded_want: Some(exchange::CodedWant {
+                        depth: 2,
+                        nodes: SortedIndices::from_sorted(&[300]),
+                        hashes: vec![0; 4],
+                    }),
                 },
                 ..base.clone()
             },
