@@ -165,10 +165,7 @@ pub fn peel(difference: &mut [Symbol], item_mask: u64) -> Option<Vec<Decoded>> {
             mapping.advance();
         }
     }
-    difference
-        .iter()
-        .all(Symbol::is_empty)
-        .then_some(decoded)
+    difference.iter().all(Symbol::is_empty).then_some(decoded)
 }
 
 /// Bytes of one packed symbol with `item_bytes`-byte sums.

@@ -15,6 +15,22 @@
 //!    Both sides merge what they get (the caller applies [`RepairObject`]s with
 //!    [`crate::version::Object::merge`]), so both end with the causal join; tombstones travel
 //!    like values.
+//!
+//!    **Coded reconciliation** replaces the rest of the descent and the item lists when a
+//!    level's count of mismatches is informative (not every node compared mismatched) and the
+//!    mismatched nodes cover at most `coded_max_segments` segments: the driver estimates the
+//!    keys that differ below them (balls in bins, `n ln(n / (n - m))`), asks for that many
+//!    coded symbols times `coded_symbols_per_hundred_keys` (`Symbols`) of the rateless IBLT
+//!    ([`super::coded`]) of the short hashes of every item below those nodes, subtracts its
+//!    own and peels. A prefix too short is extended (`Symbols` from where it ended, up to
+//!    `coded_extensions` times); past that, or on a decode that names an item of the driver
+//!    it does not hold, the driver descends from the same nodes as if coding had not been
+//!    tried (the rest of that pass descends). Decoded items of the driver are pushed,
+//!    the receiver's wanted by short hash below the nodes (`CodedWant`); a short hash two
+//!    of the driver's items share sends their segments through the item lists. Bytes then
+//!    follow the number of differences (6 bytes a symbol, ~1.4-2 symbols a difference), not
+//!    the tree's width, at the price of scanning every item below the coded nodes (twice
+//!    on the driver, once per request on the receiver).
 //! 4. `Verify`: the driver asks for the receiver's root and compares it with its own. If they
 //!    still differ (a write landed meanwhile, or a short hash collided), another pass runs
 //!    with a fresh salt, up to `max_passes`.
@@ -606,7 +622,7 @@ pub struct ExchangeDriver {
     stats: ExchangeStats,
     bucket: Option<String>,
     /// The pass in which a coded reconciliation fell back: the rest of that pass descends
-    /// (a deeper level's estimate would come from the same counts that just misled).
+    /// (the failed attempt already cost a round trip; the descent's cost is known).
     coding_failed_in_pass: u32,
     /// Keys moved by a coded transfer whose ambiguous segments are listed next: the listed
     /// batch counts a key it moves again once only.
@@ -1284,8 +1300,7 @@ impl ExchangeDriver {
         for (item, by_coding) in objects.into_iter().zip(pulled_by_coding) {
             // A wanted short hash two of the receiver's items share brings both; the one
             // the driver already holds as is did not differ.
-            if by_coding && source.object(&item.bucket, &item.key)?.as_ref() == Some(&item.object)
-            {
+            if by_coding && source.object(&item.bucket, &item.key)?.as_ref() == Some(&item.object) {
                 continue;
             }
             self.stats.objects_pulled += 1;
@@ -1460,7 +1475,9 @@ fn answer(
             let nodes = coded_nodes(shape, depth, &nodes, limits)?;
             if count == 0
                 || count > limits.max_symbols_per_request
-                || from.checked_add(count).is_none_or(|end| end > limits.max_symbol_index)
+                || from
+                    .checked_add(count)
+                    .is_none_or(|end| end > limits.max_symbol_index)
             {
                 return Err(Refusal::Invalid("symbol window out of bounds".into()));
             }

@@ -241,7 +241,12 @@ fn configs() -> impl Strategy<Value = (ExchangeConfig, ReceiverLimits)> {
     )
         .prop_map(
             |(node_hash_bytes, item_hash_bytes, segments, push_bytes, wanted, items, coded)| {
-                let (coded_max_segments, coded_symbols_per_hundred_keys, coded_extensions, coded_max_symbols) = coded;
+                let (
+                    coded_max_segments,
+                    coded_symbols_per_hundred_keys,
+                    coded_extensions,
+                    coded_max_symbols,
+                ) = coded;
                 (
                     ExchangeConfig {
                         node_hash_bytes,
@@ -478,7 +483,10 @@ fn one_difference_scans_one_segment() {
     let mut object = b.store.get(&bucket, &key).unwrap().clone();
     object.apply_write(Actor::new("m", 1), &object.causal_context(), data("new"));
     b.put(&bucket, &key, object);
-    let mut driver = ExchangeDriver::new(ExchangeId(1), FULL_RING, ExchangeConfig {
+    let mut driver = ExchangeDriver::new(
+        ExchangeId(1),
+        FULL_RING,
+        ExchangeConfig {
             coded_max_segments: 0,
             ..ExchangeConfig::default()
         },
@@ -688,7 +696,10 @@ fn receiver_bounds_coded_requests() {
 /// A symbols answer of the wrong size or window ends the exchange as invalid.
 #[test]
 fn driver_rejects_malformed_symbols() {
-    let (mut a, mut b) = (filled(200, TreeShape::DEFAULT), filled(200, TreeShape::DEFAULT));
+    let (mut a, mut b) = (
+        filled(200, TreeShape::DEFAULT),
+        filled(200, TreeShape::DEFAULT),
+    );
     let (bucket, key) = key_of(5);
     let mut object = b.store.get(&bucket, &key).unwrap().clone();
     object.apply_write(Actor::new("m", 1), &object.causal_context(), data("new"));
@@ -712,7 +723,10 @@ fn driver_rejects_malformed_symbols() {
         let out = handle_request(compare, &mut b.trees, &b.store, &ReceiverLimits::default());
         let out = driver.handle_response(out.response, &mut a.trees, &a.store);
         let request = sent(out.step);
-        assert!(matches!(request.body, RequestBody::Symbols { .. }), "{name}");
+        assert!(
+            matches!(request.body, RequestBody::Symbols { .. }),
+            "{name}"
+        );
         let mut out = handle_request(request, &mut b.trees, &b.store, &ReceiverLimits::default());
         let ResponseBody::Symbols { from, symbols } = out.response.body else {
             panic!("{name}: {:?}", out.response.body);
