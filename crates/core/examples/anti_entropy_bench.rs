@@ -42,16 +42,30 @@ fn key(i: usize) -> Vec<u8> {
     format!("key-{i:08}").into_bytes()
 }
 
-/// A source that counts segment scans (an in-sync comparison must read no data).
+/// A source that counts scans and the items they list (an in-sync comparison must read no
+/// data).
 struct Counting<'a> {
     inner: &'a MemoryStore,
     scans: Cell<u64>,
+    items: Cell<u64>,
+}
+
+impl<'a> Counting<'a> {
+    fn new(inner: &'a MemoryStore) -> Self {
+        Counting {
+            inner,
+            scans: Cell::new(0),
+            items: Cell::new(0),
+        }
+    }
 }
 
 impl SegmentSource for Counting<'_> {
     fn segment_items(&self, tokens: TokenRange) -> Result<Vec<SegmentItem>, StorageError> {
         self.scans.set(self.scans.get() + 1);
-        self.inner.segment_items(tokens)
+        let items = self.inner.segment_items(tokens)?;
+        self.items.set(self.items.get() + items.len() as u64);
+        Ok(items)
     }
     fn object(&self, bucket: &str, key: &[u8]) -> Result<Option<Object>, StorageError> {
         self.inner.object(bucket, key)
@@ -64,6 +78,8 @@ struct Run {
     /// Bytes of `Transfer` requests and `Objects` answers (the rest is discovery).
     transfer_bytes: u64,
     scans: u64,
+    /// Items listed by those scans, both sides.
+    items_scanned: u64,
     elapsed: Duration,
     not_converged: usize,
 }
@@ -100,10 +116,7 @@ fn repair_all(
             if matches!(request.body, RequestBody::Transfer { .. }) {
                 run.transfer_bytes += wire.len() as u64;
             }
-            let source_b = Counting {
-                inner: &b.store,
-                scans: Cell::new(0),
-            };
+            let source_b = Counting::new(&b.store);
             let out = handle_request(
                 postcard::from_bytes(&wire).unwrap(),
                 &mut b.trees,
@@ -111,21 +124,20 @@ fn repair_all(
                 &limits,
             );
             run.scans += source_b.scans.get();
+            run.items_scanned += source_b.items.get();
             b.apply(out.writes);
             let wire = postcard::to_allocvec(&out.response).unwrap();
             if matches!(out.response.body, ResponseBody::Objects { .. }) {
                 run.transfer_bytes += wire.len() as u64;
             }
-            let source_a = Counting {
-                inner: &a.store,
-                scans: Cell::new(0),
-            };
+            let source_a = Counting::new(&a.store);
             let out = driver.handle_response(
                 postcard::from_bytes(&wire).unwrap(),
                 &mut a.trees,
                 &source_a,
             );
             run.scans += source_a.scans.get();
+            run.items_scanned += source_a.items.get();
             a.apply(out.writes);
             step = out.step;
         }
@@ -279,27 +291,45 @@ fn main() {
     println!(
         "\n(b) divergent replicas (mix: A newer, B newer, concurrent, deleted on A, missing on B)"
     );
-    println!("| config | divergent | time | bytes on the wire | discovery bytes | keys moved / divergent | metadata B / divergent key | discovery B / divergent key | leaves mismatched | round trips | passes | converged |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| config | divergent | time | bytes on the wire | discovery bytes | keys moved / divergent | metadata B / divergent key | discovery B / divergent key | leaves mismatched | round trips | passes | converged | coded symbols (fallbacks) | items scanned / divergent key |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let fanout_8 = TreeShape::new(12, 3).unwrap();
+    // The rows before coding existed: descent to the leaves, then item lists.
+    let lists = ExchangeConfig {
+        coded_max_segments: 0,
+        ..ExchangeConfig::default()
+    };
     let variants = [
         (
-            "fanout 16, 2-byte node hashes (default)",
+            "fanout 16, 2-byte node hashes, item lists (the old default)",
             shape,
-            ExchangeConfig::default(),
+            lists.clone(),
         ),
         (
-            "fanout 16, 4-byte node hashes",
+            "fanout 16, 4-byte node hashes, item lists",
             shape,
             ExchangeConfig {
                 node_hash_bytes: 4,
-                ..ExchangeConfig::default()
+                ..lists.clone()
             },
         ),
         (
-            "fanout 8, 2-byte node hashes",
+            "fanout 8, 2-byte node hashes, item lists",
             fanout_8,
+            lists.clone(),
+        ),
+        (
+            "fanout 16, coded symbols below mismatched nodes (default)",
+            shape,
             ExchangeConfig::default(),
+        ),
+        (
+            "fanout 16, coded symbols, at most 512 segments coded",
+            shape,
+            ExchangeConfig {
+                coded_max_segments: 512,
+                ..ExchangeConfig::default()
+            },
         ),
     ];
     let mut base_fanout_8 = MemoryReplica {
@@ -330,7 +360,7 @@ fn main() {
             let discovery = total - run.transfer_bytes;
             let converged = same(&mut a, &mut b, &ranges) && run.not_converged == 0;
             println!(
-                "| {name} | {divergent} ({:.1}%) | {:.2?} | {} | {} | {}/{} = {:.4} | {:.1} | {:.1} | {} | {} | {} | {} |",
+                "| {name} | {divergent} ({:.1}%) | {:.2?} | {} | {} | {}/{} = {:.4} | {:.1} | {:.1} | {} | {} | {} | {} | {} ({}) | {:.0} |",
                 share * 100.0,
                 run.elapsed,
                 kib(total),
@@ -344,6 +374,9 @@ fn main() {
                 s.round_trips,
                 s.passes,
                 converged,
+                s.coded_symbols,
+                s.coded_fallbacks,
+                run.items_scanned as f64 / divergent as f64,
             );
         }
     }

@@ -15,6 +15,22 @@
 //!    Both sides merge what they get (the caller applies [`RepairObject`]s with
 //!    [`crate::version::Object::merge`]), so both end with the causal join; tombstones travel
 //!    like values.
+//!
+//!    **Coded reconciliation** replaces the rest of the descent and the item lists when a
+//!    level's count of mismatches is informative (not every node compared mismatched) and the
+//!    mismatched nodes cover at most `coded_max_segments` segments: the driver estimates the
+//!    keys that differ below them (balls in bins, `n ln(n / (n - m))`), asks for that many
+//!    coded symbols times `coded_symbols_per_hundred_keys` (`Symbols`) of the rateless IBLT
+//!    ([`super::coded`]) of the short hashes of every item below those nodes, subtracts its
+//!    own and peels. A prefix too short is extended (`Symbols` from where it ended, up to
+//!    `coded_extensions` times); past that, or on a decode that names an item of the driver
+//!    it does not hold, the driver descends from the same nodes as if coding had not been
+//!    tried (the rest of that pass descends). Decoded items of the driver are pushed,
+//!    the receiver's wanted by short hash below the nodes (`CodedWant`); a short hash two
+//!    of the driver's items share sends their segments through the item lists. Bytes then
+//!    follow the number of differences (6 bytes a symbol, ~1.4-2 symbols a difference), not
+//!    the tree's width, at the price of scanning every item below the coded nodes (twice
+//!    on the driver, once per request on the receiver).
 //! 4. `Verify`: the driver asks for the receiver's root and compares it with its own. If they
 //!    still differ (a write landed meanwhile, or a short hash collided), another pass runs
 //!    with a fresh salt, up to `max_passes`.
@@ -29,7 +45,8 @@
 //! The receiver keeps no state between requests: every request names the range, the shape and
 //! the salt, so a driver that vanishes costs the receiver nothing.
 
-use super::merkle::{ItemHasher, MerkleTree, Segment, TreeShape};
+use super::coded::{self, Symbol};
+use super::merkle::{ItemHasher, MerkleTree, Segment, TreeShape, MAX_LEAF_BITS};
 use super::range_trees::RangeTrees;
 use crate::request::{validate_bucket, validate_key};
 use crate::ring::{key_token, TokenRange};
@@ -104,10 +121,22 @@ pub enum RequestBody {
     Descend { depth: u8, parents: SortedIndices },
     /// One short hash per item of each segment.
     Items { segments: SortedIndices },
+    /// Coded symbols `from..from + count` of the rateless IBLT ([`super::coded`]) of the
+    /// short hashes of every item below `nodes` (at `depth`): the set reconciliation that
+    /// replaces the descent below `depth` and the item lists.
+    Symbols {
+        depth: u8,
+        nodes: SortedIndices,
+        from: u32,
+        count: u32,
+    },
     /// Objects to merge, and the items (by short hash) the driver wants back.
     Transfer {
         objects: Vec<RepairObject>,
         want: Vec<SegmentWant>,
+        /// Items found by decoding coded symbols: the driver knows their short hashes, not
+        /// their segments.
+        coded_want: Option<CodedWant>,
     },
     /// The receiver's root (after the merges of this pass).
     Verify,
@@ -117,6 +146,15 @@ pub enum RequestBody {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentWant {
     pub segment: Segment,
+    pub hashes: Vec<u8>,
+}
+
+/// Items the driver wants somewhere below `nodes` (at `depth`), by short hash (packed,
+/// `item_hash_bytes` each).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodedWant {
+    pub depth: u8,
+    pub nodes: SortedIndices,
     pub hashes: Vec<u8>,
 }
 
@@ -147,7 +185,11 @@ pub enum ResponseBody {
         counts: Vec<u32>,
         hashes: Vec<u8>,
     },
-    /// The wanted objects.
+    /// The requested coded symbols, packed (`item_hash_bytes` + 2 bytes each).
+    Symbols {
+        from: u32,
+        symbols: Vec<u8>,
+    },
     /// The wanted objects; `complete` is false when the answer hit its size limit before
     /// every wanted item was in (the driver asks again for the rest).
     Objects {
@@ -309,6 +351,11 @@ pub struct ExchangeStats {
     pub keys_different: u64,
     /// Distinct keys for which an object moved (either way).
     pub keys_moved: u64,
+    /// Coded symbols received (set reconciliation below a mismatched node).
+    pub coded_symbols: u64,
+    /// Coded reconciliations that did not decode within their symbol budget and fell back
+    /// to the descent.
+    pub coded_fallbacks: u64,
     pub objects_pushed: u64,
     pub objects_pulled: u64,
     pub bytes_sent: u64,
@@ -328,6 +375,8 @@ impl ExchangeStats {
         self.keys_compared += other.keys_compared;
         self.keys_different += other.keys_different;
         self.keys_moved += other.keys_moved;
+        self.coded_symbols += other.coded_symbols;
+        self.coded_fallbacks += other.coded_fallbacks;
         self.objects_pushed += other.objects_pushed;
         self.objects_pulled += other.objects_pulled;
         self.bytes_sent += other.bytes_sent;
@@ -365,6 +414,20 @@ pub struct ExchangeConfig {
     pub max_wanted_per_request: usize,
     /// Passes (compare, descend, transfer, verify) before giving up on convergence.
     pub max_passes: u32,
+    /// Set reconciliation: when the mismatched nodes of a level below the root cover at most
+    /// this many segments, and the level's count of mismatches says how many keys differ
+    /// (not every node compared mismatched), the driver asks for coded symbols of their items
+    /// instead of descending further. Bytes then follow the number of differences, not the
+    /// tree's width, but both sides scan every item below those nodes. 0 never codes.
+    pub coded_max_segments: u32,
+    /// Coded symbols asked for first, per hundred keys estimated to differ (a key differs
+    /// by one or two items, and a difference takes about 1.35-2 symbols to decode).
+    pub coded_symbols_per_hundred_keys: u32,
+    /// Requests for more symbols when the first prefix does not decode, before falling back
+    /// to the descent.
+    pub coded_extensions: u32,
+    /// Symbols of one reconciliation, at most (the prefix stops growing there).
+    pub coded_max_symbols: u32,
 }
 
 impl Default for ExchangeConfig {
@@ -376,6 +439,10 @@ impl Default for ExchangeConfig {
             max_push_bytes: 1 << 20,
             max_wanted_per_request: 256,
             max_passes: 3,
+            coded_max_segments: 1 << MAX_LEAF_BITS,
+            coded_symbols_per_hundred_keys: 300,
+            coded_extensions: 2,
+            coded_max_symbols: 1 << 16,
         }
     }
 }
@@ -444,6 +511,15 @@ enum DriverState {
         requested: Vec<Segment>,
         remaining: VecDeque<Segment>,
     },
+    /// Coded symbols of the items below `nodes` (at `depth`) were asked for; `received`
+    /// holds the prefix so far, `asked` the count in flight.
+    AwaitSymbols {
+        depth: u8,
+        nodes: Vec<u32>,
+        received: Vec<Symbol>,
+        asked: u32,
+        extensions: u32,
+    },
     AwaitObjects {
         transfer: Transfer,
         remaining: VecDeque<Segment>,
@@ -452,17 +528,83 @@ enum DriverState {
     Done,
 }
 
+/// Where a wanted item is: in a known segment, or (`None`) somewhere below the nodes of a
+/// coded reconciliation.
+type Place = Option<Segment>;
+
 /// One batch of segments being repaired.
 #[derive(Debug, Default)]
 struct Transfer {
     pushes: VecDeque<(String, Vec<u8>)>,
-    wants: VecDeque<(Segment, u64)>,
+    wants: VecDeque<(Place, u64)>,
     /// Wants named in the `Transfer` in flight (what may come back).
-    asked: Vec<(Segment, u64)>,
+    asked: Vec<(Place, u64)>,
+    /// The nodes (depth, indices) of the coded reconciliation the `None` places are in.
+    coded: Option<(u8, Vec<u32>)>,
     /// Keys moved in this batch (a key may go both ways: count it once).
     moved: BTreeSet<(String, Vec<u8>)>,
     /// Objects pulled in this batch, so a push the receiver does not need is skipped.
     pulled: BTreeMap<(String, Vec<u8>), Object>,
+}
+
+/// A coded reconciliation in progress (the fields of `DriverState::AwaitSymbols`).
+struct Coding {
+    depth: u8,
+    nodes: Vec<u32>,
+    received: Vec<Symbol>,
+    asked: u32,
+    extensions: u32,
+}
+
+/// Calls `f` with every item stored below `nodes` (at `depth`) until it returns false,
+/// scanning a few segments at a time so memory stays bounded by a small token range, not
+/// by what the nodes hold.
+fn for_each_item(
+    tree: &MerkleTree,
+    source: &impl SegmentSource,
+    depth: u8,
+    nodes: &[u32],
+    mut f: impl FnMut(SegmentItem) -> bool,
+) -> Result<(), StorageError> {
+    const SEGMENTS_PER_SCAN: u32 = 16;
+    let shape = tree.shape();
+    for &node in nodes {
+        let Some(segments) = shape.node_segments(depth, node) else {
+            continue;
+        };
+        let mut first = segments.start;
+        while first < segments.end {
+            let last = (first + SEGMENTS_PER_SCAN).min(segments.end) - 1;
+            // Segments past the range's end hold no token (a range narrower than the
+            // leaves); they are all at the end.
+            let (Some(low), Some(high)) = (
+                tree.segment_tokens(first),
+                (first..=last).rev().find_map(|s| tree.segment_tokens(s)),
+            ) else {
+                break;
+            };
+            let tokens = TokenRange {
+                start: low.start,
+                end: high.end,
+            };
+            for item in source.segment_items(tokens)? {
+                if !f(item) {
+                    return Ok(());
+                }
+            }
+            first = last + 1;
+        }
+    }
+    Ok(())
+}
+
+/// The bits a short hash of `bytes` bytes may have set.
+fn item_mask(bytes: u8) -> u64 {
+    if bytes >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (8 * u32::from(bytes))) - 1
+    }
 }
 
 /// The driver side of one exchange.
@@ -479,6 +621,12 @@ pub struct ExchangeDriver {
     state: DriverState,
     stats: ExchangeStats,
     bucket: Option<String>,
+    /// The pass in which a coded reconciliation fell back: the rest of that pass descends
+    /// (the failed attempt already cost a round trip; the descent's cost is known).
+    coding_failed_in_pass: u32,
+    /// Keys moved by a coded transfer whose ambiguous segments are listed next: the listed
+    /// batch counts a key it moves again once only.
+    moved_before_lists: BTreeSet<(String, Vec<u8>)>,
 }
 
 impl ExchangeDriver {
@@ -496,6 +644,7 @@ impl ExchangeDriver {
         config.max_segments_per_request = config.max_segments_per_request.max(1);
         config.max_wanted_per_request = config.max_wanted_per_request.max(1);
         config.max_passes = config.max_passes.max(1);
+        config.coded_max_symbols = config.coded_max_symbols.max(1);
         ExchangeDriver {
             exchange,
             range,
@@ -507,6 +656,8 @@ impl ExchangeDriver {
             state: DriverState::Ready,
             stats: ExchangeStats::default(),
             bucket: None,
+            coding_failed_in_pass: 0,
+            moved_before_lists: BTreeSet::new(),
         }
     }
 
@@ -604,15 +755,39 @@ impl ExchangeDriver {
             )),
             (DriverState::AwaitRoot, ResponseBody::Hashes { depth: 1, hashes }) => {
                 let mismatched = self.compare_level(tree, 1, &[0], &hashes)?;
-                self.after_level(1, mismatched)
+                self.after_level(1, self.shape.fanout() as usize, mismatched)
             }
             (
                 DriverState::AwaitHashes { depth, parents },
                 ResponseBody::Hashes { depth: d, hashes },
             ) if d == depth => {
                 let mismatched = self.compare_level(tree, depth, &parents, &hashes)?;
-                self.after_level(depth, mismatched)
+                let compared = parents.len() * self.shape.fanout() as usize;
+                self.after_level(depth, compared, mismatched)
             }
+            (
+                DriverState::AwaitSymbols {
+                    depth,
+                    nodes,
+                    received,
+                    asked,
+                    extensions,
+                },
+                ResponseBody::Symbols { from, symbols },
+            ) => self.receive_symbols(
+                hasher,
+                tree,
+                source,
+                Coding {
+                    depth,
+                    nodes,
+                    received,
+                    asked,
+                    extensions,
+                },
+                from,
+                &symbols,
+            ),
             (
                 DriverState::AwaitItems {
                     requested,
@@ -641,7 +816,7 @@ impl ExchangeDriver {
                 // Another pass, with a fresh salt, from the root's children.
                 self.pass += 1;
                 self.stats.passes += 1;
-                self.after_level(0, vec![0])
+                self.descend(0, vec![0])
             }
             _ => Err(ExchangeError::UnexpectedResponse),
         }
@@ -717,9 +892,12 @@ impl ExchangeDriver {
         Ok(mismatched)
     }
 
+    /// What to do with the `mismatched` nodes at `depth`, found among `compared`: descend,
+    /// reconcile their items with coded symbols, or list the items of mismatched leaves.
     fn after_level(
         &mut self,
         depth: u8,
+        compared: usize,
         mismatched: Vec<u32>,
     ) -> Result<DriverStep, ExchangeError> {
         if mismatched.is_empty() {
@@ -729,6 +907,156 @@ impl ExchangeDriver {
             self.stats.leaves_mismatched += mismatched.len() as u64;
             return self.next_batch(mismatched.into());
         }
+        if let Some(count) = self.coded_prefix(depth, compared, mismatched.len()) {
+            return Ok(self.ask_symbols(Coding {
+                depth,
+                nodes: mismatched,
+                received: Vec::new(),
+                asked: count,
+                extensions: 0,
+            }));
+        }
+        self.descend(depth, mismatched)
+    }
+
+    /// The number of coded symbols to ask for first when the `mismatched` nodes of `depth`
+    /// should be reconciled by coding, or `None` to descend.
+    ///
+    /// `m` mismatched among `n` compared says how many keys differ below them, as balls in
+    /// bins: about `n ln(n / (n - m))`. When every node compared mismatched the count says
+    /// nothing (any number of keys could differ), so the descent goes on: a level further
+    /// down the same count is informative again, for 16 times the bytes of this level.
+    fn coded_prefix(&self, depth: u8, compared: usize, mismatched: usize) -> Option<u32> {
+        let covered = mismatched as u64 * u64::from(self.shape.segments_per_node(depth));
+        if depth == 0
+            || mismatched >= compared
+            || covered > u64::from(self.config.coded_max_segments)
+            || self.coding_failed_in_pass == self.pass
+        {
+            return None;
+        }
+        let n = compared as f64;
+        let keys = n * (n / (n - mismatched as f64)).ln();
+        let symbols = keys * f64::from(self.config.coded_symbols_per_hundred_keys) / 100.0;
+        Some((symbols.ceil() as u32).clamp(1, self.config.coded_max_symbols))
+    }
+
+    fn ask_symbols(&mut self, coding: Coding) -> DriverStep {
+        let request = self.request(RequestBody::Symbols {
+            depth: coding.depth,
+            nodes: SortedIndices::from_sorted(&coding.nodes),
+            from: coding.received.len() as u32,
+            count: coding.asked,
+        });
+        self.state = DriverState::AwaitSymbols {
+            depth: coding.depth,
+            nodes: coding.nodes,
+            received: coding.received,
+            asked: coding.asked,
+            extensions: coding.extensions,
+        };
+        DriverStep::Send(request)
+    }
+
+    /// Takes in the symbols asked for and peels the difference with the driver's own; on
+    /// success, transfers exactly the decoded items; else asks for more symbols, or, past
+    /// the budget, descends from the same nodes as if coding had not been tried.
+    #[allow(clippy::too_many_arguments)]
+    fn receive_symbols(
+        &mut self,
+        hasher: ItemHasher,
+        tree: &MerkleTree,
+        source: &impl SegmentSource,
+        mut coding: Coding,
+        from: u32,
+        packed: &[u8],
+    ) -> Result<DriverStep, ExchangeError> {
+        let probe = self.probe(self.pass);
+        let symbols = coded::unpack(packed, probe.item_hash_bytes)
+            .filter(|symbols| {
+                from as usize == coding.received.len() && symbols.len() == coding.asked as usize
+            })
+            .ok_or_else(|| {
+                ExchangeError::InvalidResponse("coded symbols of the wrong size".into())
+            })?;
+        self.stats.coded_symbols += symbols.len() as u64;
+        coding.received.extend(symbols);
+        let mut difference = vec![Symbol::default(); coding.received.len()];
+        let mut own_items = 0u64;
+        for_each_item(tree, source, coding.depth, &coding.nodes, |item| {
+            let short = short_hash(
+                hasher.item_hash(&item.bucket, &item.key, item.digest),
+                probe.salt,
+                probe.item_hash_bytes,
+            );
+            coded::encode_into(&mut difference, 0, short);
+            own_items += 1;
+            true
+        })?;
+        for (symbol, theirs) in difference.iter_mut().zip(&coding.received) {
+            symbol.subtract(theirs);
+        }
+        let Some(decoded) = coded::peel(&mut difference, item_mask(probe.item_hash_bytes)) else {
+            let prefix = coding.received.len() as u32;
+            let room = self.config.coded_max_symbols.saturating_sub(prefix);
+            if coding.extensions < self.config.coded_extensions && room > 0 {
+                // Half the prefix again: decoding needs a prefix within a small factor of
+                // the difference, so a few extensions reach it, and at most a third of
+                // the symbols received is beyond what was needed.
+                coding.asked = (prefix / 2).max(4).min(room);
+                coding.extensions += 1;
+                return Ok(self.ask_symbols(coding));
+            }
+            self.stats.coded_fallbacks += 1;
+            self.coding_failed_in_pass = self.pass;
+            return self.descend(coding.depth, coding.nodes);
+        };
+        // Decoded items with count +1 are the driver's: pushed. The others are wanted.
+        let (ours, theirs): (Vec<_>, Vec<_>) = decoded.into_iter().partition(|d| d.ours);
+        let ours: BTreeSet<u64> = ours.into_iter().map(|d| d.item).collect();
+        let mut own: BTreeMap<u64, Vec<(String, Vec<u8>)>> = BTreeMap::new();
+        if !ours.is_empty() {
+            for_each_item(tree, source, coding.depth, &coding.nodes, |item| {
+                let short = short_hash(
+                    hasher.item_hash(&item.bucket, &item.key, item.digest),
+                    probe.salt,
+                    probe.item_hash_bytes,
+                );
+                if ours.contains(&short) {
+                    own.entry(short).or_default().push((item.bucket, item.key));
+                }
+                true
+            })?;
+        }
+        if own.len() != ours.len() {
+            // An item of ours that we do not hold: a checksum collision decoded garbage.
+            self.stats.coded_fallbacks += 1;
+            self.coding_failed_in_pass = self.pass;
+            return self.descend(coding.depth, coding.nodes);
+        }
+        let mut transfer = Transfer::default();
+        // A decoded short hash two of the driver's items share (likelier than within one
+        // segment, as coding covers many) does not say which one differs: their segments
+        // go through the item lists after this transfer, which compare them exactly.
+        let mut listed = BTreeSet::new();
+        for (_, mut keys) in own {
+            if keys.len() == 1 {
+                transfer.pushes.extend(keys.pop());
+            } else {
+                listed.extend(
+                    keys.iter()
+                        .filter_map(|(bucket, key)| tree.segment_of(key_token(bucket, key))),
+                );
+            }
+        }
+        transfer.wants = theirs.into_iter().map(|d| (None, d.item)).collect();
+        transfer.coded = Some((coding.depth, coding.nodes));
+        self.stats.keys_compared += own_items;
+        self.stats.keys_different += (transfer.pushes.len() + transfer.wants.len()) as u64;
+        self.send_transfer(source, transfer, listed.into_iter().collect())
+    }
+
+    fn descend(&mut self, depth: u8, mismatched: Vec<u32>) -> Result<DriverStep, ExchangeError> {
         let request = self.request(RequestBody::Descend {
             depth,
             parents: SortedIndices::from_sorted(&mismatched),
@@ -790,7 +1118,10 @@ impl ExchangeDriver {
         for &segment in requested[counts.len()..].iter().rev() {
             remaining.push_front(segment);
         }
-        let mut transfer = Transfer::default();
+        let mut transfer = Transfer {
+            moved: std::mem::take(&mut self.moved_before_lists),
+            ..Transfer::default()
+        };
         let mut offset = 0usize;
         for (&segment, &count) in requested.iter().zip(counts) {
             let end = offset + count as usize * bytes;
@@ -816,7 +1147,7 @@ impl ExchangeDriver {
                 }
             }
             for short in theirs.difference(&ours) {
-                transfer.wants.push_back((segment, *short));
+                transfer.wants.push_back((Some(segment), *short));
             }
             self.stats.keys_compared += items.len() as u64 + u64::from(count);
         }
@@ -837,7 +1168,12 @@ impl ExchangeDriver {
         let take = transfer.wants.len().min(self.config.max_wanted_per_request);
         transfer.asked = transfer.wants.drain(..take).collect();
         let mut want: Vec<SegmentWant> = Vec::new();
-        for &(segment, short) in &transfer.asked {
+        let mut coded_hashes = Vec::new();
+        for &(place, short) in &transfer.asked {
+            let Some(segment) = place else {
+                pack(&mut coded_hashes, short, item_bytes);
+                continue;
+            };
             match want.last_mut() {
                 Some(last) if last.segment == segment => pack(&mut last.hashes, short, item_bytes),
                 _ => {
@@ -847,9 +1183,17 @@ impl ExchangeDriver {
                 }
             }
         }
+        let coded_want = match &transfer.coded {
+            Some((depth, nodes)) if !coded_hashes.is_empty() => Some(CodedWant {
+                depth: *depth,
+                nodes: SortedIndices::from_sorted(nodes),
+                hashes: coded_hashes,
+            }),
+            _ => None,
+        };
         let mut objects = Vec::new();
         let mut push_bytes = 0usize;
-        while want.is_empty() && push_bytes < self.config.max_push_bytes {
+        while want.is_empty() && coded_want.is_none() && push_bytes < self.config.max_push_bytes {
             let Some((bucket, key)) = transfer.pushes.pop_front() else {
                 break;
             };
@@ -879,11 +1223,18 @@ impl ExchangeDriver {
                 });
             }
         }
-        if objects.is_empty() && want.is_empty() {
+        if objects.is_empty() && want.is_empty() && coded_want.is_none() {
             // Nothing left (pushed objects may have vanished meanwhile).
+            if transfer.coded.is_some() {
+                self.moved_before_lists = transfer.moved;
+            }
             return self.next_batch(remaining);
         }
-        let request = self.request(RequestBody::Transfer { objects, want });
+        let request = self.request(RequestBody::Transfer {
+            objects,
+            want,
+            coded_want,
+        });
         self.state = DriverState::AwaitObjects {
             transfer,
             remaining,
@@ -905,6 +1256,7 @@ impl ExchangeDriver {
     ) -> Result<DriverStep, ExchangeError> {
         let probe = self.probe(self.pass);
         let mut received = BTreeSet::new();
+        let mut pulled_by_coding = Vec::with_capacity(objects.len());
         for item in &objects {
             check_object(self.range, item)
                 .map_err(|e| ExchangeError::InvalidResponse(e.to_string()))?;
@@ -913,9 +1265,22 @@ impl ExchangeDriver {
             let short = short_hash(hash, probe.salt, probe.item_hash_bytes);
             // An object that changed since its item was listed still merges harmlessly; one
             // from a segment not asked for is a broken or hostile peer.
+            let coded = |segment: Segment| match &transfer.coded {
+                Some((depth, nodes)) => {
+                    let node = segment / tree.shape().segments_per_node(*depth);
+                    nodes.binary_search(&node).is_ok()
+                        && transfer.asked.iter().any(|&(p, _)| p.is_none())
+                }
+                None => false,
+            };
             match segment {
-                Some(segment) if transfer.asked.iter().any(|&(s, _)| s == segment) => {
-                    received.insert((segment, short));
+                Some(segment) if transfer.asked.iter().any(|&(s, _)| s == Some(segment)) => {
+                    received.insert((Some(segment), short));
+                    pulled_by_coding.push(false);
+                }
+                Some(segment) if coded(segment) => {
+                    received.insert((None, short));
+                    pulled_by_coding.push(true);
                 }
                 _ => {
                     return Err(ExchangeError::InvalidResponse(
@@ -932,7 +1297,12 @@ impl ExchangeDriver {
                 }
             }
         }
-        for item in objects {
+        for (item, by_coding) in objects.into_iter().zip(pulled_by_coding) {
+            // A wanted short hash two of the receiver's items share brings both; the one
+            // the driver already holds as is did not differ.
+            if by_coding && source.object(&item.bucket, &item.key)?.as_ref() == Some(&item.object) {
+                continue;
+            }
             self.stats.objects_pulled += 1;
             self.stats.value_bytes_received += item.object.size_bytes() as u64;
             let id = (item.bucket.clone(), item.key.clone());
@@ -946,6 +1316,9 @@ impl ExchangeDriver {
             writes.push(item);
         }
         if transfer.pushes.is_empty() && transfer.wants.is_empty() {
+            if transfer.coded.is_some() {
+                self.moved_before_lists = transfer.moved;
+            }
             self.next_batch(remaining)
         } else {
             self.send_transfer(source, transfer, remaining)
@@ -968,6 +1341,13 @@ pub struct ReceiverLimits {
     /// Value bytes in one `Objects` answer (at least one object goes); the driver asks
     /// again for the rest. Keeps answers well under the wire's frame limit.
     pub max_response_bytes: usize,
+    /// Segments below the nodes of one `Symbols` request or coded want (every item below
+    /// them is scanned for the answer).
+    pub max_coded_segments: u32,
+    /// Coded symbols in one answer.
+    pub max_symbols_per_request: u32,
+    /// Highest symbol index (+1) a request may reach; bounds the work per item.
+    pub max_symbol_index: u32,
 }
 
 impl Default for ReceiverLimits {
@@ -978,6 +1358,9 @@ impl Default for ReceiverLimits {
             max_objects_per_request: 1 << 14,
             max_wanted_per_request: 4096,
             max_response_bytes: 4 << 20,
+            max_coded_segments: 1 << MAX_LEAF_BITS,
+            max_symbols_per_request: 1 << 16,
+            max_symbol_index: 1 << 20,
         }
     }
 }
@@ -1086,17 +1469,60 @@ fn answer(
             }
             Ok(ResponseBody::Items { counts, hashes })
         }
-        RequestBody::Transfer { objects, want } => {
+        RequestBody::Symbols {
+            depth,
+            nodes,
+            from,
+            count,
+        } => {
+            let nodes = coded_nodes(shape, depth, &nodes, limits)?;
+            if count == 0
+                || count > limits.max_symbols_per_request
+                || from
+                    .checked_add(count)
+                    .is_none_or(|end| end > limits.max_symbol_index)
+            {
+                return Err(Refusal::Invalid("symbol window out of bounds".into()));
+            }
+            let mut window = vec![Symbol::default(); count as usize];
+            for_each_item(tree, source, depth, &nodes, |item| {
+                let hash = hasher.item_hash(&item.bucket, &item.key, item.digest);
+                let short = short_hash(hash, probe.salt, probe.item_hash_bytes);
+                coded::encode_into(&mut window, u64::from(from), short);
+                true
+            })
+            .map_err(|e| Refusal::Storage(e.to_string()))?;
+            let mut symbols = Vec::new();
+            coded::pack(&mut symbols, &window, probe.item_hash_bytes);
+            Ok(ResponseBody::Symbols { from, symbols })
+        }
+        RequestBody::Transfer {
+            objects,
+            want,
+            coded_want,
+        } => {
             if objects.len() > limits.max_objects_per_request {
                 return Err(Refusal::Invalid("too many objects".into()));
             }
             for item in &objects {
                 check_object(request.range, item).map_err(|e| Refusal::Invalid(e.to_string()))?;
             }
+            let coded_want = match coded_want {
+                Some(w) => {
+                    if w.hashes.len() % usize::from(probe.item_hash_bytes) != 0 {
+                        return Err(Refusal::Invalid("bad coded want".into()));
+                    }
+                    let nodes = coded_nodes(shape, w.depth, &w.nodes, limits)?;
+                    Some((w.depth, nodes, w.hashes))
+                }
+                None => None,
+            };
             let wanted: usize = want
                 .iter()
-                .map(|w| w.hashes.len() / usize::from(probe.item_hash_bytes))
-                .sum();
+                .map(|w| w.hashes.len())
+                .chain(coded_want.iter().map(|(_, _, hashes)| hashes.len()))
+                .sum::<usize>()
+                / usize::from(probe.item_hash_bytes);
             if wanted > limits.max_wanted_per_request {
                 return Err(Refusal::Invalid("too many items wanted".into()));
             }
@@ -1106,32 +1532,53 @@ fn answer(
             }) {
                 return Err(Refusal::Invalid("bad segment want".into()));
             }
-            let (mut found, mut bytes, mut complete) = (Vec::new(), 0usize, true);
-            'wants: for segment_want in &want {
+            let mut found = Found {
+                objects: Vec::new(),
+                bytes: 0,
+                complete: true,
+                limit: limits.max_response_bytes,
+            };
+            for segment_want in &want {
                 let shorts: BTreeSet<u64> =
                     unpack(&segment_want.hashes, probe.item_hash_bytes).collect();
                 for item in segment_items(tree, source, segment_want.segment)? {
                     let hash = hasher.item_hash(&item.bucket, &item.key, item.digest);
-                    if !shorts.contains(&short_hash(hash, probe.salt, probe.item_hash_bytes)) {
-                        continue;
-                    }
-                    if !found.is_empty() && bytes >= limits.max_response_bytes {
-                        complete = false;
-                        break 'wants;
-                    }
-                    let stored = source
-                        .object(&item.bucket, &item.key)
-                        .map_err(|e| Refusal::Storage(e.to_string()))?;
-                    if let Some(object) = stored {
-                        bytes += object.size_bytes() + item.key.len() + 64;
-                        found.push(RepairObject {
-                            bucket: item.bucket,
-                            key: item.key,
-                            object,
-                        });
+                    if shorts.contains(&short_hash(hash, probe.salt, probe.item_hash_bytes))
+                        && !found.take(source, item)?
+                    {
+                        break;
                     }
                 }
+                if !found.complete {
+                    break;
+                }
             }
+            if let Some((depth, nodes, hashes)) = coded_want.filter(|_| found.complete) {
+                let shorts: BTreeSet<u64> = unpack(&hashes, probe.item_hash_bytes).collect();
+                let mut failed = None;
+                for_each_item(tree, source, depth, &nodes, |item| {
+                    let hash = hasher.item_hash(&item.bucket, &item.key, item.digest);
+                    if !shorts.contains(&short_hash(hash, probe.salt, probe.item_hash_bytes)) {
+                        return true;
+                    }
+                    match found.take(source, item) {
+                        Ok(more) => more,
+                        Err(refusal) => {
+                            failed = Some(refusal);
+                            false
+                        }
+                    }
+                })
+                .map_err(|e| Refusal::Storage(e.to_string()))?;
+                if let Some(refusal) = failed {
+                    return Err(refusal);
+                }
+            }
+            let Found {
+                objects: found,
+                complete,
+                ..
+            } = found;
             writes.extend(objects);
             Ok(ResponseBody::Objects {
                 objects: found,
@@ -1139,6 +1586,54 @@ fn answer(
             })
         }
     }
+}
+
+/// The objects gathered for an `Objects` answer, up to its size limit.
+struct Found {
+    objects: Vec<RepairObject>,
+    bytes: usize,
+    complete: bool,
+    limit: usize,
+}
+
+impl Found {
+    /// Adds the object of `item`; false (and `complete` cleared) when the answer is full.
+    fn take(&mut self, source: &impl SegmentSource, item: SegmentItem) -> Result<bool, Refusal> {
+        if !self.objects.is_empty() && self.bytes >= self.limit {
+            self.complete = false;
+            return Ok(false);
+        }
+        let stored = source
+            .object(&item.bucket, &item.key)
+            .map_err(|e| Refusal::Storage(e.to_string()))?;
+        if let Some(object) = stored {
+            self.bytes += object.size_bytes() + item.key.len() + 64;
+            self.objects.push(RepairObject {
+                bucket: item.bucket,
+                key: item.key,
+                object,
+            });
+        }
+        Ok(true)
+    }
+}
+
+/// The nodes of a coded request, checked: a level of the tree, valid indices, and not more
+/// segments below them than the limit.
+fn coded_nodes(
+    shape: TreeShape,
+    depth: u8,
+    nodes: &SortedIndices,
+    limits: &ReceiverLimits,
+) -> Result<Vec<u32>, Refusal> {
+    if depth > shape.depth() {
+        return Err(Refusal::Invalid(format!("no level {depth}")));
+    }
+    let covered = nodes.len() as u64 * u64::from(shape.segments_per_node(depth));
+    if covered > u64::from(limits.max_coded_segments) {
+        return Err(Refusal::Invalid("too many segments to code".into()));
+    }
+    nodes.decode(shape.width(depth)).map_err(Refusal::Invalid)
 }
 
 fn segment_items(

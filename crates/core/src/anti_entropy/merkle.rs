@@ -119,6 +119,21 @@ impl TreeShape {
         1 << (u32::from(self.fanout_bits) * u32::from(depth.min(self.depth())))
     }
 
+    /// Segments (leaves) below one node at `depth`.
+    pub fn segments_per_node(&self, depth: u8) -> u32 {
+        self.leaves() / self.width(depth)
+    }
+
+    /// The segments below node `index` at `depth` (contiguous), or `None` when there is no
+    /// such node.
+    pub fn node_segments(&self, depth: u8, index: u32) -> Option<std::ops::Range<Segment>> {
+        if depth > self.depth() || index >= self.width(depth) {
+            return None;
+        }
+        let per_node = self.segments_per_node(depth);
+        Some(index * per_node..(index + 1) * per_node)
+    }
+
     /// Inner nodes (every level above the leaves).
     pub fn inner_nodes(&self) -> usize {
         (0..self.depth()).map(|d| self.width(d) as usize).sum()

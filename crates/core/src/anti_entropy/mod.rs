@@ -27,6 +27,12 @@
 //!   truncated hash can hide a difference but never invent one, so no key moves that is not
 //!   different; the full 64-bit root is compared at the start and at the end (`Verify`), and
 //!   a hidden difference costs another pass with a new salt.
+//! - **Coded reconciliation below mismatched nodes** ([`coded`], rateless IBLTs after Yang
+//!   et al., SIGCOMM 2024): once a level says roughly how many keys differ, the driver gets
+//!   coded symbols of the items below the mismatched nodes instead of descending, so locating
+//!   a difference costs about 1.4-2 six-byte symbols instead of a level of node hashes per
+//!   difference. It trades bytes for scanning (every item below the coded nodes, on both
+//!   sides); `coded_max_segments` bounds the scan, and 0 turns it off.
 //! - **Wants before pushes**: the driver first pulls what only the receiver has, then pushes
 //!   what only it has, skipping pushes the pulled version already covers.
 //!
@@ -34,7 +40,8 @@
 //! Two replicas of 1,000,000 keys, 100-byte values, 48 ranges: in sync, a full comparison is
 //! 48 round trips, ~1.9 KB and well under a millisecond, with no segment scanned. At 0.1% of
 //! keys divergent, exactly the divergent keys move, and locating them costs ~94 bytes per
-//! divergent key (the moved objects' own keys and causal contexts add ~100 more).
+//! divergent key with item lists, ~33 with coded reconciliation (the moved objects' own keys
+//! and causal contexts add ~100 more).
 //!
 //! # How the node wires it in
 //! - Keep one [`RangeTrees`] built with [`ItemHasher::from_cluster_secret`];
@@ -53,6 +60,7 @@
 //!   send the next request, until `DriverStep::Finished`. On a timeout call `abort`.
 //! - On a request from a peer: [`handle_request`], merge its `writes`, send the response.
 
+pub mod coded;
 pub mod exchange;
 pub mod memory_replica;
 pub mod merkle;

@@ -217,6 +217,18 @@ fn ranges() -> impl Strategy<Value = Vec<TokenRange>> {
     ]
 }
 
+/// Coded reconciliation: off, limited to a few segments, or unlimited; first prefixes from
+/// far too small (decoding fails, extensions or the fallback run) to generous; symbol
+/// budgets from one symbol (every decode of more than one difference fails) up.
+fn coded_configs() -> impl Strategy<Value = (u32, u32, u32, u32)> {
+    (
+        prop_oneof![Just(0u32), 1..64u32, Just(1 << 18)],
+        prop_oneof![1..20u32, 20..400u32],
+        0..4u32,
+        prop_oneof![1..8u32, Just(1 << 16)],
+    )
+}
+
 fn configs() -> impl Strategy<Value = (ExchangeConfig, ReceiverLimits)> {
     (
         1..=8u8,
@@ -225,9 +237,16 @@ fn configs() -> impl Strategy<Value = (ExchangeConfig, ReceiverLimits)> {
         1..300usize,
         1..4usize,
         1..6usize,
+        coded_configs(),
     )
         .prop_map(
-            |(node_hash_bytes, item_hash_bytes, segments, push_bytes, wanted, items)| {
+            |(node_hash_bytes, item_hash_bytes, segments, push_bytes, wanted, items, coded)| {
+                let (
+                    coded_max_segments,
+                    coded_symbols_per_hundred_keys,
+                    coded_extensions,
+                    coded_max_symbols,
+                ) = coded;
                 (
                     ExchangeConfig {
                         node_hash_bytes,
@@ -236,6 +255,10 @@ fn configs() -> impl Strategy<Value = (ExchangeConfig, ReceiverLimits)> {
                         max_push_bytes: push_bytes,
                         max_wanted_per_request: wanted,
                         max_passes: 64,
+                        coded_max_segments,
+                        coded_symbols_per_hundred_keys,
+                        coded_extensions,
+                        coded_max_symbols,
                     },
                     ReceiverLimits {
                         max_items_per_response: items,
@@ -449,7 +472,7 @@ fn in_sync_exchange_is_one_round_trip_without_scans() {
     assert_eq!((source_a.scans.get(), source_b.scans.get()), (0, 0));
 }
 
-/// One differing key: the exchange scans only that key's segment on each side.
+/// One differing key, coding off: the exchange scans only that key's segment on each side.
 #[test]
 fn one_difference_scans_one_segment() {
     let (mut a, mut b) = (
@@ -460,7 +483,15 @@ fn one_difference_scans_one_segment() {
     let mut object = b.store.get(&bucket, &key).unwrap().clone();
     object.apply_write(Actor::new("m", 1), &object.causal_context(), data("new"));
     b.put(&bucket, &key, object);
-    let mut driver = ExchangeDriver::new(ExchangeId(1), FULL_RING, ExchangeConfig::default(), 9);
+    let mut driver = ExchangeDriver::new(
+        ExchangeId(1),
+        FULL_RING,
+        ExchangeConfig {
+            coded_max_segments: 0,
+            ..ExchangeConfig::default()
+        },
+        9,
+    );
     let mut request = sent(driver.start(&mut a.trees));
     let source_a = CountingSource {
         inner: &a.store.clone(),
@@ -489,6 +520,101 @@ fn one_difference_scans_one_segment() {
     // Driver: items of the segment once. Receiver: items, then the wanted object's segment.
     assert_eq!((source_a.scans.get(), source_b.scans.get()), (1, 2));
     assert_eq!(a.store.get(&bucket, &key), b.store.get(&bucket, &key));
+}
+
+/// Runs one exchange between two replicas, counting the scans on each side.
+fn scanned_exchange(
+    a: &mut MemoryReplica,
+    b: &mut MemoryReplica,
+    config: ExchangeConfig,
+) -> (ExchangeReport, usize, usize, Vec<RequestBody>) {
+    let mut driver = ExchangeDriver::new(ExchangeId(1), FULL_RING, config, 9);
+    let mut request = sent(driver.start(&mut a.trees));
+    let (mut scans_a, mut scans_b, mut bodies) = (0, 0, Vec::new());
+    loop {
+        bodies.push(request.body.clone());
+        let source_b = CountingSource {
+            inner: &b.store.clone(),
+            scans: Cell::new(0),
+        };
+        let out = handle_request(request, &mut b.trees, &source_b, &ReceiverLimits::default());
+        b.apply(out.writes);
+        let source_a = CountingSource {
+            inner: &a.store.clone(),
+            scans: Cell::new(0),
+        };
+        let out = driver.handle_response(out.response, &mut a.trees, &source_a);
+        a.apply(out.writes);
+        scans_a += source_a.scans.get();
+        scans_b += source_b.scans.get();
+        match out.step {
+            DriverStep::Send(next) => request = next,
+            DriverStep::Finished(report) => return (report, scans_a, scans_b, bodies),
+            DriverStep::Ignored => unreachable!("nothing is duplicated here"),
+        }
+    }
+}
+
+/// One differing key, coding on (the default): after the root's children, one symbol
+/// request decodes the difference (no descent, no item lists), the key is pulled, and the
+/// exchange takes 4 round trips instead of 6; the scans cover the mismatched level-1 node.
+#[test]
+fn one_difference_decodes_from_coded_symbols() {
+    let (mut a, mut b) = (
+        filled(2000, TreeShape::DEFAULT),
+        filled(2000, TreeShape::DEFAULT),
+    );
+    let (bucket, key) = key_of(5);
+    let mut object = b.store.get(&bucket, &key).unwrap().clone();
+    object.apply_write(Actor::new("m", 1), &object.causal_context(), data("new"));
+    b.put(&bucket, &key, object);
+    let (report, scans_a, scans_b, bodies) =
+        scanned_exchange(&mut a, &mut b, ExchangeConfig::default());
+    assert_eq!(report.outcome, ExchangeOutcome::Converged);
+    assert_eq!(report.stats.keys_moved, 1);
+    assert_eq!(report.stats.keys_different, 1);
+    assert_eq!(report.stats.objects_pulled, 1);
+    assert_eq!(report.stats.coded_fallbacks, 0);
+    assert!(report.stats.coded_symbols >= 2, "{:?}", report.stats);
+    assert_eq!(report.stats.round_trips, 4);
+    assert!(matches!(bodies[1], RequestBody::Symbols { depth: 1, .. }));
+    assert!(matches!(
+        &bodies[2],
+        RequestBody::Transfer { want, coded_want: Some(_), .. } if want.is_empty()
+    ));
+    // A level-1 node is 256 segments, scanned 16 at a time: the driver twice (decode, then
+    // map the decoded items), the receiver for the symbols and for the want.
+    assert_eq!((scans_a, scans_b), (32, 32));
+    assert_eq!(a.store.get(&bucket, &key), b.store.get(&bucket, &key));
+}
+
+/// A prefix too short to decode, with no extension allowed, falls back to the descent and
+/// the item lists: the exchange still moves exactly the differing keys.
+#[test]
+fn coded_decoding_failure_falls_back_to_the_descent() {
+    let (mut a, mut b) = (
+        filled(2000, TreeShape::DEFAULT),
+        filled(2000, TreeShape::DEFAULT),
+    );
+    for i in [3, 5, 8] {
+        let (bucket, key) = key_of(i);
+        let mut object = b.store.get(&bucket, &key).unwrap().clone();
+        object.apply_write(Actor::new("m", 1), &object.causal_context(), data("new"));
+        b.put(&bucket, &key, object);
+    }
+    let config = ExchangeConfig {
+        coded_symbols_per_hundred_keys: 1,
+        coded_extensions: 0,
+        ..ExchangeConfig::default()
+    };
+    let (report, _, _, bodies) = scanned_exchange(&mut a, &mut b, config);
+    assert_eq!(report.outcome, ExchangeOutcome::Converged);
+    assert_eq!(report.stats.keys_moved, 3);
+    assert_eq!(report.stats.coded_fallbacks, 1);
+    assert!(bodies
+        .iter()
+        .any(|body| matches!(body, RequestBody::Items { .. })));
+    assert_eq!(contents(&a), contents(&b));
 }
 
 /// Writes landing during an exchange keep roots apart; with one pass allowed it ends
@@ -525,6 +651,101 @@ fn concurrent_writes_end_diverged_after_max_passes() {
     };
     assert_eq!(report.outcome, ExchangeOutcome::Diverged);
     assert_eq!(report.stats.keys_moved, 10);
+}
+
+/// A receiver limited to a few coded segments refuses a request for more (the driver's
+/// scan budget is its own; the receiver bounds its work whatever the driver asks).
+#[test]
+fn receiver_bounds_coded_requests() {
+    let mut b = filled(50, TreeShape::DEFAULT);
+    let request = ExchangeRequest {
+        exchange: ExchangeId(1),
+        seq: 1,
+        range: FULL_RING,
+        shape: TreeShape::DEFAULT,
+        probe: exchange::Probe {
+            salt: 1,
+            node_hash_bytes: 2,
+            item_hash_bytes: 4,
+        },
+        body: RequestBody::Symbols {
+            depth: 1,
+            nodes: SortedIndices::from_sorted(&[0, 1]),
+            from: 0,
+            count: 8,
+        },
+        bucket: None,
+    };
+    let limits = ReceiverLimits {
+        max_coded_segments: 256,
+        ..ReceiverLimits::default()
+    };
+    let out = handle_request(request.clone(), &mut b.trees, &b.store, &limits);
+    assert!(matches!(
+        out.response.body,
+        ResponseBody::Refused(Refusal::Invalid(_))
+    ));
+    // Within the limits: 8 symbols of 4 + 2 bytes.
+    let out = handle_request(request, &mut b.trees, &b.store, &ReceiverLimits::default());
+    assert!(matches!(
+        out.response.body,
+        ResponseBody::Symbols { from: 0, ref symbols } if symbols.len() == 48
+    ));
+}
+
+/// A symbols answer of the wrong size or window ends the exchange as invalid.
+#[test]
+fn driver_rejects_malformed_symbols() {
+    let (mut a, mut b) = (
+        filled(200, TreeShape::DEFAULT),
+        filled(200, TreeShape::DEFAULT),
+    );
+    let (bucket, key) = key_of(5);
+    let mut object = b.store.get(&bucket, &key).unwrap().clone();
+    object.apply_write(Actor::new("m", 1), &object.causal_context(), data("new"));
+    b.put(&bucket, &key, object);
+    type Spoil = fn(u32, Vec<u8>) -> (u32, Vec<u8>);
+    let spoils: [(&str, Spoil); 3] = [
+        ("ragged", |from, mut symbols: Vec<u8>| {
+            symbols.pop();
+            (from, symbols)
+        }),
+        ("another window", |from: u32, symbols| (from + 1, symbols)),
+        ("too few", |from, mut symbols: Vec<u8>| {
+            symbols.truncate(6);
+            (from, symbols)
+        }),
+    ];
+    for (name, bad) in spoils {
+        let mut driver =
+            ExchangeDriver::new(ExchangeId(1), FULL_RING, ExchangeConfig::default(), 1);
+        let compare = sent(driver.start(&mut a.trees));
+        let out = handle_request(compare, &mut b.trees, &b.store, &ReceiverLimits::default());
+        let out = driver.handle_response(out.response, &mut a.trees, &a.store);
+        let request = sent(out.step);
+        assert!(
+            matches!(request.body, RequestBody::Symbols { .. }),
+            "{name}"
+        );
+        let mut out = handle_request(request, &mut b.trees, &b.store, &ReceiverLimits::default());
+        let ResponseBody::Symbols { from, symbols } = out.response.body else {
+            panic!("{name}: {:?}", out.response.body);
+        };
+        let (from, symbols) = bad(from, symbols);
+        out.response.body = ResponseBody::Symbols { from, symbols };
+        let out = driver.handle_response(out.response, &mut a.trees, &a.store);
+        match out.step {
+            DriverStep::Finished(report) => assert!(
+                matches!(
+                    report.outcome,
+                    ExchangeOutcome::Failed(ExchangeError::InvalidResponse(_))
+                ),
+                "{name}: {:?}",
+                report.outcome
+            ),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
 }
 
 /// Hostile or broken requests are refused, and nothing is written.
@@ -638,6 +859,7 @@ fn receiver_refuses_bad_requests() {
                         },
                     ],
                     want: vec![],
+                    coded_want: None,
                 },
                 ..base.clone()
             },
@@ -651,6 +873,7 @@ fn receiver_refuses_bad_requests() {
                         ..valid.clone()
                     }],
                     want: vec![],
+                    coded_want: None,
                 },
                 ..base.clone()
             },
@@ -662,6 +885,7 @@ fn receiver_refuses_bad_requests() {
                 body: RequestBody::Transfer {
                     objects: vec![valid.clone()],
                     want: vec![],
+                    coded_want: None,
                 },
                 ..base.clone()
             },
@@ -675,6 +899,97 @@ fn receiver_refuses_bad_requests() {
                         segment: 1 << 20,
                         hashes: vec![0; 4],
                     }],
+                    coded_want: None,
+                },
+                ..base.clone()
+            },
+        ),
+        (
+            "symbols of a level below the leaves",
+            ExchangeRequest {
+                body: RequestBody::Symbols {
+                    depth: 4,
+                    nodes: SortedIndices::from_sorted(&[0]),
+                    from: 0,
+                    count: 4,
+                },
+                ..base.clone()
+            },
+        ),
+        (
+            "symbols of a node that does not exist",
+            ExchangeRequest {
+                body: RequestBody::Symbols {
+                    depth: 1,
+                    nodes: SortedIndices::from_sorted(&[16]),
+                    from: 0,
+                    count: 4,
+                },
+                ..base.clone()
+            },
+        ),
+        (
+            "no symbols",
+            ExchangeRequest {
+                body: RequestBody::Symbols {
+                    depth: 1,
+                    nodes: SortedIndices::from_sorted(&[0]),
+                    from: 0,
+                    count: 0,
+                },
+                ..base.clone()
+            },
+        ),
+        (
+            "too many symbols",
+            ExchangeRequest {
+                body: RequestBody::Symbols {
+                    depth: 1,
+                    nodes: SortedIndices::from_sorted(&[0]),
+                    from: 0,
+                    count: u32::MAX,
+                },
+                ..base.clone()
+            },
+        ),
+        (
+            "symbol window past the last index",
+            ExchangeRequest {
+                body: RequestBody::Symbols {
+                    depth: 1,
+                    nodes: SortedIndices::from_sorted(&[0]),
+                    from: u32::MAX - 1,
+                    count: 4,
+                },
+                ..base.clone()
+            },
+        ),
+        (
+            "ragged coded want",
+            ExchangeRequest {
+                body: RequestBody::Transfer {
+                    objects: vec![],
+                    want: vec![],
+                    coded_want: Some(exchange::CodedWant {
+                        depth: 1,
+                        nodes: SortedIndices::from_sorted(&[0]),
+                        hashes: vec![0; 5],
+                    }),
+                },
+                ..base.clone()
+            },
+        ),
+        (
+            "coded want below a node that does not exist",
+            ExchangeRequest {
+                body: RequestBody::Transfer {
+                    objects: vec![],
+                    want: vec![],
+                    coded_want: Some(exchange::CodedWant {
+                        depth: 2,
+                        nodes: SortedIndices::from_sorted(&[300]),
+                        hashes: vec![0; 4],
+                    }),
                 },
                 ..base.clone()
             },
@@ -688,6 +1003,7 @@ fn receiver_refuses_bad_requests() {
                         segment: 1,
                         hashes: vec![0; 5],
                     }],
+                    coded_want: None,
                 },
                 ..base.clone()
             },
@@ -721,6 +1037,7 @@ fn receiver_refuses_bad_requests() {
                 ..valid
             }],
             want: vec![],
+            coded_want: None,
         },
         ..base
     };

@@ -931,6 +931,7 @@ fn a_failed_sync_fails_every_durable_reply() {
                     object,
                 }],
                 want: vec![],
+                coded_want: None,
             },
             bucket: None,
         },
