@@ -7,7 +7,7 @@ use super::{DurableReply, Node};
 use crate::anti_entropy::exchange::{Refusal, ResponseBody};
 use crate::anti_entropy::MerkleTree;
 use crate::anti_entropy::{
-    handle_request, repair_targets, replicated_ranges, DriverStep, ExchangeConfig, ExchangeDriver,
+    handle_request, DriverStep, ExchangeConfig, ExchangeDriver,
     ExchangeId, ExchangeOutcome, ExchangeReport, ExchangeRequest, ExchangeResponse, ExchangeStats,
     ReceiverLimits, RepairObject, SegmentItem, SegmentSource,
 };
@@ -35,6 +35,8 @@ pub(super) struct ActiveExchange {
     pub started_at: Millis,
     /// A one-bucket exchange (`repair --bucket`): the bucket and this side's trees of it.
     pub bucket: Option<(String, RangeTrees)>,
+    /// Pulls a range this node gains in a cluster change (`membership.rs`).
+    pub streaming: bool,
 }
 
 #[derive(Debug)]
@@ -163,11 +165,14 @@ impl<S: Storage> Node<S> {
     /// Makes the trees match the ring: ranges this node no longer replicates are dropped,
     /// new ones are built by one scan of their objects (counted in `tree_rebuilds`).
     pub(super) fn align_trees(&mut self) {
-        let ranges = replicated_ranges(&self.cluster.ring, self.id());
+        let ranges = self.membership.layout.replicated_ranges(self.id());
         let new_ranges = self.anti_entropy.trees.set_ranges(ranges);
         for range in new_ranges {
             match self.storage.scan_range(range) {
                 Ok(objects) => {
+                    if !objects.is_empty() && !self.membership.has_data {
+                        self.note_has_data();
+                    }
                     let items: Vec<(String, Vec<u8>, u64)> = objects
                         .into_iter()
                         .map(|(b, k, o)| (b, k, o.digest()))
@@ -181,7 +186,7 @@ impl<S: Storage> Node<S> {
                 Err(_) => self.stats.increment(Counter::StorageErrors),
             }
         }
-        let targets = repair_targets(&self.cluster.ring, self.id());
+        let targets = self.membership.layout.repair_targets(self.id());
         self.anti_entropy.repair_queue.set_targets(targets);
     }
 
@@ -256,7 +261,15 @@ impl<S: Storage> Node<S> {
         if now.saturating_sub(*taken_at) < age_needed {
             return;
         }
-        let peers: Vec<NodeId> = repair_targets(&self.cluster.ring, self.id())
+        // While a cluster change is active the replica set of the range is moving: no
+        // reaping until it settles (a departed node is not a replica that must confirm).
+        if self.membership.layout.active().is_some() {
+            return;
+        }
+        let peers: Vec<NodeId> = self
+            .membership
+            .layout
+            .repair_targets(self.id())
             .into_iter()
             .filter(|(r, _)| *r == range)
             .map(|(_, peer)| peer)
@@ -330,7 +343,7 @@ impl<S: Storage> Node<S> {
 
     /// A peer came back: its ranges go to the front of the queue.
     pub(super) fn mark_peer_recovered(&mut self, now: Millis, peer: &NodeId) {
-        for (range, target) in repair_targets(&self.cluster.ring, self.id()) {
+        for (range, target) in self.membership.layout.repair_targets(self.id()) {
             if target == *peer {
                 self.anti_entropy
                     .repair_queue
@@ -341,7 +354,7 @@ impl<S: Storage> Node<S> {
 
     /// A hint for a key in `range` was lost: that range goes first, with every replica peer.
     pub(super) fn mark_range_hints_lost(&mut self, now: Millis, range: TokenRange) {
-        for (target_range, peer) in repair_targets(&self.cluster.ring, self.id()) {
+        for (target_range, peer) in self.membership.layout.repair_targets(self.id()) {
             if target_range == range {
                 self.anti_entropy
                     .repair_queue
@@ -378,7 +391,7 @@ impl<S: Storage> Node<S> {
                 };
                 run.in_flight += 1;
                 let bucket = run.bucket.clone();
-                self.start_exchange(now, range, peer, Some(run_id), bucket);
+                self.start_exchange(now, range, peer, Some(run_id), bucket, false);
             }
         }
         if !self.config.anti_entropy.enabled {
@@ -409,7 +422,7 @@ impl<S: Storage> Node<S> {
             if probe {
                 self.control.breaker_probe = Some((range, peer.clone()));
             }
-            self.start_exchange(now, range, peer, None, None);
+            self.start_exchange(now, range, peer, None, None, false);
         }
     }
 
@@ -435,13 +448,14 @@ impl<S: Storage> Node<S> {
         Ok(trees)
     }
 
-    fn start_exchange(
+    pub(super) fn start_exchange(
         &mut self,
         now: Millis,
         range: TokenRange,
         peer: NodeId,
         run: Option<u64>,
         bucket: Option<String>,
+        streaming: bool,
     ) {
         // Request ids carry the epoch, so they serve as exchange ids unique across restarts.
         let id = ExchangeId(self.new_request_id());
@@ -463,6 +477,7 @@ impl<S: Storage> Node<S> {
                         run,
                         started_at: now,
                         bucket: None,
+                        streaming,
                     };
                     let report = exchange.driver.abort();
                     self.finish_exchange(now, exchange, report);
@@ -477,6 +492,7 @@ impl<S: Storage> Node<S> {
             run,
             started_at: now,
             bucket,
+            streaming,
         };
         let step = if self.cluster.membership.status(&exchange.peer) == PeerStatus::Down {
             // Known down: fail at once (a run reports it) instead of waiting for a timeout.
@@ -712,6 +728,10 @@ impl<S: Storage> Node<S> {
                 .repair_debt
                 .insert(exchange.peer.clone(), report.stats.leaves_mismatched);
         }
+        if exchange.streaming {
+            self.on_stream_exchange_finished(now, report.range, &exchange.peer, &report);
+            return;
+        }
         match exchange.run {
             Some(run_id) => {
                 if let Some(run) = self.anti_entropy.repair_runs.get_mut(&run_id) {
@@ -763,7 +783,7 @@ impl<S: Storage> Node<S> {
         let id = self.anti_entropy.next_run;
         // Peer by peer: two exchanges of one range (with two peers) never run at once, so a
         // key a first peer repaired is not found different again with the second.
-        let mut targets = repair_targets(&self.cluster.ring, self.id());
+        let mut targets = self.membership.layout.repair_targets(self.id());
         targets.sort_by(|a, b| (&a.1, a.0).cmp(&(&b.1, b.0)));
         let targets: VecDeque<(TokenRange, NodeId)> = targets.into_iter().collect();
         if self.anti_entropy.repair_runs.len() >= MAX_REPAIR_RUNS {

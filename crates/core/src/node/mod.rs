@@ -12,7 +12,7 @@
 use crate::bucket::Resolution;
 use crate::config::NodeConfig;
 use crate::coordinator::{AfterRead, GetOperation, PutOperation, WriteStep};
-use crate::gossip::{initial_state, Gossiper, NodeStatus};
+use crate::gossip::{initial_state, Gossiper};
 use crate::membership::{MemberInfo, Membership, PeerStatus};
 use crate::message::{
     ClientRequest, ClientRequestId, ClientResponse, Message, ReplicaError, RequestId,
@@ -94,6 +94,9 @@ pub struct Node<S: Storage> {
     control: repair_control::RepairControl,
     /// Bucket properties, the hybrid logical clock, sibling warnings (`buckets.rs`).
     buckets: buckets::Buckets,
+    /// Cluster changes: this node's ring state, the layout, streaming, cleanup
+    /// (`membership.rs`).
+    membership: membership::MembershipState,
 }
 
 /// Why a node could not start.
@@ -138,13 +141,15 @@ impl<S: Storage> Node<S> {
             http_address: config.http_address.clone(),
         };
         let membership = Membership::new(me);
-        let ring = Ring::new(membership.ids(), config.vnodes, config.replication_factor);
+        let ring = Ring::default();
         let (hint_queue, corrupt_hints) = hints::load_hint_queue(&storage);
+        let membership_state =
+            membership::MembershipState::load(&storage, fresh, config.learn_epoch_from_peers);
         let gossiper = Gossiper::new(
             config.node_id.clone(),
             u64::from(epoch),
             initial_state(
-                NodeStatus::Normal,
+                membership_state.status,
                 &config.peer_address,
                 &config.http_address,
                 config.vnodes,
@@ -186,6 +191,7 @@ impl<S: Storage> Node<S> {
             anti_entropy: anti_entropy::AntiEntropyState::new(&config, now),
             control: repair_control::RepairControl::new(&config, now),
             buckets,
+            membership: membership_state,
             storage,
             config,
         };
@@ -194,9 +200,10 @@ impl<S: Storage> Node<S> {
         }
         // Peers that restarted with us learn the table from our state again.
         node.publish_props(now);
-        // Trees are rebuilt by one scan at every start: a tree persisted before a crash could
-        // disagree with what the crash left of the data.
-        node.align_trees();
+        node.publish_membership(now);
+        // Trees are rebuilt by one scan at every start (in the layout's first alignment): a
+        // tree persisted before a crash could disagree with what the crash left of the data.
+        node.refresh_layout(now);
         Ok(node)
     }
 
@@ -296,6 +303,7 @@ impl<S: Storage> Node<S> {
             .min(speculation)
             .min(self.anti_entropy_deadline())
             .min(self.control.controller.next_deadline())
+            .min(self.membership_deadline())
     }
 
     // ----- durability -----------------------------------------------------------------
@@ -387,12 +395,8 @@ impl<S: Storage> Node<S> {
     }
 
     fn rebuild_ring(&mut self) {
-        self.cluster.ring = Ring::new(
-            self.cluster.membership.ids(),
-            self.config.vnodes,
-            self.config.replication_factor,
-        );
-        self.align_trees();
+        let now = self.clock;
+        self.refresh_layout(now);
     }
 
     /// The transport saw a peer come up (handshake done) or go down (connection lost).
@@ -446,6 +450,24 @@ impl<S: Storage> Node<S> {
         ) && self.coordination.client_started.len() < self.config.max_pending_requests
         {
             self.coordination.client_started.insert(client, now);
+        }
+        if self.membership.refused
+            && matches!(
+                request,
+                ClientRequest::Get { .. }
+                    | ClientRequest::Put { .. }
+                    | ClientRequest::Delete { .. }
+            )
+        {
+            self.reply(
+                client,
+                ClientResponse::NotReady(
+                    "this node was removed from the cluster (remove-node) and came back with \
+                     its old data: wipe its data directory and start it again to rejoin"
+                        .into(),
+                ),
+            );
+            return;
         }
         if self.coordination.operations.len() >= self.config.max_pending_requests
             && matches!(
@@ -509,6 +531,29 @@ impl<S: Storage> Node<S> {
                 };
                 self.reply(client, response);
             }
+            ClientRequest::Decommission => {
+                let response = match self.decommission(now) {
+                    Ok(progress) => ClientResponse::Change(progress),
+                    Err(refusal) => refusal.into(),
+                };
+                self.reply(client, response);
+            }
+            ClientRequest::RemoveNode { node } => {
+                let response = match self.remove_node(now, &node) {
+                    Ok(progress) => ClientResponse::Change(progress),
+                    Err(refusal) => refusal.into(),
+                };
+                self.reply(client, response);
+            }
+            ClientRequest::ChangeStatus { node } => {
+                let known = node == *self.id() || self.cluster.gossiper.member(&node).is_some();
+                let response = if known {
+                    ClientResponse::Change(self.change_progress(&node, now))
+                } else {
+                    ClientResponse::NotFound(format!("no member {node} in this cluster"))
+                };
+                self.reply(client, response);
+            }
             ClientRequest::GetLocal { bucket, key } => {
                 let response = match self.storage.get(&bucket, &key) {
                     Ok(object) => ClientResponse::Local(object),
@@ -530,15 +575,28 @@ impl<S: Storage> Node<S> {
         value: Value,
         level: ConsistencyLevel,
     ) {
-        let replicas = self.cluster.ring.preference_list_for_key(&bucket, &key);
+        // While a cluster change is active the write must meet its level among the old and
+        // the new owners (`membership::Layout::write_lists`); the first list is the one reads
+        // use, and only its members act as the write's actor.
+        let lists = self
+            .membership
+            .layout
+            .write_lists(crate::ring::key_token(&bucket, &key));
+        let owners = lists.first().cloned().unwrap_or_default();
+        let mut replicas = owners.clone();
+        for node in lists.iter().skip(1).flatten() {
+            if !replicas.contains(node) {
+                replicas.push(node.clone());
+            }
+        }
         let id = self.new_request_id();
         let deadline = now + self.config.request_timeout_ms;
         let me = self.id().clone();
-        let is_replica = replicas.contains(&me);
-        let mut candidates: Vec<NodeId> = replicas.clone();
+        let is_replica = owners.contains(&me);
+        let mut candidates: Vec<NodeId> = owners;
         // Live replicas first, in preference order, then the ones believed down.
         candidates.sort_by_key(|n| self.cluster.membership.status(n) == PeerStatus::Down);
-        let mut op = PutOperation::new(
+        let mut op = PutOperation::with_lists(
             client,
             bucket.clone(),
             key.clone(),
@@ -546,6 +604,7 @@ impl<S: Storage> Node<S> {
             value.clone(),
             level,
             replicas,
+            lists,
             deadline,
         );
         op.sloppy = self.config.sloppy_quorum;
@@ -684,6 +743,9 @@ impl<S: Storage> Node<S> {
         })?;
         self.stats.increment(Counter::LocalWrites);
         self.wrote();
+        if !self.membership.has_data {
+            self.note_has_data();
+        }
         self.anti_entropy
             .trees
             .record_write(bucket, key, old_digest, Some(object.digest()));
@@ -788,7 +850,19 @@ impl<S: Storage> Node<S> {
                         return;
                     };
                     let (bucket, key) = (op.bucket.clone(), op.key.clone());
+                    let me = self.id().clone();
                     for target in targets {
+                        if target == me {
+                            // A joining coordinator is a new owner but not the actor: it
+                            // stores the object itself.
+                            let stored = self.merge_local(&bucket, &key, &object).is_ok();
+                            if let Some(Operation::Put(op)) =
+                                self.coordination.operations.get_mut(&id)
+                            {
+                                let _ = op.on_replicated(&me, stored);
+                            }
+                            continue;
+                        }
                         let message = Message::Replicate {
                             request: id,
                             bucket: bucket.clone(),
@@ -992,6 +1066,7 @@ impl<S: Storage> Node<S> {
             self.deliver_hints(now);
         }
         self.tick_gossip(now);
+        self.tick_membership(now);
     }
 }
 
@@ -1003,6 +1078,7 @@ mod durability;
 mod epoch;
 mod gossip;
 mod hints;
+mod membership;
 mod read;
 mod repair_control;
 mod serve;
@@ -1011,6 +1087,9 @@ pub use crate::anti_entropy::{AntiEntropyConfig, RepairRunStatus, RunState};
 use buckets::SetPropsError;
 pub use buckets::SiblingWarning;
 pub use counters::{Counter, CounterSpec, Counters};
+pub use membership::{
+    ChangeProgress, ChangeRefusal, ACK_KEY, HAS_DATA_KEY, PHASE_KEY, REMOVALS_KEY, STREAMED_KEY,
+};
 use durability::Durability;
 pub use durability::{DurableReply, SyncTicket};
 
