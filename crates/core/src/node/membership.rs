@@ -346,6 +346,17 @@ impl<S: Storage> Node<S> {
                 },
             );
         }
+        // Members the transport (or a static member list) named and gossip has not
+        // described yet are taken as normal, as before cluster changes existed.
+        for id in self.cluster.membership.ids() {
+            if self.cluster.gossiper.member(id).is_none() {
+                let removal = removals.get(id).map(|(_, phase)| *phase);
+                members.entry(id.clone()).or_insert(MemberState {
+                    removal,
+                    ..MemberState::normal()
+                });
+            }
+        }
         members
     }
 
@@ -563,6 +574,16 @@ impl<S: Storage> Node<S> {
             return;
         }
         match phase {
+            Phase::Waiting
+                if status == NodeStatus::Leaving
+                    && self.normal_members() < self.config.replication_factor =>
+            {
+                // Another node left first (two decommissions raced): stay.
+                self.membership.reason = Some(
+                    "decommission cancelled: not enough nodes to hold RF copies".into(),
+                );
+                self.set_own_state(now, NodeStatus::Normal, Phase::Done);
+            }
             Phase::Waiting => self.set_own_state(now, status, Phase::Streaming),
             Phase::Streaming => self.set_own_state(now, status, Phase::Synced),
             Phase::Synced if status == NodeStatus::Joining => {

@@ -451,6 +451,20 @@ impl<S: Storage> Node<S> {
         {
             self.coordination.client_started.insert(client, now);
         }
+        if self.membership.deciding
+            && !self.identity.confirmed
+            && matches!(
+                request,
+                ClientRequest::Put { .. } | ClientRequest::Delete { .. }
+            )
+        {
+            // Not even placed in the ring yet: it cannot tell whether it ran before.
+            self.reply(
+                client,
+                ClientResponse::NotReady(epoch::EPOCH_UNCONFIRMED.into()),
+            );
+            return;
+        }
         if self.membership.refused
             && matches!(
                 request,

@@ -9,6 +9,7 @@ use crate::version::Actor;
 use bytes::Bytes;
 
 mod buckets;
+mod membership;
 mod storage_full;
 
 struct TestCluster {
