@@ -5,7 +5,7 @@
 //! we dialed) and gossip (`node/gossip.rs` adds every node gossip hears of). Liveness here is
 //! the union of both verdicts: the transport marks a peer down when its connection fails or
 //! closes, gossip's phi-accrual detector when its heartbeats stop; either side marks it up
-//! again. Members are never removed yet (no decommission).
+//! again. A member that left is dropped once gossip forgets it.
 
 use crate::NodeId;
 use serde::{Deserialize, Serialize};
@@ -62,6 +62,14 @@ impl Membership {
         let is_new = !self.members.contains_key(&info.id);
         self.members.insert(info.id.clone(), info);
         is_new
+    }
+
+    /// Drops a member that left the cluster (gossip forgot it). This node itself stays.
+    pub fn forget(&mut self, id: &NodeId) {
+        if self.members.len() > 1 {
+            self.members.remove(id);
+            self.down.remove(id);
+        }
     }
 
     pub fn get(&self, id: &NodeId) -> Option<&MemberInfo> {

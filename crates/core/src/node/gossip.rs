@@ -74,7 +74,11 @@ impl<S: Storage> Node<S> {
                 GossipEvent::NodeDown { node } => {
                     self.handle_peer_status(now, &node, PeerStatus::Down)
                 }
-                GossipEvent::NodeForgotten { .. } => self.refresh_layout(now),
+                GossipEvent::NodeForgotten { node } => {
+                    // It left: the transport's record must not bring it back as normal.
+                    self.cluster.membership.forget(&node);
+                    self.refresh_layout(now);
+                }
                 GossipEvent::NodeSuspect { .. } => {}
             }
         }

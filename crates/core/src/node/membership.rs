@@ -457,13 +457,14 @@ impl<S: Storage> Node<S> {
             return;
         }
         let me = self.id().clone();
-        let others: Vec<MemberState> = self
-            .member_states()
-            .into_iter()
-            .filter(|(id, _)| *id != me)
-            .map(|(_, m)| m)
-            .collect();
-        if others.is_empty() {
+        // Decide on what gossip says of the others (their status and whether they hold
+        // data), not on the transport's bare list of them.
+        let described = self
+            .cluster
+            .gossiper
+            .members()
+            .any(|(id, state)| *id != me && state.status().is_some());
+        if !described {
             return;
         }
         self.membership.deciding = false;
@@ -477,8 +478,9 @@ impl<S: Storage> Node<S> {
                 if postcard::from_bytes::<Vec<(NodeId, u64, u64)>>(bytes)
                     .is_ok_and(|l| l.iter().any(|(n, _, _)| *n == me)))
         });
-        let ran_before = self.stats.get(Counter::EpochsLearnedFromPeers) > 0;
-        if (cluster_has_data && !ran_before) || was_removed {
+        // A node wiped and started again under its old id joins too: it must stream its
+        // ranges back before it serves reads for them.
+        if cluster_has_data || was_removed {
             self.membership.change_started_at = now;
             self.persist_membership();
             self.refresh_layout(now);
@@ -669,6 +671,17 @@ impl<S: Storage> Node<S> {
         for (node, generation, phase) in removals {
             if phase == Phase::Done {
                 continue;
+            }
+            let rejoined = self
+                .membership
+                .members
+                .get(&node)
+                .is_some_and(|m| m.removal.is_none());
+            if rejoined {
+                // It came back wiped, as a new member, before its removal completed.
+                self.membership.removals.remove(&node);
+                self.publish_removals(now);
+                return;
             }
             if self.yields_to_other(&node, phase) {
                 self.membership
