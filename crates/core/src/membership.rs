@@ -300,7 +300,11 @@ impl Layout {
     }
 
     /// A layout of these nodes, all `normal` (tests, single nodes).
-    pub fn of_normal<'a>(ids: impl IntoIterator<Item = &'a NodeId>, vnodes: u16, rf: usize) -> Self {
+    pub fn of_normal<'a>(
+        ids: impl IntoIterator<Item = &'a NodeId>,
+        vnodes: u16,
+        rf: usize,
+    ) -> Self {
         let members = ids
             .into_iter()
             .map(|id| (id.clone(), MemberState::normal()))
@@ -401,17 +405,24 @@ impl Layout {
     /// sources to pull from) and how many of them must have been pulled (a quorum of the
     /// old list, so every write acknowledged at quorum is in the union).
     pub fn gained_ranges(&self, node: &NodeId) -> Vec<(TokenRange, Vec<NodeId>, usize)> {
-        if self.active.is_none() {
+        let Some((subject, kind, _)) = &self.active else {
             return Vec::new();
-        }
+        };
+        // A removed node is dead: its copies cannot be pulled, and a write acknowledged at
+        // quorum has correspondingly more of its copies on the survivors.
+        let dead = (*kind == ChangeKind::Remove).then_some(subject);
         self.ranges()
             .into_iter()
             .filter(|(_, old, new)| new.contains(node) && !old.contains(node))
             .map(|(range, old, _)| {
-                let needed = crate::quorum::ConsistencyLevel::Quorum.required(old.len());
-                (range, old, needed)
+                let quorum = crate::quorum::ConsistencyLevel::Quorum.required(old.len());
+                let sources: Vec<NodeId> = old.into_iter().filter(|n| Some(n) != dead).collect();
+                let lost = usize::from(dead.is_some_and(|d| !sources.contains(d)))
+                    .min(quorum.saturating_sub(1));
+                let needed = (quorum - lost).min(sources.len()).max(1);
+                (range, sources, needed)
             })
-            .filter(|(_, old, _)| !old.is_empty())
+            .filter(|(_, sources, _)| !sources.is_empty())
             .collect()
     }
 
@@ -419,5 +430,95 @@ impl Layout {
     pub fn owns(&self, node: &NodeId, token: Token) -> bool {
         self.old.preference_list(token).contains(node)
             || self.new.preference_list(token).contains(node)
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    fn members(states: &[(&str, NodeStatus, Phase)]) -> BTreeMap<NodeId, MemberState> {
+        states
+            .iter()
+            .map(|(id, status, phase)| {
+                (
+                    NodeId::new(*id),
+                    MemberState {
+                        status: *status,
+                        phase: *phase,
+                        removal: None,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// A streaming joiner: reads stay on the old owners, writes need both lists, and the
+    /// joiner gains ranges whose sources are the old replicas.
+    #[test]
+    fn a_streaming_join_writes_to_both_and_reads_the_old() {
+        use NodeStatus::*;
+        let layout = Layout::new(
+            &members(&[
+                ("a", Normal, Phase::Done),
+                ("b", Normal, Phase::Done),
+                ("c", Normal, Phase::Done),
+                ("d", Joining, Phase::Streaming),
+            ]),
+            16,
+            2,
+        );
+        let d = NodeId::new("d");
+        assert!(!layout.read_ring().nodes().contains(&d));
+        assert!(layout.new_ring().nodes().contains(&d));
+        let gained = layout.gained_ranges(&d);
+        assert!(!gained.is_empty());
+        for (range, sources, needed) in &gained {
+            assert!(!sources.contains(&d));
+            assert_eq!(*needed, 2);
+            let lists = layout.write_lists(range.end);
+            assert_eq!(lists.len(), 2, "old and new lists differ on a gained range");
+            assert!(lists[1].contains(&d));
+        }
+        // Synced: reads move to the new owners, writes still reach both.
+        let synced = Layout::new(
+            &members(&[
+                ("a", Normal, Phase::Done),
+                ("b", Normal, Phase::Done),
+                ("c", Normal, Phase::Done),
+                ("d", Joining, Phase::Synced),
+            ]),
+            16,
+            2,
+        );
+        assert!(synced.read_ring().nodes().contains(&d));
+        assert_ne!(synced.fingerprint(), layout.fingerprint());
+        let (range, _, _) = gained[0];
+        assert_eq!(synced.write_lists(range.end).len(), 2);
+    }
+
+    /// A waiting joiner is placed nowhere, and of two active changes only one applies.
+    #[test]
+    fn waiting_changes_are_not_applied_and_one_change_is_active() {
+        use NodeStatus::*;
+        let layout = Layout::new(
+            &members(&[
+                ("a", Normal, Phase::Done),
+                ("b", Normal, Phase::Done),
+                ("c", Leaving, Phase::Streaming),
+                ("d", Joining, Phase::Streaming),
+                ("e", Joining, Phase::Waiting),
+            ]),
+            8,
+            2,
+        );
+        let (active, kind, _) = layout.active().unwrap();
+        assert_eq!((active.as_str(), *kind), ("c", ChangeKind::Leave));
+        for id in ["d", "e"] {
+            assert!(!layout.new_ring().nodes().contains(&NodeId::new(id)));
+            assert!(!layout.old_ring().nodes().contains(&NodeId::new(id)));
+        }
+        assert!(!layout.new_ring().nodes().contains(&NodeId::new("c")));
+        assert!(layout.old_ring().nodes().contains(&NodeId::new("c")));
     }
 }

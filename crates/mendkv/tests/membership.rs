@@ -24,22 +24,26 @@ fn state_of(status: &serde_json::Value, id: &str) -> Option<String> {
 }
 
 async fn wait_state(clients: &[Client], id: &str, state: &str) {
-    eventually(CHANGE_TIMEOUT, &format!("every node sees {id} {state}"), || {
-        let clients = clients.to_vec();
-        async move {
-            for client in &clients {
-                let Ok(status) = client.status().await else {
-                    return false;
-                };
-                let seen = state_of(&status, id);
-                // A departed node may already be forgotten by gossip.
-                if seen.as_deref() != Some(state) && !(state == "left" && seen.is_none()) {
-                    return false;
+    eventually(
+        CHANGE_TIMEOUT,
+        &format!("every node sees {id} {state}"),
+        || {
+            let clients = clients.to_vec();
+            async move {
+                for client in &clients {
+                    let Ok(status) = client.status().await else {
+                        return false;
+                    };
+                    let seen = state_of(&status, id);
+                    // A departed node may already be forgotten by gossip.
+                    if seen.as_deref() != Some(state) && !(state == "left" && seen.is_none()) {
+                        return false;
+                    }
                 }
+                true
             }
-            true
-        }
-    })
+        },
+    )
     .await;
 }
 
@@ -91,7 +95,14 @@ async fn joins_decommission_and_removal_lose_no_acknowledged_write() {
                 let key = format!("live-{i}");
                 let client = &clients[i % clients.len()];
                 let written = client
-                    .put("t", key.as_bytes(), b"x".to_vec(), None, Some("quorum"), None)
+                    .put(
+                        "t",
+                        key.as_bytes(),
+                        b"x".to_vec(),
+                        None,
+                        Some("quorum"),
+                        None,
+                    )
                     .await;
                 if written.is_ok() {
                     acked.lock().unwrap().push(key);
@@ -137,14 +148,22 @@ async fn joins_decommission_and_removal_lose_no_acknowledged_write() {
         other => panic!("remove-node of an unknown id: {other:?}"),
     }
     match cluster.client(0).remove_node("node2").await {
-        Err(ClientError::Api { status: 409, message, .. }) => {
+        Err(ClientError::Api {
+            status: 409,
+            message,
+            ..
+        }) => {
             assert!(message.contains("decommission it instead"), "{message}")
         }
         other => panic!("remove-node of an up node: {other:?}"),
     }
 
     // Decommission node5, then stop it.
-    cluster.client(4).decommission().await.expect("decommission");
+    cluster
+        .client(4)
+        .decommission()
+        .await
+        .expect("decommission");
     wait_state(&clients_all[..4], "node5", "left").await;
     cluster.nodes[4].kill();
 
@@ -163,12 +182,20 @@ async fn joins_decommission_and_removal_lose_no_acknowledged_write() {
         }
     })
     .await;
-    cluster.client(0).remove_node("node4").await.expect("remove-node");
+    cluster
+        .client(0)
+        .remove_node("node4")
+        .await
+        .expect("remove-node");
     wait_state(&clients_all[..3], "node4", "left").await;
 
     // Three nodes at RF 3: one more decommission is refused.
     match cluster.client(0).decommission().await {
-        Err(ClientError::Api { status: 409, message, .. }) => {
+        Err(ClientError::Api {
+            status: 409,
+            message,
+            ..
+        }) => {
             assert!(message.contains("not enough nodes"), "{message}")
         }
         other => panic!("decommission of one of the last RF nodes: {other:?}"),
@@ -177,7 +204,10 @@ async fn joins_decommission_and_removal_lose_no_acknowledged_write() {
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();
     let missed = missed.lock().unwrap().clone();
-    assert!(missed.is_empty(), "reads missed acknowledged writes: {missed:?}");
+    assert!(
+        missed.is_empty(),
+        "reads missed acknowledged writes: {missed:?}"
+    );
     let acked = acked.lock().unwrap().clone();
     assert!(!acked.is_empty());
     for key in initial.iter().chain(&acked) {

@@ -51,10 +51,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/admin/repair", axum::routing::post(start_repair))
         .route("/admin/repair/{id}", get(repair_status))
         .route("/admin/decommission", axum::routing::post(decommission))
-        .route(
-            "/admin/remove-node/{id}",
-            axum::routing::post(remove_node),
-        )
+        .route("/admin/remove-node/{id}", axum::routing::post(remove_node))
         .route("/admin/membership/{id}", get(membership_status))
         .route("/buckets/{bucket}/props", get(get_props).put(put_props))
         .route("/metrics", get(metrics))

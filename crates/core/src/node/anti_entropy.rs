@@ -7,9 +7,9 @@ use super::{DurableReply, Node};
 use crate::anti_entropy::exchange::{Refusal, ResponseBody};
 use crate::anti_entropy::MerkleTree;
 use crate::anti_entropy::{
-    handle_request, DriverStep, ExchangeConfig, ExchangeDriver,
-    ExchangeId, ExchangeOutcome, ExchangeReport, ExchangeRequest, ExchangeResponse, ExchangeStats,
-    ReceiverLimits, RepairObject, SegmentItem, SegmentSource,
+    handle_request, DriverStep, ExchangeConfig, ExchangeDriver, ExchangeId, ExchangeOutcome,
+    ExchangeReport, ExchangeRequest, ExchangeResponse, ExchangeStats, ReceiverLimits, RepairObject,
+    SegmentItem, SegmentSource,
 };
 use crate::anti_entropy::{ItemHasher, RangeTrees, TreeShape};
 use crate::anti_entropy::{RepairRunStatus, RunState};

@@ -46,6 +46,9 @@ pub const STREAMED_KEY: AppKey = AppKey::Extension(4);
 pub const REMOVALS_KEY: AppKey = AppKey::Extension(5);
 /// Gossip: 1 once this node stores data (a new node joining a cluster with data streams).
 pub const HAS_DATA_KEY: AppKey = AppKey::Extension(6);
+/// Gossip: the generation under which this node last joined from an empty data directory
+/// (a removed node that rejoined wiped is a new member; with its old data it is not).
+pub const JOINED_KEY: AppKey = AppKey::Extension(7);
 
 /// Removals one node may announce (bounds a peer's input).
 const MAX_REMOVALS: usize = 64;
@@ -67,6 +70,9 @@ struct Persisted {
     removals: Vec<(NodeId, u64, u64)>,
     stream_fingerprint: u64,
     stream_done: Vec<TokenRange>,
+    joined_generation: u64,
+    /// Still deciding between bootstrap and join (a crash before the decision).
+    deciding: bool,
 }
 
 /// One gained range being pulled.
@@ -139,7 +145,11 @@ pub(super) struct MembershipState {
     /// A new node (empty data directory, with seeds) that has not yet decided whether it
     /// bootstraps a new cluster (`normal`) or joins one that holds data (`joining`).
     pub deciding: bool,
+    /// When the deciding node first heard a peer described.
+    deciding_since: Option<Millis>,
     pub has_data: bool,
+    /// The generation under which this node joined from an empty data directory.
+    pub joined_generation: u64,
     pub layout: Layout,
     members: BTreeMap<NodeId, MemberState>,
     /// When the layout last changed (the ack waits a request timeout after it).
@@ -164,6 +174,9 @@ impl MembershipState {
             .ok()
             .flatten()
             .and_then(|bytes| postcard::from_bytes(&bytes).ok());
+        let joined_generation = persisted.as_ref().map_or(0, |p| p.joined_generation);
+        let was_deciding = persisted.as_ref().is_some_and(|p| p.deciding);
+        let first_start = persisted.is_none() && fresh && has_seeds;
         let (status, phase, removals, stream_done) = match persisted {
             Some(p) => (
                 p.status,
@@ -188,12 +201,33 @@ impl MembershipState {
                 (0, BTreeSet::new()),
             ),
         };
+        if first_start {
+            // Durable before anything else happens: a crash now must not bring the node
+            // back as a `normal` member (no record would read as a node from before
+            // cluster changes).
+            let record = Persisted {
+                status,
+                phase: phase.code(),
+                removals: Vec::new(),
+                stream_fingerprint: 0,
+                stream_done: Vec::new(),
+                joined_generation: 0,
+                deciding: true,
+            };
+            if let Ok(bytes) = postcard::to_allocvec(&record) {
+                let _ = storage
+                    .put_meta(MEMBERSHIP_META, &bytes)
+                    .and_then(|()| storage.sync());
+            }
+        }
         MembershipState {
-            deciding: fresh && has_seeds,
+            deciding: first_start || was_deciding,
+            deciding_since: None,
             status,
             phase,
             removals,
             has_data: false,
+            joined_generation,
             layout: Layout::default(),
             members: BTreeMap::new(),
             view_since: 0,
@@ -232,6 +266,10 @@ impl<S: Storage> Node<S> {
         if self.membership.has_data {
             let _ = gossiper.set_local(HAS_DATA_KEY, AppValue::Count(1), now);
         }
+        if self.membership.joined_generation > 0 {
+            let joined = AppValue::Count(self.membership.joined_generation);
+            let _ = gossiper.set_local(JOINED_KEY, joined, now);
+        }
     }
 
     fn persist_membership(&mut self) {
@@ -246,6 +284,8 @@ impl<S: Storage> Node<S> {
                 .collect(),
             stream_fingerprint: self.membership.stream_done.0,
             stream_done: self.membership.stream_done.1.iter().copied().collect(),
+            joined_generation: self.membership.joined_generation,
+            deciding: self.membership.deciding,
         };
         let Ok(bytes) = postcard::to_allocvec(&persisted) else {
             return;
@@ -333,8 +373,12 @@ impl<S: Storage> Node<S> {
             // A removed node that joins again from an empty data directory (a new
             // generation, announcing `joining`) is a new member; with its old data it stays
             // removed.
+            let joined = match state.get(JOINED_KEY) {
+                Some(AppValue::Count(generation)) => *generation,
+                _ => 0,
+            };
             let removal = removals.get(id).and_then(|(generation, phase)| {
-                let rejoined = status == NodeStatus::Joining && state.generation() > *generation;
+                let rejoined = joined > *generation;
                 (!rejoined).then_some(*phase)
             });
             members.insert(
@@ -367,11 +411,7 @@ impl<S: Storage> Node<S> {
         if members == self.membership.members && self.membership.view_since != 0 {
             return;
         }
-        let layout = Layout::new(
-            &members,
-            self.config.vnodes,
-            self.config.replication_factor,
-        );
+        let layout = Layout::new(&members, self.config.vnodes, self.config.replication_factor);
         let departed: Vec<NodeId> = members
             .iter()
             .filter(|(_, m)| m.removal == Some(Phase::Done))
@@ -467,7 +507,7 @@ impl<S: Storage> Node<S> {
         if !described {
             return;
         }
-        self.membership.deciding = false;
+        let since = *self.membership.deciding_since.get_or_insert(now);
         let cluster_has_data = self.cluster.gossiper.members().any(|(id, state)| {
             *id != me
                 && state.status() == Some(NodeStatus::Normal)
@@ -478,10 +518,21 @@ impl<S: Storage> Node<S> {
                 if postcard::from_bytes::<Vec<(NodeId, u64, u64)>>(bytes)
                     .is_ok_and(|l| l.iter().any(|(n, _, _)| *n == me)))
         });
+        // Gossip hands over a peer's state in pieces: evidence may arrive a round or two
+        // after the first piece, so "nothing to stream" is only concluded after two rounds.
+        let evidence = cluster_has_data || was_removed;
+        let waited = now.saturating_sub(since) >= 2 * self.config.gossip.interval_ms;
+        if !evidence && !waited {
+            return;
+        }
+        self.membership.deciding = false;
         // A node wiped and started again under its old id joins too: it must stream its
         // ranges back before it serves reads for them.
-        if cluster_has_data || was_removed {
+        if evidence {
             self.membership.change_started_at = now;
+            self.membership.joined_generation = self.cluster.gossiper.generation();
+            let joined = AppValue::Count(self.membership.joined_generation);
+            let _ = self.cluster.gossiper.set_local(JOINED_KEY, joined, now);
             self.persist_membership();
             self.refresh_layout(now);
         } else {
@@ -503,6 +554,15 @@ impl<S: Storage> Node<S> {
                 .cluster
                 .gossiper
                 .set_local(ACK_KEY, AppValue::Count(fingerprint), now);
+        }
+        let joined = self.membership.joined_generation;
+        let me = self.id().clone();
+        if joined > 0 && self.gossip_count(&me, JOINED_KEY) != Some(joined) {
+            // Re-announced if a restart or an adopted generation lost it.
+            let _ = self
+                .cluster
+                .gossiper
+                .set_local(JOINED_KEY, AppValue::Count(joined), now);
         }
         if self.membership.refused || self.membership.deciding {
             return;
@@ -581,9 +641,8 @@ impl<S: Storage> Node<S> {
                     && self.normal_members() < self.config.replication_factor =>
             {
                 // Another node left first (two decommissions raced): stay.
-                self.membership.reason = Some(
-                    "decommission cancelled: not enough nodes to hold RF copies".into(),
-                );
+                self.membership.reason =
+                    Some("decommission cancelled: not enough nodes to hold RF copies".into());
                 self.set_own_state(now, NodeStatus::Normal, Phase::Done);
             }
             Phase::Waiting => self.set_own_state(now, status, Phase::Streaming),
@@ -669,9 +728,6 @@ impl<S: Storage> Node<S> {
             .map(|(n, (g, p))| (n.clone(), *g, *p))
             .collect();
         for (node, generation, phase) in removals {
-            if phase == Phase::Done {
-                continue;
-            }
             let rejoined = self
                 .membership
                 .members
@@ -682,6 +738,9 @@ impl<S: Storage> Node<S> {
                 self.membership.removals.remove(&node);
                 self.publish_removals(now);
                 return;
+            }
+            if phase == Phase::Done {
+                continue;
             }
             if self.yields_to_other(&node, phase) {
                 self.membership
@@ -793,7 +852,11 @@ impl<S: Storage> Node<S> {
         }
         let concurrency = self.config.anti_entropy.concurrency.max(1);
         let mut starts: Vec<(TokenRange, NodeId)> = Vec::new();
-        let in_flight = stream.pulls.values().filter(|p| p.in_flight.is_some()).count();
+        let in_flight = stream
+            .pulls
+            .values()
+            .filter(|p| p.in_flight.is_some())
+            .count();
         let mut room = concurrency.saturating_sub(in_flight);
         for (range, pull) in &stream.pulls {
             if room == 0 {
@@ -803,8 +866,7 @@ impl<S: Storage> Node<S> {
                 continue;
             }
             let source = pull.sources.iter().find(|s| {
-                !pull.done.contains(*s)
-                    && self.peer_liveness(s) != crate::gossip::Liveness::Down
+                !pull.done.contains(*s) && self.peer_liveness(s) != crate::gossip::Liveness::Down
             });
             if let Some(source) = source {
                 starts.push((*range, source.clone()));
@@ -905,9 +967,12 @@ impl<S: Storage> Node<S> {
                     .reaped_counter_floor
                     .max(object.context().get(&self.identity.actor));
                 if self.storage.remove(&bucket, &key).is_ok() {
-                    self.anti_entropy
-                        .trees
-                        .record_write(&bucket, &key, Some(object.digest()), None);
+                    self.anti_entropy.trees.record_write(
+                        &bucket,
+                        &key,
+                        Some(object.digest()),
+                        None,
+                    );
                     self.wrote();
                     self.stats.increment(Counter::CleanupKeys);
                 } else {
@@ -979,11 +1044,15 @@ impl<S: Storage> Node<S> {
         if member.removal.is_some() || member.status == NodeStatus::Left {
             return Ok(self.change_progress(node, now));
         }
-        if node == self.id()
-            || self.peer_liveness(node) != crate::gossip::Liveness::Down
-        {
+        if node == self.id() || self.peer_liveness(node) != crate::gossip::Liveness::Down {
             return Err(ChangeRefusal::Conflict(format!(
                 "{node} is up: decommission it instead (mendkv decommission --node ...)"
+            )));
+        }
+        if !matches!(member.status, NodeStatus::Normal | NodeStatus::Leaving) {
+            return Err(ChangeRefusal::Conflict(format!(
+                "{node} is {}: only a normal or leaving node can be removed",
+                member.status.as_str()
             )));
         }
         if let Some((other, kind)) = self.change_in_progress() {
@@ -1087,14 +1156,23 @@ impl<S: Storage> Node<S> {
     /// When membership next has work: acks, streaming, the owner's steps.
     pub(super) fn membership_deadline(&self) -> Millis {
         let ack_due = self.membership.view_since + self.config.request_timeout_ms;
-        let busy = self.membership.layout.active().is_some()
+        let busy = self.membership.deciding
+            || self.membership.layout.active().is_some()
             || matches!(
                 self.membership.status,
                 NodeStatus::Joining | NodeStatus::Leaving
             )
-            || self.membership.removals.values().any(|(_, p)| *p != Phase::Done)
+            || self
+                .membership
+                .removals
+                .values()
+                .any(|(_, p)| *p != Phase::Done)
             || !self.membership.cleanup_ranges.is_empty()
-            || self.membership.members.values().any(|m| m.change().is_some());
+            || self
+                .membership
+                .members
+                .values()
+                .any(|m| m.change().is_some());
         let fingerprint = self.membership.layout.fingerprint();
         let acked = self.gossip_count(self.id(), ACK_KEY) == Some(fingerprint);
         let mut deadline = if acked { Millis::MAX } else { ack_due };

@@ -1101,11 +1101,11 @@ pub use crate::anti_entropy::{AntiEntropyConfig, RepairRunStatus, RunState};
 use buckets::SetPropsError;
 pub use buckets::SiblingWarning;
 pub use counters::{Counter, CounterSpec, Counters};
+use durability::Durability;
+pub use durability::{DurableReply, SyncTicket};
 pub use membership::{
     ChangeProgress, ChangeRefusal, ACK_KEY, HAS_DATA_KEY, PHASE_KEY, REMOVALS_KEY, STREAMED_KEY,
 };
-use durability::Durability;
-pub use durability::{DurableReply, SyncTicket};
 
 #[cfg(test)]
 mod tests;

@@ -81,7 +81,10 @@ fn a_join_streams_its_ranges_and_old_owners_clean_up() {
     }
     let before: Vec<usize> = cluster.nodes.iter().map(stored_keys).collect();
     add_node(&mut cluster, 3);
-    assert_eq!(cluster.nodes[3].own_state(), crate::gossip::NodeStatus::Joining);
+    assert_eq!(
+        cluster.nodes[3].own_state(),
+        crate::gossip::NodeStatus::Joining
+    );
     // Writes keep landing during the join.
     let mut during = Vec::new();
     let joined = tick_until(&mut cluster, 400, |c| {
@@ -136,7 +139,12 @@ fn decommission_hands_over_and_bad_requests_are_refused() {
     }
     // Remove-node of an unknown id and of an up node.
     assert!(matches!(
-        cluster.request(0, ClientRequest::RemoveNode { node: NodeId::new("nope") }),
+        cluster.request(
+            0,
+            ClientRequest::RemoveNode {
+                node: NodeId::new("nope")
+            }
+        ),
         ClientResponse::NotFound(_)
     ));
     assert!(matches!(
@@ -156,11 +164,18 @@ fn decommission_hands_over_and_bad_requests_are_refused() {
     let left = tick_until(&mut cluster, 400, |c| {
         c.nodes[3].own_state() == crate::gossip::NodeStatus::Left
     });
-    assert!(left, "{:?}", cluster.nodes[3].change_progress(&NodeId::new("n3"), 0));
+    assert!(
+        left,
+        "{:?}",
+        cluster.nodes[3].change_progress(&NodeId::new("n3"), 0)
+    );
     cluster.stopped[3] = true;
     for key in &keys {
         for at in 0..3 {
-            assert_eq!(read_key(&mut cluster, at, key), Some(key.as_bytes().to_vec()));
+            assert_eq!(
+                read_key(&mut cluster, at, key),
+                Some(key.as_bytes().to_vec())
+            );
         }
     }
     // Three normal nodes at RF 3: one more decommission would leave too few.
@@ -192,7 +207,10 @@ fn removing_a_dead_node_re_replicates_and_drops_its_hints() {
     });
     assert!(removed, "{:?}", cluster.nodes[0].change_progress(&n3, 0));
     assert_eq!(cluster.nodes[0].hints_pending_for(&n3), 0);
-    for key in keys.iter().chain(std::iter::once(&"while-down".to_string())) {
+    for key in keys
+        .iter()
+        .chain(std::iter::once(&"while-down".to_string()))
+    {
         let copies = cluster.nodes[..3]
             .iter()
             .filter(|n| {
