@@ -714,16 +714,16 @@ async fn change_answer(state: &ApiState, request: ClientRequest, accepted: bool)
 }
 
 /// A node id from a path segment, or the 400 to answer.
-fn node_id_param(id: &str) -> Result<mendkv_core::NodeId, Response> {
+fn node_id_param(id: &str) -> Result<mendkv_core::NodeId, Box<Response>> {
     if id.is_empty() || id.len() > mendkv_core::gossip::MAX_NODE_ID_BYTES {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             "bad_request",
             format!(
                 "a node id is 1 to {} bytes",
                 mendkv_core::gossip::MAX_NODE_ID_BYTES
             ),
-        ));
+        )));
     }
     Ok(mendkv_core::NodeId::new(id))
 }
@@ -740,7 +740,7 @@ async fn remove_node(
 ) -> Response {
     match node_id_param(&id) {
         Ok(node) => change_answer(&state, ClientRequest::RemoveNode { node }, true).await,
-        Err(response) => response,
+        Err(response) => *response,
     }
 }
 
@@ -751,7 +751,7 @@ async fn membership_status(
 ) -> Response {
     match node_id_param(&id) {
         Ok(node) => change_answer(&state, ClientRequest::ChangeStatus { node }, false).await,
-        Err(response) => response,
+        Err(response) => *response,
     }
 }
 
