@@ -521,7 +521,10 @@ impl<S: Storage> Node<S> {
         // Gossip hands over a peer's state in pieces: evidence may arrive a round or two
         // after the first piece, so "nothing to stream" is only concluded after two rounds.
         let evidence = cluster_has_data || was_removed;
-        let waited = now.saturating_sub(since) >= 2 * self.config.gossip.interval_ms;
+        // A node that ran before (it learned its epoch from peers) waits: its own removal
+        // or its cluster's data may be in the pieces still to come. A new id decides now.
+        let ran_before = self.stats.get(Counter::EpochsLearnedFromPeers) > 0;
+        let waited = !ran_before || now.saturating_sub(since) >= 2 * self.config.gossip.interval_ms;
         if !evidence && !waited {
             return;
         }
@@ -537,6 +540,11 @@ impl<S: Storage> Node<S> {
             self.refresh_layout(now);
         } else {
             self.set_own_state(now, NodeStatus::Normal, Phase::Done);
+        }
+        // The decision is durable at once: a crash must not make the node decide again on
+        // a cluster that has data by then.
+        if self.storage.sync().is_err() {
+            self.stats.increment(Counter::StorageErrors);
         }
     }
 
