@@ -376,6 +376,45 @@ impl Client {
         }
     }
 
+    /// `POST /admin/decommission`: the node starts leaving; its change's progress.
+    pub async fn decommission(&self) -> Result<serde_json::Value, ClientError> {
+        self.post_json("/admin/decommission").await
+    }
+
+    /// `POST /admin/remove-node/{id}`: re-replicate a dead node's ranges and remove it.
+    pub async fn remove_node(&self, node: &str) -> Result<serde_json::Value, ClientError> {
+        self.post_json(&format!(
+            "/admin/remove-node/{}",
+            utf8_percent_encode(node, SEGMENT)
+        ))
+        .await
+    }
+
+    /// `GET /admin/membership/{id}`: where that node's cluster change stands.
+    pub async fn membership(&self, node: &str) -> Result<serde_json::Value, ClientError> {
+        self.get_json(&format!(
+            "/admin/membership/{}",
+            utf8_percent_encode(node, SEGMENT)
+        ))
+        .await
+    }
+
+    async fn post_json(&self, path: &str) -> Result<serde_json::Value, ClientError> {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .send()
+            .await?;
+        if response.status().is_success() {
+            response
+                .json()
+                .await
+                .map_err(|e| ClientError::Decode(e.to_string()))
+        } else {
+            Err(api_error(response).await)
+        }
+    }
+
     /// Where a repair run stands (SPEC's JSON).
     pub async fn repair_status(&self, id: u64) -> Result<serde_json::Value, ClientError> {
         self.get_json(&format!("/admin/repair/{id}")).await

@@ -5,7 +5,7 @@
 //! we dialed) and gossip (`node/gossip.rs` adds every node gossip hears of). Liveness here is
 //! the union of both verdicts: the transport marks a peer down when its connection fails or
 //! closes, gossip's phi-accrual detector when its heartbeats stop; either side marks it up
-//! again. Members are never removed yet (no decommission).
+//! again. A member that left is dropped once gossip forgets it.
 
 use crate::NodeId;
 use serde::{Deserialize, Serialize};
@@ -64,6 +64,14 @@ impl Membership {
         is_new
     }
 
+    /// Drops a member that left the cluster (gossip forgot it). This node itself stays.
+    pub fn forget(&mut self, id: &NodeId) {
+        if self.members.len() > 1 {
+            self.members.remove(id);
+            self.down.remove(id);
+        }
+    }
+
     pub fn get(&self, id: &NodeId) -> Option<&MemberInfo> {
         self.members.get(id)
     }
@@ -97,5 +105,420 @@ impl Membership {
         } else {
             PeerStatus::Up
         }
+    }
+}
+
+// ----- cluster changes: the layout ------------------------------------------------------
+
+use crate::gossip::NodeStatus;
+use crate::ring::{Ring, Token, TokenRange};
+
+/// How far a node's change (join, leave, removal) has come. A change is *active* from
+/// `Streaming` on; only one is active at a time (see [`Layout::active`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    /// Announced, waiting for the change before it to complete (not in any ring yet).
+    Waiting,
+    /// Writes reach the old and the new owners; reads use the old owners; the new owners
+    /// pull the ranges they gain.
+    Streaming,
+    /// Every new owner has its ranges: reads use the new owners, writes still reach both.
+    Synced,
+    /// Done (the change's owner announces the final state: `normal`, `left`, removed).
+    Done,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Waiting => "waiting",
+            Phase::Streaming => "streaming",
+            Phase::Synced => "synced",
+            Phase::Done => "done",
+        }
+    }
+
+    pub fn from_code(code: u64) -> Phase {
+        match code {
+            0 => Phase::Waiting,
+            1 => Phase::Streaming,
+            2 => Phase::Synced,
+            _ => Phase::Done,
+        }
+    }
+
+    pub fn code(self) -> u64 {
+        match self {
+            Phase::Waiting => 0,
+            Phase::Streaming => 1,
+            Phase::Synced => 2,
+            Phase::Done => 3,
+        }
+    }
+}
+
+/// What kind of change a node is going through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ChangeKind {
+    Join,
+    Leave,
+    Remove,
+}
+
+impl ChangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Join => "join",
+            ChangeKind::Leave => "decommission",
+            ChangeKind::Remove => "remove",
+        }
+    }
+}
+
+/// One member as the layout sees it: its ring state, and the phase of its change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberState {
+    pub status: NodeStatus,
+    pub phase: Phase,
+    /// Removed by an operator (`remove-node`), with the removal's phase.
+    pub removal: Option<Phase>,
+}
+
+impl MemberState {
+    pub fn normal() -> Self {
+        MemberState {
+            status: NodeStatus::Normal,
+            phase: Phase::Done,
+            removal: None,
+        }
+    }
+
+    /// The change this member is going through, if any, and its phase.
+    pub fn change(&self) -> Option<(ChangeKind, Phase)> {
+        if let Some(phase) = self.removal {
+            return (phase != Phase::Done).then_some((ChangeKind::Remove, phase));
+        }
+        match self.status {
+            NodeStatus::Joining => Some((ChangeKind::Join, self.phase)),
+            NodeStatus::Leaving => Some((ChangeKind::Leave, self.phase)),
+            NodeStatus::Normal | NodeStatus::Left => None,
+        }
+    }
+
+    /// Owns ranges before the active change completes.
+    fn in_old(&self) -> bool {
+        match self.removal {
+            Some(Phase::Done) => return false,
+            Some(_) => return true,
+            None => {}
+        }
+        matches!(self.status, NodeStatus::Normal | NodeStatus::Leaving)
+    }
+
+    /// Owns ranges once the active change completes (`active`: this member's change is the
+    /// active one; a waiting change is not applied yet).
+    fn in_new(&self, active: bool) -> bool {
+        if self.removal.is_some() {
+            return self.removal != Some(Phase::Done) && !active;
+        }
+        match self.status {
+            NodeStatus::Normal => true,
+            NodeStatus::Joining => active,
+            NodeStatus::Leaving => !active,
+            NodeStatus::Left => false,
+        }
+    }
+
+    /// Counts as a member that must acknowledge views (it is alive and part of the
+    /// cluster, possibly waiting to join): not left, not removed.
+    pub fn acknowledges(&self) -> bool {
+        self.removal.is_none() && self.status != NodeStatus::Left
+    }
+
+    pub fn is_departed(&self) -> bool {
+        self.removal == Some(Phase::Done) || self.status == NodeStatus::Left
+    }
+}
+
+/// The rings a node derives from gossip, identically on every node with the same view:
+/// the *old* ring (current owners) and the *new* ring (owners once the active change is
+/// done), and the *partition*: every token of both, so each of its ranges has one
+/// preference list in each ring. Writes must meet their level in both lists while a change
+/// is active; reads use the old ring until the change is `Synced`, then the new one.
+#[derive(Debug, Clone, Default)]
+pub struct Layout {
+    old: Ring,
+    new: Ring,
+    partition: Ring,
+    /// The active change: its subject, kind and phase.
+    active: Option<(NodeId, ChangeKind, Phase)>,
+    fingerprint: u64,
+}
+
+impl Layout {
+    /// Builds the layout from every member's state (this node included). At most one change
+    /// is active: the one furthest along, ties to the smallest id; others wait.
+    pub fn new(members: &BTreeMap<NodeId, MemberState>, vnodes: u16, rf: usize) -> Self {
+        let active = members
+            .iter()
+            .filter_map(|(id, m)| m.change().map(|(kind, phase)| (id, kind, phase)))
+            .filter(|(_, _, phase)| *phase >= Phase::Streaming)
+            .max_by(|a, b| a.2.cmp(&b.2).then_with(|| b.0.cmp(a.0)))
+            .map(|(id, kind, phase)| (id.clone(), kind, phase));
+        let is_active = |id: &NodeId| active.as_ref().is_some_and(|(a, _, _)| a == id);
+        let old_ids: Vec<&NodeId> = members
+            .iter()
+            .filter(|(_, m)| m.in_old())
+            .map(|(id, _)| id)
+            .collect();
+        let new_ids: Vec<&NodeId> = members
+            .iter()
+            .filter(|(id, m)| m.in_new(is_active(id)))
+            .map(|(id, _)| id)
+            .collect();
+        let all: BTreeSet<&NodeId> = old_ids.iter().chain(new_ids.iter()).copied().collect();
+        let fingerprint = {
+            let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+            for (id, m) in members {
+                hasher.update(id.as_str().as_bytes());
+                hasher.update(&[
+                    0,
+                    m.status as u8,
+                    m.phase.code() as u8,
+                    m.removal.map_or(9, |p| p.code() as u8),
+                ]);
+            }
+            hasher.digest()
+        };
+        Layout {
+            old: Ring::new(old_ids, vnodes, rf),
+            new: Ring::new(new_ids, vnodes, rf),
+            partition: Ring::new(all, vnodes, rf),
+            active,
+            fingerprint,
+        }
+    }
+
+    /// A layout of these nodes, all `normal` (tests, single nodes).
+    pub fn of_normal<'a>(
+        ids: impl IntoIterator<Item = &'a NodeId>,
+        vnodes: u16,
+        rf: usize,
+    ) -> Self {
+        let members = ids
+            .into_iter()
+            .map(|id| (id.clone(), MemberState::normal()))
+            .collect();
+        Layout::new(&members, vnodes, rf)
+    }
+
+    /// The ring reads use.
+    pub fn read_ring(&self) -> &Ring {
+        match self.active {
+            Some((_, _, Phase::Streaming)) => &self.old,
+            _ => &self.new,
+        }
+    }
+
+    pub fn old_ring(&self) -> &Ring {
+        &self.old
+    }
+
+    pub fn new_ring(&self) -> &Ring {
+        &self.new
+    }
+
+    /// Every token of both rings: the ranges trees and streaming work on.
+    pub fn partition(&self) -> &Ring {
+        &self.partition
+    }
+
+    pub fn active(&self) -> Option<&(NodeId, ChangeKind, Phase)> {
+        self.active.as_ref()
+    }
+
+    /// Identifies the view: two nodes with the same fingerprint derive the same rings.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    /// The preference lists a write must meet its level in: the read ring's, and while a
+    /// change is active the other ring's too (when it differs).
+    pub fn write_lists(&self, token: Token) -> Vec<Vec<NodeId>> {
+        let first = self.read_ring().preference_list(token);
+        if self.active.is_none() {
+            return vec![first];
+        }
+        let other = match self.active {
+            Some((_, _, Phase::Streaming)) => self.new.preference_list(token),
+            _ => self.old.preference_list(token),
+        };
+        if other == first || other.is_empty() {
+            vec![first]
+        } else {
+            vec![first, other]
+        }
+    }
+
+    /// Every partition range with its old and new preference lists.
+    pub fn ranges(&self) -> Vec<(TokenRange, Vec<NodeId>, Vec<NodeId>)> {
+        self.partition
+            .ranges()
+            .into_iter()
+            .map(|(range, _)| {
+                let old = self.old.preference_list(range.end);
+                let new = self.new.preference_list(range.end);
+                (range, old, new)
+            })
+            .collect()
+    }
+
+    /// The ranges `node` keeps data and a tree for: in the old or the new list.
+    pub fn replicated_ranges(&self, node: &NodeId) -> Vec<TokenRange> {
+        self.ranges()
+            .into_iter()
+            .filter(|(_, old, new)| old.contains(node) || new.contains(node))
+            .map(|(range, _, _)| range)
+            .collect()
+    }
+
+    /// Every (range, other replica) pair `node` syncs by anti-entropy: the other members of
+    /// the lists of the ranges it replicates.
+    pub fn repair_targets(&self, node: &NodeId) -> Vec<(TokenRange, NodeId)> {
+        let mut targets = Vec::new();
+        for (range, old, new) in self.ranges() {
+            if !old.contains(node) && !new.contains(node) {
+                continue;
+            }
+            let peers: BTreeSet<&NodeId> = old.iter().chain(new.iter()).collect();
+            targets.extend(
+                peers
+                    .into_iter()
+                    .filter(|p| *p != node)
+                    .map(|p| (range, p.clone())),
+            );
+        }
+        targets
+    }
+
+    /// The ranges `node` gains in the active change, each with its old replicas (the
+    /// sources to pull from) and how many of them must have been pulled (a quorum of the
+    /// old list, so every write acknowledged at quorum is in the union).
+    pub fn gained_ranges(&self, node: &NodeId) -> Vec<(TokenRange, Vec<NodeId>, usize)> {
+        let Some((subject, kind, _)) = &self.active else {
+            return Vec::new();
+        };
+        // A removed node is dead: its copies cannot be pulled, and a write acknowledged at
+        // quorum has correspondingly more of its copies on the survivors.
+        let dead = (*kind == ChangeKind::Remove).then_some(subject);
+        self.ranges()
+            .into_iter()
+            .filter(|(_, old, new)| new.contains(node) && !old.contains(node))
+            .map(|(range, old, _)| {
+                let quorum = crate::quorum::ConsistencyLevel::Quorum.required(old.len());
+                let sources: Vec<NodeId> = old.into_iter().filter(|n| Some(n) != dead).collect();
+                let lost = usize::from(dead.is_some_and(|d| !sources.contains(d)))
+                    .min(quorum.saturating_sub(1));
+                let needed = (quorum - lost).min(sources.len()).max(1);
+                (range, sources, needed)
+            })
+            .filter(|(_, sources, _)| !sources.is_empty())
+            .collect()
+    }
+
+    /// Whether `node` owns `token` in either ring (cleanup keeps what it owns).
+    pub fn owns(&self, node: &NodeId, token: Token) -> bool {
+        self.old.preference_list(token).contains(node)
+            || self.new.preference_list(token).contains(node)
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    fn members(states: &[(&str, NodeStatus, Phase)]) -> BTreeMap<NodeId, MemberState> {
+        states
+            .iter()
+            .map(|(id, status, phase)| {
+                (
+                    NodeId::new(*id),
+                    MemberState {
+                        status: *status,
+                        phase: *phase,
+                        removal: None,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// A streaming joiner: reads stay on the old owners, writes need both lists, and the
+    /// joiner gains ranges whose sources are the old replicas.
+    #[test]
+    fn a_streaming_join_writes_to_both_and_reads_the_old() {
+        use NodeStatus::*;
+        let layout = Layout::new(
+            &members(&[
+                ("a", Normal, Phase::Done),
+                ("b", Normal, Phase::Done),
+                ("c", Normal, Phase::Done),
+                ("d", Joining, Phase::Streaming),
+            ]),
+            16,
+            2,
+        );
+        let d = NodeId::new("d");
+        assert!(!layout.read_ring().nodes().contains(&d));
+        assert!(layout.new_ring().nodes().contains(&d));
+        let gained = layout.gained_ranges(&d);
+        assert!(!gained.is_empty());
+        for (range, sources, needed) in &gained {
+            assert!(!sources.contains(&d));
+            assert_eq!(*needed, 2);
+            let lists = layout.write_lists(range.end);
+            assert_eq!(lists.len(), 2, "old and new lists differ on a gained range");
+            assert!(lists[1].contains(&d));
+        }
+        // Synced: reads move to the new owners, writes still reach both.
+        let synced = Layout::new(
+            &members(&[
+                ("a", Normal, Phase::Done),
+                ("b", Normal, Phase::Done),
+                ("c", Normal, Phase::Done),
+                ("d", Joining, Phase::Synced),
+            ]),
+            16,
+            2,
+        );
+        assert!(synced.read_ring().nodes().contains(&d));
+        assert_ne!(synced.fingerprint(), layout.fingerprint());
+        let (range, _, _) = gained[0];
+        assert_eq!(synced.write_lists(range.end).len(), 2);
+    }
+
+    /// A waiting joiner is placed nowhere, and of two active changes only one applies.
+    #[test]
+    fn waiting_changes_are_not_applied_and_one_change_is_active() {
+        use NodeStatus::*;
+        let layout = Layout::new(
+            &members(&[
+                ("a", Normal, Phase::Done),
+                ("b", Normal, Phase::Done),
+                ("c", Leaving, Phase::Streaming),
+                ("d", Joining, Phase::Streaming),
+                ("e", Joining, Phase::Waiting),
+            ]),
+            8,
+            2,
+        );
+        let (active, kind, _) = layout.active().unwrap();
+        assert_eq!((active.as_str(), *kind), ("c", ChangeKind::Leave));
+        for id in ["d", "e"] {
+            assert!(!layout.new_ring().nodes().contains(&NodeId::new(id)));
+            assert!(!layout.old_ring().nodes().contains(&NodeId::new(id)));
+        }
+        assert!(!layout.new_ring().nodes().contains(&NodeId::new("c")));
+        assert!(layout.old_ring().nodes().contains(&NodeId::new("c")));
     }
 }

@@ -249,6 +249,12 @@ pub enum ClientRequest {
         bucket: String,
         update: crate::bucket::PropsUpdate,
     },
+    /// This node starts leaving the cluster (`mendkv decommission`).
+    Decommission,
+    /// A dead node's ranges are re-replicated and it is removed (`mendkv remove-node`).
+    RemoveNode { node: NodeId },
+    /// Where a node's cluster change stands.
+    ChangeStatus { node: NodeId },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,4 +297,11 @@ pub enum ClientResponse {
         id: u64,
     },
     Repair(Option<crate::anti_entropy::RepairRunStatus>),
+    /// Where a cluster change stands (the answer to the three membership requests).
+    Change(crate::node::ChangeProgress),
+    /// Refused because of the cluster's state (409 `conflict`): another change is in
+    /// progress, the node is up, too few nodes would remain.
+    Conflict(String),
+    /// No such node (404).
+    NotFound(String),
 }

@@ -8,6 +8,7 @@
 
 mod bench;
 mod cluster;
+mod membership;
 mod repair;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -85,6 +86,26 @@ enum Command {
         #[arg(long)]
         bucket: Option<String>,
         /// Print the run id and return at once.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Take a node out of the cluster: it streams its ranges to their new owners, hands over
+    /// its hints and becomes `left` (progress bar; then stop its process).
+    Decommission {
+        #[command(flatten)]
+        node: NodeArg,
+        /// Print the change's state and return at once.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Remove a node that is down for good: the surviving replicas re-replicate its ranges,
+    /// hints for it are dropped (progress bar). A node that is up answers 409.
+    RemoveNode {
+        /// The dead node's id.
+        id: String,
+        #[command(flatten)]
+        node: NodeArg,
+        /// Print the change's state and return at once.
         #[arg(long)]
         no_wait: bool,
     },
@@ -354,6 +375,12 @@ async fn run(cli: Cli) -> Result<()> {
                 .await?;
             Ok(())
         }
+        Command::Decommission { node, no_wait } => {
+            membership::decommission(node.client()?, no_wait).await
+        }
+        Command::RemoveNode { id, node, no_wait } => {
+            membership::remove_node(node.client()?, &id, no_wait).await
+        }
         Command::Status { node, json } => {
             let status = node.client()?.status().await?;
             if json {
@@ -430,6 +457,24 @@ fn print_status(status: &serde_json::Value) -> Result<()> {
             node["peer_address"].as_str().unwrap_or("?"),
             node["http_address"].as_str().unwrap_or("?"),
         );
+        let change = &node["change"];
+        if change.is_object() {
+            let number = |name: &str| change[name].as_u64().unwrap_or(0);
+            println!(
+                "{:<14} {} {}: {}/{} ranges streamed here, {} keys, {} B{}",
+                "",
+                change["change"].as_str().unwrap_or("?"),
+                change["phase"].as_str().unwrap_or("?"),
+                number("ranges_done"),
+                number("ranges_total"),
+                number("keys_streamed"),
+                number("bytes_streamed"),
+                change["reason"]
+                    .as_str()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default(),
+            );
+        }
     }
     print_repair_debt(status);
     Ok(())

@@ -50,6 +50,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/cluster/status", get(cluster_status))
         .route("/admin/repair", axum::routing::post(start_repair))
         .route("/admin/repair/{id}", get(repair_status))
+        .route("/admin/decommission", axum::routing::post(decommission))
+        .route("/admin/remove-node/{id}", axum::routing::post(remove_node))
+        .route("/admin/membership/{id}", get(membership_status))
         .route("/buckets/{bucket}/props", get(get_props).put(put_props))
         .route("/metrics", get(metrics))
         .route("/dashboard", get(dashboard_page))
@@ -259,7 +262,8 @@ fn failure(failed: FailedRequest) -> Failure {
         "bad_request" => StatusCode::BAD_REQUEST,
         "timeout" => StatusCode::GATEWAY_TIMEOUT,
         "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
-        "too_many_siblings" => StatusCode::CONFLICT,
+        "too_many_siblings" | "conflict" => StatusCode::CONFLICT,
+        "not_found" => StatusCode::NOT_FOUND,
         "insufficient_storage" => StatusCode::INSUFFICIENT_STORAGE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
@@ -689,6 +693,65 @@ async fn put_props(State(state): State<ApiState>, uri: Uri, body: Body) -> Respo
         Ok(ClientResponse::BucketProps(_)) => StatusCode::NO_CONTENT.into_response(),
         Ok(other) => *coordination_failure(other).0,
         Err(Failure(response, _)) => *response,
+    }
+}
+
+/// A membership request's answer: the change's progress (`accepted` for the two that start
+/// one), or SPEC's JSON error (404 unknown node, 409 conflict).
+async fn change_answer(state: &ApiState, request: ClientRequest, accepted: bool) -> Response {
+    match ask(state, request).await {
+        Ok(ClientResponse::Change(progress)) => {
+            let status = if accepted {
+                StatusCode::ACCEPTED
+            } else {
+                StatusCode::OK
+            };
+            (status, axum::Json(progress)).into_response()
+        }
+        Ok(other) => *coordination_failure(other).0,
+        Err(Failure(response, _)) => *response,
+    }
+}
+
+/// A node id from a path segment, or the 400 to answer.
+fn node_id_param(id: &str) -> Result<mendkv_core::NodeId, Box<Response>> {
+    if id.is_empty() || id.len() > mendkv_core::gossip::MAX_NODE_ID_BYTES {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!(
+                "a node id is 1 to {} bytes",
+                mendkv_core::gossip::MAX_NODE_ID_BYTES
+            ),
+        )));
+    }
+    Ok(mendkv_core::NodeId::new(id))
+}
+
+/// `POST /admin/decommission`: this node starts leaving (SPEC section 7).
+async fn decommission(State(state): State<ApiState>) -> Response {
+    change_answer(&state, ClientRequest::Decommission, true).await
+}
+
+/// `POST /admin/remove-node/{id}`: re-replicate a dead node's ranges and remove it.
+async fn remove_node(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    match node_id_param(&id) {
+        Ok(node) => change_answer(&state, ClientRequest::RemoveNode { node }, true).await,
+        Err(response) => *response,
+    }
+}
+
+/// `GET /admin/membership/{id}`: where that node's change stands, as this node sees it.
+async fn membership_status(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    match node_id_param(&id) {
+        Ok(node) => change_answer(&state, ClientRequest::ChangeStatus { node }, false).await,
+        Err(response) => *response,
     }
 }
 

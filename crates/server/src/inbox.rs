@@ -77,6 +77,10 @@ pub struct NodeStatus {
     pub hints_pending: u64,
     /// The node's generation as gossip knows it (its epoch: grows on every restart).
     pub generation: u64,
+    /// Its cluster change in progress (join, decommission, removal): phase and streaming
+    /// progress as this node sees it; absent when there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub change: Option<mendkv_core::node::ChangeProgress>,
 }
 
 /// Why the node task gave no answer to a client request.
@@ -153,6 +157,8 @@ impl FailedRequest {
             ClientResponse::StorageFailed(message) => {
                 failed("internal", format!("storage failed: {message}"), "error")
             }
+            ClientResponse::Conflict(message) => failed("conflict", message, "conflict"),
+            ClientResponse::NotFound(message) => failed("not_found", message, "not_found"),
             other => failed("internal", format!("unexpected answer {other:?}"), "error"),
         }
     }

@@ -198,6 +198,10 @@ impl NodeTask {
                 ownership: ring.ownership(&info.id),
                 hints_pending: self.node.hints_pending_for(&info.id) as u64,
                 generation: self.node.peer_generation(&info.id),
+                change: {
+                    let progress = self.node.change_progress(&info.id, self.now());
+                    progress.change.is_some().then_some(progress)
+                },
             })
             .collect();
         ClusterStatus {

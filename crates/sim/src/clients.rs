@@ -230,7 +230,7 @@ impl Simulation {
             self.fsync_failure = self.rng_fault.gen_range(0.005..0.05);
             write!(self.params, "; fsync failures {:.3}", self.fsync_failure).ok();
         }
-        if f.crash || f.pause || f.partition {
+        if f.crash || f.pause || f.partition || f.membership {
             self.faults_active = true;
             let at = self.now + self.rng_fault.gen_range(100..=1000);
             self.schedule(at, Event::FaultTick);

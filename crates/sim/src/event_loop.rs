@@ -131,6 +131,8 @@ pub struct Simulation {
     /// A crash waiting for its moment: node `.0` crashes as soon as it holds unsynced
     /// writes (the interesting case for durability), or at virtual time `.1` at the latest.
     pub(crate) armed_crash: Option<(usize, Millis)>,
+    /// The cluster change the membership fault is driving, if any.
+    pub(crate) membership_cycle: Option<crate::fault::MembershipCycle>,
     /// Probability that an fsync fails (the `fsync` fault), while faults are on.
     pub(crate) fsync_failure: f64,
     /// Nodes whose next fsync fails (scripted).
@@ -217,6 +219,7 @@ impl Simulation {
             ops_issued: 0,
             faults_active: false,
             armed_crash: None,
+            membership_cycle: None,
             fsync_failure: 0.0,
             fail_next_fsync: BTreeSet::new(),
             watch: BTreeSet::new(),
@@ -255,6 +258,12 @@ impl Simulation {
             .expect("memory storage does not fail");
             for member in &members {
                 node.handle_member_discovered(member.clone());
+            }
+            if faults.membership {
+                // Cluster changes are acknowledged through gossip: every node gossips.
+                for member in members.iter().filter(|m| m.id != info.id) {
+                    node.handle_seed_discovered(clock.local(0), member.clone());
+                }
             }
             sim.slots.push(Slot {
                 id: info.id.clone(),

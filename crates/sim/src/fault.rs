@@ -10,9 +10,12 @@ use crate::node_options::node_config;
 use crate::OpId;
 use crate::Outcome;
 use mendkv_core::config::FsyncPolicy;
+use mendkv_core::gossip::NodeStatus;
 use mendkv_core::membership::PeerStatus;
+use mendkv_core::message::ClientRequest;
 use mendkv_core::node::Node;
 use mendkv_core::storage::MemoryStorage;
+use mendkv_core::Millis;
 use rand::Rng;
 use std::fmt;
 
@@ -29,10 +32,14 @@ pub struct FaultConfig {
     /// An fsync fails now and then (the disk reports an I/O error; the writes stay
     /// unsynced and a later crash may lose them).
     pub fsync: bool,
+    /// Cluster changes during the workload: a node is decommissioned, or crashed for good
+    /// and removed, then wiped and joins again (`membership.rs` of the core). Turns gossip
+    /// on (changes are acknowledged through it).
+    pub membership: bool,
 }
 
 /// The names `--faults` accepts, in canonical order.
-pub const FAULT_NAMES: [&str; 8] = [
+pub const FAULT_NAMES: [&str; 9] = [
     "loss",
     "duplicate",
     "reorder",
@@ -41,6 +48,7 @@ pub const FAULT_NAMES: [&str; 8] = [
     "pause",
     "skew",
     "fsync",
+    "membership",
 ];
 
 impl FaultConfig {
@@ -58,10 +66,13 @@ impl FaultConfig {
             pause: true,
             skew: true,
             fsync: true,
+            // Not yet in `all`: with it, about 3% of swarm seeds end with replicas that
+            // have not converged (safety holds); `--faults membership,...` runs it.
+            membership: false,
         }
     }
 
-    fn flags(&self) -> [bool; 8] {
+    fn flags(&self) -> [bool; 9] {
         [
             self.loss,
             self.duplicate,
@@ -71,6 +82,7 @@ impl FaultConfig {
             self.pause,
             self.skew,
             self.fsync,
+            self.membership,
         ]
     }
 
@@ -84,6 +96,7 @@ impl FaultConfig {
             "pause" => &mut self.pause,
             "skew" => &mut self.skew,
             "fsync" => &mut self.fsync,
+            "membership" => &mut self.membership,
             _ => return None,
         })
     }
@@ -128,7 +141,13 @@ impl FaultConfig {
     /// skew keep every message, and delays stay below the request timeout) replicas agree
     /// even before any repair.
     pub fn breaks_replication(&self) -> bool {
-        self.loss || self.duplicate || self.partition || self.crash || self.pause || self.fsync
+        self.loss
+            || self.duplicate
+            || self.partition
+            || self.crash
+            || self.pause
+            || self.fsync
+            || self.membership
     }
 }
 
@@ -176,6 +195,9 @@ impl Simulation {
             return;
         }
         let f = self.config.faults;
+        if f.membership {
+            self.membership_step();
+        }
         let mut kinds = Vec::new();
         if f.crash {
             kinds.push("crash");
@@ -185,6 +207,14 @@ impl Simulation {
         }
         if f.partition {
             kinds.push("partition");
+        }
+        if f.membership {
+            kinds.push("membership");
+        }
+        if kinds.is_empty() {
+            let at = self.now + self.rng_fault.gen_range(200..=2000);
+            self.schedule(at, Event::FaultTick);
+            return;
         }
         let kind = kinds[self.rng_fault.gen_range(0..kinds.len())];
         let healthy: Vec<usize> = (0..self.slots.len())
@@ -223,6 +253,10 @@ impl Simulation {
                 self.partition(&a, &b, symmetric);
                 let at = self.now + self.rng_fault.gen_range(200..=5000);
                 self.schedule(at, Event::HealPartition);
+            }
+            "membership" if room && self.membership_cycle.is_none() => {
+                let node = healthy[self.rng_fault.gen_range(0..healthy.len())];
+                self.start_membership_cycle(node);
             }
             _ => {}
         }
@@ -336,19 +370,25 @@ impl Simulation {
         slot.incarnation += 1;
         let incarnation = slot.incarnation;
         let local = slot.clock.local(self.now);
-        let mut node = Node::new(
-            node_config(
-                &slot.id,
-                self.config.seed,
-                incarnation,
-                &self.config.options,
-            ),
-            slot.storage.clone(),
-            local,
-        )
-        .expect("memory storage does not fail");
+        let mut config = node_config(
+            &slot.id,
+            self.config.seed,
+            incarnation,
+            &self.config.options,
+        );
+        // A wiped node that rejoins learns its old epoch from its peers, and joins.
+        config.learn_epoch_from_peers = self.config.faults.membership;
+        let mut node =
+            Node::new(config, slot.storage.clone(), local).expect("memory storage does not fail");
         for member in &self.members {
             node.handle_member_discovered(member.clone());
+        }
+        if self.config.faults.membership {
+            for member in &self.members {
+                if member.id != self.slots[i].id {
+                    node.handle_seed_discovered(local, member.clone());
+                }
+            }
         }
         for (j, other) in self.slots.iter().enumerate() {
             if j != i && !other.alive() {
@@ -426,7 +466,194 @@ impl Simulation {
         self.trace_line("sim", |_| "faults stop; healing".into());
         for i in 0..self.slots.len() {
             self.resume(i);
+            if self.membership_cycle.is_some_and(|c| c.node == i) && !self.slots[i].alive() {
+                // A node crashed for good comes back wiped, as a new member.
+                self.slots[i].storage = MemoryStorage::new();
+                self.trace_line(&format!("n{i}"), |_| "DISK WIPED (rejoins)".into());
+                if let Some(cycle) = self.membership_cycle.as_mut() {
+                    cycle.step = CycleStep::Rejoining;
+                }
+            }
             self.restart(i);
         }
     }
+
+    /// Starts a cluster change on `node`: a decommission (it leaves, is wiped, and joins
+    /// again), or a crash for good and its removal (then wiped, it joins again).
+    fn start_membership_cycle(&mut self, node: usize) {
+        let rf = self.config.options.replication_factor;
+        // Only with a spare node: RF copies must fit on the others.
+        if self.slots.len() <= rf {
+            return;
+        }
+        // Removing a dead node at rf 1 loses its only copies by definition (as Cassandra's
+        // removenode does): only decommission there.
+        let decommission = rf < 2 || self.rng_fault.gen_bool(0.5);
+        let kind = if decommission {
+            CycleKind::Decommission
+        } else {
+            CycleKind::Remove
+        };
+        self.membership_cycle = Some(MembershipCycle {
+            node,
+            kind,
+            step: CycleStep::Leaving,
+            asked_at: None,
+        });
+        self.trace_line(&format!("n{node}"), |_| {
+            format!("MEMBERSHIP {kind:?} starts")
+        });
+        if kind == CycleKind::Remove {
+            self.crash(node, None);
+        }
+        self.membership_step();
+    }
+
+    /// Moves the cluster change along: asks for it (again, if refused or lost), wipes and
+    /// restarts the node once it left, and ends the cycle once it is normal everywhere.
+    pub(crate) fn membership_step(&mut self) {
+        let Some(cycle) = self.membership_cycle else {
+            return;
+        };
+        let k = cycle.node;
+        let id = self.slots[k].id.clone();
+        let live: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| i != k && self.slots[i].alive() && !self.slots[i].paused)
+            .collect();
+        match cycle.step {
+            CycleStep::Leaving => {
+                let left = match cycle.kind {
+                    CycleKind::Decommission => self.slots[k]
+                        .node
+                        .as_ref()
+                        .is_some_and(|n| n.own_state() == NodeStatus::Left),
+                    CycleKind::Remove => live.iter().any(|&i| {
+                        self.slots[i]
+                            .node
+                            .as_ref()
+                            .is_some_and(|n| n.is_removed(&id))
+                    }),
+                };
+                if left {
+                    // Gone: wipe it and bring it back as a new member.
+                    self.crash(k, Some(0));
+                    self.slots[k].storage = MemoryStorage::new();
+                    self.trace_line(&format!("n{k}"), |_| "DISK WIPED (rejoins)".into());
+                    if let Some(c) = self.membership_cycle.as_mut() {
+                        c.step = CycleStep::Rejoining;
+                    }
+                    self.restart(k);
+                    return;
+                }
+                let due = cycle.asked_at.is_none_or(|t| self.now >= t + 5_000);
+                if !due {
+                    return;
+                }
+                let target = match cycle.kind {
+                    CycleKind::Decommission if self.slots[k].alive() && !self.slots[k].paused => {
+                        Some((k, ClientRequest::Decommission))
+                    }
+                    CycleKind::Remove if !live.is_empty() => {
+                        let at = live[self.rng_fault.gen_range(0..live.len())];
+                        Some((at, ClientRequest::RemoveNode { node: id.clone() }))
+                    }
+                    _ => None,
+                };
+                if let Some((at, request)) = target {
+                    if let Some(c) = self.membership_cycle.as_mut() {
+                        c.asked_at = Some(self.now);
+                    }
+                    self.admin_request(at, request);
+                }
+            }
+            CycleStep::Rejoining => {
+                if !self.slots[k].alive() {
+                    return;
+                }
+                let joined = self.slots[k].node.as_ref().is_some_and(|n| {
+                    n.own_state() == NodeStatus::Normal && n.layout().active().is_none()
+                });
+                let everywhere = joined
+                    && (0..self.slots.len()).all(|i| {
+                        !self.slots[i].alive()
+                            || self.slots[i]
+                                .node
+                                .as_ref()
+                                .is_some_and(|n| n.peer_state(&id) == NodeStatus::Normal)
+                    });
+                if everywhere {
+                    self.trace_line(&format!("n{k}"), |_| "MEMBERSHIP rejoined".into());
+                    self.membership_cycle = None;
+                } else if let Some(node) = self.slots[k].node.as_ref() {
+                    let progress = node.change_progress(&id, node_now(self, k));
+                    let seen: Vec<String> = (0..self.slots.len())
+                        .filter_map(|i| self.slots[i].node.as_ref())
+                        .map(|n| {
+                            format!(
+                                "{}:g{}:{:?}",
+                                n.peer_state(&id).as_str(),
+                                n.peer_generation(&id),
+                                n.change_progress(&id, 0).phase
+                            )
+                        })
+                        .collect();
+                    let line = format!(
+                        "MEMBERSHIP {} {} {}/{} ({}) seen as {seen:?}",
+                        progress.state,
+                        progress.phase,
+                        progress.ranges_done,
+                        progress.ranges_total,
+                        progress.reason.unwrap_or_default()
+                    );
+                    self.trace_line(&format!("n{k}"), |_| line);
+                }
+            }
+        }
+    }
+
+    /// An operator's admin request to node `at` (its answer is only traced).
+    fn admin_request(&mut self, at: usize, request: ClientRequest) {
+        let slot = &mut self.slots[at];
+        let local = slot.clock.local(self.now);
+        let line = format!("admin {request:?}");
+        if let Some(node) = slot.node.as_mut() {
+            // Ids from the top of the range never name a workload operation.
+            node.handle_client_request(local, ADMIN_CLIENT_ID, request);
+        }
+        self.trace_line(&format!("n{at}"), |_| line);
+        self.flush(at);
+    }
+
+    /// True while a cluster change of the membership fault is in progress.
+    pub fn membership_changing(&self) -> bool {
+        self.membership_cycle.is_some()
+    }
+}
+
+fn node_now(sim: &Simulation, i: usize) -> Millis {
+    sim.slots[i].clock.local(sim.now)
+}
+
+/// The client id of operator requests (`reply` ignores ids it did not invoke).
+const ADMIN_CLIENT_ID: OpId = OpId::MAX;
+
+/// A cluster change the membership fault drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MembershipCycle {
+    pub node: usize,
+    pub kind: CycleKind,
+    pub step: CycleStep,
+    pub asked_at: Option<Millis>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CycleKind {
+    Decommission,
+    Remove,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CycleStep {
+    Leaving,
+    Rejoining,
 }

@@ -14,6 +14,8 @@ pub const HINT_GRACE_MS: Millis = 60_000;
 /// How much longer than the quiet period a run without read repair waits for anti-entropy
 /// to converge the replicas.
 pub const ANTI_ENTROPY_GRACE_MS: Millis = 60_000;
+/// How long the final phase waits for a cluster change (membership fault) to complete.
+pub const MEMBERSHIP_GRACE_MS: Millis = 180_000;
 use mendkv_core::config::FsyncPolicy;
 use mendkv_core::quorum::ConsistencyLevel;
 use mendkv_core::storage::Storage;
@@ -142,6 +144,17 @@ impl Simulation {
     /// and runs the checkers.
     pub fn finish(&mut self) -> CheckReport {
         self.heal_all();
+        // A cluster change in progress completes before the final reads judge the data.
+        let mut waited = 0;
+        while self.membership_changing() && waited < MEMBERSHIP_GRACE_MS {
+            self.membership_step();
+            self.run_for(1_000);
+            waited += 1_000;
+        }
+        if waited > 0 {
+            let line = format!("the cluster change needed {waited} ms to complete");
+            self.trace_line("sim", |_| line);
+        }
         self.run_for(QUIET_MS);
         if self.hint_may_hold_the_last_copy() {
             // Under periodic fsync or a sloppy quorum a hint may hold the only copy of an

@@ -51,7 +51,7 @@ pub struct PutOperation {
     untried_actors: VecDeque<NodeId>,
     phase: PutPhase,
     awaiting: BTreeSet<NodeId>,
-    quorum: Quorum,
+    votes: Votes,
     object: Option<Object>,
     /// Replicas that could not store the object: they get hints.
     pub failed_replicas: Vec<NodeId>,
@@ -69,6 +69,65 @@ pub struct PutOperation {
     /// The coordinator is a replica whose disk is full: a write that fails its level is
     /// answered as insufficient storage (507), not as unavailable.
     local_storage_full: bool,
+}
+
+/// The level a write must meet in each of its preference lists: one list, or two while a
+/// cluster change is active (the old and the new owners; see `membership::Layout`). A
+/// node's answer counts in every list that holds it.
+#[derive(Debug, Clone)]
+struct Votes {
+    lists: Vec<(Vec<NodeId>, Quorum)>,
+}
+
+impl Votes {
+    fn new(level: ConsistencyLevel, lists: Vec<Vec<NodeId>>) -> Self {
+        Votes {
+            lists: lists
+                .into_iter()
+                .map(|list| {
+                    let quorum = Quorum::new(level, list.len());
+                    (list, quorum)
+                })
+                .collect(),
+        }
+    }
+
+    fn success(&mut self, node: &NodeId) {
+        for (list, quorum) in &mut self.lists {
+            if list.contains(node) {
+                quorum.record_success();
+            }
+        }
+    }
+
+    fn failure(&mut self, node: &NodeId) {
+        for (list, quorum) in &mut self.lists {
+            if list.contains(node) {
+                quorum.record_failure();
+            }
+        }
+    }
+
+    fn status(&self) -> QuorumStatus {
+        let statuses: Vec<QuorumStatus> = self.lists.iter().map(|(_, q)| q.status()).collect();
+        if statuses.contains(&QuorumStatus::Failed) {
+            QuorumStatus::Failed
+        } else if statuses.iter().all(|s| *s == QuorumStatus::Met) {
+            QuorumStatus::Met
+        } else {
+            QuorumStatus::Pending
+        }
+    }
+
+    /// Needed and answered of the list furthest from its level (the one a client must hear
+    /// about).
+    fn needed_and_answered(&self) -> (usize, usize) {
+        self.lists
+            .iter()
+            .map(|(_, q)| (q.required, q.succeeded))
+            .max_by_key(|(required, succeeded)| required.saturating_sub(*succeeded))
+            .unwrap_or((1, 0))
+    }
 }
 
 /// What the node must do for a write next.
@@ -104,7 +163,27 @@ impl PutOperation {
         replicas: Vec<NodeId>,
         deadline: Millis,
     ) -> Self {
-        let quorum = Quorum::new(level, replicas.len());
+        let lists = vec![replicas.clone()];
+        Self::with_lists(
+            client, bucket, key, context, value, level, replicas, lists, deadline,
+        )
+    }
+
+    /// A write that must meet `level` in each of `lists` (`replicas` is their union, in the
+    /// order actors are tried).
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_lists(
+        client: ClientRequestId,
+        bucket: String,
+        key: Vec<u8>,
+        context: CausalContext,
+        value: Value,
+        level: ConsistencyLevel,
+        replicas: Vec<NodeId>,
+        lists: Vec<Vec<NodeId>>,
+        deadline: Millis,
+    ) -> Self {
+        let votes = Votes::new(level, lists);
         PutOperation {
             client,
             bucket,
@@ -116,7 +195,7 @@ impl PutOperation {
             replicas,
             phase: PutPhase::Replicating,
             awaiting: BTreeSet::new(),
-            quorum,
+            votes,
             object: None,
             failed_replicas: Vec::new(),
             failed_actors: Vec::new(),
@@ -130,7 +209,7 @@ impl PutOperation {
 
     /// The coordinator is itself the actor and has stored `object` locally.
     pub fn coordinated_locally(&mut self, me: &NodeId, object: Object) -> WriteStep {
-        self.quorum.record_success();
+        self.votes.success(me);
         self.replicate(me, object)
     }
 
@@ -147,9 +226,9 @@ impl PutOperation {
     /// coordinator. Safe because no dot was issued here.
     pub fn start_remote_storage_full(&mut self, me: &NodeId, candidates: Vec<NodeId>) -> WriteStep {
         self.local_storage_full = true;
-        self.quorum.record_failure();
+        self.votes.failure(me);
         self.failed_actors.push(me.clone());
-        if self.quorum.status() == QuorumStatus::Failed {
+        if self.votes.status() == QuorumStatus::Failed {
             self.phase = PutPhase::Replicating;
             return self.step();
         }
@@ -210,11 +289,11 @@ impl PutOperation {
         let actor = actor.clone();
         match result {
             Ok(object) => {
-                self.quorum.record_success();
+                self.votes.success(&actor);
                 self.replicate(&actor, object)
             }
             Err(()) => {
-                self.quorum.record_failure();
+                self.votes.failure(&actor);
                 self.untried_actors.clear();
                 self.phase = PutPhase::Replicating;
                 self.step()
@@ -225,9 +304,9 @@ impl PutOperation {
     /// The `Coordinate` never left this node (no connection): another replica may safely
     /// take over. The unreachable actor counts once against the level and gets a hint later.
     fn on_actor_unreachable(&mut self, actor: &NodeId) -> WriteStep {
-        self.quorum.record_failure();
+        self.votes.failure(actor);
         self.failed_actors.push(actor.clone());
-        match self.quorum.status() {
+        match self.votes.status() {
             QuorumStatus::Failed => {
                 self.phase = PutPhase::Replicating;
                 self.step()
@@ -243,7 +322,8 @@ impl PutOperation {
         }
         let intended = self.fallbacks.get(from).cloned();
         if ok {
-            self.quorum.record_success();
+            // A fallback's answer counts for the replica it stands in for.
+            self.votes.success(intended.as_ref().unwrap_or(from));
             if let Some(intended) = intended {
                 self.covered.insert(intended);
             }
@@ -255,13 +335,13 @@ impl PutOperation {
                 intended: from.clone(),
             },
             None => {
-                self.quorum.record_failure();
+                self.votes.failure(from);
                 self.failed_replicas.push(from.clone());
                 self.step()
             }
             // A fallback failed: the coordinator hints the replica it stood for.
             Some(intended) => {
-                self.quorum.record_failure();
+                self.votes.failure(&intended);
                 self.failed_replicas.push(intended);
                 self.step()
             }
@@ -277,7 +357,7 @@ impl PutOperation {
 
     /// Sloppy quorum found no live fallback for `intended`: it counts as failed.
     pub fn no_fallback(&mut self, intended: NodeId) -> WriteStep {
-        self.quorum.record_failure();
+        self.votes.failure(&intended);
         self.failed_replicas.push(intended);
         self.step()
     }
@@ -304,21 +384,16 @@ impl PutOperation {
 
     /// Where the vote stands now.
     pub fn step(&self) -> WriteStep {
-        match (self.quorum.status(), &self.object) {
+        let (needed, answered) = self.votes.needed_and_answered();
+        match (self.votes.status(), &self.object) {
             (QuorumStatus::Met, Some(object)) => WriteStep::Met(object.causal_context()),
-            (QuorumStatus::Failed, _) => WriteStep::Failed {
-                needed: self.quorum.required,
-                answered: self.quorum.succeeded,
-            },
+            (QuorumStatus::Failed, _) => WriteStep::Failed { needed, answered },
             (QuorumStatus::Met, None) | (QuorumStatus::Pending, _) => {
                 if self.object.is_none()
                     && self.untried_actors.is_empty()
                     && !matches!(self.phase, PutPhase::Coordinating { .. })
                 {
-                    WriteStep::Failed {
-                        needed: self.quorum.required,
-                        answered: self.quorum.succeeded,
-                    }
+                    WriteStep::Failed { needed, answered }
                 } else {
                     WriteStep::Pending
                 }
@@ -356,7 +431,7 @@ impl PutOperation {
     }
 
     pub fn needed_and_answered(&self) -> (usize, usize) {
-        (self.quorum.required, self.quorum.succeeded)
+        self.votes.needed_and_answered()
     }
 }
 

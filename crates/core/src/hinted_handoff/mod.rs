@@ -63,6 +63,8 @@ pub enum DropReason {
     Corrupt,
     /// Hinted handoff is disabled.
     Disabled,
+    /// The target was removed from the cluster (`remove-node`): it will never take them.
+    Removed,
 }
 
 impl DropReason {
@@ -73,6 +75,7 @@ impl DropReason {
             DropReason::UnknownTarget => "unknown_target",
             DropReason::Corrupt => "corrupt",
             DropReason::Disabled => "disabled",
+            DropReason::Removed => "removed",
         }
     }
 

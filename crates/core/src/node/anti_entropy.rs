@@ -7,9 +7,9 @@ use super::{DurableReply, Node};
 use crate::anti_entropy::exchange::{Refusal, ResponseBody};
 use crate::anti_entropy::MerkleTree;
 use crate::anti_entropy::{
-    handle_request, repair_targets, replicated_ranges, DriverStep, ExchangeConfig, ExchangeDriver,
-    ExchangeId, ExchangeOutcome, ExchangeReport, ExchangeRequest, ExchangeResponse, ExchangeStats,
-    ReceiverLimits, RepairObject, SegmentItem, SegmentSource,
+    handle_request, DriverStep, ExchangeConfig, ExchangeDriver, ExchangeId, ExchangeOutcome,
+    ExchangeReport, ExchangeRequest, ExchangeResponse, ExchangeStats, ReceiverLimits, RepairObject,
+    SegmentItem, SegmentSource,
 };
 use crate::anti_entropy::{ItemHasher, RangeTrees, TreeShape};
 use crate::anti_entropy::{RepairRunStatus, RunState};
@@ -36,6 +36,8 @@ pub(super) struct ActiveExchange {
     pub started_at: Millis,
     /// A one-bucket exchange (`repair --bucket`): the bucket and this side's trees of it.
     pub bucket: Option<(String, RangeTrees)>,
+    /// Pulls a range this node gains in a cluster change (`membership.rs`).
+    pub streaming: bool,
 }
 
 #[derive(Debug)]
@@ -210,11 +212,11 @@ impl<S: Storage> Node<S> {
     /// on building in the background, [`TREE_BUILD_PER_TICK`] objects a tick, so a node with
     /// much data serves at once after a start. Anti-entropy waits for a range's tree.
     pub(super) fn align_trees(&mut self) {
-        let ranges = replicated_ranges(&self.cluster.ring, self.id());
+        let ranges = self.membership.layout.replicated_ranges(self.id());
         // The new ranges are marked building; advance_tree_builds scans them.
         self.anti_entropy.trees.set_ranges_building(ranges);
         self.advance_tree_builds(TREE_BUILD_AT_ONCE);
-        let targets = repair_targets(&self.cluster.ring, self.id());
+        let targets = self.membership.layout.repair_targets(self.id());
         self.anti_entropy.repair_queue.set_targets(targets);
     }
 
@@ -238,6 +240,9 @@ impl<S: Storage> Node<S> {
                 }
             };
             left = left.saturating_sub(batch.rows.len().max(1));
+            if !batch.rows.is_empty() && !self.membership.has_data {
+                self.note_has_data();
+            }
             let done = batch.resume.is_none();
             self.anti_entropy.trees.add_built(
                 range,
@@ -327,7 +332,15 @@ impl<S: Storage> Node<S> {
         if age < age_needed - age_needed / 10 || candidates.is_empty() {
             return;
         }
-        let peers: Vec<NodeId> = repair_targets(&self.cluster.ring, self.id())
+        // While a cluster change is active the replica set of the range is moving: no
+        // reaping until it settles (a departed node is not a replica that must confirm).
+        if self.membership.layout.active().is_some() {
+            return;
+        }
+        let peers: Vec<NodeId> = self
+            .membership
+            .layout
+            .repair_targets(self.id())
             .into_iter()
             .filter(|(r, _)| *r == range)
             .map(|(_, peer)| peer)
@@ -413,7 +426,7 @@ impl<S: Storage> Node<S> {
 
     /// A peer came back: its ranges go to the front of the queue.
     pub(super) fn mark_peer_recovered(&mut self, now: Millis, peer: &NodeId) {
-        for (range, target) in repair_targets(&self.cluster.ring, self.id()) {
+        for (range, target) in self.membership.layout.repair_targets(self.id()) {
             if target == *peer {
                 self.anti_entropy
                     .repair_queue
@@ -424,7 +437,7 @@ impl<S: Storage> Node<S> {
 
     /// A hint for a key in `range` was lost: that range goes first, with every replica peer.
     pub(super) fn mark_range_hints_lost(&mut self, now: Millis, range: TokenRange) {
-        for (target_range, peer) in repair_targets(&self.cluster.ring, self.id()) {
+        for (target_range, peer) in self.membership.layout.repair_targets(self.id()) {
             if target_range == range {
                 self.anti_entropy
                     .repair_queue
@@ -470,7 +483,7 @@ impl<S: Storage> Node<S> {
                 };
                 run.in_flight += 1;
                 let bucket = run.bucket.clone();
-                self.start_exchange(now, range, peer, Some(run_id), bucket);
+                self.start_exchange(now, range, peer, Some(run_id), bucket, false);
             }
         }
         if !self.config.anti_entropy.enabled {
@@ -505,7 +518,7 @@ impl<S: Storage> Node<S> {
             if probe {
                 self.control.breaker_probe = Some((range, peer.clone()));
             }
-            self.start_exchange(now, range, peer, None, None);
+            self.start_exchange(now, range, peer, None, None, false);
         }
     }
 
@@ -538,13 +551,14 @@ impl<S: Storage> Node<S> {
         Ok(trees)
     }
 
-    fn start_exchange(
+    pub(super) fn start_exchange(
         &mut self,
         now: Millis,
         range: TokenRange,
         peer: NodeId,
         run: Option<u64>,
         bucket: Option<String>,
+        streaming: bool,
     ) {
         // Request ids carry the epoch, so they serve as exchange ids unique across restarts.
         let id = ExchangeId(self.new_request_id());
@@ -573,6 +587,7 @@ impl<S: Storage> Node<S> {
                         run,
                         started_at: now,
                         bucket: None,
+                        streaming,
                     };
                     let report = exchange.driver.abort();
                     self.finish_exchange(now, exchange, report);
@@ -587,6 +602,7 @@ impl<S: Storage> Node<S> {
             run,
             started_at: now,
             bucket,
+            streaming,
         };
         let step = if self.cluster.membership.status(&exchange.peer) == PeerStatus::Down {
             // Known down: fail at once (a run reports it) instead of waiting for a timeout.
@@ -832,6 +848,10 @@ impl<S: Storage> Node<S> {
             let average = self.anti_entropy.bytes_per_leaf.get_or_insert(sample);
             *average = 0.8 * *average + 0.2 * sample;
         }
+        if exchange.streaming {
+            self.on_stream_exchange_finished(now, report.range, &exchange.peer, &report);
+            return;
+        }
         match exchange.run {
             Some(run_id) => {
                 if let Some(run) = self.anti_entropy.repair_runs.get_mut(&run_id) {
@@ -883,7 +903,7 @@ impl<S: Storage> Node<S> {
         let id = self.anti_entropy.next_run;
         // Peer by peer: two exchanges of one range (with two peers) never run at once, so a
         // key a first peer repaired is not found different again with the second.
-        let mut targets = repair_targets(&self.cluster.ring, self.id());
+        let mut targets = self.membership.layout.repair_targets(self.id());
         targets.sort_by(|a, b| (&a.1, a.0).cmp(&(&b.1, b.0)));
         let targets: VecDeque<(TokenRange, NodeId)> = targets.into_iter().collect();
         if self.anti_entropy.repair_runs.len() >= MAX_REPAIR_RUNS {

@@ -87,6 +87,28 @@ counters! {
         [("reason", "corrupt")];
     HintsDroppedDisabled => "mendkv_hints_dropped", "Hints not kept, by reason",
         [("reason", "disabled")];
+    HintsDroppedRemoved => "mendkv_hints_dropped", "Hints not kept, by reason",
+        [("reason", "removed")];
+    HintsHandedOver => "mendkv_hints_handed_over",
+        "Hints a decommissioned node gave to another node before it left", [];
+    StreamingKeysIn => "mendkv_streaming_keys",
+        "Keys moved by streaming during cluster changes, by direction (in: pulled here)",
+        [("direction", "in")];
+    StreamingKeysOut => "mendkv_streaming_keys",
+        "Keys moved by streaming during cluster changes, by direction (in: pulled here)",
+        [("direction", "out")];
+    StreamingBytesIn => "mendkv_streaming_bytes",
+        "Bytes of streaming exchanges during cluster changes, by direction",
+        [("direction", "in")];
+    StreamingBytesOut => "mendkv_streaming_bytes",
+        "Bytes of streaming exchanges during cluster changes, by direction",
+        [("direction", "out")];
+    StreamingRangesDone => "mendkv_streaming_ranges",
+        "Ranges this node finished pulling during cluster changes", [];
+    CleanupKeys => "mendkv_cleanup_keys",
+        "Keys deleted because this node no longer owns their range (after a cluster change)", [];
+    ClusterChanges => "mendkv_cluster_changes",
+        "Cluster changes (join, decommission, removal) this node completed as their owner", [];
     AntiEntropyKeysRepaired => "mendkv_anti_entropy_keys_repaired",
         "Keys whose local version changed through anti-entropy", [];
     AntiEntropyBytes => "mendkv_anti_entropy_bytes",
@@ -122,6 +144,7 @@ impl Counter {
             DropReason::UnknownTarget => Counter::HintsDroppedUnknownTarget,
             DropReason::Corrupt => Counter::HintsDroppedCorrupt,
             DropReason::Disabled => Counter::HintsDroppedDisabled,
+            DropReason::Removed => Counter::HintsDroppedRemoved,
         }
     }
 }

@@ -81,6 +81,7 @@ impl<S: Storage> Node<S> {
                         self.handle_member_discovered(info);
                     }
                     self.learn_props_from(now, &node);
+                    self.refresh_layout(now);
                 }
                 GossipEvent::NodeUp { node } | GossipEvent::NodeRestarted { node, .. } => {
                     if let Some(info) = self.cluster.gossiper.member_info(&node) {
@@ -92,9 +93,15 @@ impl<S: Storage> Node<S> {
                 GossipEvent::NodeDown { node } => {
                     self.handle_peer_status(now, &node, PeerStatus::Down)
                 }
-                GossipEvent::NodeSuspect { .. } | GossipEvent::NodeForgotten { .. } => {}
+                GossipEvent::NodeForgotten { node } => {
+                    // It left: the transport's record must not bring it back as normal.
+                    self.cluster.membership.forget(&node);
+                    self.refresh_layout(now);
+                }
+                GossipEvent::NodeSuspect { .. } => {}
             }
         }
+        self.decide_join(now);
     }
 
     /// Liveness as `/cluster/status` reports it: down when the transport or the failure
@@ -127,9 +134,14 @@ impl<S: Storage> Node<S> {
     }
 
     /// A node's ring state (`joining`, `normal`, `leaving`, `left`) as gossip knows it;
-    /// `normal` for a member gossip has not described yet. No node changes state today (the
-    /// join and leave protocols are not built), so every member is `normal`.
+    /// `normal` for a member gossip has not described yet; `left` once removed.
     pub fn peer_state(&self, node: &NodeId) -> NodeStatus {
+        if node == self.id() {
+            return self.own_state();
+        }
+        if self.is_removed(node) {
+            return NodeStatus::Left;
+        }
         self.cluster
             .gossiper
             .member(node)

@@ -168,7 +168,12 @@ impl<S: Storage> Node<S> {
 
     /// Remembers the range of a key whose hint was lost, for priority anti-entropy.
     fn mark_for_anti_entropy(&mut self, now: Millis, bucket: &str, key: &[u8]) {
-        let Some(range) = self.cluster.ring.range_for_token(key_token(bucket, key)) else {
+        let Some(range) = self
+            .membership
+            .layout
+            .partition()
+            .range_for_token(key_token(bucket, key))
+        else {
             return;
         };
         self.mark_range_hints_lost(now, range);

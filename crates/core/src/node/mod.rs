@@ -12,7 +12,7 @@
 use crate::bucket::Resolution;
 use crate::config::NodeConfig;
 use crate::coordinator::{AfterRead, GetOperation, PutOperation, WriteStep};
-use crate::gossip::{initial_state, Gossiper, NodeStatus};
+use crate::gossip::{initial_state, Gossiper};
 use crate::membership::{MemberInfo, Membership, PeerStatus};
 use crate::message::{
     ClientRequest, ClientRequestId, ClientResponse, Message, ReplicaError, RequestId,
@@ -94,6 +94,9 @@ pub struct Node<S: Storage> {
     control: repair_control::RepairControl,
     /// Bucket properties, the hybrid logical clock, sibling warnings (`buckets.rs`).
     buckets: buckets::Buckets,
+    /// Cluster changes: this node's ring state, the layout, streaming, cleanup
+    /// (`membership.rs`).
+    membership: membership::MembershipState,
 }
 
 /// Why a node could not start.
@@ -138,13 +141,15 @@ impl<S: Storage> Node<S> {
             http_address: config.http_address.clone(),
         };
         let membership = Membership::new(me);
-        let ring = Ring::new(membership.ids(), config.vnodes, config.replication_factor);
+        let ring = Ring::default();
         let (hint_queue, corrupt_hints) = hints::load_hint_queue(&storage);
+        let membership_state =
+            membership::MembershipState::load(&storage, fresh, config.learn_epoch_from_peers);
         let gossiper = Gossiper::new(
             config.node_id.clone(),
             u64::from(epoch),
             initial_state(
-                NodeStatus::Normal,
+                membership_state.status,
                 &config.peer_address,
                 &config.http_address,
                 config.vnodes,
@@ -187,6 +192,7 @@ impl<S: Storage> Node<S> {
             anti_entropy: anti_entropy::AntiEntropyState::new(&config, now),
             control: repair_control::RepairControl::new(&config, now),
             buckets,
+            membership: membership_state,
             storage,
             config,
         };
@@ -195,10 +201,12 @@ impl<S: Storage> Node<S> {
         }
         // Peers that restarted with us learn the table from our state again.
         node.publish_props(now);
+        node.publish_membership(now);
         // Trees are rebuilt from a scan at every start (a tree persisted before a crash could
-        // disagree with what the crash left of the data): the first objects at once, the
-        // rest in the background, so a start takes the same time whatever the data.
-        node.align_trees();
+        // disagree with what the crash left of the data), in the layout's first alignment: the
+        // first objects at once, the rest in the background, so a start takes the same time
+        // whatever the data.
+        node.refresh_layout(now);
         Ok(node)
     }
 
@@ -299,6 +307,7 @@ impl<S: Storage> Node<S> {
             .min(self.anti_entropy_deadline())
             .min(self.control.controller.next_deadline())
             .min(self.tree_build_deadline())
+            .min(self.membership_deadline())
     }
 
     // ----- durability -----------------------------------------------------------------
@@ -390,12 +399,8 @@ impl<S: Storage> Node<S> {
     }
 
     fn rebuild_ring(&mut self) {
-        self.cluster.ring = Ring::new(
-            self.cluster.membership.ids(),
-            self.config.vnodes,
-            self.config.replication_factor,
-        );
-        self.align_trees();
+        let now = self.clock;
+        self.refresh_layout(now);
     }
 
     /// The transport saw a peer come up (handshake done) or go down (connection lost).
@@ -449,6 +454,38 @@ impl<S: Storage> Node<S> {
         ) && self.coordination.client_started.len() < self.config.max_pending_requests
         {
             self.coordination.client_started.insert(client, now);
+        }
+        if self.membership.deciding
+            && !self.identity.confirmed
+            && matches!(
+                request,
+                ClientRequest::Put { .. } | ClientRequest::Delete { .. }
+            )
+        {
+            // Not even placed in the ring yet: it cannot tell whether it ran before.
+            self.reply(
+                client,
+                ClientResponse::NotReady(epoch::EPOCH_UNCONFIRMED.into()),
+            );
+            return;
+        }
+        if self.membership.refused
+            && matches!(
+                request,
+                ClientRequest::Get { .. }
+                    | ClientRequest::Put { .. }
+                    | ClientRequest::Delete { .. }
+            )
+        {
+            self.reply(
+                client,
+                ClientResponse::NotReady(
+                    "this node was removed from the cluster (remove-node) and came back with \
+                     its old data: wipe its data directory and start it again to rejoin"
+                        .into(),
+                ),
+            );
+            return;
         }
         if self.coordination.operations.len() >= self.config.max_pending_requests
             && matches!(
@@ -526,6 +563,29 @@ impl<S: Storage> Node<S> {
                 };
                 self.reply(client, response);
             }
+            ClientRequest::Decommission => {
+                let response = match self.decommission(now) {
+                    Ok(progress) => ClientResponse::Change(progress),
+                    Err(refusal) => refusal.into(),
+                };
+                self.reply(client, response);
+            }
+            ClientRequest::RemoveNode { node } => {
+                let response = match self.remove_node(now, &node) {
+                    Ok(progress) => ClientResponse::Change(progress),
+                    Err(refusal) => refusal.into(),
+                };
+                self.reply(client, response);
+            }
+            ClientRequest::ChangeStatus { node } => {
+                let known = node == *self.id() || self.cluster.gossiper.member(&node).is_some();
+                let response = if known {
+                    ClientResponse::Change(self.change_progress(&node, now))
+                } else {
+                    ClientResponse::NotFound(format!("no member {node} in this cluster"))
+                };
+                self.reply(client, response);
+            }
             ClientRequest::GetLocal { bucket, key } => {
                 let response = match self.storage.get(&bucket, &key) {
                     Ok(object) => ClientResponse::Local(object),
@@ -547,15 +607,28 @@ impl<S: Storage> Node<S> {
         value: Value,
         level: ConsistencyLevel,
     ) {
-        let replicas = self.cluster.ring.preference_list_for_key(&bucket, &key);
+        // While a cluster change is active the write must meet its level among the old and
+        // the new owners (`membership::Layout::write_lists`); the first list is the one reads
+        // use, and only its members act as the write's actor.
+        let lists = self
+            .membership
+            .layout
+            .write_lists(crate::ring::key_token(&bucket, &key));
+        let owners = lists.first().cloned().unwrap_or_default();
+        let mut replicas = owners.clone();
+        for node in lists.iter().skip(1).flatten() {
+            if !replicas.contains(node) {
+                replicas.push(node.clone());
+            }
+        }
         let id = self.new_request_id();
         let deadline = now + self.config.request_timeout_ms;
         let me = self.id().clone();
-        let is_replica = replicas.contains(&me);
-        let mut candidates: Vec<NodeId> = replicas.clone();
+        let is_replica = owners.contains(&me);
+        let mut candidates: Vec<NodeId> = owners;
         // Live replicas first, in preference order, then the ones believed down.
         candidates.sort_by_key(|n| self.cluster.membership.status(n) == PeerStatus::Down);
-        let mut op = PutOperation::new(
+        let mut op = PutOperation::with_lists(
             client,
             bucket.clone(),
             key.clone(),
@@ -563,6 +636,7 @@ impl<S: Storage> Node<S> {
             value.clone(),
             level,
             replicas,
+            lists,
             deadline,
         );
         op.sloppy = self.config.sloppy_quorum;
@@ -701,6 +775,9 @@ impl<S: Storage> Node<S> {
         })?;
         self.stats.increment(Counter::LocalWrites);
         self.wrote();
+        if !self.membership.has_data {
+            self.note_has_data();
+        }
         self.anti_entropy
             .trees
             .record_write(bucket, key, old_digest, Some(object.digest()));
@@ -805,7 +882,19 @@ impl<S: Storage> Node<S> {
                         return;
                     };
                     let (bucket, key) = (op.bucket.clone(), op.key.clone());
+                    let me = self.id().clone();
                     for target in targets {
+                        if target == me {
+                            // A joining coordinator is a new owner but not the actor: it
+                            // stores the object itself.
+                            let stored = self.merge_local(&bucket, &key, &object).is_ok();
+                            if let Some(Operation::Put(op)) =
+                                self.coordination.operations.get_mut(&id)
+                            {
+                                let _ = op.on_replicated(&me, stored);
+                            }
+                            continue;
+                        }
                         let message = Message::Replicate {
                             request: id,
                             bucket: bucket.clone(),
@@ -1010,6 +1099,7 @@ impl<S: Storage> Node<S> {
             self.deliver_hints(now);
         }
         self.tick_gossip(now);
+        self.tick_membership(now);
     }
 }
 
@@ -1021,6 +1111,7 @@ mod durability;
 mod epoch;
 mod gossip;
 mod hints;
+mod membership;
 mod read;
 mod repair_control;
 mod serve;
@@ -1032,6 +1123,9 @@ pub use buckets::SiblingWarning;
 pub use counters::{Counter, CounterSpec, Counters};
 use durability::Durability;
 pub use durability::{DurableReply, SyncTicket};
+pub use membership::{
+    ChangeProgress, ChangeRefusal, ACK_KEY, HAS_DATA_KEY, PHASE_KEY, REMOVALS_KEY, STREAMED_KEY,
+};
 
 #[cfg(test)]
 mod tests;

@@ -9,6 +9,7 @@ use crate::version::Actor;
 use bytes::Bytes;
 
 mod buckets;
+mod membership;
 mod storage_full;
 
 struct TestCluster {
@@ -1059,7 +1060,9 @@ fn a_wiped_node_learns_its_epoch_from_peers_before_coordinating() {
         matches!(written, ClientResponse::Written { .. }),
         "{written:?}"
     );
-    for i in 0..3 {
+    // The wiped node rejoins as `joining` (it must stream its ranges back before it owns
+    // them), so the write's replicas are the two others for now.
+    for i in 0..2 {
         let object = local(&mut cluster, i).expect("stored");
         assert!(
             object.live_values().any(|s| s.value == data("new")),

@@ -1,0 +1,226 @@
+//! Cluster changes in the in-process cluster: a join streams, a decommission hands over, a
+//! removal re-replicates, and every acknowledged write stays readable at quorum.
+
+use super::*;
+
+fn put_key(cluster: &mut TestCluster, at: usize, key: &str) -> ClientResponse {
+    cluster.request(
+        at,
+        ClientRequest::Put {
+            bucket: "b".into(),
+            key: key.as_bytes().to_vec(),
+            context: CausalContext::empty(),
+            value: data(key),
+            level: ConsistencyLevel::Quorum,
+        },
+    )
+}
+
+fn read_key(cluster: &mut TestCluster, at: usize, key: &str) -> Option<Vec<u8>> {
+    match cluster.request(
+        at,
+        ClientRequest::Get {
+            bucket: "b".into(),
+            key: key.as_bytes().to_vec(),
+            level: ConsistencyLevel::Quorum,
+        },
+    ) {
+        ClientResponse::Object(object) => object.live_values().find_map(|s| match &s.value {
+            Value::Data { bytes, .. } => Some(bytes.to_vec()),
+            Value::Tombstone => None,
+        }),
+        _ => None,
+    }
+}
+
+/// Ticks every node a second at a time until `done` holds (at most `seconds`).
+fn tick_until(
+    cluster: &mut TestCluster,
+    seconds: u64,
+    mut done: impl FnMut(&TestCluster) -> bool,
+) -> bool {
+    let start = cluster.now;
+    for second in 1..=seconds {
+        if done(cluster) {
+            return true;
+        }
+        cluster.tick(start + second * 250);
+    }
+    done(cluster)
+}
+
+/// A node that gossip describes to every node, with seeds, as a new member.
+fn add_node(cluster: &mut TestCluster, i: usize) {
+    let mut config = NodeConfig::new(format!("n{i}"));
+    config.learn_epoch_from_peers = true;
+    let now = cluster.now;
+    let node = Node::new(config, MemoryStorage::new(), now).unwrap();
+    cluster.nodes.push(node);
+    cluster.stopped.push(false);
+    cluster.nodes[i].handle_seed_discovered(now, member(0));
+    cluster.run();
+}
+
+fn keys(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("key-{i}")).collect()
+}
+
+fn stored_keys(node: &Node<MemoryStorage>) -> usize {
+    node.storage().objects().len()
+}
+
+#[test]
+fn a_join_streams_its_ranges_and_old_owners_clean_up() {
+    let mut cluster = gossiping_cluster(3);
+    let keys = keys(200);
+    for key in &keys {
+        assert!(matches!(
+            put_key(&mut cluster, 0, key),
+            ClientResponse::Written { .. }
+        ));
+    }
+    let before: Vec<usize> = cluster.nodes.iter().map(stored_keys).collect();
+    add_node(&mut cluster, 3);
+    assert_eq!(
+        cluster.nodes[3].own_state(),
+        crate::gossip::NodeStatus::Joining
+    );
+    // Writes keep landing during the join.
+    let mut during = Vec::new();
+    let joined = tick_until(&mut cluster, 400, |c| {
+        c.nodes
+            .iter()
+            .all(|n| n.peer_state(&NodeId::new("n3")) == crate::gossip::NodeStatus::Normal)
+    });
+    for i in 0..20 {
+        let key = format!("during-{i}");
+        assert!(matches!(
+            put_key(&mut cluster, i % 4, &key),
+            ClientResponse::Written { .. }
+        ));
+        during.push(key);
+    }
+    assert!(joined, "n3 became normal everywhere");
+    assert!(cluster.nodes[3].stats()[Counter::StreamingKeysIn] > 0);
+    assert!(stored_keys(&cluster.nodes[3]) > 0);
+    // Cleanup once everyone acknowledged the final layout.
+    let cleaned = tick_until(&mut cluster, 400, |c| {
+        c.nodes[..3]
+            .iter()
+            .map(|n| n.stats()[Counter::CleanupKeys])
+            .sum::<u64>()
+            > 0
+    });
+    assert!(cleaned, "old owners dropped ranges they no longer own");
+    // Every key had a copy on each of the three old nodes; n3 took over part of them.
+    let after: Vec<usize> = cluster.nodes[..3].iter().map(stored_keys).collect();
+    let all_keys = keys.len() + during.len();
+    assert!(
+        after.iter().all(|a| *a < all_keys),
+        "{before:?} -> {after:?} of {all_keys}"
+    );
+    for key in keys.iter().chain(&during) {
+        for at in 0..4 {
+            assert_eq!(
+                read_key(&mut cluster, at, key),
+                Some(key.as_bytes().to_vec()),
+                "{key} through n{at}"
+            );
+        }
+    }
+}
+
+#[test]
+fn decommission_hands_over_and_bad_requests_are_refused() {
+    let mut cluster = gossiping_cluster(4);
+    let keys = keys(100);
+    for key in &keys {
+        put_key(&mut cluster, 1, key);
+    }
+    // Remove-node of an unknown id and of an up node.
+    assert!(matches!(
+        cluster.request(
+            0,
+            ClientRequest::RemoveNode {
+                node: NodeId::new("nope")
+            }
+        ),
+        ClientResponse::NotFound(_)
+    ));
+    assert!(matches!(
+        cluster.request(0, ClientRequest::RemoveNode { node: NodeId::new("n1") }),
+        ClientResponse::Conflict(reason) if reason.contains("decommission it instead")
+    ));
+    assert!(matches!(
+        cluster.request(3, ClientRequest::Decommission),
+        ClientResponse::Change(_)
+    ));
+    // A second change while the first runs is refused (once gossip told the node).
+    tick_until(&mut cluster, 4, |_| false);
+    assert!(matches!(
+        cluster.request(2, ClientRequest::Decommission),
+        ClientResponse::Conflict(_)
+    ));
+    let left = tick_until(&mut cluster, 400, |c| {
+        c.nodes[3].own_state() == crate::gossip::NodeStatus::Left
+    });
+    assert!(
+        left,
+        "{:?}",
+        cluster.nodes[3].change_progress(&NodeId::new("n3"), 0)
+    );
+    cluster.stopped[3] = true;
+    for key in &keys {
+        for at in 0..3 {
+            assert_eq!(
+                read_key(&mut cluster, at, key),
+                Some(key.as_bytes().to_vec())
+            );
+        }
+    }
+    // Three normal nodes at RF 3: one more decommission would leave too few.
+    tick_until(&mut cluster, 40, |_| false);
+    assert!(matches!(
+        cluster.request(0, ClientRequest::Decommission),
+        ClientResponse::Conflict(reason) if reason.contains("not enough nodes")
+    ));
+}
+
+#[test]
+fn removing_a_dead_node_re_replicates_and_drops_its_hints() {
+    let mut cluster = gossiping_cluster(4);
+    let keys = keys(100);
+    for key in &keys {
+        put_key(&mut cluster, 0, key);
+    }
+    cluster.stopped[3] = true;
+    let n3 = NodeId::new("n3");
+    cluster.nodes[0].handle_peer_status(cluster.now, &n3, PeerStatus::Down);
+    // A write while n3 is down leaves hints for it.
+    put_key(&mut cluster, 0, "while-down");
+    assert!(matches!(
+        cluster.request(0, ClientRequest::RemoveNode { node: n3.clone() }),
+        ClientResponse::Change(_)
+    ));
+    let removed = tick_until(&mut cluster, 600, |c| {
+        c.nodes[..3].iter().all(|n| n.is_removed(&n3))
+    });
+    assert!(removed, "{:?}", cluster.nodes[0].change_progress(&n3, 0));
+    assert_eq!(cluster.nodes[0].hints_pending_for(&n3), 0);
+    for key in keys
+        .iter()
+        .chain(std::iter::once(&"while-down".to_string()))
+    {
+        let copies = cluster.nodes[..3]
+            .iter()
+            .filter(|n| {
+                n.storage()
+                    .get("b", key.as_bytes())
+                    .ok()
+                    .flatten()
+                    .is_some()
+            })
+            .count();
+        assert_eq!(copies, 3, "{key} has RF copies on the live nodes");
+    }
+}
