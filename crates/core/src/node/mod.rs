@@ -448,10 +448,14 @@ impl<S: Storage> Node<S> {
         request: ClientRequest,
     ) {
         self.clock = self.clock.max(now);
-        if matches!(
+        // The key-value requests: the ones the gates below (and the breaker's latency
+        // samples) are about; admin and status requests pass through.
+        let reads_or_writes = matches!(
             request,
             ClientRequest::Get { .. } | ClientRequest::Put { .. } | ClientRequest::Delete { .. }
-        ) && self.coordination.client_started.len() < self.config.max_pending_requests
+        );
+        if reads_or_writes
+            && self.coordination.client_started.len() < self.config.max_pending_requests
         {
             self.coordination.client_started.insert(client, now);
         }
@@ -469,14 +473,7 @@ impl<S: Storage> Node<S> {
             );
             return;
         }
-        if self.membership.refused
-            && matches!(
-                request,
-                ClientRequest::Get { .. }
-                    | ClientRequest::Put { .. }
-                    | ClientRequest::Delete { .. }
-            )
-        {
+        if self.membership.refused && reads_or_writes {
             self.reply(
                 client,
                 ClientResponse::NotReady(
@@ -487,26 +484,13 @@ impl<S: Storage> Node<S> {
             );
             return;
         }
-        if self.coordination.operations.len() >= self.config.max_pending_requests
-            && matches!(
-                request,
-                ClientRequest::Get { .. }
-                    | ClientRequest::Put { .. }
-                    | ClientRequest::Delete { .. }
-            )
+        if self.coordination.operations.len() >= self.config.max_pending_requests && reads_or_writes
         {
             self.stats.increment(Counter::RequestsOverloaded);
             self.reply(client, ClientResponse::Overloaded);
             return;
         }
-        if !self.cluster.learned
-            && matches!(
-                request,
-                ClientRequest::Get { .. }
-                    | ClientRequest::Put { .. }
-                    | ClientRequest::Delete { .. }
-            )
-        {
+        if !self.cluster.learned && reads_or_writes {
             self.reply(
                 client,
                 ClientResponse::NotReady(gossip::MEMBERSHIP_UNLEARNED.into()),
