@@ -102,6 +102,18 @@ fn context_of(response: &reqwest::Response) -> Option<String> {
         .map(str::to_string)
 }
 
+/// A success answer's JSON body, or the API error of any other answer.
+async fn json_answer(response: reqwest::Response) -> Result<serde_json::Value, ClientError> {
+    if response.status().is_success() {
+        response
+            .json()
+            .await
+            .map_err(|e| ClientError::Decode(e.to_string()))
+    } else {
+        Err(api_error(response).await)
+    }
+}
+
 async fn api_error(response: reqwest::Response) -> ClientError {
     let status = response.status().as_u16();
     match response.json::<ErrorBody>().await {
@@ -304,14 +316,7 @@ impl Client {
     /// GET `path` and decode its JSON, or the API error.
     async fn get_json(&self, path: &str) -> Result<serde_json::Value, ClientError> {
         let response = self.http.get(format!("{}{path}", self.base)).send().await?;
-        if response.status().is_success() {
-            response
-                .json()
-                .await
-                .map_err(|e| ClientError::Decode(e.to_string()))
-        } else {
-            Err(api_error(response).await)
-        }
+        json_answer(response).await
     }
 
     pub async fn status(&self) -> Result<serde_json::Value, ClientError> {
@@ -405,14 +410,7 @@ impl Client {
             .post(format!("{}{path}", self.base))
             .send()
             .await?;
-        if response.status().is_success() {
-            response
-                .json()
-                .await
-                .map_err(|e| ClientError::Decode(e.to_string()))
-        } else {
-            Err(api_error(response).await)
-        }
+        json_answer(response).await
     }
 
     /// Where a repair run stands (SPEC's JSON).
