@@ -12,6 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// What a timed put gives back: the timeout's verdict around the client's answer.
+type PutResult = Result<Result<Option<String>, ClientError>, tokio::time::error::Elapsed>;
+
 pub const BUCKET: &str = "chaos";
 /// Bounds the keys (and so the final snapshot's requests) of one writer in one run.
 const MAX_KEYS_PER_WRITER: u64 = 1_500;
@@ -105,6 +108,30 @@ impl Workload {
         read
     }
 
+    /// A put at the write level within the operation timeout, and when it was invoked.
+    async fn put(
+        &self,
+        node: &Client,
+        key: &str,
+        value: &str,
+        context: Option<&str>,
+    ) -> (u64, PutResult) {
+        let invoke_us = self.micros();
+        let result = tokio::time::timeout(
+            self.op_timeout,
+            node.put(
+                BUCKET,
+                key.as_bytes(),
+                value.as_bytes().to_vec(),
+                None,
+                Some(self.write_level),
+                context,
+            ),
+        )
+        .await;
+        (invoke_us, result)
+    }
+
     /// Writes fresh keys once each; a fifth of the acknowledged ones are then deleted.
     pub async fn unique_writer(self: Arc<Self>, client: u32, seed: u64) {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -118,19 +145,7 @@ impl Workload {
                 .expect("keys lock")
                 .push(key.clone());
             let node = self.node(&mut rng).clone();
-            let invoke_us = self.micros();
-            let result = tokio::time::timeout(
-                self.op_timeout,
-                node.put(
-                    BUCKET,
-                    key.as_bytes(),
-                    value.clone().into_bytes(),
-                    None,
-                    Some(self.write_level),
-                    None,
-                ),
-            )
-            .await;
+            let (invoke_us, result) = self.put(&node, &key, &value, None).await;
             let outcome = classify(&result);
             self.record(
                 client,
@@ -205,19 +220,7 @@ impl Workload {
                 let value = format!("{key}:c{client}-{sequence}");
                 sequence += 1;
                 let node = self.node(&mut rng).clone();
-                let invoke_us = self.micros();
-                let result = tokio::time::timeout(
-                    self.op_timeout,
-                    node.put(
-                        BUCKET,
-                        key.as_bytes(),
-                        value.clone().into_bytes(),
-                        None,
-                        Some(self.write_level),
-                        read.context(),
-                    ),
-                )
-                .await;
+                let (invoke_us, result) = self.put(&node, &key, &value, read.context()).await;
                 let outcome = classify(&result);
                 self.record(
                     client,
