@@ -4,7 +4,8 @@
 # accumulate from round to round as they do under real blind writers).
 #   scripts/bench_buckets.sh [ops per round] [concurrency]
 # BUCKET_ORDER="blind_causal blind_lww" runs the causal rounds first (to tell the cluster's
-# growth apart from the resolution).
+# growth apart from the resolution); "rmw_causal" adds read-modify-write clients on a causal
+# bucket (`mendkv bench --workload rmw`: read at quorum, write back with the context).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ops=${1:-50000}
@@ -21,7 +22,9 @@ bench_set_lww blind_lww "$port"
 for bucket in ${BUCKET_ORDER:-blind_lww blind_causal}; do
   for round in 1 2 3; do
     echo "== $bucket round $round"
-    "$bin" bench "${nodes[@]}" --workload w --ops "$ops" --concurrency "$concurrency" \
+    workload=w
+    [[ $bucket == rmw_* ]] && workload=rmw
+    "$bin" bench "${nodes[@]}" --workload "$workload" --ops "$ops" --concurrency "$concurrency" \
       --keys 100000 --value-size 100 --bucket "$bucket" --seed "$round"
   done
 done

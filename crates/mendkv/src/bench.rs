@@ -1,6 +1,9 @@
 //! `mendkv bench`: YCSB-style load over HTTP keep-alive connections spread across nodes.
 //! Workloads: a = 50% reads / 50% updates, b = 95 / 5, c = reads only, w = updates only
-//! (an extension for write-throughput figures). Keys uniform or zipfian (YCSB's 0.99).
+//! (an extension for write-throughput figures), rmw = read-modify-write (each operation reads
+//! the key, then writes it back with the context it read: the client a causal bucket asks
+//! for, whose only siblings come from truly concurrent writers). Keys uniform or zipfian
+//! (YCSB's 0.99).
 //! Latency goes into an HDR histogram (µs); errors are counted, never hidden.
 
 use anyhow::{bail, Result};
@@ -18,7 +21,8 @@ pub struct BenchArgs {
     /// Nodes to spread requests over (repeat the flag).
     #[arg(long = "node", default_value = "http://127.0.0.1:8001")]
     nodes: Vec<String>,
-    /// a (50/50 read/update), b (95/5), c (read only), w (update only).
+    /// a (50/50 read/update), b (95/5), c (read only), w (update only), rmw (read, then
+    /// write with the context read).
     #[arg(long, default_value = "a")]
     workload: String,
     #[arg(long, default_value_t = 100_000)]
@@ -54,20 +58,87 @@ struct Totals {
     updates: Histogram<u64>,
     errors: u64,
     not_found: u64,
+    /// Reads answered with siblings (300).
+    siblings: u64,
 }
 
-fn read_share(workload: &str) -> Result<f64> {
-    Ok(match workload {
+/// The share of operations that are plain reads; `rmw` is read-modify-write (`None`).
+fn read_share(workload: &str) -> Result<Option<f64>> {
+    Ok(Some(match workload {
         "a" => 0.5,
         "b" => 0.95,
         "c" => 1.0,
         "w" => 0.0,
-        other => bail!("unknown workload {other:?}: use a, b, c or w"),
-    })
+        "rmw" => return Ok(None),
+        other => bail!("unknown workload {other:?}: use a, b, c, w or rmw"),
+    }))
 }
 
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+impl Default for Totals {
+    fn default() -> Self {
+        Totals {
+            reads: histogram(),
+            updates: histogram(),
+            errors: 0,
+            not_found: 0,
+            siblings: 0,
+        }
+    }
+}
+
+/// One read at `--r`; its answer's context (for a read-modify-write), counted in `totals`.
+async fn timed_read(
+    client: &Client,
+    args: &BenchArgs,
+    key: &str,
+    totals: &mut Totals,
+) -> Result<Option<String>, mendkv_client::ClientError> {
+    let answer = client
+        .get(&args.bucket, key.as_bytes(), Some(&args.r))
+        .await?;
+    match &answer {
+        mendkv_client::ReadResult::NotFound { .. } => totals.not_found += 1,
+        mendkv_client::ReadResult::Siblings { .. } => totals.siblings += 1,
+        mendkv_client::ReadResult::Value { .. } => {}
+    }
+    Ok(answer.context().map(str::to_owned))
+}
+
+/// One write at `--w`, blind or with a context.
+async fn put(
+    client: &Client,
+    args: &BenchArgs,
+    key: &str,
+    value: &[u8],
+    context: Option<&str>,
+) -> Result<(), mendkv_client::ClientError> {
+    client
+        .put(
+            &args.bucket,
+            key.as_bytes(),
+            value.to_vec(),
+            None,
+            Some(&args.w),
+            context,
+        )
+        .await
+        .map(|_| ())
+}
+
+/// Records one operation's latency, or its failure.
+fn record(totals: &mut Totals, is_read: bool, started: Instant, ok: bool) {
+    let micros = (started.elapsed().as_micros() as u64).max(1);
+    if !ok {
+        totals.errors += 1;
+    } else if is_read {
+        let _ = totals.reads.record(micros);
+    } else {
+        let _ = totals.updates.record(micros);
+    }
 }
 
 pub async fn run(args: BenchArgs) -> Result<()> {
@@ -136,69 +207,46 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             let mut rng = rand::rngs::StdRng::seed_from_u64(
                 args.seed.wrapping_mul(1000).wrapping_add(worker as u64),
             );
-            let mut totals = Totals {
-                reads: histogram(),
-                updates: histogram(),
-                errors: 0,
-                not_found: 0,
-            };
+            let mut totals = Totals::default();
             while next.fetch_add(1, Ordering::Relaxed) < args.ops {
                 let key_index = match &zipf {
                     Some(z) => (z.sample(&mut rng) as u64).saturating_sub(1),
                     None => rng.gen_range(0..args.keys),
                 };
                 let key = format!("key{key_index}");
-                let is_read = rng.gen_bool(read_share);
-                let op_started = Instant::now();
-                let ok = if is_read {
-                    match client
-                        .get(&args.bucket, key.as_bytes(), Some(&args.r))
-                        .await
-                    {
-                        Ok(mendkv_client::ReadResult::NotFound { .. }) => {
-                            totals.not_found += 1;
-                            true
-                        }
-                        Ok(_) => true,
-                        Err(_) => false,
+                match read_share {
+                    Some(share) => {
+                        let is_read = rng.gen_bool(share);
+                        let op_started = Instant::now();
+                        let outcome = if is_read {
+                            timed_read(&client, &args, &key, &mut totals).await.map(|_| ())
+                        } else {
+                            put(&client, &args, &key, &value, None).await
+                        };
+                        record(&mut totals, is_read, op_started, outcome.is_ok());
                     }
-                } else {
-                    client
-                        .put(
-                            &args.bucket,
-                            key.as_bytes(),
-                            value.clone(),
-                            None,
-                            Some(&args.w),
-                            None,
-                        )
-                        .await
-                        .is_ok()
-                };
-                let micros = op_started.elapsed().as_micros() as u64;
-                if !ok {
-                    totals.errors += 1;
-                } else if is_read {
-                    let _ = totals.reads.record(micros.max(1));
-                } else {
-                    let _ = totals.updates.record(micros.max(1));
+                    None => {
+                        let op_started = Instant::now();
+                        let read = timed_read(&client, &args, &key, &mut totals).await;
+                        record(&mut totals, true, op_started, read.is_ok());
+                        let Ok(context) = read else { continue };
+                        let op_started = Instant::now();
+                        let written = put(&client, &args, &key, &value, context.as_deref()).await;
+                        record(&mut totals, false, op_started, written.is_ok());
+                    }
                 }
             }
             totals
         }));
     }
-    let mut totals = Totals {
-        reads: histogram(),
-        updates: histogram(),
-        errors: 0,
-        not_found: 0,
-    };
+    let mut totals = Totals::default();
     for task in tasks {
         let t = task.await?;
         totals.reads.add(&t.reads)?;
         totals.updates.add(&t.updates)?;
         totals.errors += t.errors;
         totals.not_found += t.not_found;
+        totals.siblings += t.siblings;
     }
     let elapsed = started.elapsed().as_secs_f64();
     let done = totals.reads.len() + totals.updates.len();
@@ -214,11 +262,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         args.concurrency
     );
     println!(
-        "{:.0} ops/s ({} ok, {} errors, {} not found) in {:.2} s",
+        "{:.0} ops/s ({} ok, {} errors, {} not found, {} with siblings) in {:.2} s",
         done as f64 / elapsed,
         done,
         totals.errors,
         totals.not_found,
+        totals.siblings,
         elapsed
     );
     for (name, h) in [("read", &totals.reads), ("update", &totals.updates)] {

@@ -233,11 +233,10 @@ impl NodeTask {
         for (counter, value) in now.iter() {
             metrics.count_node(counter, value - self.exported.get(counter));
         }
-        let mismatches =
-            now[Counter::TreeChecksMismatch] - self.exported[Counter::TreeChecksMismatch];
-        if mismatches > 0 {
+        for range in self.node.take_tree_mismatches() {
             tracing::error!(
-                mismatches,
+                range_start = range.start,
+                range_end = range.end,
                 "a Merkle tree disagreed with its data; rebuilt from a scan"
             );
         }

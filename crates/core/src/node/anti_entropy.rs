@@ -175,7 +175,13 @@ pub(super) struct AntiEntropyState {
     pub repair_throttled_until: Millis,
     /// Durations of finished exchanges, drained by the driver into a histogram.
     pub exchange_durations_ms: VecDeque<Millis>,
+    /// Ranges whose tree a verification found disagreeing with the data, drained by the
+    /// driver into its log (bounded: past [`MAX_PENDING_MISMATCHES`] only the counter grows).
+    pub tree_mismatches: VecDeque<TokenRange>,
 }
+
+/// Mismatched ranges kept for the driver's log between two drains.
+const MAX_PENDING_MISMATCHES: usize = 64;
 
 impl AntiEntropyState {
     pub fn new(config: &NodeConfig, now: Millis) -> Self {
@@ -201,6 +207,7 @@ impl AntiEntropyState {
             verify_cursor: 0,
             repair_throttled_until: 0,
             exchange_durations_ms: VecDeque::new(),
+            tree_mismatches: VecDeque::new(),
         }
     }
 }
@@ -306,6 +313,9 @@ impl<S: Storage> Node<S> {
             self.stats.increment(Counter::TreeChecksOk);
         } else {
             self.stats.increment(Counter::TreeChecksMismatch);
+            if self.anti_entropy.tree_mismatches.len() < MAX_PENDING_MISMATCHES {
+                self.anti_entropy.tree_mismatches.push_back(range);
+            }
             let _ = self.anti_entropy.trees.insert_tree(fresh);
         }
         self.consider_reaping(now, range, tombstones);
@@ -974,6 +984,12 @@ impl<S: Storage> Node<S> {
     /// Durations of exchanges finished since the last call (for a histogram).
     pub fn take_exchange_durations_ms(&mut self) -> Vec<Millis> {
         self.anti_entropy.exchange_durations_ms.drain(..).collect()
+    }
+
+    /// Ranges whose tree disagreed with a scan of their data since the last call (each was
+    /// rebuilt from that scan), for the driver's log.
+    pub fn take_tree_mismatches(&mut self) -> Vec<TokenRange> {
+        self.anti_entropy.tree_mismatches.drain(..).collect()
     }
 
     /// The known repair debt toward each peer (mismatched leaves that the last exchange of

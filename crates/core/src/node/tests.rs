@@ -648,6 +648,13 @@ fn tree_verification_finds_and_fixes_a_stale_tree() {
     storage.put("b", b"bypass", &other).unwrap();
     full_pass(&mut node);
     assert_eq!(node.stats()[Counter::TreeChecksMismatch], 1, "found");
+    let bypass_token = crate::ring::key_token("b", b"bypass");
+    let mismatched = node.take_tree_mismatches();
+    assert!(
+        matches!(mismatched.as_slice(), [range] if range.contains(bypass_token)),
+        "the driver is told which range disagreed, to name it in the log: {mismatched:?}"
+    );
+    assert!(node.take_tree_mismatches().is_empty(), "drained");
     full_pass(&mut node);
     assert_eq!(
         node.stats()[Counter::TreeChecksMismatch],
