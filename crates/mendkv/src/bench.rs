@@ -219,7 +219,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                         let is_read = rng.gen_bool(share);
                         let op_started = Instant::now();
                         let outcome = if is_read {
-                            timed_read(&client, &args, &key, &mut totals).await.map(|_| ())
+                            timed_read(&client, &args, &key, &mut totals)
+                                .await
+                                .map(|_| ())
                         } else {
                             put(&client, &args, &key, &value, None).await
                         };

@@ -10,7 +10,7 @@ use mendkv_core::config::FsyncPolicy;
 use mendkv_core::membership::PeerStatus;
 use mendkv_core::message::{ClientRequestId, ClientResponse, Message};
 use mendkv_core::node::{Action, Node, SyncTicket};
-use mendkv_core::node::{Counter, Counters};
+use mendkv_core::node::Counters;
 use mendkv_core::storage::{Storage, StorageError};
 use mendkv_core::{Millis, NodeId};
 use mendkv_storage::FjallStorage;
