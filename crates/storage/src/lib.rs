@@ -194,6 +194,7 @@ impl FjallStorage {
                             Ok(_) => {}
                             Err(error) => tracing::error!(
                                 bucket = buckets[index],
+                                stored_key = %String::from_utf8_lossy(&key),
                                 %error,
                                 "corrupt object skipped while counting keys"
                             ),
