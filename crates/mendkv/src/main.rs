@@ -446,11 +446,13 @@ fn print_status(status: &serde_json::Value) -> Result<()> {
         "NODE", "STATUS", "STATE", "PHI", "OWNERSHIP", "HINTS", "PEER", "HTTP"
     );
     for node in nodes {
+        let status = node["status"].as_str().unwrap_or("?");
+        let state = node["state"].as_str().unwrap_or("?");
         println!(
             "{:<14} {:<7} {:<7} {:>6.2} {:>9.1}% {:>7}  {:<22} {:<22}",
             node["id"].as_str().unwrap_or("?"),
-            node["status"].as_str().unwrap_or("?"),
-            node["state"].as_str().unwrap_or("?"),
+            liveness_style(status).apply_to(status),
+            state_style(state).apply_to(state),
             node["phi"].as_f64().unwrap_or(0.0),
             node["ownership"].as_f64().unwrap_or(0.0) * 100.0,
             node["hints_pending"].as_u64().unwrap_or(0),
@@ -478,6 +480,27 @@ fn print_status(status: &serde_json::Value) -> Result<()> {
     }
     print_repair_debt(status);
     Ok(())
+}
+
+/// Colour for a node's liveness; `for_stdout` keeps escape codes off unless stdout is a
+/// terminal (and honours NO_COLOR / CLICOLOR_FORCE), so piped output stays plain.
+fn liveness_style(status: &str) -> console::Style {
+    let style = console::Style::new().for_stdout();
+    match status {
+        "up" => style.green(),
+        "down" => style.red().bold(),
+        _ => style.yellow(),
+    }
+}
+
+/// Colour for a node's ring state: changes in progress stand out, departed nodes fade.
+fn state_style(state: &str) -> console::Style {
+    let style = console::Style::new().for_stdout();
+    match state {
+        "normal" => style,
+        "joining" | "leaving" => style.yellow(),
+        _ => style.dim(),
+    }
 }
 
 /// The repair rate in force and, per replica pair, the known debt and its ETA.

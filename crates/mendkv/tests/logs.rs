@@ -1,5 +1,6 @@
 //! Logs that tools can read (issue 16): no terminal colour codes when stderr is a file,
-//! `log.format = "json"` gives one JSON object per line, and a bad level is refused.
+//! `log.format = "json"` gives one JSON object per line, a bad level is refused, and
+//! `mendkv status` colours only on a terminal.
 
 mod common;
 
@@ -7,11 +8,13 @@ use common::{eventually, free_port};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// Starts a node with its stderr in `dir/server.log` (RUST_LOG unset, so `[log]` rules),
-/// waits until it serves, then stops it and returns the log.
-async fn log_of_a_node(dir: &std::path::Path, env: &[(&str, &str)]) -> String {
-    let log_path = dir.join("server.log");
-    let log = std::fs::File::create(&log_path).unwrap();
+/// Starts a node with its stderr in `dir/server.log` (RUST_LOG unset, so `[log]` rules) and
+/// waits until it serves; returns the process and its HTTP address.
+async fn serving_node(
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (std::process::Child, String) {
+    let log = std::fs::File::create(dir.join("server.log")).unwrap();
     let http = format!("127.0.0.1:{}", free_port());
     let mut command = Command::new(env!("CARGO_BIN_EXE_mendkv"));
     command
@@ -28,15 +31,69 @@ async fn log_of_a_node(dir: &std::path::Path, env: &[(&str, &str)]) -> String {
     for (k, v) in env {
         command.env(k, v);
     }
-    let mut child = command.spawn().unwrap();
+    let child = command.spawn().unwrap();
     let client = mendkv_client::Client::new(&format!("http://{http}"));
     eventually(Duration::from_secs(20), "the node serves", || async {
         client.health().await
     })
     .await;
+    (child, http)
+}
+
+/// Starts a node, waits until it serves, then stops it and returns its log.
+async fn log_of_a_node(dir: &std::path::Path, env: &[(&str, &str)]) -> String {
+    let (mut child, _) = serving_node(dir, env).await;
     let _ = child.kill();
     let _ = child.wait();
-    std::fs::read_to_string(&log_path).unwrap()
+    std::fs::read_to_string(dir.join("server.log")).unwrap()
+}
+
+/// `mendkv status` colours only on a terminal: piped, its table is plain text; with colour
+/// forced (CLICOLOR_FORCE, as a terminal would have it) the liveness is coloured and the
+/// columns read the same once the codes are stripped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_colours_only_on_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, http) = serving_node(dir.path(), &[]).await;
+    let status = |force_colour: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_mendkv"));
+        command
+            .args(["status", "--node", &format!("http://{http}")])
+            .env_remove("NO_COLOR")
+            .env_remove("CLICOLOR")
+            .env_remove("CLICOLOR_FORCE");
+        if force_colour {
+            command.env("CLICOLOR_FORCE", "1");
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let piped = status(false);
+    let coloured = status(true);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(piped.contains("n1") && piped.contains(" up "), "{piped}");
+    assert!(
+        !piped.contains('\u{1b}'),
+        "escape codes in piped output: {piped:?}"
+    );
+    assert!(
+        coloured.contains("\u{1b}[32mup"),
+        "liveness in green: {coloured:?}"
+    );
+    let stripped = console::strip_ansi_codes(&coloured);
+    let rows = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("n1") || l.starts_with("NODE"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        rows(&stripped),
+        rows(&piped),
+        "colour must not shift the columns"
+    );
 }
 
 /// Text logs written to a file carry no escape codes.
