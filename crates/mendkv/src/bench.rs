@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Zipf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Args, Clone)]
 pub struct BenchArgs {
@@ -46,6 +46,22 @@ pub struct BenchArgs {
     /// Write every key once before measuring (needed for read workloads on a fresh cluster).
     #[arg(long)]
     preload: bool,
+    /// The write level of the preload (all: every replica holds every key).
+    #[arg(long, default_value = "all")]
+    preload_w: String,
+    /// Open loop: start operations at this many per second in total (0 = closed loop, each
+    /// worker starts its next operation when the last ends). Latency is measured from when
+    /// an operation was due, so a slow server cannot hide its queueing (no coordinated
+    /// omission).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Stop after this many seconds (0 = when `--ops` are done).
+    #[arg(long, default_value_t = 0)]
+    duration_s: u64,
+    /// Stop when this file exists (checked between operations), e.g. when a repair the
+    /// caller is timing has finished.
+    #[arg(long)]
+    until_file: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// PEM file of the CA that signed the nodes' certificates (for `https://` nodes).
@@ -151,7 +167,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         "zipfian" => Some(Zipf::new(args.keys, 0.99)?),
         other => bail!("unknown distribution {other:?}: use uniform or zipfian"),
     };
-    for level in [&args.r, &args.w] {
+    for level in [&args.r, &args.w, &args.preload_w] {
         if !["one", "quorum", "all"].contains(&level.as_str()) {
             bail!("unknown consistency level {level:?}: use one, quorum or all");
         }
@@ -181,7 +197,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                             format!("key{i}").as_bytes(),
                             value.clone(),
                             None,
-                            Some("all"),
+                            Some(&args.preload_w),
                             None,
                         )
                         .await?;
@@ -199,6 +215,14 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
+    let deadline = (args.duration_s > 0).then(|| started + Duration::from_secs(args.duration_s));
+    let ops = if args.duration_s > 0 && args.rate == 0 {
+        u64::MAX
+    } else if args.duration_s > 0 {
+        args.rate.saturating_mul(args.duration_s)
+    } else {
+        args.ops
+    };
     let mut tasks = Vec::new();
     for worker in 0..args.concurrency {
         let client = clients[worker % clients.len()].clone();
@@ -208,7 +232,20 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 args.seed.wrapping_mul(1000).wrapping_add(worker as u64),
             );
             let mut totals = Totals::default();
-            while next.fetch_add(1, Ordering::Relaxed) < args.ops {
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= ops
+                    || deadline.is_some_and(|d| Instant::now() >= d)
+                    || args.until_file.as_ref().is_some_and(|f| f.exists())
+                {
+                    break;
+                }
+                // Open loop: operation `index` is due at index / rate seconds.
+                let due = (args.rate > 0)
+                    .then(|| started + Duration::from_secs_f64(index as f64 / args.rate as f64));
+                if let Some(due) = due {
+                    tokio::time::sleep_until(due.into()).await;
+                }
                 let key_index = match &zipf {
                     Some(z) => (z.sample(&mut rng) as u64).saturating_sub(1),
                     None => rng.gen_range(0..args.keys),
@@ -217,7 +254,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 match read_share {
                     Some(share) => {
                         let is_read = rng.gen_bool(share);
-                        let op_started = Instant::now();
+                        let op_started = due.unwrap_or_else(Instant::now);
                         let outcome = if is_read {
                             timed_read(&client, &args, &key, &mut totals)
                                 .await
@@ -228,7 +265,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                         record(&mut totals, is_read, op_started, outcome.is_ok());
                     }
                     None => {
-                        let op_started = Instant::now();
+                        let op_started = due.unwrap_or_else(Instant::now);
                         let read = timed_read(&client, &args, &key, &mut totals).await;
                         record(&mut totals, true, op_started, read.is_ok());
                         let Ok(context) = read else { continue };
@@ -253,7 +290,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     let done = totals.reads.len() + totals.updates.len();
     println!(
-        "workload {} ({} keys {}, {} B values, r={} w={}), {} nodes, concurrency {}",
+        "workload {} ({} keys {}, {} B values, r={} w={}), {} nodes, concurrency {}{}",
         args.workload,
         args.keys,
         args.distribution,
@@ -261,7 +298,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         args.r,
         args.w,
         clients.len(),
-        args.concurrency
+        args.concurrency,
+        if args.rate > 0 {
+            format!(", open loop at {} ops/s", args.rate)
+        } else {
+            String::new()
+        }
     );
     println!(
         "{:.0} ops/s ({} ok, {} errors, {} not found, {} with siblings) in {:.2} s",

@@ -39,6 +39,9 @@ pub struct RepairControllerSection {
     pub enabled: bool,
     /// The client p99 repair backs off to protect (below the breaker's threshold).
     pub target_p99_ms: u64,
+    /// How far (percent) the client p99 may rise above its level without repair before
+    /// repair backs off; 0 = `target_p99_ms` alone.
+    pub baseline_headroom_percent: u64,
     pub floor_bytes_per_s: u64,
     pub ceiling_bytes_per_s: u64,
     /// Additive step per second while the client p99 is well under the target.
@@ -51,6 +54,7 @@ impl Default for RepairControllerSection {
         RepairControllerSection {
             enabled: core.enabled,
             target_p99_ms: core.target_p99_ms,
+            baseline_headroom_percent: core.baseline_headroom_percent,
             floor_bytes_per_s: core.floor_bytes_per_s,
             ceiling_bytes_per_s: core.ceiling_bytes_per_s,
             increase_bytes_per_s: core.increase_bytes_per_s,
@@ -706,6 +710,7 @@ impl ServerConfig {
         config.repair_controller = mendkv_core::control::ControllerConfig {
             enabled: controller.enabled,
             target_p99_ms: controller.target_p99_ms.max(1),
+            baseline_headroom_percent: controller.baseline_headroom_percent,
             floor_bytes_per_s: controller.floor_bytes_per_s,
             ceiling_bytes_per_s: controller.ceiling_bytes_per_s,
             increase_bytes_per_s: controller.increase_bytes_per_s,

@@ -20,6 +20,9 @@ pub struct TokenBucket {
     /// In thousandths of a byte; negative while in debt.
     level: i128,
     updated_at: Millis,
+    /// Bytes taken or charged so far (wrapping): whether anything was spent between two
+    /// looks, whatever the rate.
+    taken_bytes: u64,
 }
 
 impl TokenBucket {
@@ -32,6 +35,7 @@ impl TokenBucket {
             burst_bytes,
             level: i128::from(burst_bytes) * SCALE,
             updated_at: now,
+            taken_bytes: 0,
         }
     }
 
@@ -54,6 +58,11 @@ impl TokenBucket {
 
     pub fn burst_bytes(&self) -> u64 {
         self.burst_bytes
+    }
+
+    /// Bytes taken or charged so far, counted whether or not the bucket limits (wrapping).
+    pub fn taken_bytes(&self) -> u64 {
+        self.taken_bytes
     }
 
     fn capacity(&self) -> i128 {
@@ -84,12 +93,14 @@ impl TokenBucket {
     /// bucket is full (it would never fit otherwise) and leaves it in debt.
     pub fn try_acquire(&mut self, now: Millis, bytes: u64) -> bool {
         if self.is_unlimited() {
+            self.taken_bytes = self.taken_bytes.wrapping_add(bytes);
             return true;
         }
         self.refill(now);
         let wanted = (i128::from(bytes) * SCALE).min(self.capacity());
         if self.level >= wanted && self.level > 0 || bytes == 0 {
             self.level -= i128::from(bytes) * SCALE;
+            self.taken_bytes = self.taken_bytes.wrapping_add(bytes);
             true
         } else {
             false
@@ -98,6 +109,7 @@ impl TokenBucket {
 
     /// Charges `bytes` already sent; the bucket may go into debt.
     pub fn consume(&mut self, now: Millis, bytes: u64) {
+        self.taken_bytes = self.taken_bytes.wrapping_add(bytes);
         if self.is_unlimited() {
             return;
         }

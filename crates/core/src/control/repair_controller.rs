@@ -7,11 +7,19 @@
 //! anti-entropy and hint replay:
 //! - **idle** (fewer requests than the breaker's `min_samples` in its window): the rate
 //!   doubles toward the ceiling, so a quiet cluster repairs at full speed;
-//! - **threatened** (p99 at or above `target_p99_ms`, or more than half the breaker's error
-//!   or in-flight limits): the rate halves toward the floor, well before the breaker would
-//!   open (its thresholds are higher than the target);
-//! - **healthy** (p99 below 80% of the target): the rate grows by `increase_bytes_per_s`;
+//! - **threatened** (p99 over its limit, or more than half the breaker's error or in-flight
+//!   limits): the rate halves toward the floor, well before the breaker would open (its
+//!   thresholds are higher than the target);
+//! - **healthy** (p99 well under its limit): the rate grows by `increase_bytes_per_s`;
 //! - otherwise it holds.
+//!
+//! The p99 limit is the lower of `target_p99_ms` (an absolute ceiling) and, once known, the
+//! foreground's own p99 *without repair* plus `baseline_headroom_percent`: a cluster whose
+//! clients see 5 ms must not be pushed to 99 ms just because that is under 100. The baseline
+//! is learned whenever repair has spent nothing for a whole breaker window with enough
+//! requests in it (so it follows the load as it changes between repairs); while repair runs
+//! without pause the last baseline stands. With it, "healthy" means at or under the baseline
+//! and "threatened" more than the headroom above it.
 //!
 //! That is additive increase, multiplicative decrease, with a fast start when idle. Sans-IO:
 //! time and signals come in as arguments; the answer is a rate and its reason.
@@ -25,6 +33,9 @@ pub struct ControllerConfig {
     pub enabled: bool,
     /// The client p99 the controller defends: at or above it repair backs off.
     pub target_p99_ms: Millis,
+    /// How far above its level without repair the client p99 may go (percent) before repair
+    /// backs off; 0 = only `target_p99_ms` counts.
+    pub baseline_headroom_percent: u64,
     /// Repair never goes slower than this (so it always progresses).
     pub floor_bytes_per_s: u64,
     /// Nor faster than this (the "unthrottled" end).
@@ -40,6 +51,7 @@ impl Default for ControllerConfig {
         ControllerConfig {
             enabled: true,
             target_p99_ms: 100,
+            baseline_headroom_percent: 20,
             floor_bytes_per_s: 1 << 20,
             ceiling_bytes_per_s: 256 << 20,
             increase_bytes_per_s: 4 << 20,
@@ -61,8 +73,13 @@ pub enum RateReason {
     Healthy { p99_ms: Millis },
     /// Close to the target: holding.
     Holding { p99_ms: Millis },
-    /// The p99 target is threatened: backing off.
-    LatencyHigh { p99_ms: Millis, target_ms: Millis },
+    /// The p99 target is threatened: backing off. `baseline_ms`: the p99 without repair the
+    /// limit was derived from, when it was (else the limit is `target_p99_ms`).
+    LatencyHigh {
+        p99_ms: Millis,
+        target_ms: Millis,
+        baseline_ms: Option<Millis>,
+    },
     /// Many failed client requests: backing off.
     ErrorsHigh { rate: f64 },
     /// Many requests in flight: backing off.
@@ -95,10 +112,25 @@ impl std::fmt::Display for RateReason {
             RateReason::Holding { p99_ms } => {
                 write!(f, "client p99 {p99_ms} ms near the target: holding")
             }
-            RateReason::LatencyHigh { p99_ms, target_ms } => {
+            RateReason::LatencyHigh {
+                p99_ms,
+                target_ms,
+                baseline_ms: None,
+            } => {
                 write!(
                     f,
                     "client p99 {p99_ms} ms >= target {target_ms} ms: backing off"
+                )
+            }
+            RateReason::LatencyHigh {
+                p99_ms,
+                target_ms,
+                baseline_ms: Some(baseline),
+            } => {
+                write!(
+                    f,
+                    "client p99 {p99_ms} ms > {target_ms} ms ({baseline} ms without repair \
+                     + headroom): backing off"
                 )
             }
             RateReason::ErrorsHigh { rate } => {
@@ -118,6 +150,10 @@ pub struct RepairController {
     rate_bytes_per_s: u64,
     reason: RateReason,
     next_adjust_at: Millis,
+    /// The client p99 over the last window in which repair spent nothing.
+    baseline_p99_ms: Option<Millis>,
+    /// When repair last spent bytes (none yet: quiet since the start).
+    repair_last_busy_at: Option<Millis>,
 }
 
 impl RepairController {
@@ -149,6 +185,30 @@ impl RepairController {
             breaker,
             rate_bytes_per_s: rate,
             reason,
+            baseline_p99_ms: None,
+            repair_last_busy_at: None,
+        }
+    }
+
+    /// The client p99 without repair the limit follows, once learned.
+    pub fn baseline_p99_ms(&self) -> Option<Millis> {
+        self.baseline_p99_ms
+    }
+
+    /// The p99 above which repair backs off, and the baseline it came from (if it did).
+    fn latency_limit(&self) -> (Millis, Option<Millis>) {
+        let absolute = self.config.target_p99_ms.saturating_sub(1);
+        match self.baseline_p99_ms {
+            Some(baseline) if self.config.baseline_headroom_percent > 0 => {
+                let headroom = (baseline * self.config.baseline_headroom_percent / 100).max(1);
+                let limit = baseline + headroom;
+                if limit < absolute {
+                    (limit, Some(baseline))
+                } else {
+                    (absolute, None)
+                }
+            }
+            _ => (absolute, None),
         }
     }
 
@@ -170,13 +230,30 @@ impl RepairController {
         }
     }
 
-    /// Reconsiders the rate when due; the new rate when it changed.
+    /// Reconsiders the rate when due; the new rate when it changed. `repair_busy`: whether
+    /// repair spent any bytes since the last call (for the baseline without repair).
     #[must_use = "a changed rate must be applied to the repair byte budget"]
-    pub fn adjust(&mut self, now: Millis, signals: &ForegroundSignals) -> Option<u64> {
+    pub fn adjust(
+        &mut self,
+        now: Millis,
+        signals: &ForegroundSignals,
+        repair_busy: bool,
+    ) -> Option<u64> {
+        if repair_busy {
+            self.repair_last_busy_at = Some(now);
+        }
         if !self.config.enabled || now < self.next_adjust_at {
             return None;
         }
         self.next_adjust_at = now + self.config.adjust_interval_ms;
+        let quiet_window = self
+            .repair_last_busy_at
+            .is_none_or(|at| now.saturating_sub(at) >= self.breaker.window_ms);
+        if quiet_window && signals.requests >= self.breaker.min_samples.max(1) {
+            if let Some(p99) = signals.p99_ms {
+                self.baseline_p99_ms = Some(p99);
+            }
+        }
         let (floor, ceiling) = (
             self.config.floor_bytes_per_s,
             self.config
@@ -203,15 +280,25 @@ impl RepairController {
             )
         } else {
             let p99_ms = signals.p99_ms.unwrap_or(0);
-            if p99_ms >= self.config.target_p99_ms {
+            let (limit, baseline) = self.latency_limit();
+            let healthy = match baseline {
+                Some(baseline) => p99_ms <= baseline,
+                None => p99_ms * 5 < self.config.target_p99_ms * 4,
+            };
+            if p99_ms > limit {
                 (
                     back_off,
                     RateReason::LatencyHigh {
                         p99_ms,
-                        target_ms: self.config.target_p99_ms,
+                        target_ms: if baseline.is_some() {
+                            limit
+                        } else {
+                            self.config.target_p99_ms
+                        },
+                        baseline_ms: baseline,
                     },
                 )
-            } else if p99_ms * 5 < self.config.target_p99_ms * 4 {
+            } else if healthy {
                 (
                     current
                         .saturating_add(self.config.increase_bytes_per_s)
@@ -232,9 +319,13 @@ impl RepairController {
 mod tests {
     use super::*;
 
+    /// A controller judging by the absolute target only (no baseline).
     fn controller(initial: u64) -> RepairController {
         RepairController::new(
-            ControllerConfig::default(),
+            ControllerConfig {
+                baseline_headroom_percent: 0,
+                ..ControllerConfig::default()
+            },
             BreakerConfig::default(),
             initial,
             0,
@@ -285,7 +376,7 @@ mod tests {
         let mut now = 0;
         for (i, (signals, rate, reason)) in steps.into_iter().enumerate() {
             now += config.adjust_interval_ms;
-            let _ = c.adjust(now, &signals);
+            let _ = c.adjust(now, &signals, false);
             assert_eq!(
                 (c.rate_bytes_per_s(), c.reason().as_str()),
                 (rate, reason),
@@ -295,23 +386,96 @@ mod tests {
         // Backing off forever stops at the floor; idling forever at the ceiling.
         for _ in 0..40 {
             now += config.adjust_interval_ms;
-            let _ = c.adjust(now, &busy(500));
+            let _ = c.adjust(now, &busy(500), false);
         }
         assert_eq!(c.rate_bytes_per_s(), config.floor_bytes_per_s);
         for _ in 0..40 {
             now += config.adjust_interval_ms;
-            let _ = c.adjust(now, &idle);
+            let _ = c.adjust(now, &idle, false);
         }
         assert_eq!(c.rate_bytes_per_s(), config.ceiling_bytes_per_s);
+    }
+
+    /// With a baseline: the p99 learned while repair was quiet for a whole breaker window
+    /// sets the limit (baseline + 20%, under the absolute target); while repair runs the
+    /// baseline stands, and it is learned again after a quiet window.
+    #[test]
+    fn the_limit_follows_the_p99_without_repair() {
+        let mib = 1 << 20;
+        let window = BreakerConfig::default().window_ms;
+        let mut c = RepairController::new(
+            ControllerConfig::default(),
+            BreakerConfig::default(),
+            32 * mib,
+            0,
+        );
+        // (time, client p99, repair spent bytes, rate after, reason, baseline after)
+        let steps: Vec<(Millis, Millis, bool, u64, &str, Option<Millis>)> = vec![
+            (1_000, 10, false, 36 * mib, "healthy", Some(10)),
+            (2_000, 12, true, 36 * mib, "holding", Some(10)),
+            (3_000, 15, true, 18 * mib, "latency_high", Some(10)),
+            (4_000, 10, true, 22 * mib, "healthy", Some(10)),
+            // Repair keeps running: a higher p99 is not taken as the new normal.
+            (5_000, 20, true, 11 * mib, "latency_high", Some(10)),
+            // A whole window without repair: the load's own p99 is the baseline now.
+            (5_000 + window, 20, false, 15 * mib, "healthy", Some(20)),
+            (6_000 + window, 24, true, 15 * mib, "holding", Some(20)),
+            (
+                7_000 + window,
+                25,
+                true,
+                7 * mib + mib / 2,
+                "latency_high",
+                Some(20),
+            ),
+            // Near the absolute target the target rules: 90 + 20% is over 100.
+            (
+                8_000 + 2 * window,
+                90,
+                false,
+                7 * mib + mib / 2,
+                "holding",
+                Some(90),
+            ),
+            (
+                9_000 + 2 * window,
+                100,
+                true,
+                3 * mib + 3 * mib / 4,
+                "latency_high",
+                Some(90),
+            ),
+        ];
+        for (i, (now, p99, repair_busy, rate, reason, baseline)) in steps.into_iter().enumerate() {
+            let _ = c.adjust(now, &busy(p99), repair_busy);
+            assert_eq!(
+                (
+                    c.rate_bytes_per_s(),
+                    c.reason().as_str(),
+                    c.baseline_p99_ms()
+                ),
+                (rate, reason, baseline),
+                "step {i}"
+            );
+        }
+        assert_eq!(
+            c.reason(),
+            RateReason::LatencyHigh {
+                p99_ms: 100,
+                target_ms: 100,
+                baseline_ms: None
+            },
+            "the absolute target, not the baseline, set this limit"
+        );
     }
 
     /// Decisions come once per interval, and a disabled controller keeps the fixed rate.
     #[test]
     fn adjusts_once_per_interval_and_only_when_enabled() {
         let mut c = controller(8 << 20);
-        assert_eq!(c.adjust(10, &busy(500)), None, "not due yet");
-        assert_eq!(c.adjust(1000, &busy(500)), Some(4 << 20));
-        assert_eq!(c.adjust(1500, &busy(500)), None);
+        assert_eq!(c.adjust(10, &busy(500), false), None, "not due yet");
+        assert_eq!(c.adjust(1000, &busy(500), false), Some(4 << 20));
+        assert_eq!(c.adjust(1500, &busy(500), false), None);
         let mut off = RepairController::new(
             ControllerConfig {
                 enabled: false,
@@ -321,7 +485,7 @@ mod tests {
             8 << 20,
             0,
         );
-        assert_eq!(off.adjust(10_000, &busy(500)), None);
+        assert_eq!(off.adjust(10_000, &busy(500), false), None);
         assert_eq!(off.rate_bytes_per_s(), 8 << 20);
         assert_eq!(off.reason(), RateReason::Fixed);
         assert_eq!(off.next_deadline(), Millis::MAX);

@@ -21,6 +21,8 @@ pub(super) struct RepairControl {
     pub breaker_probe: Option<(TokenRange, NodeId)>,
     /// Sets `repair_bytes`' rate from foreground load.
     pub controller: RepairController,
+    /// `repair_bytes.taken_bytes()` at the last look: whether repair spent since.
+    pub repair_taken_seen: u64,
 }
 
 impl RepairControl {
@@ -37,6 +39,7 @@ impl RepairControl {
             controller,
             breaker: CircuitBreaker::new(config.circuit_breaker.clone()),
             breaker_probe: None,
+            repair_taken_seen: 0,
         }
     }
 }
@@ -50,7 +53,10 @@ impl<S: Storage> Node<S> {
     /// Lets the repair controller move the repair byte rate (on the node's timer).
     pub(super) fn adjust_repair_rate(&mut self, now: Millis) {
         let signals = self.control.breaker.signals(now);
-        if let Some(rate) = self.control.controller.adjust(now, &signals) {
+        let taken = self.control.repair_bytes.taken_bytes();
+        let repair_busy = taken != self.control.repair_taken_seen;
+        self.control.repair_taken_seen = taken;
+        if let Some(rate) = self.control.controller.adjust(now, &signals, repair_busy) {
             self.control
                 .repair_bytes
                 .set_rate(now, rate, burst_for(rate));

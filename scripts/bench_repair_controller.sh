@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Repair against foreground load (issue 18, part 1): node 3 of a 3-node release cluster misses
+# MISSING keys (it was stopped while they were written at w=quorum, with hinted handoff off so
+# only anti-entropy can bring them), then it returns and `mendkv repair` runs on it, under a
+# steady open-loop foreground load (`mendkv bench --rate`, workload a: 50% reads at r=quorum,
+# 50% writes at w=quorum, on other keys) at about half the cluster's capacity, and without
+# foreground load, in three modes on fresh clusters:
+#   fixed       the repair controller off: the fixed `anti_entropy.rate_limit_bytes_per_s`
+#   unthrottled the controller off and no rate limit
+#   controller  the repair controller on (defaults)
+# For each: foreground p50/p99 with no repair (before node 3 stops) and during the repair,
+# and the time from node 3's restart to the end of the repair run.
+#   scripts/bench_repair_controller.sh [MISSING=200000] [FOREGROUND_OPS_PER_S=auto]
+# MODES (default "fixed unthrottled controller") picks modes; BENCH_BASE_PORT the ports.
+# A benchmark, not a test: CI never runs it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib_bench.sh
+missing=${1:-200000}
+rate=${2:-auto}
+modes=${MODES:-fixed unthrottled controller}
+baseline_s=${BASELINE_S:-15}
+foreground_keys=20000
+[ -n "${MENDKV_BIN:-}" ] || cargo build --release --locked -p mendkv >/dev/null 2>&1
+bin=$(bench_mendkv_bin)
+port=${BENCH_BASE_PORT:-28701}
+dir=$(mktemp -d)
+pids=(0 0 0)
+stop_node() {
+  local i=$1
+  if [ "${pids[$i]}" != 0 ]; then
+    kill -INT "${pids[$i]}" 2>/dev/null || true
+    wait "${pids[$i]}" 2>/dev/null || true
+    pids[$i]=0
+  fi
+}
+stop_all() { for i in 0 1 2; do stop_node "$i"; done; }
+trap 'stop_all; rm -rf "$dir"' EXIT
+
+# start_node I MODE: node I+1 of the current cluster, in the mode's configuration.
+start_node() {
+  local i=$1 mode=$2 env=(MENDKV_HINTED_HANDOFF__ENABLED=false)
+  case $mode in
+    fixed) env+=(MENDKV_REPAIR_CONTROLLER__ENABLED=false) ;;
+    unthrottled) env+=(MENDKV_REPAIR_CONTROLLER__ENABLED=false MENDKV_ANTI_ENTROPY__RATE_LIMIT_BYTES_PER_S=0) ;;
+    controller) env+=(MENDKV_REPAIR_CONTROLLER__ENABLED=true) ;;
+  esac
+  local seeds=()
+  [ "$i" -gt 0 ] && seeds=(--seed "127.0.0.1:$((port + 1000))")
+  env "${env[@]}" "$bin" server --node-id "node$((i + 1))" --listen "127.0.0.1:$((port + 1000 + i))" \
+    --http "127.0.0.1:$((port + i))" --data-dir "$dir/cluster/node$((i + 1))" "${seeds[@]}" \
+    2>>"$dir/cluster/node$((i + 1)).log" &
+  pids[$i]=$!
+  # Serving = a quorum GET answers (404 is an answer): the node has heard the membership.
+  for _ in $(seq 1 300); do
+    local code
+    code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$((port + i))/kv/probe/k" || true)
+    [ "$code" = 404 ] || [ "$code" = 200 ] && return 0
+    sleep 0.1
+  done
+  echo "node$((i + 1)) did not start" >&2
+  return 1
+}
+nodes=(--node "http://127.0.0.1:$port" --node "http://127.0.0.1:$((port + 1))" --node "http://127.0.0.1:$((port + 2))")
+members() { curl -s "http://127.0.0.1:$port/cluster/status" | grep -o '"status":"up"' | wc -l; }
+
+# foreground SECONDS [UNTIL_FILE]: the open-loop foreground load; prints "ops/s p50 p99" (ms,
+# over reads and writes: the worse of the two p99s).
+foreground() {
+  local seconds=$1 until=${2:-} extra=()
+  [ -n "$until" ] && extra=(--until-file "$until")
+  "$bin" bench "${nodes[@]}" --workload a --rate "$rate" --duration-s "$seconds" "${extra[@]}" \
+    --concurrency 64 --keys "$foreground_keys" --value-size 100 --bucket fg --seed 7 >"$dir/fg.out" 2>&1 || true
+  awk '/ops\/s/ { rate = $1 } /p99/ { for (i = 1; i <= NF; i++) { if ($i == "p50") p50 = $(i + 1); if ($i == "p99" && $(i + 1) > p99) p99 = $(i + 1) } }
+    END { printf "%s %s %s\n", rate, p50, p99 }' "$dir/fg.out"
+}
+
+results="$dir/results"
+: >"$results"
+for mode in $modes; do
+  for load in foreground none; do
+    [ "$mode" = fixed ] && [ "$load" = none ] && continue
+    rm -rf "$dir/cluster" && mkdir -p "$dir/cluster"
+    for i in 0 1 2; do start_node "$i" "$mode"; done
+    until [ "$(members)" -ge 3 ]; do sleep 0.2; done
+    "$bin" bench "${nodes[@]}" --workload w --ops 0 --preload --keys "$foreground_keys" --bucket fg \
+      --concurrency 32 >/dev/null
+    if [ "$rate" = auto ]; then
+      # Capacity: a closed-loop run of the same workload; the load is half of it.
+      "$bin" bench "${nodes[@]}" --workload a --duration-s 10 --concurrency 64 --keys "$foreground_keys" \
+        --bucket fg --seed 3 >"$dir/capacity.out" 2>&1
+      capacity=$(awk '/ops\/s/ { print int($1) }' "$dir/capacity.out")
+      rate=$((capacity / 2))
+      echo "capacity (closed loop, workload a, 64 workers): $capacity ops/s; foreground load: $rate ops/s"
+    fi
+    before="-"
+    [ "$load" = foreground ] && before=$(foreground "$baseline_s")
+    stop_node 2
+    "$bin" bench "${nodes[@]:0:4}" --workload w --ops 0 --preload --preload-w quorum --keys "$missing" \
+      --bucket missing --concurrency 32 >/dev/null
+    started=$(date +%s.%N)
+    start_node 2 "$mode"
+    done_file="$dir/repair.done"
+    rm -f "$done_file"
+    (
+      "$bin" repair --node "http://127.0.0.1:$((port + 2))" >"$dir/repair.out" 2>&1 || echo "repair failed" >>"$dir/repair.out"
+      touch "$done_file"
+    ) &
+    repair_pid=$!
+    during="-"
+    if [ "$load" = foreground ]; then
+      during=$(foreground 3600 "$done_file")
+    fi
+    wait "$repair_pid"
+    converged=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
+    # Exact check: node 3 holds every missing key (a sample of 200 read locally).
+    held=0
+    for k in $(seq 0 $((missing / 200)) $((missing - 1)) | head -200); do
+      code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$((port + 2))/admin/local/missing/key$k")
+      [ "$code" = 200 ] && held=$((held + 1))
+    done
+    repaired=$(grep -o '[0-9]* repaired' "$dir/repair.out" | tail -1 || true)
+    echo "$mode $load before[$before] during[$during] converge ${converged}s sample_held $held/200 ($repaired)" | tee -a "$results"
+    stop_all
+  done
+done
+echo
+echo "| mode | foreground | ops/s, p50, p99 ms without repair | ops/s, p50, p99 ms during repair | restart to repaired | sample held |"
+echo "|---|---|---|---|---|---|"
+awk '{ gsub(/before\[|during\[|\]/, "|"); print }' "$results" | while read -r line; do echo "| $line |"; done
