@@ -7,7 +7,8 @@
 # foreground load, in three modes on fresh clusters:
 #   fixed       the repair controller off: the fixed `anti_entropy.rate_limit_bytes_per_s`
 #   unthrottled the controller off and no rate limit
-#   controller  the repair controller on (defaults)
+#   controller  the repair controller on (defaults: the p99 limit follows the p99 without repair)
+#   controller_absolute  the controller judging by `target_p99_ms` alone (headroom 0)
 # For each: foreground p50/p99 with no repair (before node 3 stops) and during the repair,
 # and the time from node 3's restart to the end of the repair run.
 #   scripts/bench_repair_controller.sh [MISSING=200000] [FOREGROUND_OPS_PER_S=auto]
@@ -18,7 +19,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib_bench.sh
 missing=${1:-200000}
 rate=${2:-auto}
-modes=${MODES:-fixed unthrottled controller}
+modes=${MODES:-fixed unthrottled controller_absolute controller}
 baseline_s=${BASELINE_S:-15}
 foreground_keys=20000
 [ -n "${MENDKV_BIN:-}" ] || cargo build --release --locked -p mendkv >/dev/null 2>&1
@@ -44,6 +45,7 @@ start_node() {
     fixed) env+=(MENDKV_REPAIR_CONTROLLER__ENABLED=false) ;;
     unthrottled) env+=(MENDKV_REPAIR_CONTROLLER__ENABLED=false MENDKV_ANTI_ENTROPY__RATE_LIMIT_BYTES_PER_S=0) ;;
     controller) env+=(MENDKV_REPAIR_CONTROLLER__ENABLED=true) ;;
+    controller_absolute) env+=(MENDKV_REPAIR_CONTROLLER__ENABLED=true MENDKV_REPAIR_CONTROLLER__BASELINE_HEADROOM_PERCENT=0) ;;
   esac
   local seeds=()
   [ "$i" -gt 0 ] && seeds=(--seed "127.0.0.1:$((port + 1000))")
@@ -79,7 +81,7 @@ results="$dir/results"
 : >"$results"
 for mode in $modes; do
   for load in foreground none; do
-    [ "$mode" = fixed ] && [ "$load" = none ] && continue
+    [ "$mode" = fixed ] || [ "$mode" = controller_absolute ] && [ "$load" = none ] && continue
     rm -rf "$dir/cluster" && mkdir -p "$dir/cluster"
     for i in 0 1 2; do start_node "$i" "$mode"; done
     until [ "$(members)" -ge 3 ]; do sleep 0.2; done
@@ -120,11 +122,11 @@ for mode in $modes; do
       [ "$code" = 200 ] && held=$((held + 1))
     done
     repaired=$(grep -o '[0-9]* repaired' "$dir/repair.out" | tail -1 || true)
-    echo "$mode $load before[$before] during[$during] converge ${converged}s sample_held $held/200 ($repaired)" | tee -a "$results"
+    echo "| $mode | $load | $before | $during | ${converged} s | $held/200 | ${repaired:-?} |" | tee -a "$results"
     stop_all
   done
 done
 echo
-echo "| mode | foreground | ops/s, p50, p99 ms without repair | ops/s, p50, p99 ms during repair | restart to repaired | sample held |"
-echo "|---|---|---|---|---|---|"
-awk '{ gsub(/before\[|during\[|\]/, "|"); print }' "$results" | while read -r line; do echo "| $line |"; done
+echo "| mode | foreground | without repair: ops/s p50 p99 (ms) | during repair: ops/s p50 p99 (ms) | restart to repaired | sample on node 3 | keys node 3's run repaired |"
+echo "|---|---|---|---|---|---|---|"
+cat "$results"
