@@ -175,6 +175,10 @@ pub(super) struct AntiEntropyState {
     pub repair_throttled_until: Millis,
     /// Durations of finished exchanges, drained by the driver into a histogram.
     pub exchange_durations_ms: VecDeque<Millis>,
+    /// Merkle roots on gossip (`roots.rs`).
+    pub roots: super::roots::RootsState,
+    /// When the node started: a pair never exchanged counts its fallback from here.
+    pub started_at: Millis,
 }
 
 impl AntiEntropyState {
@@ -201,6 +205,8 @@ impl AntiEntropyState {
             verify_cursor: 0,
             repair_throttled_until: 0,
             exchange_durations_ms: VecDeque::new(),
+            roots: super::roots::RootsState::default(),
+            started_at: now,
         }
     }
 }
@@ -393,9 +399,7 @@ impl<S: Storage> Node<S> {
                     .reaped_counter_floor
                     .max(object.context().get(&self.identity.actor));
                 if self.storage.remove(bucket, key).is_ok() {
-                    self.anti_entropy
-                        .trees
-                        .record_write(bucket, key, Some(digest), None);
+                    self.record_tree_write(bucket, key, Some(digest), None);
                     self.wrote();
                     self.stats.increment(Counter::TombstonesReaped);
                 } else {
@@ -500,6 +504,23 @@ impl<S: Storage> Node<S> {
             {
                 if let Some((target, _)) = self.anti_entropy.repair_queue.next(now) {
                     self.anti_entropy.repair_queue.complete(&target, now, false);
+                }
+                continue;
+            }
+            // A periodic exchange of a pair whose quiet roots agree proves nothing new.
+            if self
+                .anti_entropy
+                .repair_queue
+                .peek(now)
+                .is_some_and(|(target, reason)| {
+                    reason == RepairReason::Scheduled && self.roots_agree(now, target)
+                })
+            {
+                if let Some((target, _)) = self.anti_entropy.repair_queue.next(now) {
+                    self.anti_entropy.repair_debt.remove(&target);
+                    self.anti_entropy.repair_queue.complete(&target, now, true);
+                    self.stats
+                        .increment(Counter::AntiEntropyExchangesSkippedRootsAgree);
                 }
                 continue;
             }

@@ -1,0 +1,329 @@
+//! Merkle roots on gossip (issue 18): each node publishes, in its gossip state, the roots of
+//! the ranges it has left *quiet* (no change to the range's tree for a horizon), and
+//! compares them with its replica peers' published roots.
+//!
+//! - A quiet root that differs from a peer's quiet root of the same range is a proven
+//!   divergence: the (range, peer) is marked [`RepairReason::RootsDiffer`] and its exchange
+//!   starts at once, whatever the periodic schedule says.
+//! - A periodic exchange whose (range, peer) roots agree is skipped (counted), except that a
+//!   full exchange still runs every `full_exchange_interval_ms`, so a fault in this path can
+//!   hide a divergence for that long at most.
+//!
+//! Like with like: under writes, replicas apply the same write a few milliseconds apart, so
+//! their roots differ transiently. A root is published only once the range's tree has not
+//! changed for [`Node::roots_quiet_ms`] (two gossip intervals), and withdrawn at the first
+//! change after that; only two published (quiet) roots are compared. Two quiet roots that
+//! differ mean the replicas hold different data with no write in flight between them (a
+//! write still arriving would have kept the receiver busy). A root that travels a little
+//! late can at worst start one needless exchange (it finds nothing) or skip one periodic
+//! exchange (the next, or the fallback, runs).
+//!
+//! Published value per range: `(range end, root XOR a hash of the range start)`, in the
+//! existing [`AppValue::Roots`] shape (strictly increasing ends, checked by the decoder). The
+//! start is mixed in so two nodes that disagree about a range's bounds (a ring change in
+//! flight) see different values, and never skip on a false agreement.
+
+use super::Counter;
+use super::Node;
+use crate::control::RepairReason;
+use crate::gossip::{AppKey, AppValue};
+use crate::ring::{key_token, Token, TokenRange};
+use crate::storage::Storage;
+use crate::{Millis, NodeId};
+use std::collections::BTreeMap;
+
+/// What this node knows of one range's root: the range, its root when last read (`None`
+/// after a change not read yet), and since when it has not changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct RootWatch {
+    range: TokenRange,
+    root: Option<u64>,
+    since: Millis,
+}
+
+/// The roots room of anti-entropy's state.
+#[derive(Debug, Default)]
+pub(super) struct RootsState {
+    /// Per range end: the range's root and since when it holds.
+    watch: BTreeMap<Token, RootWatch>,
+    /// What this node published last (sorted by range end).
+    published: Vec<(Token, u64)>,
+    /// The (mine, theirs) values that last scheduled an exchange of a (range, peer): the
+    /// same pair does not schedule another one (a difference schedules one exchange, not one
+    /// per gossip message).
+    flagged: BTreeMap<(TokenRange, NodeId), (u64, u64)>,
+    /// The version of each peer's roots entry compared last.
+    seen: BTreeMap<NodeId, u64>,
+    /// When [`Node::publish_roots`] next has work (a range going quiet, or one published
+    /// that changed and must be withdrawn).
+    due_at: Millis,
+    /// Compare every peer's roots again (this node's published set changed).
+    compare_all: bool,
+}
+
+/// A range's published value: its root with its start mixed in.
+fn published_value(range: TokenRange, root: u64) -> u64 {
+    root ^ range
+        .start
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .rotate_left(29)
+}
+
+/// The value a sorted published list holds for a range end.
+fn lookup(roots: &[(Token, u64)], end: Token) -> Option<u64> {
+    roots
+        .binary_search_by_key(&end, |(e, _)| *e)
+        .ok()
+        .map(|i| roots[i].1)
+}
+
+impl<S: Storage> Node<S> {
+    /// A range whose tree has not changed for this long is quiet: its root is published and
+    /// compared. Two gossip intervals: longer than replication takes (milliseconds), short
+    /// enough that a divergence is found within a few intervals of the writes stopping.
+    pub(super) fn roots_quiet_ms(&self) -> Millis {
+        2 * self.config.gossip.interval_ms.max(1)
+    }
+
+    fn roots_enabled(&self) -> bool {
+        self.config.anti_entropy.gossip_roots && self.config.anti_entropy.enabled
+    }
+
+    /// Records a write in the trees, and that its range just changed (at this call's time).
+    pub(super) fn record_tree_write(
+        &mut self,
+        bucket: &str,
+        key: &[u8],
+        old_digest: Option<u64>,
+        new_digest: Option<u64>,
+    ) {
+        let token = key_token(bucket, key);
+        self.anti_entropy
+            .trees
+            .record_write_at(token, bucket, key, old_digest, new_digest);
+        if old_digest != new_digest {
+            self.note_range_changed(token);
+        }
+    }
+
+    fn note_range_changed(&mut self, token: Token) {
+        if !self.roots_enabled() {
+            return;
+        }
+        let Some((range, _)) = self.anti_entropy.trees.locate(token) else {
+            return;
+        };
+        let now = self.clock;
+        let quiet_ms = self.roots_quiet_ms();
+        let roots = &mut self.anti_entropy.roots;
+        roots.watch.insert(
+            range.end,
+            RootWatch {
+                range,
+                root: None,
+                since: now,
+            },
+        );
+        // A published root is now stale: withdraw it at once. Otherwise it is due when the
+        // range has been quiet long enough.
+        let due = if lookup(&roots.published, range.end).is_some() {
+            now
+        } else {
+            now.saturating_add(quiet_ms)
+        };
+        roots.due_at = roots.due_at.min(due);
+    }
+
+    /// When [`Node::publish_roots`] next has work.
+    pub(super) fn roots_deadline(&self) -> Millis {
+        if self.roots_enabled() {
+            self.anti_entropy.roots.due_at
+        } else {
+            Millis::MAX
+        }
+    }
+
+    /// Reads every ready tree's root (changes the write path did not report, such as a
+    /// tree rebuilt from a scan, count from now), and publishes the quiet ones when the set
+    /// changed. Runs when due and on every gossip round.
+    pub(super) fn publish_roots(&mut self, now: Millis) {
+        if !self.roots_enabled() {
+            return;
+        }
+        if now < self.anti_entropy.roots.due_at && now < self.cluster.gossiper.next_deadline() {
+            return;
+        }
+        let quiet_ms = self.roots_quiet_ms();
+        let ranges: Vec<TokenRange> = self.anti_entropy.trees.ranges().collect();
+        let mut watch = std::mem::take(&mut self.anti_entropy.roots.watch);
+        watch.retain(|end, w| {
+            ranges.iter().any(|r| r.end == *end && *r == w.range)
+                && self.anti_entropy.trees.is_ready(w.range)
+        });
+        let mut quiet = Vec::new();
+        let mut due_at = Millis::MAX;
+        for range in ranges {
+            if !self.anti_entropy.trees.is_ready(range) {
+                continue;
+            }
+            let Some(tree) = self.anti_entropy.trees.tree_mut(range) else {
+                continue;
+            };
+            let root = tree.root();
+            let entry = watch.entry(range.end).or_insert(RootWatch {
+                range,
+                root: Some(root),
+                since: now,
+            });
+            match entry.root {
+                // A change the write path noted: it happened at `since`.
+                None => entry.root = Some(root),
+                Some(known) if known != root => {
+                    entry.root = Some(root);
+                    entry.since = now;
+                }
+                Some(_) => {}
+            }
+            let quiet_at = entry.since.saturating_add(quiet_ms);
+            if now >= quiet_at {
+                quiet.push((range.end, published_value(range, root)));
+            } else {
+                due_at = due_at.min(quiet_at);
+            }
+        }
+        self.anti_entropy.roots.watch = watch;
+        self.anti_entropy.roots.due_at = due_at;
+        // Ranges are keyed by their end: the list is sorted and its ends distinct.
+        quiet.sort_unstable_by_key(|(end, _)| *end);
+        quiet.dedup_by_key(|(end, _)| *end);
+        if quiet == self.anti_entropy.roots.published {
+            return;
+        }
+        let published = match self.cluster.gossiper.set_local(
+            AppKey::TreeRoots,
+            AppValue::Roots(quiet.clone()),
+            now,
+        ) {
+            Ok(_) => quiet,
+            Err(_) => {
+                // Too many ranges for one gossip entry: publish nothing rather than a stale
+                // set (the periodic exchanges run as without roots).
+                self.stats.increment(Counter::AntiEntropyRootsUnpublishable);
+                let _ = self.cluster.gossiper.set_local(
+                    AppKey::TreeRoots,
+                    AppValue::Roots(Vec::new()),
+                    now,
+                );
+                Vec::new()
+            }
+        };
+        self.anti_entropy.roots.published = published;
+        self.anti_entropy.roots.compare_all = true;
+        self.stats.increment(Counter::AntiEntropyRootsPublished);
+    }
+
+    /// Compares this node's published roots with each replica peer's whose roots changed
+    /// since the last look (every peer's when this node's changed): a difference on a range
+    /// both left quiet schedules that (range, peer) exchange at once.
+    pub(super) fn compare_roots(&mut self, now: Millis) {
+        if !self.roots_enabled() {
+            return;
+        }
+        // While the replica sets move, peers' ranges may not be this node's.
+        if self.membership.layout.active().is_some() {
+            return;
+        }
+        let compare_all = std::mem::take(&mut self.anti_entropy.roots.compare_all);
+        let mut changed: Vec<NodeId> = Vec::new();
+        for (peer, state) in self.cluster.gossiper.members() {
+            if peer == self.id() {
+                continue;
+            }
+            let version = state.version_of(AppKey::TreeRoots).unwrap_or(0);
+            if compare_all || self.anti_entropy.roots.seen.get(peer) != Some(&version) {
+                changed.push(peer.clone());
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        let targets = self.membership.layout.repair_targets(self.id());
+        if compare_all {
+            self.anti_entropy
+                .roots
+                .flagged
+                .retain(|target, _| targets.contains(target));
+        }
+        for peer in &changed {
+            let Some(state) = self.cluster.gossiper.member(peer) else {
+                continue;
+            };
+            let version = state.version_of(AppKey::TreeRoots).unwrap_or(0);
+            let theirs = state.tree_roots().unwrap_or(&[]).to_vec();
+            self.anti_entropy.roots.seen.insert(peer.clone(), version);
+            for (range, target_peer) in targets.iter().filter(|(_, p)| p == peer) {
+                let (Some(mine), Some(their)) = (
+                    lookup(&self.anti_entropy.roots.published, range.end),
+                    lookup(&theirs, range.end),
+                ) else {
+                    continue;
+                };
+                let target = (*range, target_peer.clone());
+                if mine == their {
+                    self.anti_entropy.roots.flagged.remove(&target);
+                    continue;
+                }
+                if self.anti_entropy.roots.flagged.get(&target) == Some(&(mine, their)) {
+                    continue;
+                }
+                self.anti_entropy
+                    .roots
+                    .flagged
+                    .insert(target.clone(), (mine, their));
+                self.anti_entropy
+                    .repair_queue
+                    .mark_matching(RepairReason::RootsDiffer, now, |t| *t == target);
+                self.stats.increment(Counter::AntiEntropyRootsDiffer);
+            }
+        }
+    }
+
+    /// Whether a periodic exchange of `target` may be skipped now: this node's root of the
+    /// range is quiet and published, the peer's published root equals it, and the pair's
+    /// last full exchange is younger than `full_exchange_interval_ms`.
+    pub(super) fn roots_agree(&self, now: Millis, target: &(TokenRange, NodeId)) -> bool {
+        if !self.roots_enabled() || self.membership.layout.active().is_some() {
+            return false;
+        }
+        let (range, peer) = target;
+        let last_full = self
+            .anti_entropy
+            .converged_at
+            .get(target)
+            .copied()
+            .unwrap_or(self.anti_entropy.started_at);
+        if now.saturating_sub(last_full) >= self.config.anti_entropy.full_exchange_interval_ms {
+            return false;
+        }
+        let roots = &self.anti_entropy.roots;
+        // Quiet now (not only when last published: a change since then withdraws it soon).
+        let quiet_now = roots.watch.get(&range.end).is_some_and(|w| {
+            w.range == *range
+                && w.root.is_some()
+                && now.saturating_sub(w.since) >= self.roots_quiet_ms()
+        });
+        if !quiet_now {
+            return false;
+        }
+        let Some(mine) = lookup(&roots.published, range.end) else {
+            return false;
+        };
+        let theirs = self
+            .cluster
+            .gossiper
+            .member(peer)
+            .and_then(|state| state.tree_roots())
+            .and_then(|list| lookup(list, range.end));
+        theirs == Some(mine)
+    }
+}
