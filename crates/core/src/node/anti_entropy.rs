@@ -177,8 +177,6 @@ pub(super) struct AntiEntropyState {
     pub exchange_durations_ms: VecDeque<Millis>,
     /// Merkle roots on gossip (`roots.rs`).
     pub roots: super::roots::RootsState,
-    /// When the node started: a pair never exchanged counts its fallback from here.
-    pub started_at: Millis,
 }
 
 impl AntiEntropyState {
@@ -206,7 +204,6 @@ impl AntiEntropyState {
             repair_throttled_until: 0,
             exchange_durations_ms: VecDeque::new(),
             roots: super::roots::RootsState::default(),
-            started_at: now,
         }
     }
 }

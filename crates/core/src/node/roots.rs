@@ -6,8 +6,9 @@
 //!   divergence: the (range, peer) is marked [`RepairReason::RootsDiffer`] and its exchange
 //!   starts at once, whatever the periodic schedule says.
 //! - A periodic exchange whose (range, peer) roots agree is skipped (counted), except that a
-//!   full exchange still runs every `full_exchange_interval_ms`, so a fault in this path can
-//!   hide a divergence for that long at most.
+//!   full exchange still runs every `full_exchange_interval_ms` (and a pair's first one after
+//!   a start or a ring change always runs), so a fault in this path can hide a divergence for
+//!   that long at most.
 //!
 //! Like with like: under writes, replicas apply the same write a few milliseconds apart, so
 //! their roots differ transiently. A root is published only once the range's tree has not
@@ -26,7 +27,7 @@
 use super::Counter;
 use super::Node;
 use crate::control::RepairReason;
-use crate::gossip::{AppKey, AppValue};
+use crate::gossip::{AppKey, AppValue, NodeStatus};
 use crate::ring::{key_token, Token, TokenRange};
 use crate::storage::Storage;
 use crate::{Millis, NodeId};
@@ -87,6 +88,14 @@ impl<S: Storage> Node<S> {
 
     fn roots_enabled(&self) -> bool {
         self.config.anti_entropy.gossip_roots && self.config.anti_entropy.enabled
+    }
+
+    /// Roots are compared only between normal members outside cluster changes: while
+    /// replica sets move, a peer's range may not be this node's.
+    fn roots_comparable(&self) -> bool {
+        self.roots_enabled()
+            && self.membership.layout.active().is_none()
+            && self.own_state() == NodeStatus::Normal
     }
 
     /// Records a write in the trees, and that its range just changed (at this call's time).
@@ -199,7 +208,9 @@ impl<S: Storage> Node<S> {
         if quiet == self.anti_entropy.roots.published {
             return;
         }
-        let published = match self.cluster.gossiper.set_local(
+        // Unhurried: a change of the roots waits for the next round (faster rounds after
+        // every change would double gossip under writes).
+        let published = match self.cluster.gossiper.set_local_unhurried(
             AppKey::TreeRoots,
             AppValue::Roots(quiet.clone()),
             now,
@@ -209,7 +220,7 @@ impl<S: Storage> Node<S> {
                 // Too many ranges for one gossip entry: publish nothing rather than a stale
                 // set (the periodic exchanges run as without roots).
                 self.stats.increment(Counter::AntiEntropyRootsUnpublishable);
-                let _ = self.cluster.gossiper.set_local(
+                let _ = self.cluster.gossiper.set_local_unhurried(
                     AppKey::TreeRoots,
                     AppValue::Roots(Vec::new()),
                     now,
@@ -229,14 +240,15 @@ impl<S: Storage> Node<S> {
         if !self.roots_enabled() {
             return;
         }
-        // While the replica sets move, peers' ranges may not be this node's.
-        if self.membership.layout.active().is_some() {
+        // While the replica sets move, peers' ranges may not be this node's (and a joining
+        // node's data comes by streaming).
+        if !self.roots_comparable() {
             return;
         }
         let compare_all = std::mem::take(&mut self.anti_entropy.roots.compare_all);
         let mut changed: Vec<NodeId> = Vec::new();
         for (peer, state) in self.cluster.gossiper.members() {
-            if peer == self.id() {
+            if peer == self.id() || state.status() != Some(NodeStatus::Normal) {
                 continue;
             }
             let version = state.version_of(AppKey::TreeRoots).unwrap_or(0);
@@ -292,16 +304,18 @@ impl<S: Storage> Node<S> {
     /// range is quiet and published, the peer's published root equals it, and the pair's
     /// last full exchange is younger than `full_exchange_interval_ms`.
     pub(super) fn roots_agree(&self, now: Millis, target: &(TokenRange, NodeId)) -> bool {
-        if !self.roots_enabled() || self.membership.layout.active().is_some() {
+        if !self.roots_comparable() {
             return false;
         }
         let (range, peer) = target;
-        let last_full = self
-            .anti_entropy
-            .converged_at
-            .get(target)
-            .copied()
-            .unwrap_or(self.anti_entropy.started_at);
+        if self.peer_state(peer) != NodeStatus::Normal {
+            return false;
+        }
+        // A pair never fully exchanged since this node started (or since a ring change made
+        // the range) has its full exchange first: roots only vouch between full exchanges.
+        let Some(&last_full) = self.anti_entropy.converged_at.get(target) else {
+            return false;
+        };
         if now.saturating_sub(last_full) >= self.config.anti_entropy.full_exchange_interval_ms {
             return false;
         }
