@@ -248,7 +248,8 @@ impl<S: Storage> Node<S> {
         let compare_all = std::mem::take(&mut self.anti_entropy.roots.compare_all);
         let mut changed: Vec<NodeId> = Vec::new();
         for (peer, state) in self.cluster.gossiper.members() {
-            if peer == self.id() || state.status() != Some(NodeStatus::Normal) {
+            // A member gossip has not described yet counts as normal (`peer_state`).
+            if peer == self.id() || state.status().is_some_and(|s| s != NodeStatus::Normal) {
                 continue;
             }
             let version = state.version_of(AppKey::TreeRoots).unwrap_or(0);
