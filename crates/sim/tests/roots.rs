@@ -66,8 +66,12 @@ fn missed_writes_run(seed: u64) -> Result<Detection, String> {
     }
     sim.partition(&[0], &[2], false);
     let keys: Vec<String> = (0..5).map(|i| format!("missed{i}")).collect();
-    for key in &keys {
-        let write = sim.put(0, key, "v", Quorum, None);
+    // All at once, so the ranges they touch go quiet together.
+    let writes: Vec<_> = keys
+        .iter()
+        .map(|k| sim.put(0, k, "v", Quorum, None))
+        .collect();
+    for (key, write) in keys.iter().zip(writes) {
         if !sim.wait_for(write, 5_000).is_ok() {
             return Err(format!("write of {key}: {}", sim.outcome(write)));
         }

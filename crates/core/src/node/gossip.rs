@@ -2,7 +2,7 @@
 //! mean for the node (members for the ring, liveness for failover, restarts for repair).
 
 use super::Node;
-use crate::gossip::{GossipEvent, GossipMessage, Liveness, NodeStatus};
+use crate::gossip::{AppKey, GossipEvent, GossipMessage, Liveness, NodeStatus};
 use crate::membership::{MemberInfo, PeerStatus};
 use crate::message::Message;
 use crate::storage::Storage;
@@ -80,6 +80,11 @@ impl<S: Storage> Node<S> {
     fn apply_gossip_events(&mut self, now: Millis) {
         for event in self.cluster.gossiper.take_events() {
             match event {
+                // New Merkle roots change nothing of the ring (compared in `roots.rs`).
+                GossipEvent::StateChanged {
+                    key: AppKey::TreeRoots,
+                    ..
+                } => {}
                 GossipEvent::NodeJoined { node } | GossipEvent::StateChanged { node, .. } => {
                     if let Some(info) = self.cluster.gossiper.member_info(&node) {
                         self.handle_member_discovered(info);

@@ -19,10 +19,14 @@
 //! late can at worst start one needless exchange (it finds nothing) or skip one periodic
 //! exchange (the next, or the fallback, runs).
 //!
-//! Published value per range: `(range end, root XOR a hash of the range start)`, in the
-//! existing [`AppValue::Roots`] shape (strictly increasing ends, checked by the decoder). The
-//! start is mixed in so two nodes that disagree about a range's bounds (a ring change in
-//! flight) see different values, and never skip on a false agreement.
+//! Encoding, in the existing [`AppValue::Roots`] shape (pairs with strictly increasing
+//! first elements, checked by the gossip decoder): first `(0, ring digest)`, a hash of every
+//! range end of the ring, then `(1 + index of the range in the ring, 32-bit value)` per quiet
+//! range. Indices and 32-bit values are short varints: about 7 bytes a range instead of 20
+//! for `(end token, 64-bit root)`, so 48 ranges take about 350 bytes. A peer whose ring digest
+//! differs from this node's (a ring change still spreading) is not compared at all. The value
+//! is the root XOR a hash of the range start, truncated: two different trees agree by chance
+//! once in 2^32 comparisons, which can skip one periodic exchange (the fallback still runs).
 
 use super::Counter;
 use super::Node;
@@ -47,8 +51,12 @@ pub(super) struct RootWatch {
 pub(super) struct RootsState {
     /// Per range end: the range's root and since when it holds.
     watch: BTreeMap<Token, RootWatch>,
-    /// What this node published last (sorted by range end).
-    published: Vec<(Token, u64)>,
+    /// What this node published last: (range end, value), sorted by range end.
+    pub(super) published: Vec<(Token, u64)>,
+    /// Every range end of the ring, sorted (what the published indices refer to), and its
+    /// digest, as of the last publication.
+    ring_ends: Vec<Token>,
+    ring_digest: u64,
     /// The (mine, theirs) values that last scheduled an exchange of a (range, peer): the
     /// same pair does not schedule another one (a difference schedules one exchange, not one
     /// per gossip message).
@@ -62,12 +70,47 @@ pub(super) struct RootsState {
     compare_all: bool,
 }
 
-/// A range's published value: its root with its start mixed in.
+/// A range's published value: its root with its start mixed in, 32 bits.
 fn published_value(range: TokenRange, root: u64) -> u64 {
-    root ^ range
-        .start
-        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        .rotate_left(29)
+    (root
+        ^ range
+            .start
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(29))
+        & 0xffff_ffff
+}
+
+/// A digest of the ring's range ends (FNV-1a over their bytes).
+fn ring_digest(ends: &[Token]) -> u64 {
+    ends.iter()
+        .flat_map(|end| end.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        })
+}
+
+/// The gossip form of a published list (module docs).
+fn encode(published: &[(Token, u64)], ring_ends: &[Token], digest: u64) -> Vec<(u64, u64)> {
+    std::iter::once((0, digest))
+        .chain(published.iter().filter_map(|(end, value)| {
+            let index = ring_ends.binary_search(end).ok()?;
+            Some((index as u64 + 1, *value))
+        }))
+        .collect()
+}
+
+/// A peer's published list as (range end, value), if its ring is this node's.
+fn decode(roots: &[(u64, u64)], ring_ends: &[Token], digest: u64) -> Vec<(Token, u64)> {
+    match roots.split_first() {
+        Some((&(0, theirs), rest)) if theirs == digest => rest
+            .iter()
+            .filter_map(|(index, value)| {
+                let end = *ring_ends.get(usize::try_from(index.checked_sub(1)?).ok()?)?;
+                Some((end, *value))
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// The value a sorted published list holds for a range end.
@@ -205,14 +248,29 @@ impl<S: Storage> Node<S> {
         // Ranges are keyed by their end: the list is sorted and its ends distinct.
         quiet.sort_unstable_by_key(|(end, _)| *end);
         quiet.dedup_by_key(|(end, _)| *end);
-        if quiet == self.anti_entropy.roots.published {
+        let mut ring_ends: Vec<Token> = self
+            .membership
+            .layout
+            .ranges()
+            .iter()
+            .map(|(range, _, _)| range.end)
+            .collect();
+        ring_ends.sort_unstable();
+        ring_ends.dedup();
+        let digest = ring_digest(&ring_ends);
+        if quiet == self.anti_entropy.roots.published
+            && digest == self.anti_entropy.roots.ring_digest
+        {
             return;
         }
+        let encoded = encode(&quiet, &ring_ends, digest);
+        self.anti_entropy.roots.ring_ends = ring_ends;
+        self.anti_entropy.roots.ring_digest = digest;
         // Unhurried: a change of the roots waits for the next round (faster rounds after
         // every change would double gossip under writes).
         let published = match self.cluster.gossiper.set_local_unhurried(
             AppKey::TreeRoots,
-            AppValue::Roots(quiet.clone()),
+            AppValue::Roots(encoded),
             now,
         ) {
             Ok(_) => quiet,
@@ -272,7 +330,11 @@ impl<S: Storage> Node<S> {
                 continue;
             };
             let version = state.version_of(AppKey::TreeRoots).unwrap_or(0);
-            let theirs = state.tree_roots().unwrap_or(&[]).to_vec();
+            let theirs = decode(
+                state.tree_roots().unwrap_or(&[]),
+                &self.anti_entropy.roots.ring_ends,
+                self.anti_entropy.roots.ring_digest,
+            );
             self.anti_entropy.roots.seen.insert(peer.clone(), version);
             for (range, target_peer) in targets.iter().filter(|(_, p)| p == peer) {
                 let (Some(mine), Some(their)) = (
@@ -338,7 +400,8 @@ impl<S: Storage> Node<S> {
             .gossiper
             .member(peer)
             .and_then(|state| state.tree_roots())
-            .and_then(|list| lookup(list, range.end));
+            .map(|list| decode(list, &roots.ring_ends, roots.ring_digest))
+            .and_then(|list| lookup(&list, range.end));
         theirs == Some(mine)
     }
 }

@@ -72,15 +72,16 @@ fn range_end_of(cluster: &TestCluster, at: usize, key: &[u8]) -> u64 {
 }
 
 fn published_ends(cluster: &TestCluster, at: usize) -> Vec<u64> {
-    cluster.nodes[at]
+    // What the node put in its gossip state (checked equal to what it holds as published).
+    let gossiped = cluster.nodes[at]
         .cluster
         .gossiper
         .local_state()
         .tree_roots()
-        .unwrap_or(&[])
-        .iter()
-        .map(|(end, _)| *end)
-        .collect()
+        .map_or(0, |list| list.len().saturating_sub(1));
+    let published = &cluster.nodes[at].anti_entropy.roots.published;
+    assert_eq!(gossiped, published.len());
+    published.iter().map(|(end, _)| *end).collect()
 }
 
 /// A replica missed writes (no hints, no down/up event): once the range has
