@@ -164,6 +164,8 @@ pub(super) struct AntiEntropyState {
     /// Ranges marked for priority anti-entropy (dropped or expired hints).
     pub repair_marks: BTreeSet<TokenRange>,
     pub repair_marks_overflowed: bool,
+    /// Merkle roots on gossip (`roots.rs`).
+    pub roots: super::roots::RootsState,
     /// Last converged exchange per (range, peer), and tombstone snapshots per range, for
     /// tombstone reaping.
     pub converged_at: BTreeMap<(TokenRange, NodeId), Millis>,
@@ -175,8 +177,6 @@ pub(super) struct AntiEntropyState {
     pub repair_throttled_until: Millis,
     /// Durations of finished exchanges, drained by the driver into a histogram.
     pub exchange_durations_ms: VecDeque<Millis>,
-    /// Merkle roots on gossip (`roots.rs`).
-    pub roots: super::roots::RootsState,
 }
 
 impl AntiEntropyState {
@@ -197,13 +197,13 @@ impl AntiEntropyState {
             bytes_per_leaf: None,
             repair_marks: BTreeSet::new(),
             repair_marks_overflowed: false,
+            roots: super::roots::RootsState::default(),
             converged_at: BTreeMap::new(),
             reap_snapshots: BTreeMap::new(),
             next_verify_at: now + config.anti_entropy.verify_interval_ms,
             verify_cursor: 0,
             repair_throttled_until: 0,
             exchange_durations_ms: VecDeque::new(),
-            roots: super::roots::RootsState::default(),
         }
     }
 }

@@ -320,10 +320,16 @@ impl<S: Storage> Node<S> {
         }
         let targets = self.membership.layout.repair_targets(self.id());
         if compare_all {
+            // Bounded by the targets and the members tracked now.
             self.anti_entropy
                 .roots
                 .flagged
                 .retain(|target, _| targets.contains(target));
+            let gossiper = &self.cluster.gossiper;
+            self.anti_entropy
+                .roots
+                .seen
+                .retain(|peer, _| gossiper.member(peer).is_some());
         }
         for peer in &changed {
             let Some(state) = self.cluster.gossiper.member(peer) else {
