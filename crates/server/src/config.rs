@@ -237,6 +237,11 @@ pub struct AntiEntropySection {
     pub rate_limit_bytes_per_s: u64,
     /// One range's Merkle tree is checked against a scan of its data this often.
     pub verify_interval_s: u64,
+    /// Publish per-range Merkle roots on gossip: a root that differs from a replica's starts
+    /// an exchange at once, roots that agree skip the periodic exchange.
+    pub gossip_roots: bool,
+    /// With `gossip_roots`, pairs whose roots agree still get a full exchange this often.
+    pub full_exchange_interval_s: u64,
 }
 
 impl Default for AntiEntropySection {
@@ -248,6 +253,8 @@ impl Default for AntiEntropySection {
             concurrency: core.concurrency,
             rate_limit_bytes_per_s: core.rate_limit_bytes_per_s,
             verify_interval_s: core.verify_interval_ms / 1000,
+            gossip_roots: core.gossip_roots,
+            full_exchange_interval_s: core.full_exchange_interval_ms / 1000,
         }
     }
 }
@@ -673,6 +680,12 @@ impl ServerConfig {
             verify_interval_ms: self
                 .anti_entropy
                 .verify_interval_s
+                .max(1)
+                .saturating_mul(1000),
+            gossip_roots: self.anti_entropy.gossip_roots,
+            full_exchange_interval_ms: self
+                .anti_entropy
+                .full_exchange_interval_s
                 .max(1)
                 .saturating_mul(1000),
         };

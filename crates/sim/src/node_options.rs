@@ -39,6 +39,10 @@ pub struct NodeOptions {
     /// Faults trip it (more than 5 % of requests fail); its default (30 s) outlasts the
     /// quiet period, so a run checking convergence by anti-entropy alone shortens it.
     pub breaker_cooldown_ms: Millis,
+    /// `[anti_entropy] gossip_roots`: Merkle roots on gossip (off: periodic exchanges only).
+    pub gossip_roots: bool,
+    /// `[hinted_handoff] enabled` (a scenario turns it off to see anti-entropy alone).
+    pub hinted_handoff: bool,
 }
 
 impl Default for NodeOptions {
@@ -57,6 +61,8 @@ impl Default for NodeOptions {
             anti_entropy_interval_ms: base.anti_entropy.interval_ms,
             verify_interval_ms: base.anti_entropy.verify_interval_ms,
             breaker_cooldown_ms: base.circuit_breaker.cooldown_ms,
+            gossip_roots: base.anti_entropy.gossip_roots,
+            hinted_handoff: base.hinted_handoff.enabled,
         }
     }
 }
@@ -113,6 +119,8 @@ impl NodeOptions {
         if o.read_repair.is_none() || rng.gen_bool(0.5) {
             o.breaker_cooldown_ms = rng.gen_range(100..=2_000);
         }
+        // Drawn last, so the draws above stay what they were for every seed.
+        o.gossip_roots = rng.gen_bool(0.7);
         o
     }
 
@@ -133,6 +141,8 @@ impl NodeOptions {
         config.anti_entropy.interval_ms = self.anti_entropy_interval_ms;
         config.anti_entropy.verify_interval_ms = self.verify_interval_ms;
         config.circuit_breaker.cooldown_ms = self.breaker_cooldown_ms;
+        config.anti_entropy.gossip_roots = self.gossip_roots;
+        config.hinted_handoff.enabled = self.hinted_handoff;
     }
 
     /// Parses the `--options` text (what [`fmt::Display`] prints): comma-separated
@@ -187,9 +197,11 @@ impl NodeOptions {
                 "ae-ms" => o.anti_entropy_interval_ms = number(value)?.max(1),
                 "verify-ms" => o.verify_interval_ms = number(value)?.max(1),
                 "breaker-ms" => o.breaker_cooldown_ms = number(value)?,
+                "roots" => o.gossip_roots = switch(value)?,
+                "hh" => o.hinted_handoff = switch(value)?,
                 _ => {
                     return Err(format!(
-                        "unknown option {name:?}: use rf, fsync, sloppy, read-repair, digest, background, hints, hint-ttl-ms, ae-ms, verify-ms, breaker-ms"
+                        "unknown option {name:?}: use rf, fsync, sloppy, read-repair, digest, background, hints, hint-ttl-ms, ae-ms, verify-ms, breaker-ms, roots, hh"
                     ))
                 }
             }
@@ -216,7 +228,7 @@ impl fmt::Display for NodeOptions {
         };
         write!(
             f,
-            ",sloppy={},read-repair={read_repair},digest={},background={},hints={}/{},hint-ttl-ms={},ae-ms={},verify-ms={},breaker-ms={}",
+            ",sloppy={},read-repair={read_repair},digest={},background={},hints={}/{},hint-ttl-ms={},ae-ms={},verify-ms={},breaker-ms={},roots={},hh={}",
             on(self.sloppy_quorum),
             on(self.digest_reads),
             self.background_percent,
@@ -225,7 +237,9 @@ impl fmt::Display for NodeOptions {
             self.hint_ttl_ms,
             self.anti_entropy_interval_ms,
             self.verify_interval_ms,
-            self.breaker_cooldown_ms
+            self.breaker_cooldown_ms,
+            on(self.gossip_roots),
+            on(self.hinted_handoff)
         )
     }
 }

@@ -17,6 +17,13 @@ pub struct AntiEntropyConfig {
     /// One range's tree is rebuilt from a scan and compared with the maintained one this
     /// often (seed: "Verify Consistency"); a scan of one range at a time bounds its cost.
     pub verify_interval_ms: Millis,
+    /// Publish this node's quiet Merkle roots on gossip and compare them with its replica
+    /// peers': a difference schedules an exchange at once, agreement skips the periodic one
+    /// (`node/anti_entropy.rs`, "roots on gossip").
+    pub gossip_roots: bool,
+    /// With `gossip_roots`, a (range, peer) whose roots agree still has a full exchange this
+    /// often, so a fault in the roots path cannot hide a divergence for longer.
+    pub full_exchange_interval_ms: Millis,
 }
 
 impl Default for AntiEntropyConfig {
@@ -27,6 +34,8 @@ impl Default for AntiEntropyConfig {
             concurrency: 2,
             rate_limit_bytes_per_s: 32 << 20,
             verify_interval_ms: 60_000,
+            gossip_roots: true,
+            full_exchange_interval_ms: 6 * 3600 * 1000,
         }
     }
 }

@@ -3,7 +3,9 @@
 //! Order (issue 18's urgency): targets whose tombstones wait to be reaped and lack only this
 //! exchange (tombstones near their reap deadline hold disk and every read of them), then
 //! targets marked because hints for them were dropped or expired (data is known to be
-//! missing), then targets whose replica just came back up (it missed writes while down), then
+//! missing), then targets whose replica published a Merkle root (on gossip) that differs from
+//! this node's for a range both have left quiet (a divergence is proven, not suspected), then
+//! targets whose replica just came back up (it missed writes while down), then
 //! the target that has gone longest without a successful sync (never synced first), but only
 //! once `interval_ms` has passed since its last success. Ties go to the earliest mark, then to
 //! the target's order, so the queue is deterministic. A failed attempt keeps its marks and
@@ -23,6 +25,9 @@ pub enum RepairReason {
     ReapWaiting,
     /// Hints for it were dropped or expired.
     HintsLost,
+    /// The peer's quiet Merkle root of the range, published on gossip, differs from this
+    /// node's quiet root (`node/anti_entropy.rs`, "roots on gossip").
+    RootsDiffer,
     /// A replica came back up.
     ReplicaRecovered,
     /// Periodic: longest since the last successful sync.
@@ -55,6 +60,7 @@ struct Entry {
     last_success: Option<Millis>,
     reap_waiting_at: Option<Millis>,
     hints_lost_at: Option<Millis>,
+    roots_differ_at: Option<Millis>,
     recovered_at: Option<Millis>,
     /// When the attempt in flight started (marks made after it survive its success).
     started_at: Option<Millis>,
@@ -74,6 +80,9 @@ impl Entry {
         if let Some(at) = self.hints_lost_at {
             return Some((RepairReason::HintsLost, at));
         }
+        if let Some(at) = self.roots_differ_at {
+            return Some((RepairReason::RootsDiffer, at));
+        }
         if let Some(at) = self.recovered_at {
             return Some((RepairReason::ReplicaRecovered, at));
         }
@@ -88,7 +97,11 @@ impl Entry {
 
     /// When the entry becomes eligible (ignoring `started_at`).
     fn eligible_at(&self, interval_ms: Millis) -> Millis {
-        let due = if self.hints_lost_at.is_some() || self.recovered_at.is_some() {
+        let marked = self.reap_waiting_at.is_some()
+            || self.hints_lost_at.is_some()
+            || self.roots_differ_at.is_some()
+            || self.recovered_at.is_some();
+        let due = if marked {
             0
         } else {
             self.last_success
@@ -167,6 +180,9 @@ impl<T: Ord + Clone> RepairQueue<T> {
                 RepairReason::HintsLost => {
                     entry.hints_lost_at.get_or_insert(now);
                 }
+                RepairReason::RootsDiffer => {
+                    entry.roots_differ_at.get_or_insert(now);
+                }
                 RepairReason::ReplicaRecovered => {
                     entry.recovered_at.get_or_insert(now);
                 }
@@ -208,6 +224,7 @@ impl<T: Ord + Clone> RepairQueue<T> {
             entry.last_success = Some(now);
             entry.reap_waiting_at = entry.reap_waiting_at.filter(|&at| at > started);
             entry.hints_lost_at = entry.hints_lost_at.filter(|&at| at > started);
+            entry.roots_differ_at = entry.roots_differ_at.filter(|&at| at > started);
             entry.recovered_at = entry.recovered_at.filter(|&at| at > started);
             entry.failures = 0;
             entry.retry_at = 0;
@@ -265,6 +282,7 @@ mod tests {
         MarkHints(u32),
         MarkRecovered(u32),
         MarkReap(u32),
+        MarkRootsDiffer(u32),
         Next(Option<(u32, RepairReason)>),
         Done(u32, bool),
     }
@@ -310,6 +328,25 @@ mod tests {
                     (2, Next(Some((2, ReapWaiting)))),
                     (2, Next(Some((3, HintsLost)))),
                     (2, Next(Some((1, Scheduled)))),
+                ],
+            ),
+            (
+                "roots that differ come after hint loss and before recovery, at once",
+                vec![
+                    (0, Next(Some((1, Scheduled)))),
+                    (0, Done(1, true)),
+                    (0, Next(Some((2, Scheduled)))),
+                    (0, Done(2, true)),
+                    (0, Next(Some((3, Scheduled)))),
+                    (0, Done(3, true)),
+                    (10, MarkRecovered(1)),
+                    (11, MarkRootsDiffer(2)),
+                    (12, MarkHints(3)),
+                    (13, Next(Some((3, HintsLost)))),
+                    (13, Next(Some((2, RootsDiffer)))),
+                    (13, Done(2, true)),
+                    (14, Next(Some((1, ReplicaRecovered)))),
+                    (14, Next(None)),
                 ],
             ),
             (
@@ -373,6 +410,9 @@ mod tests {
                     MarkRecovered(t) => assert!(q.mark_replica_recovered(&t, now)),
                     MarkReap(t) => {
                         assert_eq!(q.mark_matching(ReapWaiting, now, |x| *x == t), 1)
+                    }
+                    MarkRootsDiffer(t) => {
+                        assert_eq!(q.mark_matching(RootsDiffer, now, |x| *x == t), 1)
                     }
                     Next(want) => assert_eq!(q.next(now), want, "{name}: step {i} at {now}"),
                     Done(t, ok) => q.complete(&t, now, ok),

@@ -373,7 +373,11 @@ impl Gossiper {
         if merged.changed.is_empty() {
             return;
         }
-        self.speed_up(now);
+        // New Merkle roots spread at the regular pace (they change with every write burst;
+        // fast rounds for them would double gossip under writes).
+        if merged.changed.iter().any(|key| *key != AppKey::TreeRoots) {
+            self.speed_up(now);
+        }
         for key in merged.changed {
             self.push_event(GossipEvent::StateChanged {
                 node: node.clone(),

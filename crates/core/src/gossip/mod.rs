@@ -448,6 +448,21 @@ impl Gossiper {
         value: AppValue,
         now: Millis,
     ) -> Result<bool, GossipError> {
+        let changed = self.set_local_unhurried(key, value, now)?;
+        if changed {
+            self.speed_up(now);
+        }
+        Ok(changed)
+    }
+
+    /// [`Gossiper::set_local`] without the faster rounds that follow a change: for a value
+    /// that changes often and can wait for the next round (the Merkle roots).
+    pub fn set_local_unhurried(
+        &mut self,
+        key: AppKey,
+        value: AppValue,
+        now: Millis,
+    ) -> Result<bool, GossipError> {
         let state = self.local_state();
         if state.get(key) == Some(&value) {
             return Ok(false);
@@ -465,7 +480,6 @@ impl Gossiper {
             return Err(GossipError::ValueTooLarge { bytes, limit });
         }
         self.local_mut().apply_entry(key, entry, now);
-        self.speed_up(now);
         Ok(true)
     }
 

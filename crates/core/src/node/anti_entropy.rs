@@ -164,6 +164,8 @@ pub(super) struct AntiEntropyState {
     /// Ranges marked for priority anti-entropy (dropped or expired hints).
     pub repair_marks: BTreeSet<TokenRange>,
     pub repair_marks_overflowed: bool,
+    /// Merkle roots on gossip (`roots.rs`).
+    pub roots: super::roots::RootsState,
     /// Last converged exchange per (range, peer), and tombstone snapshots per range, for
     /// tombstone reaping.
     pub converged_at: BTreeMap<(TokenRange, NodeId), Millis>,
@@ -201,6 +203,7 @@ impl AntiEntropyState {
             bytes_per_leaf: None,
             repair_marks: BTreeSet::new(),
             repair_marks_overflowed: false,
+            roots: super::roots::RootsState::default(),
             converged_at: BTreeMap::new(),
             reap_snapshots: BTreeMap::new(),
             next_verify_at: now + config.anti_entropy.verify_interval_ms,
@@ -403,9 +406,7 @@ impl<S: Storage> Node<S> {
                     .reaped_counter_floor
                     .max(object.context().get(&self.identity.actor));
                 if self.storage.remove(bucket, key).is_ok() {
-                    self.anti_entropy
-                        .trees
-                        .record_write(bucket, key, Some(digest), None);
+                    self.record_tree_write(bucket, key, Some(digest), None);
                     self.wrote();
                     self.stats.increment(Counter::TombstonesReaped);
                 } else {
@@ -510,6 +511,23 @@ impl<S: Storage> Node<S> {
             {
                 if let Some((target, _)) = self.anti_entropy.repair_queue.next(now) {
                     self.anti_entropy.repair_queue.complete(&target, now, false);
+                }
+                continue;
+            }
+            // A periodic exchange of a pair whose quiet roots agree proves nothing new.
+            if self
+                .anti_entropy
+                .repair_queue
+                .peek(now)
+                .is_some_and(|(target, reason)| {
+                    reason == RepairReason::Scheduled && self.roots_agree(now, target)
+                })
+            {
+                if let Some((target, _)) = self.anti_entropy.repair_queue.next(now) {
+                    self.anti_entropy.repair_debt.remove(&target);
+                    self.anti_entropy.repair_queue.complete(&target, now, true);
+                    self.stats
+                        .increment(Counter::AntiEntropyExchangesSkippedRootsAgree);
                 }
                 continue;
             }

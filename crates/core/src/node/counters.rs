@@ -113,6 +113,15 @@ counters! {
         "Keys whose local version changed through anti-entropy", [];
     AntiEntropyBytes => "mendkv_anti_entropy_bytes",
         "Bytes of anti-entropy exchanges this node drove (both directions)", [];
+    AntiEntropyExchangesSkippedRootsAgree => "mendkv_anti_entropy_exchanges_skipped",
+        "Periodic anti-entropy exchanges skipped, by reason (roots_agree: this node's and the peer's quiet Merkle roots of the range, published on gossip, were equal)",
+        [("reason", "roots_agree")];
+    AntiEntropyRootsDiffer => "mendkv_anti_entropy_roots_differ",
+        "(range, replica peer) pairs whose quiet Merkle roots on gossip differed from this node's; each scheduled an exchange at once", [];
+    AntiEntropyRootsPublished => "mendkv_anti_entropy_roots_published",
+        "Times this node published a changed set of quiet Merkle roots on gossip", [];
+    AntiEntropyRootsUnpublishable => "mendkv_anti_entropy_roots_unpublishable",
+        "Times the quiet roots did not fit in one gossip entry (none were published)", [];
     TreeRebuilds => "mendkv_anti_entropy_tree_rebuilds",
         "Merkle trees built by a scan (every start, and new ranges after ring changes)", [];
     TreeChecksOk => "mendkv_anti_entropy_tree_verifications",

@@ -2,7 +2,7 @@
 //! mean for the node (members for the ring, liveness for failover, restarts for repair).
 
 use super::Node;
-use crate::gossip::{GossipEvent, GossipMessage, Liveness, NodeStatus};
+use crate::gossip::{AppKey, GossipEvent, GossipMessage, Liveness, NodeStatus};
 use crate::membership::{MemberInfo, PeerStatus};
 use crate::message::Message;
 use crate::storage::Storage;
@@ -40,11 +40,14 @@ impl<S: Storage> Node<S> {
 
     /// A gossip round when one is due.
     pub(super) fn tick_gossip(&mut self, now: Millis) {
+        // Before the round, so the round carries what changed.
+        self.publish_roots(now);
         if now >= self.cluster.gossiper.next_deadline() {
             let messages = self.cluster.gossiper.handle_tick(now, &mut self.rng);
             self.send_gossip(messages);
         }
         self.apply_gossip_events(now);
+        self.compare_roots(now);
     }
 
     pub(super) fn on_gossip(&mut self, now: Millis, from: &NodeId, message: GossipMessage) {
@@ -56,6 +59,7 @@ impl<S: Storage> Node<S> {
         let replies = self.cluster.gossiper.handle_message(now, from, message);
         self.send_gossip(replies);
         self.apply_gossip_events(now);
+        self.compare_roots(now);
         // After the events: the members it told of are in the ring now.
         self.cluster.learned |= tells_all;
     }
@@ -76,6 +80,11 @@ impl<S: Storage> Node<S> {
     fn apply_gossip_events(&mut self, now: Millis) {
         for event in self.cluster.gossiper.take_events() {
             match event {
+                // New Merkle roots change nothing of the ring (compared in `roots.rs`).
+                GossipEvent::StateChanged {
+                    key: AppKey::TreeRoots,
+                    ..
+                } => {}
                 GossipEvent::NodeJoined { node } | GossipEvent::StateChanged { node, .. } => {
                     if let Some(info) = self.cluster.gossiper.member_info(&node) {
                         self.handle_member_discovered(info);

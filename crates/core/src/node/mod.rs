@@ -308,6 +308,7 @@ impl<S: Storage> Node<S> {
             .min(self.control.controller.next_deadline())
             .min(self.tree_build_deadline())
             .min(self.membership_deadline())
+            .min(self.roots_deadline())
     }
 
     // ----- durability -----------------------------------------------------------------
@@ -762,9 +763,7 @@ impl<S: Storage> Node<S> {
         if !self.membership.has_data {
             self.note_has_data();
         }
-        self.anti_entropy
-            .trees
-            .record_write(bucket, key, old_digest, Some(object.digest()));
+        self.record_tree_write(bucket, key, old_digest, Some(object.digest()));
         Ok(())
     }
 
@@ -1098,6 +1097,7 @@ mod hints;
 mod membership;
 mod read;
 mod repair_control;
+mod roots;
 mod serve;
 
 pub use crate::anti_entropy::{AntiEntropyConfig, RepairRunStatus, RunState};
