@@ -8,6 +8,8 @@
 # cluster; binaries alternate ROUNDS times, in one run.
 #   scripts/bench_write_stall.sh N ROUNDS BINARY...
 #   e.g. scripts/bench_write_stall.sh 500000 1 /tmp/mendkv-main target/release/mendkv
+# BENCH_STALL_HOOK="command" is run once by the probe while one of its SETs has waited
+# 700 ms (e.g. gdb stack dumps of the nodes, to see where a stall waits).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests=${1:?number of SETs}
@@ -54,7 +56,7 @@ for round in $(seq 1 "$rounds"); do
     }
     python3 scripts/write_stall_probe.py --port "$resp" \
       --db-dir "$data/node1/db" --db-dir "$data/node2/db" --db-dir "$data/node3/db" \
-      >"$dir/probe.out" 2>&1 &
+      ${BENCH_STALL_HOOK:+--on-stall "$BENCH_STALL_HOOK"} >"$dir/probe.out" 2>&1 &
     probe=$!
     load="load $(cut -d' ' -f1-3 /proc/loadavg)"
     if out=$(redis-benchmark -h 127.0.0.1 -p "$resp" -t set -n "$requests" -d 100 -r 100000 -c 50 --csv 2>&1); then

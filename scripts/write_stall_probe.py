@@ -15,7 +15,9 @@ import argparse
 import os
 import signal
 import socket
+import subprocess
 import sys
+import threading
 import time
 
 
@@ -51,6 +53,11 @@ def main():
     parser.add_argument("--interval", type=float, default=0.02)
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--duration", type=float, default=3600.0)
+    parser.add_argument(
+        "--on-stall",
+        help="shell command run once, while a SET has been waiting --stall-ms (e.g. a stack dump)",
+    )
+    parser.add_argument("--stall-ms", type=float, default=700.0)
     args = parser.parse_args()
 
     stop = [False]
@@ -86,6 +93,16 @@ def main():
         n += 1
         t0 = time.monotonic()
         ok = True
+        hook = None
+        if args.on_stall:
+            command = args.on_stall
+
+            def fire():
+                args.on_stall = None  # once
+                subprocess.call(command, shell=True)
+
+            hook = threading.Timer(args.stall_ms / 1000.0, fire)
+            hook.start()
         try:
             conn.sendall(resp_set(key, value))
             reply = b""
@@ -104,6 +121,8 @@ def main():
             except OSError:
                 pass
             conn = None
+        if hook is not None:
+            hook.cancel()
         samples.append((t0, latency, ok))
         rest = args.interval - (time.monotonic() - t0)
         if rest > 0:

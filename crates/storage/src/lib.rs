@@ -928,7 +928,10 @@ mod tests {
             storage
                 .with_engine(|engine| {
                     assert_eq!(engine.objects.sealed_memtable_count(), 0);
-                    assert!(engine.objects.table_count() > 0, "objects flushed to a table");
+                    assert!(
+                        engine.objects.table_count() > 0,
+                        "objects flushed to a table"
+                    );
                     assert!(engine.meta.table_count() > 0, "meta flushed to a table");
                     assert_eq!(engine.database.journal_count(), 1);
                     Ok(())
