@@ -8,10 +8,12 @@
 #   e.g. scripts/bench_restart.sh 2000000 2 /tmp/mendkv-main target/release/mendkv
 # BENCH_RESTART_DATA=DIR keeps the loaded data set: loaded into DIR once (by the first
 # binary), then copied from DIR by later runs, which skip the load.
-# BENCH_RESTART_KILL=N: before each timed start, the binary under test is started over the
-# data, takes N more writes (`bench --preload` of N keys, overwrites) and is killed with
-# SIGKILL, so the timed start replays whatever journal that binary left behind (the kill -9
-# case); without it every stop is clean (SIGINT).
+# Each timed start follows a stop by the same binary (what a start finds on disk depends on
+# how the binary wrote and stopped): before it the binary under test is started over the
+# data, takes BENCH_RESTART_WRITES more writes (default 0; `bench --preload` of that many
+# keys, overwrites, fsync periodic) and is stopped, cleanly (SIGINT) or, with
+# BENCH_RESTART_KILL=1, with SIGKILL (the kill -9 case: the start replays whatever journal
+# that binary left behind).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib_bench.sh
@@ -40,6 +42,11 @@ start_node() {
   "$1" server --node-id node1 --listen "127.0.0.1:$((port - 1000))" --http "127.0.0.1:$port" \
     --resp "127.0.0.1:$((port + 1000))" --data-dir "$dir/node1" 2>>"$log" &
   node=$!
+}
+wait_serving() {
+  until curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/kv/bench/key0" 2>/dev/null | grep -q 200; do
+    sleep 0.01
+  done
 }
 rebuilds() {
   curl -s "http://127.0.0.1:$port/metrics" | awk '/^mendkv_anti_entropy_tree_rebuilds/ { print $2 }'
@@ -70,18 +77,24 @@ echo "data: $(du -sh "$dir/node1" | cut -f1)"
 ranges=0
 for round in $(seq 1 "$rounds"); do
   for bin in "${binaries[@]}"; do
+    writes=${BENCH_RESTART_WRITES:-0}
+    if [ "$writes" -gt 0 ]; then
+      load "$bin" "$writes"
+    else
+      start_node "$bin"
+      wait_serving
+    fi
     if [ -n "${BENCH_RESTART_KILL:-}" ]; then
-      load "$bin" "$BENCH_RESTART_KILL"
-      echo "journal before kill -9: $(du -cb "$dir"/node1/db/*.jnl | tail -n1 | cut -f1) bytes"
       kill -KILL "$node"
       wait "$node" 2>/dev/null || true
       node=
+    else
+      stop_node
     fi
+    echo "$bin stopped ($([ -n "${BENCH_RESTART_KILL:-}" ] && echo SIGKILL || echo SIGINT)): journals $(du -ck "$dir"/node1/db/*.jnl | tail -n1 | cut -f1) KiB on disk in $(ls "$dir"/node1/db/*.jnl | wc -l) files"
     t0=$(date +%s%N)
     start_node "$bin"
-    until curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/kv/bench/key0" 2>/dev/null | grep -q 200; do
-      sleep 0.01
-    done
+    wait_serving
     t1=$(date +%s%N)
     serving_rss=$(bench_rss_kib "$node")
     # The first binary's count after a start is the number of ranges, unless it is still
@@ -89,7 +102,8 @@ for round in $(seq 1 "$rounds"); do
     last=-1
     while :; do
       now=$(rebuilds)
-      if [ "$now" = "$last" ] && [ "$now" -ge "$ranges" ]; then break; fi
+      now=${now:-0}
+      if [ "$now" = "$last" ] && [ "$now" -gt 0 ] && [ "$now" -ge "$ranges" ]; then break; fi
       last=$now
       sleep 0.5
     done
