@@ -44,7 +44,7 @@ start_node() {
   node=$!
 }
 wait_serving() {
-  until curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/kv/bench/key0" 2>/dev/null | grep -q 200; do
+  until curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/kv/bench/key0" 2>/dev/null | grep -qE '200|300'; do
     sleep 0.01
   done
 }

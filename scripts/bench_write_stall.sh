@@ -9,7 +9,7 @@
 #   scripts/bench_write_stall.sh N ROUNDS BINARY...
 #   e.g. scripts/bench_write_stall.sh 500000 1 /tmp/mendkv-main target/release/mendkv
 # BENCH_STALL_HOOK="command" is run once by the probe while one of its SETs has waited
-# 700 ms (e.g. gdb stack dumps of the nodes, to see where a stall waits).
+# 1.2 s (e.g. gdb stack dumps of the nodes, to see where a stall waits).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests=${1:?number of SETs}

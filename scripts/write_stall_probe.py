@@ -57,7 +57,7 @@ def main():
         "--on-stall",
         help="shell command run once, while a SET has been waiting --stall-ms (e.g. a stack dump)",
     )
-    parser.add_argument("--stall-ms", type=float, default=700.0)
+    parser.add_argument("--stall-ms", type=float, default=1200.0)
     args = parser.parse_args()
 
     stop = [False]

@@ -77,6 +77,15 @@ const REOPEN_MIN_FREE_BYTES: u64 = 1 << 20;
 /// replays all of them (seconds per 100 MB).
 pub const MAX_JOURNALING_BYTES: u64 = 64 << 20;
 
+/// Memtable size of the `objects` and `hints` keyspaces (fjall's default is 64 MiB). fjall
+/// frees a flushed memtable while it holds the keyspace's version lock, which every read
+/// and write of the keyspace needs; freeing a 64 MiB skiplist (some 500,000 entries of
+/// 100-byte values) took 1-2.5 s on the loaded 2-core machine, a stall of every request of
+/// the node past the 2 s request deadline (issue 14). The stall scales with the memtable.
+/// fjall stores the size with a keyspace when it creates it: data directories made before
+/// keep their 64 MiB.
+pub const MAX_MEMTABLE_BYTES: u64 = 16 << 20;
+
 /// How long a clean stop waits for the memtable flushes of [`FjallStorage::flush_for_close`].
 pub const CLOSE_FLUSH_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -109,9 +118,10 @@ impl Engine {
         let database = Database::builder(path)
             .max_journaling_size(MAX_JOURNALING_BYTES)
             .open()?;
-        let objects = database.keyspace("objects", KeyspaceCreateOptions::default)?;
+        let memtable = || KeyspaceCreateOptions::default().max_memtable_size(MAX_MEMTABLE_BYTES);
+        let objects = database.keyspace("objects", memtable)?;
         let meta = database.keyspace("meta", KeyspaceCreateOptions::default)?;
-        let hints = database.keyspace("hints", KeyspaceCreateOptions::default)?;
+        let hints = database.keyspace("hints", memtable)?;
         Ok(Engine {
             database,
             objects,
