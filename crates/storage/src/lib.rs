@@ -14,6 +14,19 @@
 //! what the node waits for before acknowledging under the default fsync policy. The node
 //! batches many writes per sync (group commit).
 //!
+//! The sync is an `fdatasync` of fjall's active journal file through a descriptor of our
+//! own, not fjall's `persist`: `persist` holds the journal lock (which every write needs)
+//! for the whole fsync, and an fsync that waits behind the writeback of a memtable flush can
+//! take seconds on a busy disk, stalling every write of the node for that long (issue 14).
+//! Without the lock, writes go on while the fsync runs; the fsync still covers every write
+//! made before it started, as those are in the OS already (see [`JournalSync`]).
+//!
+//! # Restart time
+//! Opening replays the journal into memtables, so what a start costs grows with the journal
+//! on disk. fjall keeps at most [`MAX_JOURNALING_BYTES`] of sealed journals (its default is
+//! 512 MiB, seconds of replay), and a clean stop ([`FjallStorage::flush_for_close`]) writes
+//! the memtables out to tables first, so the next open replays nothing but skips.
+//!
 //! # A full disk
 //! fjall stops for good after a failed journal write (every later write answers `Poisoned`),
 //! and a full disk is the common cause. So:
@@ -42,6 +55,7 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
 /// The format byte of stored objects; bump it when the encoding changes.
 const OBJECT_FORMAT: u8 = 1;
@@ -55,6 +69,25 @@ const RECORD_OVERHEAD_BYTES: u64 = 64;
 /// Free space a stopped engine waits for before it reopens, even with the reserve off: a
 /// reopen writes (journal recovery, a new journal file).
 const REOPEN_MIN_FREE_BYTES: u64 = 1 << 20;
+
+/// Sealed journal bytes fjall keeps before it flushes the keyspaces that still need the
+/// oldest journal (fjall's minimum; its default is 512 MiB). fjall seals its journal at a
+/// memtable flush once it passes 64 MB, and the small `meta` and `hints` keyspaces would
+/// otherwise pin every sealed journal until the bound: after a kill -9 the next start
+/// replays all of them (seconds per 100 MB).
+pub const MAX_JOURNALING_BYTES: u64 = 64 << 20;
+
+/// Memtable size of the `objects` and `hints` keyspaces (fjall's default is 64 MiB). fjall
+/// frees a flushed memtable while it holds the keyspace's version lock, which every read
+/// and write of the keyspace needs; freeing a 64 MiB skiplist (some 500,000 entries of
+/// 100-byte values) took 1-2.5 s on the loaded 2-core machine, a stall of every request of
+/// the node past the 2 s request deadline (issue 14). The stall scales with the memtable.
+/// fjall stores the size with a keyspace when it creates it: data directories made before
+/// keep their 64 MiB.
+pub const MAX_MEMTABLE_BYTES: u64 = 16 << 20;
+
+/// How long a clean stop waits for the memtable flushes of [`FjallStorage::flush_for_close`].
+pub const CLOSE_FLUSH_DEADLINE: Duration = Duration::from_secs(30);
 
 /// How the storage is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,10 +115,13 @@ struct Engine {
 
 impl Engine {
     fn open(path: &Path) -> Result<Engine, fjall::Error> {
-        let database = Database::builder(path).open()?;
-        let objects = database.keyspace("objects", KeyspaceCreateOptions::default)?;
+        let database = Database::builder(path)
+            .max_journaling_size(MAX_JOURNALING_BYTES)
+            .open()?;
+        let memtable = || KeyspaceCreateOptions::default().max_memtable_size(MAX_MEMTABLE_BYTES);
+        let objects = database.keyspace("objects", memtable)?;
         let meta = database.keyspace("meta", KeyspaceCreateOptions::default)?;
-        let hints = database.keyspace("hints", KeyspaceCreateOptions::default)?;
+        let hints = database.keyspace("hints", memtable)?;
         Ok(Engine {
             database,
             objects,
@@ -105,7 +141,73 @@ struct Shared {
     engine: RwLock<Option<Engine>>,
     /// Why the engine stopped taking writes; `None` while it works.
     failure: Mutex<Option<String>>,
+    journal_sync: JournalSync,
     recoveries: AtomicU64,
+}
+
+/// `fdatasync` of fjall's active journal through a descriptor of our own, so that the
+/// fsync does not hold fjall's journal lock (see "Durability" above).
+///
+/// Why it covers every write made before it starts: fjall (with `manual_journal_persist`
+/// off, its default, which this crate keeps) hands each write to the OS inside `insert` /
+/// `remove`, into its active journal, the highest-numbered `<n>.jnl` in the database
+/// directory (what fjall's recovery takes as the active one). A journal is sealed under
+/// fjall's journal lock, which first fsyncs it whole (`sync_all`), then creates and fsyncs
+/// the next one and the directory, before any write can go there. So a write made before
+/// this sync is either in the file found highest now (fsynced here) or in an older,
+/// already fsynced journal. A later fjall that lays out its journals otherwise makes
+/// [`JournalSync::sync`] find none, and the caller falls back to fjall's own `persist`.
+#[derive(Default)]
+struct JournalSync {
+    /// The journal synced last: its number and an open descriptor (reused while it stays
+    /// the active journal, so a sync costs one directory listing and one `fdatasync`).
+    active: Mutex<Option<(u64, File)>>,
+}
+
+impl JournalSync {
+    /// Fsyncs the active journal under `directory`; `Ok(false)` when there is no journal
+    /// file to sync.
+    fn sync(&self, directory: &Path) -> std::io::Result<bool> {
+        // A sealed journal can be deleted (its data is in tables) between the listing and
+        // the open; the active one never is, so the next listing finds it.
+        for _ in 0..3 {
+            let Some(number) = newest_journal(directory)? else {
+                return Ok(false);
+            };
+            let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            if active.as_ref().map(|(n, _)| *n) != Some(number) {
+                match File::open(directory.join(format!("{number}.jnl"))) {
+                    Ok(file) => *active = Some((number, file)),
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(error) => return Err(error),
+                }
+            }
+            let (_, file) = active.as_ref().expect("just set");
+            // The lock is ours, not fjall's: only concurrent syncs wait for it.
+            file.sync_data()?;
+            return Ok(true);
+        }
+        Err(std::io::Error::other(
+            "the active journal disappeared three times while being opened",
+        ))
+    }
+}
+
+/// The number of the highest-numbered `<n>.jnl` in `directory`.
+fn newest_journal(directory: &Path) -> std::io::Result<Option<u64>> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(directory)? {
+        let name = entry?.file_name();
+        let Some(number) = name
+            .to_str()
+            .and_then(|name| name.strip_suffix(".jnl"))
+            .and_then(|number| number.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        newest = newest.max(Some(number));
+    }
+    Ok(newest)
 }
 
 /// core's [`Storage`] over fjall; clones share one engine.
@@ -153,6 +255,7 @@ impl FjallStorage {
                 options,
                 engine: RwLock::new(Some(engine)),
                 failure: Mutex::new(None),
+                journal_sync: JournalSync::default(),
                 recoveries: AtomicU64::new(0),
             }),
         })
@@ -209,6 +312,39 @@ impl FjallStorage {
             }
             after = last;
         }
+    }
+
+    /// Before a clean stop: writes every keyspace's memtable out to tables and waits (up to
+    /// `deadline`) for fjall to flush them and drop the journals they made redundant, so
+    /// that the next open has nothing to replay into memtables (it still reads the active
+    /// journal, skipping what the tables hold). `Ok(false)` when the deadline passed first;
+    /// the data is safe either way (the journal holds it), only the next start is slower.
+    /// Blocking: run it off the async runtime.
+    pub fn flush_for_close(&self, deadline: Duration) -> Result<bool, StorageError> {
+        self.refuse_if_stopped()?;
+        let until = Instant::now() + deadline;
+        self.with_engine(|engine| {
+            let keyspaces = [&engine.objects, &engine.meta, &engine.hints];
+            for keyspace in keyspaces {
+                // `rotate_memtable` is public but hidden in fjall's docs; it is what its own
+                // flush-and-wait helper calls (the version is pinned in Cargo.lock).
+                keyspace.rotate_memtable().map_err(engine_error)?;
+            }
+            // fjall signals neither the end of a flush nor of the journal clean-up after
+            // it, so poll both: no sealed memtable left, and only the active journal.
+            loop {
+                let flushed = keyspaces
+                    .iter()
+                    .all(|keyspace| keyspace.sealed_memtable_count() == 0);
+                if flushed && engine.database.journal_count() <= 1 {
+                    return Ok(true);
+                }
+                if Instant::now() >= until {
+                    return Ok(false);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
     }
 
     /// Why the engine stopped taking writes (a full disk, a failed write), or `None`.
@@ -479,10 +615,16 @@ impl Storage for FjallStorage {
     fn sync(&self) -> Result<(), StorageError> {
         self.refuse_if_stopped()?;
         self.with_engine(|engine| {
-            engine
-                .database
-                .persist(PersistMode::SyncData)
-                .map_err(|error| self.stop(error))
+            match self.shared.journal_sync.sync(&self.shared.path) {
+                Ok(true) => Ok(()),
+                // No journal file where fjall keeps it: fjall's own fsync (it holds the
+                // journal lock meanwhile, which is slower, never wrong).
+                Ok(false) => engine
+                    .database
+                    .persist(PersistMode::SyncData)
+                    .map_err(|error| self.stop(error)),
+                Err(error) => Err(self.stop(fjall::Error::Io(error))),
+            }
         })
     }
 
@@ -751,6 +893,67 @@ mod tests {
             whole.sort();
             proptest::prop_assert_eq!(whole, expected);
         }
+    }
+
+    /// The sync finds the journal fjall writes to: the highest-numbered `.jnl`, which holds
+    /// a write just made (fjall hands it to the OS at once); other names are ignored.
+    #[test]
+    fn sync_targets_the_journal_fjall_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = FjallStorage::open(dir.path()).unwrap();
+        let marker = b"journal-sync-marker-key";
+        storage.put("b", marker, &sample()).unwrap();
+        storage.sync().unwrap();
+        let db = dir.path().join("db");
+        let newest = newest_journal(&db).unwrap().expect("fjall keeps a journal");
+        let journal = std::fs::read(db.join(format!("{newest}.jnl"))).unwrap();
+        assert!(
+            journal.windows(marker.len()).any(|w| w == marker),
+            "the write is in journal {newest}"
+        );
+        let synced = storage.shared.journal_sync.active.lock().unwrap();
+        assert_eq!(synced.as_ref().map(|(n, _)| *n), Some(newest));
+
+        let other = tempfile::tempdir().unwrap();
+        for name in ["0.jnl", "3.jnl", "12.jnl", "x.jnl", "40.tmp", "7.jnl.bak"] {
+            std::fs::write(other.path().join(name), b"").unwrap();
+        }
+        assert_eq!(newest_journal(other.path()).unwrap(), Some(12));
+        let empty = tempfile::tempdir().unwrap();
+        assert!(!JournalSync::default().sync(empty.path()).unwrap());
+    }
+
+    /// A clean close writes the memtables out to tables (nothing left for the next open to
+    /// replay into memory), and everything is there after reopening.
+    #[test]
+    fn flush_for_close_leaves_only_tables_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let storage = FjallStorage::open(dir.path()).unwrap();
+            for i in 0..500u32 {
+                storage.put("b", &i.to_be_bytes(), &sample()).unwrap();
+            }
+            storage.put_meta("epoch", &[3, 0, 0, 0]).unwrap();
+            storage.sync().unwrap();
+            assert!(storage.flush_for_close(CLOSE_FLUSH_DEADLINE).unwrap());
+            storage
+                .with_engine(|engine| {
+                    assert_eq!(engine.objects.sealed_memtable_count(), 0);
+                    assert!(
+                        engine.objects.table_count() > 0,
+                        "objects flushed to a table"
+                    );
+                    assert!(engine.meta.table_count() > 0, "meta flushed to a table");
+                    assert_eq!(engine.database.journal_count(), 1);
+                    Ok(())
+                })
+                .unwrap();
+        }
+        let storage = FjallStorage::open(dir.path()).unwrap();
+        for i in 0..500u32 {
+            assert_eq!(storage.get("b", &i.to_be_bytes()).unwrap(), Some(sample()));
+        }
+        assert_eq!(storage.get_meta("epoch").unwrap(), Some(vec![3, 0, 0, 0]));
     }
 
     /// Keys of different buckets never collide, and garbage records decode to an error.
