@@ -129,19 +129,42 @@ pub struct FinalState {
     pub keys: BTreeMap<String, FinalKey>,
     /// How many nodes must hold each key once converged: min(replication factor, nodes).
     pub replicas_per_key: usize,
+    /// A cluster change happened: nodes that lost a range may keep a copy of its keys (a
+    /// restart between the change and the cleanup scan leaves it, by design), so a key is
+    /// converged when at least `replicas_per_key` copies agree, whatever extra copies say.
+    pub leftovers_allowed: bool,
 }
 
-/// Whether the copies of one key agree and are on as many nodes as they must be. Used by
-/// the settle loop as well as by the verdict.
-pub fn is_converged(copies: &[StoredCopy], replicas_per_key: usize) -> bool {
+impl FinalState {
+    pub fn converged(&self, copies: &[StoredCopy]) -> bool {
+        is_converged(copies, self.replicas_per_key, self.leftovers_allowed)
+    }
+}
+
+/// Whether the copies of one key agree and are on as many nodes as they must be (see
+/// [`FinalState::leftovers_allowed`] for what extra copies may do). Used by the settle loop
+/// as well as by the verdict.
+pub fn is_converged(
+    copies: &[StoredCopy],
+    replicas_per_key: usize,
+    leftovers_allowed: bool,
+) -> bool {
     if copies.is_empty() {
         return true;
     }
-    if copies.len() != replicas_per_key {
+    if copies.len() < replicas_per_key || (copies.len() > replicas_per_key && !leftovers_allowed) {
         return false;
     }
-    let first = copies[0].fingerprint();
-    copies.iter().all(|c| c.fingerprint() == first)
+    let mut agreeing: BTreeMap<_, usize> = BTreeMap::new();
+    for copy in copies {
+        *agreeing.entry(copy.fingerprint()).or_default() += 1;
+    }
+    let most = agreeing.values().copied().max().unwrap_or(0);
+    if copies.len() == replicas_per_key {
+        most == copies.len()
+    } else {
+        most >= replicas_per_key
+    }
 }
 
 /// Violations, each described in one line (key, value, times) so a reader can find it in the
@@ -390,7 +413,7 @@ pub fn check(history: &[Op], probes: &[MinorityProbe], final_state: &FinalState)
     }
 
     for (key, found) in &final_state.keys {
-        if !is_converged(&found.copies, final_state.replicas_per_key) {
+        if !final_state.converged(&found.copies) {
             let holders: Vec<String> = found
                 .copies
                 .iter()
@@ -502,6 +525,7 @@ mod tests {
         FinalState {
             keys: keys.into_iter().map(|(k, f)| (k.to_string(), f)).collect(),
             replicas_per_key: 3,
+            leftovers_allowed: false,
         }
     }
 
@@ -645,6 +669,27 @@ mod tests {
         let end = final_state(vec![("u1", found)]);
         let verdict = check(&history, &[], &end);
         assert_eq!(verdict.divergent.len(), 1, "{:?}", verdict.lines());
+    }
+
+    #[test]
+    fn after_a_cluster_change_extra_copies_are_leftovers_but_rf_must_agree() {
+        // Proves the convergence rule of runs with joins or decommissions: a fourth, stale
+        // copy on a node that lost the range is allowed, fewer than RF agreeing copies is
+        // still divergent, and without a change the fourth copy is divergent.
+        let history = vec![write("u1", "a", 0, Outcome::Ok)];
+        let mut found = held(&["a"]);
+        found.copies.push(copy("n4", &[], false));
+        let mut end = final_state(vec![("u1", found.clone())]);
+        assert_eq!(check(&history, &[], &end).divergent.len(), 1);
+        end.leftovers_allowed = true;
+        let verdict = check(&history, &[], &end);
+        assert_eq!(verdict, Verdict::default(), "{:?}", verdict.lines());
+        found.copies[0].context = "older".into();
+        let end = FinalState {
+            leftovers_allowed: true,
+            ..final_state(vec![("u1", found)])
+        };
+        assert_eq!(check(&history, &[], &end).divergent.len(), 1);
     }
 
     #[test]

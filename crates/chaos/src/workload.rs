@@ -8,7 +8,7 @@ use mendkv_client::{Client, ClientError, ReadResult};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,11 @@ const PACE: Duration = Duration::from_millis(15);
 /// The client side of a run, shared by every client task.
 pub struct Workload {
     pub started: Instant,
+    /// One client per node slot, joiners' slots included (index `i` is `n{i+1}`).
     pub clients: Vec<Client>,
+    /// Bit `i` set: node `i` takes client requests (started, not yet departed). Joins set
+    /// it when the node starts; a decommission clears it just before the node is stopped.
+    pub serving: AtomicU64,
     /// Per-operation deadline; an operation past it is `Unknown`.
     pub op_timeout: Duration,
     pub stop: AtomicBool,
@@ -83,8 +87,25 @@ impl Workload {
         self.history.lock().expect("history lock").push(op);
     }
 
+    /// A bit mask with the first `count` nodes serving.
+    pub fn first_serving(count: usize) -> AtomicU64 {
+        AtomicU64::new((1u64 << count) - 1)
+    }
+
+    pub fn set_serving(&self, index: usize, serving: bool) {
+        if serving {
+            self.serving.fetch_or(1 << index, Ordering::Relaxed);
+        } else {
+            self.serving.fetch_and(!(1 << index), Ordering::Relaxed);
+        }
+    }
+
     fn node(&self, rng: &mut ChaCha8Rng) -> &Client {
-        &self.clients[rng.gen_range(0..self.clients.len())]
+        let mask = self.serving.load(Ordering::Relaxed);
+        let serving: Vec<usize> = (0..self.clients.len())
+            .filter(|i| mask & (1 << i) != 0)
+            .collect();
+        &self.clients[serving[rng.gen_range(0..serving.len())]]
     }
 
     async fn read(&self, client: u32, key: &str, node: &Client) -> Option<ReadResult> {
