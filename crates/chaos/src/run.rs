@@ -547,7 +547,13 @@ async fn drive(
             .collect(),
         ..expected
     };
+    let checking = Instant::now();
     let verdict = checker::check(&history, &nemesis.probes, &final_state);
+    println!(
+        "checked {} operations in {:.1} s",
+        history.len(),
+        checking.elapsed().as_secs_f64()
+    );
     let mut ops = OpCounts::default();
     for op in &history {
         match op.outcome {
