@@ -54,6 +54,8 @@ impl Action {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Op {
     pub client: u32,
+    /// The node (0-based index: `n{node+1}`) the client sent it to, its coordinator.
+    pub node: usize,
     pub action: Action,
     pub invoke_us: Micros,
     pub complete_us: Micros,
@@ -113,6 +115,15 @@ pub struct FinalKey {
 }
 
 impl FinalKey {
+    /// The nodes whose copy holds `value` live.
+    fn holders(&self, value: &str) -> Vec<&str> {
+        self.copies
+            .iter()
+            .filter(|c| c.live_values().any(|v| v == value))
+            .map(|c| c.node.as_str())
+            .collect()
+    }
+
     /// The values the store holds at the end: the `r=all` read, and whatever any replica
     /// still holds (so a value is "lost" only when neither has it).
     fn live_values(&self) -> BTreeSet<&str> {
@@ -138,6 +149,35 @@ pub struct FinalState {
 impl FinalState {
     pub fn converged(&self, copies: &[StoredCopy]) -> bool {
         is_converged(copies, self.replicas_per_key, self.leftovers_allowed)
+    }
+
+    /// The live values the store keeps for `key` at the end: the `r=all` read and the
+    /// copies of its replicas. After a cluster change, copies outside the agreeing group of
+    /// at least RF are leftovers on nodes that no longer own the key (see
+    /// [`FinalState::leftovers_allowed`]); no read reaches them, so they are not kept values.
+    fn kept(&self, key: &str) -> BTreeSet<&str> {
+        let Some(found) = self.keys.get(key) else {
+            return BTreeSet::new();
+        };
+        let mut groups: BTreeMap<_, Vec<&StoredCopy>> = BTreeMap::new();
+        for copy in &found.copies {
+            groups.entry(copy.fingerprint()).or_default().push(copy);
+        }
+        let owners: Vec<&StoredCopy> = match groups.into_values().max_by_key(Vec::len) {
+            Some(group)
+                if self.leftovers_allowed
+                    && found.copies.len() > self.replicas_per_key
+                    && group.len() >= self.replicas_per_key =>
+            {
+                group
+            }
+            _ => found.copies.iter().collect(),
+        };
+        let mut values: BTreeSet<&str> = owners.iter().flat_map(|c| c.live_values()).collect();
+        if let Some(read) = &found.read_all {
+            values.extend(read.iter().map(String::as_str));
+        }
+        values
     }
 }
 
@@ -370,8 +410,11 @@ pub fn check(history: &[Op], probes: &[MinorityProbe], final_state: &FinalState)
                 .any(|d| d.outcome != Outcome::Failed && d.invoke_us < read.complete_us);
             if read.invoke_us > write.complete_us && !returned && !delete_may_precede {
                 verdict.missed.push(format!(
-                    "key {key}: write acknowledged at {} us, read invoked at {} us returned {values:?}",
-                    write.complete_us, read.invoke_us
+                    "key {key}: write acknowledged at {} us through n{}, read invoked at {} us through n{} returned {values:?}",
+                    write.complete_us,
+                    write.node + 1,
+                    read.invoke_us,
+                    read.node + 1
                 ));
             }
             if let Some(deleted_us) = acked_delete {
@@ -391,32 +434,33 @@ pub fn check(history: &[Op], probes: &[MinorityProbe], final_state: &FinalState)
                 write.complete_us
             ));
         }
-        if acked_delete.is_some() && at_end.contains(value.as_str()) {
-            verdict
-                .resurrected
-                .push(format!("key {key}: deleted, at the end {at_end:?}"));
+        if acked_delete.is_some() && final_state.kept(key).contains(value.as_str()) {
+            verdict.resurrected.push(format!(
+                "key {key}: deleted, at the end {at_end:?} (held by {})",
+                final_of(key).holders(value).join(",")
+            ));
         }
     }
 
     // Read-modify-write keys: siblings are allowed; what is not allowed is an acknowledged
     // value that is neither present nor superseded by a present value's chain of contexts.
-    let mut rmw_by_key: BTreeMap<&str, Vec<(&str, u64)>> = BTreeMap::new();
+    let mut rmw_by_key: BTreeMap<&str, Vec<(&str, &Op)>> = BTreeMap::new();
     for write in &rmw_acked {
         if let Action::RmwWrite { key, value, .. } = &write.action {
-            rmw_by_key
-                .entry(key)
-                .or_default()
-                .push((value, write.complete_us));
+            rmw_by_key.entry(key).or_default().push((value, write));
         }
     }
     for (key, writes) in &rmw_by_key {
         for (read, values) in reads_of(history, key) {
             let accounted = supersession.accounted(values.iter().map(String::as_str));
-            for &(value, acked_us) in writes {
-                if read.invoke_us > acked_us && !accounted.contains(value) {
+            for &(value, write) in writes {
+                if read.invoke_us > write.complete_us && !accounted.contains(value) {
                     verdict.missed.push(format!(
-                        "key {key}: {value:?} acknowledged at {acked_us} us, read invoked at {} us returned {values:?}",
-                        read.invoke_us
+                        "key {key}: {value:?} acknowledged at {} us through n{}, read invoked at {} us through n{} returned {values:?}",
+                        write.complete_us,
+                        write.node + 1,
+                        read.invoke_us,
+                        read.node + 1
                     ));
                 }
             }
@@ -474,6 +518,7 @@ mod tests {
 
     fn op(action: Action, invoke_us: Micros, complete_us: Micros, outcome: Outcome) -> Op {
         Op {
+            node: 0,
             client: 0,
             action,
             invoke_us,
@@ -713,6 +758,48 @@ mod tests {
             ..final_state(vec![("u1", found)])
         };
         assert_eq!(check(&history, &[], &end).divergent.len(), 1);
+    }
+
+    #[test]
+    fn a_deleted_value_on_a_leftover_copy_is_not_resurrected_but_on_the_owners_it_is() {
+        // Proves the end-of-run resurrection rule after a cluster change: RF agreeing
+        // tombstones plus a stale copy on a fourth node (a leftover) pass; without a change,
+        // or when the r=all read returns the value, the deleted value is resurrected.
+        let history = vec![
+            write("u1", "a", 0, Outcome::Ok),
+            Op {
+                action: Action::Delete { key: "u1".into() },
+                ..op(
+                    Action::Read {
+                        key: "u1".into(),
+                        observed: None,
+                    },
+                    20,
+                    30,
+                    Outcome::Ok,
+                )
+            },
+        ];
+        let mut found = FinalKey {
+            read_all: Some(Vec::new()),
+            copies: ["n1", "n2", "n3"]
+                .iter()
+                .map(|n| copy(n, &["a"], true))
+                .collect(),
+        };
+        found.copies.push(copy("n4", &["a"], false));
+        let mut end = final_state(vec![("u1", found.clone())]);
+        end.leftovers_allowed = true;
+        let verdict = check(&history, &[], &end);
+        assert_eq!(verdict, Verdict::default(), "{:?}", verdict.lines());
+        end.leftovers_allowed = false;
+        assert_eq!(check(&history, &[], &end).resurrected.len(), 1);
+        found.read_all = Some(vec!["a".into()]);
+        let end = FinalState {
+            leftovers_allowed: true,
+            ..final_state(vec![("u1", found)])
+        };
+        assert_eq!(check(&history, &[], &end).resurrected.len(), 1);
     }
 
     #[test]

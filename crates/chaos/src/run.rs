@@ -869,6 +869,7 @@ impl Nemesis<'_> {
                 .expect("history lock")
                 .push(Op {
                     client: 0,
+                    node,
                     action: Action::Write { key, value },
                     invoke_us,
                     complete_us: self.workload.micros(),
