@@ -16,7 +16,9 @@ use std::time::Duration;
 #[test]
 fn seeded_fault_runs_keep_every_promise() {
     // Proves, over a 3-node and a 5-node run within the CI budget, that no checker rule
-    // is violated under real partitions, kills and pauses.
+    // is violated under real partitions, kills and pauses, and (seed 2's changes lane) a
+    // join and a decommission under those faults: every change finishes, the final reads
+    // go through the final members, and the departed node's data is on RF of them.
     if let Some(reason) = topology::missing_requirements() {
         if std::env::var_os("MENDKV_REQUIRE_NETNS").is_some() {
             panic!("MENDKV_REQUIRE_NETNS is set but {reason}");
