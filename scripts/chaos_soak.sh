@@ -22,11 +22,16 @@ else
   dir="${CARGO_TARGET_DIR:-target}/debug"
 fi
 
+# The soak runs copies of the binaries: a rebuild in the same target directory while it runs
+# must not change the server a kill -9 restart starts half-way through.
+bin="$(mktemp -d -t mendkv-chaos-soak-bin.XXXXXX)"
+trap 'rm -rf "$bin"' EXIT
+cp "$dir/mendkv" "$dir/mendkv-chaos" "$bin/"
 log="$(mktemp -t mendkv-chaos-soak.XXXXXX.log)"
 echo "chaos soak: ${soak_s} s, runs of ${run_s} s, nodes ${nodes}, first seed ${seed}, ${profile} build; log ${log}"
-echo "started $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(nproc) cores: $(uname -srm)"
+echo "started $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(nproc) cores: $(uname -srm); commit $(git rev-parse --short HEAD); $(uptime)"
 status=0
-"$dir/mendkv-chaos" --mendkv "$dir/mendkv" --nodes "$nodes" --seed "$seed" \
+"$bin/mendkv-chaos" --mendkv "$bin/mendkv" --nodes "$nodes" --seed "$seed" \
   --duration-s "$run_s" --runs 100000 --budget-s "$soak_s" 2>&1 | tee "$log" || status=$?
 echo "finished $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 exit "$status"

@@ -6,7 +6,7 @@
 //! # Layout
 //! - [`checker`]: pure; history and final state in, verdict (lost, missed, unexpected,
 //!   resurrected, divergent, minority) out.
-//! - [`schedule`]: the seeded fault schedule (and the hook for joins and decommissions).
+//! - [`schedule`]: the seeded fault schedule and the seeded joins and decommissions.
 //! - [`topology`]: namespaces, the bridge, nftables rules; cleanup of leftovers.
 //! - [`nodes`]: the server processes (start, kill -9, restart, pause, continue).
 //! - [`workload`]: the clients and how each outcome is classified.
@@ -108,14 +108,14 @@ pub mod campaign {
             format!("{:.1} s", *ms as f64 / 1000.0)
         });
         let mut text = String::new();
-        let _ = writeln!(text, "| runs | operations (ok / unknown / failed) | kills | pauses | partitions | minority probes | lost | missed | unexpected | resurrected | divergent | crashes | not converged | harness errors | median (max) time to converge |");
+        let _ = writeln!(text, "| runs | operations (ok / unknown / failed) | kills | pauses | partitions | joins | decommissions | minority probes | lost | missed | unexpected | resurrected | divergent | crashes | stuck changes | not converged | harness errors | median (max) time to converge |");
         let _ = writeln!(
             text,
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         let _ = writeln!(
             text,
-            "| {} | {} ({} / {} / {}) | {} | {} | {} | {} ({} acked) | {} | {} | {} | {} | {} | {} | {} | {} | {median} ({max}) |",
+            "| {} | {} ({} / {} / {}) | {} | {} | {} | {} | {} | {} ({} acked) | {} | {} | {} | {} | {} | {} | {} | {} | {} | {median} ({max}) |",
             reports.len(),
             sum(&|r| r.ops.total()),
             sum(&|r| r.ops.ok),
@@ -124,6 +124,8 @@ pub mod campaign {
             sum(&|r| r.kills),
             sum(&|r| r.pauses),
             sum(&|r| r.partitions),
+            sum(&|r| r.joins),
+            sum(&|r| r.decommissions),
             sum(&|r| r.probes.len()),
             sum(&|r| r.verdict.minority_acked.len()),
             sum(&|r| r.verdict.lost.len()),
@@ -132,6 +134,7 @@ pub mod campaign {
             sum(&|r| r.verdict.resurrected.len()),
             sum(&|r| r.verdict.divergent.len()),
             sum(&|r| r.crashes.len()),
+            sum(&|r| r.stuck_changes.len()),
             done.iter().filter(|r| r.converge_ms.is_none()).count(),
             errors,
         );

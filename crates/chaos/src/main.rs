@@ -3,7 +3,7 @@
 //! Exits 1 on any violation, 2 when the harness itself could not run, 130 when interrupted.
 
 use clap::Parser;
-use mendkv_chaos::{campaign, topology, RunOptions};
+use mendkv_chaos::{campaign, schedule, topology, RunOptions};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -37,6 +37,12 @@ struct Args {
     /// Level of the workload's writes and deletes (see --read-level).
     #[arg(long, default_value = "quorum", value_parser = ["one", "quorum"])]
     write_level: String,
+    /// No joins or decommissions (the changes lane): faults only, as before that lane.
+    #[arg(long)]
+    no_cluster_changes: bool,
+    /// Print each run's fault schedule and cluster changes, run nothing (no root needed).
+    #[arg(long)]
+    schedule_only: bool,
     /// The mendkv binary (default: `mendkv` next to this binary).
     #[arg(long)]
     mendkv: Option<PathBuf>,
@@ -52,6 +58,28 @@ fn level(name: &str) -> &'static str {
 
 fn main() {
     let args = Args::parse();
+    if args.schedule_only {
+        for run in 0..args.runs {
+            let seed = args.seed.wrapping_add(run as u64);
+            let nodes = args.nodes[run % args.nodes.len().max(1)];
+            let duration_ms = args.duration_s * 1_000;
+            println!("seed {seed} nodes {nodes}:");
+            for step in schedule::draw(seed, nodes, duration_ms) {
+                println!("  {step}");
+            }
+            if !args.no_cluster_changes {
+                for step in schedule::draw_changes(
+                    seed,
+                    nodes,
+                    mendkv_chaos::run::REPLICATION_FACTOR,
+                    duration_ms,
+                ) {
+                    println!("  {step}");
+                }
+            }
+        }
+        return;
+    }
     if let Some(reason) = topology::missing_requirements() {
         eprintln!("mendkv-chaos: {reason}");
         std::process::exit(2);
@@ -82,6 +110,7 @@ fn main() {
     options.settle_timeout = Duration::from_secs(args.settle_s);
     options.read_level = level(&args.read_level);
     options.write_level = level(&args.write_level);
+    options.cluster_changes = !args.no_cluster_changes;
     let reports = campaign::run_many(
         &options,
         &args.nodes,

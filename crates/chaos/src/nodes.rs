@@ -26,6 +26,10 @@ struct Node {
     data_dir: PathBuf,
     child: Option<Child>,
     paused: bool,
+    /// Started at least once: a joiner's slot is not until its join.
+    started: bool,
+    /// Decommissioned and stopped for good: never revived.
+    departed: bool,
 }
 
 pub struct Nodes {
@@ -36,10 +40,14 @@ pub struct Nodes {
 }
 
 impl Nodes {
-    /// Starts one server in each namespace, data directories under `data_root`.
+    /// Starts a server in each of the first `initial` namespaces, data directories under
+    /// `data_root`; the other namespaces are slots for joiners ([`Nodes::join`]). Every node's
+    /// seeds are the first `initial` nodes (a joiner is found through gossip, as an operator's
+    /// new node would be).
     pub fn start(
         binary: &Path,
         namespaces: &[String],
+        initial: usize,
         data_root: &Path,
         settings: &ServerSettings,
     ) -> Result<Nodes> {
@@ -58,7 +66,7 @@ impl Nodes {
             ),
             ("RUST_LOG".to_string(), "warn".to_string()),
         ];
-        let seeds = (0..namespaces.len())
+        let seeds = (0..initial)
             .map(|i| format!("{}:{PEER_PORT}", node_address(i)))
             .collect();
         let mut nodes = Nodes {
@@ -78,12 +86,33 @@ impl Nodes {
                 data_dir,
                 child: None,
                 paused: false,
+                started: false,
+                departed: false,
             });
         }
-        for index in 0..nodes.nodes.len() {
+        for index in 0..initial {
             nodes.spawn(index)?;
         }
         Ok(nodes)
+    }
+
+    /// Starts the server of a joiner's slot (fresh data directory, the seeds).
+    pub fn join(&mut self, index: usize) -> Result<()> {
+        self.spawn(index)
+    }
+
+    /// Stops a decommissioned node for good (kill -9: it has left, nothing of it is needed).
+    pub fn retire(&mut self, index: usize) {
+        self.kill(index);
+        self.nodes[index].departed = true;
+    }
+
+    /// The nodes running now (or killed or paused by a fault, to be revived): started and
+    /// not departed.
+    pub fn members(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].started && !self.nodes[i].departed)
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -138,6 +167,7 @@ impl Nodes {
         }
         node.child = Some(command.spawn().context("starting mendkv server")?);
         node.paused = false;
+        node.started = true;
         Ok(())
     }
 
@@ -162,8 +192,12 @@ impl Nodes {
         self.nodes[index].paused = self.nodes[index].child.is_some();
     }
 
-    /// Continues a paused node and restarts a killed one (same data directory).
+    /// Continues a paused node and restarts a killed one (same data directory). A slot
+    /// never started and a departed node stay as they are.
     pub fn revive(&mut self, index: usize) -> Result<()> {
+        if !self.nodes[index].started || self.nodes[index].departed {
+            return Ok(());
+        }
         if self.nodes[index].paused {
             self.signal(index, libc::SIGCONT);
             self.nodes[index].paused = false;

@@ -1,5 +1,11 @@
 //! The nemesis schedule: which fault, when, for how long, drawn from one seed, so a run's
 //! faults are replayed exactly by its seed (the timing of client operations is not).
+//!
+//! Two lanes: the faults ([`draw`]: one at a time, each healed before the next) and the
+//! cluster changes ([`draw_changes`]: joins and decommissions, which take as long as the
+//! cluster needs, so they run beside the faults rather than in their sequence). The changes
+//! are drawn from their own stream of the seed, so a seed's faults are what they were before
+//! the changes lane existed.
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -21,10 +27,6 @@ pub enum Fault {
     Kill { node: usize },
     /// SIGSTOP, then SIGCONT when the fault ends.
     Pause { node: usize },
-    // TODO(cluster-changes issue): `Join` (start a fresh node with --seed) and
-    // `Decommission { node }` (POST /admin/decommission, then stop the process once `left`)
-    // belong here once joins and decommissions land on main; `FaultKind::ClusterChange`
-    // below is their slot in the draw, disabled until then.
 }
 
 /// The kinds the schedule draws from, one of them per fault.
@@ -36,9 +38,6 @@ pub enum FaultKind {
     OneWay,
     Kill,
     Pause,
-    /// Joins and decommissions: the hook for the cluster-changes issue. Never drawn yet
-    /// ([`FaultKind::ENABLED`] leaves it out).
-    ClusterChange,
 }
 
 impl FaultKind {
@@ -54,8 +53,20 @@ impl FaultKind {
 }
 
 impl Fault {
+    /// The nodes the fault names: when one of them has left the cluster, the fault is skipped.
+    pub fn named_nodes(&self) -> Vec<usize> {
+        match self {
+            Fault::MajorityMinority { minority } => minority.clone(),
+            Fault::Isolate { node } | Fault::Kill { node } | Fault::Pause { node } => vec![*node],
+            Fault::Bridge { bridge } => vec![*bridge],
+            Fault::OneWay { from, to } => vec![*from, *to],
+        }
+    }
+
     /// Directed links whose packets are dropped, as (from, to): `to` drops what `from` sends.
-    pub fn dropped_links(&self, nodes: usize) -> Vec<(usize, usize)> {
+    /// `members` are the nodes running now (a joined node is on the majority's side, a
+    /// departed one on no side).
+    pub fn dropped_links(&self, members: &[usize]) -> Vec<(usize, usize)> {
         let cut = |left: &[usize], right: &[usize]| {
             let mut links = Vec::new();
             for &a in left {
@@ -68,15 +79,19 @@ impl Fault {
         };
         match self {
             Fault::MajorityMinority { minority } => {
-                let majority: Vec<usize> = (0..nodes).filter(|n| !minority.contains(n)).collect();
+                let majority: Vec<usize> = members
+                    .iter()
+                    .copied()
+                    .filter(|n| !minority.contains(n))
+                    .collect();
                 cut(minority, &majority)
             }
             Fault::Isolate { node } => {
-                let others: Vec<usize> = (0..nodes).filter(|n| n != node).collect();
+                let others: Vec<usize> = members.iter().copied().filter(|n| n != node).collect();
                 cut(&[*node], &others)
             }
             Fault::Bridge { bridge } => {
-                let others: Vec<usize> = (0..nodes).filter(|n| n != bridge).collect();
+                let others: Vec<usize> = members.iter().copied().filter(|n| n != bridge).collect();
                 let (left, right) = others.split_at(others.len() / 2);
                 cut(left, right)
             }
@@ -87,10 +102,10 @@ impl Fault {
 
     /// The node that is cut off alone from every other node, if any: it must refuse
     /// `w=quorum` writes (the minority probe).
-    pub fn alone(&self, nodes: usize) -> Option<usize> {
+    pub fn alone(&self, members: &[usize]) -> Option<usize> {
         match self {
             Fault::Isolate { node } => Some(*node),
-            Fault::MajorityMinority { minority } if minority.len() == 1 && nodes > 1 => {
+            Fault::MajorityMinority { minority } if minority.len() == 1 && members.len() > 1 => {
                 Some(minority[0])
             }
             _ => None,
@@ -194,9 +209,116 @@ fn draw_fault(rng: &mut ChaCha8Rng, nodes: usize) -> Option<Fault> {
         }
         FaultKind::Kill => Fault::Kill { node: any(rng) },
         FaultKind::Pause => Fault::Pause { node: any(rng) },
-        FaultKind::ClusterChange => return None,
     };
     Some(fault)
+}
+
+/// A cluster change. Nodes are indices as in [`Fault`]; a joiner takes the next free one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Start a fresh node (empty data directory, the first nodes as seeds) and wait until
+    /// every member sees it `normal`.
+    Join { node: usize },
+    /// `POST /admin/decommission` on the node, wait until every other member sees it `left`,
+    /// then stop it for good.
+    Decommission { node: usize },
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Change::Join { node } => write!(f, "join {}", name(*node)),
+            Change::Decommission { node } => write!(f, "decommission {}", name(*node)),
+        }
+    }
+}
+
+/// One change of the changes lane: begun `start_ms` after the workload started, or when the
+/// change before it has finished if that is later (the cluster runs one change at a time).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangeStep {
+    pub start_ms: u64,
+    pub change: Change,
+}
+
+impl fmt::Display for ChangeStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:>6.1}s (or after the change before)  {}",
+            self.start_ms as f64 / 1000.0,
+            self.change
+        )
+    }
+}
+
+/// The node slots a run needs: the first `nodes` plus one per join.
+pub fn slots(nodes: usize, changes: &[ChangeStep]) -> usize {
+    nodes
+        + changes
+            .iter()
+            .filter(|c| matches!(c.change, Change::Join { .. }))
+            .count()
+}
+
+/// Draws the changes lane of a run, a seeded choice among: nothing, a join, a decommission,
+/// a join then a decommission, a decommission then a join. A decommission is drawn only
+/// while more than `replication_factor` nodes would remain members, so the cluster always
+/// ends with at least that many (a node refuses to leave otherwise). The first change starts
+/// in the first quarter of the run, the second 1-5 s after the first was drawn to start, so
+/// both usually overlap faults.
+pub fn draw_changes(
+    seed: u64,
+    nodes: usize,
+    replication_factor: usize,
+    duration_ms: u64,
+) -> Vec<ChangeStep> {
+    /// Separates the changes' random stream from the faults' (same seed).
+    const CHANGES_STREAM: u64 = 0x6d65_6d62_6572_7321;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ CHANGES_STREAM);
+    #[derive(Clone, Copy)]
+    enum Plan {
+        Nothing,
+        Join,
+        Decommission,
+        JoinThenDecommission,
+        DecommissionThenJoin,
+    }
+    let mut plans = vec![Plan::Nothing, Plan::Join, Plan::JoinThenDecommission];
+    if nodes > replication_factor {
+        plans.extend([Plan::Decommission, Plan::DecommissionThenJoin]);
+    }
+    let plan = *plans.choose(&mut rng).expect("plans is not empty");
+    let kinds: &[bool] = match plan {
+        // true: a join; false: a decommission.
+        Plan::Nothing => &[],
+        Plan::Join => &[true],
+        Plan::Decommission => &[false],
+        Plan::JoinThenDecommission => &[true, false],
+        Plan::DecommissionThenJoin => &[false, true],
+    };
+    let mut members: Vec<usize> = (0..nodes).collect();
+    let mut next_slot = nodes;
+    let mut at = rng.gen_range(3_000..=(duration_ms / 4).max(3_000));
+    let mut steps = Vec::new();
+    for &join in kinds {
+        let change = if join {
+            let node = next_slot;
+            next_slot += 1;
+            members.push(node);
+            Change::Join { node }
+        } else {
+            debug_assert!(members.len() > replication_factor);
+            let node = members.remove(rng.gen_range(0..members.len()));
+            Change::Decommission { node }
+        };
+        steps.push(ChangeStep {
+            start_ms: at,
+            change,
+        });
+        at += rng.gen_range(1_000..=5_000);
+    }
+    steps
 }
 
 #[cfg(test)]
@@ -230,24 +352,69 @@ mod tests {
         let minority = Fault::MajorityMinority {
             minority: vec![0, 1],
         };
-        let links = minority.dropped_links(5);
+        let five: Vec<usize> = (0..5).collect();
+        let links = minority.dropped_links(&five);
         assert_eq!(links.len(), 2 * 2 * 3);
         assert!(links.contains(&(0, 4)) && links.contains(&(4, 0)));
         assert!(!links.contains(&(0, 1)) && !links.contains(&(2, 3)));
 
-        let bridge = Fault::Bridge { bridge: 2 }.dropped_links(5);
+        let bridge = Fault::Bridge { bridge: 2 }.dropped_links(&five);
         assert!(bridge.iter().all(|&(a, b)| a != 2 && b != 2));
         assert!(bridge.contains(&(0, 3)) && !bridge.contains(&(0, 1)));
 
+        let three = [0, 1, 2];
         assert_eq!(
-            Fault::OneWay { from: 1, to: 0 }.dropped_links(3),
+            Fault::OneWay { from: 1, to: 0 }.dropped_links(&three),
             vec![(1, 0)]
         );
-        assert_eq!(Fault::Isolate { node: 1 }.alone(3), Some(1));
-        assert_eq!(minority.alone(5), None);
+        assert_eq!(Fault::Isolate { node: 1 }.alone(&three), Some(1));
+        assert_eq!(minority.alone(&five), None);
         assert_eq!(
-            Fault::MajorityMinority { minority: vec![2] }.alone(3),
+            Fault::MajorityMinority { minority: vec![2] }.alone(&three),
             Some(2)
         );
+    }
+
+    #[test]
+    fn a_joined_node_is_cut_off_with_the_majority_and_a_departed_one_not_at_all() {
+        // Proves partitions are drawn over the nodes running now: isolating n1 after n4
+        // joined and n2 left cuts n1 from n3 and n4 only.
+        let links = Fault::Isolate { node: 0 }.dropped_links(&[0, 2, 3]);
+        assert_eq!(links, vec![(0, 2), (2, 0), (0, 3), (3, 0)]);
+        assert_eq!(Fault::OneWay { from: 1, to: 0 }.named_nodes(), vec![1, 0]);
+    }
+
+    #[test]
+    fn changes_are_seeded_and_never_leave_fewer_than_rf_members() {
+        // Proves the changes lane replays from the seed, draws each plan over a few seeds,
+        // and never decommissions a cluster down below the replication factor.
+        assert_eq!(draw_changes(7, 3, 3, 60_000), draw_changes(7, 3, 3, 60_000));
+        let (mut joins, mut decommissions) = (0, 0);
+        for seed in 0..200 {
+            for nodes in [3, 5] {
+                let steps = draw_changes(seed, nodes, 3, 60_000);
+                let mut members = nodes;
+                let mut next = nodes;
+                for step in &steps {
+                    assert!(step.start_ms <= 60_000);
+                    match step.change {
+                        Change::Join { node } => {
+                            assert_eq!(node, next, "a joiner takes the next slot");
+                            next += 1;
+                            members += 1;
+                            joins += 1;
+                        }
+                        Change::Decommission { node } => {
+                            assert!(node < next);
+                            members -= 1;
+                            decommissions += 1;
+                        }
+                    }
+                    assert!(members >= 3, "seed {seed}: {steps:?}");
+                }
+                assert_eq!(slots(nodes, &steps), next);
+            }
+        }
+        assert!(joins > 0 && decommissions > 0);
     }
 }

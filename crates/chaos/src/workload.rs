@@ -8,7 +8,7 @@ use mendkv_client::{Client, ClientError, ReadResult};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,11 @@ const PACE: Duration = Duration::from_millis(15);
 /// The client side of a run, shared by every client task.
 pub struct Workload {
     pub started: Instant,
+    /// One client per node slot, joiners' slots included (index `i` is `n{i+1}`).
     pub clients: Vec<Client>,
+    /// Bit `i` set: node `i` takes client requests (started, not yet departed). Joins set
+    /// it when the node starts; a decommission clears it just before the node is stopped.
+    pub serving: AtomicU64,
     /// Per-operation deadline; an operation past it is `Unknown`.
     pub op_timeout: Duration,
     pub stop: AtomicBool,
@@ -72,9 +76,10 @@ impl Workload {
         self.stop.load(Ordering::Relaxed) || crate::interrupted()
     }
 
-    fn record(&self, client: u32, action: Action, invoke_us: u64, outcome: Outcome) {
+    fn record(&self, client: u32, node: usize, action: Action, invoke_us: u64, outcome: Outcome) {
         let op = Op {
             client,
+            node,
             action,
             invoke_us,
             complete_us: self.micros(),
@@ -83,21 +88,40 @@ impl Workload {
         self.history.lock().expect("history lock").push(op);
     }
 
-    fn node(&self, rng: &mut ChaCha8Rng) -> &Client {
-        &self.clients[rng.gen_range(0..self.clients.len())]
+    /// A bit mask with the first `count` nodes serving.
+    pub fn first_serving(count: usize) -> AtomicU64 {
+        AtomicU64::new((1u64 << count) - 1)
     }
 
-    async fn read(&self, client: u32, key: &str, node: &Client) -> Option<ReadResult> {
+    pub fn set_serving(&self, index: usize, serving: bool) {
+        if serving {
+            self.serving.fetch_or(1 << index, Ordering::Relaxed);
+        } else {
+            self.serving.fetch_and(!(1 << index), Ordering::Relaxed);
+        }
+    }
+
+    /// The node (index) an operation goes to: one of those serving, drawn from `rng`.
+    fn node(&self, rng: &mut ChaCha8Rng) -> usize {
+        let mask = self.serving.load(Ordering::Relaxed);
+        let serving: Vec<usize> = (0..self.clients.len())
+            .filter(|i| mask & (1 << i) != 0)
+            .collect();
+        serving[rng.gen_range(0..serving.len())]
+    }
+
+    async fn read(&self, client: u32, key: &str, node: usize) -> Option<ReadResult> {
         let invoke_us = self.micros();
         let result = tokio::time::timeout(
             self.op_timeout,
-            node.get(BUCKET, key.as_bytes(), Some(self.read_level)),
+            self.clients[node].get(BUCKET, key.as_bytes(), Some(self.read_level)),
         )
         .await;
         let outcome = classify(&result);
         let read = result.ok().and_then(Result::ok);
         self.record(
             client,
+            node,
             Action::Read {
                 key: key.to_string(),
                 observed: read.as_ref().map(values_of),
@@ -144,11 +168,12 @@ impl Workload {
                 .lock()
                 .expect("keys lock")
                 .push(key.clone());
-            let node = self.node(&mut rng).clone();
-            let (invoke_us, result) = self.put(&node, &key, &value, None).await;
+            let node = self.node(&mut rng);
+            let (invoke_us, result) = self.put(&self.clients[node], &key, &value, None).await;
             let outcome = classify(&result);
             self.record(
                 client,
+                node,
                 Action::Write {
                     key: key.clone(),
                     value,
@@ -167,16 +192,17 @@ impl Workload {
     }
 
     async fn delete(&self, client: u32, key: &str, context: Option<&str>, rng: &mut ChaCha8Rng) {
-        let node = self.node(rng).clone();
+        let node = self.node(rng);
         let invoke_us = self.micros();
         let result = tokio::time::timeout(
             self.op_timeout,
-            node.delete(BUCKET, key.as_bytes(), Some(self.write_level), context),
+            self.clients[node].delete(BUCKET, key.as_bytes(), Some(self.write_level), context),
         )
         .await;
         let outcome = classify(&result);
         self.record(
             client,
+            node,
             Action::Delete {
                 key: key.to_string(),
             },
@@ -198,8 +224,8 @@ impl Workload {
                 (from < keys.len()).then(|| keys[rng.gen_range(from..keys.len())].clone())
             };
             if let Some(key) = key {
-                let node = self.node(&mut rng).clone();
-                self.read(client, &key, &node).await;
+                let node = self.node(&mut rng);
+                self.read(client, &key, node).await;
             }
             tokio::time::sleep(PACE).await;
         }
@@ -214,16 +240,19 @@ impl Workload {
             let Some(key) = self.rmw_keys.choose(&mut rng).cloned() else {
                 return;
             };
-            let node = self.node(&mut rng).clone();
-            if let Some(read) = self.read(client, &key, &node).await {
+            let node = self.node(&mut rng);
+            if let Some(read) = self.read(client, &key, node).await {
                 let observed = values_of(&read);
                 let value = format!("{key}:c{client}-{sequence}");
                 sequence += 1;
-                let node = self.node(&mut rng).clone();
-                let (invoke_us, result) = self.put(&node, &key, &value, read.context()).await;
+                let node = self.node(&mut rng);
+                let (invoke_us, result) = self
+                    .put(&self.clients[node], &key, &value, read.context())
+                    .await;
                 let outcome = classify(&result);
                 self.record(
                     client,
+                    node,
                     Action::RmwWrite {
                         key,
                         value,
