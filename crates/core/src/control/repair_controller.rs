@@ -409,8 +409,9 @@ mod tests {
             32 * mib,
             0,
         );
-        // (time, client p99, repair spent bytes, rate after, reason, baseline after)
-        let steps: Vec<(Millis, Millis, bool, u64, &str, Option<Millis>)> = vec![
+        /// (time, client p99, repair spent bytes, rate after, reason, baseline after)
+        type Step = (Millis, Millis, bool, u64, &'static str, Option<Millis>);
+        let steps: Vec<Step> = vec![
             (1_000, 10, false, 36 * mib, "healthy", Some(10)),
             (2_000, 12, true, 36 * mib, "holding", Some(10)),
             (3_000, 15, true, 18 * mib, "latency_high", Some(10)),
