@@ -12,9 +12,9 @@
 use super::Counter;
 use super::Node;
 use crate::gossip::GossipMessage;
+use crate::membership::PeerStatus;
 use crate::storage::{Storage, StorageError};
 use crate::version::Actor;
-use crate::membership::PeerStatus;
 use crate::{Millis, NodeId};
 
 /// The meta record holding the node's epoch.

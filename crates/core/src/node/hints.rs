@@ -309,9 +309,7 @@ impl<S: Storage> Node<S> {
 
     /// True when `target` replicates the key in this node's layout (old or new ring).
     fn replicates(&self, target: &NodeId, bucket: &str, key: &[u8]) -> bool {
-        self.membership
-            .layout
-            .owns(target, key_token(bucket, key))
+        self.membership.layout.owns(target, key_token(bucket, key))
     }
 
     /// A hint kept for a node that no longer replicates its key (a cluster change moved the
@@ -319,7 +317,13 @@ impl<S: Storage> Node<S> {
     /// non-replica (after cleanup deleted the range) and still miss the new owners, and the
     /// hint may hold the last copy. It is kept for the key's current replicas instead
     /// (merged here when this node is one), and forgotten for the old target once kept.
-    fn retarget_hint(&mut self, now: Millis, target: &NodeId, hint: &QueuedHint, record: &HintRecord) {
+    fn retarget_hint(
+        &mut self,
+        now: Millis,
+        target: &NodeId,
+        hint: &QueuedHint,
+        record: &HintRecord,
+    ) {
         let token = key_token(&hint.bucket, &hint.key);
         let owners: Vec<NodeId> = self
             .membership
