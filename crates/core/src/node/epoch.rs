@@ -7,7 +7,9 @@
 //! is silently dropped. So a node that starts without an epoch record and has peers to ask
 //! does not act as a write's actor until gossip has told it what its peers know of it; and
 //! whenever gossip claims a generation at least its own for it (from any peer, at any
-//! time), it continues under a higher epoch, made durable first.
+//! time), it continues under a higher epoch, made durable first. "Told" means a majority of
+//! the other members not known to be down answered without naming an earlier life: a peer
+//! that restarted too may not have heard of it yet.
 
 use super::Counter;
 use super::Node;
