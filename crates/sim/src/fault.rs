@@ -66,9 +66,7 @@ impl FaultConfig {
             pause: true,
             skew: true,
             fsync: true,
-            // Not yet in `all`: with it, about 3% of swarm seeds end with replicas that
-            // have not converged (safety holds); `--faults membership,...` runs it.
-            membership: false,
+            membership: true,
         }
     }
 
@@ -366,6 +364,7 @@ impl Simulation {
         if self.slots[i].alive() {
             return;
         }
+        let cluster_of_many = self.slots.len() > 1;
         let slot = &mut self.slots[i];
         slot.incarnation += 1;
         let incarnation = slot.incarnation;
@@ -376,8 +375,9 @@ impl Simulation {
             incarnation,
             &self.config.options,
         );
-        // A wiped node that rejoins learns its old epoch from its peers, and joins.
-        config.learn_epoch_from_peers = self.config.faults.membership;
+        // A wiped node that rejoins learns its old epoch from its peers, and joins (as the
+        // server does, only when it has peers to ask).
+        config.learn_epoch_from_peers = self.config.faults.membership && cluster_of_many;
         let mut node =
             Node::new(config, slot.storage.clone(), local).expect("memory storage does not fail");
         for member in &self.members {
@@ -466,16 +466,31 @@ impl Simulation {
         self.trace_line("sim", |_| "faults stop; healing".into());
         for i in 0..self.slots.len() {
             self.resume(i);
-            if self.membership_cycle.is_some_and(|c| c.node == i) && !self.slots[i].alive() {
-                // A node crashed for good comes back wiped, as a new member.
-                self.slots[i].storage = MemoryStorage::new();
-                self.trace_line(&format!("n{i}"), |_| "DISK WIPED (rejoins)".into());
+            let crashed_for_good = self
+                .membership_cycle
+                .is_some_and(|c| c.node == i && c.kind == CycleKind::Remove);
+            if crashed_for_good && !self.slots[i].alive() {
+                // A node crashed for good comes back wiped, as a new member. (A leaving node
+                // that crashed restarts with its data: it may hold the last copies.)
+                self.wipe_departed(i, CycleKind::Remove);
                 if let Some(cycle) = self.membership_cycle.as_mut() {
                     cycle.step = CycleStep::Rejoining;
                 }
             }
             self.restart(i);
         }
+    }
+
+    /// Gives the departed node of a membership cycle an empty disk (it rejoins as a new
+    /// member). A node crashed for good and removed loses what it alone held, as a lost
+    /// disk does: a write at `one` that only it took is gone by the operator's choice, not
+    /// by a bug. A decommissioned node handed everything over first: nothing is excused.
+    fn wipe_departed(&mut self, i: usize, kind: CycleKind) {
+        let storage = std::mem::replace(&mut self.slots[i].storage, MemoryStorage::new());
+        if kind == CycleKind::Remove {
+            self.record_crash_losses(i, values_held(&storage), storage.objects());
+        }
+        self.trace_line(&format!("n{i}"), |_| "DISK WIPED (rejoins)".into());
     }
 
     /// Starts a cluster change on `node`: a decommission (it leaves, is wiped, and joins
@@ -537,8 +552,7 @@ impl Simulation {
                 if left {
                     // Gone: wipe it and bring it back as a new member.
                     self.crash(k, Some(0));
-                    self.slots[k].storage = MemoryStorage::new();
-                    self.trace_line(&format!("n{k}"), |_| "DISK WIPED (rejoins)".into());
+                    self.wipe_departed(k, cycle.kind);
                     if let Some(c) = self.membership_cycle.as_mut() {
                         c.step = CycleStep::Rejoining;
                     }

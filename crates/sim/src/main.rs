@@ -50,7 +50,7 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     ops: usize,
     /// Faults to inject: none, all, or a comma list of
-    /// loss,duplicate,reorder,partition,crash,pause,skew,fsync.
+    /// loss,duplicate,reorder,partition,crash,pause,skew,fsync,membership.
     #[arg(long, default_value = "all")]
     faults: String,
     /// Fail a seed whose replicas have not converged at the end (the default).

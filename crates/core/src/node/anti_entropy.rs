@@ -824,6 +824,12 @@ impl<S: Storage> Node<S> {
     fn apply_repair_writes(&mut self, writes: Vec<RepairObject>) -> Result<(), StorageError> {
         let mut first_error = None;
         for write in writes {
+            if !self.owns_key(&write.bucket, &write.key) {
+                // An exchange begun while this node replicated the range, answered after a
+                // layout change took the range away (and cleanup deleted its keys): merging
+                // would leave a copy on a node that is no replica, which nothing removes.
+                continue;
+            }
             match self.merge_local(&write.bucket, &write.key, &write.object) {
                 Ok(true) => self.stats.increment(Counter::AntiEntropyKeysRepaired),
                 Ok(false) => {}

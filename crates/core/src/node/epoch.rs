@@ -7,14 +7,17 @@
 //! is silently dropped. So a node that starts without an epoch record and has peers to ask
 //! does not act as a write's actor until gossip has told it what its peers know of it; and
 //! whenever gossip claims a generation at least its own for it (from any peer, at any
-//! time), it continues under a higher epoch, made durable first.
+//! time), it continues under a higher epoch, made durable first. "Told" means a majority of
+//! the other members not known to be down answered without naming an earlier life: a peer
+//! that restarted too may not have heard of it yet.
 
 use super::Counter;
 use super::Node;
 use crate::gossip::GossipMessage;
+use crate::membership::PeerStatus;
 use crate::storage::{Storage, StorageError};
 use crate::version::Actor;
-use crate::Millis;
+use crate::{Millis, NodeId};
 
 /// The meta record holding the node's epoch.
 pub(super) const EPOCH_META: &str = "epoch";
@@ -52,6 +55,11 @@ pub(super) struct Identity {
     /// which never saw the new write. A restart starts a new epoch (a new actor), so memory
     /// is enough.
     pub reaped_counter_floor: u64,
+    /// Peers whose complete answers claimed no earlier life of this node, while it is
+    /// unconfirmed. One peer that knows nothing of it (it restarted too, and has not heard
+    /// of it yet) must not confirm an epoch the others hold as a previous life: the node
+    /// would reissue old dots, and peers would ignore its gossip under that generation.
+    pub answered_by: std::collections::BTreeSet<crate::NodeId>,
 }
 
 impl Identity {
@@ -61,6 +69,7 @@ impl Identity {
             epoch,
             confirmed,
             reaped_counter_floor: 0,
+            answered_by: std::collections::BTreeSet::new(),
         }
     }
 }
@@ -73,7 +82,7 @@ impl<S: Storage> Node<S> {
 
     /// Looks at a gossip message before gossip handles it: a claim of a generation at
     /// least this node's epoch means it ran before under it (and lost its record).
-    pub(super) fn learn_epoch_from(&mut self, now: Millis, message: &GossipMessage) {
+    pub(super) fn learn_epoch_from(&mut self, now: Millis, from: &NodeId, message: &GossipMessage) {
         if let Some(claimed) = message.generation_claimed_for(self.id()) {
             // Once confirmed, peers rightly hold this epoch as our generation; before, they
             // cannot have learned it from us yet (our state goes out only after their
@@ -95,12 +104,30 @@ impl<S: Storage> Node<S> {
             GossipMessage::Ack { .. } | GossipMessage::Syn { complete: true, .. }
         );
         if !self.identity.confirmed && tells_all {
-            self.confirm_epoch();
+            self.identity.answered_by.insert(from.clone());
+            if self.identity.answered_by.len() * 2 > self.live_peers_to_ask() {
+                self.confirm_epoch();
+            }
         }
+    }
+
+    /// The peers whose answers confirm a new epoch: a majority of the other members not
+    /// known to be down (at least the ones that answered). A single seed (the others not
+    /// known yet) still confirms alone.
+    fn live_peers_to_ask(&self) -> usize {
+        let me = self.id();
+        let live = self
+            .cluster
+            .membership
+            .ids()
+            .filter(|id| *id != me && self.cluster.membership.status(id) != PeerStatus::Down)
+            .count();
+        live.max(self.identity.answered_by.len())
     }
 
     fn confirm_epoch(&mut self) {
         self.identity.confirmed = true;
+        self.identity.answered_by.clear();
         self.cluster.gossiper.set_announce_self(true);
     }
 

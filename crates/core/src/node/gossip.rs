@@ -51,7 +51,7 @@ impl<S: Storage> Node<S> {
     }
 
     pub(super) fn on_gossip(&mut self, now: Millis, from: &NodeId, message: GossipMessage) {
-        self.learn_epoch_from(now, &message);
+        self.learn_epoch_from(now, from, &message);
         let tells_all = matches!(
             message,
             GossipMessage::Ack { .. } | GossipMessage::Syn { complete: true, .. }

@@ -255,6 +255,9 @@ impl<S: Storage> Node<S> {
             }
             match self.storage.get_hint(&storage_key) {
                 Ok(Some(bytes)) => match HintRecord::decode(&bytes) {
+                    Some(record) if !self.replicates(target, &hint.bucket, &hint.key) => {
+                        self.retarget_hint(now, target, &hint, &record);
+                    }
                     Some(record) => {
                         payload.push(RepairObject {
                             bucket: hint.bucket.clone(),
@@ -302,6 +305,45 @@ impl<S: Storage> Node<S> {
             },
         );
         HintBatch::Sent
+    }
+
+    /// True when `target` replicates the key in this node's layout (old or new ring).
+    fn replicates(&self, target: &NodeId, bucket: &str, key: &[u8]) -> bool {
+        self.membership.layout.owns(target, key_token(bucket, key))
+    }
+
+    /// A hint kept for a node that no longer replicates its key (a cluster change moved the
+    /// range after the hint was stored): delivered there, it would leave a copy on a
+    /// non-replica (after cleanup deleted the range) and still miss the new owners, and the
+    /// hint may hold the last copy. It is kept for the key's current replicas instead
+    /// (merged here when this node is one), and forgotten for the old target once kept.
+    fn retarget_hint(
+        &mut self,
+        now: Millis,
+        target: &NodeId,
+        hint: &QueuedHint,
+        record: &HintRecord,
+    ) {
+        let token = key_token(&hint.bucket, &hint.key);
+        let owners: Vec<NodeId> = self
+            .membership
+            .layout
+            .new_ring()
+            .preference_list(token)
+            .to_vec();
+        let mut kept = !owners.is_empty();
+        for owner in owners {
+            let ok = if owner == *self.id() {
+                self.merge_local(&hint.bucket, &hint.key, &record.object)
+                    .is_ok()
+            } else {
+                self.store_hint(now, &owner, &hint.bucket, &hint.key, &record.object)
+            };
+            kept &= ok;
+        }
+        if kept {
+            self.forget_hint(target, hint, None);
+        }
     }
 
     /// Removes a hint from storage and queue (only the version that was sent, if given).

@@ -1138,6 +1138,16 @@ impl<S: Storage> Node<S> {
         }
     }
 
+    /// True when this node replicates the key in the old or the new ring (true before the
+    /// first layout is derived).
+    pub(super) fn owns_key(&self, bucket: &str, key: &[u8]) -> bool {
+        self.membership.view_since == 0
+            || self
+                .membership
+                .layout
+                .owns(self.id(), key_token(bucket, key))
+    }
+
     /// The layout this node applies (old and new rings, the active change).
     pub fn layout(&self) -> &Layout {
         &self.membership.layout

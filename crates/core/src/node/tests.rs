@@ -1079,6 +1079,51 @@ fn a_wiped_node_learns_its_epoch_from_peers_before_coordinating() {
     }
 }
 
+/// A wiped node whose first answer comes from a peer that restarted too and has not heard of
+/// it yet (sim seed 6074: every crashed node restarts at the same moment) must not take that
+/// answer as "new to the cluster": it waits for a majority of its live peers, one of which
+/// holds its old generation, and continues above it.
+#[test]
+fn a_wiped_node_is_not_confirmed_by_one_peer_that_never_heard_of_it() {
+    let mut cluster = gossiping_cluster(3);
+    let written = cluster.put(2, "old", CausalContext::empty(), ConsistencyLevel::All);
+    assert!(matches!(written, ClientResponse::Written { .. }));
+    let old_epoch = cluster.nodes[2].epoch();
+
+    // n1 restarts (its data kept, its gossip state gone): it knows nothing of n2 yet.
+    let now = cluster.now;
+    let n1_storage = std::mem::replace(
+        &mut cluster.nodes[1],
+        Node::new(NodeConfig::new("n1"), MemoryStorage::new(), now).unwrap(),
+    )
+    .into_storage();
+    let mut restarted = Node::new(NodeConfig::new("n1"), n1_storage, now).unwrap();
+    // n2's disk is wiped; it starts again under the same id.
+    let mut config = NodeConfig::new("n2");
+    config.learn_epoch_from_peers = true;
+    let mut wiped = Node::new(config, MemoryStorage::new(), now).unwrap();
+    for i in 0..3 {
+        restarted.handle_member_discovered(member(i));
+        wiped.handle_member_discovered(member(i));
+    }
+    cluster.nodes[1] = restarted;
+    cluster.nodes[2] = wiped;
+    cluster.nodes[2].handle_seed_discovered(now, member(1));
+    cluster.run();
+    assert!(
+        !cluster.nodes[2].epoch_confirmed(),
+        "one answer of two live peers, from a peer that never heard of n2, confirms nothing"
+    );
+    assert_eq!(cluster.nodes[2].epoch(), 1);
+
+    // n0, which ran all along, answers too: it names n2's old generation.
+    cluster.nodes[2].handle_seed_discovered(now, member(0));
+    cluster.run();
+    assert!(cluster.nodes[2].epoch_confirmed());
+    assert!(cluster.nodes[2].epoch() > old_epoch);
+    assert_eq!(cluster.nodes[2].stats()[Counter::EpochsLearnedFromPeers], 1);
+}
+
 /// A node that starts with no record and was never in the cluster is confirmed by the
 /// first gossip answer, which claims nothing about it, and keeps epoch 1.
 #[test]
