@@ -30,14 +30,7 @@ dir=$(mktemp -d)
 node=
 # The nodes' stderr (RUST_LOG from the environment); BENCH_RESTART_LOG=FILE keeps it.
 log=${BENCH_RESTART_LOG:-$dir/server.log}
-stop_node() {
-  if [ -n "$node" ]; then
-    kill -INT "$node" 2>/dev/null || true
-    wait "$node" 2>/dev/null || true
-    node=
-  fi
-}
-trap 'stop_node; rm -rf "$dir"' EXIT
+trap 'bench_stop_node; rm -rf "$dir"' EXIT
 start_node() {
   "$1" server --node-id node1 --listen "127.0.0.1:$((port - 1000))" --http "127.0.0.1:$port" \
     --resp "127.0.0.1:$((port + 1000))" --data-dir "$dir/node1" 2>>"$log" &
@@ -67,7 +60,7 @@ if [ -n "$saved" ] && [ -d "$saved/node1" ]; then
   echo "data set copied from $saved"
 else
   load "${binaries[0]}" "$keys"
-  stop_node
+  bench_stop_node
   if [ -n "$saved" ]; then
     mkdir -p "$saved"
     cp -a "$dir/node1" "$saved/node1"
@@ -89,7 +82,7 @@ for round in $(seq 1 "$rounds"); do
       wait "$node" 2>/dev/null || true
       node=
     else
-      stop_node
+      bench_stop_node
     fi
     echo "$bin stopped ($([ -n "${BENCH_RESTART_KILL:-}" ] && echo SIGKILL || echo SIGINT)): journals $(du -ck "$dir"/node1/db/*.jnl | tail -n1 | cut -f1) KiB on disk in $(ls "$dir"/node1/db/*.jnl | wc -l) files"
     t0=$(date +%s%N)
@@ -111,6 +104,6 @@ for round in $(seq 1 "$rounds"); do
     t2=$(date +%s%N)
     printf 'round %s %s (load %s): serving after %d ms, trees built after about %d ms (%s trees), RSS serving %s KiB, after builds %s KiB\n' \
       "$round" "$bin" "$(cut -d' ' -f1 /proc/loadavg)" $(((t1 - t0) / 1000000)) $(((t2 - t0) / 1000000 - 500)) "$now" "$serving_rss" "$(bench_rss_kib "$node")"
-    stop_node
+    bench_stop_node
   done
 done

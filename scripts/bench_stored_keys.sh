@@ -24,14 +24,7 @@ concurrency=${BENCH_CONCURRENCY:-32}
 port=${BENCH_BASE_PORT:-28601}
 dir=$(mktemp -d)
 node=
-stop_node() {
-  if [ -n "$node" ]; then
-    kill -INT "$node" 2>/dev/null || true
-    wait "$node" 2>/dev/null || true
-    node=
-  fi
-}
-trap 'stop_node; rm -rf "$dir"' EXIT
+trap 'bench_stop_node; rm -rf "$dir"' EXIT
 start_node() {
   "$bin" server --node-id node1 --listen "127.0.0.1:$((port - 1000))" --http "127.0.0.1:$port" \
     --data-dir "$dir/node1" 2>>"$dir/server.log" &
@@ -55,7 +48,7 @@ for round in $(seq 1 "$rounds"); do
   echo "round $round small ($small keys), RSS $(bench_rss_kib "$node")KiB"
   measure small w "$small"
   measure small c "$small"
-  stop_node
+  bench_stop_node
 
   rm -rf "$dir/node1"
   cp -a "$data/node1" "$dir/node1"
@@ -74,5 +67,5 @@ for round in $(seq 1 "$rounds"); do
   measure stored w "$keys"
   measure stored c "$keys"
   echo "  RSS after: $(bench_rss_kib "$node")KiB"
-  stop_node
+  bench_stop_node
 done

@@ -107,3 +107,13 @@ bench_wrk_summary() {
     END { printf "%.0f %.2f %d %d\n", rate, p99, requests, errors }
   ' "$1"
 }
+
+# bench_stop_node: Ctrl-C to the single node whose pid is in $node (its stop is clean: memtables
+# flushed), then waits for it and clears $node. For scripts that run one `mendkv server`.
+bench_stop_node() {
+  if [ -n "${node:-}" ]; then
+    kill -INT "$node" 2>/dev/null || true
+    wait "$node" 2>/dev/null || true
+    node=
+  fi
+}
