@@ -261,9 +261,12 @@ impl RangeTrees {
         new_digest: Option<u64>,
     ) -> bool {
         self.record_write_at(key_token(bucket, key), bucket, key, old_digest, new_digest)
+            .is_some()
     }
 
-    /// [`RangeTrees::record_write`] for a caller that already has the key's token.
+    /// [`RangeTrees::record_write`] for a caller that already has the key's token; the range
+    /// whose tree covers the key (none: not a range of this node), so the caller need not
+    /// look it up again.
     pub fn record_write_at(
         &mut self,
         token: Token,
@@ -271,32 +274,23 @@ impl RangeTrees {
         key: &[u8],
         old_digest: Option<u64>,
         new_digest: Option<u64>,
-    ) -> bool {
+    ) -> Option<TokenRange> {
         if old_digest == new_digest {
-            return self.tree_for(token).is_some();
+            return self.tree_for(token).map(MerkleTree::range);
         }
         let hasher = self.hasher;
-        let candidate_end = match self.tree_for(token) {
-            Some(tree) => tree.range().end,
-            None => return false,
-        };
-        let Some(tree) = self.trees.get(&candidate_end) else {
-            return false;
-        };
-        let Some(segment) = tree.segment_of(token) else {
-            return false;
-        };
+        let candidate_end = self.tree_for(token)?.range().end;
+        let tree = self.trees.get(&candidate_end)?;
+        let segment = tree.segment_of(token)?;
         let range = tree.range();
         if self.scan_still_ahead(range, token, bucket, key) {
-            return true;
+            return Some(range);
         }
-        let Some(tree) = self.trees.get_mut(&candidate_end) else {
-            return false;
-        };
+        let tree = self.trees.get_mut(&candidate_end)?;
         let old = old_digest.map(|d| hasher.item_hash(bucket, key, d));
         let new = new_digest.map(|d| hasher.item_hash(bucket, key, d));
         tree.update(segment, old, new);
-        true
+        Some(range)
     }
 
     /// The persisted form of a range's tree (see [`MerkleTree::encode`]), stamped with this

@@ -150,21 +150,19 @@ impl<S: Storage> Node<S> {
         new_digest: Option<u64>,
     ) {
         let token = key_token(bucket, key);
-        self.anti_entropy
+        let range = self
+            .anti_entropy
             .trees
             .record_write_at(token, bucket, key, old_digest, new_digest);
-        if old_digest != new_digest {
-            self.note_range_changed(token);
+        if let Some(range) = range.filter(|_| old_digest != new_digest) {
+            self.note_range_changed(range);
         }
     }
 
-    fn note_range_changed(&mut self, token: Token) {
+    fn note_range_changed(&mut self, range: TokenRange) {
         if !self.roots_enabled() {
             return;
         }
-        let Some((range, _)) = self.anti_entropy.trees.locate(token) else {
-            return;
-        };
         let now = self.clock;
         let quiet_ms = self.roots_quiet_ms();
         let roots = &mut self.anti_entropy.roots;
