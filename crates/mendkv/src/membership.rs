@@ -3,7 +3,6 @@
 //! of `mendkv repair`.
 
 use anyhow::{anyhow, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use mendkv_client::Client;
 use std::time::Duration;
 
@@ -33,12 +32,7 @@ async fn follow(
         println!("{}", serde_json::to_string_pretty(&first)?);
         return Ok(());
     }
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} ranges  {msg}  ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
+    let bar = crate::repair::ranges_bar();
     let mut status = first;
     loop {
         let number = |name: &str| status[name].as_u64().unwrap_or(0);

@@ -12,12 +12,7 @@ pub async fn run(client: Client, bucket: Option<&str>, no_wait: bool) -> Result<
         println!("{id}");
         return Ok(());
     }
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} ranges  {msg}  ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
+    let bar = ranges_bar();
     let status = loop {
         let status = client.repair_status(id).await?;
         let number = |name: &str| status[name].as_u64().unwrap_or(0);
@@ -53,4 +48,16 @@ pub async fn run(client: Client, bucket: Option<&str>, no_wait: bool) -> Result<
         bail!("repair {id} failed: some exchanges did not complete (a peer down?); run it again");
     }
     Ok(())
+}
+
+/// The progress bar of the commands that follow ranges on a node (`repair`, `decommission`,
+/// `remove-node`): ranges done of total, a message, the ETA.
+pub(crate) fn ranges_bar() -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} ranges  {msg}  ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar
 }
