@@ -960,7 +960,7 @@ impl<S: Storage> Node<S> {
             failed: false,
             stats: ExchangeStats::default(),
             started_at: now,
-            finished_at: if self.cluster.ring.nodes().len() > 1 {
+            finished_at: if self.ring().nodes().len() > 1 {
                 None
             } else {
                 Some(now)

@@ -8,11 +8,11 @@ use crate::message::Message;
 use crate::storage::Storage;
 use crate::{Millis, NodeId};
 
-/// The node's view of the cluster: members, the ring they form, and gossip.
+/// The node's view of the cluster: members and gossip (the ring they form is the
+/// membership room's layout: `Node::ring`).
 #[derive(Debug)]
 pub(super) struct ClusterView {
     pub membership: crate::membership::Membership,
-    pub ring: crate::ring::Ring,
     pub gossiper: crate::gossip::Gossiper,
     /// A peer has told this node everything it knows (a gossip answer) since it started, so
     /// its member list, and with it its ring, is whole. Members are not persisted: a node

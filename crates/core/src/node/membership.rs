@@ -422,7 +422,6 @@ impl<S: Storage> Node<S> {
             .is_some_and(|m| m.removal == Some(Phase::Done));
         self.membership.members = members;
         self.membership.view_since = now.max(1);
-        self.cluster.ring = layout.read_ring().clone();
         self.membership.layout = layout;
         let before: BTreeSet<TokenRange> = self.anti_entropy.trees.ranges().collect();
         self.align_trees();
@@ -688,8 +687,7 @@ impl<S: Storage> Node<S> {
                 continue;
             }
             let Some(heir) = self
-                .cluster
-                .ring
+                .ring()
                 .nodes()
                 .iter()
                 .find(|n| {

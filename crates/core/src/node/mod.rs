@@ -141,7 +141,6 @@ impl<S: Storage> Node<S> {
             http_address: config.http_address.clone(),
         };
         let membership = Membership::new(me);
-        let ring = Ring::default();
         let (hint_queue, corrupt_hints) = hints::load_hint_queue(&storage);
         let membership_state =
             membership::MembershipState::load(&storage, fresh, config.learn_epoch_from_peers);
@@ -182,7 +181,6 @@ impl<S: Storage> Node<S> {
             ),
             cluster: gossip::ClusterView {
                 membership,
-                ring,
                 gossiper,
                 learned: !config.learn_epoch_from_peers,
             },
@@ -222,8 +220,10 @@ impl<S: Storage> Node<S> {
         &self.config
     }
 
+    /// The ring reads use: the membership layout's read ring (the old owners while a
+    /// change streams, the new ones from `synced` on).
     pub fn ring(&self) -> &Ring {
-        &self.cluster.ring
+        self.membership.layout.read_ring()
     }
 
     pub fn membership(&self) -> &Membership {
@@ -784,8 +784,7 @@ impl<S: Storage> Node<S> {
             .cloned()
             .collect();
         let fallback = self
-            .cluster
-            .ring
+            .ring()
             .nodes_from(crate::ring::key_token(&bucket, &key))
             .into_iter()
             .find(|n| !used.contains(n) && self.cluster.membership.status(n) == PeerStatus::Up);

@@ -44,7 +44,7 @@ impl<S: Storage> Node<S> {
         level: ConsistencyLevel,
         after: AfterRead,
     ) {
-        let mut candidates = self.cluster.ring.preference_list_for_key(&bucket, &key);
+        let mut candidates = self.ring().preference_list_for_key(&bucket, &key);
         // Live replicas first, in preference order.
         candidates.sort_by_key(|n| self.cluster.membership.status(n) == PeerStatus::Down);
         let data_replica = self.data_replica(&candidates);
