@@ -182,6 +182,9 @@ pub struct MemberState {
     pub phase: Phase,
     /// Removed by an operator (`remove-node`), with the removal's phase.
     pub removal: Option<Phase>,
+    /// A new node that has not yet decided between bootstrapping (`normal` at once, no
+    /// streaming) and joining: coordinators write to it too (see [`Layout::deciding`]).
+    pub deciding: bool,
 }
 
 impl MemberState {
@@ -190,6 +193,7 @@ impl MemberState {
             status: NodeStatus::Normal,
             phase: Phase::Done,
             removal: None,
+            deciding: false,
         }
     }
 
@@ -252,6 +256,10 @@ pub struct Layout {
     partition: Ring,
     /// The active change: its subject, kind and phase.
     active: Option<(NodeId, ChangeKind, Phase)>,
+    /// Members still deciding whether they bootstrap or join. One that bootstraps becomes
+    /// an owner without streaming, so every write must already be on it: coordinators add
+    /// a preference list of the read ring plus these (the live ones) to every write.
+    deciding: BTreeSet<NodeId>,
     fingerprint: u64,
 }
 
@@ -290,11 +298,17 @@ impl Layout {
             }
             hasher.digest()
         };
+        let deciding = members
+            .iter()
+            .filter(|(_, m)| m.deciding && m.removal.is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
         Layout {
             old: Ring::new(old_ids, vnodes, rf),
             new: Ring::new(new_ids, vnodes, rf),
             partition: Ring::new(all, vnodes, rf),
             active,
+            deciding,
             fingerprint,
         }
     }
@@ -335,6 +349,11 @@ impl Layout {
 
     pub fn active(&self) -> Option<&(NodeId, ChangeKind, Phase)> {
         self.active.as_ref()
+    }
+
+    /// Members still deciding between bootstrap and join.
+    pub fn deciding(&self) -> &BTreeSet<NodeId> {
+        &self.deciding
     }
 
     /// Identifies the view: two nodes with the same fingerprint derive the same rings.
@@ -447,6 +466,7 @@ mod layout_tests {
                         status: *status,
                         phase: *phase,
                         removal: None,
+                        deciding: false,
                     },
                 )
             })

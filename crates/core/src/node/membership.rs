@@ -26,7 +26,7 @@
 use super::{Counter, Node};
 use crate::gossip::{AppKey, AppValue, NodeStatus};
 use crate::hinted_handoff::{hint_key, DropReason, HintRecord};
-use crate::membership::{ChangeKind, Layout, MemberState, Phase};
+use crate::membership::{ChangeKind, Layout, MemberState, PeerStatus, Phase};
 use crate::message::Message;
 use crate::ring::{key_token, TokenRange};
 use crate::storage::Storage;
@@ -49,9 +49,16 @@ pub const HAS_DATA_KEY: AppKey = AppKey::Extension(6);
 /// Gossip: the generation under which this node last joined from an empty data directory
 /// (a removed node that rejoined wiped is a new member; with its old data it is not).
 pub const JOINED_KEY: AppKey = AppKey::Extension(7);
+/// Gossip: the still-deciding members this node has held live in its layout for a request
+/// timeout, `(node, generation)` (postcard): from then on every write it coordinates
+/// reaches them, and none it coordinated without them is still in flight. A deciding node
+/// bootstraps without streaming only once every live member lists it.
+pub const SEES_DECIDING_KEY: AppKey = AppKey::Extension(8);
 
 /// Removals one node may announce (bounds a peer's input).
 const MAX_REMOVALS: usize = 64;
+/// Deciding members one node lists in [`SEES_DECIDING_KEY`] (bounds a peer's input).
+const MAX_SEEN_DECIDING: usize = 64;
 /// Attempts of a (range, source) pull that diverged before it counts as done anyway.
 const MAX_DIVERGED_ATTEMPTS: u32 = 3;
 /// Wait before retrying a failed pull.
@@ -147,6 +154,13 @@ pub(super) struct MembershipState {
     pub deciding: bool,
     /// When the deciding node first heard a peer described.
     deciding_since: Option<Millis>,
+    /// Deciding members held live in the layout: node -> (its generation, since when).
+    deciding_peers: BTreeMap<NodeId, (u64, Millis)>,
+    /// What this node last published in [`SEES_DECIDING_KEY`].
+    seen_deciding: Vec<(NodeId, u64)>,
+    /// The ring of writes while members are deciding: the read ring plus the live
+    /// deciding members, for (layout fingerprint, those members).
+    deciding_ring: Option<(u64, BTreeSet<NodeId>, crate::ring::Ring)>,
     pub has_data: bool,
     /// The generation under which this node joined from an empty data directory.
     pub joined_generation: u64,
@@ -223,6 +237,9 @@ impl MembershipState {
         MembershipState {
             deciding: first_start || was_deciding,
             deciding_since: None,
+            deciding_peers: BTreeMap::new(),
+            seen_deciding: Vec::new(),
+            deciding_ring: None,
             status,
             phase,
             removals,
@@ -381,12 +398,20 @@ impl<S: Storage> Node<S> {
                 let rejoined = joined > *generation;
                 (!rejoined).then_some(*phase)
             });
+            // A new node announces `joining`, `waiting` while it decides, and its join
+            // generation once it decided to join; one that bootstraps turns `normal`.
+            let deciding = if id == self.id() {
+                self.membership.deciding
+            } else {
+                status == NodeStatus::Joining && phase == Phase::Waiting && joined == 0
+            };
             members.insert(
                 id.clone(),
                 MemberState {
                     status,
                     phase,
                     removal,
+                    deciding,
                 },
             );
         }
@@ -527,6 +552,22 @@ impl<S: Storage> Node<S> {
         if !evidence && !waited {
             return;
         }
+        if !evidence {
+            // Bootstrapping makes this node an owner without streaming: only safe once no
+            // write can be acknowledged without it. Every live member must have held it as
+            // deciding for a request timeout (its writes reach this node since, the older
+            // ones ended); one that coordinated or stored a write before published
+            // `HAS_DATA` first, and gossip hands a member's state over in version order,
+            // so that evidence is here by the time its list is.
+            if let Some(member) = self.member_not_seeing_this_node_deciding() {
+                self.membership.reason = Some(format!(
+                    "deciding between bootstrap and join: waiting for {member} to see this \
+                     node"
+                ));
+                return;
+            }
+        }
+        self.membership.reason = None;
         self.membership.deciding = false;
         // A node wiped and started again under its old id joins too: it must stream its
         // ranges back before it serves reads for them.
@@ -547,10 +588,110 @@ impl<S: Storage> Node<S> {
         }
     }
 
+    /// The first live member (not this node, not departed, not believed down) whose
+    /// [`SEES_DECIDING_KEY`] does not list this node under its current generation.
+    fn member_not_seeing_this_node_deciding(&self) -> Option<NodeId> {
+        let me = self.id();
+        let mine = (me.clone(), self.cluster.gossiper.generation());
+        self.cluster
+            .gossiper
+            .members()
+            .filter(|(id, _)| *id != me)
+            .filter(|(id, _)| {
+                !self
+                    .membership
+                    .members
+                    .get(*id)
+                    .is_some_and(MemberState::is_departed)
+            })
+            .filter(|(id, _)| self.cluster.membership.status(id) != PeerStatus::Down)
+            .find(|(_, state)| {
+                let sees_me = match state.get(SEES_DECIDING_KEY) {
+                    Some(AppValue::Bytes(bytes)) => {
+                        postcard::from_bytes::<Vec<(NodeId, u64)>>(bytes)
+                            .is_ok_and(|list| list.contains(&mine))
+                    }
+                    _ => false,
+                };
+                !sees_me
+            })
+            .map(|(id, _)| id.clone())
+    }
+
+    /// Keeps [`SEES_DECIDING_KEY`] current: the deciding members this node has held live
+    /// in its layout (so in its writes) for a request timeout.
+    fn watch_deciding_members(&mut self, now: Millis) {
+        let me = self.id().clone();
+        let live: BTreeMap<NodeId, u64> = self
+            .membership
+            .layout
+            .deciding()
+            .iter()
+            .filter(|id| **id != me && self.cluster.membership.status(id) != PeerStatus::Down)
+            .filter_map(|id| Some((id.clone(), self.cluster.gossiper.member(id)?.generation())))
+            .collect();
+        let peers = &mut self.membership.deciding_peers;
+        peers.retain(|id, (generation, _)| live.get(id) == Some(generation));
+        for (id, generation) in live {
+            peers.entry(id).or_insert((generation, now));
+        }
+        let timeout = self.config.request_timeout_ms;
+        let seen: Vec<(NodeId, u64)> = peers
+            .iter()
+            .filter(|(_, (_, since))| now.saturating_sub(*since) >= timeout)
+            .map(|(id, (generation, _))| (id.clone(), *generation))
+            .take(MAX_SEEN_DECIDING)
+            .collect();
+        if seen != self.membership.seen_deciding {
+            let bytes = postcard::to_allocvec(&seen).unwrap_or_default();
+            let _ = self
+                .cluster
+                .gossiper
+                .set_local(SEES_DECIDING_KEY, AppValue::Bytes(bytes), now);
+            self.membership.seen_deciding = seen;
+        }
+    }
+
+    /// While members are deciding: the preference list of `token` in the read ring plus
+    /// the live deciding members (a write must meet its level there too).
+    pub(super) fn deciding_write_list(&mut self, token: crate::ring::Token) -> Option<Vec<NodeId>> {
+        let layout = &self.membership.layout;
+        if layout.deciding().is_empty() {
+            return None;
+        }
+        let live: BTreeSet<NodeId> = layout
+            .deciding()
+            .iter()
+            .filter(|id| *id == self.id() || self.cluster.membership.status(id) != PeerStatus::Down)
+            .cloned()
+            .collect();
+        let read_ring = layout.read_ring();
+        if live.is_empty() || read_ring.nodes().is_empty() {
+            return None;
+        }
+        let fingerprint = layout.fingerprint();
+        let cached = self
+            .membership
+            .deciding_ring
+            .as_ref()
+            .is_some_and(|(f, members, _)| *f == fingerprint && *members == live);
+        if !cached {
+            let ring = crate::ring::Ring::new(
+                read_ring.nodes().iter().chain(live.iter()),
+                self.config.vnodes,
+                self.config.replication_factor,
+            );
+            self.membership.deciding_ring = Some((fingerprint, live, ring));
+        }
+        let (_, _, ring) = self.membership.deciding_ring.as_ref()?;
+        Some(ring.preference_list(token))
+    }
+
     /// Moves changes along: acks, this node's own change, removals it runs, streaming,
     /// cleanup.
     pub(super) fn tick_membership(&mut self, now: Millis) {
         self.refresh_layout(now);
+        self.watch_deciding_members(now);
         self.decide_join(now);
         let fingerprint = self.membership.layout.fingerprint();
         let settled_for = now.saturating_sub(self.membership.view_since);

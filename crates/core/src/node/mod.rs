@@ -595,11 +595,21 @@ impl<S: Storage> Node<S> {
         // While a cluster change is active the write must meet its level among the old and
         // the new owners (`membership::Layout::write_lists`); the first list is the one reads
         // use, and only its members act as the write's actor.
-        let lists = self
-            .membership
-            .layout
-            .write_lists(crate::ring::key_token(&bucket, &key));
+        // Members deciding whether to bootstrap may become owners without streaming, so
+        // the write must meet its level among them too (`deciding_write_list`).
+        let token = crate::ring::key_token(&bucket, &key);
+        let mut lists = self.membership.layout.write_lists(token);
+        if let Some(list) = self.deciding_write_list(token) {
+            if !lists.contains(&list) {
+                lists.push(list);
+            }
+        }
         let owners = lists.first().cloned().unwrap_or_default();
+        if !owners.is_empty() {
+            // Before any replica sees the write: a node that starts later must not take a
+            // cluster where writes were coordinated for one without data.
+            self.note_has_data();
+        }
         let mut replicas = owners.clone();
         for node in lists.iter().skip(1).flatten() {
             if !replicas.contains(node) {

@@ -224,3 +224,120 @@ fn removing_a_dead_node_re_replicates_and_drops_its_hints() {
         assert_eq!(copies, 3, "{key} has RF copies on the live nodes");
     }
 }
+
+/// A new node that finds no data bootstraps (`normal` without streaming) only once every
+/// live member has held it as deciding for a request timeout; meanwhile the members write
+/// to it too, so a write acknowledged while it decided is on a quorum of the ring it joins.
+#[test]
+fn a_deciding_node_gets_writes_and_bootstraps_only_once_every_member_sees_it() {
+    let mut cluster = gossiping_cluster(3);
+    add_node(&mut cluster, 3);
+    let n3 = NodeId::new("n3");
+    // Each member's view of n3 is one gossip round old: n3 waits for all three.
+    tick_until(&mut cluster, 2, |_| false);
+    assert!(cluster.nodes[3].membership.deciding);
+    let reason = cluster.nodes[3]
+        .membership
+        .reason
+        .clone()
+        .unwrap_or_default();
+    assert!(reason.contains("to see this node"), "{reason}");
+    // Until n3 decides, a write also meets quorum among the read ring plus n3.
+    assert!(cluster.nodes[0].membership.layout.deciding().contains(&n3));
+    let keys = keys(60);
+    for key in &keys {
+        assert!(matches!(
+            put_key(&mut cluster, 0, key),
+            ClientResponse::Written { .. }
+        ));
+    }
+    let ring = crate::ring::Ring::new(
+        (0..4)
+            .map(|i| NodeId::new(format!("n{i}")))
+            .collect::<Vec<_>>()
+            .iter(),
+        cluster.nodes[0].config.vnodes,
+        3,
+    );
+    let mut on_n3 = 0;
+    for key in &keys {
+        let list = ring.preference_list_for_key("b", key.as_bytes());
+        let holding = list
+            .iter()
+            .filter(|id| {
+                let i: usize = id.as_str()[1..].parse().unwrap();
+                cluster.nodes[i]
+                    .storage()
+                    .get("b", key.as_bytes())
+                    .unwrap()
+                    .is_some()
+            })
+            .count();
+        assert!(holding >= 2, "{key}: {holding} of {list:?}");
+        on_n3 += usize::from(
+            list.contains(&n3)
+                && cluster.nodes[3]
+                    .storage()
+                    .get("b", key.as_bytes())
+                    .unwrap()
+                    .is_some(),
+        );
+    }
+    assert!(on_n3 > 0, "n3 received writes while deciding");
+    // The members coordinated writes: n3 sees their HAS_DATA and joins by streaming.
+    let joined = tick_until(&mut cluster, 400, |c| {
+        c.nodes
+            .iter()
+            .all(|n| n.peer_state(&n3) == crate::gossip::NodeStatus::Normal)
+    });
+    assert!(joined);
+    for key in &keys {
+        for at in 0..4 {
+            assert_eq!(
+                read_key(&mut cluster, at, key),
+                Some(key.as_bytes().to_vec())
+            );
+        }
+    }
+}
+
+/// Fresh nodes started together, none with data: none bootstraps before the others have
+/// each held it as deciding for a request timeout, then all become `normal`.
+#[test]
+fn fresh_nodes_bootstrap_together_after_seeing_each_other_deciding() {
+    let mut cluster = TestCluster::with_config(3, |config| config.learn_epoch_from_peers = true);
+    for i in 0..3 {
+        for j in (0..3).filter(|j| *j != i) {
+            cluster.nodes[i].handle_seed_discovered(0, member(j));
+        }
+    }
+    cluster.run();
+    let timeout = cluster.nodes[0].config.request_timeout_ms;
+    let mut t = 0;
+    while t + 250 < timeout {
+        t += 250;
+        cluster.tick(t);
+        assert!(
+            cluster.nodes.iter().all(|n| n.membership.deciding),
+            "no node decides before the others held it deciding for {timeout} ms (t={t})"
+        );
+    }
+    let normal = tick_until(&mut cluster, 400, |c| {
+        c.nodes.iter().all(|n| {
+            (0..3).all(|i| {
+                n.peer_state(&NodeId::new(format!("n{i}"))) == crate::gossip::NodeStatus::Normal
+            })
+        })
+    });
+    assert!(normal);
+    // None streamed: nothing had been written.
+    assert!(cluster
+        .nodes
+        .iter()
+        .all(|n| n.stats()[Counter::StreamingKeysIn] == 0));
+    assert!(matches!(
+        put_key(&mut cluster, 1, "k"),
+        ClientResponse::Written { .. }
+    ));
+    assert_eq!(read_key(&mut cluster, 2, "k"), Some(b"k".to_vec()));
+}
