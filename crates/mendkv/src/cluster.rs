@@ -126,8 +126,12 @@ async fn wait_until_formed(
         }
         let mut formed = true;
         for url in urls {
+            // Formed when every node sees every node `normal`: a new node takes about a
+            // request timeout to decide between bootstrapping and joining.
             let members = match Client::new(url).status().await {
-                Ok(status) => status["nodes"].as_array().map(|n| n.len()).unwrap_or(0),
+                Ok(status) => status["nodes"].as_array().map_or(0, |nodes| {
+                    nodes.iter().filter(|n| n["state"] == "normal").count()
+                }),
                 Err(_) => 0,
             };
             formed &= members == expected;

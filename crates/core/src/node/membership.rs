@@ -49,9 +49,8 @@ pub const HAS_DATA_KEY: AppKey = AppKey::Extension(6);
 /// Gossip: the generation under which this node last joined from an empty data directory
 /// (a removed node that rejoined wiped is a new member; with its old data it is not).
 pub const JOINED_KEY: AppKey = AppKey::Extension(7);
-/// Gossip: the still-deciding members this node has held live in its layout for a request
-/// timeout, `(node, generation)` (postcard): from then on every write it coordinates
-/// reaches them, and none it coordinated without them is still in flight. A deciding node
+/// Gossip: the still-deciding members this node holds live in its layout, `(node,
+/// generation)` (postcard): every write it coordinates reaches them. A deciding node
 /// bootstraps without streaming only once every live member lists it.
 pub const SEES_DECIDING_KEY: AppKey = AppKey::Extension(8);
 
@@ -154,8 +153,6 @@ pub(super) struct MembershipState {
     pub deciding: bool,
     /// When the deciding node first heard a peer described.
     deciding_since: Option<Millis>,
-    /// Deciding members held live in the layout: node -> (its generation, since when).
-    deciding_peers: BTreeMap<NodeId, (u64, Millis)>,
     /// What this node last published in [`SEES_DECIDING_KEY`].
     seen_deciding: Vec<(NodeId, u64)>,
     /// The ring of writes while members are deciding: the read ring plus the live
@@ -237,7 +234,6 @@ impl MembershipState {
         MembershipState {
             deciding: first_start || was_deciding,
             deciding_since: None,
-            deciding_peers: BTreeMap::new(),
             seen_deciding: Vec::new(),
             deciding_ring: None,
             status,
@@ -515,7 +511,7 @@ impl<S: Storage> Node<S> {
     }
 
     /// Decides, for a new node with seeds, whether it bootstraps or joins: it joins when a
-    /// `normal` member already holds data (or it was removed before and comes back wiped).
+    /// member already holds data (or it was removed before and comes back wiped).
     pub(super) fn decide_join(&mut self, now: Millis) {
         if !self.membership.deciding || !self.identity.confirmed {
             return;
@@ -532,9 +528,15 @@ impl<S: Storage> Node<S> {
             return;
         }
         let since = *self.membership.deciding_since.get_or_insert(now);
+        // Any member that coordinated or stored a write, whatever its state (one still
+        // deciding may have coordinated writes to the owners), except the departed.
         let cluster_has_data = self.cluster.gossiper.members().any(|(id, state)| {
             *id != me
-                && state.status() == Some(NodeStatus::Normal)
+                && !self
+                    .membership
+                    .members
+                    .get(id)
+                    .is_some_and(MemberState::is_departed)
                 && matches!(state.get(HAS_DATA_KEY), Some(AppValue::Count(1)))
         });
         let was_removed = self.cluster.gossiper.members().any(|(_, state)| {
@@ -554,11 +556,11 @@ impl<S: Storage> Node<S> {
         }
         if !evidence {
             // Bootstrapping makes this node an owner without streaming: only safe once no
-            // write can be acknowledged without it. Every live member must have held it as
-            // deciding for a request timeout (its writes reach this node since, the older
-            // ones ended); one that coordinated or stored a write before published
-            // `HAS_DATA` first, and gossip hands a member's state over in version order,
-            // so that evidence is here by the time its list is.
+            // write can be acknowledged without it. Every live member must list it as
+            // deciding: its writes reach this node from then on, and one it coordinated
+            // (or stored) before made it publish `HAS_DATA` first; gossip hands a
+            // member's state over in version order, so that evidence is here by the time
+            // its list is, and this node joins by streaming instead.
             if let Some(member) = self.member_not_seeing_this_node_deciding() {
                 self.membership.reason = Some(format!(
                     "deciding between bootstrap and join: waiting for {member} to see this \
@@ -618,28 +620,17 @@ impl<S: Storage> Node<S> {
             .map(|(id, _)| id.clone())
     }
 
-    /// Keeps [`SEES_DECIDING_KEY`] current: the deciding members this node has held live
-    /// in its layout (so in its writes) for a request timeout.
+    /// Keeps [`SEES_DECIDING_KEY`] current: the deciding members this node holds live in
+    /// its layout (so in every write it coordinates).
     fn watch_deciding_members(&mut self, now: Millis) {
         let me = self.id().clone();
-        let live: BTreeMap<NodeId, u64> = self
+        let seen: Vec<(NodeId, u64)> = self
             .membership
             .layout
             .deciding()
             .iter()
             .filter(|id| **id != me && self.cluster.membership.status(id) != PeerStatus::Down)
             .filter_map(|id| Some((id.clone(), self.cluster.gossiper.member(id)?.generation())))
-            .collect();
-        let peers = &mut self.membership.deciding_peers;
-        peers.retain(|id, (generation, _)| live.get(id) == Some(generation));
-        for (id, generation) in live {
-            peers.entry(id).or_insert((generation, now));
-        }
-        let timeout = self.config.request_timeout_ms;
-        let seen: Vec<(NodeId, u64)> = peers
-            .iter()
-            .filter(|(_, (_, since))| now.saturating_sub(*since) >= timeout)
-            .map(|(id, (generation, _))| (id.clone(), *generation))
             .take(MAX_SEEN_DECIDING)
             .collect();
         if seen != self.membership.seen_deciding {

@@ -138,7 +138,8 @@ impl TestCluster {
         cluster
     }
 
-    /// Waits until every running node sees every node up.
+    /// Waits until every running node sees every node up and `normal` (a new node takes a
+    /// request timeout or so to decide between bootstrap and join).
     pub async fn wait_all_up(&self) {
         let expected = self.nodes.len();
         let running: Vec<Client> = self
@@ -149,7 +150,7 @@ impl TestCluster {
             .collect();
         eventually(
             Duration::from_secs(30),
-            "every node sees every node up",
+            "every node sees every node up and normal",
             || {
                 let running = running.clone();
                 async move {
@@ -158,7 +159,11 @@ impl TestCluster {
                             return false;
                         };
                         let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
-                        if nodes.len() != expected || nodes.iter().any(|n| n["status"] != "up") {
+                        if nodes.len() != expected
+                            || nodes
+                                .iter()
+                                .any(|n| n["status"] != "up" || n["state"] != "normal")
+                        {
                             return false;
                         }
                     }
