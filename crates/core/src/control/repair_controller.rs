@@ -150,8 +150,11 @@ pub struct RepairController {
     rate_bytes_per_s: u64,
     reason: RateReason,
     next_adjust_at: Millis,
-    /// The client p99 over the last window in which repair spent nothing.
+    /// The client p99 over the last window in which repair spent nothing (or, until this
+    /// node has seen such a window, one adopted from its peers).
     baseline_p99_ms: Option<Millis>,
+    /// `baseline_p99_ms` was measured here (not adopted).
+    baseline_learned: bool,
     /// When repair last spent bytes (none yet: quiet since the start).
     repair_last_busy_at: Option<Millis>,
 }
@@ -186,7 +189,22 @@ impl RepairController {
             rate_bytes_per_s: rate,
             reason,
             baseline_p99_ms: None,
+            baseline_learned: false,
             repair_last_busy_at: None,
+        }
+    }
+
+    /// The baseline this node measured itself (what it tells its peers).
+    pub fn learned_baseline_p99_ms(&self) -> Option<Millis> {
+        self.baseline_p99_ms.filter(|_| self.baseline_learned)
+    }
+
+    /// Takes a baseline measured elsewhere (the peers' median) until this node measures its
+    /// own: a node that restarts into a repair is busy repairing from its first second and
+    /// would otherwise judge by the absolute target only.
+    pub fn adopt_baseline(&mut self, p99_ms: Millis) {
+        if !self.baseline_learned {
+            self.baseline_p99_ms = Some(p99_ms);
         }
     }
 
@@ -252,6 +270,7 @@ impl RepairController {
         if quiet_window && signals.requests >= self.breaker.min_samples.max(1) {
             if let Some(p99) = signals.p99_ms {
                 self.baseline_p99_ms = Some(p99);
+                self.baseline_learned = true;
             }
         }
         let (floor, ceiling) = (
@@ -394,6 +413,36 @@ mod tests {
             let _ = c.adjust(now, &idle, false);
         }
         assert_eq!(c.rate_bytes_per_s(), config.ceiling_bytes_per_s);
+    }
+
+    /// A node that has not measured a baseline takes its peers' until it measures its own,
+    /// which then replaces it (and is the only one it reports as learned).
+    #[test]
+    fn an_adopted_baseline_holds_until_one_is_measured() {
+        let mib = 1 << 20;
+        let window = BreakerConfig::default().window_ms;
+        let mut c = RepairController::new(
+            ControllerConfig::default(),
+            BreakerConfig::default(),
+            32 * mib,
+            0,
+        );
+        // Busy repairing from the start: nothing measured, 30 ms is fine by the absolute
+        // target alone.
+        let _ = c.adjust(1_000, &busy(30), true);
+        assert_eq!(
+            (c.baseline_p99_ms(), c.reason().as_str()),
+            (None, "healthy")
+        );
+        c.adopt_baseline(20);
+        let _ = c.adjust(2_000, &busy(30), true);
+        assert_eq!(c.reason().as_str(), "latency_high", "30 ms > 20 ms + 20%");
+        assert_eq!(c.learned_baseline_p99_ms(), None);
+        // A quiet window: its own measure replaces the adopted one, and stays.
+        let _ = c.adjust(2_000 + window, &busy(8), false);
+        assert_eq!(c.learned_baseline_p99_ms(), Some(8));
+        c.adopt_baseline(50);
+        assert_eq!(c.baseline_p99_ms(), Some(8));
     }
 
     /// With a baseline: the p99 learned while repair was quiet for a whole breaker window

@@ -7,6 +7,8 @@ use crate::config::NodeConfig;
 use crate::control::{
     BreakerState, CircuitBreaker, RateReason, RepairController, StressSignal, TokenBucket,
 };
+use crate::gossip::{AppKey, AppValue};
+use crate::membership::PeerStatus;
 use crate::ring::TokenRange;
 use crate::storage::Storage;
 use crate::{Millis, NodeId};
@@ -23,7 +25,13 @@ pub(super) struct RepairControl {
     pub controller: RepairController,
     /// `repair_bytes.taken_bytes()` at the last look: whether repair spent since.
     pub repair_taken_seen: u64,
+    /// The learned baseline last published in gossip.
+    pub baseline_published: Option<Millis>,
 }
+
+/// Gossip: the client p99 (ms) this node measured without repair (the controller's
+/// baseline), for peers that have none of their own.
+pub const REPAIR_BASELINE_KEY: AppKey = AppKey::Extension(9);
 
 impl RepairControl {
     pub fn new(config: &NodeConfig, now: Millis) -> Self {
@@ -40,6 +48,7 @@ impl RepairControl {
             breaker: CircuitBreaker::new(config.circuit_breaker.clone()),
             breaker_probe: None,
             repair_taken_seen: 0,
+            baseline_published: None,
         }
     }
 }
@@ -60,6 +69,41 @@ impl<S: Storage> Node<S> {
             self.control
                 .repair_bytes
                 .set_rate(now, rate, burst_for(rate));
+        }
+        self.share_repair_baseline(now);
+    }
+
+    /// Publishes the baseline this node measured; a node without one adopts the median of
+    /// its live peers' (a restarted node being repaired never sees a quiet window of its
+    /// own, and clients of one cluster see much the same latency through any node).
+    fn share_repair_baseline(&mut self, now: Millis) {
+        let learned = self.control.controller.learned_baseline_p99_ms();
+        if let Some(p99) = learned {
+            if self.control.baseline_published != Some(p99) {
+                let _ =
+                    self.cluster
+                        .gossiper
+                        .set_local(REPAIR_BASELINE_KEY, AppValue::Count(p99), now);
+                self.control.baseline_published = Some(p99);
+            }
+            return;
+        }
+        let me = self.id().clone();
+        let mut peers: Vec<Millis> = self
+            .cluster
+            .gossiper
+            .members()
+            .filter(|(id, _)| **id != me && self.cluster.membership.status(id) != PeerStatus::Down)
+            .filter_map(|(_, state)| match state.get(REPAIR_BASELINE_KEY) {
+                Some(AppValue::Count(p99)) => Some(*p99),
+                _ => None,
+            })
+            .collect();
+        if !peers.is_empty() {
+            peers.sort_unstable();
+            self.control
+                .controller
+                .adopt_baseline(peers[peers.len() / 2]);
         }
     }
 

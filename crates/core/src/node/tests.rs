@@ -1268,3 +1268,32 @@ fn trees_build_in_the_background_after_a_start_with_much_data() {
         );
     }
 }
+
+/// The repair controller's baseline travels by gossip: a node that measured one publishes
+/// it, a node without its own adopts the peers' median (a restarted node under repair has
+/// no quiet window to measure in).
+#[test]
+fn a_node_without_a_repair_baseline_adopts_its_peers() {
+    let mut cluster = gossiping_cluster(3);
+    let quiet = crate::control::ForegroundSignals {
+        requests: 1_000,
+        error_rate: 0.0,
+        p99_ms: Some(7),
+        in_flight: 1,
+    };
+    let now = cluster.now + 60_000;
+    let _ = cluster.nodes[0].control.controller.adjust(now, &quiet, false);
+    assert_eq!(
+        cluster.nodes[0].control.controller.learned_baseline_p99_ms(),
+        Some(7)
+    );
+    assert_eq!(cluster.nodes[1].control.controller.baseline_p99_ms(), None);
+    for step in 1..=20 {
+        cluster.tick(now + step * 1_000);
+    }
+    for i in 1..3 {
+        let controller = &cluster.nodes[i].control.controller;
+        assert_eq!(controller.baseline_p99_ms(), Some(7), "n{i} adopted n0's");
+        assert_eq!(controller.learned_baseline_p99_ms(), None, "n{i} measured none");
+    }
+}
