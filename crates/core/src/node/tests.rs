@@ -1282,9 +1282,15 @@ fn a_node_without_a_repair_baseline_adopts_its_peers() {
         in_flight: 1,
     };
     let now = cluster.now + 60_000;
-    let _ = cluster.nodes[0].control.controller.adjust(now, &quiet, false);
+    let _ = cluster.nodes[0]
+        .control
+        .controller
+        .adjust(now, &quiet, false);
     assert_eq!(
-        cluster.nodes[0].control.controller.learned_baseline_p99_ms(),
+        cluster.nodes[0]
+            .control
+            .controller
+            .learned_baseline_p99_ms(),
         Some(7)
     );
     assert_eq!(cluster.nodes[1].control.controller.baseline_p99_ms(), None);
@@ -1294,6 +1300,10 @@ fn a_node_without_a_repair_baseline_adopts_its_peers() {
     for i in 1..3 {
         let controller = &cluster.nodes[i].control.controller;
         assert_eq!(controller.baseline_p99_ms(), Some(7), "n{i} adopted n0's");
-        assert_eq!(controller.learned_baseline_p99_ms(), None, "n{i} measured none");
+        assert_eq!(
+            controller.learned_baseline_p99_ms(),
+            None,
+            "n{i} measured none"
+        );
     }
 }

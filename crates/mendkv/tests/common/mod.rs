@@ -102,6 +102,17 @@ impl TestCluster {
     pub async fn start_with(
         n: usize,
         env: &[(&str, &str)],
+        prepare: impl FnMut(&mut TestNode),
+    ) -> Self {
+        let cluster = Self::spawn_with(n, env, prepare);
+        cluster.wait_all_up().await;
+        cluster
+    }
+
+    /// As [`TestCluster::start_with`], without waiting for the cluster to form.
+    pub fn spawn_with(
+        n: usize,
+        env: &[(&str, &str)],
         mut prepare: impl FnMut(&mut TestNode),
     ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -133,45 +144,37 @@ impl TestCluster {
         for node in &mut nodes {
             node.start();
         }
-        let cluster = TestCluster { nodes, _dir: dir };
-        cluster.wait_all_up().await;
-        cluster
+        TestCluster { nodes, _dir: dir }
     }
 
     /// Waits until every running node sees every node up and `normal` (a new node takes a
     /// request timeout or so to decide between bootstrap and join).
     pub async fn wait_all_up(&self) {
-        let expected = self.nodes.len();
-        let running: Vec<Client> = self
-            .nodes
-            .iter()
-            .filter(|n| n.is_running())
-            .map(|n| n.client())
-            .collect();
         eventually(
             Duration::from_secs(30),
             "every node sees every node up and normal",
-            || {
-                let running = running.clone();
-                async move {
-                    for client in &running {
-                        let Ok(status) = client.status().await else {
-                            return false;
-                        };
-                        let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
-                        if nodes.len() != expected
-                            || nodes
-                                .iter()
-                                .any(|n| n["status"] != "up" || n["state"] != "normal")
-                        {
-                            return false;
-                        }
-                    }
-                    true
-                }
-            },
+            || self.formed(),
         )
         .await;
+    }
+
+    /// Whether every running node sees every node up and `normal`.
+    pub async fn formed(&self) -> bool {
+        let expected = self.nodes.len();
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            let Ok(status) = node.client().status().await else {
+                return false;
+            };
+            let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
+            if nodes.len() != expected
+                || nodes
+                    .iter()
+                    .any(|n| n["status"] != "up" || n["state"] != "normal")
+            {
+                return false;
+            }
+        }
+        true
     }
 
     pub fn client(&self, i: usize) -> Client {
