@@ -272,7 +272,14 @@ pub fn run_once(options: &RunOptions) -> Result<RunReport> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let result = runtime.block_on(drive(options, schedule, changes, &topology, &nodes));
+    let result = runtime.block_on(drive(
+        options,
+        schedule,
+        changes,
+        &topology,
+        &nodes,
+        data.path(),
+    ));
     let violated = result.as_ref().is_ok_and(|r| r.violations() > 0);
     if result.is_err() || violated {
         let nodes = nodes.lock().expect("nodes lock");
@@ -379,6 +386,7 @@ async fn drive(
     changes: Vec<ChangeStep>,
     topology: &Topology,
     nodes: &Mutex<Nodes>,
+    evidence: &std::path::Path,
 ) -> Result<RunReport> {
     let began = Instant::now();
     // One client per slot (joiners' included); the first `nodes` make the cluster.
@@ -514,6 +522,10 @@ async fn drive(
         .map(|&i| (format!("n{}", i + 1), clients[i].clone()))
         .collect();
     let history = std::mem::take(&mut *workload.history.lock().expect("history lock"));
+    // Beside the servers' data: kept with it when the run finds a violation.
+    if let Err(e) = write_history(&evidence.join("history.txt"), &history) {
+        eprintln!("could not write the history: {e}");
+    }
     let keys = keys_of(&history, &workload.rmw_keys);
     let expected = FinalState {
         keys: BTreeMap::new(),
@@ -538,8 +550,13 @@ async fn drive(
         keys: keys
             .iter()
             .map(|key| {
+                let (values, through) = match read_all.get(key) {
+                    Some(Some((values, through))) => (Some(values.clone()), Some(through.clone())),
+                    _ => (None, None),
+                };
                 let found = FinalKey {
-                    read_all: read_all.get(key).cloned().flatten(),
+                    read_all: values,
+                    read_all_through: through,
                     copies: snapshot.get(key).cloned().unwrap_or_default(),
                 };
                 (key.clone(), found)
@@ -554,6 +571,7 @@ async fn drive(
         history.len(),
         checking.elapsed().as_secs_f64()
     );
+    reread_deleted_but_found(&final_members, &history, &final_state).await;
     let mut ops = OpCounts::default();
     for op in &history {
         match op.outcome {
@@ -733,6 +751,64 @@ impl ChangesLane<'_> {
             self.decommissions += 1;
         }
         Ok(done)
+    }
+}
+
+/// The history, one operation a line in completion order: invoke and complete times (us
+/// since the workload started), client, coordinator, outcome, action.
+fn write_history(path: &std::path::Path, history: &[Op]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for op in history {
+        writeln!(
+            file,
+            "{} {} c{} n{} {:?} {:?}",
+            op.invoke_us,
+            op.complete_us,
+            op.client,
+            op.node + 1,
+            op.outcome,
+            op.action
+        )?;
+    }
+    file.flush()
+}
+
+/// Evidence for a resurrection: a key whose delete was acknowledged and whose final `r=all`
+/// read found values is read again at `r=all` through every member, so the log shows which
+/// coordinators return it (a coordinator's view of the key's replicas is the usual suspect).
+async fn reread_deleted_but_found(
+    members: &[(String, Client)],
+    history: &[Op],
+    final_state: &FinalState,
+) {
+    let deleted: BTreeSet<&str> = history
+        .iter()
+        .filter(|op| matches!(op.action, Action::Delete { .. }) && op.outcome == Outcome::Ok)
+        .map(|op| op.action.key())
+        .collect();
+    for key in deleted {
+        let found = final_state
+            .keys
+            .get(key)
+            .and_then(|k| k.read_all.as_ref())
+            .is_some_and(|values| !values.is_empty());
+        if !found {
+            continue;
+        }
+        for (id, client) in members {
+            let read = tokio::time::timeout(
+                Duration::from_secs(5),
+                client.get(BUCKET, key.as_bytes(), Some("all")),
+            )
+            .await;
+            let answer = match read {
+                Ok(Ok(found)) => format!("{:?}", values_of(&found)),
+                Ok(Err(e)) => format!("error {e}"),
+                Err(_) => "timeout".to_string(),
+            };
+            println!("  deleted key {key} read again at r=all through {id}: {answer}");
+        }
     }
 }
 
@@ -997,23 +1073,24 @@ async fn settle(
 }
 
 /// Reads every key at `r=all` (through the nodes in turn, three tries each); returns the
-/// values per key (`None` when all tries failed) and how many failed.
+/// values per key with the coordinator that answered (`None` when all tries failed) and how
+/// many failed.
 async fn read_everything(
     members: &[(String, Client)],
     keys: &[String],
-) -> (BTreeMap<String, Option<Vec<String>>>, usize) {
-    let reads: BTreeMap<String, Option<Vec<String>>> =
+) -> (BTreeMap<String, Option<(Vec<String>, String)>>, usize) {
+    let reads: BTreeMap<String, Option<(Vec<String>, String)>> =
         stream::iter(keys.iter().cloned().enumerate())
             .map(|(index, key)| async move {
                 for attempt in 0..3 {
-                    let (_, client) = &members[(index + attempt) % members.len()];
+                    let (through, client) = &members[(index + attempt) % members.len()];
                     let read = tokio::time::timeout(
                         Duration::from_secs(5),
                         client.get(BUCKET, key.as_bytes(), Some("all")),
                     )
                     .await;
                     if let Ok(Ok(found)) = read {
-                        return (key, Some(values_of(&found)));
+                        return (key, Some((values_of(&found), through.clone())));
                     }
                 }
                 (key, None)
