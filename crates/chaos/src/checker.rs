@@ -833,6 +833,7 @@ mod tests {
                 .iter()
                 .map(|n| copy(n, &["a"], true))
                 .collect(),
+            ..FinalKey::default()
         };
         found.copies.push(copy("n4", &["a"], false));
         let mut end = final_state(vec![("u1", found.clone())]);

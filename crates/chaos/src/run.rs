@@ -126,6 +126,10 @@ pub struct RunReport {
     pub changes: Vec<ChangeStep>,
     pub joins: usize,
     pub decommissions: usize,
+    /// Dead nodes removed (`remove-node`) that every survivor saw `left`.
+    pub removals: usize,
+    /// Faults aimed at a node that joined during the run instead of the drawn one.
+    pub faults_on_joiners: usize,
     pub stuck_changes: Vec<String>,
     pub probes: Vec<MinorityProbe>,
     /// From the heal to the first snapshot where every key's replicas agree.
@@ -155,7 +159,7 @@ impl RunReport {
         let v = &self.verdict;
         let _ = writeln!(
             text,
-            "seed {} nodes {}: {} ops ({} ok, {} failed, {} unknown), {} kills, {} pauses, {} partitions, {} joins, {} decommissions ({} faults skipped: their node had left)",
+            "seed {} nodes {}: {} ops ({} ok, {} failed, {} unknown), {} kills, {} pauses, {} partitions, {} faults aimed at joiners, {} joins, {} decommissions, {} removals ({} faults skipped: their node had left)",
             self.options.seed,
             self.options.nodes,
             self.ops.total(),
@@ -165,8 +169,10 @@ impl RunReport {
             self.kills,
             self.pauses,
             self.partitions,
+            self.faults_on_joiners,
             self.joins,
             self.decommissions,
+            self.removals,
             self.skipped_faults
         );
         let _ = writeln!(
@@ -469,6 +475,7 @@ async fn drive(
         pauses: 0,
         partitions: 0,
         skipped: 0,
+        on_joiners: 0,
         crashes: Vec::new(),
     };
     let mut lane = ChangesLane {
@@ -476,6 +483,7 @@ async fn drive(
         workload: &workload,
         joins: 0,
         decommissions: 0,
+        removals: 0,
         stuck: Vec::new(),
     };
     // The faults and the cluster changes run side by side; the faults end with the workload
@@ -591,6 +599,8 @@ async fn drive(
         changes,
         joins: lane.joins,
         decommissions: lane.decommissions,
+        removals: lane.removals,
+        faults_on_joiners: nemesis.on_joiners,
         stuck_changes: lane.stuck,
         probes: nemesis.probes,
         converge_ms,
@@ -606,6 +616,7 @@ struct ChangesLane<'a> {
     workload: &'a Workload,
     joins: usize,
     decommissions: usize,
+    removals: usize,
     /// Changes that did not finish within [`CHANGE_TIMEOUT`] (violations).
     stuck: Vec<String>,
 }
@@ -634,6 +645,7 @@ impl ChangesLane<'_> {
             let finished = match step.change {
                 Change::Join { node } => self.join(node).await?,
                 Change::Decommission { node } => self.decommission(node).await?,
+                Change::Remove { node } => self.remove(node).await?,
             };
             let took = begun.elapsed().as_secs_f64();
             match finished {
@@ -812,6 +824,63 @@ async fn reread_deleted_but_found(
     }
 }
 
+impl ChangesLane<'_> {
+    /// A node dies for good: kill -9, never restarted, out of the members (the faults skip
+    /// it, the final reads do not go through it) and of the clients' nodes. Then
+    /// `remove-node` on a survivor, asked again until one takes it (409 while the survivors
+    /// still see it up, or while another change is in progress), and the wait until every
+    /// survivor sees it `left`.
+    async fn remove(&mut self, node: usize) -> Result<std::result::Result<(), String>> {
+        let since = Instant::now();
+        let id = format!("n{}", node + 1);
+        self.workload.set_serving(node, false);
+        self.nodes.lock().expect("nodes lock").retire(node);
+        let mut attempt = 0;
+        let mut last_answer: String;
+        loop {
+            let survivors = self.nodes.lock().expect("nodes lock").members();
+            let asked = survivors[attempt % survivors.len()];
+            attempt += 1;
+            let client = &self.workload.clients[asked];
+            let answer =
+                tokio::time::timeout(Duration::from_secs(5), client.remove_node(&id)).await;
+            match answer {
+                Ok(Ok(_)) => {
+                    println!(
+                        "  {:>6.1}s  n{} took the removal of {id}",
+                        self.workload.started.elapsed().as_secs_f64(),
+                        asked + 1
+                    );
+                    break;
+                }
+                Ok(Err(mendkv_client::ClientError::Api {
+                    status, message, ..
+                })) => {
+                    if status == 409 && message.contains("not enough nodes") {
+                        // The draw keeps more than RF members: the cluster disagrees about
+                        // who is a member. Reported.
+                        return Ok(Err(format!("refused by n{}: {message}", asked + 1)));
+                    }
+                    last_answer = format!("n{}: {status} {message}", asked + 1);
+                }
+                Ok(Err(e)) => last_answer = format!("n{}: {e}", asked + 1),
+                Err(_) => last_answer = format!("n{}: timeout", asked + 1),
+            }
+            if since.elapsed() > CHANGE_TIMEOUT {
+                return Ok(Err(format!(
+                    "no survivor took the removal; last answer {last_answer}"
+                )));
+            }
+            sleep_until(Instant::now() + Duration::from_secs(1)).await?;
+        }
+        let done = self.wait_state(&id, "left", None, since).await?;
+        if done.is_ok() {
+            self.removals += 1;
+        }
+        Ok(done)
+    }
+}
+
 /// Every key the history touched (the read-modify-write keys even if never written).
 fn keys_of(history: &[Op], rmw_keys: &[String]) -> Vec<String> {
     let mut keys: BTreeSet<String> = rmw_keys.iter().cloned().collect();
@@ -834,6 +903,8 @@ struct Nemesis<'a> {
     partitions: usize,
     /// Faults not applied because a node they name had left.
     skipped: usize,
+    /// Faults aimed at a joined node instead of the drawn one ([`Nemesis::aim`]).
+    on_joiners: usize,
     crashes: Vec<String>,
 }
 
@@ -843,6 +914,11 @@ impl Nemesis<'_> {
         for (number, step) in schedule.iter().enumerate() {
             sleep_until(started + Duration::from_millis(step.start_ms)).await?;
             let members = self.nodes.lock().expect("nodes lock").members();
+            let aimed = self.aim(number, &step.fault, &members);
+            let step = &Step {
+                fault: aimed,
+                ..step.clone()
+            };
             if let Some(gone) = step
                 .fault
                 .named_nodes()
@@ -873,6 +949,21 @@ impl Nemesis<'_> {
             self.check_crashes();
         }
         sleep_until(started + self.options.duration).await
+    }
+
+    /// [`schedule::aim_at_joiners`], counted.
+    fn aim(&mut self, number: usize, fault: &Fault, members: &[usize]) -> Fault {
+        let aimed = schedule::aim_at_joiners(
+            self.options.seed,
+            number,
+            fault,
+            members,
+            self.options.nodes,
+        );
+        if &aimed != fault {
+            self.on_joiners += 1;
+        }
+        aimed
     }
 
     fn apply(&mut self, fault: &Fault, members: &[usize]) -> Result<()> {
