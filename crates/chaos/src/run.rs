@@ -197,6 +197,19 @@ impl RunReport {
                 .map_or("-".to_string(), |ms| format!("{ms} ms")),
             self.final_read_failures
         );
+        if !v.deleted_leftovers.is_empty() {
+            let _ = writeln!(
+                text,
+                "  {} deleted keys still live on a node outside their owners (not read; cleanup pending): {}",
+                v.deleted_leftovers.len(),
+                v.deleted_leftovers
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+        }
         for line in v
             .lines()
             .iter()
@@ -580,6 +593,9 @@ async fn drive(
         checking.elapsed().as_secs_f64()
     );
     reread_deleted_but_found(&final_members, &history, &final_state).await;
+    if !changes.is_empty() {
+        print_change_counters(&final_members).await;
+    }
     let mut ops = OpCounts::default();
     for op in &history {
         match op.outcome {
@@ -784,6 +800,42 @@ fn write_history(path: &std::path::Path, history: &[Op]) -> std::io::Result<()> 
         )?;
     }
     file.flush()
+}
+
+/// What each final member's cluster changes did (streaming in and out, cleanup), from its
+/// `/metrics`: the evidence for a stale copy left on a node that lost a range.
+async fn print_change_counters(members: &[(String, Client)]) {
+    let wanted = [
+        (
+            "mendkv_streaming_keys_total{direction=\"in\"}",
+            "streamed in",
+        ),
+        (
+            "mendkv_streaming_keys_total{direction=\"out\"}",
+            "streamed out",
+        ),
+        ("mendkv_cleanup_keys_total", "cleaned up"),
+    ];
+    let mut line = Vec::new();
+    for (id, client) in members {
+        let Ok(Ok(text)) = tokio::time::timeout(Duration::from_secs(5), client.metrics()).await
+        else {
+            line.push(format!("{id}: no metrics"));
+            continue;
+        };
+        let counts: Vec<String> = wanted
+            .iter()
+            .map(|(metric, what)| {
+                let value = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix(metric).map(str::trim))
+                    .unwrap_or("0");
+                format!("{what} {value}")
+            })
+            .collect();
+        line.push(format!("{id}: {}", counts.join(", ")));
+    }
+    println!("change counters (keys): {}", line.join("; "));
 }
 
 /// Evidence for a resurrection: a key whose delete was acknowledged and whose final `r=all`
