@@ -108,14 +108,14 @@ pub mod campaign {
             format!("{:.1} s", *ms as f64 / 1000.0)
         });
         let mut text = String::new();
-        let _ = writeln!(text, "| runs | operations (ok / unknown / failed) | kills | pauses | partitions | joins | decommissions | minority probes | lost | missed | unexpected | resurrected | divergent | crashes | stuck changes | not converged | harness errors | median (max) time to converge |");
+        let _ = writeln!(text, "| runs | operations (ok / unknown / failed) | kills | pauses | partitions | joins | decommissions | removals | faults on joiners | minority probes | lost | missed | unexpected | resurrected | divergent | crashes | stuck changes | not converged | harness errors | median (max) time to converge |");
         let _ = writeln!(
             text,
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         let _ = writeln!(
             text,
-            "| {} | {} ({} / {} / {}) | {} | {} | {} | {} | {} | {} ({} acked) | {} | {} | {} | {} | {} | {} | {} | {} | {} | {median} ({max}) |",
+            "| {} | {} ({} / {} / {}) | {} | {} | {} | {} | {} | {} | {} | {} ({} acked) | {} | {} | {} | {} | {} | {} | {} | {} | {} | {median} ({max}) |",
             reports.len(),
             sum(&|r| r.ops.total()),
             sum(&|r| r.ops.ok),
@@ -126,6 +126,8 @@ pub mod campaign {
             sum(&|r| r.partitions),
             sum(&|r| r.joins),
             sum(&|r| r.decommissions),
+            sum(&|r| r.removals),
+            sum(&|r| r.faults_on_joiners),
             sum(&|r| r.probes.len()),
             sum(&|r| r.verdict.minority_acked.len()),
             sum(&|r| r.verdict.lost.len()),

@@ -126,6 +126,10 @@ pub struct RunReport {
     pub changes: Vec<ChangeStep>,
     pub joins: usize,
     pub decommissions: usize,
+    /// Dead nodes removed (`remove-node`) that every survivor saw `left`.
+    pub removals: usize,
+    /// Faults aimed at a node that joined during the run instead of the drawn one.
+    pub faults_on_joiners: usize,
     pub stuck_changes: Vec<String>,
     pub probes: Vec<MinorityProbe>,
     /// From the heal to the first snapshot where every key's replicas agree.
@@ -155,7 +159,7 @@ impl RunReport {
         let v = &self.verdict;
         let _ = writeln!(
             text,
-            "seed {} nodes {}: {} ops ({} ok, {} failed, {} unknown), {} kills, {} pauses, {} partitions, {} joins, {} decommissions ({} faults skipped: their node had left)",
+            "seed {} nodes {}: {} ops ({} ok, {} failed, {} unknown), {} kills, {} pauses, {} partitions, {} faults aimed at joiners, {} joins, {} decommissions, {} removals ({} faults skipped: their node had left)",
             self.options.seed,
             self.options.nodes,
             self.ops.total(),
@@ -165,8 +169,10 @@ impl RunReport {
             self.kills,
             self.pauses,
             self.partitions,
+            self.faults_on_joiners,
             self.joins,
             self.decommissions,
+            self.removals,
             self.skipped_faults
         );
         let _ = writeln!(
@@ -191,6 +197,19 @@ impl RunReport {
                 .map_or("-".to_string(), |ms| format!("{ms} ms")),
             self.final_read_failures
         );
+        if !v.deleted_leftovers.is_empty() {
+            let _ = writeln!(
+                text,
+                "  {} deleted keys still live on a node outside their owners (not read; cleanup pending): {}",
+                v.deleted_leftovers.len(),
+                v.deleted_leftovers
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+        }
         for line in v
             .lines()
             .iter()
@@ -272,7 +291,14 @@ pub fn run_once(options: &RunOptions) -> Result<RunReport> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let result = runtime.block_on(drive(options, schedule, changes, &topology, &nodes));
+    let result = runtime.block_on(drive(
+        options,
+        schedule,
+        changes,
+        &topology,
+        &nodes,
+        data.path(),
+    ));
     let violated = result.as_ref().is_ok_and(|r| r.violations() > 0);
     if result.is_err() || violated {
         let nodes = nodes.lock().expect("nodes lock");
@@ -379,6 +405,7 @@ async fn drive(
     changes: Vec<ChangeStep>,
     topology: &Topology,
     nodes: &Mutex<Nodes>,
+    evidence: &std::path::Path,
 ) -> Result<RunReport> {
     let began = Instant::now();
     // One client per slot (joiners' included); the first `nodes` make the cluster.
@@ -461,6 +488,7 @@ async fn drive(
         pauses: 0,
         partitions: 0,
         skipped: 0,
+        on_joiners: 0,
         crashes: Vec::new(),
     };
     let mut lane = ChangesLane {
@@ -468,6 +496,7 @@ async fn drive(
         workload: &workload,
         joins: 0,
         decommissions: 0,
+        removals: 0,
         stuck: Vec::new(),
     };
     // The faults and the cluster changes run side by side; the faults end with the workload
@@ -514,6 +543,10 @@ async fn drive(
         .map(|&i| (format!("n{}", i + 1), clients[i].clone()))
         .collect();
     let history = std::mem::take(&mut *workload.history.lock().expect("history lock"));
+    // Beside the servers' data: kept with it when the run finds a violation.
+    if let Err(e) = write_history(&evidence.join("history.txt"), &history) {
+        eprintln!("could not write the history: {e}");
+    }
     let keys = keys_of(&history, &workload.rmw_keys);
     let expected = FinalState {
         keys: BTreeMap::new(),
@@ -538,8 +571,13 @@ async fn drive(
         keys: keys
             .iter()
             .map(|key| {
+                let (values, through) = match read_all.get(key) {
+                    Some(Some((values, through))) => (Some(values.clone()), Some(through.clone())),
+                    _ => (None, None),
+                };
                 let found = FinalKey {
-                    read_all: read_all.get(key).cloned().flatten(),
+                    read_all: values,
+                    read_all_through: through,
                     copies: snapshot.get(key).cloned().unwrap_or_default(),
                 };
                 (key.clone(), found)
@@ -554,6 +592,10 @@ async fn drive(
         history.len(),
         checking.elapsed().as_secs_f64()
     );
+    reread_deleted_but_found(&final_members, &history, &final_state).await;
+    if !changes.is_empty() {
+        print_change_counters(&final_members).await;
+    }
     let mut ops = OpCounts::default();
     for op in &history {
         match op.outcome {
@@ -573,6 +615,8 @@ async fn drive(
         changes,
         joins: lane.joins,
         decommissions: lane.decommissions,
+        removals: lane.removals,
+        faults_on_joiners: nemesis.on_joiners,
         stuck_changes: lane.stuck,
         probes: nemesis.probes,
         converge_ms,
@@ -588,6 +632,7 @@ struct ChangesLane<'a> {
     workload: &'a Workload,
     joins: usize,
     decommissions: usize,
+    removals: usize,
     /// Changes that did not finish within [`CHANGE_TIMEOUT`] (violations).
     stuck: Vec<String>,
 }
@@ -616,6 +661,7 @@ impl ChangesLane<'_> {
             let finished = match step.change {
                 Change::Join { node } => self.join(node).await?,
                 Change::Decommission { node } => self.decommission(node).await?,
+                Change::Remove { node } => self.remove(node).await?,
             };
             let took = begun.elapsed().as_secs_f64();
             match finished {
@@ -736,6 +782,157 @@ impl ChangesLane<'_> {
     }
 }
 
+/// The history, one operation a line in completion order: invoke and complete times (us
+/// since the workload started), client, coordinator, outcome, action.
+fn write_history(path: &std::path::Path, history: &[Op]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for op in history {
+        writeln!(
+            file,
+            "{} {} c{} n{} {:?} {:?}",
+            op.invoke_us,
+            op.complete_us,
+            op.client,
+            op.node + 1,
+            op.outcome,
+            op.action
+        )?;
+    }
+    file.flush()
+}
+
+/// What each final member's cluster changes did (streaming in and out, cleanup), from its
+/// `/metrics`: the evidence for a stale copy left on a node that lost a range.
+async fn print_change_counters(members: &[(String, Client)]) {
+    let wanted = [
+        (
+            "mendkv_streaming_keys_total{direction=\"in\"}",
+            "streamed in",
+        ),
+        (
+            "mendkv_streaming_keys_total{direction=\"out\"}",
+            "streamed out",
+        ),
+        ("mendkv_cleanup_keys_total", "cleaned up"),
+    ];
+    let mut line = Vec::new();
+    for (id, client) in members {
+        let Ok(Ok(text)) = tokio::time::timeout(Duration::from_secs(5), client.metrics()).await
+        else {
+            line.push(format!("{id}: no metrics"));
+            continue;
+        };
+        let counts: Vec<String> = wanted
+            .iter()
+            .map(|(metric, what)| {
+                let value = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix(metric).map(str::trim))
+                    .unwrap_or("0");
+                format!("{what} {value}")
+            })
+            .collect();
+        line.push(format!("{id}: {}", counts.join(", ")));
+    }
+    println!("change counters (keys): {}", line.join("; "));
+}
+
+/// Evidence for a resurrection: a key whose delete was acknowledged and whose final `r=all`
+/// read found values is read again at `r=all` through every member, so the log shows which
+/// coordinators return it (a coordinator's view of the key's replicas is the usual suspect).
+async fn reread_deleted_but_found(
+    members: &[(String, Client)],
+    history: &[Op],
+    final_state: &FinalState,
+) {
+    let deleted: BTreeSet<&str> = history
+        .iter()
+        .filter(|op| matches!(op.action, Action::Delete { .. }) && op.outcome == Outcome::Ok)
+        .map(|op| op.action.key())
+        .collect();
+    for key in deleted {
+        let found = final_state
+            .keys
+            .get(key)
+            .and_then(|k| k.read_all.as_ref())
+            .is_some_and(|values| !values.is_empty());
+        if !found {
+            continue;
+        }
+        for (id, client) in members {
+            let read = tokio::time::timeout(
+                Duration::from_secs(5),
+                client.get(BUCKET, key.as_bytes(), Some("all")),
+            )
+            .await;
+            let answer = match read {
+                Ok(Ok(found)) => format!("{:?}", values_of(&found)),
+                Ok(Err(e)) => format!("error {e}"),
+                Err(_) => "timeout".to_string(),
+            };
+            println!("  deleted key {key} read again at r=all through {id}: {answer}");
+        }
+    }
+}
+
+impl ChangesLane<'_> {
+    /// A node dies for good: kill -9, never restarted, out of the members (the faults skip
+    /// it, the final reads do not go through it) and of the clients' nodes. Then
+    /// `remove-node` on a survivor, asked again until one takes it (409 while the survivors
+    /// still see it up, or while another change is in progress), and the wait until every
+    /// survivor sees it `left`.
+    async fn remove(&mut self, node: usize) -> Result<std::result::Result<(), String>> {
+        let since = Instant::now();
+        let id = format!("n{}", node + 1);
+        self.workload.set_serving(node, false);
+        self.nodes.lock().expect("nodes lock").retire(node);
+        let mut attempt = 0;
+        let mut last_answer: String;
+        loop {
+            let survivors = self.nodes.lock().expect("nodes lock").members();
+            let asked = survivors[attempt % survivors.len()];
+            attempt += 1;
+            let client = &self.workload.clients[asked];
+            let answer =
+                tokio::time::timeout(Duration::from_secs(5), client.remove_node(&id)).await;
+            match answer {
+                Ok(Ok(_)) => {
+                    println!(
+                        "  {:>6.1}s  n{} took the removal of {id}",
+                        self.workload.started.elapsed().as_secs_f64(),
+                        asked + 1
+                    );
+                    break;
+                }
+                Ok(Err(mendkv_client::ClientError::Api {
+                    status, message, ..
+                })) => {
+                    if status == 409 && message.contains("not enough nodes") {
+                        // The draw keeps more than RF members: the cluster disagrees about
+                        // who is a member. Reported.
+                        return Ok(Err(format!("refused by n{}: {message}", asked + 1)));
+                    }
+                    last_answer = format!("n{}: {status} {message}", asked + 1);
+                }
+                Ok(Err(e)) => last_answer = format!("n{}: {e}", asked + 1),
+                Err(_) => last_answer = format!("n{}: timeout", asked + 1),
+            }
+            if since.elapsed() > CHANGE_TIMEOUT {
+                return Ok(Err(format!(
+                    "no survivor took the removal; last answer {last_answer}"
+                )));
+            }
+            sleep_until(Instant::now() + Duration::from_secs(1)).await?;
+        }
+        let done = self.wait_state(&id, "left", None, since).await?;
+        if done.is_ok() {
+            self.removals += 1;
+        }
+        Ok(done)
+    }
+}
+
 /// Every key the history touched (the read-modify-write keys even if never written).
 fn keys_of(history: &[Op], rmw_keys: &[String]) -> Vec<String> {
     let mut keys: BTreeSet<String> = rmw_keys.iter().cloned().collect();
@@ -758,6 +955,8 @@ struct Nemesis<'a> {
     partitions: usize,
     /// Faults not applied because a node they name had left.
     skipped: usize,
+    /// Faults aimed at a joined node instead of the drawn one ([`Nemesis::aim`]).
+    on_joiners: usize,
     crashes: Vec<String>,
 }
 
@@ -767,6 +966,11 @@ impl Nemesis<'_> {
         for (number, step) in schedule.iter().enumerate() {
             sleep_until(started + Duration::from_millis(step.start_ms)).await?;
             let members = self.nodes.lock().expect("nodes lock").members();
+            let aimed = self.aim(number, &step.fault, &members);
+            let step = &Step {
+                fault: aimed,
+                ..step.clone()
+            };
             if let Some(gone) = step
                 .fault
                 .named_nodes()
@@ -797,6 +1001,21 @@ impl Nemesis<'_> {
             self.check_crashes();
         }
         sleep_until(started + self.options.duration).await
+    }
+
+    /// [`schedule::aim_at_joiners`], counted.
+    fn aim(&mut self, number: usize, fault: &Fault, members: &[usize]) -> Fault {
+        let aimed = schedule::aim_at_joiners(
+            self.options.seed,
+            number,
+            fault,
+            members,
+            self.options.nodes,
+        );
+        if &aimed != fault {
+            self.on_joiners += 1;
+        }
+        aimed
     }
 
     fn apply(&mut self, fault: &Fault, members: &[usize]) -> Result<()> {
@@ -997,23 +1216,24 @@ async fn settle(
 }
 
 /// Reads every key at `r=all` (through the nodes in turn, three tries each); returns the
-/// values per key (`None` when all tries failed) and how many failed.
+/// values per key with the coordinator that answered (`None` when all tries failed) and how
+/// many failed.
 async fn read_everything(
     members: &[(String, Client)],
     keys: &[String],
-) -> (BTreeMap<String, Option<Vec<String>>>, usize) {
-    let reads: BTreeMap<String, Option<Vec<String>>> =
+) -> (BTreeMap<String, Option<(Vec<String>, String)>>, usize) {
+    let reads: BTreeMap<String, Option<(Vec<String>, String)>> =
         stream::iter(keys.iter().cloned().enumerate())
             .map(|(index, key)| async move {
                 for attempt in 0..3 {
-                    let (_, client) = &members[(index + attempt) % members.len()];
+                    let (through, client) = &members[(index + attempt) % members.len()];
                     let read = tokio::time::timeout(
                         Duration::from_secs(5),
                         client.get(BUCKET, key.as_bytes(), Some("all")),
                     )
                     .await;
                     if let Ok(Ok(found)) = read {
-                        return (key, Some(values_of(&found)));
+                        return (key, Some((values_of(&found), through.clone())));
                     }
                 }
                 (key, None)

@@ -222,6 +222,9 @@ pub enum Change {
     /// `POST /admin/decommission` on the node, wait until every other member sees it `left`,
     /// then stop it for good.
     Decommission { node: usize },
+    /// Kill -9 the node for good (no restart), `POST /admin/remove-node/{id}` on a survivor
+    /// once the survivors see it down, wait until every survivor sees it `left`.
+    Remove { node: usize },
 }
 
 impl fmt::Display for Change {
@@ -229,6 +232,7 @@ impl fmt::Display for Change {
         match self {
             Change::Join { node } => write!(f, "join {}", name(*node)),
             Change::Decommission { node } => write!(f, "decommission {}", name(*node)),
+            Change::Remove { node } => write!(f, "kill -9 {} for good, remove-node", name(*node)),
         }
     }
 }
@@ -252,6 +256,50 @@ impl fmt::Display for ChangeStep {
     }
 }
 
+/// Faults are drawn over the first `initial` nodes; a node that joined during the run
+/// (index `initial` or above, a member now) takes the place of the drawn node of a
+/// single-node fault (kill, pause, isolate) one time in three, and always when the drawn
+/// node has left, so joiners are faulted too. Seeded by the run's seed and the step's
+/// number; whether a joiner is a member by then depends on how fast its join went, so the
+/// run's log says where each fault went.
+pub fn aim_at_joiners(
+    seed: u64,
+    number: usize,
+    fault: &Fault,
+    members: &[usize],
+    initial: usize,
+) -> Fault {
+    /// Separates this draw's random stream from the schedule's (same seed).
+    const JOINERS_STREAM: u64 = 0x6a6f_696e_6572_7321;
+    let joiners: Vec<usize> = members.iter().copied().filter(|&n| n >= initial).collect();
+    if joiners.is_empty() {
+        return fault.clone();
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(
+        seed ^ JOINERS_STREAM ^ (number as u64).wrapping_mul(0x9e37_79b9),
+    );
+    let joiner = joiners[rng.gen_range(0..joiners.len())];
+    let mut retarget = |node: usize| {
+        if !members.contains(&node) || rng.gen_ratio(1, 3) {
+            joiner
+        } else {
+            node
+        }
+    };
+    match *fault {
+        Fault::Kill { node } => Fault::Kill {
+            node: retarget(node),
+        },
+        Fault::Pause { node } => Fault::Pause {
+            node: retarget(node),
+        },
+        Fault::Isolate { node } => Fault::Isolate {
+            node: retarget(node),
+        },
+        _ => fault.clone(),
+    }
+}
+
 /// The node slots a run needs: the first `nodes` plus one per join.
 pub fn slots(nodes: usize, changes: &[ChangeStep]) -> usize {
     nodes
@@ -262,11 +310,14 @@ pub fn slots(nodes: usize, changes: &[ChangeStep]) -> usize {
 }
 
 /// Draws the changes lane of a run, a seeded choice among: nothing, a join, a decommission,
-/// a join then a decommission, a decommission then a join. A decommission is drawn only
-/// while more than `replication_factor` nodes would remain members, so the cluster always
-/// ends with at least that many (a node refuses to leave otherwise). The first change starts
-/// in the first quarter of the run, the second 1-5 s after the first was drawn to start, so
-/// both usually overlap faults.
+/// a join then a decommission, a decommission then a join; then, half of the time when more
+/// than `replication_factor` members remain, the removal of a dead node (any member, a
+/// joiner included). A decommission or removal is drawn only while more than
+/// `replication_factor` nodes would remain members, so the cluster always ends with at
+/// least that many (a node refuses otherwise). The first change starts in the first quarter
+/// of the run, each next one 1-5 s after the one before was drawn to start, so they usually
+/// overlap faults. The removal has a random stream of its own, so the plans drawn before it
+/// existed are drawn the same.
 pub fn draw_changes(
     seed: u64,
     nodes: usize,
@@ -317,6 +368,16 @@ pub fn draw_changes(
             change,
         });
         at += rng.gen_range(1_000..=5_000);
+    }
+    /// Separates the removal's random stream from the plans' (same seed).
+    const REMOVAL_STREAM: u64 = 0x7265_6d6f_7665_2121;
+    let mut removal_rng = ChaCha8Rng::seed_from_u64(seed ^ REMOVAL_STREAM);
+    if members.len() > replication_factor && removal_rng.gen_bool(0.5) {
+        let node = members.remove(removal_rng.gen_range(0..members.len()));
+        steps.push(ChangeStep {
+            start_ms: at,
+            change: Change::Remove { node },
+        });
     }
     steps
 }
@@ -385,11 +446,40 @@ mod tests {
     }
 
     #[test]
+    fn joiners_take_some_single_node_faults_and_those_of_departed_nodes() {
+        // Proves a node that joined is faulted too: never before any joiner is a member,
+        // always in place of a drawn node that has left, and otherwise for some steps
+        // (seeded: the same every time) but not all; partitions keep their drawn shape.
+        let kill = Fault::Kill { node: 1 };
+        assert_eq!(aim_at_joiners(9, 0, &kill, &[0, 1, 2], 3), kill);
+        assert_eq!(
+            aim_at_joiners(9, 0, &kill, &[0, 2, 3], 3),
+            Fault::Kill { node: 3 },
+            "n2 has left: the joiner n4 takes its fault"
+        );
+        let aimed: Vec<Fault> = (0..30)
+            .map(|step| aim_at_joiners(9, step, &kill, &[0, 1, 2, 3], 3))
+            .collect();
+        let on_joiner = aimed
+            .iter()
+            .filter(|f| **f == Fault::Kill { node: 3 })
+            .count();
+        assert!(on_joiner > 0 && on_joiner < 30, "{on_joiner} of 30");
+        let again: Vec<Fault> = (0..30)
+            .map(|step| aim_at_joiners(9, step, &kill, &[0, 1, 2, 3], 3))
+            .collect();
+        assert_eq!(aimed, again);
+        let bridge = Fault::Bridge { bridge: 0 };
+        assert_eq!(aim_at_joiners(9, 0, &bridge, &[0, 1, 2, 3], 3), bridge);
+    }
+
+    #[test]
     fn changes_are_seeded_and_never_leave_fewer_than_rf_members() {
-        // Proves the changes lane replays from the seed, draws each plan over a few seeds,
-        // and never decommissions a cluster down below the replication factor.
+        // Proves the changes lane replays from the seed, draws each plan (and removals) over
+        // a few seeds, and never decommissions or removes a cluster down below the
+        // replication factor.
         assert_eq!(draw_changes(7, 3, 3, 60_000), draw_changes(7, 3, 3, 60_000));
-        let (mut joins, mut decommissions) = (0, 0);
+        let (mut joins, mut decommissions, mut removals) = (0, 0, 0);
         for seed in 0..200 {
             for nodes in [3, 5] {
                 let steps = draw_changes(seed, nodes, 3, 60_000);
@@ -409,12 +499,17 @@ mod tests {
                             members -= 1;
                             decommissions += 1;
                         }
+                        Change::Remove { node } => {
+                            assert!(node < next);
+                            members -= 1;
+                            removals += 1;
+                        }
                     }
                     assert!(members >= 3, "seed {seed}: {steps:?}");
                 }
                 assert_eq!(slots(nodes, &steps), next);
             }
         }
-        assert!(joins > 0 && decommissions > 0);
+        assert!(joins > 0 && decommissions > 0 && removals > 0);
     }
 }

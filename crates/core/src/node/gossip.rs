@@ -21,6 +21,10 @@ pub(super) struct ClusterView {
     /// harness: quorum reads right after a restart returned the pre-kill copy). Until then
     /// it refuses client reads and writes. True from the start for a node with no seeds.
     pub learned: bool,
+    /// Peers first named by a transport handshake while gossip already described other
+    /// peers: not members of a static list, possibly joiners. Until gossip describes one,
+    /// it is placed nowhere (see `member_states`). Bounded as the member list is.
+    pub strangers: std::collections::BTreeSet<NodeId>,
 }
 
 /// Why a node refuses client requests until it has heard the cluster from a peer.

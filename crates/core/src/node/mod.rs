@@ -183,6 +183,7 @@ impl<S: Storage> Node<S> {
                 membership,
                 gossiper,
                 learned: !config.learn_epoch_from_peers,
+                strangers: Default::default(),
             },
             coordination: coordination::Coordination::default(),
             read_repair: read::ReadRepairState::default(),
@@ -394,7 +395,17 @@ impl<S: Storage> Node<S> {
 
     /// The transport learned a peer (handshake) or gossip announced one.
     pub fn handle_member_discovered(&mut self, info: MemberInfo) {
+        let me = self.id().clone();
+        let gossip_runs = self
+            .cluster
+            .gossiper
+            .members()
+            .any(|(id, state)| *id != me && state.status().is_some());
+        let id = info.id.clone();
         if self.cluster.membership.learn(info) {
+            if gossip_runs && id != me {
+                self.cluster.strangers.insert(id);
+            }
             self.rebuild_ring();
         }
     }

@@ -296,6 +296,32 @@ fn members_write_to_a_deciding_node() {
     }
 }
 
+/// Found by the chaos harness (`mendkv-chaos --nodes 5 --seed 3007`): a joiner's transport
+/// handshake reached n4 (cut off from most of the cluster) before the joiner's gossip
+/// state did; n4 took it as a `normal` member, put it in the key's read list, met
+/// `r=quorum` with its own copy and the joiner's empty answer, and missed writes
+/// acknowledged a second before. With gossip running, a peer only the transport names is
+/// placed nowhere until gossip describes it (as one described without a status already is).
+#[test]
+fn a_peer_named_by_the_transport_before_gossip_describes_it_is_placed_nowhere() {
+    let mut cluster = gossiping_cluster(3);
+    let newcomer = NodeId::new("n3");
+    let before = cluster.nodes[0].ring().nodes().clone();
+    cluster.nodes[0].handle_member_discovered(member(3));
+    assert!(
+        !cluster.nodes[0].ring().nodes().contains(&newcomer),
+        "n3 is only a handshake away: ring {:?}",
+        cluster.nodes[0].ring().nodes()
+    );
+    assert_eq!(cluster.nodes[0].ring().nodes(), &before);
+    for key in keys(50) {
+        let token = crate::ring::key_token("b", key.as_bytes());
+        for list in cluster.nodes[0].membership.layout.write_lists(token) {
+            assert!(!list.contains(&newcomer), "{key}: write list {list:?}");
+        }
+    }
+}
+
 /// Fresh nodes started together, none with data: none bootstraps while a live member has
 /// not listed it as deciding (its writes might not reach it); once that member is known
 /// down, the others bootstrap without streaming.
@@ -345,4 +371,13 @@ fn fresh_nodes_bootstrap_only_once_every_live_member_lists_them() {
         ClientResponse::Written { .. }
     ));
     assert_eq!(read_key(&mut cluster, 0, "k"), Some(b"k".to_vec()));
+}
+
+/// Without gossip (static member lists, as in the simulator's default runs), a member the
+/// transport names is taken as normal: nothing else will ever describe it.
+#[test]
+fn without_gossip_a_member_named_by_the_transport_is_normal() {
+    let mut cluster = TestCluster::new(3);
+    cluster.nodes[0].handle_member_discovered(member(3));
+    assert!(cluster.nodes[0].ring().nodes().contains(&NodeId::new("n3")));
 }
