@@ -417,9 +417,10 @@ impl<S: Storage> Node<S> {
             .filter(|(_, m)| m.removal == Some(Phase::Done))
             .map(|(id, _)| id.clone())
             .collect();
-        self.membership.refused = members
-            .get(self.id())
-            .is_some_and(|m| m.removal == Some(Phase::Done));
+        // Refused from the removal's start, not only once it is done: a removal is what lets
+        // the others stop waiting for this node's acknowledgements, so from then on it must
+        // coordinate nothing.
+        self.membership.refused = members.get(self.id()).is_some_and(|m| m.removal.is_some());
         self.membership.members = members;
         self.membership.view_since = now.max(1);
         self.membership.layout = layout;
@@ -477,6 +478,27 @@ impl<S: Storage> Node<S> {
         let fingerprint = self.membership.layout.fingerprint();
         self.acknowledgers()
             .find(|id| self.gossip_count(id, ACK_KEY) != Some(fingerprint))
+            .cloned()
+    }
+
+    /// What an operator can do about a member a change waits for, when it is down: a down
+    /// member blocks every change until it is back or removed (its acknowledgement is what
+    /// proves it coordinates nothing under an older layout).
+    fn down_advice(&self, member: &NodeId) -> String {
+        if self.peer_liveness(member) == crate::gossip::Liveness::Down {
+            format!(
+                ": {member} is down; restart it, or remove it if it is gone for good \
+                 (mendkv remove-node {member})"
+            )
+        } else {
+            String::new()
+        }
+    }
+
+    /// The first member other than `except` that must acknowledge changes and is down.
+    fn down_acknowledger(&self, except: &NodeId) -> Option<NodeId> {
+        self.acknowledgers()
+            .find(|id| *id != except && self.peer_liveness(id) == crate::gossip::Liveness::Down)
             .cloned()
     }
 
@@ -603,13 +625,17 @@ impl<S: Storage> Node<S> {
         }
         if let Some(member) = self.unacked_member() {
             self.membership.reason = Some(format!(
-                "waiting for {member} to acknowledge the new layout"
+                "waiting for {member} to acknowledge the new layout{}",
+                self.down_advice(&member)
             ));
             return false;
         }
         if phase == Phase::Streaming {
             if let Some(member) = self.unstreamed_member() {
-                self.membership.reason = Some(format!("waiting for {member} to stream"));
+                self.membership.reason = Some(format!(
+                    "waiting for {member} to stream{}",
+                    self.down_advice(&member)
+                ));
                 return false;
             }
         }
@@ -635,6 +661,18 @@ impl<S: Storage> Node<S> {
         }
         let me = self.id().clone();
         let phase = self.membership.phase;
+        if status == NodeStatus::Leaving
+            && phase < Phase::Synced
+            && self.normal_members() < self.config.replication_factor
+        {
+            // Another node left first (two decommissions raced), or a dead node is being
+            // removed: stay. Safe without acknowledgements even from `streaming`: reads
+            // never moved off this node, and writes still reach the old owners.
+            self.membership.reason =
+                Some("decommission cancelled: not enough nodes to hold RF copies".into());
+            self.set_own_state(now, NodeStatus::Normal, Phase::Done);
+            return;
+        }
         if self.yields_to_other(&me, phase) {
             self.set_own_state(now, status, Phase::Waiting);
             return;
@@ -643,15 +681,6 @@ impl<S: Storage> Node<S> {
             return;
         }
         match phase {
-            Phase::Waiting
-                if status == NodeStatus::Leaving
-                    && self.normal_members() < self.config.replication_factor =>
-            {
-                // Another node left first (two decommissions raced): stay.
-                self.membership.reason =
-                    Some("decommission cancelled: not enough nodes to hold RF copies".into());
-                self.set_own_state(now, NodeStatus::Normal, Phase::Done);
-            }
             Phase::Waiting => self.set_own_state(now, status, Phase::Streaming),
             Phase::Streaming => self.set_own_state(now, status, Phase::Synced),
             Phase::Synced if status == NodeStatus::Joining => {
@@ -1004,6 +1033,18 @@ impl<S: Storage> Node<S> {
             .count()
     }
 
+    /// Leaving members whose decommission can still be cancelled (not `synced` yet: reads
+    /// have not moved off them).
+    fn cancellable_leaves(&self) -> usize {
+        self.membership
+            .members
+            .values()
+            .filter(|m| {
+                m.removal.is_none() && m.status == NodeStatus::Leaving && m.phase < Phase::Synced
+            })
+            .count()
+    }
+
     /// `mendkv decommission`: this node starts leaving.
     pub fn decommission(&mut self, now: Millis) -> Result<ChangeProgress, ChangeRefusal> {
         self.refresh_layout(now);
@@ -1028,6 +1069,16 @@ impl<S: Storage> Node<S> {
                  add a node first",
                 self.normal_members(),
                 self.config.replication_factor
+            )));
+        }
+        // Refused up front rather than stalled: every step waits for every member's
+        // acknowledgement, which a down member cannot give (Cassandra refuses a
+        // decommission with a node down the same way).
+        if let Some(down) = self.down_acknowledger(self.id()) {
+            return Err(ChangeRefusal::Conflict(format!(
+                "{down} is down, and every member must acknowledge each step of a change: \
+                 restart {down}, or remove it first if it is gone for good \
+                 (mendkv remove-node {down})"
             )));
         }
         self.membership.change_started_at = now;
@@ -1061,20 +1112,18 @@ impl<S: Storage> Node<S> {
                 member.status.as_str()
             )));
         }
-        if let Some((other, kind)) = self.change_in_progress() {
-            return Err(ChangeRefusal::Conflict(format!(
-                "the {} of {other} is in progress: retry once it completes",
-                kind.as_str()
-            )));
-        }
-        if member.status == NodeStatus::Normal
-            && self.normal_members() <= self.config.replication_factor
-        {
+        // Another change in progress does not refuse a removal: the dead node may be what
+        // holds that change up (it cannot acknowledge), and from its removal on it no longer
+        // has to. The removal waits its turn behind the active change.
+        //
+        // A decommission that has not reached `synced` is cancelled if this removal leaves
+        // too few normal nodes (`drive_own_change`), so it counts as staying here.
+        let staying = self.normal_members() + self.cancellable_leaves();
+        if member.status == NodeStatus::Normal && staying <= self.config.replication_factor {
             return Err(ChangeRefusal::Conflict(format!(
                 "not enough nodes to hold RF copies: {} normal nodes, replication factor {}; \
                  add a node first",
-                self.normal_members(),
-                self.config.replication_factor
+                staying, self.config.replication_factor
             )));
         }
         if self.membership.removals.len() >= MAX_REMOVALS {

@@ -224,3 +224,109 @@ fn removing_a_dead_node_re_replicates_and_drops_its_hints() {
         assert_eq!(copies, 3, "{key} has RF copies on the live nodes");
     }
 }
+
+/// A down member blocks changes (it cannot acknowledge them): a decommission is refused up
+/// front naming it, a join waits and says for whom, and `remove-node` of the dead member is
+/// accepted while the join is in progress; then both complete and every write is readable.
+#[test]
+fn a_down_member_blocks_changes_until_it_is_removed() {
+    let mut cluster = gossiping_cluster(4);
+    let keys = keys(100);
+    for key in &keys {
+        put_key(&mut cluster, 0, key);
+    }
+    let n3 = NodeId::new("n3");
+    cluster.stopped[3] = true;
+    for i in 0..3 {
+        let now = cluster.now;
+        cluster.nodes[i].handle_peer_status(now, &n3, PeerStatus::Down);
+    }
+    match cluster.request(1, ClientRequest::Decommission) {
+        ClientResponse::Conflict(reason) => {
+            assert!(
+                reason.contains("n3 is down") && reason.contains("mendkv remove-node n3"),
+                "{reason}"
+            );
+        }
+        other => panic!("decommission with n3 down: {other:?}"),
+    }
+    // A join waits for n3, and says so.
+    add_node(&mut cluster, 4);
+    let n4 = NodeId::new("n4");
+    tick_until(&mut cluster, 20, |_| false);
+    let progress = cluster.nodes[4].change_progress(&n4, cluster.now);
+    assert_eq!(progress.phase, "waiting", "{progress:?}");
+    let reason = progress.reason.unwrap_or_default();
+    assert!(
+        reason.contains("n3") && reason.contains("remove-node n3"),
+        "{reason}"
+    );
+    // Removing the dead node is accepted while the join is in progress, and unblocks it.
+    assert!(matches!(
+        cluster.request(0, ClientRequest::RemoveNode { node: n3.clone() }),
+        ClientResponse::Change(_)
+    ));
+    let done = tick_until(&mut cluster, 1200, |c| {
+        c.nodes[..3].iter().all(|n| n.is_removed(&n3))
+            && c.nodes[..3]
+                .iter()
+                .all(|n| n.peer_state(&n4) == crate::gossip::NodeStatus::Normal)
+    });
+    assert!(
+        done,
+        "{:?} / {:?}",
+        cluster.nodes[0].change_progress(&n3, cluster.now),
+        cluster.nodes[4].change_progress(&n4, cluster.now)
+    );
+    for key in &keys {
+        for at in [0, 1, 2, 4] {
+            assert_eq!(
+                read_key(&mut cluster, at, key),
+                Some(key.as_bytes().to_vec()),
+                "{key} through n{at}"
+            );
+        }
+    }
+}
+
+/// A decommission still `streaming` when a dead node's removal would leave too few normal
+/// nodes is cancelled, so the cluster never ends below RF nodes.
+#[test]
+fn a_removal_cancels_a_decommission_that_would_leave_too_few_nodes() {
+    let mut cluster = gossiping_cluster(4);
+    for key in &keys(20) {
+        put_key(&mut cluster, 0, key);
+    }
+    assert!(matches!(
+        cluster.request(3, ClientRequest::Decommission),
+        ClientResponse::Change(_)
+    ));
+    let n3 = NodeId::new("n3");
+    let streaming = tick_until(&mut cluster, 40, |c| {
+        c.nodes[3].change_progress(&n3, c.now).phase == "streaming"
+    });
+    assert!(streaming);
+    let n2 = NodeId::new("n2");
+    cluster.stopped[2] = true;
+    for i in [0, 1, 3] {
+        let now = cluster.now;
+        cluster.nodes[i].handle_peer_status(now, &n2, PeerStatus::Down);
+    }
+    assert!(matches!(
+        cluster.request(0, ClientRequest::RemoveNode { node: n2.clone() }),
+        ClientResponse::Change(_)
+    ));
+    let done = tick_until(&mut cluster, 1200, |c| {
+        [0, 1, 3].iter().all(|i| c.nodes[*i].is_removed(&n2))
+    });
+    assert!(
+        done,
+        "{:?}",
+        cluster.nodes[0].change_progress(&n2, cluster.now)
+    );
+    assert_eq!(
+        cluster.nodes[3].own_state(),
+        crate::gossip::NodeStatus::Normal,
+        "the decommission was cancelled"
+    );
+}
