@@ -73,6 +73,47 @@ struct Persisted {
     joined_generation: u64,
     /// Still deciding between bootstrap and join (a crash before the decision).
     deciding: bool,
+    /// Ranges whose data this node may hold without owning it any more: cleanup resumes
+    /// them after a restart (last, so a record written before it existed still decodes as
+    /// [`PersistedBeforeCleanup`]).
+    cleanup_ranges: Vec<TokenRange>,
+}
+
+/// The membership record as written before cleanup ranges were persisted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PersistedBeforeCleanup {
+    status: NodeStatus,
+    phase: u64,
+    removals: Vec<(NodeId, u64, u64)>,
+    stream_fingerprint: u64,
+    stream_done: Vec<TokenRange>,
+    joined_generation: u64,
+    deciding: bool,
+}
+
+impl From<PersistedBeforeCleanup> for Persisted {
+    fn from(old: PersistedBeforeCleanup) -> Self {
+        Persisted {
+            status: old.status,
+            phase: old.phase,
+            removals: old.removals,
+            stream_fingerprint: old.stream_fingerprint,
+            stream_done: old.stream_done,
+            joined_generation: old.joined_generation,
+            deciding: old.deciding,
+            cleanup_ranges: Vec::new(),
+        }
+    }
+}
+
+impl Persisted {
+    fn decode(bytes: &[u8]) -> Option<Persisted> {
+        postcard::from_bytes::<Persisted>(bytes).ok().or_else(|| {
+            postcard::from_bytes::<PersistedBeforeCleanup>(bytes)
+                .ok()
+                .map(Persisted::from)
+        })
+    }
 }
 
 /// One gained range being pulled.
@@ -173,7 +214,11 @@ impl MembershipState {
             .get_meta(MEMBERSHIP_META)
             .ok()
             .flatten()
-            .and_then(|bytes| postcard::from_bytes(&bytes).ok());
+            .and_then(|bytes| Persisted::decode(&bytes));
+        let cleanup_ranges: BTreeSet<TokenRange> = persisted
+            .as_ref()
+            .map(|p| p.cleanup_ranges.iter().copied().collect())
+            .unwrap_or_default();
         let joined_generation = persisted.as_ref().map_or(0, |p| p.joined_generation);
         let was_deciding = persisted.as_ref().is_some_and(|p| p.deciding);
         let first_start = persisted.is_none() && fresh && has_seeds;
@@ -213,6 +258,7 @@ impl MembershipState {
                 stream_done: Vec::new(),
                 joined_generation: 0,
                 deciding: true,
+                cleanup_ranges: Vec::new(),
             };
             if let Ok(bytes) = postcard::to_allocvec(&record) {
                 let _ = storage
@@ -234,7 +280,7 @@ impl MembershipState {
             stream: None,
             stream_done,
             last_stream: None,
-            cleanup_ranges: BTreeSet::new(),
+            cleanup_ranges,
             refused: false,
             reason: None,
             change_started_at: 0,
@@ -286,6 +332,7 @@ impl<S: Storage> Node<S> {
             stream_done: self.membership.stream_done.1.iter().copied().collect(),
             joined_generation: self.membership.joined_generation,
             deciding: self.membership.deciding,
+            cleanup_ranges: self.membership.cleanup_ranges.iter().copied().collect(),
         };
         let Ok(bytes) = postcard::to_allocvec(&persisted) else {
             return;
@@ -427,10 +474,15 @@ impl<S: Storage> Node<S> {
         let before: BTreeSet<TokenRange> = self.anti_entropy.trees.ranges().collect();
         self.align_trees();
         let after: BTreeSet<TokenRange> = self.anti_entropy.trees.ranges().collect();
+        let mut to_clean = false;
         for range in before.difference(&after) {
             if self.membership.cleanup_ranges.len() < MAX_CLEANUP_RANGES {
-                self.membership.cleanup_ranges.insert(*range);
+                to_clean |= self.membership.cleanup_ranges.insert(*range);
             }
+        }
+        if to_clean {
+            // Durable, so a crash before the scan does not leave that data on disk forever.
+            self.persist_membership();
         }
         for node in departed {
             self.drop_hints_for(&node);
@@ -980,18 +1032,20 @@ impl<S: Storage> Node<S> {
             return;
         }
         let me = self.id().clone();
+        let mut scanned = false;
         for _ in 0..CLEANUP_RANGES_PER_TICK {
             let Some(range) = self.membership.cleanup_ranges.pop_first() else {
-                return;
+                break;
             };
             let objects = match self.storage.scan_range(range) {
                 Ok(objects) => objects,
                 Err(_) => {
                     self.stats.increment(Counter::StorageErrors);
                     self.membership.cleanup_ranges.insert(range);
-                    return;
+                    break;
                 }
             };
+            scanned = true;
             for (bucket, key, object) in objects {
                 if self.membership.layout.owns(&me, key_token(&bucket, &key)) {
                     continue;
@@ -1012,8 +1066,15 @@ impl<S: Storage> Node<S> {
                     self.stats.increment(Counter::CleanupKeys);
                 } else {
                     self.stats.increment(Counter::StorageErrors);
+                    // Scanned again later (a restart rescans it from the record).
+                    self.membership.cleanup_ranges.insert(range);
                 }
             }
+        }
+        if scanned {
+            // Written after the removals, to the same journal: a crash that keeps this
+            // record kept them too, and one that loses it rescans (deleting is idempotent).
+            self.persist_membership();
         }
     }
 
@@ -1208,6 +1269,12 @@ impl<S: Storage> Node<S> {
             .is_some_and(|m| m.removal == Some(Phase::Done))
     }
 
+    /// Ranges whose data this node still has to scan for keys it no longer owns (persisted,
+    /// so a restart resumes them).
+    pub fn cleanup_ranges_pending(&self) -> usize {
+        self.membership.cleanup_ranges.len()
+    }
+
     /// This node's own ring state.
     pub fn own_state(&self) -> NodeStatus {
         self.membership.status
@@ -1246,5 +1313,35 @@ impl<S: Storage> Node<S> {
             deadline = deadline.min(self.clock + 100);
         }
         deadline
+    }
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+
+    /// A record written before cleanup ranges were persisted still loads (no cleanup
+    /// pending), and the current one round-trips them.
+    #[test]
+    fn membership_records_of_both_formats_decode() {
+        let old = PersistedBeforeCleanup {
+            status: NodeStatus::Leaving,
+            phase: Phase::Streaming.code(),
+            removals: vec![(NodeId::new("n9"), 3, Phase::Done.code())],
+            stream_fingerprint: 7,
+            stream_done: vec![TokenRange { start: 1, end: 2 }],
+            joined_generation: 5,
+            deciding: false,
+        };
+        let decoded = Persisted::decode(&postcard::to_allocvec(&old).unwrap()).unwrap();
+        assert_eq!(decoded.status, NodeStatus::Leaving);
+        assert_eq!(decoded.joined_generation, 5);
+        assert_eq!(decoded.removals.len(), 1);
+        assert!(decoded.cleanup_ranges.is_empty());
+        let mut current = decoded;
+        current.cleanup_ranges = vec![TokenRange { start: 10, end: 20 }];
+        let again = Persisted::decode(&postcard::to_allocvec(&current).unwrap()).unwrap();
+        assert_eq!(again.cleanup_ranges, current.cleanup_ranges);
+        assert_eq!(again.stream_done, current.stream_done);
     }
 }

@@ -330,3 +330,74 @@ fn a_removal_cancels_a_decommission_that_would_leave_too_few_nodes() {
         "the decommission was cancelled"
     );
 }
+
+/// The ranges an old owner must clean up are durable: a node restarted after a join but
+/// before its cleanup scan resumes it, and ends holding only keys it owns.
+#[test]
+fn cleanup_resumes_after_a_restart() {
+    let mut cluster = gossiping_cluster(3);
+    let keys = keys(200);
+    for key in &keys {
+        put_key(&mut cluster, 0, key);
+    }
+    add_node(&mut cluster, 3);
+    let n3 = NodeId::new("n3");
+    let joined = tick_until(&mut cluster, 400, |c| {
+        c.nodes
+            .iter()
+            .all(|n| n.peer_state(&n3) == crate::gossip::NodeStatus::Normal)
+    });
+    assert!(joined);
+    assert!(cluster.nodes[0].cleanup_ranges_pending() > 0);
+    assert_eq!(cluster.nodes[0].stats()[Counter::CleanupKeys], 0);
+    let held_before = stored_keys(&cluster.nodes[0]);
+    // n0 stops before its scan (a crash keeps what was synced: sync first, as a crash
+    // after the record's fsync would).
+    let now = cluster.now;
+    cluster.nodes[0].sync_now();
+    let storage = std::mem::replace(
+        &mut cluster.nodes[0],
+        Node::new(NodeConfig::new("n0"), MemoryStorage::new(), now).unwrap(),
+    )
+    .into_storage();
+    storage.crash(0);
+    let mut restarted = Node::new(NodeConfig::new("n0"), storage, now).unwrap();
+    assert!(
+        restarted.cleanup_ranges_pending() > 0,
+        "the ranges to clean were read back from the membership record"
+    );
+    for i in 1..4 {
+        restarted.handle_seed_discovered(now, member(i));
+    }
+    cluster.nodes[0] = restarted;
+    cluster.run();
+    let cleaned = tick_until(&mut cluster, 400, |c| {
+        c.nodes[0].cleanup_ranges_pending() == 0 && c.nodes[0].stats()[Counter::CleanupKeys] > 0
+    });
+    assert!(
+        cleaned,
+        "{} pending",
+        cluster.nodes[0].cleanup_ranges_pending()
+    );
+    let node = &cluster.nodes[0];
+    let held_after = stored_keys(node);
+    assert!(held_after < held_before, "{held_before} -> {held_after}");
+    for (stored, _) in node.storage().objects() {
+        assert!(
+            node.layout().owns(
+                node.id(),
+                crate::ring::key_token(&stored.bucket, &stored.key)
+            ),
+            "n0 kept a key it does not own"
+        );
+    }
+    for key in &keys {
+        for at in 0..4 {
+            assert_eq!(
+                read_key(&mut cluster, at, key),
+                Some(key.as_bytes().to_vec()),
+                "{key} through n{at}"
+            );
+        }
+    }
+}
