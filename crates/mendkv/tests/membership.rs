@@ -1,7 +1,9 @@
 //! Cluster changes over real processes (SPEC section 7): under a continuous writer and
 //! reader at quorum, two nodes join, one is decommissioned, one is killed and removed; every
 //! acknowledged write is read back at quorum through every remaining node, the departed
-//! nodes' data has RF copies on the live nodes, and the old owners' disks shrank.
+//! nodes' data has RF copies on the live nodes, and the old owners' disks shrank. The removed
+//! node then comes back with its old data: it refuses clients, its peers refuse it (counted,
+//! logged), it stays `left` and takes no writes.
 
 mod common;
 
@@ -227,4 +229,53 @@ async fn joins_decommission_and_removal_lose_no_acknowledged_write() {
             assert!(local.is_some(), "{key} on node{}", i + 1);
         }
     }
+
+    // node4 comes back with its old data: it refuses clients, and its peers refuse it.
+    cluster.nodes[3].start();
+    let back = cluster.nodes[3].client();
+    eventually(CHANGE_TIMEOUT, "node4 refuses writes as removed", || {
+        let back = back.clone();
+        async move {
+            matches!(
+                back.put("t", b"to-removed", b"x".to_vec(), None, Some("quorum"), None).await,
+                Err(ClientError::Api { status: 503, message, .. }) if message.contains("removed")
+            )
+        }
+    })
+    .await;
+    eventually(CHANGE_TIMEOUT, "node1 refuses node4's messages", || {
+        let client = cluster.client(0);
+        async move {
+            let text = client.metrics().await.unwrap_or_default();
+            metric_sum(&text, "mendkv_peer_messages_from_removed_total", &[]) > 0.0
+        }
+    })
+    .await;
+    let log = |i: usize| {
+        std::fs::read_to_string(cluster.nodes[i].data_dir.join("server.log")).unwrap_or_default()
+    };
+    assert!(
+        (0..3).any(|i| log(i).contains("refusing a node removed from the cluster")),
+        "a peer logged the refusal"
+    );
+    assert!(log(3).contains("this node was removed from the cluster"));
+    // Its gossip did not bring it back, and writes do not reach it.
+    wait_state(&clients_all[..3], "node4", "left").await;
+    cluster
+        .client(0)
+        .put(
+            "t",
+            b"after-return",
+            b"x".to_vec(),
+            None,
+            Some("quorum"),
+            None,
+        )
+        .await
+        .expect("write with node4 back");
+    let on_removed = back.local("t", b"after-return").await;
+    assert!(
+        matches!(on_removed, Ok(None)),
+        "the removed node took a write: {on_removed:?}"
+    );
 }

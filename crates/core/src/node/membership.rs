@@ -203,6 +203,9 @@ pub(super) struct MembershipState {
     cleanup_ranges: BTreeSet<TokenRange>,
     /// This node was removed and came back with its old data: it serves nothing.
     pub refused: bool,
+    /// Removed peers whose messages were refused (each logged once; bounded).
+    refused_peers: BTreeSet<NodeId>,
+    newly_refused_peers: Vec<NodeId>,
     pub reason: Option<String>,
     change_started_at: Millis,
     hints_wait_since: Option<Millis>,
@@ -282,6 +285,8 @@ impl MembershipState {
             last_stream: None,
             cleanup_ranges,
             refused: false,
+            refused_peers: BTreeSet::new(),
+            newly_refused_peers: Vec::new(),
             reason: None,
             change_started_at: 0,
             hints_wait_since: None,
@@ -468,6 +473,10 @@ impl<S: Storage> Node<S> {
         // the others stop waiting for this node's acknowledgements, so from then on it must
         // coordinate nothing.
         self.membership.refused = members.get(self.id()).is_some_and(|m| m.removal.is_some());
+        // A peer whose removal was lifted (it rejoined wiped) is logged again if removed again.
+        self.membership
+            .refused_peers
+            .retain(|peer| members.get(peer).is_some_and(|m| m.removal.is_some()));
         self.membership.members = members;
         self.membership.view_since = now.max(1);
         self.membership.layout = layout;
@@ -1104,6 +1113,64 @@ impl<S: Storage> Node<S> {
                 m.removal.is_none() && m.status == NodeStatus::Leaving && m.phase < Phase::Synced
             })
             .count()
+    }
+
+    /// True when `peer` is being or was removed (`remove-node`) and has not rejoined wiped:
+    /// it must not take part in the cluster any more.
+    pub(super) fn is_removed_peer(&self, peer: &NodeId) -> bool {
+        peer != self.id()
+            && self
+                .membership
+                .members
+                .get(peer)
+                .is_some_and(|m| m.removal.is_some())
+    }
+
+    /// What a message from a removed node (one that came back with its old data) may still
+    /// do: nothing but tell us its own gossip state, so a node that is wiped and rejoins
+    /// (a new `JOINED` generation, which lifts the removal) is seen, and be answered, so it
+    /// learns it was removed and refuses service. Its requests (replica writes, reads,
+    /// anti-entropy, hints) and replies are dropped, and what it holds about other nodes
+    /// (possibly long stale) is not merged. A node that is itself removed serves no peer
+    /// either. None: the message is dropped.
+    pub(super) fn screen_removed(&mut self, from: &NodeId, message: Message) -> Option<Message> {
+        use crate::gossip::GossipMessage;
+        if self.membership.refused && !matches!(message, Message::Gossip(_)) {
+            return None;
+        }
+        if !self.is_removed_peer(from) {
+            return Some(message);
+        }
+        self.stats.increment(Counter::PeerMessagesFromRemoved);
+        if self.membership.refused_peers.len() < MAX_REMOVALS
+            && self.membership.refused_peers.insert(from.clone())
+        {
+            self.membership.newly_refused_peers.push(from.clone());
+        }
+        let own = |deltas: Vec<crate::gossip::Delta>| -> Vec<crate::gossip::Delta> {
+            deltas.into_iter().filter(|d| d.node == *from).collect()
+        };
+        match message {
+            Message::Gossip(GossipMessage::Ack { deltas, requests }) => {
+                Some(Message::Gossip(GossipMessage::Ack {
+                    deltas: own(deltas),
+                    requests,
+                }))
+            }
+            Message::Gossip(GossipMessage::Ack2 { deltas }) => {
+                Some(Message::Gossip(GossipMessage::Ack2 {
+                    deltas: own(deltas),
+                }))
+            }
+            syn @ Message::Gossip(GossipMessage::Syn { .. }) => Some(syn),
+            _ => None,
+        }
+    }
+
+    /// Removed peers whose messages this node started refusing since the last call (each
+    /// once), for the driver's log.
+    pub fn take_newly_refused_peers(&mut self) -> Vec<NodeId> {
+        std::mem::take(&mut self.membership.newly_refused_peers)
     }
 
     /// `mendkv decommission`: this node starts leaving.

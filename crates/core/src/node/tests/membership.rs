@@ -401,3 +401,102 @@ fn cleanup_resumes_after_a_restart() {
         }
     }
 }
+
+/// A removed node that comes back with its old data is refused by its peers, not only by
+/// its HTTP gate: its requests get no answer, its gossip does not undo the removal or
+/// spread what it holds of others, it takes no writes, and it refuses clients itself.
+#[test]
+fn a_removed_node_that_comes_back_is_refused_by_its_peers() {
+    let mut cluster = gossiping_cluster(4);
+    for key in &keys(20) {
+        put_key(&mut cluster, 0, key);
+    }
+    let n3 = NodeId::new("n3");
+    cluster.stopped[3] = true;
+    let now = cluster.now;
+    cluster.nodes[0].handle_peer_status(now, &n3, PeerStatus::Down);
+    assert!(matches!(
+        cluster.request(0, ClientRequest::RemoveNode { node: n3.clone() }),
+        ClientResponse::Change(_)
+    ));
+    let removed = tick_until(&mut cluster, 600, |c| {
+        c.nodes[..3].iter().all(|n| n.is_removed(&n3))
+    });
+    assert!(removed);
+    // A stopped node of the test cluster still sends (only messages to it fail): its gossip
+    // may already have been refused.
+    let mut logged: Vec<Vec<NodeId>> = cluster.nodes[..3]
+        .iter_mut()
+        .map(|n| n.take_newly_refused_peers())
+        .collect();
+    let refused_before: u64 = cluster.nodes[..3]
+        .iter()
+        .map(|n| n.stats()[Counter::PeerMessagesFromRemoved])
+        .sum();
+
+    // n3 comes back with its data.
+    let now = cluster.now;
+    let storage = std::mem::replace(
+        &mut cluster.nodes[3],
+        Node::new(NodeConfig::new("n3"), MemoryStorage::new(), now).unwrap(),
+    )
+    .into_storage();
+    let mut back = Node::new(NodeConfig::new("n3"), storage, now).unwrap();
+    for i in 0..3 {
+        back.handle_seed_discovered(now, member(i));
+    }
+    cluster.nodes[3] = back;
+    cluster.stopped[3] = false;
+    cluster.run();
+    tick_until(&mut cluster, 20, |_| false);
+
+    assert!(cluster.nodes[3].is_refused(), "it learned it was removed");
+    assert!(matches!(
+        put_key(&mut cluster, 3, "through-the-removed-node"),
+        ClientResponse::NotReady(reason) if reason.contains("removed")
+    ));
+    let refused: u64 = cluster.nodes[..3]
+        .iter()
+        .map(|n| n.stats()[Counter::PeerMessagesFromRemoved])
+        .sum();
+    assert!(refused > refused_before, "its peers refused its messages");
+    for (i, node) in cluster.nodes[..3].iter_mut().enumerate() {
+        logged[i].extend(node.take_newly_refused_peers());
+    }
+    assert!(
+        logged.iter().all(|l| l.is_empty() || l == &[n3.clone()]),
+        "each refused peer is logged once: {logged:?}"
+    );
+    assert!(logged.iter().any(|l| !l.is_empty()), "{logged:?}");
+    for node in &cluster.nodes[..3] {
+        assert!(node.is_removed(&n3), "its gossip did not undo the removal");
+        assert_eq!(node.peer_state(&n3), crate::gossip::NodeStatus::Left);
+    }
+
+    // A request from it gets no answer; writes no longer reach it.
+    let now = cluster.now;
+    cluster.nodes[0].handle_message(
+        now,
+        &n3,
+        Message::Read {
+            request: 1,
+            bucket: "b".into(),
+            key: b"key-1".to_vec(),
+        },
+    );
+    let mut answered = false;
+    while let Some(action) = cluster.nodes[0].poll_action() {
+        answered |= matches!(action, Action::Send { to, .. } if to == n3);
+    }
+    assert!(!answered, "a removed node's read is not served");
+    assert!(matches!(
+        put_key(&mut cluster, 0, "after-its-return"),
+        ClientResponse::Written { .. }
+    ));
+    assert!(cluster.nodes[3]
+        .storage()
+        .get("b", b"after-its-return")
+        .ok()
+        .flatten()
+        .is_none());
+}
