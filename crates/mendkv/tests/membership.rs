@@ -1,9 +1,10 @@
 //! Cluster changes over real processes (SPEC section 7): under a continuous writer and
 //! reader at quorum, two nodes join, one is decommissioned, one is killed and removed; every
 //! acknowledged write is read back at quorum through every remaining node, the departed
-//! nodes' data has RF copies on the live nodes, and the old owners' disks shrank. The removed
-//! node then comes back with its old data: it refuses clients, its peers refuse it (counted,
-//! logged), it stays `left` and takes no writes.
+//! nodes' data has RF copies on the live nodes, and the old owners' disks shrank. While node4
+//! is down a decommission is refused, naming it. The removed node then comes back with its
+//! old data: it refuses clients, its peers refuse it (counted, logged), it stays `left` and
+//! takes no writes.
 
 mod common;
 
@@ -184,6 +185,21 @@ async fn joins_decommission_and_removal_lose_no_acknowledged_write() {
         }
     })
     .await;
+    // A change with a member down would stall: a decommission is refused up front, naming
+    // the down member and the way out.
+    match cluster.client(0).decommission().await {
+        Err(ClientError::Api {
+            status: 409,
+            message,
+            ..
+        }) => {
+            assert!(
+                message.contains("node4 is down") && message.contains("remove-node node4"),
+                "{message}"
+            )
+        }
+        other => panic!("decommission with node4 down: {other:?}"),
+    }
     cluster
         .client(0)
         .remove_node("node4")
