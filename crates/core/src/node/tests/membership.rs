@@ -464,7 +464,9 @@ fn a_removed_node_that_comes_back_is_refused_by_its_peers() {
         logged[i].extend(node.take_newly_refused_peers());
     }
     assert!(
-        logged.iter().all(|l| l.is_empty() || l == &[n3.clone()]),
+        logged
+            .iter()
+            .all(|l| l.is_empty() || l == std::slice::from_ref(&n3)),
         "each refused peer is logged once: {logged:?}"
     );
     assert!(logged.iter().any(|l| !l.is_empty()), "{logged:?}");
