@@ -267,14 +267,35 @@ async fn joins_decommission_and_removal_lose_no_acknowledged_write() {
         }
     })
     .await;
-    let log = |i: usize| {
-        std::fs::read_to_string(cluster.nodes[i].data_dir.join("server.log")).unwrap_or_default()
+    // The log lines are written with the metrics export (every 200 ms): poll for them.
+    let log_has = |nodes: Vec<usize>, line: &'static str| {
+        let paths: Vec<std::path::PathBuf> = nodes
+            .iter()
+            .map(|i| cluster.nodes[*i].data_dir.join("server.log"))
+            .collect();
+        move || {
+            let paths = paths.clone();
+            async move {
+                paths.iter().any(|path| {
+                    std::fs::read_to_string(path)
+                        .unwrap_or_default()
+                        .contains(line)
+                })
+            }
+        }
     };
-    assert!(
-        (0..3).any(|i| log(i).contains("refusing a node removed from the cluster")),
-        "a peer logged the refusal"
-    );
-    assert!(log(3).contains("this node was removed from the cluster"));
+    eventually(
+        CHANGE_TIMEOUT,
+        "a peer logs the refusal",
+        log_has(vec![0, 1, 2], "refusing a node removed from the cluster"),
+    )
+    .await;
+    eventually(
+        CHANGE_TIMEOUT,
+        "node4 logs that it was removed",
+        log_has(vec![3], "this node was removed from the cluster"),
+    )
+    .await;
     // Its gossip did not bring it back, and writes do not reach it.
     wait_state(&clients_all[..3], "node4", "left").await;
     cluster
