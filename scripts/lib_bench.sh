@@ -117,3 +117,30 @@ bench_stop_node() {
     node=
   fi
 }
+
+# bench_start_server ID HTTP_PORT PEER_PORT DATA_DIR LOG [SEED_PEER_PORT]: one `mendkv server`
+# in the background (with a seed when given), waiting (up to 30 s) until it serves: a GET
+# answers 200 or 404 (a node that has not heard the membership answers 503). The extra
+# environment comes from BENCH_SERVER_ENV ("NAME=value ..."). Sets BENCH_SERVER_PID.
+bench_start_server() {
+  local id=$1 http=$2 peer=$3 data=$4 log=$5 seed=${6:-} seeds=() code
+  [ -n "$seed" ] && seeds=(--seed "127.0.0.1:$seed")
+  # shellcheck disable=SC2086 # a list of NAME=value words
+  env ${BENCH_SERVER_ENV:-} "$(bench_mendkv_bin)" server --node-id "$id" --listen "127.0.0.1:$peer" \
+    --http "127.0.0.1:$http" --data-dir "$data" "${seeds[@]}" 2>>"$log" &
+  BENCH_SERVER_PID=$!
+  for _ in $(seq 1 300); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$http/kv/probe/k" || true)
+    [ "$code" = 404 ] || [ "$code" = 200 ] && return 0
+    sleep 0.1
+  done
+  echo "$id did not start (see $log)" >&2
+  return 1
+}
+
+# bench_metric URL NAME [LABEL_FILTER]: the sum of a metric's samples in URL/metrics whose
+# line matches LABEL_FILTER (a regular expression; default: all).
+bench_metric() {
+  curl -s "$1/metrics" | awk -v name="$2" -v filter="${3:-.}" '
+    $1 ~ "^" name "({|$)" && $0 ~ filter { sum += $NF } END { printf "%.0f\n", sum }'
+}

@@ -1,7 +1,10 @@
 //! Cluster changes over real processes (SPEC section 7): under a continuous writer and
 //! reader at quorum, two nodes join, one is decommissioned, one is killed and removed; every
 //! acknowledged write is read back at quorum through every remaining node, the departed
-//! nodes' data has RF copies on the live nodes, and the old owners' disks shrank.
+//! nodes' data has RF copies on the live nodes, and the old owners' disks shrank. While node4
+//! is down a decommission is refused, naming it. The removed node then comes back with its
+//! old data: it refuses clients, its peers refuse it (counted, logged), it stays `left` and
+//! takes no writes.
 
 mod common;
 
@@ -182,6 +185,21 @@ async fn joins_decommission_and_removal_lose_no_acknowledged_write() {
         }
     })
     .await;
+    // A change with a member down would stall: a decommission is refused up front, naming
+    // the down member and the way out.
+    match cluster.client(0).decommission().await {
+        Err(ClientError::Api {
+            status: 409,
+            message,
+            ..
+        }) => {
+            assert!(
+                message.contains("node4 is down") && message.contains("remove-node node4"),
+                "{message}"
+            )
+        }
+        other => panic!("decommission with node4 down: {other:?}"),
+    }
     cluster
         .client(0)
         .remove_node("node4")
@@ -227,4 +245,74 @@ async fn joins_decommission_and_removal_lose_no_acknowledged_write() {
             assert!(local.is_some(), "{key} on node{}", i + 1);
         }
     }
+
+    // node4 comes back with its old data: it refuses clients, and its peers refuse it.
+    cluster.nodes[3].start();
+    let back = cluster.nodes[3].client();
+    eventually(CHANGE_TIMEOUT, "node4 refuses writes as removed", || {
+        let back = back.clone();
+        async move {
+            matches!(
+                back.put("t", b"to-removed", b"x".to_vec(), None, Some("quorum"), None).await,
+                Err(ClientError::Api { status: 503, message, .. }) if message.contains("removed")
+            )
+        }
+    })
+    .await;
+    eventually(CHANGE_TIMEOUT, "node1 refuses node4's messages", || {
+        let client = cluster.client(0);
+        async move {
+            let text = client.metrics().await.unwrap_or_default();
+            metric_sum(&text, "mendkv_peer_messages_from_removed_total", &[]) > 0.0
+        }
+    })
+    .await;
+    // The log lines are written with the metrics export (every 200 ms): poll for them.
+    let log_has = |nodes: Vec<usize>, line: &'static str| {
+        let paths: Vec<std::path::PathBuf> = nodes
+            .iter()
+            .map(|i| cluster.nodes[*i].data_dir.join("server.log"))
+            .collect();
+        move || {
+            let paths = paths.clone();
+            async move {
+                paths.iter().any(|path| {
+                    std::fs::read_to_string(path)
+                        .unwrap_or_default()
+                        .contains(line)
+                })
+            }
+        }
+    };
+    eventually(
+        CHANGE_TIMEOUT,
+        "a peer logs the refusal",
+        log_has(vec![0, 1, 2], "refusing a node removed from the cluster"),
+    )
+    .await;
+    eventually(
+        CHANGE_TIMEOUT,
+        "node4 logs that it was removed",
+        log_has(vec![3], "this node was removed from the cluster"),
+    )
+    .await;
+    // Its gossip did not bring it back, and writes do not reach it.
+    wait_state(&clients_all[..3], "node4", "left").await;
+    cluster
+        .client(0)
+        .put(
+            "t",
+            b"after-return",
+            b"x".to_vec(),
+            None,
+            Some("quorum"),
+            None,
+        )
+        .await
+        .expect("write with node4 back");
+    let on_removed = back.local("t", b"after-return").await;
+    assert!(
+        matches!(on_removed, Ok(None)),
+        "the removed node took a write: {on_removed:?}"
+    );
 }

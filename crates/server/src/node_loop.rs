@@ -51,6 +51,8 @@ struct NodeTask {
     recovery_backoff: Duration,
     /// The node's counters as last exported, so metrics grow by the difference.
     exported: Counters,
+    /// Whether the log already said that this node was removed and serves nothing.
+    refusal_logged: bool,
 }
 
 impl NodeTask {
@@ -233,6 +235,28 @@ impl NodeTask {
         for (counter, value) in now.iter() {
             metrics.count_node(counter, value - self.exported.get(counter));
         }
+        for peer in self.node.take_newly_refused_peers() {
+            tracing::warn!(
+                %peer,
+                "refusing a node removed from the cluster (remove-node) that came back with its \
+                 old data: its requests are dropped and its gossip is heard only about itself; \
+                 wipe its data directory and start it again to rejoin"
+            );
+        }
+        let refused = self.node.is_refused();
+        if refused != self.refusal_logged {
+            if refused {
+                tracing::error!(
+                    "this node was removed from the cluster (remove-node): it serves no reads, \
+                     writes or peers; wipe its data directory and start it again to rejoin"
+                );
+            } else {
+                tracing::info!(
+                    "this node's removal was lifted: it takes part in the cluster again"
+                );
+            }
+            self.refusal_logged = refused;
+        }
         for range in self.node.take_tree_mismatches() {
             tracing::error!(
                 range_start = range.start,
@@ -372,6 +396,7 @@ pub async fn run_node(
         next_recovery_at: Instant::now(),
         recovery_backoff: RECOVERY_BACKOFF_MIN,
         exported: Counters::default(),
+        refusal_logged: false,
     };
     let mut periodic_sync = tokio::time::interval(periodic.unwrap_or(Duration::from_secs(3600)));
     let mut gauges = tokio::time::interval(Duration::from_millis(200));

@@ -107,6 +107,8 @@ counters! {
         "Ranges this node finished pulling during cluster changes", [];
     CleanupKeys => "mendkv_cleanup_keys",
         "Keys deleted because this node no longer owns their range (after a cluster change)", [];
+    PeerMessagesFromRemoved => "mendkv_peer_messages_from_removed",
+        "Messages from a node removed from the cluster (remove-node) that came back with its old data: its requests and replies are dropped, its gossip is heard only about itself", [];
     ClusterChanges => "mendkv_cluster_changes",
         "Cluster changes (join, decommission, removal) this node completed as their owner", [];
     AntiEntropyKeysRepaired => "mendkv_anti_entropy_keys_repaired",

@@ -56,10 +56,12 @@ impl<S: Storage> Node<S> {
 
     pub(super) fn on_gossip(&mut self, now: Millis, from: &NodeId, message: GossipMessage) {
         self.learn_epoch_from(now, from, &message);
+        // A removed node's gossip is filtered to its own state (`screen_removed`): it tells
+        // nothing of the cluster.
         let tells_all = matches!(
             message,
             GossipMessage::Ack { .. } | GossipMessage::Syn { complete: true, .. }
-        );
+        ) && !self.is_removed_peer(from);
         let replies = self.cluster.gossiper.handle_message(now, from, message);
         self.send_gossip(replies);
         self.apply_gossip_events(now);

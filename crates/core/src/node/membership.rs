@@ -79,6 +79,47 @@ struct Persisted {
     joined_generation: u64,
     /// Still deciding between bootstrap and join (a crash before the decision).
     deciding: bool,
+    /// Ranges whose data this node may hold without owning it any more: cleanup resumes
+    /// them after a restart (last, so a record written before it existed still decodes as
+    /// [`PersistedBeforeCleanup`]).
+    cleanup_ranges: Vec<TokenRange>,
+}
+
+/// The membership record as written before cleanup ranges were persisted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PersistedBeforeCleanup {
+    status: NodeStatus,
+    phase: u64,
+    removals: Vec<(NodeId, u64, u64)>,
+    stream_fingerprint: u64,
+    stream_done: Vec<TokenRange>,
+    joined_generation: u64,
+    deciding: bool,
+}
+
+impl From<PersistedBeforeCleanup> for Persisted {
+    fn from(old: PersistedBeforeCleanup) -> Self {
+        Persisted {
+            status: old.status,
+            phase: old.phase,
+            removals: old.removals,
+            stream_fingerprint: old.stream_fingerprint,
+            stream_done: old.stream_done,
+            joined_generation: old.joined_generation,
+            deciding: old.deciding,
+            cleanup_ranges: Vec::new(),
+        }
+    }
+}
+
+impl Persisted {
+    fn decode(bytes: &[u8]) -> Option<Persisted> {
+        postcard::from_bytes::<Persisted>(bytes).ok().or_else(|| {
+            postcard::from_bytes::<PersistedBeforeCleanup>(bytes)
+                .ok()
+                .map(Persisted::from)
+        })
+    }
 }
 
 /// One gained range being pulled.
@@ -173,6 +214,9 @@ pub(super) struct MembershipState {
     cleanup_ranges: BTreeSet<TokenRange>,
     /// This node was removed and came back with its old data: it serves nothing.
     pub refused: bool,
+    /// Removed peers whose messages were refused (each logged once; bounded).
+    refused_peers: BTreeSet<NodeId>,
+    newly_refused_peers: Vec<NodeId>,
     pub reason: Option<String>,
     change_started_at: Millis,
     hints_wait_since: Option<Millis>,
@@ -184,7 +228,11 @@ impl MembershipState {
             .get_meta(MEMBERSHIP_META)
             .ok()
             .flatten()
-            .and_then(|bytes| postcard::from_bytes(&bytes).ok());
+            .and_then(|bytes| Persisted::decode(&bytes));
+        let cleanup_ranges: BTreeSet<TokenRange> = persisted
+            .as_ref()
+            .map(|p| p.cleanup_ranges.iter().copied().collect())
+            .unwrap_or_default();
         let joined_generation = persisted.as_ref().map_or(0, |p| p.joined_generation);
         let was_deciding = persisted.as_ref().is_some_and(|p| p.deciding);
         let first_start = persisted.is_none() && fresh && has_seeds;
@@ -224,6 +272,7 @@ impl MembershipState {
                 stream_done: Vec::new(),
                 joined_generation: 0,
                 deciding: true,
+                cleanup_ranges: Vec::new(),
             };
             if let Ok(bytes) = postcard::to_allocvec(&record) {
                 let _ = storage
@@ -247,8 +296,10 @@ impl MembershipState {
             stream: None,
             stream_done,
             last_stream: None,
-            cleanup_ranges: BTreeSet::new(),
+            cleanup_ranges,
             refused: false,
+            refused_peers: BTreeSet::new(),
+            newly_refused_peers: Vec::new(),
             reason: None,
             change_started_at: 0,
             hints_wait_since: None,
@@ -299,6 +350,7 @@ impl<S: Storage> Node<S> {
             stream_done: self.membership.stream_done.1.iter().copied().collect(),
             joined_generation: self.membership.joined_generation,
             deciding: self.membership.deciding,
+            cleanup_ranges: self.membership.cleanup_ranges.iter().copied().collect(),
         };
         let Ok(bytes) = postcard::to_allocvec(&persisted) else {
             return;
@@ -447,19 +499,29 @@ impl<S: Storage> Node<S> {
             .filter(|(_, m)| m.removal == Some(Phase::Done))
             .map(|(id, _)| id.clone())
             .collect();
-        self.membership.refused = members
-            .get(self.id())
-            .is_some_and(|m| m.removal == Some(Phase::Done));
+        // Refused from the removal's start, not only once it is done: a removal is what lets
+        // the others stop waiting for this node's acknowledgements, so from then on it must
+        // coordinate nothing.
+        self.membership.refused = members.get(self.id()).is_some_and(|m| m.removal.is_some());
+        // A peer whose removal was lifted (it rejoined wiped) is logged again if removed again.
+        self.membership
+            .refused_peers
+            .retain(|peer| members.get(peer).is_some_and(|m| m.removal.is_some()));
         self.membership.members = members;
         self.membership.view_since = now.max(1);
         self.membership.layout = layout;
         let before: BTreeSet<TokenRange> = self.anti_entropy.trees.ranges().collect();
         self.align_trees();
         let after: BTreeSet<TokenRange> = self.anti_entropy.trees.ranges().collect();
+        let mut to_clean = false;
         for range in before.difference(&after) {
             if self.membership.cleanup_ranges.len() < MAX_CLEANUP_RANGES {
-                self.membership.cleanup_ranges.insert(*range);
+                to_clean |= self.membership.cleanup_ranges.insert(*range);
             }
+        }
+        if to_clean {
+            // Durable, so a crash before the scan does not leave that data on disk forever.
+            self.persist_membership();
         }
         for node in departed {
             self.drop_hints_for(&node);
@@ -507,6 +569,27 @@ impl<S: Storage> Node<S> {
         let fingerprint = self.membership.layout.fingerprint();
         self.acknowledgers()
             .find(|id| self.gossip_count(id, ACK_KEY) != Some(fingerprint))
+            .cloned()
+    }
+
+    /// What an operator can do about a member a change waits for, when it is down: a down
+    /// member blocks every change until it is back or removed (its acknowledgement is what
+    /// proves it coordinates nothing under an older layout).
+    fn down_advice(&self, member: &NodeId) -> String {
+        if self.peer_liveness(member) == crate::gossip::Liveness::Down {
+            format!(
+                ": {member} is down; restart it, or remove it if it is gone for good \
+                 (mendkv remove-node {member})"
+            )
+        } else {
+            String::new()
+        }
+    }
+
+    /// The first member other than `except` that must acknowledge changes and is down.
+    fn down_acknowledger(&self, except: &NodeId) -> Option<NodeId> {
+        self.acknowledgers()
+            .find(|id| *id != except && self.peer_liveness(id) == crate::gossip::Liveness::Down)
             .cloned()
     }
 
@@ -744,13 +827,17 @@ impl<S: Storage> Node<S> {
         }
         if let Some(member) = self.unacked_member() {
             self.membership.reason = Some(format!(
-                "waiting for {member} to acknowledge the new layout"
+                "waiting for {member} to acknowledge the new layout{}",
+                self.down_advice(&member)
             ));
             return false;
         }
         if phase == Phase::Streaming {
             if let Some(member) = self.unstreamed_member() {
-                self.membership.reason = Some(format!("waiting for {member} to stream"));
+                self.membership.reason = Some(format!(
+                    "waiting for {member} to stream{}",
+                    self.down_advice(&member)
+                ));
                 return false;
             }
         }
@@ -776,6 +863,18 @@ impl<S: Storage> Node<S> {
         }
         let me = self.id().clone();
         let phase = self.membership.phase;
+        if status == NodeStatus::Leaving
+            && phase < Phase::Synced
+            && self.normal_members() < self.config.replication_factor
+        {
+            // Another node left first (two decommissions raced), or a dead node is being
+            // removed: stay. Safe without acknowledgements even from `streaming`: reads
+            // never moved off this node, and writes still reach the old owners.
+            self.membership.reason =
+                Some("decommission cancelled: not enough nodes to hold RF copies".into());
+            self.set_own_state(now, NodeStatus::Normal, Phase::Done);
+            return;
+        }
         if self.yields_to_other(&me, phase) {
             self.set_own_state(now, status, Phase::Waiting);
             return;
@@ -784,15 +883,6 @@ impl<S: Storage> Node<S> {
             return;
         }
         match phase {
-            Phase::Waiting
-                if status == NodeStatus::Leaving
-                    && self.normal_members() < self.config.replication_factor =>
-            {
-                // Another node left first (two decommissions raced): stay.
-                self.membership.reason =
-                    Some("decommission cancelled: not enough nodes to hold RF copies".into());
-                self.set_own_state(now, NodeStatus::Normal, Phase::Done);
-            }
             Phase::Waiting => self.set_own_state(now, status, Phase::Streaming),
             Phase::Streaming => self.set_own_state(now, status, Phase::Synced),
             Phase::Synced if status == NodeStatus::Joining => {
@@ -1092,18 +1182,20 @@ impl<S: Storage> Node<S> {
             return;
         }
         let me = self.id().clone();
+        let mut scanned = false;
         for _ in 0..CLEANUP_RANGES_PER_TICK {
             let Some(range) = self.membership.cleanup_ranges.pop_first() else {
-                return;
+                break;
             };
             let objects = match self.storage.scan_range(range) {
                 Ok(objects) => objects,
                 Err(_) => {
                     self.stats.increment(Counter::StorageErrors);
                     self.membership.cleanup_ranges.insert(range);
-                    return;
+                    break;
                 }
             };
+            scanned = true;
             for (bucket, key, object) in objects {
                 if self.membership.layout.owns(&me, key_token(&bucket, &key)) {
                     continue;
@@ -1124,8 +1216,15 @@ impl<S: Storage> Node<S> {
                     self.stats.increment(Counter::CleanupKeys);
                 } else {
                     self.stats.increment(Counter::StorageErrors);
+                    // Scanned again later (a restart rescans it from the record).
+                    self.membership.cleanup_ranges.insert(range);
                 }
             }
+        }
+        if scanned {
+            // Written after the removals, to the same journal: a crash that keeps this
+            // record kept them too, and one that loses it rescans (deleting is idempotent).
+            self.persist_membership();
         }
     }
 
@@ -1143,6 +1242,76 @@ impl<S: Storage> Node<S> {
             .values()
             .filter(|m| m.status == NodeStatus::Normal && m.removal.is_none())
             .count()
+    }
+
+    /// Leaving members whose decommission can still be cancelled (not `synced` yet: reads
+    /// have not moved off them).
+    fn cancellable_leaves(&self) -> usize {
+        self.membership
+            .members
+            .values()
+            .filter(|m| {
+                m.removal.is_none() && m.status == NodeStatus::Leaving && m.phase < Phase::Synced
+            })
+            .count()
+    }
+
+    /// True when `peer` is being or was removed (`remove-node`) and has not rejoined wiped:
+    /// it must not take part in the cluster any more.
+    pub(super) fn is_removed_peer(&self, peer: &NodeId) -> bool {
+        peer != self.id()
+            && self
+                .membership
+                .members
+                .get(peer)
+                .is_some_and(|m| m.removal.is_some())
+    }
+
+    /// What a message from a removed node (one that came back with its old data) may still
+    /// do: nothing but tell us its own gossip state, so a node that is wiped and rejoins
+    /// (a new `JOINED` generation, which lifts the removal) is seen, and be answered, so it
+    /// learns it was removed and refuses service. Its requests (replica writes, reads,
+    /// anti-entropy, hints) and replies are dropped, and what it holds about other nodes
+    /// (possibly long stale) is not merged. A node that is itself removed serves no peer
+    /// either. None: the message is dropped.
+    pub(super) fn screen_removed(&mut self, from: &NodeId, message: Message) -> Option<Message> {
+        use crate::gossip::GossipMessage;
+        if self.membership.refused && !matches!(message, Message::Gossip(_)) {
+            return None;
+        }
+        if !self.is_removed_peer(from) {
+            return Some(message);
+        }
+        self.stats.increment(Counter::PeerMessagesFromRemoved);
+        if self.membership.refused_peers.len() < MAX_REMOVALS
+            && self.membership.refused_peers.insert(from.clone())
+        {
+            self.membership.newly_refused_peers.push(from.clone());
+        }
+        let own = |deltas: Vec<crate::gossip::Delta>| -> Vec<crate::gossip::Delta> {
+            deltas.into_iter().filter(|d| d.node == *from).collect()
+        };
+        match message {
+            Message::Gossip(GossipMessage::Ack { deltas, requests }) => {
+                Some(Message::Gossip(GossipMessage::Ack {
+                    deltas: own(deltas),
+                    requests,
+                }))
+            }
+            Message::Gossip(GossipMessage::Ack2 { deltas }) => {
+                Some(Message::Gossip(GossipMessage::Ack2 {
+                    deltas: own(deltas),
+                }))
+            }
+            syn @ Message::Gossip(GossipMessage::Syn { .. }) => Some(syn),
+            _ => None,
+        }
+    }
+
+    /// Removed peers whose messages this node started refusing since the last call (each
+    /// once), for the driver's log.
+    pub fn take_newly_refused_peers(&mut self) -> Vec<NodeId> {
+        std::mem::take(&mut self.membership.newly_refused_peers)
     }
 
     /// `mendkv decommission`: this node starts leaving.
@@ -1169,6 +1338,16 @@ impl<S: Storage> Node<S> {
                  add a node first",
                 self.normal_members(),
                 self.config.replication_factor
+            )));
+        }
+        // Refused up front rather than stalled: every step waits for every member's
+        // acknowledgement, which a down member cannot give (Cassandra refuses a
+        // decommission with a node down the same way).
+        if let Some(down) = self.down_acknowledger(self.id()) {
+            return Err(ChangeRefusal::Conflict(format!(
+                "{down} is down, and every member must acknowledge each step of a change: \
+                 restart {down}, or remove it first if it is gone for good \
+                 (mendkv remove-node {down})"
             )));
         }
         self.membership.change_started_at = now;
@@ -1202,20 +1381,18 @@ impl<S: Storage> Node<S> {
                 member.status.as_str()
             )));
         }
-        if let Some((other, kind)) = self.change_in_progress() {
-            return Err(ChangeRefusal::Conflict(format!(
-                "the {} of {other} is in progress: retry once it completes",
-                kind.as_str()
-            )));
-        }
-        if member.status == NodeStatus::Normal
-            && self.normal_members() <= self.config.replication_factor
-        {
+        // Another change in progress does not refuse a removal: the dead node may be what
+        // holds that change up (it cannot acknowledge), and from its removal on it no longer
+        // has to. The removal waits its turn behind the active change.
+        //
+        // A decommission that has not reached `synced` is cancelled if this removal leaves
+        // too few normal nodes (`drive_own_change`), so it counts as staying here.
+        let staying = self.normal_members() + self.cancellable_leaves();
+        if member.status == NodeStatus::Normal && staying <= self.config.replication_factor {
             return Err(ChangeRefusal::Conflict(format!(
                 "not enough nodes to hold RF copies: {} normal nodes, replication factor {}; \
                  add a node first",
-                self.normal_members(),
-                self.config.replication_factor
+                staying, self.config.replication_factor
             )));
         }
         if self.membership.removals.len() >= MAX_REMOVALS {
@@ -1300,6 +1477,12 @@ impl<S: Storage> Node<S> {
             .is_some_and(|m| m.removal == Some(Phase::Done))
     }
 
+    /// Ranges whose data this node still has to scan for keys it no longer owns (persisted,
+    /// so a restart resumes them).
+    pub fn cleanup_ranges_pending(&self) -> usize {
+        self.membership.cleanup_ranges.len()
+    }
+
     /// This node's own ring state.
     pub fn own_state(&self) -> NodeStatus {
         self.membership.status
@@ -1338,5 +1521,35 @@ impl<S: Storage> Node<S> {
             deadline = deadline.min(self.clock + 100);
         }
         deadline
+    }
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+
+    /// A record written before cleanup ranges were persisted still loads (no cleanup
+    /// pending), and the current one round-trips them.
+    #[test]
+    fn membership_records_of_both_formats_decode() {
+        let old = PersistedBeforeCleanup {
+            status: NodeStatus::Leaving,
+            phase: Phase::Streaming.code(),
+            removals: vec![(NodeId::new("n9"), 3, Phase::Done.code())],
+            stream_fingerprint: 7,
+            stream_done: vec![TokenRange { start: 1, end: 2 }],
+            joined_generation: 5,
+            deciding: false,
+        };
+        let decoded = Persisted::decode(&postcard::to_allocvec(&old).unwrap()).unwrap();
+        assert_eq!(decoded.status, NodeStatus::Leaving);
+        assert_eq!(decoded.joined_generation, 5);
+        assert_eq!(decoded.removals.len(), 1);
+        assert!(decoded.cleanup_ranges.is_empty());
+        let mut current = decoded;
+        current.cleanup_ranges = vec![TokenRange { start: 10, end: 20 }];
+        let again = Persisted::decode(&postcard::to_allocvec(&current).unwrap()).unwrap();
+        assert_eq!(again.cleanup_ranges, current.cleanup_ranges);
+        assert_eq!(again.stream_done, current.stream_done);
     }
 }

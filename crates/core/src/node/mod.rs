@@ -988,6 +988,10 @@ impl<S: Storage> Node<S> {
     /// to one of its own requests.
     pub fn handle_message(&mut self, now: Millis, from: &NodeId, message: Message) {
         self.clock = self.clock.max(now);
+        let message = match self.screen_removed(from, message) {
+            Some(message) => message,
+            None => return,
+        };
         match message {
             Message::Gossip(message) => self.on_gossip(now, from, message),
             reply if reply.is_reply() => self.on_reply(now, from, reply),

@@ -381,3 +381,281 @@ fn without_gossip_a_member_named_by_the_transport_is_normal() {
     cluster.nodes[0].handle_member_discovered(member(3));
     assert!(cluster.nodes[0].ring().nodes().contains(&NodeId::new("n3")));
 }
+
+/// A down member blocks changes (it cannot acknowledge them): a decommission is refused up
+/// front naming it, a join waits and says for whom, and `remove-node` of the dead member is
+/// accepted while the join is in progress; then both complete and every write is readable.
+#[test]
+fn a_down_member_blocks_changes_until_it_is_removed() {
+    let mut cluster = gossiping_cluster(4);
+    let keys = keys(100);
+    for key in &keys {
+        put_key(&mut cluster, 0, key);
+    }
+    let n3 = NodeId::new("n3");
+    cluster.stopped[3] = true;
+    for i in 0..3 {
+        let now = cluster.now;
+        cluster.nodes[i].handle_peer_status(now, &n3, PeerStatus::Down);
+    }
+    match cluster.request(1, ClientRequest::Decommission) {
+        ClientResponse::Conflict(reason) => {
+            assert!(
+                reason.contains("n3 is down") && reason.contains("mendkv remove-node n3"),
+                "{reason}"
+            );
+        }
+        other => panic!("decommission with n3 down: {other:?}"),
+    }
+    // A join waits for n3, and says so.
+    add_node(&mut cluster, 4);
+    let n4 = NodeId::new("n4");
+    tick_until(&mut cluster, 20, |_| false);
+    let progress = cluster.nodes[4].change_progress(&n4, cluster.now);
+    assert_eq!(progress.phase, "waiting", "{progress:?}");
+    let reason = progress.reason.unwrap_or_default();
+    assert!(
+        reason.contains("n3") && reason.contains("remove-node n3"),
+        "{reason}"
+    );
+    // Removing the dead node is accepted while the join is in progress, and unblocks it.
+    assert!(matches!(
+        cluster.request(0, ClientRequest::RemoveNode { node: n3.clone() }),
+        ClientResponse::Change(_)
+    ));
+    let done = tick_until(&mut cluster, 1200, |c| {
+        c.nodes[..3].iter().all(|n| n.is_removed(&n3))
+            && c.nodes[..3]
+                .iter()
+                .all(|n| n.peer_state(&n4) == crate::gossip::NodeStatus::Normal)
+    });
+    assert!(
+        done,
+        "{:?} / {:?}",
+        cluster.nodes[0].change_progress(&n3, cluster.now),
+        cluster.nodes[4].change_progress(&n4, cluster.now)
+    );
+    for key in &keys {
+        for at in [0, 1, 2, 4] {
+            assert_eq!(
+                read_key(&mut cluster, at, key),
+                Some(key.as_bytes().to_vec()),
+                "{key} through n{at}"
+            );
+        }
+    }
+}
+
+/// A decommission still `streaming` when a dead node's removal would leave too few normal
+/// nodes is cancelled, so the cluster never ends below RF nodes.
+#[test]
+fn a_removal_cancels_a_decommission_that_would_leave_too_few_nodes() {
+    let mut cluster = gossiping_cluster(4);
+    for key in &keys(20) {
+        put_key(&mut cluster, 0, key);
+    }
+    assert!(matches!(
+        cluster.request(3, ClientRequest::Decommission),
+        ClientResponse::Change(_)
+    ));
+    let n3 = NodeId::new("n3");
+    let streaming = tick_until(&mut cluster, 40, |c| {
+        c.nodes[3].change_progress(&n3, c.now).phase == "streaming"
+    });
+    assert!(streaming);
+    let n2 = NodeId::new("n2");
+    cluster.stopped[2] = true;
+    for i in [0, 1, 3] {
+        let now = cluster.now;
+        cluster.nodes[i].handle_peer_status(now, &n2, PeerStatus::Down);
+    }
+    assert!(matches!(
+        cluster.request(0, ClientRequest::RemoveNode { node: n2.clone() }),
+        ClientResponse::Change(_)
+    ));
+    let done = tick_until(&mut cluster, 1200, |c| {
+        [0, 1, 3].iter().all(|i| c.nodes[*i].is_removed(&n2))
+    });
+    assert!(
+        done,
+        "{:?}",
+        cluster.nodes[0].change_progress(&n2, cluster.now)
+    );
+    assert_eq!(
+        cluster.nodes[3].own_state(),
+        crate::gossip::NodeStatus::Normal,
+        "the decommission was cancelled"
+    );
+}
+
+/// The ranges an old owner must clean up are durable: a node restarted after a join but
+/// before its cleanup scan resumes it, and ends holding only keys it owns.
+#[test]
+fn cleanup_resumes_after_a_restart() {
+    let mut cluster = gossiping_cluster(3);
+    let keys = keys(200);
+    for key in &keys {
+        put_key(&mut cluster, 0, key);
+    }
+    add_node(&mut cluster, 3);
+    let n3 = NodeId::new("n3");
+    let joined = tick_until(&mut cluster, 400, |c| {
+        c.nodes
+            .iter()
+            .all(|n| n.peer_state(&n3) == crate::gossip::NodeStatus::Normal)
+    });
+    assert!(joined);
+    assert!(cluster.nodes[0].cleanup_ranges_pending() > 0);
+    assert_eq!(cluster.nodes[0].stats()[Counter::CleanupKeys], 0);
+    let held_before = stored_keys(&cluster.nodes[0]);
+    // n0 stops before its scan (a crash keeps what was synced: sync first, as a crash
+    // after the record's fsync would).
+    let now = cluster.now;
+    cluster.nodes[0].sync_now();
+    let storage = std::mem::replace(
+        &mut cluster.nodes[0],
+        Node::new(NodeConfig::new("n0"), MemoryStorage::new(), now).unwrap(),
+    )
+    .into_storage();
+    storage.crash(0);
+    let mut restarted = Node::new(NodeConfig::new("n0"), storage, now).unwrap();
+    assert!(
+        restarted.cleanup_ranges_pending() > 0,
+        "the ranges to clean were read back from the membership record"
+    );
+    for i in 1..4 {
+        restarted.handle_seed_discovered(now, member(i));
+    }
+    cluster.nodes[0] = restarted;
+    cluster.run();
+    let cleaned = tick_until(&mut cluster, 400, |c| {
+        c.nodes[0].cleanup_ranges_pending() == 0 && c.nodes[0].stats()[Counter::CleanupKeys] > 0
+    });
+    assert!(
+        cleaned,
+        "{} pending",
+        cluster.nodes[0].cleanup_ranges_pending()
+    );
+    let node = &cluster.nodes[0];
+    let held_after = stored_keys(node);
+    assert!(held_after < held_before, "{held_before} -> {held_after}");
+    for (stored, _) in node.storage().objects() {
+        assert!(
+            node.layout().owns(
+                node.id(),
+                crate::ring::key_token(&stored.bucket, &stored.key)
+            ),
+            "n0 kept a key it does not own"
+        );
+    }
+    for key in &keys {
+        for at in 0..4 {
+            assert_eq!(
+                read_key(&mut cluster, at, key),
+                Some(key.as_bytes().to_vec()),
+                "{key} through n{at}"
+            );
+        }
+    }
+}
+
+/// A removed node that comes back with its old data is refused by its peers, not only by
+/// its HTTP gate: its requests get no answer, its gossip does not undo the removal or
+/// spread what it holds of others, it takes no writes, and it refuses clients itself.
+#[test]
+fn a_removed_node_that_comes_back_is_refused_by_its_peers() {
+    let mut cluster = gossiping_cluster(4);
+    for key in &keys(20) {
+        put_key(&mut cluster, 0, key);
+    }
+    let n3 = NodeId::new("n3");
+    cluster.stopped[3] = true;
+    let now = cluster.now;
+    cluster.nodes[0].handle_peer_status(now, &n3, PeerStatus::Down);
+    assert!(matches!(
+        cluster.request(0, ClientRequest::RemoveNode { node: n3.clone() }),
+        ClientResponse::Change(_)
+    ));
+    let removed = tick_until(&mut cluster, 600, |c| {
+        c.nodes[..3].iter().all(|n| n.is_removed(&n3))
+    });
+    assert!(removed);
+    // A stopped node of the test cluster still sends (only messages to it fail): its gossip
+    // may already have been refused.
+    let mut logged: Vec<Vec<NodeId>> = cluster.nodes[..3]
+        .iter_mut()
+        .map(|n| n.take_newly_refused_peers())
+        .collect();
+    let refused_before: u64 = cluster.nodes[..3]
+        .iter()
+        .map(|n| n.stats()[Counter::PeerMessagesFromRemoved])
+        .sum();
+
+    // n3 comes back with its data.
+    let now = cluster.now;
+    let storage = std::mem::replace(
+        &mut cluster.nodes[3],
+        Node::new(NodeConfig::new("n3"), MemoryStorage::new(), now).unwrap(),
+    )
+    .into_storage();
+    let mut back = Node::new(NodeConfig::new("n3"), storage, now).unwrap();
+    for i in 0..3 {
+        back.handle_seed_discovered(now, member(i));
+    }
+    cluster.nodes[3] = back;
+    cluster.stopped[3] = false;
+    cluster.run();
+    tick_until(&mut cluster, 20, |_| false);
+
+    assert!(cluster.nodes[3].is_refused(), "it learned it was removed");
+    assert!(matches!(
+        put_key(&mut cluster, 3, "through-the-removed-node"),
+        ClientResponse::NotReady(reason) if reason.contains("removed")
+    ));
+    let refused: u64 = cluster.nodes[..3]
+        .iter()
+        .map(|n| n.stats()[Counter::PeerMessagesFromRemoved])
+        .sum();
+    assert!(refused > refused_before, "its peers refused its messages");
+    for (i, node) in cluster.nodes[..3].iter_mut().enumerate() {
+        logged[i].extend(node.take_newly_refused_peers());
+    }
+    assert!(
+        logged
+            .iter()
+            .all(|l| l.is_empty() || l == std::slice::from_ref(&n3)),
+        "each refused peer is logged once: {logged:?}"
+    );
+    assert!(logged.iter().any(|l| !l.is_empty()), "{logged:?}");
+    for node in &cluster.nodes[..3] {
+        assert!(node.is_removed(&n3), "its gossip did not undo the removal");
+        assert_eq!(node.peer_state(&n3), crate::gossip::NodeStatus::Left);
+    }
+
+    // A request from it gets no answer; writes no longer reach it.
+    let now = cluster.now;
+    cluster.nodes[0].handle_message(
+        now,
+        &n3,
+        Message::Read {
+            request: 1,
+            bucket: "b".into(),
+            key: b"key-1".to_vec(),
+        },
+    );
+    let mut answered = false;
+    while let Some(action) = cluster.nodes[0].poll_action() {
+        answered |= matches!(action, Action::Send { to, .. } if to == n3);
+    }
+    assert!(!answered, "a removed node's read is not served");
+    assert!(matches!(
+        put_key(&mut cluster, 0, "after-its-return"),
+        ClientResponse::Written { .. }
+    ));
+    assert!(cluster.nodes[3]
+        .storage()
+        .get("b", b"after-its-return")
+        .ok()
+        .flatten()
+        .is_none());
+}
