@@ -230,6 +230,64 @@ fn plain_delete_deletes() {
     assert!(object.is_deleted());
 }
 
+/// Found by the simulator (seeds 98 and 250, `--faults all`): a plain delete at `all` whose
+/// read found the key already deleted on some replicas but still live on others (here the
+/// coordinator's own copy) was acknowledged without writing anything, so a read at `one`
+/// from the stale replica returned the value the acknowledged delete superseded. The
+/// delete must leave every replica its level needs holding the deletion.
+#[test]
+fn plain_delete_at_all_reaches_replicas_that_still_hold_the_value() {
+    let mut cluster = TestCluster::new(3);
+    let ClientResponse::Written { context } =
+        cluster.put(0, "v", CausalContext::empty(), ConsistencyLevel::All)
+    else {
+        panic!("put failed")
+    };
+    // A delete at quorum while n2 is stopped: the tombstone reaches n0 and n1 only (n2's
+    // hint waits for a handoff that this test never lets run).
+    cluster.stopped[2] = true;
+    let deleted = cluster.request(
+        0,
+        ClientRequest::Delete {
+            bucket: "b".into(),
+            key: b"k".to_vec(),
+            context: Some(context),
+            level: ConsistencyLevel::Quorum,
+        },
+    );
+    assert!(matches!(deleted, ClientResponse::Written { .. }));
+    cluster.stopped[2] = false;
+    assert!(
+        !cluster.nodes[2]
+            .storage()
+            .get("b", b"k")
+            .unwrap()
+            .unwrap()
+            .is_deleted(),
+        "n2 still holds the live value"
+    );
+    // A plain delete at `all` through n2 reads the tombstone from n0 and n1, its own live
+    // copy, and merges to a deletion...
+    let deleted = cluster.request(
+        2,
+        ClientRequest::Delete {
+            bucket: "b".into(),
+            key: b"k".to_vec(),
+            context: None,
+            level: ConsistencyLevel::All,
+        },
+    );
+    assert!(matches!(deleted, ClientResponse::Written { .. }));
+    // ...and once acknowledged, every replica holds a deletion: a read at `one` anywhere
+    // finds the key deleted.
+    for i in 0..3 {
+        let ClientResponse::Object(object) = cluster.get(i, ConsistencyLevel::One) else {
+            panic!("read failed")
+        };
+        assert!(object.is_deleted(), "n{i} still shows {object:?}");
+    }
+}
+
 /// Acknowledgements wait for the sync under the default policy, and a failed sync turns
 /// them into errors.
 #[test]
