@@ -1137,6 +1137,67 @@ fn a_wiped_node_learns_its_epoch_from_peers_before_coordinating() {
     }
 }
 
+/// Found by the simulator (seed 1393): a wiped node that crashed again before any peer had
+/// confirmed its epoch found, at its next start, the epoch record its unconfirmed start had
+/// written, trusted it, and ran under epoch 2, its previous life's: the same actor and the
+/// same request ids, so a peer answered its new write with the cached answer to the old
+/// request of that id (another key's object) and the write was acknowledged unapplied.
+/// Until confirmed, every start must ask its peers, and continue above what they know.
+#[test]
+fn a_wiped_node_that_restarts_before_confirming_still_learns_its_epoch() {
+    let mut cluster = gossiping_cluster(3);
+    let written = cluster.put(2, "old", CausalContext::empty(), ConsistencyLevel::All);
+    assert!(matches!(written, ClientResponse::Written { .. }));
+    let old_epoch = cluster.nodes[2].epoch();
+    let config = || {
+        let mut config = NodeConfig::new("n2");
+        config.learn_epoch_from_peers = true;
+        config
+    };
+    // Wiped, started (epoch 1, unconfirmed), and crashed before hearing from anyone.
+    let storage = MemoryStorage::new();
+    let wiped = Node::new(config(), storage, cluster.now).unwrap();
+    assert!(!wiped.epoch_confirmed());
+    let storage = wiped.into_storage();
+    storage.crash(0);
+    // The next start must still wait for its peers, even though an epoch record exists.
+    let mut restarted = Node::new(config(), storage, cluster.now).unwrap();
+    assert!(
+        !restarted.epoch_confirmed(),
+        "epoch {} trusted before any peer answered (the old life ran under {old_epoch})",
+        restarted.epoch()
+    );
+    for i in 0..3 {
+        restarted.handle_member_discovered(member(i));
+    }
+    cluster.nodes[2] = restarted;
+    let now = cluster.now;
+    cluster.nodes[2].handle_seed_discovered(now, member(0));
+    cluster.run();
+    let start = cluster.now;
+    for step in 1..=20 {
+        if cluster.nodes[2].epoch_confirmed() {
+            break;
+        }
+        cluster.tick(start + step * 1000);
+    }
+    assert!(cluster.nodes[2].epoch_confirmed(), "gossip answered");
+    assert!(cluster.nodes[2].epoch() > old_epoch);
+    // Confirmed durably: a later start trusts its record (and grows it) without asking.
+    let now = cluster.now;
+    let storage = std::mem::replace(
+        &mut cluster.nodes[2],
+        Node::new(NodeConfig::new("n2"), MemoryStorage::new(), now).unwrap(),
+    )
+    .into_storage();
+    let confirmed_epoch = {
+        let again = Node::new(config(), storage, now).unwrap();
+        assert!(again.epoch_confirmed(), "a confirmed record is trusted");
+        again.epoch()
+    };
+    assert!(confirmed_epoch > old_epoch + 1);
+}
+
 /// A wiped node whose first answer comes from a peer that restarted too and has not heard of
 /// it yet (sim seed 6074: every crashed node restarts at the same moment) must not take that
 /// answer as "new to the cluster": it waits for a majority of its live peers, one of which
