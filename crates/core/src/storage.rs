@@ -260,6 +260,24 @@ impl MemoryStorage {
         Ok(())
     }
 
+    /// The objects and hint records written by the unsynced writes from the `from`-th on
+    /// (oldest first): what [`MemoryStorage::crash`]`(from)` drops, for checkers that must
+    /// know which values a crash took, including versions a later unsynced write had
+    /// already replaced.
+    pub fn unsynced_writes_from(&self, from: usize) -> (Vec<Object>, Vec<Vec<u8>>) {
+        let state = self.lock();
+        let mut objects = Vec::new();
+        let mut hints = Vec::new();
+        for record in state.pending.iter().skip(from) {
+            match record {
+                Record::Object(_, object) => objects.push(object.clone()),
+                Record::Hint(_, Some(hint)) => hints.push(hint.clone()),
+                _ => {}
+            }
+        }
+        (objects, hints)
+    }
+
     /// Every object this storage holds (durable view plus pending), for checkers.
     pub fn objects(&self) -> Vec<(ObjectKey, Object)> {
         let state = self.lock();

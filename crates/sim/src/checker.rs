@@ -491,7 +491,10 @@ fn is_causal(key: &str) -> bool {
 ///   unknown or larger stamp excuses it.
 /// - **missed**: a read at `r`, invoked after a write was acknowledged at `w` with
 ///   `required(w) + required(r) > n`, that showed a version below the write's stamp (or
-///   nothing, with no delete to excuse it as above).
+///   nothing, with no delete to excuse it as above). Nothing after an acknowledged delete
+///   is that delete's own effect: its tombstone may have been reaped once every replica
+///   held it (SPEC: tombstones are reaped only then), and a reaped tombstone reads as an
+///   absent key, which is what the delete promised.
 /// - **resurrected**: the final read returns a live value below an acknowledged delete.
 ///
 /// Under clock skew a write acknowledged later may carry a smaller stamp and lose: that is
@@ -594,7 +597,10 @@ fn check_lww_keys(
                 continue;
             }
             let read_ended = r.completed.unwrap_or(u64::MAX);
-            if r.lww.is_none() && reaped_delete_could_outrank(&w.key, stamp, read_ended) {
+            if r.lww.is_none()
+                && (w.kind == OpKind::Delete
+                    || reaped_delete_could_outrank(&w.key, stamp, read_ended))
+            {
                 continue;
             }
             let void = match &w.value {

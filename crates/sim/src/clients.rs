@@ -9,9 +9,10 @@ use mendkv_core::hinted_handoff::{parse_hint_key, HintRecord};
 use mendkv_core::message::{ClientRequest, ClientResponse};
 use mendkv_core::quorum::ConsistencyLevel;
 use mendkv_core::storage::Storage;
-use mendkv_core::version::CausalContext;
+use mendkv_core::version::{lww_order, CausalContext, Object, Sibling};
 use mendkv_core::Millis;
 use rand::Rng;
+use std::cmp::Ordering;
 use std::fmt::Write as _;
 
 impl Simulation {
@@ -52,13 +53,14 @@ impl Simulation {
         }
         let outcome_is_ok_put = record.kind == OpKind::Put && record.outcome.is_ok();
         let (client, key, value) = (record.client, record.key.clone(), record.value.clone());
+        let stamp = record.lww.clone();
         let line = format!("{record}");
         self.trace_line(
             &client.map(|c| format!("c{c}")).unwrap_or("cli".into()),
             |_| format!("done {line}"),
         );
         if self.config.options.sloppy_quorum && outcome_is_ok_put {
-            self.note_local_fallback(&key, value.as_deref());
+            self.note_local_fallback(&key, value.as_deref(), stamp.as_ref());
         }
         if let Some(response) = response {
             if let Some(c) = client {
@@ -332,12 +334,23 @@ impl Simulation {
     }
 
     /// A sloppy quorum whose coordinator was its own fallback keeps the hint without a
-    /// message the simulator sees: look for the acknowledged value among the hints.
-    fn note_local_fallback(&mut self, key: &str, value: Option<&str>) {
+    /// message the simulator sees: look for the acknowledged value among the hints. On an
+    /// LWW key (`stamp`, the version the put wrote) the hint merges the write with what it
+    /// already held and may show a larger stamp instead (seed 1476: the hint kept an earlier
+    /// put with a later clock), so a hint for the key that shows the write's stamp or a
+    /// larger one counts (it may also be an older hint that the write did not need: the
+    /// excuse is then wider than needed, never narrower).
+    fn note_local_fallback(&mut self, key: &str, value: Option<&str>, stamp: Option<&Sibling>) {
         let Some(value) = value else { return };
         if self.weaker_promises.hinted.contains_key(value) {
             return;
         }
+        let holds_the_write = |object: &Object| match stamp {
+            Some(stamp) => object
+                .lww_winner()
+                .is_some_and(|winner| lww_order(winner, stamp) != Ordering::Less),
+            None => workload::live_values(object).iter().any(|v| v == value),
+        };
         let hinted = self.slots.iter().any(|slot| {
             slot.storage
                 .scan_hints()
@@ -347,11 +360,7 @@ impl Simulation {
                     parse_hint_key(k).is_some_and(|(_, _, hinted_key)| hinted_key == key.as_bytes())
                 })
                 .filter_map(|(_, record)| HintRecord::decode(record))
-                .any(|hint| {
-                    workload::live_values(&hint.object)
-                        .iter()
-                        .any(|v| v == value)
-                })
+                .any(|hint| holds_the_write(&hint.object))
         });
         if hinted {
             self.weaker_promises

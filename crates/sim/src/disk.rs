@@ -160,7 +160,8 @@ impl Simulation {
     }
 
     /// Under `fsync = periodic` a crash may take acknowledged writes with it. Called with
-    /// what node `i` held just before its crash: records the values the crash took from it,
+    /// the values node `i` held or was writing just before its crash
+    /// ([`values_a_crash_may_take`]) and its objects then: records the values the crash took from it,
     /// and those it took from the last node holding them (see [`checker::WeakerPromises`]).
     pub(crate) fn record_crash_losses(
         &mut self,
@@ -211,6 +212,29 @@ impl Simulation {
 /// Every client value a storage holds, as a sibling of an object or of a hint (pending
 /// writes included).
 pub(crate) fn values_held(storage: &MemoryStorage) -> BTreeSet<String> {
+    let objects: Vec<Object> = storage.objects().into_iter().map(|(_, o)| o).collect();
+    let hints: Vec<Vec<u8>> = storage
+        .scan_hints()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(_, record)| record)
+        .collect();
+    values_in(&objects, &hints)
+}
+
+/// What a crash that keeps the first `keep` unsynced writes may take from `storage`: every
+/// value it holds now, and every value its dropped writes carried, also those a later
+/// unsynced write had already replaced (an LWW put overwritten before the sync: once the
+/// crash drops both, the older synced version is back and the replaced value is gone too).
+pub(crate) fn values_a_crash_may_take(storage: &MemoryStorage, keep: usize) -> BTreeSet<String> {
+    let (objects, hints) = storage.unsynced_writes_from(keep);
+    let mut values = values_in(&objects, &hints);
+    values.extend(values_held(storage));
+    values
+}
+
+/// The client values of these objects and encoded hint records (siblings, tombstones aside).
+fn values_in(objects: &[Object], hints: &[Vec<u8>]) -> BTreeSet<String> {
     let mut values = BTreeSet::new();
     let mut add = |object: &Object| {
         for sibling in object.siblings() {
@@ -219,11 +243,11 @@ pub(crate) fn values_held(storage: &MemoryStorage) -> BTreeSet<String> {
             }
         }
     };
-    for (_, object) in storage.objects() {
-        add(&object);
+    for object in objects {
+        add(object);
     }
-    for (_, record) in storage.scan_hints().unwrap_or_default() {
-        if let Some(hint) = HintRecord::decode(&record) {
+    for record in hints {
+        if let Some(hint) = HintRecord::decode(record) {
             add(&hint.object);
         }
     }

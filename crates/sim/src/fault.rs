@@ -4,7 +4,7 @@
 //! The network's own faults (loss, duplication, reordering) live in [`crate::network`];
 //! failing fsyncs in `disk.rs`.
 
-use crate::disk::values_held;
+use crate::disk::{values_a_crash_may_take, values_held};
 use crate::event_loop::{Event, Simulation};
 use crate::node_options::node_config;
 use crate::OpId;
@@ -289,11 +289,11 @@ impl Simulation {
         // Periodic fsync promises less: note what this crash takes (not needed otherwise, and
         // not free).
         let periodic = self.config.options.fsync != FsyncPolicy::Always;
-        let before = periodic.then(|| (values_held(&storage), storage.objects()));
         let pending = storage.pending_writes();
         let keep = keep_pending
             .unwrap_or_else(|| self.rng_disk.gen_range(0..=pending))
             .min(pending);
+        let before = periodic.then(|| (values_a_crash_may_take(&storage, keep), storage.objects()));
         storage.crash(keep);
         if let Some((values, objects)) = before {
             self.record_crash_losses(i, values, objects);

@@ -21,18 +21,38 @@ use crate::{Millis, NodeId};
 
 /// The meta record holding the node's epoch.
 pub(super) const EPOCH_META: &str = "epoch";
+/// The meta record saying whether the epoch record was made by a start that had not yet
+/// heard from its peers (`[1]`) or has been confirmed since (`[0]`). Without it, a wiped
+/// node that crashed before confirming would find the record its unconfirmed start wrote,
+/// trust it at the next start, and run under the epoch of its previous life (simulator
+/// seed 1393: the epoch, its dots and its request ids reused, so a peer answered a new
+/// `Coordinate` with its cached answer to the old request of the same id, for another key).
+pub(super) const EPOCH_UNCONFIRMED_META: &str = "epoch_unconfirmed";
 
-/// Reads the previous epoch and makes the next one durable; also says whether the node
-/// started without any record (a new or wiped data directory).
-pub(super) fn next_epoch<S: Storage>(storage: &S) -> Result<(u32, bool), StorageError> {
+/// Reads the previous epoch and makes the next one durable; also says whether the epoch
+/// still needs confirming by peers (`learn_from_peers`): when the data directory had no
+/// record (new or wiped), or its record was made by such a start that never confirmed.
+pub(super) fn next_epoch<S: Storage>(
+    storage: &S,
+    learn_from_peers: bool,
+) -> Result<(u32, bool), StorageError> {
     let previous = storage
         .get_meta(EPOCH_META)?
         .and_then(|bytes| <[u8; 4]>::try_from(bytes.as_slice()).ok())
         .map(u32::from_le_bytes);
+    let never_confirmed = storage
+        .get_meta(EPOCH_UNCONFIRMED_META)?
+        .is_some_and(|flag| flag.as_slice() == [1]);
+    let unconfirmed = learn_from_peers && (previous.is_none() || never_confirmed);
     let epoch = previous.unwrap_or(0).wrapping_add(1);
     storage.put_meta(EPOCH_META, &epoch.to_le_bytes())?;
+    if unconfirmed || never_confirmed {
+        // Written before the sync that makes the epoch durable: no start ever finds the
+        // epoch without the flag.
+        storage.put_meta(EPOCH_UNCONFIRMED_META, &[u8::from(unconfirmed)])?;
+    }
     storage.sync()?;
-    Ok((epoch, previous.is_none()))
+    Ok((epoch, unconfirmed))
 }
 
 /// Why this node may not be a write's actor yet.
@@ -125,10 +145,19 @@ impl<S: Storage> Node<S> {
         live.max(self.identity.answered_by.len())
     }
 
+    /// Confirms the epoch, and says so durably: a later start then trusts its record. If
+    /// that write fails the next start asks its peers again, which is only slower.
     fn confirm_epoch(&mut self) {
         self.identity.confirmed = true;
         self.identity.answered_by.clear();
         self.cluster.gossiper.set_announce_self(true);
+        let stored = self
+            .storage
+            .put_meta(EPOCH_UNCONFIRMED_META, &[0])
+            .and_then(|()| self.storage.sync());
+        if stored.is_err() {
+            self.stats.increment(Counter::StorageErrors);
+        }
     }
 
     /// Continues under an epoch above `claimed`, durably, before any dot is issued in it.

@@ -134,7 +134,9 @@ impl<S: Storage> Node<S> {
     /// Opens a node over its storage. The epoch grows (durably) on every start, so a node
     /// that lost un-synced writes in a crash never reuses one of their dots.
     pub fn new(config: NodeConfig, storage: S, now: Millis) -> Result<Self, NodeError> {
-        let (epoch, fresh) = epoch::next_epoch(&storage)?;
+        // `fresh`: no confirmed epoch record, so a new or wiped data directory (or one
+        // whose first start never heard from its peers).
+        let (epoch, fresh) = epoch::next_epoch(&storage, config.learn_epoch_from_peers)?;
         let me = MemberInfo {
             id: config.node_id.clone(),
             peer_address: config.peer_address.clone(),
@@ -174,11 +176,7 @@ impl<S: Storage> Node<S> {
             ready: VecDeque::new(),
             stats,
             durability: Durability::new(config.fsync),
-            identity: epoch::Identity::new(
-                &config.node_id,
-                epoch,
-                !(fresh && config.learn_epoch_from_peers),
-            ),
+            identity: epoch::Identity::new(&config.node_id, epoch, !fresh),
             cluster: gossip::ClusterView {
                 membership,
                 gossiper,

@@ -261,10 +261,17 @@ impl<S: Storage> Node<S> {
                     AfterRead::Delete { level } => {
                         let object = resolution.merged;
                         let context = object.causal_context();
-                        if object.is_deleted() {
-                            // Nothing live to delete: already absent at this level.
+                        if object.is_deleted() && resolution.stale.is_empty() {
+                            // Nothing live to delete, and every replica the level needs
+                            // already holds the deletion: already absent at this level.
                             self.reply(client, ClientResponse::Written { context });
                         } else {
+                            // Something live to delete, or the merge is a deletion that
+                            // some answering replica does not hold yet (its copy is older
+                            // or still live, simulator seeds 98 and 250): a tombstone with
+                            // the merge's context must reach the level like any delete,
+                            // or a later read at `one` from that replica would show a
+                            // version the acknowledged delete superseded.
                             self.start_write(
                                 now,
                                 client,

@@ -230,6 +230,64 @@ fn plain_delete_deletes() {
     assert!(object.is_deleted());
 }
 
+/// Found by the simulator (seeds 98 and 250, `--faults all`): a plain delete at `all` whose
+/// read found the key already deleted on some replicas but still live on others (here the
+/// coordinator's own copy) was acknowledged without writing anything, so a read at `one`
+/// from the stale replica returned the value the acknowledged delete superseded. The
+/// delete must leave every replica its level needs holding the deletion.
+#[test]
+fn plain_delete_at_all_reaches_replicas_that_still_hold_the_value() {
+    let mut cluster = TestCluster::new(3);
+    let ClientResponse::Written { context } =
+        cluster.put(0, "v", CausalContext::empty(), ConsistencyLevel::All)
+    else {
+        panic!("put failed")
+    };
+    // A delete at quorum while n2 is stopped: the tombstone reaches n0 and n1 only (n2's
+    // hint waits for a handoff that this test never lets run).
+    cluster.stopped[2] = true;
+    let deleted = cluster.request(
+        0,
+        ClientRequest::Delete {
+            bucket: "b".into(),
+            key: b"k".to_vec(),
+            context: Some(context),
+            level: ConsistencyLevel::Quorum,
+        },
+    );
+    assert!(matches!(deleted, ClientResponse::Written { .. }));
+    cluster.stopped[2] = false;
+    assert!(
+        !cluster.nodes[2]
+            .storage()
+            .get("b", b"k")
+            .unwrap()
+            .unwrap()
+            .is_deleted(),
+        "n2 still holds the live value"
+    );
+    // A plain delete at `all` through n2 reads the tombstone from n0 and n1, its own live
+    // copy, and merges to a deletion...
+    let deleted = cluster.request(
+        2,
+        ClientRequest::Delete {
+            bucket: "b".into(),
+            key: b"k".to_vec(),
+            context: None,
+            level: ConsistencyLevel::All,
+        },
+    );
+    assert!(matches!(deleted, ClientResponse::Written { .. }));
+    // ...and once acknowledged, every replica holds a deletion: a read at `one` anywhere
+    // finds the key deleted.
+    for i in 0..3 {
+        let ClientResponse::Object(object) = cluster.get(i, ConsistencyLevel::One) else {
+            panic!("read failed")
+        };
+        assert!(object.is_deleted(), "n{i} still shows {object:?}");
+    }
+}
+
 /// Acknowledgements wait for the sync under the default policy, and a failed sync turns
 /// them into errors.
 #[test]
@@ -1077,6 +1135,67 @@ fn a_wiped_node_learns_its_epoch_from_peers_before_coordinating() {
             "n{i} kept the new write: {object:?}"
         );
     }
+}
+
+/// Found by the simulator (seed 1393): a wiped node that crashed again before any peer had
+/// confirmed its epoch found, at its next start, the epoch record its unconfirmed start had
+/// written, trusted it, and ran under epoch 2, its previous life's: the same actor and the
+/// same request ids, so a peer answered its new write with the cached answer to the old
+/// request of that id (another key's object) and the write was acknowledged unapplied.
+/// Until confirmed, every start must ask its peers, and continue above what they know.
+#[test]
+fn a_wiped_node_that_restarts_before_confirming_still_learns_its_epoch() {
+    let mut cluster = gossiping_cluster(3);
+    let written = cluster.put(2, "old", CausalContext::empty(), ConsistencyLevel::All);
+    assert!(matches!(written, ClientResponse::Written { .. }));
+    let old_epoch = cluster.nodes[2].epoch();
+    let config = || {
+        let mut config = NodeConfig::new("n2");
+        config.learn_epoch_from_peers = true;
+        config
+    };
+    // Wiped, started (epoch 1, unconfirmed), and crashed before hearing from anyone.
+    let storage = MemoryStorage::new();
+    let wiped = Node::new(config(), storage, cluster.now).unwrap();
+    assert!(!wiped.epoch_confirmed());
+    let storage = wiped.into_storage();
+    storage.crash(0);
+    // The next start must still wait for its peers, even though an epoch record exists.
+    let mut restarted = Node::new(config(), storage, cluster.now).unwrap();
+    assert!(
+        !restarted.epoch_confirmed(),
+        "epoch {} trusted before any peer answered (the old life ran under {old_epoch})",
+        restarted.epoch()
+    );
+    for i in 0..3 {
+        restarted.handle_member_discovered(member(i));
+    }
+    cluster.nodes[2] = restarted;
+    let now = cluster.now;
+    cluster.nodes[2].handle_seed_discovered(now, member(0));
+    cluster.run();
+    let start = cluster.now;
+    for step in 1..=20 {
+        if cluster.nodes[2].epoch_confirmed() {
+            break;
+        }
+        cluster.tick(start + step * 1000);
+    }
+    assert!(cluster.nodes[2].epoch_confirmed(), "gossip answered");
+    assert!(cluster.nodes[2].epoch() > old_epoch);
+    // Confirmed durably: a later start trusts its record (and grows it) without asking.
+    let now = cluster.now;
+    let storage = std::mem::replace(
+        &mut cluster.nodes[2],
+        Node::new(NodeConfig::new("n2"), MemoryStorage::new(), now).unwrap(),
+    )
+    .into_storage();
+    let confirmed_epoch = {
+        let again = Node::new(config(), storage, now).unwrap();
+        assert!(again.epoch_confirmed(), "a confirmed record is trusted");
+        again.epoch()
+    };
+    assert!(confirmed_epoch > old_epoch + 1);
 }
 
 /// A wiped node whose first answer comes from a peer that restarted too and has not heard of
