@@ -62,16 +62,6 @@ print(next((n.get("state") for n in nodes if n["id"] == sys.argv[1]), "none"))' 
   done | tr '\n' ' '
 }
 
-# foreground SECONDS [UNTIL_FILE]: the open-loop foreground load; prints "ops/s p50 p99" (ms,
-# the worse of the read and write p99s).
-foreground() {
-  local seconds=$1 until=${2:-} extra=()
-  [ -n "$until" ] && extra=(--until-file "$until")
-  "$bin" bench "${nodes[@]}" --workload a --rate "$rate" --duration-s "$seconds" "${extra[@]}" \
-    --concurrency 64 --keys "$foreground_keys" --value-size 100 --bucket fg --seed 7 >"$dir/fg.out" 2>&1 || true
-  awk '/ops\/s/ { rate = $1 } /p99/ { for (i = 1; i <= NF; i++) { if ($i == "p50") p50 = $(i + 1); if ($i == "p99" && $(i + 1) > p99) p99 = $(i + 1) } }
-    END { printf "%s %s %s\n", rate, p50, p99 }' "$dir/fg.out"
-}
 
 results="$dir/results"
 : >"$results"

@@ -66,16 +66,6 @@ start_node() {
 nodes=(--node "http://127.0.0.1:$port" --node "http://127.0.0.1:$((port + 1))" --node "http://127.0.0.1:$((port + 2))")
 members() { curl -s "http://127.0.0.1:$port/cluster/status" | grep -o '"status":"up"' | wc -l; }
 
-# foreground SECONDS [UNTIL_FILE]: the open-loop foreground load; prints "ops/s p50 p99" (ms,
-# over reads and writes: the worse of the two p99s).
-foreground() {
-  local seconds=$1 until=${2:-} extra=()
-  [ -n "$until" ] && extra=(--until-file "$until")
-  "$bin" bench "${nodes[@]}" --workload a --rate "$rate" --duration-s "$seconds" "${extra[@]}" \
-    --concurrency 64 --keys "$foreground_keys" --value-size 100 --bucket fg --seed 7 >"$dir/fg.out" 2>&1 || true
-  awk '/ops\/s/ { rate = $1 } /p99/ { for (i = 1; i <= NF; i++) { if ($i == "p50") p50 = $(i + 1); if ($i == "p99" && $(i + 1) > p99) p99 = $(i + 1) } }
-    END { printf "%s %s %s\n", rate, p50, p99 }' "$dir/fg.out"
-}
 
 results="$dir/results"
 : >"$results"

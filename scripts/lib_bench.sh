@@ -144,3 +144,17 @@ bench_metric() {
   curl -s "$1/metrics" | awk -v name="$2" -v filter="${3:-.}" '
     $1 ~ "^" name "({|$)" && $0 ~ filter { sum += $NF } END { printf "%.0f\n", sum }'
 }
+
+# foreground SECONDS [UNTIL_FILE]: the open-loop foreground load of the repair and join
+# benchmarks (`mendkv bench --workload a --rate $rate` over "${nodes[@]}", 64 workers,
+# $foreground_keys keys of 100 B in bucket fg; output in $dir/fg.out); prints
+# "ops/s p50 p99" (ms, the worse of the read and write p99s). Uses the caller's bin, nodes,
+# rate, foreground_keys and dir.
+foreground() {
+  local seconds=$1 until=${2:-} extra=()
+  [ -n "$until" ] && extra=(--until-file "$until")
+  "$bin" bench "${nodes[@]}" --workload a --rate "$rate" --duration-s "$seconds" "${extra[@]}" \
+    --concurrency 64 --keys "$foreground_keys" --value-size 100 --bucket fg --seed 7 >"$dir/fg.out" 2>&1 || true
+  awk '/ops\/s/ { rate = $1 } /p99/ { for (i = 1; i <= NF; i++) { if ($i == "p50") p50 = $(i + 1); if ($i == "p99" && $(i + 1) > p99) p99 = $(i + 1) } }
+    END { printf "%s %s %s\n", rate, p50, p99 }' "$dir/fg.out"
+}
