@@ -865,8 +865,14 @@ impl<S: Storage> Node<S> {
         }
         let me = self.id().clone();
         let phase = self.membership.phase;
+        // Judged on a settled view only: a node restarted mid-decommission knows itself and
+        // a seed until gossip has described the rest (chaos seed 5003 cancelled its own
+        // decommission that way, and it never finished).
+        let view_settled = self.cluster.learned
+            && now.saturating_sub(self.membership.view_since) >= self.config.request_timeout_ms;
         if status == NodeStatus::Leaving
             && phase < Phase::Synced
+            && view_settled
             && self.normal_members() < self.config.replication_factor
         {
             // Another node left first (two decommissions raced), or a dead node is being
