@@ -665,6 +665,7 @@ impl<S: Storage> Node<S> {
         from: &NodeId,
         request: ExchangeRequest,
     ) {
+        let request_range = request.range;
         let output = match request.bucket.clone() {
             // Only for a range this node replicates (else the maintained trees refuse it),
             // and a valid bucket name (a peer's input).
@@ -711,7 +712,16 @@ impl<S: Storage> Node<S> {
                 &ReceiverLimits::default(),
             ),
         };
+        let pushed_keys = output.writes.len() as u64;
+        let pushed_bytes: u64 = output
+            .writes
+            .iter()
+            .map(|w| w.object.size_bytes() as u64)
+            .sum();
         let stored = self.apply_repair_writes(output.writes);
+        if stored.is_ok() {
+            self.count_pushed_into_gained(request_range, pushed_keys, pushed_bytes);
+        }
         self.control
             .repair_bytes
             .consume(now, output.response.encoded_len() as u64);

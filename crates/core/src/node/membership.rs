@@ -137,6 +137,8 @@ struct RangePull {
 #[derive(Debug, Clone)]
 struct Stream {
     fingerprint: u64,
+    /// Every range this node gains in the change (pulled or not yet).
+    gained: BTreeSet<TokenRange>,
     pulls: BTreeMap<TokenRange, RangePull>,
     ranges_total: u64,
     ranges_done: u64,
@@ -863,8 +865,14 @@ impl<S: Storage> Node<S> {
         }
         let me = self.id().clone();
         let phase = self.membership.phase;
+        // Judged on a settled view only: a node restarted mid-decommission knows itself and
+        // a seed until gossip has described the rest (chaos seed 5003 cancelled its own
+        // decommission that way, and it never finished).
+        let view_settled = self.cluster.learned
+            && now.saturating_sub(self.membership.view_since) >= self.config.request_timeout_ms;
         if status == NodeStatus::Leaving
             && phase < Phase::Synced
+            && view_settled
             && self.normal_members() < self.config.replication_factor
         {
             // Another node left first (two decommissions raced), or a dead node is being
@@ -1036,6 +1044,8 @@ impl<S: Storage> Node<S> {
             let done = &self.membership.stream_done.1;
             let gained = self.membership.layout.gained_ranges(&me);
             let ranges_total = gained.len() as u64;
+            let gained_set: BTreeSet<TokenRange> =
+                gained.iter().map(|(range, _, _)| *range).collect();
             let pulls: BTreeMap<TokenRange, RangePull> = gained
                 .into_iter()
                 .filter(|(range, _, _)| !done.contains(range))
@@ -1055,6 +1065,7 @@ impl<S: Storage> Node<S> {
                 .collect();
             let ranges_done = ranges_total - pulls.len() as u64;
             self.membership.stream = Some(Stream {
+                gained: gained_set,
                 fingerprint,
                 pulls,
                 ranges_total,
@@ -1118,6 +1129,23 @@ impl<S: Storage> Node<S> {
             }
             self.start_exchange(now, range, source, None, None, true);
         }
+    }
+
+    /// Objects a peer's exchange pushed into `range` and this node stored: while it gains
+    /// that range in the active change they are streamed keys too (the old owners' own
+    /// anti-entropy with a new owner moves part of its ranges; counting only its pulls
+    /// undercounted a join by half).
+    pub(super) fn count_pushed_into_gained(&mut self, range: TokenRange, keys: u64, bytes: u64) {
+        let Some(stream) = self.membership.stream.as_mut() else {
+            return;
+        };
+        if keys == 0 || !stream.gained.contains(&range) {
+            return;
+        }
+        stream.keys += keys;
+        stream.bytes += bytes;
+        self.stats.add(Counter::StreamingKeysIn, keys);
+        self.stats.add(Counter::StreamingBytesIn, bytes);
     }
 
     /// A streaming exchange ended.

@@ -101,7 +101,33 @@ fn a_join_streams_its_ranges_and_old_owners_clean_up() {
         during.push(key);
     }
     assert!(joined, "n3 became normal everywhere");
-    assert!(cluster.nodes[3].stats()[Counter::StreamingKeysIn] > 0);
+    // At `normal` the joiner holds every key it owns, and the streaming counter counts each
+    // of them (its own pulls and what the old owners' exchanges pushed into its ranges).
+    let n3 = NodeId::new("n3");
+    let ring = cluster.nodes[0].ring().clone();
+    let owned = keys
+        .iter()
+        .filter(|k| {
+            ring.preference_list_for_key("b", k.as_bytes())
+                .contains(&n3)
+        })
+        .count();
+    let held = keys
+        .iter()
+        .filter(|k| {
+            cluster.nodes[3]
+                .storage()
+                .get("b", k.as_bytes())
+                .unwrap()
+                .is_some()
+        })
+        .count();
+    assert_eq!(held, owned, "n3 holds every key it owns");
+    let streamed = cluster.nodes[3].stats()[Counter::StreamingKeysIn];
+    assert!(
+        streamed >= owned as u64,
+        "streamed {streamed} < owned {owned}"
+    );
     assert!(stored_keys(&cluster.nodes[3]) > 0);
     // Cleanup once everyone acknowledged the final layout.
     let cleaned = tick_until(&mut cluster, 400, |c| {
@@ -658,4 +684,56 @@ fn a_removed_node_that_comes_back_is_refused_by_its_peers() {
         .ok()
         .flatten()
         .is_none());
+}
+
+/// Found by the chaos soak (seed 5003): a node killed -9 during its decommission restarts
+/// knowing only itself and a seed, counted too few normal members and cancelled its own
+/// decommission ("not enough nodes to hold RF copies"), which then never finished. The
+/// cancellation is judged on a settled view of the cluster only.
+#[test]
+fn a_decommission_survives_a_restart_before_the_view_is_whole() {
+    let mut cluster = gossiping_cluster(5);
+    for key in keys(50) {
+        put_key(&mut cluster, 0, &key);
+    }
+    assert!(matches!(
+        cluster.request(4, ClientRequest::Decommission),
+        ClientResponse::Change(_)
+    ));
+    tick_until(&mut cluster, 2, |_| false);
+    assert_eq!(
+        cluster.nodes[4].own_state(),
+        crate::gossip::NodeStatus::Leaving
+    );
+    // kill -9 and restart with one seed: it knows only itself and n0 at first.
+    let now = cluster.now;
+    let storage = std::mem::replace(
+        &mut cluster.nodes[4],
+        Node::new(NodeConfig::new("n9"), MemoryStorage::new(), now).unwrap(),
+    )
+    .into_storage();
+    storage.crash(0);
+    let mut config = NodeConfig::new("n4");
+    config.learn_epoch_from_peers = true;
+    let mut restarted = Node::new(config, storage, now).unwrap();
+    restarted.handle_seed_discovered(now, member(0));
+    // Its timer fires before any gossip answer arrived.
+    restarted.handle_tick(now + 1);
+    assert_eq!(
+        restarted.own_state(),
+        crate::gossip::NodeStatus::Leaving,
+        "{:?}",
+        restarted.membership.reason
+    );
+    cluster.nodes[4] = restarted;
+    cluster.run();
+    let left = tick_until(&mut cluster, 400, |c| {
+        c.nodes[4].own_state() == crate::gossip::NodeStatus::Left
+    });
+    assert!(
+        left,
+        "{:?} {:?}",
+        cluster.nodes[4].own_state(),
+        cluster.nodes[4].membership.reason
+    );
 }
