@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use futures::stream::{self, StreamExt};
-use mendkv_client::Client;
+use mendkv_client::{member_state, Client};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -637,16 +637,6 @@ struct ChangesLane<'a> {
     stuck: Vec<String>,
 }
 
-/// The `state` (joining/normal/leaving/left) a `/cluster/status` answer gives `id`.
-fn state_in(status: &serde_json::Value, id: &str) -> Option<String> {
-    status["nodes"]
-        .as_array()?
-        .iter()
-        .find(|n| n["id"] == id)
-        .and_then(|n| n["state"].as_str())
-        .map(str::to_string)
-}
-
 impl ChangesLane<'_> {
     async fn run(&mut self, changes: &[ChangeStep]) -> Result<()> {
         let started = self.workload.started;
@@ -700,7 +690,7 @@ impl ChangesLane<'_> {
                 let client = &self.workload.clients[index];
                 let answer = tokio::time::timeout(Duration::from_secs(2), client.status()).await;
                 let state_seen = match answer {
-                    Ok(Ok(status)) => state_in(&status, id),
+                    Ok(Ok(status)) => member_state(&status, id),
                     _ => Some("no answer".to_string()),
                 };
                 let ok = state_seen.as_deref() == Some(state)
@@ -759,7 +749,10 @@ impl ChangesLane<'_> {
                     }
                     let own = tokio::time::timeout(Duration::from_secs(2), client.status()).await;
                     if let Ok(Ok(status)) = own {
-                        if matches!(state_in(&status, &id).as_deref(), Some("leaving" | "left")) {
+                        if matches!(
+                            member_state(&status, &id).as_deref(),
+                            Some("leaving" | "left")
+                        ) {
                             break;
                         }
                     }

@@ -446,6 +446,17 @@ impl Client {
     }
 }
 
+/// The ring state (`joining`, `normal`, `leaving`, `left`) a `/cluster/status` answer gives
+/// the member `id`, if it lists it.
+pub fn member_state(status: &serde_json::Value, id: &str) -> Option<String> {
+    status["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["id"] == id)
+        .and_then(|n| n["state"].as_str())
+        .map(str::to_string)
+}
+
 /// Sums the samples of a Prometheus counter whose labels include all of `labels`.
 pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()

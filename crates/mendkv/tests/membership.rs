@@ -9,22 +9,13 @@
 mod common;
 
 use common::{eventually, free_port, write_keys, TestCluster, TestNode};
-use mendkv_client::{metric_sum, Client, ClientError, ReadResult};
+use mendkv_client::{member_state, metric_sum, Client, ClientError, ReadResult};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How long one change may take in a debug build on a shared machine.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn state_of(status: &serde_json::Value, id: &str) -> Option<String> {
-    status["nodes"]
-        .as_array()?
-        .iter()
-        .find(|n| n["id"] == id)
-        .and_then(|n| n["state"].as_str())
-        .map(str::to_string)
-}
 
 async fn wait_state(clients: &[Client], id: &str, state: &str) {
     eventually(
@@ -37,7 +28,7 @@ async fn wait_state(clients: &[Client], id: &str, state: &str) {
                     let Ok(status) = client.status().await else {
                         return false;
                     };
-                    let seen = state_of(&status, id);
+                    let seen = member_state(&status, id);
                     // A departed node may already be forgotten by gossip.
                     if seen.as_deref() != Some(state) && !(state == "left" && seen.is_none()) {
                         return false;
