@@ -415,18 +415,23 @@ mod tests {
         assert_eq!(c.rate_bytes_per_s(), config.ceiling_bytes_per_s);
     }
 
+    /// A controller with the default configuration (the limit follows the baseline).
+    fn default_controller(initial: u64) -> RepairController {
+        RepairController::new(
+            ControllerConfig::default(),
+            BreakerConfig::default(),
+            initial,
+            0,
+        )
+    }
+
     /// A node that has not measured a baseline takes its peers' until it measures its own,
     /// which then replaces it (and is the only one it reports as learned).
     #[test]
     fn an_adopted_baseline_holds_until_one_is_measured() {
         let mib = 1 << 20;
         let window = BreakerConfig::default().window_ms;
-        let mut c = RepairController::new(
-            ControllerConfig::default(),
-            BreakerConfig::default(),
-            32 * mib,
-            0,
-        );
+        let mut c = default_controller(32 * mib);
         // Busy repairing from the start: nothing measured, 30 ms is fine by the absolute
         // target alone.
         let _ = c.adjust(1_000, &busy(30), true);
@@ -452,12 +457,7 @@ mod tests {
     fn the_limit_follows_the_p99_without_repair() {
         let mib = 1 << 20;
         let window = BreakerConfig::default().window_ms;
-        let mut c = RepairController::new(
-            ControllerConfig::default(),
-            BreakerConfig::default(),
-            32 * mib,
-            0,
-        );
+        let mut c = default_controller(32 * mib);
         /// (time, client p99, repair spent bytes, rate after, reason, baseline after)
         type Step = (Millis, Millis, bool, u64, &'static str, Option<Millis>);
         let steps: Vec<Step> = vec![
