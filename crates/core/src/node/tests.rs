@@ -1075,6 +1075,22 @@ fn gossiping_cluster(n: usize) -> TestCluster {
     cluster
 }
 
+/// Node `i`'s seed (n0) answers its handshake, and gossip runs until `i` has its epoch
+/// confirmed.
+fn answer_through_seed(cluster: &mut TestCluster, i: usize) {
+    let now = cluster.now;
+    cluster.nodes[i].handle_seed_discovered(now, member(0));
+    cluster.run();
+    let start = cluster.now;
+    for step in 1..=20 {
+        if cluster.nodes[i].epoch_confirmed() {
+            break;
+        }
+        cluster.tick(start + step * 1000);
+    }
+    assert!(cluster.nodes[i].epoch_confirmed(), "gossip answered");
+}
+
 /// A node whose data directory was wiped starts at epoch 1 again; it must not issue dots
 /// until gossip has told it the epoch it ran under, then continue above it, so a write it
 /// coordinates is never mistaken for one the replicas already hold.
@@ -1107,17 +1123,7 @@ fn a_wiped_node_learns_its_epoch_from_peers_before_coordinating() {
         "{refused:?}"
     );
 
-    let now = cluster.now;
-    cluster.nodes[2].handle_seed_discovered(now, member(0));
-    cluster.run();
-    let start = cluster.now;
-    for step in 1..=20 {
-        if cluster.nodes[2].epoch_confirmed() {
-            break;
-        }
-        cluster.tick(start + step * 1000);
-    }
-    assert!(cluster.nodes[2].epoch_confirmed(), "gossip answered");
+    answer_through_seed(&mut cluster, 2);
     assert!(cluster.nodes[2].epoch() > old_epoch);
     assert_eq!(cluster.nodes[2].stats()[Counter::EpochsLearnedFromPeers], 1);
 
@@ -1171,17 +1177,7 @@ fn a_wiped_node_that_restarts_before_confirming_still_learns_its_epoch() {
         restarted.handle_member_discovered(member(i));
     }
     cluster.nodes[2] = restarted;
-    let now = cluster.now;
-    cluster.nodes[2].handle_seed_discovered(now, member(0));
-    cluster.run();
-    let start = cluster.now;
-    for step in 1..=20 {
-        if cluster.nodes[2].epoch_confirmed() {
-            break;
-        }
-        cluster.tick(start + step * 1000);
-    }
-    assert!(cluster.nodes[2].epoch_confirmed(), "gossip answered");
+    answer_through_seed(&mut cluster, 2);
     assert!(cluster.nodes[2].epoch() > old_epoch);
     // Confirmed durably: a later start trusts its record (and grows it) without asking.
     let now = cluster.now;
