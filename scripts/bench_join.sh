@@ -74,14 +74,7 @@ for mode in $modes; do
   "$bin" bench "${nodes[@]}" --workload w --ops 0 --preload --keys "$foreground_keys" --bucket fg \
     --concurrency 32 >/dev/null
   echo "$mode: preloaded $keys keys in $(awk -v s="$loaded_at" -v e="$(date +%s.%N)" 'BEGIN { printf "%.0f", e - s }') s"
-  if [ "$rate" = auto ]; then
-    # Capacity: a closed-loop run of the same workload; the load is half of it.
-    "$bin" bench "${nodes[@]}" --workload a --duration-s 10 --concurrency 64 --keys "$foreground_keys" \
-      --bucket fg --seed 3 >"$dir/capacity.out" 2>&1
-    capacity=$(awk '/ops\/s/ { print int($1) }' "$dir/capacity.out")
-    rate=$((capacity / 2))
-    echo "capacity (closed loop, workload a, 64 workers): $capacity ops/s; foreground load: $rate ops/s"
-  fi
+  [ "$rate" = auto ] && rate=$(half_capacity)
   before=$(foreground "$baseline_s")
   done_file="$dir/join.done"
   rm -f "$done_file"

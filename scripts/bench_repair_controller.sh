@@ -47,21 +47,11 @@ start_node() {
     controller) env+=(MENDKV_REPAIR_CONTROLLER__ENABLED=true) ;;
     controller_absolute) env+=(MENDKV_REPAIR_CONTROLLER__ENABLED=true MENDKV_REPAIR_CONTROLLER__BASELINE_HEADROOM_PERCENT=0) ;;
   esac
-  local seeds=()
-  [ "$i" -gt 0 ] && seeds=(--seed "127.0.0.1:$((port + 1000))")
-  env "${env[@]}" "$bin" server --node-id "node$((i + 1))" --listen "127.0.0.1:$((port + 1000 + i))" \
-    --http "127.0.0.1:$((port + i))" --data-dir "$dir/cluster/node$((i + 1))" "${seeds[@]}" \
-    2>>"$dir/cluster/node$((i + 1)).log" &
-  pids[$i]=$!
-  # Serving = a quorum GET answers (404 is an answer): the node has heard the membership.
-  for _ in $(seq 1 300); do
-    local code
-    code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$((port + i))/kv/probe/k" || true)
-    [ "$code" = 404 ] || [ "$code" = 200 ] && return 0
-    sleep 0.1
-  done
-  echo "node$((i + 1)) did not start" >&2
-  return 1
+  local seed=
+  [ "$i" -gt 0 ] && seed=$((port + 1000))
+  BENCH_SERVER_ENV="${env[*]}" bench_start_server "node$((i + 1))" "$((port + i))" "$((port + 1000 + i))" \
+    "$dir/cluster/node$((i + 1))" "$dir/cluster/node$((i + 1)).log" "$seed" || return 1
+  pids[$i]=$BENCH_SERVER_PID
 }
 nodes=(--node "http://127.0.0.1:$port" --node "http://127.0.0.1:$((port + 1))" --node "http://127.0.0.1:$((port + 2))")
 members() { curl -s "http://127.0.0.1:$port/cluster/status" | grep -o '"status":"up"' | wc -l; }
@@ -77,14 +67,7 @@ for mode in $modes; do
     until [ "$(members)" -ge 3 ]; do sleep 0.2; done
     "$bin" bench "${nodes[@]}" --workload w --ops 0 --preload --keys "$foreground_keys" --bucket fg \
       --concurrency 32 >/dev/null
-    if [ "$rate" = auto ]; then
-      # Capacity: a closed-loop run of the same workload; the load is half of it.
-      "$bin" bench "${nodes[@]}" --workload a --duration-s 10 --concurrency 64 --keys "$foreground_keys" \
-        --bucket fg --seed 3 >"$dir/capacity.out" 2>&1
-      capacity=$(awk '/ops\/s/ { print int($1) }' "$dir/capacity.out")
-      rate=$((capacity / 2))
-      echo "capacity (closed loop, workload a, 64 workers): $capacity ops/s; foreground load: $rate ops/s"
-    fi
+    [ "$rate" = auto ] && rate=$(half_capacity)
     before="-"
     [ "$load" = foreground ] && before=$(foreground "$baseline_s")
     stop_node 2

@@ -158,3 +158,15 @@ foreground() {
   awk '/ops\/s/ { rate = $1 } /p99/ { for (i = 1; i <= NF; i++) { if ($i == "p50") p50 = $(i + 1); if ($i == "p99" && $(i + 1) > p99) p99 = $(i + 1) } }
     END { printf "%s %s %s\n", rate, p50, p99 }' "$dir/fg.out"
 }
+
+# half_capacity: half the ops/s of a 10 s closed-loop run of the foreground workload (the
+# open-loop rate of the repair and join benchmarks); says both on stderr. Uses the caller's
+# bin, nodes, foreground_keys and dir.
+half_capacity() {
+  local capacity
+  "$bin" bench "${nodes[@]}" --workload a --duration-s 10 --concurrency 64 --keys "$foreground_keys" \
+    --bucket fg --seed 3 >"$dir/capacity.out" 2>&1
+  capacity=$(awk '/ops\/s/ { print int($1) }' "$dir/capacity.out")
+  echo "capacity (closed loop, workload a, 64 workers): $capacity ops/s; foreground load: $((capacity / 2)) ops/s" >&2
+  echo $((capacity / 2))
+}
