@@ -420,6 +420,23 @@ impl Layout {
         targets
     }
 
+    /// Every (range, node) pair where `node` gains `range` in the active change (it is in
+    /// the range's new list and not in its old one): the gaining node pulls that range from
+    /// a quorum of its old replicas, so nobody needs a scheduled exchange of it with the
+    /// gaining node meanwhile. Empty when no change is active.
+    pub fn streaming_pairs(&self) -> BTreeSet<(TokenRange, NodeId)> {
+        if self.active.is_none() {
+            return BTreeSet::new();
+        }
+        let mut pairs = BTreeSet::new();
+        for (range, old, new) in self.ranges() {
+            for node in new.into_iter().filter(|n| !old.contains(n)) {
+                pairs.insert((range, node));
+            }
+        }
+        pairs
+    }
+
     /// The ranges `node` gains in the active change, each with its old replicas (the
     /// sources to pull from) and how many of them must have been pulled (a quorum of the
     /// old list, so every write acknowledged at quorum is in the union).

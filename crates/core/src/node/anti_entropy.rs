@@ -52,7 +52,16 @@ pub(super) struct RepairRun {
     stats: ExchangeStats,
     started_at: Millis,
     finished_at: Option<Millis>,
+    /// Started before gossip described the cluster to this node (a node just restarted knows
+    /// only itself and its seed for a gossip round or two, so its layout gives it no or only
+    /// some (range, peer) pairs): the targets are taken once a peer has told it everything
+    /// (`learned`) and the layout gives some, or the run fails after
+    /// [`REPAIR_TARGETS_WAIT_MS`]. Such a run used to stay `running` with 0 ranges forever.
+    awaiting_targets: bool,
 }
+
+/// How long a repair run started before the layout was known waits for it before failing.
+const REPAIR_TARGETS_WAIT_MS: Millis = 30_000;
 
 /// A tombstone named for reaping: bucket, key and the digest of the exact version.
 pub type ReapItem = (String, Vec<u8>, u64);
@@ -158,6 +167,9 @@ pub(super) struct AntiEntropyState {
     /// Mismatched leaves the last whole-range exchange of each (range, peer) found and did
     /// not mend (a converged exchange clears its entry): the known repair debt.
     pub repair_debt: BTreeMap<(TokenRange, NodeId), u64>,
+    /// (range, node) pairs where `node` gains `range` in the active change and pulls it
+    /// (`Layout::streaming_pairs`), recomputed with the trees when the layout changes.
+    pub streaming_pairs: BTreeSet<(TokenRange, NodeId)>,
     /// Bytes an exchange moved per mismatched leaf, averaged over recent exchanges (for the
     /// debt's byte estimate and ETA); none until one found a mismatch.
     pub bytes_per_leaf: Option<f64>,
@@ -200,6 +212,7 @@ impl AntiEntropyState {
             repair_runs: BTreeMap::new(),
             next_run: 0,
             repair_debt: BTreeMap::new(),
+            streaming_pairs: BTreeSet::new(),
             bytes_per_leaf: None,
             repair_marks: BTreeSet::new(),
             repair_marks_overflowed: false,
@@ -228,6 +241,20 @@ impl<S: Storage> Node<S> {
         self.advance_tree_builds(TREE_BUILD_AT_ONCE);
         let targets = self.membership.layout.repair_targets(self.id());
         self.anti_entropy.repair_queue.set_targets(targets);
+        self.anti_entropy.streaming_pairs = self.membership.layout.streaming_pairs();
+    }
+
+    /// Whether the scheduled exchange of `range` with `peer` waits for the active change:
+    /// one of the two gains the range and pulls it from a quorum of its old replicas (the
+    /// pull is what makes the gaining node whole). Running the exchange as well would send
+    /// the same objects again while the gaining node's tree is still empty: the join
+    /// benchmark's new node received 1.65M objects for the ~0.77M it owns that way, and the
+    /// duplicates cost the foreground load. It runs on a retry once the change is over.
+    fn exchange_waits_for_streaming(&self, range: TokenRange, peer: &NodeId) -> bool {
+        let pairs = &self.anti_entropy.streaming_pairs;
+        !pairs.is_empty()
+            && (pairs.contains(&(range, peer.clone()))
+                || pairs.contains(&(range, self.id().clone())))
     }
 
     /// Scans up to about `budget` objects into the trees still being built, one bounded
@@ -476,6 +503,7 @@ impl<S: Storage> Node<S> {
         }
         let run_ids: Vec<u64> = self.anti_entropy.repair_runs.keys().copied().collect();
         for run_id in run_ids {
+            self.take_repair_targets_if_awaited(now, run_id);
             while self.anti_entropy.exchanges.len() < self.config.anti_entropy.concurrency.max(1) {
                 let Some(run) = self.anti_entropy.repair_runs.get_mut(&run_id) else {
                     break;
@@ -505,9 +533,11 @@ impl<S: Storage> Node<S> {
             else {
                 break;
             };
-            // A peer not up, or a tree still building: try that target again later.
+            // A peer not up, a tree still building, or a range one of the two is pulling in
+            // the active change: try that target again later.
             if self.cluster.membership.status(next_peer) != PeerStatus::Up
                 || !self.anti_entropy.trees.is_ready(*next_range)
+                || self.exchange_waits_for_streaming(*next_range, next_peer)
             {
                 if let Some((target, _)) = self.anti_entropy.repair_queue.next(now) {
                     self.anti_entropy.repair_queue.complete(&target, now, false);
@@ -945,11 +975,7 @@ impl<S: Storage> Node<S> {
     pub fn start_repair_run_of(&mut self, now: Millis, bucket: Option<String>) -> u64 {
         self.anti_entropy.next_run += 1;
         let id = self.anti_entropy.next_run;
-        // Peer by peer: two exchanges of one range (with two peers) never run at once, so a
-        // key a first peer repaired is not found different again with the second.
-        let mut targets = self.membership.layout.repair_targets(self.id());
-        targets.sort_by(|a, b| (&a.1, a.0).cmp(&(&b.1, b.0)));
-        let targets: VecDeque<(TokenRange, NodeId)> = targets.into_iter().collect();
+        let targets = self.repair_run_targets();
         if self.anti_entropy.repair_runs.len() >= MAX_REPAIR_RUNS {
             let oldest_finished = self
                 .anti_entropy
@@ -961,24 +987,79 @@ impl<S: Storage> Node<S> {
                 self.anti_entropy.repair_runs.remove(&oldest);
             }
         }
+        let alone = self.ring().nodes().len() <= 1;
+        let awaiting_targets = !alone && (targets.is_empty() || !self.cluster.learned);
+        let targets = if awaiting_targets {
+            VecDeque::new()
+        } else {
+            targets
+        };
         let run = RepairRun {
             bucket,
             ranges_total: targets.len() as u64,
+            awaiting_targets,
             pending: targets,
             in_flight: 0,
             ranges_done: 0,
             failed: false,
             stats: ExchangeStats::default(),
             started_at: now,
-            finished_at: if self.ring().nodes().len() > 1 {
-                None
-            } else {
-                Some(now)
-            },
+            finished_at: alone.then_some(now),
         };
         self.anti_entropy.repair_runs.insert(id, run);
         self.tick_anti_entropy(now);
         id
+    }
+
+    /// Every (range, peer) this node repairs, peer by peer: two exchanges of one range (with
+    /// two peers) never run at once, so a key a first peer repaired is not found different
+    /// again with the second.
+    fn repair_run_targets(&self) -> VecDeque<(TokenRange, NodeId)> {
+        let mut targets = self.membership.layout.repair_targets(self.id());
+        targets.sort_by(|a, b| (&a.1, a.0).cmp(&(&b.1, b.0)));
+        targets.into_iter().collect()
+    }
+
+    /// A run started before the layout gave this node anything to repair takes its targets
+    /// once there are some, or fails when they do not come in time.
+    pub(super) fn take_awaited_repair_targets(&mut self, now: Millis) {
+        let awaiting: Vec<u64> = self
+            .anti_entropy
+            .repair_runs
+            .iter()
+            .filter(|(_, run)| run.awaiting_targets)
+            .map(|(id, _)| *id)
+            .collect();
+        for run_id in awaiting {
+            self.take_repair_targets_if_awaited(now, run_id);
+        }
+    }
+
+    /// One awaiting run: its targets if the layout has some now, else failed once it waited
+    /// too long.
+    fn take_repair_targets_if_awaited(&mut self, now: Millis, run_id: u64) {
+        if !self
+            .anti_entropy
+            .repair_runs
+            .get(&run_id)
+            .is_some_and(|run| run.awaiting_targets)
+        {
+            return;
+        }
+        let settled = self.cluster.learned;
+        let targets = self.repair_run_targets();
+        let Some(run) = self.anti_entropy.repair_runs.get_mut(&run_id) else {
+            return;
+        };
+        if settled && !targets.is_empty() {
+            run.awaiting_targets = false;
+            run.ranges_total = targets.len() as u64;
+            run.pending = targets;
+        } else if now >= run.started_at + REPAIR_TARGETS_WAIT_MS {
+            run.awaiting_targets = false;
+            run.failed = true;
+            run.finished_at = Some(now);
+        }
     }
 
     pub fn repair_run(&self, id: u64, now: Millis) -> Option<RepairRunStatus> {
@@ -1089,7 +1170,15 @@ impl<S: Storage> Node<S> {
         {
             0
         } else {
-            Millis::MAX
+            // A run awaiting its targets takes them when the layout changes
+            // (`refresh_layout`); the timer is for its failure.
+            self.anti_entropy
+                .repair_runs
+                .values()
+                .filter(|r| r.awaiting_targets)
+                .map(|r| r.started_at + REPAIR_TARGETS_WAIT_MS)
+                .min()
+                .unwrap_or(Millis::MAX)
         };
         let queue = if self.config.anti_entropy.enabled {
             self.anti_entropy

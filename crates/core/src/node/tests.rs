@@ -10,6 +10,7 @@ use bytes::Bytes;
 
 mod buckets;
 mod membership;
+mod repair_runs;
 mod roots;
 mod storage_full;
 

@@ -128,6 +128,12 @@ fn a_join_streams_its_ranges_and_old_owners_clean_up() {
         streamed >= owned as u64,
         "streamed {streamed} < owned {owned}"
     );
+    // ... about once each: the old owners' scheduled exchanges with the joiner wait for the
+    // change (the second source of each pull sends only what the first lacked).
+    assert!(
+        streamed < owned as u64 * 3 / 2,
+        "streamed {streamed} objects for the {owned} owned: sent more than once"
+    );
     assert!(stored_keys(&cluster.nodes[3]) > 0);
     // Cleanup once everyone acknowledged the final layout.
     let cleaned = tick_until(&mut cluster, 400, |c| {
