@@ -420,21 +420,23 @@ impl Layout {
         targets
     }
 
-    /// Every (range, node) pair where `node` gains `range` in the active change (it is in
-    /// the range's new list and not in its old one): the gaining node pulls that range from
-    /// a quorum of its old replicas, so nobody needs a scheduled exchange of it with the
-    /// gaining node meanwhile. Empty when no change is active.
-    pub fn streaming_pairs(&self) -> BTreeSet<(TokenRange, NodeId)> {
+    /// The nodes gaining each range in the active change (in the range's new list and not
+    /// in its old one): a gaining node pulls that range from a quorum of its old replicas,
+    /// so nobody needs a scheduled exchange of it with the gaining node meanwhile. Empty
+    /// when no change is active.
+    pub fn gaining_nodes(&self) -> BTreeMap<TokenRange, BTreeSet<NodeId>> {
         if self.active.is_none() {
-            return BTreeSet::new();
+            return BTreeMap::new();
         }
-        let mut pairs = BTreeSet::new();
-        for (range, old, new) in self.ranges() {
-            for node in new.into_iter().filter(|n| !old.contains(n)) {
-                pairs.insert((range, node));
-            }
-        }
-        pairs
+        self.ranges()
+            .into_iter()
+            .map(|(range, old, new)| {
+                let gaining: BTreeSet<NodeId> =
+                    new.into_iter().filter(|n| !old.contains(n)).collect();
+                (range, gaining)
+            })
+            .filter(|(_, gaining)| !gaining.is_empty())
+            .collect()
     }
 
     /// The ranges `node` gains in the active change, each with its old replicas (the

@@ -167,9 +167,9 @@ pub(super) struct AntiEntropyState {
     /// Mismatched leaves the last whole-range exchange of each (range, peer) found and did
     /// not mend (a converged exchange clears its entry): the known repair debt.
     pub repair_debt: BTreeMap<(TokenRange, NodeId), u64>,
-    /// (range, node) pairs where `node` gains `range` in the active change and pulls it
-    /// (`Layout::streaming_pairs`), recomputed with the trees when the layout changes.
-    pub streaming_pairs: BTreeSet<(TokenRange, NodeId)>,
+    /// The nodes gaining each range in the active change, which pull it
+    /// (`Layout::gaining_nodes`), recomputed with the trees when the layout changes.
+    pub gaining_nodes: BTreeMap<TokenRange, BTreeSet<NodeId>>,
     /// Bytes an exchange moved per mismatched leaf, averaged over recent exchanges (for the
     /// debt's byte estimate and ETA); none until one found a mismatch.
     pub bytes_per_leaf: Option<f64>,
@@ -212,7 +212,7 @@ impl AntiEntropyState {
             repair_runs: BTreeMap::new(),
             next_run: 0,
             repair_debt: BTreeMap::new(),
-            streaming_pairs: BTreeSet::new(),
+            gaining_nodes: BTreeMap::new(),
             bytes_per_leaf: None,
             repair_marks: BTreeSet::new(),
             repair_marks_overflowed: false,
@@ -241,7 +241,7 @@ impl<S: Storage> Node<S> {
         self.advance_tree_builds(TREE_BUILD_AT_ONCE);
         let targets = self.membership.layout.repair_targets(self.id());
         self.anti_entropy.repair_queue.set_targets(targets);
-        self.anti_entropy.streaming_pairs = self.membership.layout.streaming_pairs();
+        self.anti_entropy.gaining_nodes = self.membership.layout.gaining_nodes();
     }
 
     /// Whether the scheduled exchange of `range` with `peer` waits for the active change:
@@ -251,10 +251,10 @@ impl<S: Storage> Node<S> {
     /// benchmark's new node received 1.65M objects for the ~0.77M it owns that way, and the
     /// duplicates cost the foreground load. It runs on a retry once the change is over.
     fn exchange_waits_for_streaming(&self, range: TokenRange, peer: &NodeId) -> bool {
-        let pairs = &self.anti_entropy.streaming_pairs;
-        !pairs.is_empty()
-            && (pairs.contains(&(range, peer.clone()))
-                || pairs.contains(&(range, self.id().clone())))
+        self.anti_entropy
+            .gaining_nodes
+            .get(&range)
+            .is_some_and(|gaining| gaining.contains(peer) || gaining.contains(self.id()))
     }
 
     /// Scans up to about `budget` objects into the trees still being built, one bounded
@@ -501,9 +501,9 @@ impl<S: Storage> Node<S> {
             self.anti_entropy.repair_throttled_until = now + 100;
             return;
         }
+        self.take_awaited_repair_targets(now);
         let run_ids: Vec<u64> = self.anti_entropy.repair_runs.keys().copied().collect();
         for run_id in run_ids {
-            self.take_repair_targets_if_awaited(now, run_id);
             while self.anti_entropy.exchanges.len() < self.config.anti_entropy.concurrency.max(1) {
                 let Some(run) = self.anti_entropy.repair_runs.get_mut(&run_id) else {
                     break;
@@ -975,7 +975,6 @@ impl<S: Storage> Node<S> {
     pub fn start_repair_run_of(&mut self, now: Millis, bucket: Option<String>) -> u64 {
         self.anti_entropy.next_run += 1;
         let id = self.anti_entropy.next_run;
-        let targets = self.repair_run_targets();
         if self.anti_entropy.repair_runs.len() >= MAX_REPAIR_RUNS {
             let oldest_finished = self
                 .anti_entropy
@@ -987,18 +986,13 @@ impl<S: Storage> Node<S> {
                 self.anti_entropy.repair_runs.remove(&oldest);
             }
         }
+        // Its targets are taken below, or later once the node knows its cluster.
         let alone = self.ring().nodes().len() <= 1;
-        let awaiting_targets = !alone && (targets.is_empty() || !self.cluster.learned);
-        let targets = if awaiting_targets {
-            VecDeque::new()
-        } else {
-            targets
-        };
         let run = RepairRun {
             bucket,
-            ranges_total: targets.len() as u64,
-            awaiting_targets,
-            pending: targets,
+            ranges_total: 0,
+            awaiting_targets: !alone,
+            pending: VecDeque::new(),
             in_flight: 0,
             ranges_done: 0,
             failed: false,
@@ -1007,6 +1001,7 @@ impl<S: Storage> Node<S> {
             finished_at: alone.then_some(now),
         };
         self.anti_entropy.repair_runs.insert(id, run);
+        self.take_awaited_repair_targets(now);
         self.tick_anti_entropy(now);
         id
     }
@@ -1020,45 +1015,37 @@ impl<S: Storage> Node<S> {
         targets.into_iter().collect()
     }
 
-    /// A run started before the layout gave this node anything to repair takes its targets
-    /// once there are some, or fails when they do not come in time.
+    /// Runs awaiting their targets take them once a peer has described the cluster to this
+    /// node (`learned`) and its layout gives it some; a run that waited too long fails.
     pub(super) fn take_awaited_repair_targets(&mut self, now: Millis) {
-        let awaiting: Vec<u64> = self
-            .anti_entropy
-            .repair_runs
-            .iter()
-            .filter(|(_, run)| run.awaiting_targets)
-            .map(|(id, _)| *id)
-            .collect();
-        for run_id in awaiting {
-            self.take_repair_targets_if_awaited(now, run_id);
-        }
-    }
-
-    /// One awaiting run: its targets if the layout has some now, else failed once it waited
-    /// too long.
-    fn take_repair_targets_if_awaited(&mut self, now: Millis, run_id: u64) {
         if !self
             .anti_entropy
             .repair_runs
-            .get(&run_id)
-            .is_some_and(|run| run.awaiting_targets)
+            .values()
+            .any(|run| run.awaiting_targets)
         {
             return;
         }
-        let settled = self.cluster.learned;
-        let targets = self.repair_run_targets();
-        let Some(run) = self.anti_entropy.repair_runs.get_mut(&run_id) else {
-            return;
+        let targets = if self.cluster.learned {
+            self.repair_run_targets()
+        } else {
+            VecDeque::new()
         };
-        if settled && !targets.is_empty() {
-            run.awaiting_targets = false;
-            run.ranges_total = targets.len() as u64;
-            run.pending = targets;
-        } else if now >= run.started_at + REPAIR_TARGETS_WAIT_MS {
-            run.awaiting_targets = false;
-            run.failed = true;
-            run.finished_at = Some(now);
+        for run in self
+            .anti_entropy
+            .repair_runs
+            .values_mut()
+            .filter(|run| run.awaiting_targets)
+        {
+            if !targets.is_empty() {
+                run.awaiting_targets = false;
+                run.ranges_total = targets.len() as u64;
+                run.pending = targets.clone();
+            } else if now >= run.started_at + REPAIR_TARGETS_WAIT_MS {
+                run.awaiting_targets = false;
+                run.failed = true;
+                run.finished_at = Some(now);
+            }
         }
     }
 

@@ -869,7 +869,8 @@ impl<S: Storage> Node<S> {
         // Judged on a settled view only: a node restarted mid-decommission knows itself and
         // a seed until gossip has described the rest (chaos seed 5003 cancelled its own
         // decommission that way, and it never finished).
-        let view_settled = self.view_settled(now);
+        let view_settled = self.cluster.learned
+            && now.saturating_sub(self.membership.view_since) >= self.config.request_timeout_ms;
         if status == NodeStatus::Leaving
             && phase < Phase::Synced
             && view_settled
@@ -1480,15 +1481,6 @@ impl<S: Storage> Node<S> {
                 stream.map_or(0, |s| now.saturating_sub(s.started_at))
             },
         }
-    }
-
-    /// Whether this node's view of the members can be judged on: gossip has described the
-    /// cluster and the layout has not changed for a request timeout. Right after a restart a
-    /// node knows itself and its seed until gossip describes the rest.
-    pub(super) fn view_settled(&self, now: Millis) -> bool {
-        self.cluster.learned
-            && self.membership.view_since != 0
-            && now.saturating_sub(self.membership.view_since) >= self.config.request_timeout_ms
     }
 
     /// True when this node replicates the key in the old or the new ring (true before the
