@@ -383,6 +383,14 @@ fn read_repair_merges_siblings_from_two_replicas() {
 }
 
 impl TestCluster {
+    /// Takes node `i`'s storage out of the cluster, as a stop does; a stand-in with empty
+    /// storage holds its place until the caller puts a restarted node back.
+    fn take_storage(&mut self, i: usize) -> MemoryStorage {
+        let id = self.nodes[i].id().to_string();
+        let stand_in = Node::new(NodeConfig::new(id), MemoryStorage::new(), self.now).unwrap();
+        std::mem::replace(&mut self.nodes[i], stand_in).into_storage()
+    }
+
     fn tick(&mut self, now: Millis) {
         self.now = now;
         for node in &mut self.nodes {
@@ -1182,11 +1190,7 @@ fn a_wiped_node_that_restarts_before_confirming_still_learns_its_epoch() {
     assert!(cluster.nodes[2].epoch() > old_epoch);
     // Confirmed durably: a later start trusts its record (and grows it) without asking.
     let now = cluster.now;
-    let storage = std::mem::replace(
-        &mut cluster.nodes[2],
-        Node::new(NodeConfig::new("n2"), MemoryStorage::new(), now).unwrap(),
-    )
-    .into_storage();
+    let storage = cluster.take_storage(2);
     let confirmed_epoch = {
         let again = Node::new(config(), storage, now).unwrap();
         assert!(again.epoch_confirmed(), "a confirmed record is trusted");
@@ -1208,11 +1212,7 @@ fn a_wiped_node_is_not_confirmed_by_one_peer_that_never_heard_of_it() {
 
     // n1 restarts (its data kept, its gossip state gone): it knows nothing of n2 yet.
     let now = cluster.now;
-    let n1_storage = std::mem::replace(
-        &mut cluster.nodes[1],
-        Node::new(NodeConfig::new("n1"), MemoryStorage::new(), now).unwrap(),
-    )
-    .into_storage();
+    let n1_storage = cluster.take_storage(1);
     let mut restarted = Node::new(NodeConfig::new("n1"), n1_storage, now).unwrap();
     // n2's disk is wiped; it starts again under the same id.
     let mut config = NodeConfig::new("n2");

@@ -544,11 +544,7 @@ fn cleanup_resumes_after_a_restart() {
     // after the record's fsync would).
     let now = cluster.now;
     cluster.nodes[0].sync_now();
-    let storage = std::mem::replace(
-        &mut cluster.nodes[0],
-        Node::new(NodeConfig::new("n0"), MemoryStorage::new(), now).unwrap(),
-    )
-    .into_storage();
+    let storage = cluster.take_storage(0);
     storage.crash(0);
     let mut restarted = Node::new(NodeConfig::new("n0"), storage, now).unwrap();
     assert!(
@@ -625,11 +621,7 @@ fn a_removed_node_that_comes_back_is_refused_by_its_peers() {
 
     // n3 comes back with its data.
     let now = cluster.now;
-    let storage = std::mem::replace(
-        &mut cluster.nodes[3],
-        Node::new(NodeConfig::new("n3"), MemoryStorage::new(), now).unwrap(),
-    )
-    .into_storage();
+    let storage = cluster.take_storage(3);
     let mut back = Node::new(NodeConfig::new("n3"), storage, now).unwrap();
     for i in 0..3 {
         back.handle_seed_discovered(now, member(i));
@@ -713,11 +705,7 @@ fn a_decommission_survives_a_restart_before_the_view_is_whole() {
     );
     // kill -9 and restart with one seed: it knows only itself and n0 at first.
     let now = cluster.now;
-    let storage = std::mem::replace(
-        &mut cluster.nodes[4],
-        Node::new(NodeConfig::new("n9"), MemoryStorage::new(), now).unwrap(),
-    )
-    .into_storage();
+    let storage = cluster.take_storage(4);
     storage.crash(0);
     let mut config = NodeConfig::new("n4");
     config.learn_epoch_from_peers = true;

@@ -25,11 +25,7 @@ fn a_repair_run_started_before_the_layout_is_known_waits_for_it() {
     // n2 restarts wiped of nothing but its view: a new Node over the same storage.
     let now = cluster.now;
     cluster.nodes[2].sync_now();
-    let storage = std::mem::replace(
-        &mut cluster.nodes[2],
-        Node::new(NodeConfig::new("n2"), MemoryStorage::new(), now).unwrap(),
-    )
-    .into_storage();
+    let storage = cluster.take_storage(2);
     // Started with a seed, as `mendkv server --seed` is: it learns its cluster from peers.
     let mut config = NodeConfig::new("n2");
     config.learn_epoch_from_peers = true;
