@@ -11,7 +11,9 @@
 #   default      the shipped configuration (repair controller on, its byte budget)
 #   unthrottled  repair controller off and no anti-entropy rate limit
 #   scripts/bench_join.sh [KEYS=1000000] [FOREGROUND_OPS_PER_S=auto]
-# MODES (default "default unthrottled"), BASELINE_S (20), BENCH_BASE_PORT (29701).
+# MODES (default "default unthrottled"), BASELINE_S (20), BENCH_BASE_PORT (29701),
+# SETTLE_S (30: idle time after the preload, so its flushes and compactions do not land in the
+# "before" window).
 # A benchmark, not a test: CI never runs it. The numbers depend on the machine's load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +22,7 @@ keys=${1:-1000000}
 rate=${2:-auto}
 modes=${MODES:-default unthrottled}
 baseline_s=${BASELINE_S:-20}
+settle_s=${SETTLE_S:-30}
 foreground_keys=20000
 [ -n "${MENDKV_BIN:-}" ] || cargo build --release --locked -p mendkv >/dev/null 2>&1
 bin=$(bench_mendkv_bin)
@@ -74,6 +77,7 @@ for mode in $modes; do
   "$bin" bench "${nodes[@]}" --workload w --ops 0 --preload --keys "$foreground_keys" --bucket fg \
     --concurrency 32 >/dev/null
   echo "$mode: preloaded $keys keys in $(awk -v s="$loaded_at" -v e="$(date +%s.%N)" 'BEGIN { printf "%.0f", e - s }') s"
+  sleep "$settle_s"
   [ "$rate" = auto ] && rate=$(half_capacity)
   before=$(foreground "$baseline_s")
   done_file="$dir/join.done"

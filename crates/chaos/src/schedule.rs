@@ -317,7 +317,8 @@ pub fn slots(nodes: usize, changes: &[ChangeStep]) -> usize {
 /// least that many (a node refuses otherwise). The first change starts in the first quarter
 /// of the run, each next one 1-5 s after the one before was drawn to start, so they usually
 /// overlap faults. The removal has a random stream of its own, so the plans drawn before it
-/// existed are drawn the same.
+/// existed are drawn the same; it goes last or, half of the time when it can, first
+/// ([`early_removal`]).
 pub fn draw_changes(
     seed: u64,
     nodes: usize,
@@ -374,12 +375,68 @@ pub fn draw_changes(
     let mut removal_rng = ChaCha8Rng::seed_from_u64(seed ^ REMOVAL_STREAM);
     if members.len() > replication_factor && removal_rng.gen_bool(0.5) {
         let node = members.remove(removal_rng.gen_range(0..members.len()));
-        steps.push(ChangeStep {
+        let last = ChangeStep {
             start_ms: at,
             change: Change::Remove { node },
-        });
+        };
+        // Placed last, the removal begins only once the changes before it finished (joins
+        // take 40-75 s), which is after the faults and often after the client load. Half of
+        // the time it goes first instead, at the first change's time, so a node dies for good
+        // and is removed while the faults lane and the clients are busy; that needs a node
+        // the lane does not decommission later, and room for every later decommission.
+        match early_removal(&steps, nodes, replication_factor, &mut removal_rng) {
+            Some(early) => steps.insert(0, early),
+            None => steps.push(last),
+        }
     }
     steps
+}
+
+/// The removal drawn to go first in the lane (one time in two), or `None` when it goes
+/// last: when the dice say so, or when no initial node can be removed first (every one is
+/// decommissioned later, or the removal or a later decommission would then leave fewer
+/// than `replication_factor` members).
+fn early_removal(
+    steps: &[ChangeStep],
+    nodes: usize,
+    replication_factor: usize,
+    rng: &mut ChaCha8Rng,
+) -> Option<ChangeStep> {
+    if !rng.gen_bool(0.5) {
+        return None;
+    }
+    // With one member fewer from the start, the cluster must still hold RF members, and
+    // every decommission must still find more than RF before it.
+    let mut members = nodes - 1;
+    if members < replication_factor {
+        return None;
+    }
+    for step in steps {
+        match step.change {
+            Change::Join { .. } => members += 1,
+            Change::Decommission { .. } => {
+                if members <= replication_factor {
+                    return None;
+                }
+                members -= 1;
+            }
+            Change::Remove { .. } => members -= 1,
+        }
+    }
+    let decommissioned: Vec<usize> = steps
+        .iter()
+        .filter_map(|step| match step.change {
+            Change::Decommission { node } => Some(node),
+            _ => None,
+        })
+        .collect();
+    let candidates: Vec<usize> = (0..nodes).filter(|n| !decommissioned.contains(n)).collect();
+    let node = *candidates.choose(rng)?;
+    let start_ms = steps.first().map_or(3_000, |first| first.start_ms);
+    Some(ChangeStep {
+        start_ms,
+        change: Change::Remove { node },
+    })
 }
 
 #[cfg(test)]
@@ -511,5 +568,42 @@ mod tests {
             }
         }
         assert!(joins > 0 && decommissions > 0 && removals > 0);
+    }
+
+    #[test]
+    fn some_removals_go_first_and_never_remove_a_node_decommissioned_later() {
+        // Proves removals are drawn at the start of the lane too (so they overlap the faults
+        // and the client load), never of a node the lane decommissions later, and that the
+        // lane still never goes below RF members (checked step by step above).
+        let (mut first, mut last) = (0, 0);
+        for seed in 0..400 {
+            let steps = draw_changes(seed, 5, 3, 60_000);
+            match steps
+                .iter()
+                .position(|s| matches!(s.change, Change::Remove { .. }))
+            {
+                Some(0) if steps.len() > 1 => {
+                    first += 1;
+                    let Change::Remove { node } = steps[0].change else {
+                        unreachable!()
+                    };
+                    assert!(
+                        node < 5,
+                        "seed {seed}: only an initial node is removed first"
+                    );
+                    assert!(
+                        !steps[1..]
+                            .iter()
+                            .any(|s| s.change == Change::Decommission { node }),
+                        "seed {seed}: {steps:?}"
+                    );
+                    assert_eq!(steps[0].start_ms, steps[1].start_ms);
+                }
+                Some(i) if i == steps.len() - 1 => last += 1,
+                Some(i) => panic!("seed {seed}: a removal in the middle at {i}: {steps:?}"),
+                None => {}
+            }
+        }
+        assert!(first > 20 && last > 20, "first {first}, last {last}");
     }
 }
