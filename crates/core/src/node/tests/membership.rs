@@ -844,9 +844,18 @@ fn a_joiner_killed_mid_stream(cluster: &mut TestCluster) -> (Vec<String>, Memory
 }
 
 /// Removes the dead joiner n4 through n1 and waits until every survivor completed it, with
-/// writes going on; returns the keys acknowledged meanwhile.
+/// writes going on; returns the keys acknowledged meanwhile. Throughout, no survivor places
+/// n4 in its old (so its read) ring, and the removal streams nothing: the joiner was never
+/// the only copy of anything, so there is nothing to re-replicate.
 fn remove_the_dead_joiner(cluster: &mut TestCluster) -> Vec<String> {
     let n4 = NodeId::new("n4");
+    let streamed = |c: &TestCluster| -> Vec<u64> {
+        c.nodes[..4]
+            .iter()
+            .map(|n| n.stats()[Counter::StreamingRangesDone])
+            .collect()
+    };
+    let streamed_before = streamed(cluster);
     match cluster.request(1, ClientRequest::RemoveNode { node: n4.clone() }) {
         ClientResponse::Change(progress) => {
             assert_eq!(progress.change.as_deref(), Some("remove"), "{progress:?}")
@@ -855,6 +864,14 @@ fn remove_the_dead_joiner(cluster: &mut TestCluster) -> Vec<String> {
     }
     let mut acked = Vec::new();
     for i in 0..600 {
+        for (j, node) in cluster.nodes[..4].iter().enumerate() {
+            assert!(
+                !node.layout().old_ring().nodes().contains(&n4),
+                "n{j} placed the dead joiner among the owners: {:?}",
+                node.change_progress(&n4, cluster.now)
+            );
+        }
+        assert_eq!(streamed(cluster), streamed_before, "the removal streamed");
         if cluster.nodes[..4].iter().all(|n| n.is_removed(&n4)) {
             return acked;
         }
