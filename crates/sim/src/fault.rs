@@ -642,11 +642,15 @@ impl Simulation {
         {
             return false;
         }
-        let streaming = self.slots[k].node.as_ref().is_some_and(|n| {
-            n.own_state() == NodeStatus::Joining
-                && n.change_progress(n.id(), node_now(self, k)).phase == "streaming"
-        });
-        if !streaming || !self.rng_fault.gen_bool(0.25) {
+        let Some(phase) = self.slots[k]
+            .node
+            .as_ref()
+            .filter(|n| n.own_state() == NodeStatus::Joining)
+            .map(|n| n.change_progress(n.id(), node_now(self, k)).phase)
+        else {
+            return false;
+        };
+        if !self.rng_fault.gen_bool(0.4) {
             return false;
         }
         self.membership_cycle = Some(MembershipCycle {
@@ -656,7 +660,7 @@ impl Simulation {
             asked_at: None,
         });
         self.trace_line(&format!("n{k}"), |_| {
-            "MEMBERSHIP RemoveJoiner starts (killed while streaming)".into()
+            format!("MEMBERSHIP RemoveJoiner starts (killed while joining, {phase})")
         });
         // Its disk keeps every write (a synced kill): nothing it held is excused as lost,
         // and none of it may be needed either.
