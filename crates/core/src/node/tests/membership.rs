@@ -1039,3 +1039,67 @@ fn removing_an_up_joiner_is_a_conflict() {
     assert!(joined, "the join completes");
     assert!(!cluster.nodes[0].is_removed(&n4));
 }
+
+/// A node removed while it was dead and still deciding between bootstrap and join (it took
+/// replica writes meanwhile) that comes back with its data stays removed: it does not
+/// decide again, which would announce a join generation above the removal's and lift it.
+#[test]
+fn a_deciding_node_removed_while_dead_stays_removed_when_it_comes_back() {
+    let mut cluster = gossiping_cluster(4);
+    add_node(&mut cluster, 4);
+    let n4 = NodeId::new("n4");
+    // n3 falls silent while still believed up, so n4 cannot decide: it waits for n3's list.
+    cluster.stopped[3] = true;
+    tick_until(&mut cluster, 8, |_| false);
+    assert!(cluster.nodes[4].membership.deciding);
+    for key in keys(30) {
+        assert!(matches!(
+            put_key(&mut cluster, 0, &key),
+            ClientResponse::Written { .. }
+        ));
+    }
+    assert!(stored_keys(&cluster.nodes[4]) > 0, "it took replica writes");
+    // n4 dies still deciding; n3 is back.
+    let storage = cluster.take_storage(4);
+    cluster.stopped[4] = true;
+    cluster.stopped[3] = false;
+    let down = tick_until(&mut cluster, 200, |c| {
+        c.nodes[..4]
+            .iter()
+            .all(|n| n.peer_liveness(&n4) == crate::gossip::Liveness::Down)
+    });
+    assert!(down);
+    assert!(matches!(
+        cluster.request(1, ClientRequest::RemoveNode { node: n4.clone() }),
+        ClientResponse::Change(_)
+    ));
+    let removed = tick_until(&mut cluster, 600, |c| {
+        c.nodes[..4].iter().all(|n| n.is_removed(&n4))
+    });
+    assert!(
+        removed,
+        "{:?}",
+        cluster.nodes[1].change_progress(&n4, cluster.now)
+    );
+    assert_in_no_ring(&cluster, &[0, 1, 2, 3], &n4);
+
+    // It comes back with its data.
+    let now = cluster.now;
+    let mut config = NodeConfig::new("n4");
+    config.learn_epoch_from_peers = true;
+    let mut back = Node::new(config, storage, now).unwrap();
+    assert!(back.membership.deciding);
+    for i in 0..4 {
+        back.handle_seed_discovered(now, member(i));
+    }
+    cluster.nodes[4] = back;
+    cluster.stopped[4] = false;
+    cluster.run();
+    tick_until(&mut cluster, 40, |_| false);
+    assert!(cluster.nodes[4].is_refused(), "it learned it was removed");
+    assert!(cluster.nodes[4].membership.deciding, "and did not decide");
+    for node in &cluster.nodes[..4] {
+        assert!(node.is_removed(&n4), "its removal was not lifted");
+    }
+    assert_in_no_ring(&cluster, &[0, 1, 2, 3], &n4);
+}
