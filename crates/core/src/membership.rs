@@ -209,10 +209,34 @@ impl MemberState {
         }
     }
 
+    /// A joiner removed by an operator (`remove-node` of a dead `joining` member): its join
+    /// is abandoned. It never was the only copy of anything (writes reached it only in
+    /// addition to the old owners, see [`Layout::write_lists`]), so its removal
+    /// re-replicates nothing.
+    pub fn is_removed_joiner(&self) -> bool {
+        self.removal.is_some() && self.status == NodeStatus::Joining
+    }
+
+    /// The change the layout weighs when it picks the active one. A removed joiner's join
+    /// stays where it was while the removal is `waiting`: the rings stay as the join left
+    /// them until every member acknowledged the removal (so none still acts on a layout
+    /// where the joiner was further along); from the removal's `streaming` on, the removal.
+    fn layout_change(&self) -> Option<(ChangeKind, Phase)> {
+        if self.is_removed_joiner()
+            && self.removal == Some(Phase::Waiting)
+            && matches!(self.phase, Phase::Streaming | Phase::Synced)
+        {
+            return Some((ChangeKind::Join, self.phase));
+        }
+        self.change()
+    }
+
     /// Owns ranges before the active change completes.
     fn in_old(&self) -> bool {
         match self.removal {
             Some(Phase::Done) => return false,
+            // A joiner never owned anything in the old ring.
+            Some(_) if self.status == NodeStatus::Joining => return false,
             Some(_) => return true,
             None => {}
         }
@@ -222,6 +246,11 @@ impl MemberState {
     /// Owns ranges once the active change completes (`active`: this member's change is the
     /// active one; a waiting change is not applied yet).
     fn in_new(&self, active: bool) -> bool {
+        if self.is_removed_joiner() {
+            // Only while its abandoned join is still the active change (the removal is
+            // `waiting`, see [`MemberState::layout_change`]); from then on in no ring.
+            return self.removal == Some(Phase::Waiting) && active;
+        }
         if self.removal.is_some() {
             return self.removal != Some(Phase::Done) && !active;
         }
@@ -269,7 +298,7 @@ impl Layout {
     pub fn new(members: &BTreeMap<NodeId, MemberState>, vnodes: u16, rf: usize) -> Self {
         let active = members
             .iter()
-            .filter_map(|(id, m)| m.change().map(|(kind, phase)| (id, kind, phase)))
+            .filter_map(|(id, m)| m.layout_change().map(|(kind, phase)| (id, kind, phase)))
             .filter(|(_, _, phase)| *phase >= Phase::Streaming)
             .max_by(|a, b| a.2.cmp(&b.2).then_with(|| b.0.cmp(a.0)))
             .map(|(id, kind, phase)| (id.clone(), kind, phase));
@@ -534,6 +563,48 @@ mod layout_tests {
         assert_ne!(synced.fingerprint(), layout.fingerprint());
         let (range, _, _) = gained[0];
         assert_eq!(synced.write_lists(range.end).len(), 2);
+    }
+
+    /// A dead joiner under removal: while the removal waits, the rings stay as the join left
+    /// them (the joiner in the new ring only, its join still the active change); from the
+    /// removal's `streaming` on it is in no ring, and nothing is gained (its ranges' data is
+    /// still on their old owners).
+    #[test]
+    fn a_removed_joiner_keeps_the_join_rings_while_waiting_then_is_in_no_ring() {
+        use NodeStatus::*;
+        let d = NodeId::new("d");
+        for join_phase in [Phase::Waiting, Phase::Streaming, Phase::Synced] {
+            let mut states = members(&[
+                ("a", Normal, Phase::Done),
+                ("b", Normal, Phase::Done),
+                ("c", Normal, Phase::Done),
+                ("d", Joining, join_phase),
+            ]);
+            let before = Layout::new(&states, 16, 2);
+            states.get_mut(&d).unwrap().removal = Some(Phase::Waiting);
+            let waiting = Layout::new(&states, 16, 2);
+            assert_eq!(waiting.old_ring().nodes(), before.old_ring().nodes());
+            assert_eq!(waiting.new_ring().nodes(), before.new_ring().nodes());
+            assert_eq!(waiting.read_ring().nodes(), before.read_ring().nodes());
+            assert_eq!(waiting.active(), before.active(), "{join_phase:?}");
+            assert!(!waiting.old_ring().nodes().contains(&d));
+            assert_ne!(waiting.fingerprint(), before.fingerprint());
+            for removal in [Phase::Streaming, Phase::Synced, Phase::Done] {
+                states.get_mut(&d).unwrap().removal = Some(removal);
+                let layout = Layout::new(&states, 16, 2);
+                assert!(!layout.old_ring().nodes().contains(&d), "{removal:?}");
+                assert!(!layout.new_ring().nodes().contains(&d), "{removal:?}");
+                assert!(!layout.partition().nodes().contains(&d), "{removal:?}");
+                assert!(layout.gaining_nodes().is_empty(), "{removal:?}");
+                let expected =
+                    (removal != Phase::Done).then(|| (d.clone(), ChangeKind::Remove, removal));
+                assert_eq!(
+                    layout.active(),
+                    expected.as_ref(),
+                    "{join_phase:?} {removal:?}"
+                );
+            }
+        }
     }
 
     /// A waiting joiner is placed nowhere, and of two active changes only one applies.

@@ -468,11 +468,12 @@ impl Simulation {
             self.resume(i);
             let crashed_for_good = self
                 .membership_cycle
-                .is_some_and(|c| c.node == i && c.kind == CycleKind::Remove);
-            if crashed_for_good && !self.slots[i].alive() {
+                .filter(|c| c.node == i && c.kind != CycleKind::Decommission)
+                .map(|c| c.kind);
+            if let Some(kind) = crashed_for_good.filter(|_| !self.slots[i].alive()) {
                 // A node crashed for good comes back wiped, as a new member. (A leaving node
                 // that crashed restarts with its data: it may hold the last copies.)
-                self.wipe_departed(i, CycleKind::Remove);
+                self.wipe_departed(i, kind);
                 if let Some(cycle) = self.membership_cycle.as_mut() {
                     cycle.step = CycleStep::Rejoining;
                 }
@@ -484,7 +485,9 @@ impl Simulation {
     /// Gives the departed node of a membership cycle an empty disk (it rejoins as a new
     /// member). A node crashed for good and removed loses what it alone held, as a lost
     /// disk does: a write at `one` that only it took is gone by the operator's choice, not
-    /// by a bug. A decommissioned node handed everything over first: nothing is excused.
+    /// by a bug. A decommissioned node handed everything over first, and a joiner was never
+    /// the only copy of anything (writes reach it only in addition to the old owners):
+    /// nothing is excused.
     fn wipe_departed(&mut self, i: usize, kind: CycleKind) {
         let storage = std::mem::replace(&mut self.slots[i].storage, MemoryStorage::new());
         if kind == CycleKind::Remove {
@@ -542,7 +545,7 @@ impl Simulation {
                         .node
                         .as_ref()
                         .is_some_and(|n| n.own_state() == NodeStatus::Left),
-                    CycleKind::Remove => live.iter().any(|&i| {
+                    CycleKind::Remove | CycleKind::RemoveJoiner => live.iter().any(|&i| {
                         self.slots[i]
                             .node
                             .as_ref()
@@ -567,7 +570,7 @@ impl Simulation {
                     CycleKind::Decommission if self.slots[k].alive() && !self.slots[k].paused => {
                         Some((k, ClientRequest::Decommission))
                     }
-                    CycleKind::Remove if !live.is_empty() => {
+                    CycleKind::Remove | CycleKind::RemoveJoiner if !live.is_empty() => {
                         let at = live[self.rng_fault.gen_range(0..live.len())];
                         Some((at, ClientRequest::RemoveNode { node: id.clone() }))
                     }
@@ -582,6 +585,9 @@ impl Simulation {
             }
             CycleStep::Rejoining => {
                 if !self.slots[k].alive() {
+                    return;
+                }
+                if self.kill_the_joiner(k, cycle.kind) {
                     return;
                 }
                 let joined = self.slots[k].node.as_ref().is_some_and(|n| {
@@ -625,6 +631,43 @@ impl Simulation {
         }
     }
 
+    /// Sometimes the rejoining node of a cycle (not already a killed joiner's) is crashed
+    /// for good while it streams, and removed while `joining` (issue 13): the cycle then
+    /// removes it, wipes it and lets it join again. True when it was killed.
+    fn kill_the_joiner(&mut self, k: usize, kind: CycleKind) -> bool {
+        if !self.faults_active
+            || kind == CycleKind::RemoveJoiner
+            || self.slots[k].paused
+            || self.faulty() >= self.max_faulty()
+        {
+            return false;
+        }
+        let Some(phase) = self.slots[k]
+            .node
+            .as_ref()
+            .filter(|n| n.own_state() == NodeStatus::Joining)
+            .map(|n| n.change_progress(n.id(), node_now(self, k)).phase)
+        else {
+            return false;
+        };
+        if !self.rng_fault.gen_bool(0.4) {
+            return false;
+        }
+        self.membership_cycle = Some(MembershipCycle {
+            node: k,
+            kind: CycleKind::RemoveJoiner,
+            step: CycleStep::Leaving,
+            asked_at: None,
+        });
+        self.trace_line(&format!("n{k}"), |_| {
+            format!("MEMBERSHIP RemoveJoiner starts (killed while joining, {phase})")
+        });
+        // Its disk keeps every write (a synced kill): nothing it held is excused as lost,
+        // and none of it may be needed either.
+        self.crash(k, Some(usize::MAX));
+        true
+    }
+
     /// An operator's admin request to node `at` (its answer is only traced).
     fn admin_request(&mut self, at: usize, request: ClientRequest) {
         let slot = &mut self.slots[at];
@@ -664,6 +707,8 @@ pub(crate) struct MembershipCycle {
 pub(crate) enum CycleKind {
     Decommission,
     Remove,
+    /// A rejoining node crashed for good while it streamed, and removed while `joining`.
+    RemoveJoiner,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

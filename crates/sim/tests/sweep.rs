@@ -117,7 +117,8 @@ fn swarm_without_faults_converges() {
 }
 
 // Cluster changes during the workload (decommission, or a crash for good and remove-node,
-// then the node wiped rejoins and streams), with crashes during streaming and partitions
+// then the node wiped rejoins and streams; sometimes the rejoiner is crashed for good while
+// joining and removed as a joiner, then rejoins again), with crashes during streaming and partitions
 // across a transition: every checker holds (lost, missed, unexpected, resurrected, stale,
 // final reads) and the replicas converge, the departed and rejoined nodes' ranges on their
 // owners (no key left on a node that lost its range). `--faults all` and the swarm above

@@ -80,9 +80,43 @@ struct Persisted {
     /// Still deciding between bootstrap and join (a crash before the decision).
     deciding: bool,
     /// Ranges whose data this node may hold without owning it any more: cleanup resumes
-    /// them after a restart (last, so a record written before it existed still decodes as
+    /// them after a restart (a record written before it existed still decodes as
     /// [`PersistedBeforeCleanup`]).
     cleanup_ranges: Vec<TokenRange>,
+    /// The gossip generation under which this node, starting empty, was first deciding
+    /// (0: unknown). A removal announced under that generation or later was of this
+    /// deciding node, which then stays removed (last, so a record written before it
+    /// existed still decodes as [`PersistedBeforeDecidingGeneration`]).
+    deciding_generation: u64,
+}
+
+/// The membership record as written before the deciding generation was persisted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PersistedBeforeDecidingGeneration {
+    status: NodeStatus,
+    phase: u64,
+    removals: Vec<(NodeId, u64, u64)>,
+    stream_fingerprint: u64,
+    stream_done: Vec<TokenRange>,
+    joined_generation: u64,
+    deciding: bool,
+    cleanup_ranges: Vec<TokenRange>,
+}
+
+impl From<PersistedBeforeDecidingGeneration> for Persisted {
+    fn from(old: PersistedBeforeDecidingGeneration) -> Self {
+        Persisted {
+            status: old.status,
+            phase: old.phase,
+            removals: old.removals,
+            stream_fingerprint: old.stream_fingerprint,
+            stream_done: old.stream_done,
+            joined_generation: old.joined_generation,
+            deciding: old.deciding,
+            cleanup_ranges: old.cleanup_ranges,
+            deciding_generation: 0,
+        }
+    }
 }
 
 /// The membership record as written before cleanup ranges were persisted.
@@ -108,17 +142,25 @@ impl From<PersistedBeforeCleanup> for Persisted {
             joined_generation: old.joined_generation,
             deciding: old.deciding,
             cleanup_ranges: Vec::new(),
+            deciding_generation: 0,
         }
     }
 }
 
 impl Persisted {
     fn decode(bytes: &[u8]) -> Option<Persisted> {
-        postcard::from_bytes::<Persisted>(bytes).ok().or_else(|| {
-            postcard::from_bytes::<PersistedBeforeCleanup>(bytes)
-                .ok()
-                .map(Persisted::from)
-        })
+        postcard::from_bytes::<Persisted>(bytes)
+            .ok()
+            .or_else(|| {
+                postcard::from_bytes::<PersistedBeforeDecidingGeneration>(bytes)
+                    .ok()
+                    .map(Persisted::from)
+            })
+            .or_else(|| {
+                postcard::from_bytes::<PersistedBeforeCleanup>(bytes)
+                    .ok()
+                    .map(Persisted::from)
+            })
     }
 }
 
@@ -196,6 +238,8 @@ pub(super) struct MembershipState {
     pub deciding: bool,
     /// When the deciding node first heard a peer described.
     deciding_since: Option<Millis>,
+    /// The generation under which this node was first deciding (persisted; 0: unknown).
+    deciding_generation: u64,
     /// What this node last published in [`SEES_DECIDING_KEY`].
     seen_deciding: Vec<(NodeId, u64)>,
     /// The ring of writes while members are deciding: the read ring plus the live
@@ -236,6 +280,7 @@ impl MembershipState {
             .map(|p| p.cleanup_ranges.iter().copied().collect())
             .unwrap_or_default();
         let joined_generation = persisted.as_ref().map_or(0, |p| p.joined_generation);
+        let deciding_generation = persisted.as_ref().map_or(0, |p| p.deciding_generation);
         let was_deciding = persisted.as_ref().is_some_and(|p| p.deciding);
         let first_start = persisted.is_none() && fresh && has_seeds;
         let (status, phase, removals, stream_done) = match persisted {
@@ -275,6 +320,7 @@ impl MembershipState {
                 joined_generation: 0,
                 deciding: true,
                 cleanup_ranges: Vec::new(),
+                deciding_generation: 0,
             };
             if let Ok(bytes) = postcard::to_allocvec(&record) {
                 let _ = storage
@@ -285,6 +331,7 @@ impl MembershipState {
         MembershipState {
             deciding: first_start || was_deciding,
             deciding_since: None,
+            deciding_generation,
             seen_deciding: Vec::new(),
             deciding_ring: None,
             status,
@@ -353,6 +400,7 @@ impl<S: Storage> Node<S> {
             joined_generation: self.membership.joined_generation,
             deciding: self.membership.deciding,
             cleanup_ranges: self.membership.cleanup_ranges.iter().copied().collect(),
+            deciding_generation: self.membership.deciding_generation,
         };
         let Ok(bytes) = postcard::to_allocvec(&persisted) else {
             return;
@@ -404,8 +452,16 @@ impl<S: Storage> Node<S> {
         }
     }
 
-    /// Every member's state as gossip describes it, removals applied.
-    fn member_states(&self) -> BTreeMap<NodeId, MemberState> {
+    /// The generation `node` was removed under, as gossip's removal lists tell (the
+    /// highest), if any.
+    fn removal_generation(&self, node: &NodeId) -> Option<u64> {
+        self.gossip_removals()
+            .get(node)
+            .map(|(generation, _)| *generation)
+    }
+
+    /// Every removal some member announces: node -> (generation, phase), the highest.
+    fn gossip_removals(&self) -> BTreeMap<NodeId, (u64, Phase)> {
         let mut removals: BTreeMap<NodeId, (u64, Phase)> = BTreeMap::new();
         for (_, state) in self.cluster.gossiper.members() {
             let Some(AppValue::Bytes(bytes)) = state.get(REMOVALS_KEY) else {
@@ -420,6 +476,12 @@ impl<S: Storage> Node<S> {
                 *entry = (*entry).max((generation, phase));
             }
         }
+        removals
+    }
+
+    /// Every member's state as gossip describes it, removals applied.
+    fn member_states(&self) -> BTreeMap<NodeId, MemberState> {
+        let removals = self.gossip_removals();
         let mut members = BTreeMap::new();
         for (id, state) in self.cluster.gossiper.members() {
             let (status, phase) = if id == self.id() {
@@ -609,6 +671,24 @@ impl<S: Storage> Node<S> {
     /// member already holds data (or it was removed before and comes back wiped).
     pub(super) fn decide_join(&mut self, now: Millis) {
         if !self.membership.deciding || !self.identity.confirmed {
+            return;
+        }
+        let generation = self.cluster.gossiper.generation();
+        if self.membership.deciding_generation == 0 {
+            self.membership.deciding_generation = generation;
+            self.persist_membership();
+        }
+        // A node removed while it was deciding (dead) that comes back with its data (it may
+        // hold replica writes taken while deciding) stays removed, like any removed node: a
+        // decision would announce a join generation above the removal's and lift it. One
+        // removed before it started deciding (wiped after a removal, then restarted while
+        // deciding) still decides; wiped, it starts empty and joins as a new member.
+        let me = self.id().clone();
+        if self.membership.refused
+            && self
+                .removal_generation(&me)
+                .is_some_and(|removed| removed >= self.membership.deciding_generation)
+        {
             return;
         }
         let me = self.id().clone();
@@ -813,7 +893,9 @@ impl<S: Storage> Node<S> {
         let active = self.membership.layout.active().cloned();
         match phase {
             Phase::Waiting => {
-                if let Some((other, kind, _)) = active {
+                // A removed joiner's own join stays the active change while its removal
+                // waits (`MemberState::layout_change`): the removal does not wait for it.
+                if let Some((other, kind, _)) = active.filter(|(other, _, _)| other != subject) {
                     self.membership.reason = Some(format!(
                         "waiting for the {} of {other} to complete",
                         kind.as_str()
@@ -1384,7 +1466,8 @@ impl<S: Storage> Node<S> {
         Ok(self.change_progress(self.id(), now))
     }
 
-    /// `mendkv remove-node ID`: the surviving replicas re-replicate a dead node's ranges.
+    /// `mendkv remove-node ID`: the surviving replicas re-replicate a dead node's ranges (a
+    /// dead joiner's join is abandoned instead: there is nothing to re-replicate).
     pub fn remove_node(
         &mut self,
         now: Millis,
@@ -1404,12 +1487,11 @@ impl<S: Storage> Node<S> {
                 "{node} is up: decommission it instead (mendkv decommission --node ...)"
             )));
         }
-        if !matches!(member.status, NodeStatus::Normal | NodeStatus::Leaving) {
-            return Err(ChangeRefusal::Conflict(format!(
-                "{node} is {}: only a normal or leaving node can be removed",
-                member.status.as_str()
-            )));
-        }
+        // A joining node (streaming, or still deciding) can be removed too: a dead joiner
+        // otherwise blocks every later change, since it cannot acknowledge them. Its join is
+        // abandoned: while the removal waits for every member's acknowledgement the rings
+        // stay as the join left them, then it is in no ring (`MemberState::in_new`). Nothing
+        // is re-replicated: every write reached it only in addition to the old owners.
         // Another change in progress does not refuse a removal: the dead node may be what
         // holds that change up (it cannot acknowledge), and from its removal on it no longer
         // has to. The removal waits its turn behind the active change.
@@ -1557,8 +1639,9 @@ impl<S: Storage> Node<S> {
 mod record_tests {
     use super::*;
 
-    /// A record written before cleanup ranges were persisted still loads (no cleanup
-    /// pending), and the current one round-trips them.
+    /// Records written before cleanup ranges, or before the deciding generation, were
+    /// persisted still load (no cleanup pending, generation unknown), and the current one
+    /// round-trips them.
     #[test]
     fn membership_records_of_both_formats_decode() {
         let old = PersistedBeforeCleanup {
@@ -1575,10 +1658,28 @@ mod record_tests {
         assert_eq!(decoded.joined_generation, 5);
         assert_eq!(decoded.removals.len(), 1);
         assert!(decoded.cleanup_ranges.is_empty());
+        assert_eq!(decoded.deciding_generation, 0);
+        let before_generation = PersistedBeforeDecidingGeneration {
+            status: NodeStatus::Joining,
+            phase: Phase::Waiting.code(),
+            removals: Vec::new(),
+            stream_fingerprint: 0,
+            stream_done: Vec::new(),
+            joined_generation: 0,
+            deciding: true,
+            cleanup_ranges: vec![TokenRange { start: 3, end: 4 }],
+        };
+        let decoded =
+            Persisted::decode(&postcard::to_allocvec(&before_generation).unwrap()).unwrap();
+        assert!(decoded.deciding);
+        assert_eq!(decoded.cleanup_ranges, before_generation.cleanup_ranges);
+        assert_eq!(decoded.deciding_generation, 0);
         let mut current = decoded;
         current.cleanup_ranges = vec![TokenRange { start: 10, end: 20 }];
+        current.deciding_generation = 42;
         let again = Persisted::decode(&postcard::to_allocvec(&current).unwrap()).unwrap();
         assert_eq!(again.cleanup_ranges, current.cleanup_ranges);
         assert_eq!(again.stream_done, current.stream_done);
+        assert_eq!(again.deciding_generation, 42);
     }
 }

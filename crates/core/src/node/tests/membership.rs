@@ -731,3 +731,375 @@ fn a_decommission_survives_a_restart_before_the_view_is_whole() {
         cluster.nodes[4].membership.reason
     );
 }
+
+/// The test cluster index of node `id` (`nK` is node K).
+fn index_of(id: &NodeId) -> usize {
+    id.as_str()[1..].parse().unwrap()
+}
+
+/// Every key is stored on each of its RF owners in `node`'s read ring.
+fn assert_on_rf_owners(cluster: &TestCluster, node: usize, keys: &[String]) {
+    let ring = cluster.nodes[node].ring().clone();
+    for key in keys {
+        let owners = ring.preference_list_for_key("b", key.as_bytes());
+        assert_eq!(owners.len(), 3, "{key}: {owners:?}");
+        for owner in &owners {
+            let stored = cluster.nodes[index_of(owner)]
+                .storage()
+                .get("b", key.as_bytes())
+                .ok()
+                .flatten()
+                .is_some();
+            assert!(
+                stored,
+                "{key} missing on its owner {owner} (owners {owners:?})"
+            );
+        }
+    }
+}
+
+/// Writes `count` keys named `{prefix}-{i}` through the live nodes in turn, one per 250 ms
+/// tick; returns the acknowledged ones.
+fn write_while_ticking(
+    cluster: &mut TestCluster,
+    prefix: &str,
+    count: usize,
+    live: &[usize],
+) -> Vec<String> {
+    let mut acked = Vec::new();
+    for i in 0..count {
+        let key = format!("{prefix}-{i}");
+        if matches!(
+            put_key(cluster, live[i % live.len()], &key),
+            ClientResponse::Written { .. }
+        ) {
+            acked.push(key);
+        }
+        let now = cluster.now + 250;
+        cluster.tick(now);
+    }
+    acked
+}
+
+/// A four-node cluster with data, and n4 joining it, killed (kill -9: its storage kept as
+/// it would be on disk) while it streams its ranges, with writes before and during the
+/// join; then the survivors' failure detectors call it down (writes go on meanwhile).
+/// Returns the acknowledged keys and n4's storage.
+fn a_joiner_killed_mid_stream(cluster: &mut TestCluster) -> (Vec<String>, MemoryStorage) {
+    let mut acked: Vec<String> = Vec::new();
+    for key in keys(150) {
+        assert!(matches!(
+            put_key(cluster, 0, &key),
+            ClientResponse::Written { .. }
+        ));
+        acked.push(key);
+    }
+    add_node(cluster, 4);
+    let n4 = NodeId::new("n4");
+    let mut streaming = false;
+    for i in 0..400 {
+        let progress = cluster.nodes[4].change_progress(&n4, cluster.now);
+        if progress.phase == "streaming" && progress.ranges_done > 0 {
+            assert!(
+                progress.ranges_done < progress.ranges_total,
+                "killed mid-stream: {progress:?}"
+            );
+            streaming = true;
+            break;
+        }
+        let key = format!("during-join-{i}");
+        if matches!(
+            put_key(cluster, i % 4, &key),
+            ClientResponse::Written { .. }
+        ) {
+            acked.push(key);
+        }
+        let now = cluster.now + 250;
+        cluster.tick(now);
+    }
+    assert!(streaming, "n4 streams");
+    let storage = cluster.take_storage(4);
+    storage.crash(0);
+    cluster.stopped[4] = true;
+    let mut i = 0;
+    while cluster.nodes[..4]
+        .iter()
+        .any(|n| n.peer_liveness(&n4) != crate::gossip::Liveness::Down)
+    {
+        assert!(i < 200, "the failure detectors call n4 down");
+        acked.extend(write_while_ticking(
+            cluster,
+            &format!("after-kill-{i}"),
+            1,
+            &[0, 1, 2, 3],
+        ));
+        i += 1;
+    }
+    // Its join is stuck: it cannot acknowledge, and no one else moves it.
+    assert_eq!(
+        cluster.nodes[0].peer_state(&n4),
+        crate::gossip::NodeStatus::Joining
+    );
+    (acked, storage)
+}
+
+/// Removes the dead joiner n4 through n1 and waits until every survivor completed it, with
+/// writes going on; returns the keys acknowledged meanwhile. Throughout, no survivor places
+/// n4 in its old (so its read) ring, and the removal streams nothing: the joiner was never
+/// the only copy of anything, so there is nothing to re-replicate.
+fn remove_the_dead_joiner(cluster: &mut TestCluster) -> Vec<String> {
+    let n4 = NodeId::new("n4");
+    let streamed = |c: &TestCluster| -> Vec<u64> {
+        c.nodes[..4]
+            .iter()
+            .map(|n| n.stats()[Counter::StreamingRangesDone])
+            .collect()
+    };
+    let streamed_before = streamed(cluster);
+    match cluster.request(1, ClientRequest::RemoveNode { node: n4.clone() }) {
+        ClientResponse::Change(progress) => {
+            assert_eq!(progress.change.as_deref(), Some("remove"), "{progress:?}")
+        }
+        other => panic!("remove-node of the dead joiner: {other:?}"),
+    }
+    let mut acked = Vec::new();
+    for i in 0..600 {
+        for (j, node) in cluster.nodes[..4].iter().enumerate() {
+            assert!(
+                !node.layout().old_ring().nodes().contains(&n4),
+                "n{j} placed the dead joiner among the owners: {:?}",
+                node.change_progress(&n4, cluster.now)
+            );
+        }
+        assert_eq!(streamed(cluster), streamed_before, "the removal streamed");
+        if cluster.nodes[..4].iter().all(|n| n.is_removed(&n4)) {
+            return acked;
+        }
+        acked.extend(write_while_ticking(
+            cluster,
+            &format!("removal-{i}"),
+            1,
+            &[0, 1, 2, 3],
+        ));
+    }
+    panic!(
+        "the removal did not finish: {:?}",
+        cluster.nodes[1].change_progress(&n4, cluster.now)
+    );
+}
+
+/// No ring of the survivors holds n4 any more, and no change is left active.
+fn assert_in_no_ring(cluster: &TestCluster, survivors: &[usize], gone: &NodeId) {
+    for &i in survivors {
+        let node = &cluster.nodes[i];
+        let layout = node.layout();
+        assert!(layout.active().is_none(), "n{i}: {:?}", layout.active());
+        for ring in [layout.old_ring(), layout.new_ring(), layout.partition()] {
+            assert!(!ring.nodes().contains(gone), "n{i}: {:?}", ring.nodes());
+        }
+        assert_eq!(
+            node.change_progress(gone, cluster.now).state,
+            "left",
+            "n{i}"
+        );
+    }
+}
+
+/// Issue 13: a joiner that died while streaming blocked every later change for good (it
+/// cannot acknowledge, and `remove-node` took only normal or leaving nodes). It can be
+/// removed now: the removal finishes, no ring holds it, every acknowledged key (before,
+/// during the join, after the kill, during the removal) is on its RF owners, and the dead
+/// joiner that comes back with its data is refused by its peers.
+#[test]
+fn a_joiner_killed_mid_stream_can_be_removed() {
+    let mut cluster = gossiping_cluster(4);
+    let (mut acked, storage) = a_joiner_killed_mid_stream(&mut cluster);
+    let n4 = NodeId::new("n4");
+    acked.extend(remove_the_dead_joiner(&mut cluster));
+    assert_in_no_ring(&cluster, &[0, 1, 2, 3], &n4);
+    assert_on_rf_owners(&cluster, 0, &acked);
+    for key in &acked {
+        assert_eq!(
+            read_key(&mut cluster, 2, key),
+            Some(key.as_bytes().to_vec()),
+            "{key}"
+        );
+    }
+
+    // n4 comes back with its data: it stays removed.
+    let refused_before: u64 = cluster.nodes[..4]
+        .iter()
+        .map(|n| n.stats()[Counter::PeerMessagesFromRemoved])
+        .sum();
+    let now = cluster.now;
+    let mut config = NodeConfig::new("n4");
+    config.learn_epoch_from_peers = true;
+    let mut back = Node::new(config, storage, now).unwrap();
+    assert_eq!(back.own_state(), crate::gossip::NodeStatus::Joining);
+    for i in 0..4 {
+        back.handle_seed_discovered(now, member(i));
+    }
+    cluster.nodes[4] = back;
+    cluster.stopped[4] = false;
+    cluster.run();
+    tick_until(&mut cluster, 20, |_| false);
+    assert!(cluster.nodes[4].is_refused(), "it learned it was removed");
+    let refused: u64 = cluster.nodes[..4]
+        .iter()
+        .map(|n| n.stats()[Counter::PeerMessagesFromRemoved])
+        .sum();
+    assert!(refused > refused_before, "its peers refused its messages");
+    assert_in_no_ring(&cluster, &[0, 1, 2, 3], &n4);
+    assert!(matches!(
+        put_key(&mut cluster, 4, "through-the-removed-joiner"),
+        ClientResponse::NotReady(reason) if reason.contains("removed")
+    ));
+    assert!(matches!(
+        put_key(&mut cluster, 0, "after-its-return"),
+        ClientResponse::Written { .. }
+    ));
+    assert!(cluster.nodes[4]
+        .storage()
+        .get("b", b"after-its-return")
+        .ok()
+        .flatten()
+        .is_none());
+}
+
+/// Once the dead joiner is removed its abandoned join no longer holds the cluster: a fifth
+/// node joins and becomes normal everywhere, and every acknowledged key is on its RF owners
+/// of the final ring.
+#[test]
+fn after_a_dead_joiner_is_removed_another_node_joins() {
+    let mut cluster = gossiping_cluster(4);
+    let (mut acked, _storage) = a_joiner_killed_mid_stream(&mut cluster);
+    acked.extend(remove_the_dead_joiner(&mut cluster));
+    add_node(&mut cluster, 5);
+    let n5 = NodeId::new("n5");
+    let live = [0, 1, 2, 3, 5];
+    let mut joined = false;
+    for i in 0..800 {
+        joined = live
+            .iter()
+            .all(|&j| cluster.nodes[j].peer_state(&n5) == crate::gossip::NodeStatus::Normal)
+            && live
+                .iter()
+                .all(|&j| cluster.nodes[j].layout().active().is_none());
+        if joined {
+            break;
+        }
+        acked.extend(write_while_ticking(
+            &mut cluster,
+            &format!("second-join-{i}"),
+            1,
+            &live,
+        ));
+    }
+    assert!(
+        joined,
+        "{:?}",
+        cluster.nodes[5].change_progress(&n5, cluster.now)
+    );
+    assert!(cluster.nodes[0].ring().nodes().contains(&n5));
+    for &i in &live {
+        assert_on_rf_owners(&cluster, i, &acked);
+    }
+    for key in &acked {
+        assert_eq!(
+            read_key(&mut cluster, 5, key),
+            Some(key.as_bytes().to_vec()),
+            "{key}"
+        );
+    }
+}
+
+/// A joiner that is up is not removed (409, as for any up node): it is decommissioned, or
+/// its join completes.
+#[test]
+fn removing_an_up_joiner_is_a_conflict() {
+    let mut cluster = gossiping_cluster(4);
+    for key in keys(50) {
+        put_key(&mut cluster, 0, &key);
+    }
+    add_node(&mut cluster, 4);
+    let n4 = NodeId::new("n4");
+    let streaming = tick_until(&mut cluster, 400, |c| {
+        c.nodes[4].change_progress(&n4, c.now).phase == "streaming"
+    });
+    assert!(streaming);
+    assert!(matches!(
+        cluster.request(1, ClientRequest::RemoveNode { node: n4.clone() }),
+        ClientResponse::Conflict(reason) if reason.contains("is up")
+    ));
+    let joined = tick_until(&mut cluster, 400, |c| {
+        c.nodes
+            .iter()
+            .all(|n| n.peer_state(&n4) == crate::gossip::NodeStatus::Normal)
+    });
+    assert!(joined, "the join completes");
+    assert!(!cluster.nodes[0].is_removed(&n4));
+}
+
+/// A node removed while it was dead and still deciding between bootstrap and join (it took
+/// replica writes meanwhile) that comes back with its data stays removed: it does not
+/// decide again, which would announce a join generation above the removal's and lift it.
+#[test]
+fn a_deciding_node_removed_while_dead_stays_removed_when_it_comes_back() {
+    let mut cluster = gossiping_cluster(4);
+    add_node(&mut cluster, 4);
+    let n4 = NodeId::new("n4");
+    // n3 falls silent while still believed up, so n4 cannot decide: it waits for n3's list.
+    cluster.stopped[3] = true;
+    tick_until(&mut cluster, 8, |_| false);
+    assert!(cluster.nodes[4].membership.deciding);
+    for key in keys(30) {
+        assert!(matches!(
+            put_key(&mut cluster, 0, &key),
+            ClientResponse::Written { .. }
+        ));
+    }
+    assert!(stored_keys(&cluster.nodes[4]) > 0, "it took replica writes");
+    // n4 dies still deciding; n3 is back.
+    let storage = cluster.take_storage(4);
+    cluster.stopped[4] = true;
+    cluster.stopped[3] = false;
+    let down = tick_until(&mut cluster, 200, |c| {
+        c.nodes[..4]
+            .iter()
+            .all(|n| n.peer_liveness(&n4) == crate::gossip::Liveness::Down)
+    });
+    assert!(down);
+    assert!(matches!(
+        cluster.request(1, ClientRequest::RemoveNode { node: n4.clone() }),
+        ClientResponse::Change(_)
+    ));
+    let removed = tick_until(&mut cluster, 600, |c| {
+        c.nodes[..4].iter().all(|n| n.is_removed(&n4))
+    });
+    assert!(
+        removed,
+        "{:?}",
+        cluster.nodes[1].change_progress(&n4, cluster.now)
+    );
+    assert_in_no_ring(&cluster, &[0, 1, 2, 3], &n4);
+
+    // It comes back with its data.
+    let now = cluster.now;
+    let mut config = NodeConfig::new("n4");
+    config.learn_epoch_from_peers = true;
+    let mut back = Node::new(config, storage, now).unwrap();
+    assert!(back.membership.deciding);
+    for i in 0..4 {
+        back.handle_seed_discovered(now, member(i));
+    }
+    cluster.nodes[4] = back;
+    cluster.stopped[4] = false;
+    cluster.run();
+    tick_until(&mut cluster, 40, |_| false);
+    assert!(cluster.nodes[4].is_refused(), "it learned it was removed");
+    assert!(cluster.nodes[4].membership.deciding, "and did not decide");
+    for node in &cluster.nodes[..4] {
+        assert!(node.is_removed(&n4), "its removal was not lifted");
+    }
+    assert_in_no_ring(&cluster, &[0, 1, 2, 3], &n4);
+}
