@@ -528,6 +528,9 @@ enum DriverState {
     Done,
 }
 
+/// A key: bucket and key bytes.
+type KeyId = (String, Vec<u8>);
+
 /// Where a wanted item is: in a known segment, or (`None`) somewhere below the nodes of a
 /// coded reconciliation.
 type Place = Option<Segment>;
@@ -543,6 +546,12 @@ struct Transfer {
     coded: Option<(u8, Vec<u32>)>,
     /// Keys moved in this batch (a key may go both ways: count it once).
     moved: BTreeSet<(String, Vec<u8>)>,
+    /// Keys counted in `keys_different` in this batch: each push when it is listed (the
+    /// driver's item is not on the receiver), each want only when an object that differs
+    /// from the driver's comes back. A wanted short hash proves nothing by itself: a coded
+    /// decode can name an item nobody holds (a checksum that matched by chance), and a
+    /// want answered with nothing found no difference.
+    found: BTreeSet<(String, Vec<u8>)>,
     /// Objects pulled in this batch, so a push the receiver does not need is skipped.
     pulled: BTreeMap<(String, Vec<u8>), Object>,
 }
@@ -624,9 +633,9 @@ pub struct ExchangeDriver {
     /// The pass in which a coded reconciliation fell back: the rest of that pass descends
     /// (the failed attempt already cost a round trip; the descent's cost is known).
     coding_failed_in_pass: u32,
-    /// Keys moved by a coded transfer whose ambiguous segments are listed next: the listed
-    /// batch counts a key it moves again once only.
-    moved_before_lists: BTreeSet<(String, Vec<u8>)>,
+    /// Keys moved and keys found different by a coded transfer whose ambiguous segments are
+    /// listed next: the listed batch counts a key it moves again once only.
+    before_lists: (BTreeSet<KeyId>, BTreeSet<KeyId>),
 }
 
 impl ExchangeDriver {
@@ -657,7 +666,7 @@ impl ExchangeDriver {
             stats: ExchangeStats::default(),
             bucket: None,
             coding_failed_in_pass: 0,
-            moved_before_lists: BTreeSet::new(),
+            before_lists: (BTreeSet::new(), BTreeSet::new()),
         }
     }
 
@@ -1052,7 +1061,7 @@ impl ExchangeDriver {
         transfer.wants = theirs.into_iter().map(|d| (None, d.item)).collect();
         transfer.coded = Some((coding.depth, coding.nodes));
         self.stats.keys_compared += own_items;
-        self.stats.keys_different += (transfer.pushes.len() + transfer.wants.len()) as u64;
+        self.count_pushes(&mut transfer);
         self.send_transfer(source, transfer, listed.into_iter().collect())
     }
 
@@ -1118,8 +1127,10 @@ impl ExchangeDriver {
         for &segment in requested[counts.len()..].iter().rev() {
             remaining.push_front(segment);
         }
+        let (moved, found) = std::mem::take(&mut self.before_lists);
         let mut transfer = Transfer {
-            moved: std::mem::take(&mut self.moved_before_lists),
+            moved,
+            found,
             ..Transfer::default()
         };
         let mut offset = 0usize;
@@ -1151,8 +1162,17 @@ impl ExchangeDriver {
             }
             self.stats.keys_compared += items.len() as u64 + u64::from(count);
         }
-        self.stats.keys_different += (transfer.pushes.len() + transfer.wants.len()) as u64;
+        self.count_pushes(&mut transfer);
         self.send_transfer(source, transfer, remaining)
+    }
+
+    /// Counts the keys of the batch's pushes as different (once per key and batch).
+    fn count_pushes(&mut self, transfer: &mut Transfer) {
+        for id in &transfer.pushes {
+            if transfer.found.insert(id.clone()) {
+                self.stats.keys_different += 1;
+            }
+        }
     }
 
     /// Sends the batch's next `Transfer`. Wants go first, alone, until every wanted item has
@@ -1202,7 +1222,6 @@ impl ExchangeDriver {
                 if let Some(theirs) = transfer.pulled.get(&id) {
                     // The receiver's version already covers ours (it was behind on nothing).
                     if object.merge(theirs) == *theirs {
-                        self.stats.keys_different = self.stats.keys_different.saturating_sub(1);
                         continue;
                     }
                 }
@@ -1210,11 +1229,9 @@ impl ExchangeDriver {
                 push_bytes += object.size_bytes() + key.len() + 64;
                 self.stats.objects_pushed += 1;
                 self.stats.value_bytes_sent += object.size_bytes() as u64;
+                // Pulled earlier in this batch: one key, different on both sides, moved once.
                 if transfer.moved.insert((bucket.clone(), key.clone())) {
                     self.stats.keys_moved += 1;
-                } else {
-                    // Pulled earlier in this batch: one key, different on both sides.
-                    self.stats.keys_different = self.stats.keys_different.saturating_sub(1);
                 }
                 objects.push(RepairObject {
                     bucket,
@@ -1226,7 +1243,7 @@ impl ExchangeDriver {
         if objects.is_empty() && want.is_empty() && coded_want.is_none() {
             // Nothing left (pushed objects may have vanished meanwhile).
             if transfer.coded.is_some() {
-                self.moved_before_lists = transfer.moved;
+                self.before_lists = (transfer.moved, transfer.found);
             }
             return self.next_batch(remaining);
         }
@@ -1256,7 +1273,6 @@ impl ExchangeDriver {
     ) -> Result<DriverStep, ExchangeError> {
         let probe = self.probe(self.pass);
         let mut received = BTreeSet::new();
-        let mut pulled_by_coding = Vec::with_capacity(objects.len());
         for item in &objects {
             check_object(self.range, item)
                 .map_err(|e| ExchangeError::InvalidResponse(e.to_string()))?;
@@ -1276,11 +1292,9 @@ impl ExchangeDriver {
             match segment {
                 Some(segment) if transfer.asked.iter().any(|&(s, _)| s == Some(segment)) => {
                     received.insert((Some(segment), short));
-                    pulled_by_coding.push(false);
                 }
                 Some(segment) if coded(segment) => {
                     received.insert((None, short));
-                    pulled_by_coding.push(true);
                 }
                 _ => {
                     return Err(ExchangeError::InvalidResponse(
@@ -1297,27 +1311,28 @@ impl ExchangeDriver {
                 }
             }
         }
-        for (item, by_coding) in objects.into_iter().zip(pulled_by_coding) {
-            // A wanted short hash two of the receiver's items share brings both; the one
-            // the driver already holds as is did not differ.
-            if by_coding && source.object(&item.bucket, &item.key)?.as_ref() == Some(&item.object) {
+        for item in objects {
+            // A wanted short hash two of the receiver's items share brings both (likelier
+            // below coded nodes, which cover many segments); the one the driver already
+            // holds as is did not differ.
+            if source.object(&item.bucket, &item.key)?.as_ref() == Some(&item.object) {
                 continue;
             }
             self.stats.objects_pulled += 1;
             self.stats.value_bytes_received += item.object.size_bytes() as u64;
             let id = (item.bucket.clone(), item.key.clone());
             transfer.pulled.insert(id.clone(), item.object.clone());
+            if transfer.found.insert(id.clone()) {
+                self.stats.keys_different += 1;
+            }
             if transfer.moved.insert(id) {
                 self.stats.keys_moved += 1;
-            } else {
-                // Pushed and pulled: one key, found different on both sides.
-                self.stats.keys_different = self.stats.keys_different.saturating_sub(1);
             }
             writes.push(item);
         }
         if transfer.pushes.is_empty() && transfer.wants.is_empty() {
             if transfer.coded.is_some() {
-                self.moved_before_lists = transfer.moved;
+                self.before_lists = (transfer.moved, transfer.found);
             }
             self.next_batch(remaining)
         } else {
