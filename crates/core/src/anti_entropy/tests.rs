@@ -220,19 +220,22 @@ fn ranges() -> impl Strategy<Value = Vec<TokenRange>> {
 /// Coded reconciliation: off, limited to a few segments, or unlimited; first prefixes from
 /// far too small (decoding fails, extensions or the fallback run) to generous; symbol
 /// budgets from one symbol (every decode of more than one difference fails) up.
-fn coded_configs() -> impl Strategy<Value = (u32, u32, u32, u32)> {
+fn coded_configs() -> impl Strategy<Value = (u32, u32, u32, u32, u32, bool)> {
     (
         prop_oneof![Just(0u32), 1..64u32, Just(1 << 18)],
         prop_oneof![1..20u32, 20..400u32],
         0..4u32,
         prop_oneof![1..8u32, Just(1 << 16)],
+        // Items coded at most: none, a few (coding is declined or skipped), any.
+        prop_oneof![Just(0u32), 1..30u32],
+        any::<bool>(),
     )
 }
 
 fn configs() -> impl Strategy<Value = (ExchangeConfig, ReceiverLimits)> {
     (
         1..=8u8,
-        4..=8u8,
+        3..=8u8,
         1..4usize,
         1..300usize,
         1..4usize,
@@ -246,6 +249,8 @@ fn configs() -> impl Strategy<Value = (ExchangeConfig, ReceiverLimits)> {
                     coded_symbols_per_hundred_keys,
                     coded_extensions,
                     coded_max_symbols,
+                    coded_max_items,
+                    coded_in_compare,
                 ) = coded;
                 (
                     ExchangeConfig {
@@ -259,6 +264,8 @@ fn configs() -> impl Strategy<Value = (ExchangeConfig, ReceiverLimits)> {
                         coded_symbols_per_hundred_keys,
                         coded_extensions,
                         coded_max_symbols,
+                        coded_max_items,
+                        coded_in_compare,
                     },
                     ReceiverLimits {
                         max_items_per_response: items,
@@ -464,8 +471,10 @@ fn in_sync_exchange_is_one_round_trip_without_scans() {
     };
     assert_eq!(report.outcome, ExchangeOutcome::Converged);
     assert_eq!(report.stats.round_trips, 1);
+    // The root, and (coding in the first request, the default) the 16 two-byte level-1
+    // hashes and the coding bounds.
     assert!(
-        report.stats.bytes_sent + report.stats.bytes_received < 64,
+        report.stats.bytes_sent + report.stats.bytes_received < 72,
         "{:?}",
         report.stats
     );
@@ -555,9 +564,10 @@ fn scanned_exchange(
     }
 }
 
-/// One differing key, coding on (the default): after the root's children, one symbol
-/// request decodes the difference (no descent, no item lists), the key is pulled, and the
-/// exchange takes 4 round trips instead of 6; the scans cover the mismatched level-1 node.
+/// One differing key, coding on (the default): the first request carries the driver's
+/// level-1 hashes, the receiver answers with the symbols below the one child that differs,
+/// which decode the difference (no descent, no item lists); the key is pulled, and the
+/// exchange takes 3 round trips instead of 6; the scans cover the mismatched level-1 node.
 #[test]
 fn one_difference_decodes_from_coded_symbols() {
     let (mut a, mut b) = (
@@ -576,15 +586,16 @@ fn one_difference_decodes_from_coded_symbols() {
     assert_eq!(report.stats.objects_pulled, 1);
     assert_eq!(report.stats.coded_fallbacks, 0);
     assert!(report.stats.coded_symbols >= 2, "{:?}", report.stats);
-    assert_eq!(report.stats.round_trips, 4);
-    assert!(matches!(bodies[1], RequestBody::Symbols { depth: 1, .. }));
+    assert_eq!(report.stats.round_trips, 3);
+    assert!(matches!(bodies[0], RequestBody::CompareCoded { .. }));
     assert!(matches!(
-        &bodies[2],
+        &bodies[1],
         RequestBody::Transfer { want, coded_want: Some(_), .. } if want.is_empty()
     ));
-    // A level-1 node is 256 segments, scanned 16 at a time: the driver twice (decode, then
-    // map the decoded items), the receiver for the symbols and for the want.
-    assert_eq!((scans_a, scans_b), (32, 32));
+    // A level-1 node is 256 segments, scanned 16 at a time: the driver once for its short
+    // hashes, then the one segment of its decoded (old) item, the receiver for the symbols
+    // and for the want.
+    assert_eq!((scans_a, scans_b), (17, 32));
     assert_eq!(a.store.get(&bucket, &key), b.store.get(&bucket, &key));
 }
 
@@ -717,8 +728,12 @@ fn driver_rejects_malformed_symbols() {
         }),
     ];
     for (name, bad) in spoils {
-        let mut driver =
-            ExchangeDriver::new(ExchangeId(1), FULL_RING, ExchangeConfig::default(), 1);
+        let config = ExchangeConfig {
+            item_hash_bytes: 4,
+            coded_in_compare: false,
+            ..ExchangeConfig::default()
+        };
+        let mut driver = ExchangeDriver::new(ExchangeId(1), FULL_RING, config, 1);
         let compare = sent(driver.start(&mut a.trees));
         let out = handle_request(compare, &mut b.trees, &b.store, &ReceiverLimits::default());
         let out = driver.handle_response(out.response, &mut a.trees, &a.store);
@@ -1522,5 +1537,63 @@ fn a_phantom_decoded_want_is_not_a_difference() {
     assert_eq!(moved.len(), 3);
     assert_eq!(report.stats.keys_moved, 3);
     assert_eq!(report.stats.keys_different, 3, "{:?}", report.stats);
+    assert_eq!(contents(&a), contents(&b));
+}
+
+/// With `coded_max_items` below what a level-1 node holds (2,000 keys: ~125 a level-1
+/// node, ~8 a level-2 node), the receiver stops its scan at the bound and declines (the
+/// differing children come back without symbols), the driver descends one level and codes
+/// the level-2 node instead, having scanned its own items first within the bound. Still
+/// exact. Without a bound the same difference is coded at level 1.
+#[test]
+fn coded_item_bound_declines_level_one_and_codes_deeper() {
+    let (mut a, mut b) = (
+        filled(2000, TreeShape::DEFAULT),
+        filled(2000, TreeShape::DEFAULT),
+    );
+    let (bucket, key) = key_of(5);
+    let mut object = b.store.get(&bucket, &key).unwrap().clone();
+    object.apply_write(Actor::new("m", 1), &object.causal_context(), data("new"));
+    b.put(&bucket, &key, object);
+    let config = ExchangeConfig {
+        coded_max_items: 40,
+        ..ExchangeConfig::default()
+    };
+    let (report, _, _, bodies) = scanned_exchange(&mut a, &mut b, config);
+    assert_eq!(report.outcome, ExchangeOutcome::Converged);
+    assert_eq!(report.stats.keys_moved, 1);
+    assert_eq!(report.stats.keys_different, 1);
+    assert_eq!(report.stats.coded_fallbacks, 0);
+    assert!(matches!(bodies[0], RequestBody::CompareCoded { .. }));
+    assert!(matches!(bodies[1], RequestBody::Descend { depth: 1, .. }));
+    assert!(
+        matches!(bodies[2], RequestBody::Symbols { depth: 2, .. }),
+        "{bodies:?}"
+    );
+    assert!(!bodies
+        .iter()
+        .any(|body| matches!(body, RequestBody::Items { .. })));
+    assert!(report.stats.keys_compared <= 40, "{:?}", report.stats);
+    assert_eq!(contents(&a), contents(&b));
+
+    // A bound below even a level-2 node's items: the descent and the item lists.
+    let (mut a, mut b) = (
+        filled(2000, TreeShape::DEFAULT),
+        filled(2000, TreeShape::DEFAULT),
+    );
+    let mut object = b.store.get(&bucket, &key).unwrap().clone();
+    object.apply_write(Actor::new("m", 1), &object.causal_context(), data("new"));
+    b.put(&bucket, &key, object);
+    let config = ExchangeConfig {
+        coded_max_items: 1,
+        ..ExchangeConfig::default()
+    };
+    let (report, _, _, bodies) = scanned_exchange(&mut a, &mut b, config);
+    assert_eq!(report.outcome, ExchangeOutcome::Converged);
+    assert_eq!(report.stats.keys_moved, 1);
+    assert_eq!(report.stats.coded_symbols, 0);
+    assert!(bodies
+        .iter()
+        .any(|body| matches!(body, RequestBody::Items { .. })));
     assert_eq!(contents(&a), contents(&b));
 }
