@@ -28,8 +28,9 @@
 //!    tried (the rest of that pass descends). Decoded items of the driver are pushed,
 //!    the receiver's wanted by short hash below the nodes (`CodedWant`); a short hash two
 //!    of the driver's items share sends their segments through the item lists. Bytes then
-//!    follow the number of differences (6 bytes a symbol, ~1.4-2 symbols a difference), not
-//!    the tree's width, at the price of scanning every item below the coded nodes (once
+//!    follow the number of differences (5 bytes a symbol by default, ~1.4-2 symbols a
+//!    difference), not the tree's width, at the price of scanning every item below the
+//!    coded nodes (once
 //!    on the driver, which keeps their short hashes for extensions and rescans only the
 //!    segments of decoded items; once per request on the receiver).
 //!
