@@ -1600,3 +1600,73 @@ fn coded_item_bound_declines_level_one_and_codes_deeper() {
         .any(|body| matches!(body, RequestBody::Items { .. })));
     assert_eq!(contents(&a), contents(&b));
 }
+
+/// `CompareCoded` with the wrong number of child hashes is refused; a `CodedSymbols`
+/// answer with a bitmap of the wrong size or a bit past the fanout, or ragged symbols,
+/// ends the exchange as invalid.
+#[test]
+fn malformed_coded_compare_and_answers_are_rejected() {
+    let (mut a, mut b) = (
+        filled(200, TreeShape::DEFAULT),
+        filled(200, TreeShape::DEFAULT),
+    );
+    let (bucket, key) = key_of(5);
+    let mut object = b.store.get(&bucket, &key).unwrap().clone();
+    object.apply_write(Actor::new("m", 1), &object.causal_context(), data("new"));
+    b.put(&bucket, &key, object);
+
+    let mut driver = ExchangeDriver::new(ExchangeId(1), FULL_RING, ExchangeConfig::default(), 1);
+    let mut request = sent(driver.start(&mut a.trees));
+    let RequestBody::CompareCoded { children, .. } = &mut request.body else {
+        panic!("{:?}", request.body);
+    };
+    children.pop();
+    let out = handle_request(request, &mut b.trees, &b.store, &ReceiverLimits::default());
+    assert!(matches!(
+        out.response.body,
+        ResponseBody::Refused(Refusal::Invalid(_))
+    ));
+
+    type Spoil = fn(Vec<u8>, Vec<u8>) -> (Vec<u8>, Vec<u8>);
+    let spoils: [(&str, Spoil); 4] = [
+        ("short bitmap", |mut nodes, symbols| {
+            nodes.pop();
+            (nodes, symbols)
+        }),
+        ("long bitmap", |mut nodes, symbols| {
+            nodes.push(0);
+            (nodes, symbols)
+        }),
+        ("every node", |nodes: Vec<u8>, symbols| {
+            (vec![0xff; nodes.len()], symbols)
+        }),
+        ("ragged symbols", |nodes, mut symbols: Vec<u8>| {
+            symbols.pop();
+            (nodes, symbols)
+        }),
+    ];
+    for (name, bad) in spoils {
+        let mut driver =
+            ExchangeDriver::new(ExchangeId(1), FULL_RING, ExchangeConfig::default(), 1);
+        let request = sent(driver.start(&mut a.trees));
+        let mut out = handle_request(request, &mut b.trees, &b.store, &ReceiverLimits::default());
+        let ResponseBody::CodedSymbols { nodes, symbols } = out.response.body else {
+            panic!("{name}: {:?}", out.response.body);
+        };
+        assert!(!symbols.is_empty(), "{name}");
+        let (nodes, symbols) = bad(nodes, symbols);
+        out.response.body = ResponseBody::CodedSymbols { nodes, symbols };
+        let out = driver.handle_response(out.response, &mut a.trees, &a.store);
+        match out.step {
+            DriverStep::Finished(report) => assert!(
+                matches!(
+                    report.outcome,
+                    ExchangeOutcome::Failed(ExchangeError::InvalidResponse(_))
+                ),
+                "{name}: {:?}",
+                report.outcome
+            ),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+}
