@@ -294,9 +294,18 @@ fn main() {
     println!("| config | divergent | time | bytes on the wire | discovery bytes | keys moved / divergent | metadata B / divergent key | discovery B / divergent key | leaves mismatched | round trips | passes | converged | coded symbols (fallbacks) | items scanned / divergent key |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let fanout_8 = TreeShape::new(12, 3).unwrap();
-    // The rows before coding existed: descent to the leaves, then item lists.
+    // The rows before coding existed: descent to the leaves, then item lists (4-byte item
+    // hashes, the default then).
     let lists = ExchangeConfig {
+        item_hash_bytes: 4,
         coded_max_segments: 0,
+        ..ExchangeConfig::default()
+    };
+    // The coded protocol of the first coded run: 4-byte items, symbols asked for after the
+    // receiver's level-1 hashes.
+    let coded_old = ExchangeConfig {
+        item_hash_bytes: 4,
+        coded_in_compare: false,
         ..ExchangeConfig::default()
     };
     let variants = [
@@ -319,17 +328,43 @@ fn main() {
             lists.clone(),
         ),
         (
-            "fanout 16, coded symbols below mismatched nodes (default)",
+            "fanout 16, coded symbols below mismatched nodes (first coded default: 4-byte items, Symbols after level 1)",
+            shape,
+            coded_old.clone(),
+        ),
+        (
+            "fanout 16, coded symbols, at most 512 segments coded (first coded protocol)",
+            shape,
+            ExchangeConfig {
+                coded_max_segments: 512,
+                ..coded_old.clone()
+            },
+        ),
+        (
+            "NEW: item lists, 3-byte item hashes",
+            shape,
+            ExchangeConfig {
+                coded_max_segments: 0,
+                ..ExchangeConfig::default()
+            },
+        ),
+        (
+            "NEW: coded from the first request, 3-byte items (default)",
             shape,
             ExchangeConfig::default(),
         ),
         (
-            "fanout 16, coded symbols, at most 512 segments coded",
+            "NEW: 3-byte items, coded after the receiver's level-1 hashes (no CompareCoded)",
             shape,
             ExchangeConfig {
-                coded_max_segments: 512,
+                coded_in_compare: false,
                 ..ExchangeConfig::default()
             },
+        ),
+        (
+            "NEW: bounded coding (ExchangeConfig::bounded_coding: <= 512 segments, <= 4096 items coded)",
+            shape,
+            ExchangeConfig::bounded_coding(),
         ),
     ];
     let mut base_fanout_8 = MemoryReplica {

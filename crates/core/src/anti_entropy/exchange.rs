@@ -28,9 +28,20 @@
 //!    tried (the rest of that pass descends). Decoded items of the driver are pushed,
 //!    the receiver's wanted by short hash below the nodes (`CodedWant`); a short hash two
 //!    of the driver's items share sends their segments through the item lists. Bytes then
-//!    follow the number of differences (6 bytes a symbol, ~1.4-2 symbols a difference), not
-//!    the tree's width, at the price of scanning every item below the coded nodes (twice
-//!    on the driver, once per request on the receiver).
+//!    follow the number of differences (5 bytes a symbol by default, ~1.4-2 symbols a
+//!    difference), not the tree's width, at the price of scanning every item below the
+//!    coded nodes (once
+//!    on the driver, which keeps their short hashes for extensions and rescans only the
+//!    segments of decoded items; once per request on the receiver).
+//!
+//!    With `coded_in_compare` (the default) coding starts in the first request: the driver
+//!    sends `CompareCoded`, its root and its level-1 short hashes, and the receiver, which
+//!    then knows which children differ, answers `CodedSymbols` (the differing children and
+//!    the first symbols below them) in the same round trip, or declines with the
+//!    children alone (every child differs, or the driver's `CodedAsk` bounds on segments
+//!    and items are exceeded: it stops scanning at `max_items`), and the driver descends.
+//!    `coded_max_items` bounds deeper levels too: the driver scans its own items first and
+//!    descends past the bound, before asking anything.
 //! 4. `Verify`: the driver asks for the receiver's root and compares it with its own. If they
 //!    still differ (a write landed meanwhile, or a short hash collided), another pass runs
 //!    with a fresh salt, up to `max_passes`.
@@ -140,6 +151,31 @@ pub enum RequestBody {
     },
     /// The receiver's root (after the merges of this pass).
     Verify,
+    /// `Compare` that starts coding at once: the driver's root and the short hashes of the
+    /// root's children. The receiver answers `InSync`, or `CodedSymbols`: the children that
+    /// differ and, when `ask` allows coding them, the first symbols of the items below them.
+    /// Saves the `Symbols` request that would follow and its round trip, and the children's
+    /// hashes travel one way instead of back, for `node_hash_bytes` per child more when the
+    /// range is in sync. (Added after the other variants: their encoding is unchanged.)
+    CompareCoded {
+        root: [u8; 8],
+        children: Vec<u8>,
+        ask: CodedAsk,
+    },
+}
+
+/// The driver's coding bounds, for a receiver that decides itself whether to code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodedAsk {
+    /// Symbols sent per hundred keys estimated to differ.
+    pub symbols_per_hundred_keys: u32,
+    /// At most this many symbols.
+    pub max_symbols: u32,
+    /// Code only if the differing children cover at most this many segments.
+    pub max_segments: u32,
+    /// Code only if at most this many items lie below them (0: no bound); the receiver
+    /// stops scanning past it and answers the children's hashes instead.
+    pub max_items: u32,
 }
 
 /// Items of one segment the driver wants, by short hash (packed, `item_hash_bytes` each).
@@ -197,6 +233,15 @@ pub enum ResponseBody {
         complete: bool,
     },
     Refused(Refusal),
+    /// Answer to `CompareCoded`: the root's children that differ (a bitmap, one bit per
+    /// child, low bit first) and the first coded symbols of the items below them, packed;
+    /// none when the receiver declined to code them (every child differs, or too many
+    /// segments or items below them): the driver descends from those children.
+    /// (Added after the other variants: their encoding is unchanged.)
+    CodedSymbols {
+        nodes: Vec<u8>,
+        symbols: Vec<u8>,
+    },
 }
 
 /// Why a receiver refused a request; the driver gives up on the exchange.
@@ -347,9 +392,9 @@ pub struct ExchangeStats {
     pub leaves_mismatched: u64,
     /// Items (key, version digest) compared in mismatched segments, both sides.
     pub keys_compared: u64,
-    /// Distinct keys found to differ.
+    /// Distinct keys found to differ (over all passes).
     pub keys_different: u64,
-    /// Distinct keys for which an object moved (either way).
+    /// Distinct keys for which an object moved (either way, over all passes).
     pub keys_moved: u64,
     /// Coded symbols received (set reconciliation below a mismatched node).
     pub coded_symbols: u64,
@@ -402,9 +447,12 @@ pub struct ExchangeConfig {
     /// default, 2, halves the bytes of the descent against 4 and costs an extra pass in
     /// about one repair of the whole node in twenty.
     pub node_hash_bytes: u8,
-    /// Bytes per item hash (1..=8). A collision here can also make the receiver send one
-    /// item too many (another key of the same segment with the same short hash), so keep it
-    /// at 4 or more when exactness matters.
+    /// Bytes per item hash (1..=8), in item lists, wants and coded symbols. A collision can
+    /// hide a difference (found by the next pass, with another salt) or make the receiver
+    /// send an object too many (another key with the same short hash), which the driver
+    /// drops as it holds it already: neither moves a key that does not differ. The
+    /// default, 3, keeps collisions rare below a coded level-1 node of ~15,000 items
+    /// (about one item in 1,100 shares its short hash) for 1 byte less per symbol and item.
     pub item_hash_bytes: u8,
     /// Segments whose items are asked for in one request.
     pub max_segments_per_request: usize,
@@ -428,13 +476,22 @@ pub struct ExchangeConfig {
     pub coded_extensions: u32,
     /// Symbols of one reconciliation, at most (the prefix stops growing there).
     pub coded_max_symbols: u32,
+    /// Items below the coded nodes, at most, on either side (0: no bound): past it the
+    /// driver descends instead. The receiver stops its scan there for `CompareCoded`; the
+    /// driver scans its own items first for deeper levels. Bounds the scan of a coded
+    /// attempt to about (3 + `coded_extensions`) times this many items.
+    pub coded_max_items: u32,
+    /// Starts coding in the first request (`CompareCoded`, the driver's level-1 hashes with
+    /// its root) instead of after the receiver's level-1 hashes: one request and round trip
+    /// fewer per divergent range, 2 bytes per child more per range in sync.
+    pub coded_in_compare: bool,
 }
 
 impl Default for ExchangeConfig {
     fn default() -> Self {
         ExchangeConfig {
             node_hash_bytes: 2,
-            item_hash_bytes: 4,
+            item_hash_bytes: 3,
             max_segments_per_request: 512,
             max_push_bytes: 1 << 20,
             max_wanted_per_request: 256,
@@ -443,6 +500,24 @@ impl Default for ExchangeConfig {
             coded_symbols_per_hundred_keys: 300,
             coded_extensions: 2,
             coded_max_symbols: 1 << 16,
+            coded_max_items: 0,
+            coded_in_compare: true,
+        }
+    }
+}
+
+impl ExchangeConfig {
+    /// Coding only where its scan stays small: below mismatched nodes covering at most 512
+    /// segments (an eighth of a default tree) and at most 4,096 items on either side;
+    /// elsewhere the descent and item lists, whose scans follow the differences. For links
+    /// where bytes are dear; nodes run coding off (`coded_max_segments: 0`): on a LAN the
+    /// bytes it saves cost less than the items it reads (docs/benchmarks.md, 2026-12-02
+    /// evening).
+    pub fn bounded_coding() -> Self {
+        ExchangeConfig {
+            coded_max_segments: 512,
+            coded_max_items: 4096,
+            ..ExchangeConfig::default()
         }
     }
 }
@@ -513,13 +588,7 @@ enum DriverState {
     },
     /// Coded symbols of the items below `nodes` (at `depth`) were asked for; `received`
     /// holds the prefix so far, `asked` the count in flight.
-    AwaitSymbols {
-        depth: u8,
-        nodes: Vec<u32>,
-        received: Vec<Symbol>,
-        asked: u32,
-        extensions: u32,
-    },
+    AwaitSymbols(Coding),
     AwaitObjects {
         transfer: Transfer,
         remaining: VecDeque<Segment>,
@@ -527,6 +596,9 @@ enum DriverState {
     AwaitVerify,
     Done,
 }
+
+/// A key: bucket and key bytes.
+type KeyId = (String, Vec<u8>);
 
 /// Where a wanted item is: in a known segment, or (`None`) somewhere below the nodes of a
 /// coded reconciliation.
@@ -541,19 +613,21 @@ struct Transfer {
     asked: Vec<(Place, u64)>,
     /// The nodes (depth, indices) of the coded reconciliation the `None` places are in.
     coded: Option<(u8, Vec<u32>)>,
-    /// Keys moved in this batch (a key may go both ways: count it once).
-    moved: BTreeSet<(String, Vec<u8>)>,
     /// Objects pulled in this batch, so a push the receiver does not need is skipped.
     pulled: BTreeMap<(String, Vec<u8>), Object>,
 }
 
-/// A coded reconciliation in progress (the fields of `DriverState::AwaitSymbols`).
+/// A coded reconciliation in progress: the symbols of the items below `nodes` (at
+/// `depth`) received so far, the count in flight, and the driver's own short hashes there
+/// with their segments (scanned once, then reused for every extension).
+#[derive(Debug)]
 struct Coding {
     depth: u8,
     nodes: Vec<u32>,
     received: Vec<Symbol>,
     asked: u32,
     extensions: u32,
+    own: Option<Vec<(u64, Segment)>>,
 }
 
 /// Calls `f` with every item stored below `nodes` (at `depth`) until it returns false,
@@ -624,9 +698,17 @@ pub struct ExchangeDriver {
     /// The pass in which a coded reconciliation fell back: the rest of that pass descends
     /// (the failed attempt already cost a round trip; the descent's cost is known).
     coding_failed_in_pass: u32,
-    /// Keys moved by a coded transfer whose ambiguous segments are listed next: the listed
-    /// batch counts a key it moves again once only.
-    moved_before_lists: BTreeSet<(String, Vec<u8>)>,
+    /// Keys moved in this exchange (a key may go both ways, or in two passes, when a
+    /// collision of short hashes hid one of its items in the first: count it once).
+    moved_keys: BTreeSet<KeyId>,
+    /// Keys counted in `keys_different`: each push when it is listed (the driver's item is
+    /// not on the receiver), each want only when an object that differs from the driver's
+    /// comes back. A wanted short hash proves nothing by itself: a coded decode can name an
+    /// item nobody holds (a checksum that matched by chance), and a want answered with
+    /// nothing found no difference.
+    found_keys: BTreeSet<KeyId>,
+    /// A level (in a pass) the receiver declined to code: it is descended.
+    no_coding_at: Option<(u32, u8)>,
 }
 
 impl ExchangeDriver {
@@ -657,7 +739,9 @@ impl ExchangeDriver {
             stats: ExchangeStats::default(),
             bucket: None,
             coding_failed_in_pass: 0,
-            moved_before_lists: BTreeSet::new(),
+            moved_keys: BTreeSet::new(),
+            found_keys: BTreeSet::new(),
+            no_coding_at: None,
         }
     }
 
@@ -698,9 +782,31 @@ impl ExchangeDriver {
         self.stats.passes = 1;
         self.stats.ranges_compared = 1;
         self.state = DriverState::AwaitRoot;
+        if self.coded_in_compare() {
+            let probe = self.probe(self.pass);
+            let children = children_hashes(tree, probe, 0, &[0]);
+            let ask = CodedAsk {
+                symbols_per_hundred_keys: self.config.coded_symbols_per_hundred_keys,
+                max_symbols: self.config.coded_max_symbols,
+                max_segments: self.config.coded_max_segments,
+                max_items: self.config.coded_max_items,
+            };
+            return DriverStep::Send(self.request(RequestBody::CompareCoded {
+                root: root.to_le_bytes(),
+                children,
+                ask,
+            }));
+        }
         DriverStep::Send(self.request(RequestBody::Compare {
             root: root.to_le_bytes(),
         }))
+    }
+
+    /// Whether the first request asks the receiver to code level 1 itself.
+    fn coded_in_compare(&self) -> bool {
+        self.config.coded_in_compare
+            && self.config.coded_max_segments > 0
+            && self.shape.depth() >= 2
     }
 
     /// Ends the exchange from outside (timeout, peer down).
@@ -755,7 +861,14 @@ impl ExchangeDriver {
             )),
             (DriverState::AwaitRoot, ResponseBody::Hashes { depth: 1, hashes }) => {
                 let mismatched = self.compare_level(tree, 1, &[0], &hashes)?;
-                self.after_level(1, self.shape.fanout() as usize, mismatched)
+                self.after_level_in(
+                    tree,
+                    source,
+                    hasher,
+                    1,
+                    self.shape.fanout() as usize,
+                    mismatched,
+                )
             }
             (
                 DriverState::AwaitHashes { depth, parents },
@@ -763,31 +876,44 @@ impl ExchangeDriver {
             ) if d == depth => {
                 let mismatched = self.compare_level(tree, depth, &parents, &hashes)?;
                 let compared = parents.len() * self.shape.fanout() as usize;
-                self.after_level(depth, compared, mismatched)
+                self.after_level_in(tree, source, hasher, depth, compared, mismatched)
             }
-            (
-                DriverState::AwaitSymbols {
-                    depth,
+            (DriverState::AwaitSymbols(coding), ResponseBody::Symbols { from, symbols }) => {
+                self.receive_symbols(hasher, tree, source, coding, from, &symbols)
+            }
+            (DriverState::AwaitRoot, ResponseBody::CodedSymbols { nodes, symbols }) => {
+                let fanout = self.shape.fanout();
+                let nodes = unpack_bitmap(&nodes, fanout)
+                    .ok_or_else(|| ExchangeError::InvalidResponse("bad node bitmap".into()))?;
+                let size = coded::symbol_bytes(self.config.item_hash_bytes);
+                let count = symbols.len() / size;
+                if !self.coded_in_compare() || count > self.config.coded_max_symbols as usize {
+                    return Err(ExchangeError::InvalidResponse(
+                        "coded symbols not asked for".into(),
+                    ));
+                }
+                self.stats.nodes_compared += u64::from(fanout);
+                if symbols.is_empty() {
+                    // Declined: descend from the children that differ (or, if none does, a
+                    // collision of short hashes: the next pass, with another salt).
+                    self.no_coding_at = Some((self.pass, 1));
+                    return self.after_level_in(tree, source, hasher, 1, fanout as usize, nodes);
+                }
+                if nodes.is_empty() || nodes.len() >= fanout as usize {
+                    return Err(ExchangeError::InvalidResponse(
+                        "coded symbols for no node or every node".into(),
+                    ));
+                }
+                let coding = Coding {
+                    depth: 1,
                     nodes,
-                    received,
-                    asked,
-                    extensions,
-                },
-                ResponseBody::Symbols { from, symbols },
-            ) => self.receive_symbols(
-                hasher,
-                tree,
-                source,
-                Coding {
-                    depth,
-                    nodes,
-                    received,
-                    asked,
-                    extensions,
-                },
-                from,
-                &symbols,
-            ),
+                    received: Vec::new(),
+                    asked: count as u32,
+                    extensions: 0,
+                    own: None,
+                };
+                self.receive_symbols(hasher, tree, source, coding, 0, &symbols)
+            }
             (
                 DriverState::AwaitItems {
                     requested,
@@ -894,8 +1020,12 @@ impl ExchangeDriver {
 
     /// What to do with the `mismatched` nodes at `depth`, found among `compared`: descend,
     /// reconcile their items with coded symbols, or list the items of mismatched leaves.
-    fn after_level(
+    #[allow(clippy::too_many_arguments)]
+    fn after_level_in(
         &mut self,
+        tree: &MerkleTree,
+        source: &impl SegmentSource,
+        hasher: ItemHasher,
         depth: u8,
         compared: usize,
         mismatched: Vec<u32>,
@@ -908,15 +1038,57 @@ impl ExchangeDriver {
             return self.next_batch(mismatched.into());
         }
         if let Some(count) = self.coded_prefix(depth, compared, mismatched.len()) {
-            return Ok(self.ask_symbols(Coding {
-                depth,
-                nodes: mismatched,
-                received: Vec::new(),
-                asked: count,
-                extensions: 0,
-            }));
+            // The driver's own items first, bounded: past the bound, descend (nothing was
+            // asked of the receiver yet).
+            let bound = match self.config.coded_max_items {
+                0 => usize::MAX,
+                n => n as usize,
+            };
+            if let Some(own) = self.own_items(hasher, tree, source, depth, &mismatched, bound)? {
+                return Ok(self.ask_symbols(Coding {
+                    depth,
+                    nodes: mismatched,
+                    received: Vec::new(),
+                    asked: count,
+                    extensions: 0,
+                    own: Some(own),
+                }));
+            }
         }
         self.descend(depth, mismatched)
+    }
+
+    /// The short hashes (and segments) of the driver's items below `nodes` (at `depth`), or
+    /// `None` when there are more than `bound`.
+    fn own_items(
+        &mut self,
+        hasher: ItemHasher,
+        tree: &MerkleTree,
+        source: &impl SegmentSource,
+        depth: u8,
+        nodes: &[u32],
+        bound: usize,
+    ) -> Result<Option<Vec<(u64, Segment)>>, ExchangeError> {
+        let probe = self.probe(self.pass);
+        let mut own = Vec::new();
+        let mut over = false;
+        for_each_item(tree, source, depth, nodes, |item| {
+            if own.len() >= bound {
+                over = true;
+                return false;
+            }
+            let short = short_hash(
+                hasher.item_hash(&item.bucket, &item.key, item.digest),
+                probe.salt,
+                probe.item_hash_bytes,
+            );
+            if let Some(segment) = tree.segment_of(key_token(&item.bucket, &item.key)) {
+                own.push((short, segment));
+            }
+            true
+        })?;
+        self.stats.keys_compared += own.len() as u64;
+        Ok((!over).then_some(own))
     }
 
     /// The number of coded symbols to ask for first when the `mismatched` nodes of `depth`
@@ -932,13 +1104,16 @@ impl ExchangeDriver {
             || mismatched >= compared
             || covered > u64::from(self.config.coded_max_segments)
             || self.coding_failed_in_pass == self.pass
+            || self.no_coding_at == Some((self.pass, depth))
         {
             return None;
         }
-        let n = compared as f64;
-        let keys = n * (n / (n - mismatched as f64)).ln();
-        let symbols = keys * f64::from(self.config.coded_symbols_per_hundred_keys) / 100.0;
-        Some((symbols.ceil() as u32).clamp(1, self.config.coded_max_symbols))
+        Some(first_symbols(
+            compared,
+            mismatched,
+            self.config.coded_symbols_per_hundred_keys,
+            self.config.coded_max_symbols,
+        ))
     }
 
     fn ask_symbols(&mut self, coding: Coding) -> DriverStep {
@@ -948,13 +1123,7 @@ impl ExchangeDriver {
             from: coding.received.len() as u32,
             count: coding.asked,
         });
-        self.state = DriverState::AwaitSymbols {
-            depth: coding.depth,
-            nodes: coding.nodes,
-            received: coding.received,
-            asked: coding.asked,
-            extensions: coding.extensions,
-        };
+        self.state = DriverState::AwaitSymbols(coding);
         DriverStep::Send(request)
     }
 
@@ -981,18 +1150,22 @@ impl ExchangeDriver {
             })?;
         self.stats.coded_symbols += symbols.len() as u64;
         coding.received.extend(symbols);
+        if coding.own.is_none() {
+            // Symbols that came with the first answer: the receiver bounded the items.
+            coding.own = self.own_items(
+                hasher,
+                tree,
+                source,
+                coding.depth,
+                &coding.nodes,
+                usize::MAX,
+            )?;
+        }
+        let own_items = coding.own.take().unwrap_or_default();
         let mut difference = vec![Symbol::default(); coding.received.len()];
-        let mut own_items = 0u64;
-        for_each_item(tree, source, coding.depth, &coding.nodes, |item| {
-            let short = short_hash(
-                hasher.item_hash(&item.bucket, &item.key, item.digest),
-                probe.salt,
-                probe.item_hash_bytes,
-            );
+        for &(short, _) in &own_items {
             coded::encode_into(&mut difference, 0, short);
-            own_items += 1;
-            true
-        })?;
+        }
         for (symbol, theirs) in difference.iter_mut().zip(&coding.received) {
             symbol.subtract(theirs);
         }
@@ -1005,6 +1178,7 @@ impl ExchangeDriver {
                 // the symbols received is beyond what was needed.
                 coding.asked = (prefix / 2).max(4).min(room);
                 coding.extensions += 1;
+                coding.own = Some(own_items);
                 return Ok(self.ask_symbols(coding));
             }
             self.stats.coded_fallbacks += 1;
@@ -1015,8 +1189,17 @@ impl ExchangeDriver {
         let (ours, theirs): (Vec<_>, Vec<_>) = decoded.into_iter().partition(|d| d.ours);
         let ours: BTreeSet<u64> = ours.into_iter().map(|d| d.item).collect();
         let mut own: BTreeMap<u64, Vec<(String, Vec<u8>)>> = BTreeMap::new();
-        if !ours.is_empty() {
-            for_each_item(tree, source, coding.depth, &coding.nodes, |item| {
+        // Only the segments of the decoded items are scanned again, for their keys.
+        let segments: BTreeSet<Segment> = own_items
+            .iter()
+            .filter(|(short, _)| ours.contains(short))
+            .map(|&(_, segment)| segment)
+            .collect();
+        for segment in segments {
+            let Some(tokens) = tree.segment_tokens(segment) else {
+                continue;
+            };
+            for item in source.segment_items(tokens)? {
                 let short = short_hash(
                     hasher.item_hash(&item.bucket, &item.key, item.digest),
                     probe.salt,
@@ -1025,8 +1208,7 @@ impl ExchangeDriver {
                 if ours.contains(&short) {
                     own.entry(short).or_default().push((item.bucket, item.key));
                 }
-                true
-            })?;
+            }
         }
         if own.len() != ours.len() {
             // An item of ours that we do not hold: a checksum collision decoded garbage.
@@ -1051,8 +1233,7 @@ impl ExchangeDriver {
         }
         transfer.wants = theirs.into_iter().map(|d| (None, d.item)).collect();
         transfer.coded = Some((coding.depth, coding.nodes));
-        self.stats.keys_compared += own_items;
-        self.stats.keys_different += (transfer.pushes.len() + transfer.wants.len()) as u64;
+        self.count_pushes(&transfer);
         self.send_transfer(source, transfer, listed.into_iter().collect())
     }
 
@@ -1118,10 +1299,7 @@ impl ExchangeDriver {
         for &segment in requested[counts.len()..].iter().rev() {
             remaining.push_front(segment);
         }
-        let mut transfer = Transfer {
-            moved: std::mem::take(&mut self.moved_before_lists),
-            ..Transfer::default()
-        };
+        let mut transfer = Transfer::default();
         let mut offset = 0usize;
         for (&segment, &count) in requested.iter().zip(counts) {
             let end = offset + count as usize * bytes;
@@ -1151,8 +1329,17 @@ impl ExchangeDriver {
             }
             self.stats.keys_compared += items.len() as u64 + u64::from(count);
         }
-        self.stats.keys_different += (transfer.pushes.len() + transfer.wants.len()) as u64;
+        self.count_pushes(&transfer);
         self.send_transfer(source, transfer, remaining)
+    }
+
+    /// Counts the keys of the batch's pushes as different (once per key and exchange).
+    fn count_pushes(&mut self, transfer: &Transfer) {
+        for id in &transfer.pushes {
+            if self.found_keys.insert(id.clone()) {
+                self.stats.keys_different += 1;
+            }
+        }
     }
 
     /// Sends the batch's next `Transfer`. Wants go first, alone, until every wanted item has
@@ -1202,7 +1389,6 @@ impl ExchangeDriver {
                 if let Some(theirs) = transfer.pulled.get(&id) {
                     // The receiver's version already covers ours (it was behind on nothing).
                     if object.merge(theirs) == *theirs {
-                        self.stats.keys_different = self.stats.keys_different.saturating_sub(1);
                         continue;
                     }
                 }
@@ -1210,11 +1396,9 @@ impl ExchangeDriver {
                 push_bytes += object.size_bytes() + key.len() + 64;
                 self.stats.objects_pushed += 1;
                 self.stats.value_bytes_sent += object.size_bytes() as u64;
-                if transfer.moved.insert((bucket.clone(), key.clone())) {
+                // Pulled earlier in this batch: one key, different on both sides, moved once.
+                if self.moved_keys.insert((bucket.clone(), key.clone())) {
                     self.stats.keys_moved += 1;
-                } else {
-                    // Pulled earlier in this batch: one key, different on both sides.
-                    self.stats.keys_different = self.stats.keys_different.saturating_sub(1);
                 }
                 objects.push(RepairObject {
                     bucket,
@@ -1225,9 +1409,6 @@ impl ExchangeDriver {
         }
         if objects.is_empty() && want.is_empty() && coded_want.is_none() {
             // Nothing left (pushed objects may have vanished meanwhile).
-            if transfer.coded.is_some() {
-                self.moved_before_lists = transfer.moved;
-            }
             return self.next_batch(remaining);
         }
         let request = self.request(RequestBody::Transfer {
@@ -1256,7 +1437,6 @@ impl ExchangeDriver {
     ) -> Result<DriverStep, ExchangeError> {
         let probe = self.probe(self.pass);
         let mut received = BTreeSet::new();
-        let mut pulled_by_coding = Vec::with_capacity(objects.len());
         for item in &objects {
             check_object(self.range, item)
                 .map_err(|e| ExchangeError::InvalidResponse(e.to_string()))?;
@@ -1276,11 +1456,9 @@ impl ExchangeDriver {
             match segment {
                 Some(segment) if transfer.asked.iter().any(|&(s, _)| s == Some(segment)) => {
                     received.insert((Some(segment), short));
-                    pulled_by_coding.push(false);
                 }
                 Some(segment) if coded(segment) => {
                     received.insert((None, short));
-                    pulled_by_coding.push(true);
                 }
                 _ => {
                     return Err(ExchangeError::InvalidResponse(
@@ -1297,28 +1475,26 @@ impl ExchangeDriver {
                 }
             }
         }
-        for (item, by_coding) in objects.into_iter().zip(pulled_by_coding) {
-            // A wanted short hash two of the receiver's items share brings both; the one
-            // the driver already holds as is did not differ.
-            if by_coding && source.object(&item.bucket, &item.key)?.as_ref() == Some(&item.object) {
+        for item in objects {
+            // A wanted short hash two of the receiver's items share brings both (likelier
+            // below coded nodes, which cover many segments); the one the driver already
+            // holds as is did not differ.
+            if source.object(&item.bucket, &item.key)?.as_ref() == Some(&item.object) {
                 continue;
             }
             self.stats.objects_pulled += 1;
             self.stats.value_bytes_received += item.object.size_bytes() as u64;
             let id = (item.bucket.clone(), item.key.clone());
             transfer.pulled.insert(id.clone(), item.object.clone());
-            if transfer.moved.insert(id) {
+            if self.found_keys.insert(id.clone()) {
+                self.stats.keys_different += 1;
+            }
+            if self.moved_keys.insert(id) {
                 self.stats.keys_moved += 1;
-            } else {
-                // Pushed and pulled: one key, found different on both sides.
-                self.stats.keys_different = self.stats.keys_different.saturating_sub(1);
             }
             writes.push(item);
         }
         if transfer.pushes.is_empty() && transfer.wants.is_empty() {
-            if transfer.coded.is_some() {
-                self.moved_before_lists = transfer.moved;
-            }
             self.next_batch(remaining)
         } else {
             self.send_transfer(source, transfer, remaining)
@@ -1428,6 +1604,20 @@ fn answer(
                     hashes: children_hashes(tree, probe, 0, &[0]),
                 })
             }
+        }
+        RequestBody::CompareCoded {
+            root,
+            children,
+            ask,
+        } => {
+            if tree.root().to_le_bytes() == root {
+                return Ok(ResponseBody::InSync);
+            }
+            let hashes = children_hashes(tree, probe, 0, &[0]);
+            if children.len() != hashes.len() {
+                return Err(Refusal::Invalid("wrong number of child hashes".into()));
+            }
+            code_level_one(tree, source, limits, probe, hasher, &children, &hashes, ask)
         }
         RequestBody::Verify => Ok(ResponseBody::Root {
             root: tree.root().to_le_bytes(),
@@ -1586,6 +1776,117 @@ fn answer(
             })
         }
     }
+}
+
+/// The answer to `CompareCoded`: the differing children and, when level 1 is worth coding,
+/// the first symbols of the items below them (none when every child differs, or no child
+/// does, or too many segments or items are below them).
+#[allow(clippy::too_many_arguments)]
+fn code_level_one(
+    tree: &MerkleTree,
+    source: &impl SegmentSource,
+    limits: &ReceiverLimits,
+    probe: Probe,
+    hasher: ItemHasher,
+    theirs: &[u8],
+    ours: &[u8],
+    ask: CodedAsk,
+) -> Result<ResponseBody, Refusal> {
+    let shape = tree.shape();
+    let width = usize::from(probe.node_hash_bytes);
+    let nodes: Vec<u32> = theirs
+        .chunks_exact(width)
+        .zip(ours.chunks_exact(width))
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, _)| i as u32)
+        .collect();
+    let fanout = shape.fanout() as usize;
+    let covered = nodes.len() as u64 * u64::from(shape.segments_per_node(1));
+    let declined = ResponseBody::CodedSymbols {
+        nodes: pack_bitmap(&nodes, shape.fanout()),
+        symbols: Vec::new(),
+    };
+    if shape.depth() < 2
+        || nodes.is_empty()
+        || nodes.len() >= fanout
+        || covered > u64::from(ask.max_segments.min(limits.max_coded_segments))
+    {
+        return Ok(declined);
+    }
+    let most = ask
+        .max_symbols
+        .min(limits.max_symbols_per_request)
+        .min(limits.max_symbol_index)
+        .max(1);
+    let count = first_symbols(fanout, nodes.len(), ask.symbols_per_hundred_keys, most);
+    let bound = match ask.max_items {
+        0 => u64::MAX,
+        n => u64::from(n),
+    };
+    let mut window = vec![Symbol::default(); count as usize];
+    let (mut items, mut over) = (0u64, false);
+    for_each_item(tree, source, 1, &nodes, |item| {
+        items += 1;
+        if items > bound {
+            over = true;
+            return false;
+        }
+        let hash = hasher.item_hash(&item.bucket, &item.key, item.digest);
+        let short = short_hash(hash, probe.salt, probe.item_hash_bytes);
+        coded::encode_into(&mut window, 0, short);
+        true
+    })
+    .map_err(|e| Refusal::Storage(e.to_string()))?;
+    if over {
+        return Ok(declined);
+    }
+    let mut symbols = Vec::new();
+    coded::pack(&mut symbols, &window, probe.item_hash_bytes);
+    Ok(ResponseBody::CodedSymbols {
+        nodes: pack_bitmap(&nodes, shape.fanout()),
+        symbols,
+    })
+}
+
+/// The first symbols to ask for (or send) when `mismatched` of `compared` nodes differ: the
+/// keys that differ below them, estimated as balls in bins (`n ln(n / (n - m))`), times
+/// `per_hundred_keys` / 100, within `1..=most`.
+fn first_symbols(compared: usize, mismatched: usize, per_hundred_keys: u32, most: u32) -> u32 {
+    let n = compared as f64;
+    let keys = n * (n / (n - mismatched as f64)).ln();
+    let symbols = keys * f64::from(per_hundred_keys) / 100.0;
+    (symbols.ceil() as u32).clamp(1, most.max(1))
+}
+
+/// Node indices below `width` as a bitmap, low bit first.
+fn pack_bitmap(indices: &[u32], width: u32) -> Vec<u8> {
+    let mut bitmap = vec![0u8; width.div_ceil(8) as usize];
+    for &i in indices {
+        bitmap[(i / 8) as usize] |= 1 << (i % 8);
+    }
+    bitmap
+}
+
+/// The indices of a bitmap of `width` bits; `None` when its size is wrong or a bit past
+/// `width` is set.
+fn unpack_bitmap(bitmap: &[u8], width: u32) -> Option<Vec<u32>> {
+    if bitmap.len() != width.div_ceil(8) as usize {
+        return None;
+    }
+    let mut indices = Vec::new();
+    for (byte, &bits) in bitmap.iter().enumerate() {
+        for bit in 0..8 {
+            if bits & (1 << bit) != 0 {
+                let i = byte as u32 * 8 + bit;
+                if i >= width {
+                    return None;
+                }
+                indices.push(i);
+            }
+        }
+    }
+    Some(indices)
 }
 
 /// The objects gathered for an `Objects` answer, up to its size limit.

@@ -621,9 +621,12 @@ impl<S: Storage> Node<S> {
         // Request ids carry the epoch, so they serve as exchange ids unique across restarts.
         let id = ExchangeId(self.new_request_id());
         let salt = self.rng.gen();
-        // Coded reconciliation stays off in nodes for now: at 0.1% divergence over 1M keys it
-        // cuts discovery bytes 94.6 -> 32.7 per divergent key but reads ~2,900 items per
-        // divergent key instead of 24 (docs/benchmarks.md); bytes are cheaper than scans here.
+        // Coded reconciliation stays off in nodes: at 0.1% divergence over 1M keys it cuts
+        // discovery bytes 86.1 -> 27.1 per divergent key but reads ~2,050 items (whole
+        // objects, from storage) per divergent key instead of 24, and bounded
+        // (`ExchangeConfig::bounded_coding`) saves 17 bytes for ~140 more items read
+        // (docs/benchmarks.md, 2026-12-02 evening): on a cluster's network bytes are far
+        // cheaper than reads. Item lists use the default 3-byte item hashes.
         let config = ExchangeConfig {
             coded_max_segments: 0,
             ..ExchangeConfig::default()
