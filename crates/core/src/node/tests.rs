@@ -1023,6 +1023,99 @@ fn a_failed_sync_fails_every_durable_reply() {
     );
 }
 
+/// An anti-entropy answer that acknowledges no pushed object is not held for the sync of
+/// unrelated writes (it was: every round trip of every exchange then waited for an fsync on
+/// a node taking client writes), while one that acknowledges a push still is.
+#[test]
+fn exchange_answers_wait_for_a_sync_only_when_they_acknowledge_pushes() {
+    use crate::anti_entropy::exchange::{Probe, RequestBody, ResponseBody};
+    let mut cluster = TestCluster::new(3);
+    let peer = cluster.nodes[1].id().clone();
+    let key_range = cluster.nodes[0]
+        .ring()
+        .range_for_token(crate::ring::key_token("b", b"k"))
+        .unwrap();
+    let request = |seq: u32, body: RequestBody| Message::AntiEntropy {
+        request: crate::anti_entropy::ExchangeRequest {
+            exchange: ExchangeId(9),
+            seq,
+            range: key_range,
+            shape: crate::anti_entropy::TreeShape::DEFAULT,
+            probe: Probe {
+                salt: 0,
+                node_hash_bytes: 8,
+                item_hash_bytes: 8,
+            },
+            body,
+            bucket: None,
+        },
+    };
+    let node = &mut cluster.nodes[0];
+    // A replica write not yet synced: its own reply waits for the sync.
+    node.handle_message(
+        0,
+        &peer,
+        Message::Replicate {
+            request: 1,
+            bucket: "b".into(),
+            key: b"k".to_vec(),
+            object: written_object("v"),
+        },
+    );
+    assert_eq!(
+        node.poll_action(),
+        None,
+        "the replicate reply waits for the sync"
+    );
+    node.handle_message(0, &peer, request(1, RequestBody::Compare { root: [0; 8] }));
+    match node.poll_action() {
+        Some(Action::Send {
+            to,
+            message: Message::AntiEntropyReply { response },
+        }) if to == peer => assert!(
+            !matches!(response.body, ResponseBody::Refused(_)),
+            "{response:?}"
+        ),
+        other => panic!("expected the compare's answer at once, got {other:?}"),
+    }
+    // A transfer that pushes an object: its answer acknowledges it, so it waits.
+    node.handle_message(
+        0,
+        &peer,
+        request(
+            2,
+            RequestBody::Transfer {
+                objects: vec![crate::anti_entropy::RepairObject {
+                    bucket: "b".into(),
+                    key: b"k".to_vec(),
+                    object: written_object("w"),
+                }],
+                want: vec![],
+                coded_want: None,
+            },
+        ),
+    );
+    assert_eq!(
+        node.poll_action(),
+        None,
+        "a push's answer waits for the sync"
+    );
+    let ticket = node.begin_sync().expect("the writes need a sync");
+    node.finish_sync(ticket, Ok(()));
+    let mut replies = Vec::new();
+    while let Some(action) = node.poll_action() {
+        if let Action::Send { message, .. } = action {
+            replies.push(message);
+        }
+    }
+    assert!(
+        replies
+            .iter()
+            .any(|m| matches!(m, Message::AntiEntropyReply { .. })),
+        "{replies:?}"
+    );
+}
+
 /// Bounds hold on what a write would store, not only on what a context decodes to: a
 /// context one step from the counter limit, or one naming more actors than a context may,
 /// is refused with `Invalid` and changes nothing, so honest reads keep working.
