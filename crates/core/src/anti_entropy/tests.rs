@@ -435,6 +435,15 @@ impl SegmentSource for CountingSource<'_> {
     }
 }
 
+/// A new write to key `i` on `replica` (descending from its current version), so the
+/// replicas differ by exactly that key.
+fn overwrite(replica: &mut MemoryReplica, i: usize) {
+    let (bucket, key) = key_of(i);
+    let mut object = replica.store.get(&bucket, &key).unwrap().clone();
+    object.apply_write(Actor::new("m", 1), &object.causal_context(), data("new"));
+    replica.put(&bucket, &key, object);
+}
+
 fn filled(keys: usize, shape: TreeShape) -> MemoryReplica {
     let mut contents = Contents::new();
     for i in 0..keys {
@@ -491,10 +500,7 @@ fn one_difference_scans_one_segment() {
         filled(2000, TreeShape::DEFAULT),
         filled(2000, TreeShape::DEFAULT),
     );
-    let (bucket, key) = key_of(5);
-    let mut object = b.store.get(&bucket, &key).unwrap().clone();
-    object.apply_write(Actor::new("m", 1), &object.causal_context(), data("new"));
-    b.put(&bucket, &key, object);
+    overwrite(&mut b, 5);
     let mut driver = ExchangeDriver::new(
         ExchangeId(1),
         FULL_RING,
@@ -531,6 +537,7 @@ fn one_difference_scans_one_segment() {
     assert_eq!(report.stats.objects_pulled, 1);
     // Driver: items of the segment once. Receiver: items, then the wanted object's segment.
     assert_eq!((source_a.scans.get(), source_b.scans.get()), (1, 2));
+    let (bucket, key) = key_of(5);
     assert_eq!(a.store.get(&bucket, &key), b.store.get(&bucket, &key));
 }
 
@@ -577,10 +584,7 @@ fn one_difference_decodes_from_coded_symbols() {
         filled(2000, TreeShape::DEFAULT),
         filled(2000, TreeShape::DEFAULT),
     );
-    let (bucket, key) = key_of(5);
-    let mut object = b.store.get(&bucket, &key).unwrap().clone();
-    object.apply_write(Actor::new("m", 1), &object.causal_context(), data("new"));
-    b.put(&bucket, &key, object);
+    overwrite(&mut b, 5);
     let (report, scans_a, scans_b, bodies) =
         scanned_exchange(&mut a, &mut b, ExchangeConfig::default());
     assert_eq!(report.outcome, ExchangeOutcome::Converged);
@@ -599,6 +603,7 @@ fn one_difference_decodes_from_coded_symbols() {
     // hashes, then the one segment of its decoded (old) item, the receiver for the symbols
     // and for the want.
     assert_eq!((scans_a, scans_b), (17, 32));
+    let (bucket, key) = key_of(5);
     assert_eq!(a.store.get(&bucket, &key), b.store.get(&bucket, &key));
 }
 
@@ -611,10 +616,7 @@ fn coded_decoding_failure_falls_back_to_the_descent() {
         filled(2000, TreeShape::DEFAULT),
     );
     for i in [3, 5, 8] {
-        let (bucket, key) = key_of(i);
-        let mut object = b.store.get(&bucket, &key).unwrap().clone();
-        object.apply_write(Actor::new("m", 1), &object.causal_context(), data("new"));
-        b.put(&bucket, &key, object);
+        overwrite(&mut b, i);
     }
     let config = ExchangeConfig {
         coded_symbols_per_hundred_keys: 1,
@@ -714,10 +716,7 @@ fn driver_rejects_malformed_symbols() {
         filled(200, TreeShape::DEFAULT),
         filled(200, TreeShape::DEFAULT),
     );
-    let (bucket, key) = key_of(5);
-    let mut object = b.store.get(&bucket, &key).unwrap().clone();
-    object.apply_write(Actor::new("m", 1), &object.causal_context(), data("new"));
-    b.put(&bucket, &key, object);
+    overwrite(&mut b, 5);
     type Spoil = fn(u32, Vec<u8>) -> (u32, Vec<u8>);
     let spoils: [(&str, Spoil); 3] = [
         ("ragged", |from, mut symbols: Vec<u8>| {
@@ -1554,10 +1553,7 @@ fn coded_item_bound_declines_level_one_and_codes_deeper() {
         filled(2000, TreeShape::DEFAULT),
         filled(2000, TreeShape::DEFAULT),
     );
-    let (bucket, key) = key_of(5);
-    let mut object = b.store.get(&bucket, &key).unwrap().clone();
-    object.apply_write(Actor::new("m", 1), &object.causal_context(), data("new"));
-    b.put(&bucket, &key, object);
+    overwrite(&mut b, 5);
     let config = ExchangeConfig {
         coded_max_items: 40,
         ..ExchangeConfig::default()
@@ -1584,9 +1580,7 @@ fn coded_item_bound_declines_level_one_and_codes_deeper() {
         filled(2000, TreeShape::DEFAULT),
         filled(2000, TreeShape::DEFAULT),
     );
-    let mut object = b.store.get(&bucket, &key).unwrap().clone();
-    object.apply_write(Actor::new("m", 1), &object.causal_context(), data("new"));
-    b.put(&bucket, &key, object);
+    overwrite(&mut b, 5);
     let config = ExchangeConfig {
         coded_max_items: 1,
         ..ExchangeConfig::default()
@@ -1610,10 +1604,7 @@ fn malformed_coded_compare_and_answers_are_rejected() {
         filled(200, TreeShape::DEFAULT),
         filled(200, TreeShape::DEFAULT),
     );
-    let (bucket, key) = key_of(5);
-    let mut object = b.store.get(&bucket, &key).unwrap().clone();
-    object.apply_write(Actor::new("m", 1), &object.causal_context(), data("new"));
-    b.put(&bucket, &key, object);
+    overwrite(&mut b, 5);
 
     let mut driver = ExchangeDriver::new(ExchangeId(1), FULL_RING, ExchangeConfig::default(), 1);
     let mut request = sent(driver.start(&mut a.trees));

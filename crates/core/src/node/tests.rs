@@ -902,6 +902,29 @@ fn failed_sync_reply(request: Message) -> Message {
     }
 }
 
+/// An anti-entropy request of exchange 9 as a peer would send it (full 8-byte hashes).
+fn exchange_request(
+    range: crate::ring::TokenRange,
+    seq: u32,
+    body: crate::anti_entropy::exchange::RequestBody,
+) -> Message {
+    Message::AntiEntropy {
+        request: crate::anti_entropy::ExchangeRequest {
+            exchange: ExchangeId(9),
+            seq,
+            range,
+            shape: crate::anti_entropy::TreeShape::DEFAULT,
+            probe: crate::anti_entropy::exchange::Probe {
+                salt: 0,
+                node_hash_bytes: 8,
+                item_hash_bytes: 8,
+            },
+            body,
+            bucket: None,
+        },
+    }
+}
+
 fn written_object(value: &str) -> Object {
     let mut object = Object::empty();
     object.apply_write(Actor::new("n1", 1), &CausalContext::empty(), data(value));
@@ -988,30 +1011,20 @@ fn a_failed_sync_fails_every_durable_reply() {
         .ring()
         .range_for_token(crate::ring::key_token("b", b"k"))
         .unwrap();
-    use crate::anti_entropy::exchange::{Probe, Refusal, RequestBody, ResponseBody};
-    let transfer = Message::AntiEntropy {
-        request: crate::anti_entropy::ExchangeRequest {
-            exchange: ExchangeId(9),
-            seq: 1,
-            range: key_range,
-            shape: crate::anti_entropy::TreeShape::DEFAULT,
-            probe: Probe {
-                salt: 0,
-                node_hash_bytes: 8,
-                item_hash_bytes: 8,
-            },
-            body: RequestBody::Transfer {
-                objects: vec![crate::anti_entropy::RepairObject {
-                    bucket: "b".into(),
-                    key: b"k".to_vec(),
-                    object,
-                }],
-                want: vec![],
-                coded_want: None,
-            },
-            bucket: None,
+    use crate::anti_entropy::exchange::{Refusal, RequestBody, ResponseBody};
+    let transfer = exchange_request(
+        key_range,
+        1,
+        RequestBody::Transfer {
+            objects: vec![crate::anti_entropy::RepairObject {
+                bucket: "b".into(),
+                key: b"k".to_vec(),
+                object,
+            }],
+            want: vec![],
+            coded_want: None,
         },
-    };
+    );
     let reply = failed_sync_reply(transfer);
     assert!(
         matches!(
@@ -1028,28 +1041,14 @@ fn a_failed_sync_fails_every_durable_reply() {
 /// a node taking client writes), while one that acknowledges a push still is.
 #[test]
 fn exchange_answers_wait_for_a_sync_only_when_they_acknowledge_pushes() {
-    use crate::anti_entropy::exchange::{Probe, RequestBody, ResponseBody};
+    use crate::anti_entropy::exchange::{RequestBody, ResponseBody};
     let mut cluster = TestCluster::new(3);
     let peer = cluster.nodes[1].id().clone();
     let key_range = cluster.nodes[0]
         .ring()
         .range_for_token(crate::ring::key_token("b", b"k"))
         .unwrap();
-    let request = |seq: u32, body: RequestBody| Message::AntiEntropy {
-        request: crate::anti_entropy::ExchangeRequest {
-            exchange: ExchangeId(9),
-            seq,
-            range: key_range,
-            shape: crate::anti_entropy::TreeShape::DEFAULT,
-            probe: Probe {
-                salt: 0,
-                node_hash_bytes: 8,
-                item_hash_bytes: 8,
-            },
-            body,
-            bucket: None,
-        },
-    };
+    let request = |seq: u32, body: RequestBody| exchange_request(key_range, seq, body);
     let node = &mut cluster.nodes[0];
     // A replica write not yet synced: its own reply waits for the sync.
     node.handle_message(
