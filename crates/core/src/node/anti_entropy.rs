@@ -759,22 +759,11 @@ impl<S: Storage> Node<S> {
             .repair_bytes
             .consume(now, output.response.encoded_len() as u64);
         match stored {
-            // An answer that acknowledges pushed objects goes only once they are durable.
-            Ok(()) if pushed_keys > 0 => self.emit_durable(DurableReply::Exchange {
+            // The answer acknowledges pushed objects: only once they are durable.
+            Ok(()) => self.emit_durable(DurableReply::Exchange {
                 to: from.clone(),
                 response: output.response,
             }),
-            // One that acknowledges nothing (hashes, item lists, wanted objects) goes at
-            // once: held, it waited for a sync of unrelated client writes, every round trip
-            // of every exchange (a streaming pull makes dozens a range). What it carries may
-            // include writes not yet synced here, as any read's answer may; the driver that
-            // merges them only makes them more durable.
-            Ok(()) => self.send(
-                from,
-                Message::AntiEntropyReply {
-                    response: output.response,
-                },
-            ),
             Err(error) => {
                 let response = ExchangeResponse {
                     body: ResponseBody::Refused(Refusal::Storage(error.to_string())),
