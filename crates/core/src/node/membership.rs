@@ -691,7 +691,6 @@ impl<S: Storage> Node<S> {
         {
             return;
         }
-        let me = self.id().clone();
         // Decide on what gossip says of the others (their status and whether they hold
         // data), not on the transport's bare list of them.
         let described = self
