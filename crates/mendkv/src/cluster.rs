@@ -24,6 +24,10 @@ pub struct ClusterArgs {
     base_port: u16,
 }
 
+/// The nodes' `node.runtime_threads`, through the environment (a flag would beat the
+/// caller's own setting).
+const RUNTIME_THREADS_ENV: &str = "MENDKV_NODE__RUNTIME_THREADS";
+
 pub async fn run(args: ClusterArgs) -> Result<()> {
     if args.nodes == 0 {
         bail!("--nodes must be at least 1");
@@ -52,7 +56,14 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
         let dir = args.data_dir.join(&id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let log = std::fs::File::create(dir.join("server.log")).context("creating the node log")?;
-        let child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        // Every node of a local cluster shares this machine's cores: one thread each is
+        // cheaper per request (issue 15: 12-22% less CPU per operation on 2 cores) unless
+        // the caller's environment says otherwise.
+        if std::env::var_os(RUNTIME_THREADS_ENV).is_none() {
+            command.env(RUNTIME_THREADS_ENV, "1");
+        }
+        let child = command
             .args([
                 "server",
                 "--node-id",

@@ -265,37 +265,69 @@ fn init_logging(log: &mendkv_server::config::LogSection) -> Result<()> {
 
 fn main() {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // A server's configuration says how many threads its runtime has, so it is read first.
+    let (runtime, command) = match cli.command {
+        Command::Server(args) => {
+            let config = match ServerConfig::load(
+                args.config.as_deref(),
+                std::env::vars(),
+                args.overrides(),
+            ) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("mendkv: {error:#}");
+                    std::process::exit(1);
+                }
+            };
+            (build_runtime(config.node.runtime_threads), Ok(config))
+        }
+        command => (build_runtime(0), Err(command)),
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("mendkv: cannot start the runtime: {e}");
             std::process::exit(1);
         }
     };
-    if let Err(error) = runtime.block_on(run(cli)) {
+    let outcome = match command {
+        Ok(config) => runtime.block_on(serve(config)),
+        Err(command) => runtime.block_on(run(command)),
+    };
+    if let Err(error) = outcome {
         eprintln!("mendkv: {error:#}");
         std::process::exit(1);
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Server(args) => {
-            let config =
-                ServerConfig::load(args.config.as_deref(), std::env::vars(), args.overrides())?;
-            init_logging(&config.log)?;
-            let (stop, shutdown) = tokio::sync::watch::channel(false);
-            tokio::spawn(async move {
-                wait_for_signal().await;
-                tracing::info!("shutting down");
-                let _ = stop.send(true);
-            });
-            mendkv_server::run(config, shutdown).await?;
-            Ok(())
-        }
+/// `threads`: 0, tokio's multi-thread runtime with a worker per core; 1, the current-thread
+/// runtime; more, that many workers (`node.runtime_threads`).
+fn build_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if threads > 1 {
+        builder.worker_threads(threads);
+    }
+    builder.enable_all().build()
+}
+
+async fn serve(config: ServerConfig) -> Result<()> {
+    init_logging(&config.log)?;
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop.send(true);
+    });
+    mendkv_server::run(config, shutdown).await?;
+    Ok(())
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Server(_) => unreachable!("main serves a server on its own runtime"),
         Command::Cluster(args) => cluster::run(args).await,
         Command::Get {
             bucket,

@@ -322,6 +322,11 @@ pub struct NodeSection {
     pub advertise: Option<String>,
     /// HTTP address announced to peers (default: `http`).
     pub advertise_http: Option<String>,
+    /// Threads that run the node's tasks: 0, one per core (tokio's multi-thread runtime);
+    /// 1, a single thread (tokio's current-thread runtime: no hand-offs between threads,
+    /// cheaper per request where several nodes share a machine; `mendkv cluster` uses it);
+    /// N, N worker threads. fsyncs and engine upkeep run on their own threads either way.
+    pub runtime_threads: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -369,6 +374,7 @@ impl Default for NodeSection {
             http: "127.0.0.1:8001".into(),
             advertise: None,
             advertise_http: None,
+            runtime_threads: 0,
         }
     }
 }
@@ -771,6 +777,17 @@ mod tests {
         assert_eq!(config.cluster.name, "flag");
         assert_eq!(config.cluster.seeds, vec!["a:1", "b:2"]);
         assert_eq!(config.consistency.request_timeout_ms, 2000);
+    }
+
+    /// `node.runtime_threads` is 0 (a worker per core) unless set; `mendkv cluster` sets it
+    /// through the environment.
+    #[test]
+    fn runtime_threads_defaults_to_one_per_core_and_takes_the_environment() {
+        let config = ServerConfig::load(None, vec![], toml::Table::new()).unwrap();
+        assert_eq!(config.node.runtime_threads, 0);
+        let vars = vec![("MENDKV_NODE__RUNTIME_THREADS".to_string(), "1".to_string())];
+        let config = ServerConfig::load(None, vars, toml::Table::new()).unwrap();
+        assert_eq!(config.node.runtime_threads, 1);
     }
 
     /// Unknown keys and bad values are refused with the key's name.

@@ -125,16 +125,22 @@ impl TestCluster {
             }
             let data_dir = dir.path().join(format!("node{}", i + 1));
             std::fs::create_dir_all(&data_dir).expect("data dir");
+            // Every second node runs on tokio's current-thread runtime (`mendkv cluster`'s
+            // choice), the others on the multi-thread one: every black-box test covers both.
+            let mut env: Vec<(String, String)> = env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            if i % 2 == 1 && !env.iter().any(|(k, _)| k == "MENDKV_NODE__RUNTIME_THREADS") {
+                env.push(("MENDKV_NODE__RUNTIME_THREADS".into(), "1".into()));
+            }
             nodes.push(TestNode {
                 id: format!("node{}", i + 1),
                 http: format!("127.0.0.1:{}", free_port()),
                 peer,
                 data_dir,
                 seeds: if i == 0 { vec![] } else { vec![seed.clone()] },
-                env: env
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
+                env,
                 child: None,
             });
         }
