@@ -5,6 +5,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mendkv_client::Client;
+use mendkv_server::config::RUNTIME_THREADS_ENV;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -23,10 +24,6 @@ pub struct ClusterArgs {
     #[arg(long, default_value_t = 8001)]
     base_port: u16,
 }
-
-/// The nodes' `node.runtime_threads`, through the environment (a flag would beat the
-/// caller's own setting).
-const RUNTIME_THREADS_ENV: &str = "MENDKV_NODE__RUNTIME_THREADS";
 
 pub async fn run(args: ClusterArgs) -> Result<()> {
     if args.nodes == 0 {

@@ -265,39 +265,27 @@ fn init_logging(log: &mendkv_server::config::LogSection) -> Result<()> {
 
 fn main() {
     let cli = Cli::parse();
-    // A server's configuration says how many threads its runtime has, so it is read first.
-    let (runtime, command) = match cli.command {
+    let outcome = match cli.command {
+        // A server's configuration says how many threads its runtime has: read it first.
         Command::Server(args) => {
-            let config = match ServerConfig::load(
-                args.config.as_deref(),
-                std::env::vars(),
-                args.overrides(),
-            ) {
-                Ok(config) => config,
-                Err(error) => {
-                    eprintln!("mendkv: {error:#}");
-                    std::process::exit(1);
-                }
-            };
-            (build_runtime(config.node.runtime_threads), Ok(config))
+            match ServerConfig::load(args.config.as_deref(), std::env::vars(), args.overrides()) {
+                Ok(config) => runtime_or_exit(config.node.runtime_threads).block_on(serve(config)),
+                Err(error) => Err(error.into()),
+            }
         }
-        command => (build_runtime(0), Err(command)),
-    };
-    let runtime = match runtime {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("mendkv: cannot start the runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    let outcome = match command {
-        Ok(config) => runtime.block_on(serve(config)),
-        Err(command) => runtime.block_on(run(command)),
+        command => runtime_or_exit(0).block_on(run(command)),
     };
     if let Err(error) = outcome {
         eprintln!("mendkv: {error:#}");
         std::process::exit(1);
     }
+}
+
+fn runtime_or_exit(threads: usize) -> tokio::runtime::Runtime {
+    build_runtime(threads).unwrap_or_else(|e| {
+        eprintln!("mendkv: cannot start the runtime: {e}");
+        std::process::exit(1);
+    })
 }
 
 /// `threads`: 0, tokio's multi-thread runtime with a worker per core; 1, the current-thread

@@ -329,6 +329,10 @@ pub struct NodeSection {
     pub runtime_threads: usize,
 }
 
+/// `node.runtime_threads` as an environment variable: `mendkv cluster` sets it for its nodes
+/// (a flag would beat the caller's own setting), and so do the black-box tests.
+pub const RUNTIME_THREADS_ENV: &str = "MENDKV_NODE__RUNTIME_THREADS";
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterSection {
@@ -785,7 +789,7 @@ mod tests {
     fn runtime_threads_defaults_to_one_per_core_and_takes_the_environment() {
         let config = ServerConfig::load(None, vec![], toml::Table::new()).unwrap();
         assert_eq!(config.node.runtime_threads, 0);
-        let vars = vec![("MENDKV_NODE__RUNTIME_THREADS".to_string(), "1".to_string())];
+        let vars = vec![(RUNTIME_THREADS_ENV.to_string(), "1".to_string())];
         let config = ServerConfig::load(None, vars, toml::Table::new()).unwrap();
         assert_eq!(config.node.runtime_threads, 1);
     }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use mendkv_client::Client;
+use mendkv_server::config::RUNTIME_THREADS_ENV;
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -131,8 +132,8 @@ impl TestCluster {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
-            if i % 2 == 1 && !env.iter().any(|(k, _)| k == "MENDKV_NODE__RUNTIME_THREADS") {
-                env.push(("MENDKV_NODE__RUNTIME_THREADS".into(), "1".into()));
+            if i % 2 == 1 && !env.iter().any(|(k, _)| k == RUNTIME_THREADS_ENV) {
+                env.push((RUNTIME_THREADS_ENV.into(), "1".into()));
             }
             nodes.push(TestNode {
                 id: format!("node{}", i + 1),
