@@ -10,7 +10,8 @@
 # Modes, each on a fresh cluster:
 #   default      the shipped configuration (repair controller on, its byte budget)
 #   unthrottled  repair controller off and no anti-entropy rate limit
-#   scripts/bench_join.sh [KEYS=1000000] [FOREGROUND_OPS_PER_S=auto]
+#   scripts/bench_join.sh [KEYS=1000000] [FOREGROUND_OPS_PER_S=auto; 0: no foreground load,
+#   the streaming rate alone]
 # MODES (default "default unthrottled"), BASELINE_S (20), BENCH_BASE_PORT (29701),
 # SETTLE_S (30: idle time after the preload, so its flushes and compactions do not land in the
 # "before" window).
@@ -79,7 +80,8 @@ for mode in $modes; do
   echo "$mode: preloaded $keys keys in $(awk -v s="$loaded_at" -v e="$(date +%s.%N)" 'BEGIN { printf "%.0f", e - s }') s"
   sleep "$settle_s"
   [ "$rate" = auto ] && rate=$(half_capacity)
-  before=$(foreground "$baseline_s")
+  before="- - -"
+  [ "$rate" != 0 ] && before=$(foreground "$baseline_s")
   done_file="$dir/join.done"
   rm -f "$done_file"
   started=$(date +%s.%N)
@@ -91,8 +93,13 @@ for mode in $modes; do
     touch "$done_file"
   ) &
   poller=$!
-  during=$(foreground 3600 "$done_file")
-  wait "$poller"
+  if [ "$rate" = 0 ]; then
+    wait "$poller"
+    during="- - -"
+  else
+    during=$(foreground 3600 "$done_file")
+    wait "$poller"
+  fi
   joined_s=$(cat "$dir/joined_s")
   node4="http://127.0.0.1:$((port + 3))"
   streamed_keys=$(bench_metric "$node4" mendkv_streaming_keys_total 'direction="in"')

@@ -75,6 +75,28 @@ pub trait SegmentSource {
     fn segment_items(&self, tokens: TokenRange) -> Result<Vec<SegmentItem>, StorageError>;
     /// The stored object of a key.
     fn object(&self, bucket: &str, key: &[u8]) -> Result<Option<Object>, StorageError>;
+    /// Hands every object stored in `tokens` to `each` until it returns false. The default
+    /// looks each item up by key; a source that scans whole objects overrides it with one
+    /// pass (a receiver answering `SegmentObjects` reads each object once).
+    fn segment_objects(
+        &self,
+        tokens: TokenRange,
+        each: &mut dyn FnMut(RepairObject) -> bool,
+    ) -> Result<(), StorageError> {
+        for item in self.segment_items(tokens)? {
+            if let Some(object) = self.object(&item.bucket, &item.key)? {
+                let more = each(RepairObject {
+                    bucket: item.bucket,
+                    key: item.key,
+                    object,
+                });
+                if !more {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -162,6 +184,12 @@ pub enum RequestBody {
         children: Vec<u8>,
         ask: CodedAsk,
     },
+    /// Every object of each segment, for segments where the driver holds nothing (a
+    /// joiner streaming a range it gains, a wiped replica): the receiver reads each object
+    /// once and sends it, instead of listing short hashes for the driver to want back, which
+    /// costs it a round trip, a second scan and a lookup per key. (Added after the other
+    /// variants: their encoding is unchanged.)
+    SegmentObjects { segments: SortedIndices },
 }
 
 /// The driver's coding bounds, for a receiver that decides itself whether to code.
@@ -241,6 +269,14 @@ pub enum ResponseBody {
     CodedSymbols {
         nodes: Vec<u8>,
         symbols: Vec<u8>,
+    },
+    /// Answer to `SegmentObjects`: every object of the first `done` requested segments, whole
+    /// segments only, as many as fit in the answer's size limit. `done` is 0 when the first
+    /// segment alone does not fit: the driver lists that one's items instead, whose objects
+    /// then come in bounded answers.
+    SegmentObjects {
+        done: u32,
+        objects: Vec<RepairObject>,
     },
 }
 
@@ -593,6 +629,11 @@ enum DriverState {
         transfer: Transfer,
         remaining: VecDeque<Segment>,
     },
+    /// Whole segments' objects were asked for (segments the driver holds nothing in).
+    AwaitSegmentObjects {
+        requested: Vec<Segment>,
+        remaining: VecDeque<Segment>,
+    },
     AwaitVerify,
     Done,
 }
@@ -649,17 +690,8 @@ fn for_each_item(
         let mut first = segments.start;
         while first < segments.end {
             let last = (first + SEGMENTS_PER_SCAN).min(segments.end) - 1;
-            // Segments past the range's end hold no token (a range narrower than the
-            // leaves); they are all at the end.
-            let (Some(low), Some(high)) = (
-                tree.segment_tokens(first),
-                (first..=last).rev().find_map(|s| tree.segment_tokens(s)),
-            ) else {
+            let Some(tokens) = run_tokens(tree, first, last) else {
                 break;
-            };
-            let tokens = TokenRange {
-                start: low.start,
-                end: high.end,
             };
             for item in source.segment_items(tokens)? {
                 if !f(item) {
@@ -670,6 +702,18 @@ fn for_each_item(
         }
     }
     Ok(())
+}
+
+/// The tokens of segments `first..=last`; `None` when `first` holds none. Segments past
+/// the range's end hold no token (a range narrower than the leaves); they are all at the
+/// end.
+fn run_tokens(tree: &MerkleTree, first: Segment, last: Segment) -> Option<TokenRange> {
+    let low = tree.segment_tokens(first)?;
+    let high = (first..=last).rev().find_map(|s| tree.segment_tokens(s))?;
+    Some(TokenRange {
+        start: low.start,
+        end: high.end,
+    })
 }
 
 /// The bits a short hash of `bytes` bytes may have set.
@@ -709,6 +753,12 @@ pub struct ExchangeDriver {
     found_keys: BTreeSet<KeyId>,
     /// A level (in a pass) the receiver declined to code: it is descended.
     no_coding_at: Option<(u32, u8)>,
+    /// Segments of this pass the driver's tree says it holds nothing in (a zero leaf):
+    /// their objects are asked for whole (`SegmentObjects`), not listed and wanted back.
+    empty_here: BTreeSet<Segment>,
+    /// This pass went from a level's mismatched nodes, every one empty here, straight to
+    /// their segments: those are counted as mismatched leaves once answered with objects.
+    descent_skipped: bool,
 }
 
 impl ExchangeDriver {
@@ -742,6 +792,8 @@ impl ExchangeDriver {
             moved_keys: BTreeSet::new(),
             found_keys: BTreeSet::new(),
             no_coding_at: None,
+            empty_here: BTreeSet::new(),
+            descent_skipped: false,
         }
     }
 
@@ -930,6 +982,14 @@ impl ExchangeDriver {
             ) => self.receive_objects(
                 hasher, tree, source, transfer, remaining, objects, complete, writes,
             ),
+            (
+                DriverState::AwaitSegmentObjects {
+                    requested,
+                    remaining,
+                },
+                ResponseBody::SegmentObjects { done, objects },
+            ) => self
+                .receive_segment_objects(tree, source, requested, remaining, done, objects, writes),
             (DriverState::AwaitVerify, ResponseBody::Root { root }) => {
                 if tree.root().to_le_bytes() == root {
                     return Ok(DriverStep::Finished(
@@ -942,6 +1002,8 @@ impl ExchangeDriver {
                 // Another pass, with a fresh salt, from the root's children.
                 self.pass += 1;
                 self.stats.passes += 1;
+                self.empty_here.clear();
+                self.descent_skipped = false;
                 self.descend(0, vec![0])
             }
             _ => Err(ExchangeError::UnexpectedResponse),
@@ -1035,7 +1097,29 @@ impl ExchangeDriver {
         }
         if depth == self.shape.depth() {
             self.stats.leaves_mismatched += mismatched.len() as u64;
+            let leaves = tree.leaves();
+            self.empty_here
+                .extend(mismatched.iter().filter(|&&s| leaves[s as usize] == 0));
             return self.next_batch(mismatched.into());
+        }
+        // The driver holds nothing below any mismatched node (a joiner pulling a range it
+        // gains): every node below them would mismatch too, so their segments' objects are
+        // asked for at once instead of descending level by level to list them.
+        let leaves = tree.leaves();
+        let below = |node: u32| self.shape.node_segments(depth, node).unwrap_or(0..0);
+        if mismatched.iter().all(|&node| {
+            leaves[below(node).start as usize..below(node).end as usize]
+                .iter()
+                .all(|&h| h == 0)
+        }) {
+            let segments: Vec<Segment> = mismatched
+                .iter()
+                .flat_map(|&node| below(node))
+                .filter(|&segment| tree.segment_tokens(segment).is_some())
+                .collect();
+            self.empty_here.extend(segments.iter().copied());
+            self.descent_skipped = true;
+            return self.next_batch(segments.into());
         }
         if let Some(count) = self.coded_prefix(depth, compared, mismatched.len()) {
             // The driver's own items first, bounded: past the bound, descend (nothing was
@@ -1254,18 +1338,38 @@ impl ExchangeDriver {
         DriverStep::Send(self.request(RequestBody::Verify))
     }
 
-    fn next_batch(
-        &mut self,
-        mut remaining: VecDeque<Segment>,
-    ) -> Result<DriverStep, ExchangeError> {
+    fn next_batch(&mut self, remaining: VecDeque<Segment>) -> Result<DriverStep, ExchangeError> {
         if remaining.is_empty() {
             return Ok(self.verify());
         }
-        let take = remaining.len().min(self.config.max_segments_per_request);
-        let requested: Vec<Segment> = remaining.drain(..take).collect();
-        let request = self.request(RequestBody::Items {
-            segments: SortedIndices::from_sorted(&requested),
-        });
+        // One request asks either for whole segments (those empty here, first) or for item
+        // lists. Empty and listed segments interleave when writes land on a joiner while it
+        // pulls: each kind is taken from the whole queue, or requests would shrink to runs.
+        let whole = remaining.iter().any(|s| self.empty_here.contains(s));
+        let mut requested: Vec<Segment> = Vec::new();
+        let mut rest = VecDeque::with_capacity(remaining.len());
+        for segment in remaining {
+            if requested.len() < self.config.max_segments_per_request
+                && self.empty_here.contains(&segment) == whole
+            {
+                requested.push(segment);
+            } else {
+                rest.push_back(segment);
+            }
+        }
+        let remaining = rest;
+        // Segments put back after a cut answer come first: requests name them in order.
+        requested.sort_unstable();
+        let segments = SortedIndices::from_sorted(&requested);
+        if whole {
+            let request = self.request(RequestBody::SegmentObjects { segments });
+            self.state = DriverState::AwaitSegmentObjects {
+                requested,
+                remaining,
+            };
+            return Ok(DriverStep::Send(request));
+        }
+        let request = self.request(RequestBody::Items { segments });
         self.state = DriverState::AwaitItems {
             requested,
             remaining,
@@ -1328,6 +1432,104 @@ impl ExchangeDriver {
                 transfer.wants.push_back((Some(segment), *short));
             }
             self.stats.keys_compared += items.len() as u64 + u64::from(count);
+        }
+        self.count_pushes(&transfer);
+        self.send_transfer(source, transfer, remaining)
+    }
+
+    /// Whole segments' objects came back (segments the driver held nothing in). Objects the
+    /// driver holds as they are already are dropped; keys the driver has there after all
+    /// (written since the segments were found empty, or a leaf whose hashes cancelled out)
+    /// are compared as an item list's would be: pushed unless the object that came back is
+    /// the same.
+    #[allow(clippy::too_many_arguments)]
+    fn receive_segment_objects(
+        &mut self,
+        tree: &MerkleTree,
+        source: &impl SegmentSource,
+        requested: Vec<Segment>,
+        mut remaining: VecDeque<Segment>,
+        done: u32,
+        objects: Vec<RepairObject>,
+        writes: &mut Vec<RepairObject>,
+    ) -> Result<DriverStep, ExchangeError> {
+        let done = done as usize;
+        if done > requested.len() || (done == 0 && !objects.is_empty()) {
+            return Err(ExchangeError::InvalidResponse(
+                "segment objects do not match the request".into(),
+            ));
+        }
+        for &segment in requested[done.max(1)..].iter().rev() {
+            remaining.push_front(segment);
+        }
+        if done == 0 {
+            // The first segment alone does not fit in one answer: its items are listed and
+            // its objects come back in bounded answers.
+            self.empty_here.remove(&requested[0]);
+            remaining.push_front(requested[0]);
+            return self.next_batch(remaining);
+        }
+        let answered = &requested[..done];
+        let mut with_objects = BTreeSet::new();
+        for item in &objects {
+            check_object(self.range, item)
+                .map_err(|e| ExchangeError::InvalidResponse(e.to_string()))?;
+            match tree.segment_of(key_token(&item.bucket, &item.key)) {
+                Some(segment) if answered.binary_search(&segment).is_ok() => {
+                    with_objects.insert(segment);
+                }
+                _ => {
+                    return Err(ExchangeError::InvalidResponse(
+                        "object not asked for".into(),
+                    ))
+                }
+            }
+        }
+        if self.descent_skipped {
+            self.stats.leaves_mismatched += with_objects.len() as u64;
+        }
+        // The driver's own items there, one scan per run of adjacent segments.
+        let mut own: BTreeMap<KeyId, u64> = BTreeMap::new();
+        let mut first = 0;
+        while first < answered.len() {
+            let mut last = first;
+            while last + 1 < answered.len() && answered[last + 1] == answered[last] + 1 {
+                last += 1;
+            }
+            if let Some(tokens) = run_tokens(tree, answered[first], answered[last]) {
+                for item in source.segment_items(tokens)? {
+                    own.insert((item.bucket, item.key), item.digest);
+                }
+            }
+            first = last + 1;
+        }
+        self.stats.keys_compared += (own.len() + objects.len()) as u64;
+        let mut transfer = Transfer::default();
+        let mut same = BTreeSet::new();
+        for item in objects {
+            let id = (item.bucket.clone(), item.key.clone());
+            let ours = own.get(&id).copied();
+            if ours == Some(item.object.digest()) {
+                same.insert(id);
+                continue;
+            }
+            self.stats.objects_pulled += 1;
+            self.stats.value_bytes_received += item.object.size_bytes() as u64;
+            if ours.is_some() {
+                // Differs on both sides: pushed below unless what came back covers ours.
+                transfer.pulled.insert(id.clone(), item.object.clone());
+            }
+            if self.found_keys.insert(id.clone()) {
+                self.stats.keys_different += 1;
+            }
+            if self.moved_keys.insert(id) {
+                self.stats.keys_moved += 1;
+            }
+            writes.push(item);
+        }
+        transfer.pushes = own.into_keys().filter(|id| !same.contains(id)).collect();
+        if transfer.pushes.is_empty() {
+            return self.next_batch(remaining);
         }
         self.count_pushes(&transfer);
         self.send_transfer(source, transfer, remaining)
@@ -1658,6 +1860,38 @@ fn answer(
                 counts.push(items.len() as u32);
             }
             Ok(ResponseBody::Items { counts, hashes })
+        }
+        RequestBody::SegmentObjects { segments } => {
+            if segments.len() > limits.max_segments_per_request {
+                return Err(Refusal::Invalid("too many segments".into()));
+            }
+            let segments = segments.decode(shape.leaves()).map_err(Refusal::Invalid)?;
+            let (mut objects, mut bytes, mut done) = (Vec::new(), 0usize, 0u32);
+            for segment in segments {
+                let Some(tokens) = tree.segment_tokens(segment) else {
+                    done += 1;
+                    continue;
+                };
+                // Whole segments only: one that does not fit in what is left ends the answer.
+                let (before, mut segment_bytes, mut fits) = (objects.len(), 0usize, true);
+                source
+                    .segment_objects(tokens, &mut |object| {
+                        segment_bytes += object.object.size_bytes() + object.key.len() + 64;
+                        fits = bytes + segment_bytes <= limits.max_response_bytes;
+                        if fits {
+                            objects.push(object);
+                        }
+                        fits
+                    })
+                    .map_err(|e| Refusal::Storage(e.to_string()))?;
+                if !fits {
+                    objects.truncate(before);
+                    break;
+                }
+                bytes += segment_bytes;
+                done += 1;
+            }
+            Ok(ResponseBody::SegmentObjects { done, objects })
         }
         RequestBody::Symbols {
             depth,

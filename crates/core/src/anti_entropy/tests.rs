@@ -710,6 +710,235 @@ fn receiver_bounds_coded_requests() {
 }
 
 /// A symbols answer of the wrong size or window ends the exchange as invalid.
+/// A replica that holds nothing (a joiner) asks for whole segments' objects: every key moves
+/// once, no item list is asked for, the receiver reads each segment once, and the exchange
+/// takes a handful of round trips instead of the descent's, the lists' and the transfers'.
+#[test]
+fn an_empty_replica_pulls_whole_segments() {
+    let mut a = filled(0, TreeShape::DEFAULT);
+    let mut b = filled(3000, TreeShape::DEFAULT);
+    let (report, scans_a, scans_b, bodies) =
+        scanned_exchange(&mut a, &mut b, ExchangeConfig::default());
+    assert_eq!(report.outcome, ExchangeOutcome::Converged);
+    assert_eq!(report.stats.objects_pulled, 3000);
+    assert_eq!(report.stats.keys_moved, 3000);
+    assert_eq!(report.stats.objects_pushed, 0);
+    assert!(bodies
+        .iter()
+        .all(|b| !matches!(b, RequestBody::Items { .. } | RequestBody::Transfer { .. })));
+    let asked = bodies
+        .iter()
+        .filter(|b| matches!(b, RequestBody::SegmentObjects { .. }))
+        .count();
+    assert!(asked >= 1, "{bodies:?}");
+    // The roots, one request per 512 segments (no descent: the driver's tree is empty
+    // below every mismatched node), the verify.
+    let leaves = TreeShape::DEFAULT.leaves() as u64;
+    assert!(
+        report.stats.round_trips <= 2 + leaves.div_ceil(512),
+        "{:?}",
+        report.stats
+    );
+    // At most one scan per segment on the receiver; the driver's, one per run of adjacent
+    // segments.
+    assert!(scans_b as u64 <= leaves, "{scans_b}");
+    assert!(scans_a <= 2 * asked, "{scans_a}");
+    assert_eq!(contents(&a), contents(&b));
+}
+
+/// A segment bigger than an answer may be: the receiver answers `done: 0` and the driver
+/// lists that segment's items instead, whose objects then come in bounded answers.
+#[test]
+fn a_segment_too_big_for_one_answer_is_listed_instead() {
+    let mut a = filled(0, TreeShape::DEFAULT);
+    let mut b = filled(3000, TreeShape::DEFAULT);
+    let limits = ReceiverLimits {
+        max_response_bytes: 10,
+        ..ReceiverLimits::default()
+    };
+    let range = FULL_RING;
+    let (report, moved) = run_exchange(
+        &mut a,
+        &mut b,
+        range,
+        ExchangeConfig::default(),
+        &limits,
+        3,
+        false,
+    );
+    assert_eq!(report.outcome, ExchangeOutcome::Converged);
+    assert_eq!(report.stats.keys_moved, 3000);
+    assert_eq!(moved.len(), 3000);
+    assert_eq!(contents(&a), contents(&b));
+    // And the receiver's answer to such a request is `done: 0` with no object.
+    let mut driver = ExchangeDriver::new(ExchangeId(1), range, ExchangeConfig::default(), 1);
+    let mut c = filled(0, TreeShape::DEFAULT);
+    let mut request = sent(driver.start(&mut c.trees));
+    request = loop {
+        let out = handle_request(request, &mut b.trees, &b.store, &limits);
+        let next = sent(
+            driver
+                .handle_response(out.response, &mut c.trees, &c.store)
+                .step,
+        );
+        if matches!(next.body, RequestBody::SegmentObjects { .. }) {
+            break next;
+        }
+        request = next;
+    };
+    let out = handle_request(request, &mut b.trees, &b.store, &limits);
+    assert_eq!(
+        out.response.body,
+        ResponseBody::SegmentObjects {
+            done: 0,
+            objects: vec![]
+        }
+    );
+}
+
+/// Drives an exchange from an empty replica until its first `SegmentObjects` request.
+fn until_segment_objects(
+    driver: &mut ExchangeDriver,
+    a: &mut MemoryReplica,
+    b: &mut MemoryReplica,
+) -> ExchangeRequest {
+    let mut request = sent(driver.start(&mut a.trees));
+    loop {
+        if matches!(request.body, RequestBody::SegmentObjects { .. }) {
+            return request;
+        }
+        let out = handle_request(request, &mut b.trees, &b.store, &ReceiverLimits::default());
+        request = sent(
+            driver
+                .handle_response(out.response, &mut a.trees, &a.store)
+                .step,
+        );
+    }
+}
+
+/// A `SegmentObjects` answer that does not match its request ends the exchange as failed.
+#[test]
+fn driver_rejects_bad_segment_objects() {
+    let mut b = filled(300, TreeShape::DEFAULT);
+    let foreign = {
+        let mut object = Object::empty();
+        object.apply_write(Actor::new("n", 1), &CausalContext::empty(), data("x"));
+        object
+    };
+    let cases: Vec<(&str, Box<dyn Fn(u32, &ExchangeRequest) -> ResponseBody>)> = vec![
+        (
+            "more segments done than asked",
+            Box::new(|asked, _| ResponseBody::SegmentObjects {
+                done: asked + 1,
+                objects: vec![],
+            }),
+        ),
+        (
+            "objects with none done",
+            Box::new(|_, _| ResponseBody::SegmentObjects {
+                done: 0,
+                objects: vec![RepairObject {
+                    bucket: key_of(1).0,
+                    key: key_of(1).1,
+                    object: foreign.clone(),
+                }],
+            }),
+        ),
+        (
+            "an object outside the segments answered",
+            Box::new(|_, request| {
+                // Only the first segment is answered; a key from another one comes along.
+                let RequestBody::SegmentObjects { segments } = &request.body else {
+                    unreachable!()
+                };
+                let first = segments.decode(TreeShape::DEFAULT.leaves()).unwrap()[0];
+                let tree = MerkleTree::new(FULL_RING, TreeShape::DEFAULT);
+                let outside = (0..10_000)
+                    .map(key_of)
+                    .find(|(b, k)| tree.segment_of(key_token(b, k)) != Some(first))
+                    .unwrap();
+                ResponseBody::SegmentObjects {
+                    done: 1,
+                    objects: vec![RepairObject {
+                        bucket: outside.0,
+                        key: outside.1,
+                        object: foreign.clone(),
+                    }],
+                }
+            }),
+        ),
+    ];
+    for (name, body) in cases {
+        let mut a = filled(0, TreeShape::DEFAULT);
+        let mut driver =
+            ExchangeDriver::new(ExchangeId(1), FULL_RING, ExchangeConfig::default(), 1);
+        let request = until_segment_objects(&mut driver, &mut a, &mut b);
+        let RequestBody::SegmentObjects { segments } = &request.body else {
+            unreachable!()
+        };
+        let response = ExchangeResponse {
+            exchange: request.exchange,
+            seq: request.seq,
+            body: body(segments.len() as u32, &request),
+        };
+        let out = driver.handle_response(response, &mut a.trees, &a.store);
+        let DriverStep::Finished(report) = out.step else {
+            panic!("{name}: {:?}", out.step)
+        };
+        assert!(
+            matches!(
+                report.outcome,
+                ExchangeOutcome::Failed(ExchangeError::InvalidResponse(_))
+            ),
+            "{name}: {:?}",
+            report.outcome
+        );
+        assert!(out.writes.is_empty(), "{name}");
+    }
+}
+
+/// A key written on the (empty) driver after its tree was compared and before the
+/// `SegmentObjects` answer came back is pushed to the receiver, and kept.
+#[test]
+fn a_key_written_during_segment_objects_is_pushed() {
+    let mut a = filled(0, TreeShape::DEFAULT);
+    let mut b = filled(300, TreeShape::DEFAULT);
+    let mut driver = ExchangeDriver::new(ExchangeId(1), FULL_RING, ExchangeConfig::default(), 1);
+    let mut request = until_segment_objects(&mut driver, &mut a, &mut b);
+    let RequestBody::SegmentObjects { segments } = &request.body else {
+        unreachable!()
+    };
+    let asked = segments.decode(TreeShape::DEFAULT.leaves()).unwrap();
+    let tree = MerkleTree::new(FULL_RING, TreeShape::DEFAULT);
+    // A key the receiver lacks, in one of the asked segments.
+    let (bucket, key) = (300..100_000)
+        .map(key_of)
+        .find(|(b, k)| {
+            tree.segment_of(key_token(b, k))
+                .is_some_and(|s| asked.contains(&s))
+        })
+        .unwrap();
+    let mut object = Object::empty();
+    object.apply_write(Actor::new("w", 1), &CausalContext::empty(), data("late"));
+    a.put(&bucket, &key, object.clone());
+    let report = loop {
+        let out = handle_request(request, &mut b.trees, &b.store, &ReceiverLimits::default());
+        b.apply(out.writes);
+        let out = driver.handle_response(out.response, &mut a.trees, &a.store);
+        a.apply(out.writes);
+        match out.step {
+            DriverStep::Send(next) => request = next,
+            DriverStep::Finished(report) => break report,
+            DriverStep::Ignored => unreachable!(),
+        }
+    };
+    assert_eq!(report.outcome, ExchangeOutcome::Converged);
+    assert_eq!(report.stats.objects_pushed, 1);
+    assert_eq!(report.stats.objects_pulled, 300);
+    assert_eq!(b.store.get(&bucket, &key), Some(&object));
+    assert_eq!(contents(&a), contents(&b));
+}
+
 #[test]
 fn driver_rejects_malformed_symbols() {
     let (mut a, mut b) = (
@@ -859,6 +1088,15 @@ fn receiver_refuses_bad_requests() {
             "segment out of bounds",
             ExchangeRequest {
                 body: RequestBody::Items {
+                    segments: SortedIndices::from_sorted(&[4096]),
+                },
+                ..base.clone()
+            },
+        ),
+        (
+            "segment objects out of bounds",
+            ExchangeRequest {
+                body: RequestBody::SegmentObjects {
                     segments: SortedIndices::from_sorted(&[4096]),
                 },
                 ..base.clone()

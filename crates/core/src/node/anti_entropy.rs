@@ -107,6 +107,44 @@ impl<S: Storage> SegmentSource for StorageSource<'_, S> {
     fn object(&self, bucket: &str, key: &[u8]) -> Result<Option<Object>, StorageError> {
         self.0.get(bucket, key)
     }
+
+    fn segment_objects(
+        &self,
+        tokens: TokenRange,
+        each: &mut dyn FnMut(RepairObject) -> bool,
+    ) -> Result<(), StorageError> {
+        scan_objects_until(self.0, tokens, None, each)
+    }
+}
+
+/// Hands the objects of `tokens` (of `bucket` alone, when given) to `each`, scanned in
+/// bounded batches, until it returns false.
+fn scan_objects_until<S: Storage>(
+    storage: &S,
+    tokens: TokenRange,
+    bucket: Option<&str>,
+    each: &mut dyn FnMut(RepairObject) -> bool,
+) -> Result<(), StorageError> {
+    let mut after = None;
+    loop {
+        let batch = storage.scan_range_batch(tokens, after.as_ref(), DEFAULT_SCAN_BATCH)?;
+        for (b, key, object) in batch.rows {
+            if bucket.is_some_and(|wanted| wanted != b) {
+                continue;
+            }
+            if !each(RepairObject {
+                bucket: b,
+                key,
+                object,
+            }) {
+                return Ok(());
+            }
+        }
+        match batch.resume {
+            Some(cursor) => after = Some(cursor),
+            None => return Ok(()),
+        }
+    }
 }
 
 /// The node's storage restricted to one bucket, for one-bucket exchanges.
@@ -140,6 +178,14 @@ impl<S: Storage> SegmentSource for BucketSource<'_, S> {
             return Ok(None);
         }
         self.storage.get(bucket, key)
+    }
+
+    fn segment_objects(
+        &self,
+        tokens: TokenRange,
+        each: &mut dyn FnMut(RepairObject) -> bool,
+    ) -> Result<(), StorageError> {
+        scan_objects_until(self.storage, tokens, Some(self.bucket), each)
     }
 }
 
