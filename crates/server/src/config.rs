@@ -233,6 +233,8 @@ pub struct AntiEntropySection {
     pub interval_s: u64,
     /// Exchanges a node drives at once.
     pub concurrency: usize,
+    /// Streaming exchanges a joining or gaining node drives at once.
+    pub stream_concurrency: usize,
     /// Repair bytes per second, shared with hint replay (0 = unlimited).
     pub rate_limit_bytes_per_s: u64,
     /// One range's Merkle tree is checked against a scan of its data this often.
@@ -251,6 +253,7 @@ impl Default for AntiEntropySection {
             enabled: core.enabled,
             interval_s: core.interval_ms / 1000,
             concurrency: core.concurrency,
+            stream_concurrency: core.stream_concurrency,
             rate_limit_bytes_per_s: core.rate_limit_bytes_per_s,
             verify_interval_s: core.verify_interval_ms / 1000,
             gossip_roots: core.gossip_roots,
@@ -686,6 +689,7 @@ impl ServerConfig {
             enabled: self.anti_entropy.enabled,
             interval_ms: self.anti_entropy.interval_s.max(1).saturating_mul(1000),
             concurrency: self.anti_entropy.concurrency.max(1),
+            stream_concurrency: self.anti_entropy.stream_concurrency.max(1),
             rate_limit_bytes_per_s: self.anti_entropy.rate_limit_bytes_per_s,
             verify_interval_ms: self
                 .anti_entropy

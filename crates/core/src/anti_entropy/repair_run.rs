@@ -12,6 +12,11 @@ pub struct AntiEntropyConfig {
     pub interval_ms: Millis,
     /// Exchanges this node drives at once.
     pub concurrency: usize,
+    /// Streaming exchanges (ranges a joiner or a new owner pulls) a node drives at once,
+    /// besides `concurrency`. Streaming is bound by round trips, not by CPU or bytes, when
+    /// it runs two at a time (a 2-core machine sat 65% idle), and the repair byte budget
+    /// still bounds what it moves.
+    pub stream_concurrency: usize,
     /// Repair bytes per second, shared by anti-entropy and hint replay (0 = unlimited).
     pub rate_limit_bytes_per_s: u64,
     /// One range's tree is rebuilt from a scan and compared with the maintained one this
@@ -32,6 +37,7 @@ impl Default for AntiEntropyConfig {
             enabled: true,
             interval_ms: 300_000,
             concurrency: 2,
+            stream_concurrency: 8,
             rate_limit_bytes_per_s: 32 << 20,
             verify_interval_ms: 60_000,
             gossip_roots: true,

@@ -161,7 +161,7 @@ impl<S: Storage> Node<S> {
     }
 
     /// Continues under an epoch above `claimed`, durably, before any dot is issued in it.
-    fn adopt_epoch(&mut self, now: Millis, claimed: u64) {
+    pub(super) fn adopt_epoch(&mut self, now: Millis, claimed: u64) {
         // `LWW_EPOCH` marks LWW dots and is never a node's epoch.
         let Some(epoch) = claimed
             .checked_add(1)

@@ -486,6 +486,10 @@ fn a_removal_cancels_a_decommission_that_would_leave_too_few_nodes() {
     for key in &keys(20) {
         put_key(&mut cluster, 0, key);
     }
+    // One range at a time, so the decommission is still streaming when the removal comes.
+    for node in &mut cluster.nodes {
+        node.config.anti_entropy.stream_concurrency = 1;
+    }
     assert!(matches!(
         cluster.request(3, ClientRequest::Decommission),
         ClientResponse::Change(_)
@@ -786,6 +790,9 @@ fn a_joiner_killed_mid_stream(cluster: &mut TestCluster) -> (Vec<String>, Memory
         acked.push(key);
     }
     add_node(cluster, 4);
+    // One range at a time, so that a tick finds it between ranges (messages here arrive
+    // at once: eight at a time pull these 150 keys in one tick).
+    cluster.nodes[4].config.anti_entropy.stream_concurrency = 1;
     let n4 = NodeId::new("n4");
     let mut streaming = false;
     for i in 0..400 {
