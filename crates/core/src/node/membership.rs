@@ -1627,25 +1627,33 @@ impl<S: Storage> Node<S> {
 
     /// When membership next has work: acks, streaming, the owner's steps.
     /// Whether every operation this node began under an older view has ended, so it may
-    /// acknowledge the current layout: none is left that started at or before the view
-    /// changed (each operation's deadline is its start plus the request timeout), or the
-    /// view has been unchanged for a request timeout, by when every such one timed out.
-    /// Waiting out the timeout every time cost each phase of a change two seconds, about
-    /// half of a 300,000-key join.
+    /// acknowledge the current layout: the view has been unchanged for a request timeout,
+    /// by when every such operation timed out; or, while a change is in progress, none is
+    /// left that started at or before the view changed (each operation's deadline is its
+    /// start plus the request timeout). Waiting out the timeout at every phase cost a
+    /// change two seconds per phase, about half of a 300,000-key join. Outside changes
+    /// (a cluster forming) the timeout stays: acknowledging sooner there lets cleanup start
+    /// sooner, which the full-disk black-box test showed is not free (a delete on a full
+    /// disk fails the next sync and with it every reply held behind it).
     fn older_views_ended(&self, now: Millis) -> bool {
         let view_since = self.membership.view_since;
         let timeout = self.config.request_timeout_ms;
         now.saturating_sub(view_since) >= timeout
             || self
-                .coordination
-                .deadlines
-                .first()
-                .is_none_or(|&(deadline, _)| deadline.saturating_sub(timeout) > view_since)
+                .membership
+                .members
+                .values()
+                .any(|m| m.change().is_some() && !m.deciding)
+                && self
+                    .coordination
+                    .deadlines
+                    .first()
+                    .is_none_or(|&(deadline, _)| deadline.saturating_sub(timeout) > view_since)
     }
 
-    pub(super) fn membership_deadline(&self) -> Millis {
-        let ack_due = self.membership.view_since + self.config.request_timeout_ms;
-        let busy = self.membership.deciding
+    /// Whether membership work is under way: a decision, a change, a removal, a cleanup.
+    fn membership_busy(&self) -> bool {
+        self.membership.deciding
             || self.membership.layout.active().is_some()
             || matches!(
                 self.membership.status,
@@ -1661,16 +1669,18 @@ impl<S: Storage> Node<S> {
                 .membership
                 .members
                 .values()
-                .any(|m| m.change().is_some());
+                .any(|m| m.change().is_some())
+    }
+
+    pub(super) fn membership_deadline(&self) -> Millis {
+        let ack_due = self.membership.view_since + self.config.request_timeout_ms;
+        let busy = self.membership_busy();
         let fingerprint = self.membership.layout.fingerprint();
         let acked = self.gossip_count(self.id(), ACK_KEY) == Some(fingerprint);
-        // Unacknowledged: looked at again soon, since the operations begun under the older
-        // view may all end well before the request timeout.
-        let mut deadline = if acked {
-            Millis::MAX
-        } else {
-            ack_due.min(self.clock + 100)
-        };
+        // Unacknowledged and idle: at the request timeout. While a change is in progress
+        // (busy, below) the ticks come every 100 ms, so the acknowledgement goes out as soon
+        // as the operations begun under the older view have ended.
+        let mut deadline = if acked { Millis::MAX } else { ack_due };
         if busy {
             // Progress depends on peers' gossip: look again a few times a second.
             deadline = deadline.min(self.clock + 100);
