@@ -1513,18 +1513,11 @@ impl ExchangeDriver {
                 same.insert(id);
                 continue;
             }
-            self.stats.objects_pulled += 1;
-            self.stats.value_bytes_received += item.object.size_bytes() as u64;
             if ours.is_some() {
                 // Differs on both sides: pushed below unless what came back covers ours.
                 transfer.pulled.insert(id.clone(), item.object.clone());
             }
-            if self.found_keys.insert(id.clone()) {
-                self.stats.keys_different += 1;
-            }
-            if self.moved_keys.insert(id) {
-                self.stats.keys_moved += 1;
-            }
+            self.count_pulled(id, &item);
             writes.push(item);
         }
         transfer.pushes = own.into_keys().filter(|id| !same.contains(id)).collect();
@@ -1533,6 +1526,19 @@ impl ExchangeDriver {
         }
         self.count_pushes(&transfer);
         self.send_transfer(source, transfer, remaining)
+    }
+
+    /// Counts an object pulled from the receiver: its bytes, and its key as different and
+    /// moved (once per key and exchange).
+    fn count_pulled(&mut self, id: KeyId, item: &RepairObject) {
+        self.stats.objects_pulled += 1;
+        self.stats.value_bytes_received += item.object.size_bytes() as u64;
+        if self.found_keys.insert(id.clone()) {
+            self.stats.keys_different += 1;
+        }
+        if self.moved_keys.insert(id) {
+            self.stats.keys_moved += 1;
+        }
     }
 
     /// Counts the keys of the batch's pushes as different (once per key and exchange).
@@ -1684,16 +1690,9 @@ impl ExchangeDriver {
             if source.object(&item.bucket, &item.key)?.as_ref() == Some(&item.object) {
                 continue;
             }
-            self.stats.objects_pulled += 1;
-            self.stats.value_bytes_received += item.object.size_bytes() as u64;
             let id = (item.bucket.clone(), item.key.clone());
             transfer.pulled.insert(id.clone(), item.object.clone());
-            if self.found_keys.insert(id.clone()) {
-                self.stats.keys_different += 1;
-            }
-            if self.moved_keys.insert(id) {
-                self.stats.keys_moved += 1;
-            }
+            self.count_pulled(id, &item);
             writes.push(item);
         }
         if transfer.pushes.is_empty() && transfer.wants.is_empty() {
