@@ -117,11 +117,26 @@ pub fn scan_in_batches<S: Storage + ?Sized>(
     batch: usize,
     mut each: impl FnMut(String, Vec<u8>, Object),
 ) -> Result<(), StorageError> {
+    scan_in_batches_until(storage, range, batch, |bucket, key, object| {
+        each(bucket, key, object);
+        true
+    })
+}
+
+/// [`scan_in_batches`] that stops as soon as `each` returns false (nothing further is read).
+pub fn scan_in_batches_until<S: Storage + ?Sized>(
+    storage: &S,
+    range: TokenRange,
+    batch: usize,
+    mut each: impl FnMut(String, Vec<u8>, Object) -> bool,
+) -> Result<(), StorageError> {
     let mut after: Option<ScanCursor> = None;
     loop {
         let ScanBatch { rows, resume } = storage.scan_range_batch(range, after.as_ref(), batch)?;
         for (bucket, key, object) in rows {
-            each(bucket, key, object);
+            if !each(bucket, key, object) {
+                return Ok(());
+            }
         }
         match resume {
             Some(cursor) => after = Some(cursor),

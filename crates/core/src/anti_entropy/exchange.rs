@@ -716,6 +716,12 @@ fn run_tokens(tree: &MerkleTree, first: Segment, last: Segment) -> Option<TokenR
     })
 }
 
+/// What one object adds to a message, as the answer and push limits count it: its value
+/// and context, its key, and a margin for the bucket and framing.
+fn answer_bytes(key: &[u8], object: &Object) -> usize {
+    object.size_bytes() + key.len() + 64
+}
+
 /// The bits a short hash of `bytes` bytes may have set.
 fn item_mask(bytes: u8) -> u64 {
     if bytes >= 8 {
@@ -1108,7 +1114,8 @@ impl ExchangeDriver {
         let leaves = tree.leaves();
         let below = |node: u32| self.shape.node_segments(depth, node).unwrap_or(0..0);
         if mismatched.iter().all(|&node| {
-            leaves[below(node).start as usize..below(node).end as usize]
+            let segments = below(node);
+            leaves[segments.start as usize..segments.end as usize]
                 .iter()
                 .all(|&h| h == 0)
         }) {
@@ -1601,7 +1608,7 @@ impl ExchangeDriver {
                     }
                 }
                 let (bucket, key) = id;
-                push_bytes += object.size_bytes() + key.len() + 64;
+                push_bytes += answer_bytes(&key, &object);
                 self.stats.objects_pushed += 1;
                 self.stats.value_bytes_sent += object.size_bytes() as u64;
                 // Pulled earlier in this batch: one key, different on both sides, moved once.
@@ -1875,7 +1882,7 @@ fn answer(
                 let (before, mut segment_bytes, mut fits) = (objects.len(), 0usize, true);
                 source
                     .segment_objects(tokens, &mut |object| {
-                        segment_bytes += object.object.size_bytes() + object.key.len() + 64;
+                        segment_bytes += answer_bytes(&object.key, &object.object);
                         fits = bytes + segment_bytes <= limits.max_response_bytes;
                         if fits {
                             objects.push(object);
@@ -2141,7 +2148,7 @@ impl Found {
             .object(&item.bucket, &item.key)
             .map_err(|e| Refusal::Storage(e.to_string()))?;
         if let Some(object) = stored {
-            self.bytes += object.size_bytes() + item.key.len() + 64;
+            self.bytes += answer_bytes(&item.key, &object);
             self.objects.push(RepairObject {
                 bucket: item.bucket,
                 key: item.key,

@@ -19,7 +19,9 @@ use crate::control::{RepairQueue, RepairQueueConfig, RepairReason};
 use crate::membership::PeerStatus;
 use crate::message::Message;
 use crate::ring::{key_token, TokenRange};
-use crate::storage::{scan_in_batches, Storage, StorageError, DEFAULT_SCAN_BATCH};
+use crate::storage::{
+    scan_in_batches, scan_in_batches_until, Storage, StorageError, DEFAULT_SCAN_BATCH,
+};
 use crate::version::Object;
 use crate::{Millis, NodeId};
 use rand::Rng;
@@ -125,26 +127,14 @@ fn scan_objects_until<S: Storage>(
     bucket: Option<&str>,
     each: &mut dyn FnMut(RepairObject) -> bool,
 ) -> Result<(), StorageError> {
-    let mut after = None;
-    loop {
-        let batch = storage.scan_range_batch(tokens, after.as_ref(), DEFAULT_SCAN_BATCH)?;
-        for (b, key, object) in batch.rows {
-            if bucket.is_some_and(|wanted| wanted != b) {
-                continue;
-            }
-            if !each(RepairObject {
+    scan_in_batches_until(storage, tokens, DEFAULT_SCAN_BATCH, |b, key, object| {
+        bucket.is_some_and(|wanted| wanted != b)
+            || each(RepairObject {
                 bucket: b,
                 key,
                 object,
-            }) {
-                return Ok(());
-            }
-        }
-        match batch.resume {
-            Some(cursor) => after = Some(cursor),
-            None => return Ok(()),
-        }
-    }
+            })
+    })
 }
 
 /// The node's storage restricted to one bucket, for one-bucket exchanges.

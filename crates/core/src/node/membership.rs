@@ -675,6 +675,11 @@ impl<S: Storage> Node<S> {
     /// it was deciding, and stayed refused (simulator seed 6026 of `--faults
     /// membership,crash,partition,loss`). Deciding, it decides again under the new one.
     fn outlive_removed_life(&mut self, now: Millis) {
+        // Only a node that takes a removal as its own can be in that case: the removal
+        // lists are not decoded again on every tick otherwise.
+        if !self.membership.refused {
+            return;
+        }
         let me = self.id().clone();
         let Some(removed) = self.removal_generation(&me) else {
             return;
@@ -877,8 +882,8 @@ impl<S: Storage> Node<S> {
     /// Moves changes along: acks, this node's own change, removals it runs, streaming,
     /// cleanup.
     pub(super) fn tick_membership(&mut self, now: Millis) {
-        self.outlive_removed_life(now);
         self.refresh_layout(now);
+        self.outlive_removed_life(now);
         self.watch_deciding_members(now);
         self.decide_join(now);
         let fingerprint = self.membership.layout.fingerprint();
@@ -1632,9 +1637,9 @@ impl<S: Storage> Node<S> {
     }
 
     /// When membership next has work: acks, streaming, the owner's steps.
-    /// Whether membership work is under way: a decision, a change, a removal, a cleanup.
-    fn membership_busy(&self) -> bool {
-        self.membership.deciding
+    pub(super) fn membership_deadline(&self) -> Millis {
+        let ack_due = self.membership.view_since + self.config.request_timeout_ms;
+        let busy = self.membership.deciding
             || self.membership.layout.active().is_some()
             || matches!(
                 self.membership.status,
@@ -1650,12 +1655,7 @@ impl<S: Storage> Node<S> {
                 .membership
                 .members
                 .values()
-                .any(|m| m.change().is_some())
-    }
-
-    pub(super) fn membership_deadline(&self) -> Millis {
-        let ack_due = self.membership.view_since + self.config.request_timeout_ms;
-        let busy = self.membership_busy();
+                .any(|m| m.change().is_some());
         let fingerprint = self.membership.layout.fingerprint();
         let acked = self.gossip_count(self.id(), ACK_KEY) == Some(fingerprint);
         let mut deadline = if acked { Millis::MAX } else { ack_due };
