@@ -816,6 +816,9 @@ fn until_segment_objects(
     }
 }
 
+/// A fake source's answer to a `SegmentObjects` request, given how many segments it asked for.
+type FakeSegmentAnswer<'a> = Box<dyn Fn(u32, &ExchangeRequest) -> ResponseBody + 'a>;
+
 /// A `SegmentObjects` answer that does not match its request ends the exchange as failed.
 #[test]
 fn driver_rejects_bad_segment_objects() {
@@ -825,7 +828,7 @@ fn driver_rejects_bad_segment_objects() {
         object.apply_write(Actor::new("n", 1), &CausalContext::empty(), data("x"));
         object
     };
-    let cases: Vec<(&str, Box<dyn Fn(u32, &ExchangeRequest) -> ResponseBody>)> = vec![
+    let cases: Vec<(&str, FakeSegmentAnswer<'_>)> = vec![
         (
             "more segments done than asked",
             Box::new(|asked, _| ResponseBody::SegmentObjects {
