@@ -64,21 +64,30 @@ pub enum GossipMessage {
 }
 
 impl GossipMessage {
-    /// The highest generation this message claims the sender holds for `node`, if it
-    /// mentions it: in its digests and deltas, and in an `Ack`'s requests for more of a
-    /// generation it already holds part of (`max_version > 0`). A request from version 0
-    /// only echoes the generation of the digest it answers.
-    pub fn generation_claimed_for(&self, node: &NodeId) -> Option<Generation> {
+    /// The newest state this message claims the sender holds for `node`, if it mentions it,
+    /// as `(generation, version)`: in its digests and deltas, and in an `Ack`'s requests for
+    /// more of a generation it already holds part of (`max_version > 0`). A request from
+    /// version 0 only echoes the generation of the digest it answers.
+    pub fn state_claimed_for(&self, node: &NodeId) -> Option<(Generation, Version)> {
         let digests = |list: &[Digest]| {
             list.iter()
                 .filter(|d| d.node == *node)
-                .map(|d| d.generation)
+                .map(|d| (d.generation, d.max_version))
                 .max()
         };
         let deltas = |list: &[Delta]| {
             list.iter()
                 .filter(|d| d.node == *node)
-                .map(|d| d.generation)
+                .map(|d| {
+                    let newest = d
+                        .entries
+                        .iter()
+                        .map(|(_, entry)| entry.version)
+                        .chain(d.heartbeat)
+                        .max()
+                        .unwrap_or(d.after);
+                    (d.generation, newest)
+                })
                 .max()
         };
         match self {
@@ -90,7 +99,7 @@ impl GossipMessage {
                 let held = requests
                     .iter()
                     .filter(|d| d.node == *node && d.max_version > 0)
-                    .map(|d| d.generation)
+                    .map(|d| (d.generation, d.max_version))
                     .max();
                 deltas(list).max(held)
             }

@@ -103,12 +103,19 @@ impl<S: Storage> Node<S> {
     /// Looks at a gossip message before gossip handles it: a claim of a generation at
     /// least this node's epoch means it ran before under it (and lost its record).
     pub(super) fn learn_epoch_from(&mut self, now: Millis, from: &NodeId, message: &GossipMessage) {
-        if let Some(claimed) = message.generation_claimed_for(self.id()) {
-            // Once confirmed, peers rightly hold this epoch as our generation; before, they
-            // cannot have learned it from us yet (our state goes out only after their
-            // answer), so an equal claim is the epoch of a previous life.
+        if let Some((claimed, version)) = message.state_claimed_for(self.id()) {
+            // Before confirming, peers cannot have learned this epoch from us yet (our
+            // state goes out only after their answer), so an equal claim is the epoch of a
+            // previous life. Once confirmed, peers rightly hold this epoch as our
+            // generation, but only up to the versions we issued in it: more is a previous
+            // life under the same epoch. That happens when a wiped node adopts the epoch
+            // after one peer's claim while another still holds the life that had already
+            // adopted it (simulator seed 1887: that peer kept the old life's join phase,
+            // whose versions were above the new life's, and the join never completed).
             let ran_before = if self.identity.confirmed {
-                claimed > u64::from(self.identity.epoch)
+                let mine = self.cluster.gossiper.local_state();
+                let epoch = u64::from(self.identity.epoch);
+                claimed > epoch || (claimed == epoch && version > mine.max_version())
             } else {
                 claimed >= u64::from(self.identity.epoch)
             };
@@ -188,6 +195,7 @@ impl<S: Storage> Node<S> {
             .gossiper
             .adopt_generation(u64::from(epoch), now);
         self.confirm_epoch();
+        self.carry_join_to_new_epoch(now);
         self.stats.increment(Counter::EpochsLearnedFromPeers);
     }
 }

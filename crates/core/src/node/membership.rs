@@ -694,6 +694,29 @@ impl<S: Storage> Node<S> {
         }
     }
 
+    /// After this node learned that an earlier life ran under a generation at least its
+    /// own (`epoch.rs`), a join it decided in this life moves to the new generation: it
+    /// was decided under a generation that earlier life also held, so a removal of that
+    /// life (at that generation) would otherwise keep this one refused for good (simulator
+    /// seed 1643: wiped, it adopted generation 3 from the one peer that answered, decided
+    /// to join, then heard of the old life's removal at 3 and of the old life at 3; its
+    /// join stayed at 3 and it never finished). A node that comes back with its old data
+    /// never gets here: its epoch record is above every life it had, so no peer claims more.
+    pub(super) fn carry_join_to_new_epoch(&mut self, now: Millis) {
+        let generation = self.cluster.gossiper.generation();
+        if self.membership.joined_generation == 0 || self.membership.joined_generation >= generation
+        {
+            return;
+        }
+        self.membership.joined_generation = generation;
+        let _ = self
+            .cluster
+            .gossiper
+            .set_local(JOINED_KEY, AppValue::Count(generation), now);
+        self.persist_membership();
+        self.refresh_layout(now);
+    }
+
     /// Decides, for a new node with seeds, whether it bootstraps or joins: it joins when a
     /// member already holds data (or it was removed before and comes back wiped).
     pub(super) fn decide_join(&mut self, now: Millis) {

@@ -1436,3 +1436,56 @@ fn a_node_without_a_repair_baseline_adopts_its_peers() {
         );
     }
 }
+
+/// A wiped node hears first from a peer that holds an older life of it (generation 2) and
+/// continues under 3, confirmed; then another peer describes the life that had already run
+/// under 3, with versions above any this life issued. That is an earlier life under the
+/// same generation (simulator seed 1887: the peer kept that life's join phase, and the new
+/// join never completed), so the node continues above it, and a join it decided under 3
+/// moves to the new generation (seed 1643: a removal of the life at 3 kept it refused). A
+/// claim of its generation within its own versions is just a peer that heard of it.
+#[test]
+fn a_wiped_node_outgrows_an_earlier_life_under_the_generation_it_adopted() {
+    use crate::gossip::{Digest, GossipMessage};
+    let mut config = NodeConfig::new("n2");
+    config.learn_epoch_from_peers = true;
+    let mut node = Node::new(config, MemoryStorage::new(), 0).unwrap();
+    for i in 0..3 {
+        node.handle_member_discovered(member(i));
+    }
+    let claim = |generation, max_version| {
+        Message::Gossip(GossipMessage::Syn {
+            digests: vec![Digest {
+                node: NodeId::new("n2"),
+                generation,
+                max_version,
+            }],
+            complete: true,
+        })
+    };
+    node.handle_message(10, &NodeId::new("n1"), claim(2, 40));
+    assert_eq!(node.epoch(), 3);
+    assert!(node.epoch_confirmed());
+    // As if it had decided to join under generation 3.
+    node.membership.joined_generation = 3;
+
+    let own = node.cluster.gossiper.local_state().max_version();
+    node.handle_message(20, &NodeId::new("n0"), claim(3, own));
+    assert_eq!(
+        node.epoch(),
+        3,
+        "a peer that heard of this life claims nothing new"
+    );
+
+    node.handle_message(30, &NodeId::new("n0"), claim(3, own + 500));
+    assert_eq!(node.epoch(), 4, "an earlier life ran under 3");
+    assert_eq!(node.stats()[Counter::EpochsLearnedFromPeers], 2);
+    assert_eq!(node.membership.joined_generation, 4);
+    assert_eq!(
+        node.cluster
+            .gossiper
+            .local_state()
+            .get(super::membership::JOINED_KEY),
+        Some(&crate::gossip::AppValue::Count(4))
+    );
+}
