@@ -321,13 +321,7 @@ impl Gossiper {
     /// counted when it claims more than we have (an impostor, or a bug).
     fn check_self_delta(&mut self, delta: &Delta) {
         let mine = self.local_state();
-        let newest = delta
-            .entries
-            .iter()
-            .map(|(_, entry)| entry.version)
-            .chain(delta.heartbeat)
-            .max()
-            .unwrap_or(0);
+        let newest = delta.newest_version().unwrap_or(0);
         if delta.generation > mine.generation()
             || (delta.generation == mine.generation() && newest > mine.max_version())
         {

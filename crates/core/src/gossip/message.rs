@@ -46,6 +46,17 @@ pub struct Delta {
     pub entries: Vec<(AppKey, VersionedValue)>,
 }
 
+impl Delta {
+    /// The newest version the delta carries (its entries and heartbeat), if any.
+    pub fn newest_version(&self) -> Option<Version> {
+        self.entries
+            .iter()
+            .map(|(_, entry)| entry.version)
+            .chain(self.heartbeat)
+            .max()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GossipMessage {
     /// Opens an exchange. `complete` says the digests list every node the sender knows, so
@@ -78,16 +89,7 @@ impl GossipMessage {
         let deltas = |list: &[Delta]| {
             list.iter()
                 .filter(|d| d.node == *node)
-                .map(|d| {
-                    let newest = d
-                        .entries
-                        .iter()
-                        .map(|(_, entry)| entry.version)
-                        .chain(d.heartbeat)
-                        .max()
-                        .unwrap_or(d.after);
-                    (d.generation, newest)
-                })
+                .map(|d| (d.generation, d.newest_version().unwrap_or(d.after)))
                 .max()
         };
         match self {

@@ -708,6 +708,12 @@ impl<S: Storage> Node<S> {
         {
             return;
         }
+        self.join_under(generation, now);
+    }
+
+    /// Records and announces that this node joins under `generation` (durably), and
+    /// derives the layout again: the join lifts a removal of an earlier life.
+    fn join_under(&mut self, generation: u64, now: Millis) {
         self.membership.joined_generation = generation;
         let _ = self
             .cluster
@@ -799,11 +805,8 @@ impl<S: Storage> Node<S> {
         // ranges back before it serves reads for them.
         if evidence {
             self.membership.change_started_at = now;
-            self.membership.joined_generation = self.cluster.gossiper.generation();
-            let joined = AppValue::Count(self.membership.joined_generation);
-            let _ = self.cluster.gossiper.set_local(JOINED_KEY, joined, now);
-            self.persist_membership();
-            self.refresh_layout(now);
+            let generation = self.cluster.gossiper.generation();
+            self.join_under(generation, now);
         } else {
             self.set_own_state(now, NodeStatus::Normal, Phase::Done);
         }
