@@ -19,8 +19,10 @@ use crate::version::Object;
 use crate::{Millis, NodeId};
 use serde::{Deserialize, Serialize};
 
-/// The format byte of hint records.
-const HINT_FORMAT: u8 = 1;
+/// The format byte of hint records (2 added `stands_in`).
+const HINT_FORMAT: u8 = 2;
+/// Records written before `stands_in` existed: object and created time only.
+const HINT_FORMAT_WITHOUT_STAND_IN: u8 = 1;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct HintedHandoffConfig {
@@ -94,6 +96,18 @@ pub struct HintRecord {
     pub object: Object,
     /// When the oldest write in this hint was hinted (TTL counts from here).
     pub created_ms: Millis,
+    /// Some write in this hint was kept by a sloppy quorum's fallback and counted toward the
+    /// write's acknowledgement: the hint may hold the write's only copy (at RF 1 it always
+    /// does), so it never expires. It ends when its target takes it, or, if the target is
+    /// removed, when the key's new replicas do.
+    pub stands_in: bool,
+}
+
+/// The record as format 1 stored it.
+#[derive(Deserialize)]
+struct HintRecordWithoutStandIn {
+    object: Object,
+    created_ms: Millis,
 }
 
 impl HintRecord {
@@ -107,6 +121,17 @@ impl HintRecord {
     pub fn decode(bytes: &[u8]) -> Option<HintRecord> {
         match bytes.split_first() {
             Some((&HINT_FORMAT, body)) => postcard::from_bytes(body).ok(),
+            // An older record cannot say whether a sloppy quorum counted it, so it is kept as
+            // if it might be the only copy.
+            Some((&HINT_FORMAT_WITHOUT_STAND_IN, body)) => {
+                postcard::from_bytes::<HintRecordWithoutStandIn>(body)
+                    .ok()
+                    .map(|old| HintRecord {
+                        object: old.object,
+                        created_ms: old.created_ms,
+                        stands_in: true,
+                    })
+            }
             _ => None,
         }
     }

@@ -22,6 +22,38 @@ fn hint_keys_round_trip() {
     assert_eq!(HintRecord::decode(&[1, 0xff, 0xff, 0xff]), None);
 }
 
+/// A record round-trips with its stand-in flag; a record from before the flag existed is
+/// read as standing in (it might be a write's only copy, so it must not expire).
+#[test]
+fn hint_records_round_trip_and_old_records_stand_in() {
+    let record = HintRecord {
+        object: Object::empty(),
+        created_ms: 42,
+        stands_in: false,
+    };
+    assert_eq!(HintRecord::decode(&record.encode()), Some(record.clone()));
+    #[derive(Serialize)]
+    struct FormatOne {
+        object: Object,
+        created_ms: Millis,
+    }
+    let mut old = vec![HINT_FORMAT_WITHOUT_STAND_IN];
+    old.extend(
+        postcard::to_stdvec(&FormatOne {
+            object: Object::empty(),
+            created_ms: 42,
+        })
+        .unwrap(),
+    );
+    assert_eq!(
+        HintRecord::decode(&old),
+        Some(HintRecord {
+            stands_in: true,
+            ..record
+        })
+    );
+}
+
 /// Deletes come first, then the oldest; coalescing keeps one entry per key.
 #[test]
 fn delivery_order_and_coalescing() {

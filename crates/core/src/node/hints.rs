@@ -96,7 +96,9 @@ impl HintDelivery {
 
 impl<S: Storage> Node<S> {
     /// Keeps `object` for `target`, merged into any hint already kept for that key; false when
-    /// it was not kept (dropped and counted, or a storage error).
+    /// it was not kept (dropped and counted, or a storage error). `stands_in`: a sloppy
+    /// quorum counts this hint toward the write's acknowledgement (see
+    /// [`HintRecord::stands_in`]).
     pub(super) fn store_hint(
         &mut self,
         now: Millis,
@@ -104,6 +106,7 @@ impl<S: Storage> Node<S> {
         bucket: &str,
         key: &[u8],
         object: &Object,
+        stands_in: bool,
     ) -> bool {
         if target == self.id() {
             return false;
@@ -123,11 +126,13 @@ impl<S: Storage> Node<S> {
                 HintRecord {
                     object: Object::empty(),
                     created_ms: now,
+                    stands_in: false,
                 }
             }),
             Ok(None) => HintRecord {
                 object: Object::empty(),
                 created_ms: now,
+                stands_in: false,
             },
             Err(_) => {
                 self.stats.increment(Counter::StorageErrors);
@@ -135,6 +140,7 @@ impl<S: Storage> Node<S> {
             }
         };
         record.object.merge_in(object);
+        record.stands_in |= stands_in;
         let encoded = record.encode();
         // Budgets count the bytes stored: hint key plus encoded record.
         let bytes = (storage_key.len() + encoded.len()) as u64;
@@ -247,14 +253,16 @@ impl<S: Storage> Node<S> {
             .collect();
         for hint in candidates {
             let storage_key = hint_key(target, &hint.bucket, &hint.key);
-            if now.saturating_sub(hint.created_ms) > self.config.hinted_handoff.ttl_ms {
-                self.stats.increment(Counter::HintsExpired);
-                self.forget_hint(target, &hint, None);
-                self.mark_for_anti_entropy(now, &hint.bucket, &hint.key);
-                continue;
-            }
+            let expired = now.saturating_sub(hint.created_ms) > self.config.hinted_handoff.ttl_ms;
             match self.storage.get_hint(&storage_key) {
+                // A hint that stands in for a replica may be the write's only copy: it waits
+                // for its target however long that takes.
                 Ok(Some(bytes)) => match HintRecord::decode(&bytes) {
+                    Some(record) if expired && !record.stands_in => {
+                        self.stats.increment(Counter::HintsExpired);
+                        self.forget_hint(target, &hint, None);
+                        self.mark_for_anti_entropy(now, &hint.bucket, &hint.key);
+                    }
                     Some(record) if !self.replicates(target, &hint.bucket, &hint.key) => {
                         self.retarget_hint(now, target, &hint, &record);
                     }
@@ -317,33 +325,47 @@ impl<S: Storage> Node<S> {
     /// non-replica (after cleanup deleted the range) and still miss the new owners, and the
     /// hint may hold the last copy. It is kept for the key's current replicas instead
     /// (merged here when this node is one), and forgotten for the old target once kept.
-    fn retarget_hint(
+    /// True when the hint was kept for them. (A removed target is left out even while the
+    /// layout still lists it; a wrong guess of the owners is corrected the same way when the
+    /// hint is replayed to a node that does not replicate it.)
+    pub(super) fn retarget_hint(
         &mut self,
         now: Millis,
         target: &NodeId,
         hint: &QueuedHint,
         record: &HintRecord,
-    ) {
+    ) -> bool {
         let token = key_token(&hint.bucket, &hint.key);
         let owners: Vec<NodeId> = self
             .membership
             .layout
             .new_ring()
             .preference_list(token)
-            .to_vec();
+            .iter()
+            .filter(|owner| *owner != target)
+            .cloned()
+            .collect();
         let mut kept = !owners.is_empty();
         for owner in owners {
             let ok = if owner == *self.id() {
                 self.merge_local(&hint.bucket, &hint.key, &record.object)
                     .is_ok()
             } else {
-                self.store_hint(now, &owner, &hint.bucket, &hint.key, &record.object)
+                self.store_hint(
+                    now,
+                    &owner,
+                    &hint.bucket,
+                    &hint.key,
+                    &record.object,
+                    record.stands_in,
+                )
             };
             kept &= ok;
         }
         if kept {
             self.forget_hint(target, hint, None);
         }
+        kept
     }
 
     /// Removes a hint from storage and queue (only the version that was sent, if given).

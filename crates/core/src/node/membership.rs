@@ -27,7 +27,7 @@ use super::{Counter, Node};
 use crate::gossip::{AppKey, AppValue, NodeStatus};
 use crate::hinted_handoff::{hint_key, DropReason, HintRecord};
 use crate::membership::{ChangeKind, Layout, MemberState, PeerStatus, Phase};
-use crate::message::Message;
+use crate::message::{Message, RequestId};
 use crate::ring::{key_token, TokenRange};
 use crate::storage::Storage;
 use crate::{Millis, NodeId};
@@ -63,7 +63,7 @@ const MAX_DIVERGED_ATTEMPTS: u32 = 3;
 /// Wait before retrying a failed pull.
 const PULL_RETRY_MS: Millis = 500;
 /// How long a leaving node waits for its hints to be delivered before handing them over.
-const HINT_DELIVERY_WAIT_MS: Millis = 30_000;
+pub(super) const HINT_DELIVERY_WAIT_MS: Millis = 30_000;
 /// Keys examined per cleanup step (bounded work per tick).
 const CLEANUP_RANGES_PER_TICK: usize = 4;
 /// Ranges remembered for cleanup.
@@ -266,6 +266,17 @@ pub(super) struct MembershipState {
     pub reason: Option<String>,
     change_started_at: Millis,
     hints_wait_since: Option<Millis>,
+    /// A leaving node's hints on their way to an heir, by request: each is forgotten here
+    /// only when the heir has stored it (a lost hand-over is sent again after its deadline).
+    pub(super) hand_overs: BTreeMap<RequestId, HandOver>,
+}
+
+/// One hint handed to another node by a leaving node.
+#[derive(Debug, Clone)]
+pub(super) struct HandOver {
+    target: NodeId,
+    hint: crate::hinted_handoff::QueuedHint,
+    deadline: Millis,
 }
 
 impl MembershipState {
@@ -352,6 +363,7 @@ impl MembershipState {
             reason: None,
             change_started_at: 0,
             hints_wait_since: None,
+            hand_overs: BTreeMap::new(),
         }
     }
 }
@@ -589,24 +601,35 @@ impl<S: Storage> Node<S> {
             self.persist_membership();
         }
         for node in departed {
-            self.drop_hints_for(&node);
+            self.drop_hints_for(now, &node);
         }
     }
 
-    /// Hints for a node removed from the cluster are dropped (it will never take them).
-    fn drop_hints_for(&mut self, node: &NodeId) {
+    /// Hints for a node removed from the cluster are dropped (it will never take them), except
+    /// those that stand in for a replica: they may hold an acknowledged write's only copy, so
+    /// they are kept for the key's new replicas instead.
+    fn drop_hints_for(&mut self, now: Millis, node: &NodeId) {
         loop {
             let batch = self.hints.hint_queue.next_batch(node, 256);
             if batch.is_empty() {
                 return;
             }
             for hint in batch {
+                let storage_key = hint_key(node, &hint.bucket, &hint.key);
+                let stand_in = match self.storage.get_hint(&storage_key) {
+                    Ok(Some(bytes)) => HintRecord::decode(&bytes).filter(|r| r.stands_in),
+                    _ => None,
+                };
+                if let Some(record) = stand_in {
+                    if self.retarget_hint(now, node, &hint, &record) {
+                        self.stats.increment(Counter::HintsHandedOver);
+                        continue;
+                    }
+                }
                 self.hints
                     .hint_queue
                     .remove(node, &hint.bucket, &hint.key, None);
-                let _ = self
-                    .storage
-                    .delete_hint(&hint_key(node, &hint.bucket, &hint.key));
+                let _ = self.storage.delete_hint(&storage_key);
                 self.stats
                     .increment(Counter::hints_dropped(DropReason::Removed));
             }
@@ -1053,7 +1076,10 @@ impl<S: Storage> Node<S> {
     /// A leaving node's hints: delivered by replay while their targets are up; those left
     /// after a while (or for targets that are down) are handed to another live node, which
     /// keeps them as hints. True when none remain.
-    fn hand_over_hints(&mut self, now: Millis) -> bool {
+    pub(super) fn hand_over_hints(&mut self, now: Millis) -> bool {
+        self.membership
+            .hand_overs
+            .retain(|_, hand_over| hand_over.deadline > now);
         if self.hints.hint_queue.total_hints() == 0 {
             self.membership.hints_wait_since = None;
             return true;
@@ -1079,31 +1105,79 @@ impl<S: Storage> Node<S> {
             else {
                 continue;
             };
+            let in_flight: BTreeSet<(String, Vec<u8>)> = self
+                .membership
+                .hand_overs
+                .values()
+                .filter(|h| h.target == target)
+                .map(|h| (h.hint.bucket.clone(), h.hint.key.clone()))
+                .collect();
             for hint in self.hints.hint_queue.next_batch(&target, 256) {
-                let storage_key = hint_key(&target, &hint.bucket, &hint.key);
-                if let Ok(Some(bytes)) = self.storage.get_hint(&storage_key) {
-                    if let Some(record) = HintRecord::decode(&bytes) {
-                        let request = self.new_request_id();
-                        self.send(
-                            &heir,
-                            Message::HintedWrite {
-                                request,
-                                intended: target.clone(),
-                                bucket: hint.bucket.clone(),
-                                key: hint.key.clone(),
-                                object: record.object,
-                            },
-                        );
-                        self.stats.increment(Counter::HintsHandedOver);
-                    }
+                if in_flight.contains(&(hint.bucket.clone(), hint.key.clone())) {
+                    continue;
                 }
-                self.hints
-                    .hint_queue
-                    .remove(&target, &hint.bucket, &hint.key, None);
-                let _ = self.storage.delete_hint(&storage_key);
+                let storage_key = hint_key(&target, &hint.bucket, &hint.key);
+                let record = match self.storage.get_hint(&storage_key) {
+                    Ok(Some(bytes)) => HintRecord::decode(&bytes),
+                    Ok(None) => None,
+                    Err(_) => {
+                        self.stats.increment(Counter::StorageErrors);
+                        continue;
+                    }
+                };
+                let Some(record) = record else {
+                    self.hints
+                        .hint_queue
+                        .remove(&target, &hint.bucket, &hint.key, None);
+                    let _ = self.storage.delete_hint(&storage_key);
+                    continue;
+                };
+                let request = self.new_request_id();
+                self.send(
+                    &heir,
+                    Message::HintedWrite {
+                        request,
+                        intended: target.clone(),
+                        bucket: hint.bucket.clone(),
+                        key: hint.key.clone(),
+                        object: record.object,
+                    },
+                );
+                self.membership.hand_overs.insert(
+                    request,
+                    HandOver {
+                        target: target.clone(),
+                        hint,
+                        deadline: now + self.config.request_timeout_ms,
+                    },
+                );
             }
         }
         self.hints.hint_queue.total_hints() == 0
+    }
+
+    /// The heir's answer to a handed-over hint: stored, it is forgotten here (unless a newer
+    /// write coalesced into it meanwhile); refused, it is handed over again.
+    pub(super) fn on_hand_over_reply(&mut self, request: RequestId, ok: bool) -> bool {
+        let Some(hand_over) = self.membership.hand_overs.remove(&request) else {
+            return false;
+        };
+        if ok
+            && self.hints.hint_queue.remove(
+                &hand_over.target,
+                &hand_over.hint.bucket,
+                &hand_over.hint.key,
+                Some(hand_over.hint.version),
+            )
+        {
+            let _ = self.storage.delete_hint(&hint_key(
+                &hand_over.target,
+                &hand_over.hint.bucket,
+                &hand_over.hint.key,
+            ));
+            self.stats.increment(Counter::HintsHandedOver);
+        }
+        true
     }
 
     fn drive_removals(&mut self, now: Millis) {
@@ -1151,7 +1225,7 @@ impl<S: Storage> Node<S> {
                 .insert(node.clone(), (generation, next));
             self.publish_removals(now);
             if next == Phase::Done {
-                self.drop_hints_for(&node);
+                self.drop_hints_for(now, &node);
             }
             return;
         }

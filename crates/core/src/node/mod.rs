@@ -815,7 +815,7 @@ impl<S: Storage> Node<S> {
         };
         op.add_fallback(fallback.clone(), intended.clone());
         if fallback == *self.id() {
-            let stored = self.store_hint(now, &intended, &bucket, &key, &object);
+            let stored = self.store_hint(now, &intended, &bucket, &key, &object, true);
             let Some(Operation::Put(op)) = self.coordination.operations.get_mut(&id) else {
                 return WriteStep::Pending;
             };
@@ -848,7 +848,7 @@ impl<S: Storage> Node<S> {
         };
         if let Some(object) = op.object() {
             for target in op.unacknowledged() {
-                self.store_hint(now, &target, &op.bucket, &op.key, object);
+                self.store_hint(now, &target, &op.bucket, &op.key, object, false);
             }
         }
     }
@@ -1031,6 +1031,9 @@ impl<S: Storage> Node<S> {
                 }
             }
             Message::ReplicateReply { request, result } => {
+                if self.on_hand_over_reply(request, result.is_ok()) {
+                    return;
+                }
                 if let Some(Operation::Put(op)) = self.coordination.operations.get_mut(&request) {
                     let step = op.on_replicated(from, result.is_ok());
                     self.drive_write(now, request, step);

@@ -393,7 +393,7 @@ impl<S: Storage> Node<S> {
         self.count_repair_write(ok);
         if let Some((bucket, key, object)) = hint {
             // A failed repair write becomes a hint, as any other write would.
-            self.store_hint(now, from, &bucket, &key, &object);
+            self.store_hint(now, from, &bucket, &key, &object, false);
         }
         if done {
             if let Some(Operation::Repair(repair)) = self.remove_operation(id) {
@@ -411,7 +411,14 @@ impl<S: Storage> Node<S> {
             .saturating_sub(unanswered);
         for target in &repair.pending {
             self.count_repair_write(false);
-            self.store_hint(now, target, &repair.bucket, &repair.key, &repair.object);
+            self.store_hint(
+                now,
+                target,
+                &repair.bucket,
+                &repair.key,
+                &repair.object,
+                false,
+            );
         }
         if repair.any_failed || unanswered > 0 {
             self.stats.increment(Counter::ReadRepairFailed);

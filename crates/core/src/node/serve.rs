@@ -117,7 +117,7 @@ impl<S: Storage> Node<S> {
     ) -> Result<(), ReplicaError> {
         self.check_peer_input(bucket, key)?;
         self.check_peer_object(object)?;
-        if self.store_hint(now, intended, bucket, key, object) {
+        if self.store_hint(now, intended, bucket, key, object, true) {
             Ok(())
         } else {
             Err(ReplicaError::Storage(

@@ -257,6 +257,99 @@ fn removing_a_dead_node_re_replicates_and_drops_its_hints() {
     }
 }
 
+/// A hint that stands in for the removed node (a sloppy quorum counted it, so it may be the
+/// write's only copy) is not dropped with the others: the key's new replicas take it.
+#[test]
+fn removing_a_dead_node_hands_its_stand_in_hints_to_the_new_replicas() {
+    let mut cluster = gossiping_cluster(4);
+    let n3 = NodeId::new("n3");
+    // A key n3 replicates and n0 does not: n0 holds its hint as a fallback would.
+    let key = keys(100)
+        .into_iter()
+        .find(|key| {
+            let owners = cluster.nodes[0]
+                .ring()
+                .preference_list_for_key("b", key.as_bytes());
+            owners.contains(&n3) && !owners.contains(&NodeId::new("n0"))
+        })
+        .expect("some key is n3's and not n0's");
+    let mut object = crate::version::Object::empty();
+    object.apply_write(
+        crate::version::Actor::new("n1", 1),
+        &CausalContext::empty(),
+        data("only-copy"),
+    );
+    let now = cluster.now;
+    assert!(cluster.nodes[0].store_hint(now, &n3, "b", key.as_bytes(), &object, true));
+    cluster.stopped[3] = true;
+    cluster.nodes[0].handle_peer_status(cluster.now, &n3, PeerStatus::Down);
+    assert!(matches!(
+        cluster.request(0, ClientRequest::RemoveNode { node: n3.clone() }),
+        ClientResponse::Change(_)
+    ));
+    let on_new_replicas = tick_until(&mut cluster, 600, |c| {
+        c.nodes[..3].iter().all(|n| n.is_removed(&n3))
+            && c.nodes[1..3].iter().all(|n| {
+                n.storage()
+                    .get("b", key.as_bytes())
+                    .ok()
+                    .flatten()
+                    .is_some()
+            })
+    });
+    assert!(
+        on_new_replicas,
+        "{key} reached the replicas that replace n3"
+    );
+    assert_eq!(cluster.nodes[0].hints_pending_for(&n3), 0);
+    assert_eq!(
+        cluster.nodes[0].stats()[Counter::HintsDroppedRemoved],
+        0,
+        "the stand-in hint was not dropped"
+    );
+}
+
+/// A leaving node forgets a hint only once an heir has stored it: a hand-over lost on the
+/// way is sent again after its deadline, and the heir ends up with the hint.
+#[test]
+fn a_leaving_node_hands_over_hints_until_an_heir_has_stored_them() {
+    let mut cluster = gossiping_cluster(4);
+    let n2 = NodeId::new("n2");
+    let mut object = crate::version::Object::empty();
+    object.apply_write(
+        crate::version::Actor::new("n3", 1),
+        &CausalContext::empty(),
+        data("only-copy"),
+    );
+    let start = cluster.now;
+    assert!(cluster.nodes[3].store_hint(start, &n2, "b", b"hinted", &object, true));
+    // The first call starts the wait for replay; past it every hint is handed over.
+    let n3 = &mut cluster.nodes[3];
+    assert!(!n3.hand_over_hints(start));
+    let past_wait = start + crate::node::membership::HINT_DELIVERY_WAIT_MS + 1;
+    assert!(!n3.hand_over_hints(past_wait));
+    assert_eq!(n3.membership.hand_overs.len(), 1, "handed over");
+    // The hand-over is lost on the way: nothing reached an heir.
+    while n3.poll_action().is_some() {}
+    assert_eq!(n3.hints_pending_for(&n2), 1, "kept while no heir has it");
+    let timeout = n3.config.request_timeout_ms;
+    assert!(!n3.hand_over_hints(past_wait + 1));
+    assert_eq!(n3.membership.hand_overs.len(), 1, "not sent twice at once");
+    while n3.poll_action().is_some() {}
+    // After its deadline it goes again, and this time arrives.
+    cluster.now = past_wait + timeout + 1;
+    let now = cluster.now;
+    cluster.nodes[3].hand_over_hints(now);
+    cluster.run();
+    assert_eq!(cluster.nodes[3].hints_pending_for(&n2), 0);
+    assert!(cluster.nodes[3].membership.hand_overs.is_empty());
+    assert_eq!(cluster.nodes[3].stats()[Counter::HintsHandedOver], 1);
+    let heirs: usize = (0..3)
+        .map(|i| cluster.nodes[i].hints_pending_for(&n2))
+        .sum();
+    assert_eq!(heirs, 1, "an heir keeps the hint for n2");
+}
+
 /// While a new node decides between bootstrap and join, the members write to it too: a
 /// write acknowledged meanwhile meets its level among the read ring plus the deciding node,
 /// so it is on a quorum of the ring the node enters if it bootstraps without streaming.
