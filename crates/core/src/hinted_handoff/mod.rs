@@ -98,8 +98,8 @@ pub struct HintRecord {
     pub created_ms: Millis,
     /// Some write in this hint was kept by a sloppy quorum's fallback and counted toward the
     /// write's acknowledgement: the hint may hold the write's only copy (at RF 1 it always
-    /// does), so it never expires. It ends when its target takes it, or, if the target is
-    /// removed, when the key's new replicas do.
+    /// does), so when its target is removed the key's new replicas take it instead of it
+    /// being dropped. (It still expires with the TTL, which the tombstone reaper relies on.)
     pub stands_in: bool,
 }
 

@@ -255,10 +255,10 @@ impl<S: Storage> Node<S> {
             let storage_key = hint_key(target, &hint.bucket, &hint.key);
             let expired = now.saturating_sub(hint.created_ms) > self.config.hinted_handoff.ttl_ms;
             match self.storage.get_hint(&storage_key) {
-                // A hint that stands in for a replica may be the write's only copy: it waits
-                // for its target however long that takes.
+                // Expiry stays for every hint: the tombstone reaper counts on it (a hint kept
+                // past the TTL could bring back a reaped delete; sim seed 586).
                 Ok(Some(bytes)) => match HintRecord::decode(&bytes) {
-                    Some(record) if expired && !record.stands_in => {
+                    Some(_) if expired => {
                         self.stats.increment(Counter::HintsExpired);
                         self.forget_hint(target, &hint, None);
                         self.mark_for_anti_entropy(now, &hint.bucket, &hint.key);

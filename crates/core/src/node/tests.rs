@@ -675,41 +675,6 @@ fn sloppy_quorum_uses_fallback_nodes() {
     }
 }
 
-/// A sloppy quorum's hints stand in for replicas and may hold the write's only copy: they
-/// outlive the hint TTL while their targets are down, and reach them when they return.
-/// (`hints_expire` shows an ordinary hint, one a quorum did not count, still expiring.)
-#[test]
-fn hints_that_stand_in_for_a_replica_do_not_expire() {
-    let mut cluster = TestCluster::with_config(5, |config| {
-        config.sloppy_quorum = true;
-        config.anti_entropy.enabled = false;
-        config.hinted_handoff.ttl_ms = 1_000;
-    });
-    let replicas = cluster.nodes[0].ring().preference_list_for_key("b", b"k");
-    let [a, b, c] = [0, 1, 2].map(|i| cluster.index(&replicas[i]));
-    cluster.stopped[b] = true;
-    cluster.stopped[c] = true;
-    let response = cluster.put(a, "v", CausalContext::empty(), ConsistencyLevel::Quorum);
-    assert!(
-        matches!(response, ClientResponse::Written { .. }),
-        "{response:?}"
-    );
-    cluster.tick(5_000);
-    cluster.stopped[b] = false;
-    cluster.stopped[c] = false;
-    cluster.tick(20_000);
-    for i in [b, c] {
-        assert!(
-            local(&mut cluster, i).is_some(),
-            "replica {i} got the write"
-        );
-    }
-    let expired: u64 = (0..5)
-        .map(|i| cluster.nodes[i].stats()[Counter::HintsExpired])
-        .sum();
-    assert_eq!(expired, 0);
-}
-
 /// The periodic verification rebuilds a range's tree from a scan: a write that bypassed the
 /// tree upkeep is found (counted) and the tree corrected; a correct tree passes.
 #[test]
