@@ -253,16 +253,16 @@ impl<S: Storage> Node<S> {
             .collect();
         for hint in candidates {
             let storage_key = hint_key(target, &hint.bucket, &hint.key);
-            let expired = now.saturating_sub(hint.created_ms) > self.config.hinted_handoff.ttl_ms;
+            // Every hint expires, standing in or not: the tombstone reaper counts on it (a
+            // hint kept past the TTL could bring back a reaped delete; sim seed 586).
+            if now.saturating_sub(hint.created_ms) > self.config.hinted_handoff.ttl_ms {
+                self.stats.increment(Counter::HintsExpired);
+                self.forget_hint(target, &hint, None);
+                self.mark_for_anti_entropy(now, &hint.bucket, &hint.key);
+                continue;
+            }
             match self.storage.get_hint(&storage_key) {
-                // Expiry stays for every hint: the tombstone reaper counts on it (a hint kept
-                // past the TTL could bring back a reaped delete; sim seed 586).
                 Ok(Some(bytes)) => match HintRecord::decode(&bytes) {
-                    Some(_) if expired => {
-                        self.stats.increment(Counter::HintsExpired);
-                        self.forget_hint(target, &hint, None);
-                        self.mark_for_anti_entropy(now, &hint.bucket, &hint.key);
-                    }
                     Some(record) if !self.replicates(target, &hint.bucket, &hint.key) => {
                         self.retarget_hint(now, target, &hint, &record);
                     }
@@ -368,17 +368,24 @@ impl<S: Storage> Node<S> {
         kept
     }
 
-    /// Removes a hint from storage and queue (only the version that was sent, if given).
-    fn forget_hint(&mut self, target: &NodeId, hint: &QueuedHint, version: Option<u64>) {
-        if self
+    /// Removes a hint from storage and queue (only the version that was sent, if given); true
+    /// when it was removed.
+    pub(super) fn forget_hint(
+        &mut self,
+        target: &NodeId,
+        hint: &QueuedHint,
+        version: Option<u64>,
+    ) -> bool {
+        let removed = self
             .hints
             .hint_queue
-            .remove(target, &hint.bucket, &hint.key, version)
-        {
+            .remove(target, &hint.bucket, &hint.key, version);
+        if removed {
             let _ = self
                 .storage
                 .delete_hint(&hint_key(target, &hint.bucket, &hint.key));
         }
+        removed
     }
 
     fn expire_hint_batches(&mut self, now: Millis) {

@@ -272,7 +272,7 @@ pub(super) struct MembershipState {
 }
 
 /// One hint handed to another node by a leaving node.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(super) struct HandOver {
     target: NodeId,
     hint: crate::hinted_handoff::QueuedHint,
@@ -626,10 +626,7 @@ impl<S: Storage> Node<S> {
                         continue;
                     }
                 }
-                self.hints
-                    .hint_queue
-                    .remove(node, &hint.bucket, &hint.key, None);
-                let _ = self.storage.delete_hint(&storage_key);
+                self.forget_hint(node, &hint, None);
                 self.stats
                     .increment(Counter::hints_dropped(DropReason::Removed));
             }
@@ -1126,10 +1123,7 @@ impl<S: Storage> Node<S> {
                     }
                 };
                 let Some(record) = record else {
-                    self.hints
-                        .hint_queue
-                        .remove(&target, &hint.bucket, &hint.key, None);
-                    let _ = self.storage.delete_hint(&storage_key);
+                    self.forget_hint(&target, &hint, None);
                     continue;
                 };
                 let request = self.new_request_id();
@@ -1158,26 +1152,19 @@ impl<S: Storage> Node<S> {
 
     /// The heir's answer to a handed-over hint: stored, it is forgotten here (unless a newer
     /// write coalesced into it meanwhile); refused, it is handed over again.
-    pub(super) fn on_hand_over_reply(&mut self, request: RequestId, ok: bool) -> bool {
+    pub(super) fn on_hand_over_reply(&mut self, request: RequestId, ok: bool) {
         let Some(hand_over) = self.membership.hand_overs.remove(&request) else {
-            return false;
+            return;
         };
         if ok
-            && self.hints.hint_queue.remove(
+            && self.forget_hint(
                 &hand_over.target,
-                &hand_over.hint.bucket,
-                &hand_over.hint.key,
+                &hand_over.hint,
                 Some(hand_over.hint.version),
             )
         {
-            let _ = self.storage.delete_hint(&hint_key(
-                &hand_over.target,
-                &hand_over.hint.bucket,
-                &hand_over.hint.key,
-            ));
             self.stats.increment(Counter::HintsHandedOver);
         }
-        true
     }
 
     fn drive_removals(&mut self, now: Millis) {

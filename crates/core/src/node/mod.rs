@@ -1031,12 +1031,12 @@ impl<S: Storage> Node<S> {
                 }
             }
             Message::ReplicateReply { request, result } => {
-                if self.on_hand_over_reply(request, result.is_ok()) {
-                    return;
-                }
                 if let Some(Operation::Put(op)) = self.coordination.operations.get_mut(&request) {
                     let step = op.on_replicated(from, result.is_ok());
                     self.drive_write(now, request, step);
+                } else {
+                    // Not a write's: perhaps a leaving node's hint hand-over.
+                    self.on_hand_over_reply(request, result.is_ok());
                 }
             }
             // Requests and gossip are routed elsewhere by `handle_message`.

@@ -257,6 +257,17 @@ fn removing_a_dead_node_re_replicates_and_drops_its_hints() {
     }
 }
 
+/// An object written once by `actor`, to keep as a hint that holds the only copy.
+fn only_copy_object(actor: &str) -> crate::version::Object {
+    let mut object = crate::version::Object::empty();
+    object.apply_write(
+        crate::version::Actor::new(actor, 1),
+        &CausalContext::empty(),
+        data("only-copy"),
+    );
+    object
+}
+
 /// A hint that stands in for the removed node (a sloppy quorum counted it, so it may be the
 /// write's only copy) is not dropped with the others: the key's new replicas take it.
 #[test]
@@ -273,12 +284,7 @@ fn removing_a_dead_node_hands_its_stand_in_hints_to_the_new_replicas() {
             owners.contains(&n3) && !owners.contains(&NodeId::new("n0"))
         })
         .expect("some key is n3's and not n0's");
-    let mut object = crate::version::Object::empty();
-    object.apply_write(
-        crate::version::Actor::new("n1", 1),
-        &CausalContext::empty(),
-        data("only-copy"),
-    );
+    let object = only_copy_object("n1");
     let now = cluster.now;
     assert!(cluster.nodes[0].store_hint(now, &n3, "b", key.as_bytes(), &object, true));
     cluster.stopped[3] = true;
@@ -315,12 +321,7 @@ fn removing_a_dead_node_hands_its_stand_in_hints_to_the_new_replicas() {
 fn a_leaving_node_hands_over_hints_until_an_heir_has_stored_them() {
     let mut cluster = gossiping_cluster(4);
     let n2 = NodeId::new("n2");
-    let mut object = crate::version::Object::empty();
-    object.apply_write(
-        crate::version::Actor::new("n3", 1),
-        &CausalContext::empty(),
-        data("only-copy"),
-    );
+    let object = only_copy_object("n3");
     let start = cluster.now;
     assert!(cluster.nodes[3].store_hint(start, &n2, "b", b"hinted", &object, true));
     // The first call starts the wait for replay; past it every hint is handed over.
